@@ -79,7 +79,7 @@ class InProcessGate:
     def __init__(self, ledger: PendingEntryLedger, limits: PortfolioLimits) -> None:
         self.inner = PortfolioGate(ledger, limits)
         self.ledger = ledger
-        self.book: dict[str, Number] = {}
+        self.book: dict[Hashable, Number] = {}
         self.orders: dict[Hashable, Any] = {}
 
     @property

@@ -159,3 +159,50 @@ def running_server(workdir: Path, *, persistent: bool = False) -> Iterator[Redis
         yield server
     finally:
         server.stop()
+
+
+class CommandLog:
+    """What clients sent to a server, seen through ``MONITOR`` (commands run by scripts excluded).
+
+    ``with CommandLog(url) as log: ...`` then ``log.commands`` lists the upper-cased command names
+    that clients (not Lua) sent during the block, in order; the log's own commands are left out.
+    """
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        import redis
+
+        self._client = redis.Redis.from_url(url, socket_timeout=10)
+        self._sentinel = f"commandlog-{os.getpid()}-{id(self)}"
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.commands: list[str] = []
+        self.lua_commands = 0
+
+    def _run(self) -> None:
+        with self._client.monitor() as monitor:  # type: ignore[no-untyped-call]
+            self._ready.set()
+            for entry in monitor.listen():
+                command = str(entry["command"])
+                if entry["client_type"] == "lua":
+                    self.lua_commands += 1
+                    continue
+                if self._sentinel in command:
+                    if command.upper().startswith("ECHO") and "end" in command:
+                        return
+                    continue
+                self.commands.append(command.split(" ", 1)[0].upper())
+
+    def __enter__(self) -> CommandLog:
+        self._thread.start()
+        self._ready.wait(5)
+        self._client.echo(f"{self._sentinel}-start")  # MONITOR is live once this shows up
+        time.sleep(0.05)
+        self.commands.clear()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.echo(f"{self._sentinel}-end")
+        self._thread.join(10)
+        self._client.close()
