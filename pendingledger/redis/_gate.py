@@ -207,6 +207,7 @@ class RedisGate:
         "_ttl",
         "_ttl_us",
         "_unavailable",
+        "_unavailable_lock",
     )
 
     def __init__(
@@ -237,6 +238,7 @@ class RedisGate:
         self._script = client.register_script(SCRIPT)
         self._log = _LogThrottle()
         self._unavailable = 0
+        self._unavailable_lock = threading.Lock()
         pool = getattr(client, "connection_pool", None)
         kwargs = getattr(pool, "connection_kwargs", None)
         if isinstance(kwargs, dict) and kwargs.get("socket_timeout") is None:
@@ -352,7 +354,7 @@ class RedisGate:
                 )  # fmt: skip
                 self._log.ok()
                 # Decision is typed for the core Reservation; RedisReservation has the same
-                # public surface (see pendingledger.redis.ReservationLike).
+                # public surface (the ReservationLike protocol shared by both backends).
                 return Decision(None, cast("Reservation", res))
             if status == "D":
                 self._log.ok()
@@ -360,7 +362,8 @@ class RedisGate:
             if status != "X":
                 raise ValueError(f"unexpected reply from the gate script: {reply!r}")
         except Exception as exc:
-            self._unavailable += 1
+            with self._unavailable_lock:
+                self._unavailable += 1
             self._log.failed(f"try_enter({symbol!r}, order_id={order_id!r})", exc)
             return _UNAVAILABLE
         raise ValueError(f"order_id {order_id!r} already has an outstanding reservation")
