@@ -36,12 +36,15 @@ import threading
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from . import _amounts
 from .errors import ReentrantLockError
-from .ledger import Number, PendingEntryLedger, Reservation, _GeneratedOrderId
+from .ledger import _FILLED, Number, PendingEntryLedger, Reservation, _GeneratedOrderId
 from .limits import DENIED, Decision, DenyReason, PortfolioLimits
+
+if TYPE_CHECKING:
+    from .protocols import Gate
 
 __all__ = ["GateStats", "PortfolioGate", "Positions"]
 
@@ -159,11 +162,72 @@ class PortfolioGate:
                 denied[reason] = counts[code]
         return GateStats(admitted=admitted, denied=MappingProxyType(denied))
 
+    # ------------------------------------------------------------------ the owned position book
+
+    def set_position(self, symbol: Hashable, exposure: Number) -> None:
+        """Open ``symbol`` in the gate's own position book, or update its exposure.
+
+        Used by ``try_enter(..., positions=None)``. The absolute value counts; 0 is an open
+        position with no exposure (it still holds a concurrency slot). Updated under the ledger
+        lock, so a decision sees the book and the reservations in one state.
+        """
+        _amounts.check_symbol(symbol)
+        num, q = _amounts.exact_ratio("exposure", exposure)
+        with self._ledger._guard():
+            self._ledger._set_position_locked(symbol, num, q, exposure)
+
+    def close_position(self, symbol: Hashable) -> bool:
+        """Remove ``symbol`` from the owned book; True if it was open."""
+        _amounts.check_symbol(symbol)
+        with self._ledger._guard():
+            return self._ledger._close_position_locked(symbol)
+
+    def confirm_fill(
+        self, order_id: Hashable, position_exposure: Number, *, symbol: Hashable | None = None
+    ) -> bool:
+        """Record a fill: set its symbol's position to ``position_exposure`` and end the order's
+        reservation, in one step under the lock (the safe hand-off, with no gap at all).
+
+        Returns True if the reservation was outstanding (it ends as FILLED). If it already ended
+        (expired, released), the position is still recorded when ``symbol`` is given, so a late
+        fill is never lost; without ``symbol`` nothing changes and False is returned.
+        """
+        _amounts.check_order_id(order_id)
+        if symbol is not None:
+            _amounts.check_symbol(symbol)
+        num, q = _amounts.exact_ratio("position_exposure", position_exposure)
+        ledger = self._ledger
+        with ledger._guard():
+            res = ledger._orders.get(order_id)
+            if res is None:
+                if symbol is not None:
+                    ledger._set_position_locked(symbol, num, q, position_exposure)
+                return False
+            ledger._set_position_locked(res._symbol, num, q, position_exposure)
+            ledger._end_locked(res, _FILLED)
+            ledger._n_released += 1
+            return True
+
+    def positions(self) -> dict[Hashable, Number]:
+        """A snapshot of the owned book: symbol -> exposure as it was set."""
+        with self._ledger._guard():
+            return {symbol: position[1] for symbol, position in self._ledger._book.items()}
+
+    def release(self, symbol: Hashable) -> bool:
+        """``ledger.release(symbol)``: drop every reservation on ``symbol``."""
+        return self._ledger.release(symbol)
+
+    def release_order(self, order_id: Hashable) -> bool:
+        """``ledger.release_order(order_id)``: drop that order's reservation."""
+        return self._ledger.release_order(order_id)
+
+    # ------------------------------------------------------------------ the decision
+
     def try_enter(
         self,
         symbol: Hashable,
         notional: Number,
-        positions: Positions,
+        positions: Positions | None = None,
         *,
         order_id: Hashable | None = None,
     ) -> Decision:
@@ -195,9 +259,6 @@ class PortfolioGate:
             order_id = _GeneratedOrderId()
         elif type(order_id) is not str:
             _amounts.check_order_id(order_id)
-        if positions is None:
-            raise TypeError("positions must be a mapping of open positions or a callable, got None")
-
         ledger = self._ledger
         owner = ledger._owner
         if owner is not None and owner == _get_ident():
@@ -212,6 +273,7 @@ class PortfolioGate:
         lock = ledger._lock
         syms = ledger._syms
         orders = ledger._orders
+        book = ledger._book
         expired: list[Reservation] | None = None
         inputs: _Inputs | None
         pessimistic = False
@@ -224,25 +286,31 @@ class PortfolioGate:
                     den = ledger._den
                     scaled = self._scaled
                     if (
-                        type(positions) is dict
-                        and not positions
-                        and scaled is not None
+                        scaled is not None
                         and scaled[0] is limits
                         and scaled[1] == den
                         and (q == 1 or not den % q)
+                        and (positions is None or (type(positions) is dict and not positions))
                     ):
-                        # No open positions, limits already scaled: nothing to read or convert.
-                        inputs = (
-                            num * (den // q),
-                            scaled[2],
-                            0,
-                            0,
-                            False,
-                            0,
-                            scaled[3],
-                            0,
-                            scaled[4],
-                        )
+                        # The common cases, inline: limits already scaled, and either the owned
+                        # book (read here, validated by the version check at commit) or no
+                        # open positions at all.
+                        n = num * (den // q)
+                        if positions is None:
+                            position = book.get(symbol)
+                            inputs = (
+                                n,
+                                scaled[2],
+                                ledger._nbook,
+                                ledger._open_reserved,
+                                position is not None,
+                                ledger._book_gross,
+                                scaled[3],
+                                0 if position is None else position[0],
+                                scaled[4],
+                            )
+                        else:
+                            inputs = (n, scaled[2], 0, 0, False, 0, scaled[3], 0, scaled[4])
                     else:
                         inputs = self._gather(positions, symbol, limits, num, q, grow=False)
                         pessimistic = inputs is None
@@ -300,6 +368,8 @@ class PortfolioGate:
                             if entry is None:
                                 syms[symbol] = [1, n, {order_id: res}]
                                 ledger._nsyms += 1
+                                if symbol in ledger._book:
+                                    ledger._open_reserved += 1
                             else:
                                 entry[0] += 1
                                 entry[1] = sym_res + n
@@ -330,7 +400,7 @@ class PortfolioGate:
 
     def _gather(
         self,
-        positions: Positions,
+        positions: Positions | None,
         symbol: Hashable,
         limits: PortfolioLimits,
         num: int,
@@ -344,6 +414,8 @@ class PortfolioGate:
         it would have to be, and the caller retries under the lock.
         """
         ledger = self._ledger
+        if positions is None:
+            return self._gather_owned(symbol, limits, num, q, grow=grow)
         book = positions() if callable(positions) else positions
         if type(book) is not dict and not isinstance(book, Mapping):
             raise TypeError(
@@ -365,12 +437,9 @@ class PortfolioGate:
         if grow:
             ledger._ensure_den_locked(math.lcm(q, gross[1], sym[1], *_limit_denominators(limits)))
         den = ledger._den
-        scaled = self._scaled
-        if scaled is None or scaled[0] is not limits or scaled[1] != den:
-            scaled = _scale_limits(limits, den)
-            if scaled is None:
-                return None
-            self._scaled = scaled
+        scaled = self._scaled_limits(limits, den)
+        if scaled is None:
+            return None
         _, _, max_pos, g_lim, s_lim = scaled
         n = _amounts.scale_to((num, q), den)
         pos_gross = _amounts.scale_to(gross, den)
@@ -382,6 +451,39 @@ class PortfolioGate:
             syms = ledger._syms
             inter = sum(1 for s in snapshot if s in syms)
         return (n, max_pos, len(snapshot), inter, sym_open, pos_gross, g_lim, sym_pos, s_lim)
+
+    def _gather_owned(
+        self, symbol: Hashable, limits: PortfolioLimits, num: int, q: int, *, grow: bool
+    ) -> _Inputs | None:
+        """``_gather`` for the owned book: its figures are kept over ``_den`` by the ledger."""
+        ledger = self._ledger
+        if grow:
+            ledger._ensure_den_locked(math.lcm(q, *_limit_denominators(limits)))
+        den = ledger._den
+        scaled = self._scaled_limits(limits, den)
+        n = _amounts.scale_to((num, q), den)
+        if scaled is None or n is None:
+            return None
+        position = ledger._book.get(symbol)
+        return (
+            n,
+            scaled[2],
+            ledger._nbook,
+            ledger._open_reserved,
+            position is not None,
+            ledger._book_gross,
+            scaled[3],
+            0 if position is None else position[0],
+            scaled[4],
+        )
+
+    def _scaled_limits(self, limits: PortfolioLimits, den: int) -> _ScaledLimits | None:
+        scaled = self._scaled
+        if scaled is None or scaled[0] is not limits or scaled[1] != den:
+            scaled = _scale_limits(limits, den)
+            if scaled is not None:
+                self._scaled = scaled
+        return scaled
 
 
 def _check_limits(limits: object) -> PortfolioLimits:
@@ -408,3 +510,9 @@ def _scale_limits(limits: PortfolioLimits, den: int) -> _ScaledLimits | None:
             return None
         scaled.append(value)
     return (limits, den, limits.max_concurrent_positions, scaled[0], scaled[1])
+
+
+if TYPE_CHECKING:  # mypy proves PortfolioGate offers the whole backend-neutral surface.
+
+    def _conforms(gate: PortfolioGate) -> Gate:
+        return gate

@@ -211,6 +211,8 @@ class Reservation:
                 if entry[0] == 1:
                     del syms[symbol]
                     ledger._nsyms -= 1
+                    if symbol in ledger._book:
+                        ledger._open_reserved -= 1
                 else:
                     entry[0] -= 1
                     entry[1] -= n
@@ -294,6 +296,8 @@ class PendingEntryLedger:
 
     __slots__ = (
         "__weakref__",
+        "_book",
+        "_book_gross",
         "_clock",
         "_den",
         "_gross",
@@ -303,9 +307,11 @@ class PendingEntryLedger:
         "_n_expired",
         "_n_released",
         "_n_reserved",
+        "_nbook",
         "_next_expiry",
         "_nsyms",
         "_on_expire",
+        "_open_reserved",
         "_orders",
         "_owner",
         "_queue",
@@ -344,6 +350,12 @@ class PendingEntryLedger:
         # symbol -> [number of reservations, reserved numerator, {order_id: reservation}]
         self._syms: dict[Hashable, list[Any]] = {}
         self._nsyms = 0
+        # The owned position book (used by gates called with positions=None):
+        # symbol -> [|exposure| numerator over _den, exposure as given]
+        self._book: dict[Hashable, list[Any]] = {}
+        self._nbook = 0
+        self._book_gross = 0
+        self._open_reserved = 0  # symbols both open in _book and reserved in _syms
         self._gross = 0
         self._den = 1
         self._kinds = 0  # every kind of amount ever reserved (sticky): picks the type of sums
@@ -502,6 +514,8 @@ class PendingEntryLedger:
         if entry is None:
             self._syms[symbol] = [1, n, {res._order_id: res}]
             self._nsyms += 1
+            if symbol in self._book:
+                self._open_reserved += 1
         else:
             entry[0] += 1
             entry[1] += n
@@ -523,6 +537,8 @@ class PendingEntryLedger:
         if entry[0] == 1:
             del self._syms[symbol]
             self._nsyms -= 1
+            if symbol in self._book:
+                self._open_reserved -= 1
         else:
             entry[0] -= 1
             entry[1] -= n
@@ -546,9 +562,39 @@ class PendingEntryLedger:
             res._n *= factor
         for entry in self._syms.values():
             entry[1] *= factor
+        for position in self._book.values():
+            position[0] *= factor
         self._gross *= factor
+        self._book_gross *= factor
         self._den = new
         self._version += 1
+
+    def _set_position_locked(self, symbol: Hashable, num: int, q: int, exposure: Number) -> None:
+        """Open or update ``symbol`` in the owned book with ``|num/q|`` (``exposure`` as given)."""
+        n = self._scaled_locked(abs(num), q)
+        position = self._book.get(symbol)
+        if position is None:
+            self._book[symbol] = [n, exposure]
+            self._nbook += 1
+            if symbol in self._syms:
+                self._open_reserved += 1
+        else:
+            self._book_gross -= position[0]
+            position[0] = n
+            position[1] = exposure
+        self._book_gross += n
+        self._version += 1
+
+    def _close_position_locked(self, symbol: Hashable) -> bool:
+        position = self._book.pop(symbol, None)
+        if position is None:
+            return False
+        self._nbook -= 1
+        self._book_gross -= position[0]
+        if symbol in self._syms:
+            self._open_reserved -= 1
+        self._version += 1
+        return True
 
     def _scaled_locked(self, num: int, q: int) -> int:
         self._ensure_den_locked(q)
