@@ -151,18 +151,14 @@ class Reservation:
         """What is still reserved, in the type it was given (see the class docstring)."""
         ledger = self._ledger
         if ledger._owner == _get_ident():
-            n, den = self._n, self._den_of_n()
+            n, den = self._n, ledger._den if self._state == _ACTIVE else self._den_end
         else:
             with ledger._lock:
-                n, den = self._n, self._den_of_n()
+                n, den = self._n, ledger._den if self._state == _ACTIVE else self._den_end
         p0, q0 = self._initial.as_integer_ratio()
         if n * q0 == p0 * den:
             return self._initial
         return _amounts.to_number(n, den, _amounts.kind_of(self._initial))
-
-    def _den_of_n(self) -> int:
-        """The denominator of ``_n``: the ledger's while active, the one it ended with after."""
-        return self._ledger._den if self._state == _ACTIVE else self._den_end
 
     @property
     def initial_notional(self) -> Number:
