@@ -366,14 +366,19 @@ class PortfolioGate:
                             orders[order_id] = res
                             ledger._queue[seq] = res
                             if entry is None:
-                                syms[symbol] = [1, n, {order_id: res}]
+                                res._sym_prev = res._sym_next = None
+                                syms[symbol] = [1, n, res]
                                 ledger._nsyms += 1
                                 if symbol in ledger._book:
                                     ledger._open_reserved += 1
                             else:
+                                first = entry[2]
+                                res._sym_prev = None
+                                res._sym_next = first
+                                first._sym_prev = res
+                                entry[2] = res
                                 entry[0] += 1
                                 entry[1] = sym_res + n
-                                entry[2][order_id] = res
                             ledger._gross += n
                             ledger._kinds |= kind
                             ledger._n_reserved += 1

@@ -120,6 +120,8 @@ class Reservation:
         "_reserved_at",
         "_seq",
         "_state",
+        "_sym_next",
+        "_sym_prev",
         "_symbol",
     )
 
@@ -130,6 +132,9 @@ class Reservation:
     _n: int  # remaining amount, as a numerator over the ledger's _den
     _reserved_at: float
     _den_end: int  # the ledger's _den when the reservation ended (rescaling skips ended ones)
+    # Outstanding reservations of one symbol form a doubly linked list from _syms[symbol][2].
+    _sym_prev: Reservation | None
+    _sym_next: Reservation | None
     _seq: int
     _state: int
 
@@ -212,7 +217,13 @@ class Reservation:
                 else:
                     entry[0] -= 1
                     entry[1] -= n
-                    del entry[2][order_id]
+                    prev, after = self._sym_prev, self._sym_next
+                    if prev is None:
+                        entry[2] = after
+                    else:
+                        prev._sym_next = after
+                    if after is not None:
+                        after._sym_prev = prev
                 ledger._gross -= n
                 if not orders:
                     ledger._next_expiry = _INF
@@ -234,6 +245,15 @@ class Reservation:
         """
         num, den, _ = _amounts.positive_ratio("amount", amount)
         return self._ledger._reduce_reservation(self, num, den)
+
+    def _same_symbol(self) -> list[Reservation]:
+        """This reservation and those after it in its symbol's list (lock held)."""
+        members: list[Reservation] = []
+        res: Reservation | None = self
+        while res is not None:
+            members.append(res)
+            res = res._sym_next
+        return members
 
     def __repr__(self) -> str:
         return (
@@ -343,7 +363,7 @@ class PendingEntryLedger:
         self._view: PendingMap | None = None  # the open lock() block's view, if any
         self._orders: dict[Hashable, Reservation] = {}
         self._queue: dict[int, Reservation] = {}
-        # symbol -> [number of reservations, reserved numerator, {order_id: reservation}]
+        # symbol -> [number of reservations, reserved numerator, newest reservation on it]
         self._syms: dict[Hashable, list[Any]] = {}
         self._nsyms = 0
         # The owned position book (used by gates called with positions=None):
@@ -403,7 +423,7 @@ class PendingEntryLedger:
         with self._guard():
             if symbol not in self._syms:
                 return False
-            for res in list(self._syms[symbol][2].values()):
+            for res in self._syms[symbol][2]._same_symbol():
                 self._end_locked(res, _RELEASED)
                 self._n_released += 1
             return True
@@ -508,14 +528,19 @@ class PendingEntryLedger:
         self._queue[seq] = res
         entry = self._syms.get(symbol)
         if entry is None:
-            self._syms[symbol] = [1, n, {res._order_id: res}]
+            res._sym_prev = res._sym_next = None
+            self._syms[symbol] = [1, n, res]
             self._nsyms += 1
             if symbol in self._book:
                 self._open_reserved += 1
         else:
             entry[0] += 1
             entry[1] += n
-            entry[2][res._order_id] = res
+            first = entry[2]
+            res._sym_prev = None
+            res._sym_next = first
+            first._sym_prev = res
+            entry[2] = res
         self._gross += n
         self._kinds |= _amounts.kind_of(res._initial)
         if was_empty or seq < self._head:
@@ -538,7 +563,13 @@ class PendingEntryLedger:
         else:
             entry[0] -= 1
             entry[1] -= n
-            del entry[2][res._order_id]
+            prev, after = res._sym_prev, res._sym_next
+            if prev is None:
+                entry[2] = after
+            else:
+                prev._sym_next = after
+            if after is not None:
+                after._sym_prev = prev
         self._gross -= n
         if not self._orders:
             self._next_expiry = _INF
@@ -805,7 +836,7 @@ class PendingMap:
         entry = ledger._syms.get(symbol)
         if entry is None:
             return False
-        for res in list(entry[2].values()):
+        for res in entry[2]._same_symbol():
             self._end(res, _RELEASED)
         return True
 
