@@ -3,20 +3,27 @@
 ``PortfolioGate.try_enter`` decides and, when it admits, reserves in the same critical section of
 the ledger lock, so no other thread can be admitted on the strength of the same room.
 
-How the decision stays correct while reading positions outside the lock
--------------------------------------------------------------------------
-Work that needs a function call (reading and validating ``positions``, converting amounts to
-exact integers, building the reservation) is done *before* the lock is taken, because a call
-inside the critical section lets CPython switch threads while the lock is held and contending
-threads then queue behind it (a lock convoy). The critical section itself is only comparisons,
-int arithmetic and dict stores. To keep the guarantee of a decision made entirely under the lock:
+Where positions are read, and why the decision is still made "under the lock"
+-----------------------------------------------------------------------------
+Work that needs a function call (reading and validating positions, converting amounts to exact
+integers, building the reservation) is done *before* the lock is taken where it can be, because a
+call inside the critical section lets CPython switch threads while the lock is held and
+contending threads then queue behind it (a lock convoy). The critical section itself is only
+comparisons, int arithmetic and dict stores. Three sources of positions:
 
-1. ``try_enter`` reads the ledger's ``_version`` first, then reads ``positions``.
-2. Every change to the reservations (reserve, release, reduce, expiry, rescale) bumps ``_version``
-   under the lock.
+* the gate's **owned book** (``positions=None``, kept by ``set_position``/``confirm_fill`` under
+  the ledger lock) and a **mapping** are read optimistically, as below;
+* a **callable** is called once, under the ledger lock, as the contract promises a callable
+  (it may read a cache that needs its own lock to snapshot). Keep it to a copy of a dict.
+
+The optimistic read keeps the guarantee of a decision made entirely under the lock:
+
+1. ``try_enter`` reads the ledger's ``_version`` first, then reads the positions.
+2. Every change to reservations or the owned book (reserve, release, reduce, expiry, rescale,
+   set/close position) bumps ``_version`` under the lock, after the change.
 3. The commit, under the lock, proceeds only if ``_version`` is unchanged and nothing is due to
-   expire; otherwise it recomputes (after a few failed attempts it falls back to doing the whole
-   decision under the lock, calling ``positions`` there, so a thread cannot starve).
+   expire; otherwise it recomputes (when expiry is due, or after a few failed attempts, it
+   decides wholly under the lock instead, so a thread cannot starve).
 
 The fill router updates the position cache *before* it releases a reservation (the documented
 hand-off). So if a fill's position was missing from the positions we read, its release happened
@@ -152,10 +159,17 @@ class PortfolioGate:
         self._halted = False
 
     def stats(self) -> GateStats:
-        """Counts of admitted and denied decisions (every ``DenyReason`` is a key)."""
-        with self._ledger._lock:
-            admitted = self._admitted
-            counts = list(self._denied)
+        """Counts of admitted and denied decisions (every ``DenyReason`` is a key).
+
+        Works inside a ``lock()`` block of the same thread too (the counts are read in place).
+        """
+        ledger = self._ledger
+        if ledger._owner == _get_ident():
+            admitted, counts = self._admitted, list(self._denied)
+        else:
+            with ledger._lock:
+                admitted = self._admitted
+                counts = self._denied[:]
         denied = dict.fromkeys(DenyReason, 0)
         for code, reason in enumerate(_REASONS):
             if reason is not None:
@@ -233,12 +247,13 @@ class PortfolioGate:
     ) -> Decision:
         """Check the limits and, if they pass, reserve ``notional`` on ``symbol``, atomically.
 
-        ``positions`` maps each open symbol to its exposure, or is a zero-argument callable
-        returning that mapping (read after the ledger's version, see the module docstring; it may
-        be called again if the commit has to retry, and on the last resort under the lock). The
-        returned ``Decision`` is truthy when admitted and then carries the ``Reservation``: release
-        it on an exchange reject; release it (or its symbol) once the fill is in the position
-        cache; otherwise it expires after the ledger's TTL.
+        ``positions`` is one of: ``None`` (the default) for the gate's own book, kept with
+        ``set_position``/``close_position``/``confirm_fill``; a mapping of each open symbol to its
+        exposure; or a zero-argument callable returning such a mapping, called once under the
+        ledger lock. The returned ``Decision`` is truthy when admitted and then carries the
+        ``Reservation``: release it on an exchange reject; release it (or its symbol), or
+        ``confirm_fill`` it, once the fill is in the positions; otherwise it expires after the
+        ledger's TTL.
 
         Bad arguments raise ``ValueError``/``TypeError`` and change nothing; so does an
         ``order_id`` that already has an outstanding reservation, and so does a NaN exposure in
@@ -276,7 +291,9 @@ class PortfolioGate:
         book = ledger._book
         expired: list[Reservation] | None = None
         inputs: _Inputs | None
-        pessimistic = False
+        # A callable is called once, under the lock, as documented; a mapping or the owned book
+        # is read optimistically (see the module docstring).
+        pessimistic = callable(positions)
         attempts = 0
         try:
             while True:
@@ -389,8 +406,10 @@ class PortfolioGate:
                         # ---- end of the critical section proper ----
                 if ok:
                     break
+                # Expiry due: only the locked path sweeps. Otherwise another thread changed the
+                # ledger; retry, and after a few tries decide under the lock so nobody starves.
                 attempts += 1
-                pessimistic = attempts >= _OPTIMISTIC_ATTEMPTS
+                pessimistic = attempts >= _OPTIMISTIC_ATTEMPTS or now >= ledger._next_expiry
         finally:
             if expired:
                 ledger._fire_expired(expired)

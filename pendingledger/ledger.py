@@ -34,6 +34,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -448,8 +449,11 @@ class PendingEntryLedger:
         return res.release()
 
     def stats(self) -> LedgerStats:
-        """A consistent snapshot (taken under the lock, after dropping expired reservations)."""
-        with self._guard():
+        """A consistent snapshot (taken under the lock, after dropping expired reservations).
+
+        Inside this thread's ``lock()`` block it reads the block's current state.
+        """
+        with nullcontext() if self._own_view() is not None else self._guard():
             gross, den, kinds = self._gross, self._den, self._kinds
             count = len(self._orders)
             reserved, released, expired = self._n_reserved, self._n_released, self._n_expired
