@@ -48,7 +48,7 @@ def broken_try_enter(gate: RedisGate, symbol: str, notional: Any) -> Decision:
         gate, symbol, order_id, notional, amount,
         token=token, reserved_us=int(reply[1]), expires_us=int(float(reply[2])),
     )  # fmt: skip
-    return Decision(None, res)  # type: ignore[arg-type]
+    return Decision(None, res)
 
 
 def run(

@@ -137,11 +137,11 @@ def test_positions_argument_is_refused(client: Any) -> None:
 def test_symbols_and_order_ids_are_str(client: Any) -> None:
     gate = new_gate(client)
     with pytest.raises(TypeError, match="symbol"):
-        gate.try_enter(42, 1)  # type: ignore[arg-type]
+        gate.try_enter(42, 1)
     with pytest.raises(ValueError, match="symbol"):
         gate.try_enter("A\0B", 1)
     with pytest.raises(TypeError, match="order_id"):
-        gate.try_enter("AAA", 1, order_id=7)  # type: ignore[arg-type]
+        gate.try_enter("AAA", 1, order_id=7)
     with pytest.raises(ValueError, match="order_id"):
         gate.try_enter("AAA", 1, order_id="")
     assert gate.snapshot().orders == {}

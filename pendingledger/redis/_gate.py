@@ -30,13 +30,13 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 from importlib import resources
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import redis
 from redis.backoff import NoBackoff
@@ -44,12 +44,13 @@ from redis.retry import Retry
 from redis.typing import EncodableT
 
 from pendingledger.errors import LedgerError
+from pendingledger.gate import GateStats
 from pendingledger.limits import DENIED, Decision, DenyReason, PortfolioLimits
 from pendingledger.redis import _units
 from pendingledger.redis._audit import Snapshot, audit
 
 if TYPE_CHECKING:
-    from pendingledger.ledger import Reservation
+    from pendingledger.protocols import Gate
 
 __all__ = [
     "OpenOrder",
@@ -89,15 +90,16 @@ class OpenOrder(NamedTuple):
 
 
 @dataclass(frozen=True)
-class RedisGateStats:
+class RedisGateStats(GateStats):
     """Counts for the whole namespace (every process sharing it), read in one script call.
 
-    ``denied[BACKEND_UNAVAILABLE]`` is this gate object's own count: the store could not count
-    the decisions it never saw.
+    ``admitted`` and ``denied`` as in ``GateStats``; ``denied[BACKEND_UNAVAILABLE]`` is this gate
+    object's own count (the store cannot count the decisions it never saw). ``released``,
+    ``filled`` and ``expired`` count how reservations ended; ``restored`` those made by
+    ``restore``; ``corrupt`` bookkeeping errors the script found (always 0 unless the keys were
+    edited by hand).
     """
 
-    admitted: int
-    denied: Mapping[DenyReason, int]
     outstanding: int
     gross_notional: Decimal
     released: int
@@ -105,10 +107,6 @@ class RedisGateStats:
     expired: int
     restored: int
     corrupt: int
-
-    @property
-    def decisions(self) -> int:
-        return self.admitted + sum(self.denied.values())
 
 
 def _s(value: object) -> str:
@@ -310,11 +308,11 @@ class RedisGate:
 
     def try_enter(
         self,
-        symbol: str,
+        symbol: Hashable,
         notional: Number,
         positions: None = None,
         *,
-        order_id: str | None = None,
+        order_id: Hashable | None = None,
     ) -> Decision:
         """Check the limits against the book and reservations in Redis and, if they pass,
         reserve ``notional`` on ``symbol``: one atomic script call, one round trip.
@@ -353,9 +351,7 @@ class RedisGate:
                     expires_us=int(float(_s(reply[2]))),
                 )  # fmt: skip
                 self._log.ok()
-                # Decision is typed for the core Reservation; RedisReservation has the same
-                # public surface (the ReservationLike protocol shared by both backends).
-                return Decision(None, cast("Reservation", res))
+                return Decision(None, res)
             if status == "D":
                 self._log.ok()
                 return DENIED[_REASONS[_s(reply[1])]]
@@ -370,14 +366,14 @@ class RedisGate:
 
     # ------------------------------------------------------------------ releases
 
-    def release(self, symbol: str) -> bool:
+    def release(self, symbol: Hashable) -> bool:
         """Drop every reservation on ``symbol``. True if any was dropped; False (logged) if the
         store cannot be reached: the reservations then expire after the TTL."""
         symbol = _check_symbol(symbol)
         reply = self._release_call("release", ("release_symbol", symbol))
         return bool(reply)
 
-    def release_order(self, order_id: str) -> bool:
+    def release_order(self, order_id: Hashable) -> bool:
         """Drop the reservation of ``order_id``. True if it was outstanding (see ``release``)."""
         order_id = _check_order_id(order_id)
         return bool(self._release_call("release_order", ("release_order", order_id, "")))
@@ -393,7 +389,7 @@ class RedisGate:
 
     # ------------------------------------------------------------------ the position book
 
-    def set_position(self, symbol: str, exposure: Number) -> None:
+    def set_position(self, symbol: Hashable, exposure: Number) -> None:
         """Record ``symbol``'s position exposure (its absolute value counts; a symbol set is
         open, even at exposure 0, until ``close_position``). Raises ``StoreUnavailable`` if the
         store cannot confirm it."""
@@ -401,21 +397,22 @@ class RedisGate:
         units = _units.exposure_units("exposure", exposure)
         self._write("set_position", ("set_position", symbol, units))
 
-    def close_position(self, symbol: str) -> bool:
+    def close_position(self, symbol: Hashable) -> bool:
         """Remove ``symbol`` from the book. True if it was open."""
         symbol = _check_symbol(symbol)
         return bool(self._write("close_position", ("close_position", symbol)))
 
     def confirm_fill(
-        self, order_id: str, position_exposure: Number, *, symbol: str | None = None
+        self, order_id: Hashable, position_exposure: Number, *, symbol: Hashable | None = None
     ) -> bool:
         """The fill of ``order_id`` landed: set its symbol's position to ``position_exposure``
         (the whole position after the fill) and end the reservation, in one atomic step.
 
         Returns True if a reservation was ended. If it had already ended (expired, released),
         the position is still recorded when ``symbol`` is given, and False is returned; without
-        ``symbol`` that raises ``KeyError`` (nothing is written: the gate cannot tell which
-        symbol to book). ``symbol`` different from the reservation's raises ``ValueError``.
+        ``symbol`` nothing is written (the gate cannot tell which symbol to book), False is
+        returned and a warning logged: pass ``symbol`` so a late fill is never lost. A
+        ``symbol`` different from the reservation's raises ``ValueError`` and writes nothing.
         """
         order_id = _check_order_id(order_id)
         sym = "" if symbol is None else _check_symbol(symbol)
@@ -433,10 +430,12 @@ class RedisGate:
             raise ValueError(
                 f"order {order_id!r} is reserved on {_s(reply[1])!r}, not on symbol={symbol!r}"
             )
-        raise KeyError(
-            f"order {order_id!r} has no outstanding reservation (released or expired); pass "
-            "symbol= so the position is recorded anyway"
+        logger.warning(
+            "confirm_fill(%r): no outstanding reservation (released or expired) and no symbol "
+            "given, so the position was NOT recorded; pass symbol= to record late fills",
+            order_id,
         )
+        return False
 
     def _write(self, what: str, args: Sequence[EncodableT]) -> Any:
         try:
@@ -511,6 +510,15 @@ class RedisGate:
             for order_id, symbol, notional, amount, token in pending
         ]
 
+    def positions(self) -> dict[Hashable, Number]:
+        """The position book in Redis: symbol -> exposure as stored (a ``Decimal``, exact to
+        ``10**-9``, its magnitude rounded up when it was set)."""
+        try:
+            raw = self._client.hgetall(self._keys[1])
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"position book not readable: {exc}") from exc
+        return {_s(k): _units.from_units(int(_s(v))) for k, v in raw.items()}
+
     def book_restored(self) -> bool:
         """True if the namespace's book is in place (decisions are not ``BOOK_NOT_RESTORED``)."""
         return bool(self._write("book_restored", ("marker", self._trust)))
@@ -577,6 +585,12 @@ class RedisGate:
         return (
             f"RedisGate(namespace={self._namespace!r}, ttl={self._ttl!r}, limits={self.limits!r})"
         )
+
+
+if TYPE_CHECKING:  # mypy proves RedisGate offers the whole backend-neutral surface.
+
+    def _conforms(gate: RedisGate) -> Gate:
+        return gate
 
 
 def _encode_limits(limits: object) -> tuple[PortfolioLimits, str, str, str]:
