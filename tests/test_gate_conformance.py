@@ -340,6 +340,17 @@ def test_set_position_replaces_the_exposure(h: Harness) -> None:
     assert g.try_enter("BBB", 50)
 
 
+def test_positions_reads_the_book(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=2))
+    g.set_position("AAA", -600)
+    g.set_position("BBB", Decimal("0.5"))
+    g.set_position("CCC", 0)  # open with no exposure: still holds a slot
+    assert g.positions() == {"AAA": -600, "BBB": Decimal("0.5"), "CCC": 0}
+    assert g.try_enter("DDD", 1).reason is R.MAX_CONCURRENT_POSITIONS
+    assert g.close_position("CCC")
+    assert g.positions() == {"AAA": -600, "BBB": Decimal("0.5")}
+
+
 # ---------------------------------------------------------------------------- stats
 
 

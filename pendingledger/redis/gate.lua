@@ -96,11 +96,15 @@ local function corrupt()
   redis.call('HINCRBY', K_STATS, 'corrupt', 1)
 end
 
--- Add a reservation (the caller has checked everything; nothing below raises).
-local function insert(id, sym, units, token, at, expiry, sym_open)
+-- Add a reservation. `rs` and `rg` are the symbol's reserved units and the reserved gross as
+-- read by the caller in this same call (false/nil: read them here). The sums are formed (and may
+-- raise on overflow) before anything is written.
+local function insert(id, sym, units, token, at, expiry, sym_open, rs, rg)
+  if rs == nil then rs = redis.call('HGET', K_RSYM, sym) end
+  if rg == nil then rg = redis.call('HGET', K_TOT, 'res_gross') end
   local uw, uf = split(units)
-  local sw, sf = split(redis.call('HGET', K_RSYM, sym))
-  local gw, gf = split(redis.call('HGET', K_TOT, 'res_gross'))
+  local sw, sf = split(rs)
+  local gw, gf = split(rg)
   sw, sf = add(sw, sf, uw, uf)
   gw, gf = add(gw, gf, uw, uf)
   redis.call('HSET', K_ORD, id, units .. '|' .. token .. '|' .. at .. '|' .. sym)
@@ -236,11 +240,11 @@ if op == 'enter' then
   local reason = nil
   local pos = redis.call('HGET', K_POS, sym)
   local rs = redis.call('HGET', K_RSYM, sym)
+  local tot = redis.call('HMGET', K_TOT, 'pos_gross', 'res_gross', 'res_syms', 'res_open')
   local uw, uf = split(units)
   if meta[3] == '1' then
     reason = 'halted'
   elseif mode ~= 'force' then
-    local tot = redis.call('HMGET', K_TOT, 'pos_gross', 'res_gross', 'res_syms', 'res_open')
     if ARGV[7] ~= '' and not pos and not rs then
       local slots = (tonumber(tot[3]) or 0) - (tonumber(tot[4]) or 0)
       if redis.call('HLEN', K_POS) + slots >= tonumber(ARGV[7]) then
@@ -271,7 +275,7 @@ if op == 'enter' then
   if mode == 'check' then return {'C'} end
   -- insert() computes its sums (which may overflow and raise) before it writes anything
   local at, expiry = int(now), int(now + ttl)
-  insert(id, sym, units, token, at, expiry, pos ~= false)
+  insert(id, sym, units, token, at, expiry, pos ~= false, rs, tot[2])
   redis.call('HINCRBY', K_STATS, 'admitted', 1)
   return {'A', at, expiry}
 end
@@ -411,7 +415,7 @@ if op == 'restore' then
   while i <= #ARGV do
     local sym = ARGV[i + 1]
     insert(ARGV[i], sym, ARGV[i + 2], ARGV[i + 3], at, int(now + ttl),
-      redis.call('HEXISTS', K_POS, sym) == 1)
+      redis.call('HEXISTS', K_POS, sym) == 1, nil, nil)
     redis.call('HINCRBY', K_STATS, 'restored', 1)
     i = i + 4
   end
