@@ -150,6 +150,27 @@ def test_symbols_and_order_ids_are_str(client: Any) -> None:
     assert gate.audit() == []
 
 
+def test_bad_input_sends_nothing_to_redis(client: Any, server: RedisServer) -> None:
+    gate = new_gate(client)
+    bad_calls: list[Any] = [
+        lambda: gate.try_enter("AAA", float("nan")),
+        lambda: gate.try_enter("AAA", 0),
+        lambda: gate.try_enter("AAA", True),
+        lambda: gate.try_enter(None, 1),
+        lambda: gate.try_enter("", 1),
+        lambda: gate.try_enter("AAA", 1, {"AAA": 1}),  # type: ignore[arg-type]
+        lambda: gate.set_position("AAA", float("inf")),
+        lambda: gate.confirm_fill("x", float("nan")),
+        lambda: gate.release(""),
+        lambda: gate.restore({"AAA": "1"}),  # type: ignore[dict-item]
+    ]
+    with CommandLog(server.url) as log:
+        for call in bad_calls:
+            with pytest.raises((ValueError, TypeError)):
+                call()
+    assert log.commands == []
+
+
 # ---------------------------------------------------------------------------- amounts
 
 
@@ -213,6 +234,15 @@ def test_a_new_namespace_denies_until_restored(client: Any) -> None:
     assert gate.restore({}) == []
     assert gate.book_restored() is True
     assert gate.try_enter("AAA", 1)
+
+
+def test_wipe_deletes_the_namespace(client: Any) -> None:
+    gate = new_gate(client)
+    assert gate.try_enter("AAA", 1)
+    gate.halt()
+    assert gate.wipe() >= 3
+    assert not any(client.exists(key) for key in gate.keys)
+    assert gate.try_enter("AAA", 1).reason is R.BOOK_NOT_RESTORED
 
 
 def test_restore_only_if_missing_lets_the_first_process_win(client: Any) -> None:

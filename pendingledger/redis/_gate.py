@@ -519,6 +519,15 @@ class RedisGate:
             raise StoreUnavailable(f"position book not readable: {exc}") from exc
         return {_s(k): _units.from_units(int(_s(v))) for k, v in raw.items()}
 
+    def wipe(self) -> int:
+        """Delete every key of the namespace (book, reservations, marker, halt flag, stats), as
+        at the end of a test or a simulation run. Decisions are then denied with
+        ``BOOK_NOT_RESTORED`` until ``restore``. Returns the number of keys deleted."""
+        try:
+            return int(self._client.delete(*self._keys))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"wipe not done: {exc}") from exc
+
     def book_restored(self) -> bool:
         """True if the namespace's book is in place (decisions are not ``BOOK_NOT_RESTORED``)."""
         return bool(self._write("book_restored", ("marker", self._trust)))
