@@ -398,7 +398,6 @@ class PortfolioGate:
                                 entry[1] = sym_res + n
                             ledger._gross += n
                             ledger._kinds |= kind
-                            ledger._n_reserved += 1
                             ledger._version += 1
                             self._admitted += 1
                         if outcome and outcome != _DUPLICATE:

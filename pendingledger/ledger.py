@@ -323,7 +323,6 @@ class PendingEntryLedger:
         "_lock",
         "_n_expired",
         "_n_released",
-        "_n_reserved",
         "_nbook",
         "_next_expiry",
         "_nsyms",
@@ -380,7 +379,6 @@ class PendingEntryLedger:
         self._head = 0
         self._next_expiry = _INF
         self._version = 0
-        self._n_reserved = 0
         self._n_released = 0
         self._n_expired = 0
 
@@ -456,7 +454,8 @@ class PendingEntryLedger:
         with nullcontext() if self._own_view() is not None else self._guard():
             gross, den, kinds = self._gross, self._den, self._kinds
             count = len(self._orders)
-            reserved, released, expired = self._n_reserved, self._n_released, self._n_expired
+            released, expired = self._n_released, self._n_expired
+            reserved = count + released + expired
         return LedgerStats(
             outstanding=count,
             gross_notional=_amounts.to_number(gross, den, kinds),
@@ -829,7 +828,6 @@ class PendingMap:
         ledger._seq += 1
         res._reserved_at = self._now
         ledger._insert_locked(res)
-        ledger._n_reserved += 1
         self._journal.append(("reserve", res))
         return res
 
@@ -876,7 +874,6 @@ class PendingMap:
             if record[0] == "reserve":
                 # Newest first: any later end of this reservation was undone already.
                 ledger._end_locked(res, _ROLLED_BACK)
-                ledger._n_reserved -= 1
             elif record[0] == "end":
                 res._n *= ledger._den // res._den_end
                 ledger._insert_locked(res)
