@@ -217,6 +217,10 @@ class PortfolioGate:
                 if symbol is not None:
                     ledger._set_position_locked(symbol, num, q, position_exposure)
                 return False
+            if symbol is not None and symbol != res._symbol:
+                raise ValueError(
+                    f"order_id {order_id!r} is reserved on {res._symbol!r}, not symbol={symbol!r}"
+                )
             ledger._set_position_locked(res._symbol, num, q, position_exposure)
             ledger._end_locked(res, _FILLED)
             ledger._n_released += 1

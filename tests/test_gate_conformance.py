@@ -1,7 +1,7 @@
 """One suite of gate behaviour, run against both backends: in-process and Redis.
 
-Every test body talks to the shared ``Gate`` protocol (``tests/gate_api.py``) only. The ``backend``
-fixture builds an in-process ``PortfolioGate`` on a ``ManualClock`` or a ``RedisGate`` on a real
+Every test body talks to the shared ``Gate`` protocol (``pendingledger.protocols``) only. The
+``backend`` fixture builds an in-process ``PortfolioGate`` on a ``ManualClock`` or a ``RedisGate`` on a real
 ``redis-server`` (one per module, a fresh namespace per gate). Time moves through ``h.advance``:
 the manual clock for the in-process gate, a short real sleep for Redis, whose TTL runs on the
 server's clock (only the few TTL tests use it).
@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gate_api import GateLike, ReservationLike
 from redis_server import RedisServer, running_server
 
 from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits
 from pendingledger.limits import Decision, DenyReason
+from pendingledger.protocols import Gate as GateLike
+from pendingledger.protocols import ReservationHandle as ReservationLike
 from pendingledger.testing import ManualClock
 
 Limits = PortfolioLimits
@@ -307,15 +308,7 @@ def test_confirm_fill_after_the_reservation_ended(h: Harness) -> None:
     assert g.try_enter("BBB", 1).reason is R.MAX_CONCURRENT_POSITIONS
 
 
-def test_confirm_fill_on_the_wrong_symbol_is_refused(
-    h: Harness, request: pytest.FixtureRequest
-) -> None:
-    if h.backend == "memory":
-        # TODO(core): PortfolioGate.confirm_fill ignores a symbol= that differs from the
-        # reservation's; RedisGate refuses it. Remove this marker once the core refuses it too.
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="core confirm_fill does not check symbol= yet")
-        )
+def test_confirm_fill_on_the_wrong_symbol_is_refused(h: Harness) -> None:
     g = h.gate()
     res = res_of(g.try_enter("AAA", 10, order_id="w-1"))
     with pytest.raises(ValueError):
