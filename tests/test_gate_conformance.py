@@ -2,9 +2,9 @@
 
 Every test body talks to the shared ``Gate`` protocol (``pendingledger.protocols``) only. The
 ``backend`` fixture builds an in-process ``PortfolioGate`` on a ``ManualClock`` or a
-``RedisGate`` on a real ``redis-server`` (one per module, a fresh namespace per gate). Time moves through ``h.advance``:
-the manual clock for the in-process gate, a short real sleep for Redis, whose TTL runs on the
-server's clock (only the few TTL tests use it).
+``RedisGate`` on a real ``redis-server`` (one per module, a fresh namespace per gate). Time moves
+through ``h.advance``: the manual clock for the in-process gate, a short real sleep for Redis,
+whose TTL runs on the server's clock (only the few TTL tests use it).
 """
 
 from __future__ import annotations
