@@ -680,6 +680,29 @@ def test_rollback_restores_a_reservation_that_expires_on_time(
     assert res.state is ReservationState.EXPIRED
 
 
+@pytest.mark.parametrize("order", ["oldest first", "newest first"])
+def test_rollback_of_a_block_that_emptied_the_ledger_keeps_every_ttl(
+    ledger: PendingEntryLedger, clock: ManualClock, order: str
+) -> None:
+    old = reserve(ledger, "A", 1)
+    clock.advance(1)
+    new = reserve(ledger, "B", 2)
+    clock.advance(1)
+    with pytest.raises(Boom), ledger.lock() as pending:
+        for res in (old, new) if order == "oldest first" else (new, old):
+            assert res.release()
+        assert len(pending) == 0
+        pending.reserve("C", 4)
+        raise Boom
+    assert old.active and new.active
+    clock.advance(ledger.ttl - 2)  # old is due (made at 0), new is not (made at 1)
+    assert ledger.stats().gross_notional == 2
+    assert old.state is ReservationState.EXPIRED
+    clock.advance(1)
+    assert ledger.stats().outstanding == 0
+    assert new.state is ReservationState.EXPIRED
+
+
 def test_block_that_catches_its_own_exception_keeps_its_changes(
     ledger: PendingEntryLedger,
 ) -> None:
