@@ -274,7 +274,6 @@ def test_releasing_everything_then_reserving_again_still_expires(
 Trigger = Callable[[PendingEntryLedger, Reservation], object]
 
 
-
 def _take_lock(ledger: PendingEntryLedger, res: Reservation) -> object:
     with ledger.lock() as pending:
         return len(pending)
@@ -458,9 +457,7 @@ def test_pending_map_release_order(ledger: PendingEntryLedger) -> None:
         assert "AAA" not in pending
 
 
-def test_ledgers_share_nothing(
-    ledger: PendingEntryLedger, clock: ManualClock
-) -> None:
+def test_ledgers_share_nothing(ledger: PendingEntryLedger, clock: ManualClock) -> None:
     other_ledger = PendingEntryLedger(5, clock=clock)
     res = reserve(other_ledger, "AAA", 1)
     assert res.release() is True
