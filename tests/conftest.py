@@ -39,8 +39,8 @@ Unchanged = Callable[..., AbstractContextManager[None]]
 def unchanged() -> Unchanged:
     """``with unchanged(ledger, gate): ...`` asserts the body changed nothing observable.
 
-    Compares ledger stats, the outstanding reservations (order id, symbol, notional) and the gate's
-    counters before and after, and checks the lock is free afterwards.
+    Compares ledger stats, what the ``PendingMap`` shows, and the gate's counters and owned
+    position book before and after, and checks the lock is free afterwards.
     """
 
     @contextmanager
@@ -48,6 +48,7 @@ def unchanged() -> Unchanged:
         stats = ledger.stats()
         book = snapshot(ledger)
         gate_stats = gate.stats() if gate is not None else None
+        positions = gate.positions() if gate is not None else None
         yield
         with ledger.lock(timeout=0):  # the lock is free (LockTimeout otherwise)
             pass
@@ -55,6 +56,7 @@ def unchanged() -> Unchanged:
         assert snapshot(ledger) == book
         if gate is not None:
             assert gate.stats() == gate_stats
+            assert gate.positions() == positions
 
     return check
 

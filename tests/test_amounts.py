@@ -159,16 +159,30 @@ def test_fraction_thirds_sum_to_one(ledger: PendingEntryLedger) -> None:
     assert gross(ledger) == Fraction(2, 3)
 
 
-def test_many_denominators_then_back_to_ints(ledger: PendingEntryLedger) -> None:
+def test_many_denominators_then_back_to_whole_numbers(ledger: PendingEntryLedger) -> None:
     primes = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47]
     made = reserve_all(ledger, [Fraction(1, p) for p in primes])
     assert gross(ledger) == sum(Fraction(1, p) for p in primes)
     for res in made:
         res.release()
-    reserve_all(ledger, [5, 7])
+    assert gross(ledger) == 0
+    made = reserve_all(ledger, [5, 7])
     total = gross(ledger)
     assert total == 12
-    assert type(total) is int
+    # the kinds a ledger has seen are sticky: its sums keep one type (Fraction here)
+    assert type(total) is Fraction
+    assert type(ledger.stats().gross_notional) is Fraction
+    assert made[0].notional == 5 and type(made[0].notional) is int  # each keeps its own type
+
+
+def test_sum_type_is_stable_as_reservations_come_and_go(ledger: PendingEntryLedger) -> None:
+    (f,) = reserve_all(ledger, [0.5])
+    (i,) = reserve_all(ledger, [2])
+    assert gross(ledger) == 2.5 and isinstance(gross(ledger), float)
+    f.release()
+    assert gross(ledger) == 2 and isinstance(gross(ledger), float)  # still a float ledger
+    i.release()
+    assert gross(ledger) == 0
 
 
 def test_reduce_by_other_types_is_exact(ledger: PendingEntryLedger) -> None:

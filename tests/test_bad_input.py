@@ -31,6 +31,8 @@ Number = int | float | Decimal | Fraction
 Book = dict[Hashable, Number]
 NAN = math.nan
 INF = math.inf
+AAA_OPEN: Book = {"AAA": 1}
+X_NAN: Book = {"X": NAN}
 
 
 def raises(
@@ -47,7 +49,7 @@ def book(ledger: PendingEntryLedger, gate: PortfolioGate) -> Reservation:
     decision = gate.try_enter("AAA", 100, {}, order_id="a")
     gate.try_enter("BBB", Decimal("2.5"), {}, order_id="b")
     gate.try_enter("CCC", 20_000, {})  # denied: counted
-    assert decision.reservation is not None
+    assert isinstance(decision.reservation, Reservation)
     return decision.reservation
 
 
@@ -91,7 +93,7 @@ def test_try_enter_bad_notional(
     with unchanged(ledger, gate), raises(exc, "notional", value):
         gate.try_enter("DDD", value, {})
     with unchanged(ledger, gate), raises(exc, "notional", value):
-        gate.try_enter("AAA", value, lambda: {"AAA": 1})
+        gate.try_enter("AAA", value, lambda: AAA_OPEN)
 
 
 @pytest.mark.parametrize(("value", "exc"), BAD_NOTIONALS, ids=NOTIONAL_IDS)
@@ -245,7 +247,6 @@ def test_bad_position_exposure_fails_closed(
 
 
 BAD_POSITIONS: list[object] = [
-    None,
     [("AAA", 1)],
     ("AAA", 1),
     {"AAA"},
@@ -259,7 +260,7 @@ BAD_POSITIONS: list[object] = [
 @pytest.mark.parametrize(
     "value",
     BAD_POSITIONS,
-    ids=["None", "list", "tuple", "set", "str", "int", "callable->list", "callable->None"],
+    ids=["list", "tuple", "set", "str", "int", "callable->list", "callable->None"],
 )
 def test_positions_not_a_mapping(
     ledger: PendingEntryLedger,
@@ -273,6 +274,87 @@ def test_positions_not_a_mapping(
         gate.try_enter("DDD", 1, value)
 
 
+# ---------------------------------------------------------------------------- the owned book
+# (positions=None: set_position / close_position / confirm_fill)
+
+
+@pytest.fixture
+def owned(gate: PortfolioGate) -> PortfolioGate:
+    """The ``book`` fixture's gate with an owned position book holding one position."""
+    gate.set_position("OPEN", Decimal("-7.5"))
+    return gate
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_EXPOSURES, ids=[repr(v) for v, _ in BAD_EXPOSURES])
+def test_set_position_bad_exposure(
+    ledger: PendingEntryLedger,
+    book: Reservation,
+    owned: PortfolioGate,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    with unchanged(ledger, owned), raises(exc, "exposure", value):
+        owned.set_position("OPEN", value)
+    with unchanged(ledger, owned), raises(exc, "exposure", value):
+        owned.set_position("NEW", value)
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_EXPOSURES, ids=[repr(v) for v, _ in BAD_EXPOSURES])
+def test_confirm_fill_bad_exposure(
+    ledger: PendingEntryLedger,
+    book: Reservation,
+    owned: PortfolioGate,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    with unchanged(ledger, owned), raises(exc, "position_exposure", value):
+        owned.confirm_fill(book.order_id, value)
+    assert book.active
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_SYMBOLS, ids=SYMBOL_IDS)
+def test_owned_book_bad_symbol(
+    ledger: PendingEntryLedger,
+    book: Reservation,
+    owned: PortfolioGate,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    with unchanged(ledger, owned):
+        with raises(exc, "symbol", value):
+            owned.set_position(value, 1)
+        with raises(exc, "symbol", value):
+            owned.close_position(value)
+        if value is not None:  # symbol=None means "the reservation's symbol"
+            with raises(exc, "symbol", value):
+                owned.confirm_fill(book.order_id, 1, symbol=value)
+        with raises(exc, "symbol", value):
+            owned.release(value)
+
+
+@pytest.mark.parametrize("value", BAD_ORDER_IDS, ids=repr)
+def test_confirm_fill_bad_order_id(
+    ledger: PendingEntryLedger,
+    book: Reservation,
+    owned: PortfolioGate,
+    unchanged: Unchanged,
+    value: Any,
+) -> None:
+    with unchanged(ledger, owned), raises(TypeError, "order_id", value):
+        owned.confirm_fill(value, 1, symbol="AAA")
+
+
+def test_confirm_fill_on_another_symbol_changes_nothing(
+    ledger: PendingEntryLedger, book: Reservation, owned: PortfolioGate, unchanged: Unchanged
+) -> None:
+    with unchanged(ledger, owned), pytest.raises(ValueError, match=r"order_id 'a'.*'AAA'.*'BBB'"):
+        owned.confirm_fill("a", 100, symbol="BBB")
+    assert book.active
+
+
 @pytest.mark.timeout(10)
 def test_bad_positions_while_an_expiry_is_due_leave_the_lock_free(
     ledger: PendingEntryLedger, gate: PortfolioGate, clock: ManualClock
@@ -281,7 +363,7 @@ def test_bad_positions_while_an_expiry_is_due_leave_the_lock_free(
     gate.try_enter("AAA", 1, {})
     clock.advance(ledger.ttl)
     with raises(ValueError, "positions", NAN):
-        gate.try_enter("BBB", 1, lambda: {"X": NAN})
+        gate.try_enter("BBB", 1, lambda: X_NAN)
     with ledger.lock(timeout=0) as pending:
         assert "BBB" not in pending
         assert len(pending) == 0

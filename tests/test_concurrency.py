@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
@@ -25,6 +25,7 @@ from pendingledger import (
     PortfolioGate,
     PortfolioLimits,
     Reservation,
+    ReservationHandle,
 )
 from pendingledger.testing import ManualClock, run_concurrently
 
@@ -37,19 +38,32 @@ ATTEMPTS = 60
 
 @dataclass
 class Race:
-    """A ledger, a gate, a position cache and what the checkers saw."""
+    """A ledger, a gate, where the positions live, and what the checkers saw.
+
+    ``source`` says how the gate is given the open positions: ``"mapping"`` (a dict the workers
+    update under the ledger lock), ``"callable"`` (a function returning a copy of that dict) or
+    ``"book"`` (the gate's own book, kept with ``confirm_fill``/``close_position``).
+    """
 
     ledger: PendingEntryLedger
     gate: PortfolioGate
+    source: str = "mapping"
     positions: dict[Hashable, Number] = field(default_factory=dict)
     breaches: list[str] = field(default_factory=list)
     checks: int = 0
     admitted: int = 0
     counter_lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def open_positions(self) -> Mapping[Hashable, Number]:
+        """The open positions (call with the ledger lock held, to see them with reservations)."""
+        if self.source == "book":
+            # gate.positions() cannot run inside a lock() block; peek at the book it reads
+            return {symbol: entry[1] for symbol, entry in self.ledger._book.items()}
+        return self.positions
+
     def check(self, pending: PendingMap) -> None:
         """Record a breach if open positions + reservations exceed a limit (lock held)."""
-        positions = self.positions
+        positions = self.open_positions()
         slots = len(positions) + pending.new_slots(positions.__contains__)
         gross = Fraction(sum(abs(Fraction(v)) for v in positions.values())) + Fraction(
             pending.gross_notional()
@@ -60,16 +74,37 @@ class Race:
         if gross > MAX_GROSS:
             self.breaches.append(f"gross {float(gross)} > {MAX_GROSS}")
 
+    def fill(self, res: ReservationHandle) -> None:
+        """The fill lands: the position appears and the reservation ends, in one step."""
+        if self.source == "book":
+            assert self.gate.confirm_fill(res.order_id, res.notional)
+            return
+        with self.ledger.lock() as pending:  # cache first, then release, in one block
+            self.positions[res.symbol] = res.notional
+            pending.release(res.symbol)
 
-Enter = Callable[[Race, str, int], "Reservation | None"]
+    def close(self, symbol: Hashable) -> None:
+        if self.source == "book":
+            assert self.gate.close_position(symbol)
+            return
+        with self.ledger.lock():
+            del self.positions[symbol]
 
 
-def gate_enter(race: Race, symbol: str, notional: int) -> Reservation | None:
+Enter = Callable[[Race, str, int], "ReservationHandle | None"]
+
+
+def gate_enter(race: Race, symbol: str, notional: int) -> ReservationHandle | None:
     """The real thing: check and reserve in one critical section."""
+    if race.source == "book":
+        return race.gate.try_enter(symbol, notional).reservation
+    if race.source == "callable":
+        cache = race.positions
+        return race.gate.try_enter(symbol, notional, lambda: dict(cache)).reservation
     return race.gate.try_enter(symbol, notional, race.positions).reservation
 
 
-def broken_enter(race: Race, symbol: str, notional: int) -> Reservation | None:
+def broken_enter(race: Race, symbol: str, notional: int) -> ReservationHandle | None:
     """Check in one lock() block and reserve in a second one: the race the library prevents."""
     positions = race.positions
     with race.ledger.lock() as pending:
@@ -87,12 +122,14 @@ def broken_enter(race: Race, symbol: str, notional: int) -> Reservation | None:
         return pending.reserve(symbol, notional)
 
 
-def run_race(enter: Enter, *, attempts: int, seed: int = 0, churn: bool = True) -> Race:
+def run_race(
+    enter: Enter, *, attempts: int, seed: int = 0, churn: bool = True, source: str = "mapping"
+) -> Race:
     """``THREADS`` workers race ``enter`` on distinct symbols while a monitor checks the limits.
 
-    With ``churn`` an admitted entry is then rejected (released) or filled (the position cache is
-    updated and the reservation released in one block, the documented hand-off), and filled
-    positions are closed again later, so room keeps opening up and the race keeps being run.
+    With ``churn`` an admitted entry is then rejected (released) or filled (the position appears
+    and the reservation ends in one step, the documented hand-off), and filled positions are
+    closed again later, so room keeps opening up and the race keeps being run.
     """
     clock = ManualClock()
     ledger = PendingEntryLedger(3600, clock=clock)
@@ -102,6 +139,7 @@ def run_race(enter: Enter, *, attempts: int, seed: int = 0, churn: bool = True) 
             ledger,
             PortfolioLimits(max_concurrent_positions=MAX_POSITIONS, max_gross_exposure=MAX_GROSS),
         ),
+        source,
     )
     stop = threading.Event()
     monitor_errors: list[BaseException] = []
@@ -119,8 +157,7 @@ def run_race(enter: Enter, *, attempts: int, seed: int = 0, churn: bool = True) 
         mine: list[str] = []
         for k in range(attempts):
             if mine and rng.random() < 0.5:  # close one of this worker's positions
-                with ledger.lock():
-                    del race.positions[mine.pop(0)]
+                race.close(mine.pop(0))
             symbol = f"T{index}-{k}"
             res = enter(race, symbol, rng.randrange(50, 400))
             if res is None:
@@ -135,9 +172,7 @@ def run_race(enter: Enter, *, attempts: int, seed: int = 0, churn: bool = True) 
             if rng.random() < 0.3:
                 res.release()  # exchange reject
             else:
-                with ledger.lock() as pending:  # fill: cache first, then release
-                    race.positions[symbol] = res.notional
-                    pending.release(symbol)
+                race.fill(res)
                 mine.append(symbol)
 
     watcher = threading.Thread(target=monitor, name="invariant-monitor", daemon=True)
@@ -155,9 +190,12 @@ def run_race(enter: Enter, *, attempts: int, seed: int = 0, churn: bool = True) 
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("seed", range(3))
-def test_try_enter_never_breaches_the_limits_under_a_race(fast_switching: float, seed: int) -> None:
-    race = run_race(gate_enter, attempts=ATTEMPTS, seed=seed)
+@pytest.mark.parametrize("source", ["mapping", "callable", "book"])
+@pytest.mark.parametrize("seed", range(2))
+def test_try_enter_never_breaches_the_limits_under_a_race(
+    fast_switching: float, seed: int, source: str
+) -> None:
+    race = run_race(gate_enter, attempts=ATTEMPTS, seed=seed, source=source)
     assert race.breaches == []
     assert race.checks > THREADS  # the monitor and the workers really looked
     stats = race.ledger.stats()
