@@ -923,12 +923,6 @@ TYPING_CASES = {
         "with ledger.lock() as pending:\n    pending.new_slots(is_open)\n"
     ),
 }
-_INVARIANT_KEY = (
-    "BUG (typing): gate.py Positions = Mapping[Hashable, Number] | Callable[[], Mapping[...]]; "
-    "Mapping is invariant in its key type, so mypy --strict rejects a plain dict[str, float] "
-    "(or a callable returning one), the most common positions cache. Mapping[Any, Number] "
-    "(or a key TypeVar) would accept it"
-)
 
 
 @pytest.fixture(scope="module")
@@ -945,28 +939,10 @@ def mypy_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     "case",
     [
         "baseline",
-        pytest.param(
-            "positions-dict-str-float",
-            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_INVARIANT_KEY),
-        ),
-        pytest.param(
-            "positions-callable",
-            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_INVARIANT_KEY),
-        ),
-        pytest.param(
-            "positions-lambda",
-            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_INVARIANT_KEY),
-        ),
-        pytest.param(
-            "new_slots-str-predicate",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="BUG (typing): ledger.py PendingMap.new_slots(is_open: Callable[[Hashable], "
-                "object]) rejects a predicate typed (symbol: str) -> bool under mypy --strict "
-                "(parameters are contravariant); Callable[[Any], object] would accept it",
-            ),
-        ),
+        "positions-dict-str-float",
+        "positions-callable",
+        "positions-lambda",
+        "new_slots-str-predicate",
     ],
 )
 def test_public_api_typing_with_str_symbols(

@@ -943,15 +943,6 @@ def test_a_clock_that_steps_back_breaks_nothing() -> None:
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: gate.py try_enter stamps reserved_at with the clock read before taking the "
-    "lock and no longer clamps it to the latest stamp (removed in 7d89e40), so a thread "
-    "preempted between its clock read and its commit lands after a newer reservation with an "
-    "older deadline; the sweep (ledger.py _sweep_locked, which assumes deadlines ordered like "
-    "seq, as the module docstring still says) stops at the newer one and the older stays "
-    "outstanding past its expires_at",
-)
 def test_reservation_expires_at_its_expires_at_even_when_committed_out_of_order() -> None:
     manual = ManualClock()
     read = threading.Event()
