@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -101,6 +102,13 @@ def _amount_limit(text: str) -> int | float | None:
     return int(value) if value.is_integer() else value
 
 
+def _json_path(text: str) -> str:
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"directory {parent!r} does not exist")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pendingledger",
@@ -176,6 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     race.add_argument(
         "--json",
+        type=_json_path,
         metavar="PATH",
         default=None,
         help="Also write both runs' figures as JSON to PATH, under keys broken and pendingledger.",

@@ -366,6 +366,10 @@ class SimConfig:
     """Stop the race early once the auditor has counted this many breaches."""
     broken: bool = False
     """Race ``BrokenGate`` (check-then-act) instead of the backend's real gate."""
+    release_first: bool = False
+    """Make the router hand off the wrong way round: release the reservation, then update the
+    position cache. With it even a correct gate breaches, which shows the auditor checks the
+    true exposure, not the gate's view, and why the README insists on cache first."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.seconds, (int, float)) and math.isfinite(self.seconds)):
@@ -469,6 +473,7 @@ class SimResult:
     double_ended: int
     ledger_outstanding: int
     ledger_gross: float
+    release_first: bool = False
     interrupted: bool = False
     notes: tuple[str, ...] = field(default=())
 
@@ -1032,13 +1037,31 @@ class Simulation:
             self._finish(order)
             return False
         # A fill (whole or part): position cache first, then the reservation.
+        if self.config.release_first:
+            self._end_fill(message)
+            time.sleep(0)  # the gap in which the gate sees neither the order nor its position
+            return self._apply_fill(message)
+        opened = self._apply_fill(message)
+        self._end_fill(message)
+        return opened
+
+    def _apply_fill(self, message: _Message) -> bool:
+        """Put a fill in the position cache. Returns True if it opened a position."""
+        order = message.order
         cache = self._cache
-        qty = message.qty
         with cache.lock:
             before = cache.positions.get(order.symbol, 0)
-            cache.positions[order.symbol] = before + qty
+            cache.positions[order.symbol] = before + message.qty
             # in flight -> position: the auditor's exposure for the symbol is unchanged
-        order.filled += qty
+        order.filled += message.qty
+        return before == 0
+
+    def _end_fill(self, message: _Message) -> None:
+        """Release (full fill) or reduce (partial fill) the order's reservation."""
+        order = message.order
+        reservation = order.reservation
+        accounts = self._accounts
+        qty = message.qty
         if order.outcome == "fill":
             order.done = True
             self._filled += 1
@@ -1054,7 +1077,6 @@ class Simulation:
                 if was_active and not reservation.active:
                     accounts.end(order.order_id, "reduced")
                 self._finish(order)
-        return before == 0
 
     def _finish(self, order: _Order) -> None:
         if self._flights is not None:
@@ -1166,6 +1188,7 @@ class Simulation:
             double_ended=double,
             ledger_outstanding=outstanding,
             ledger_gross=_plain(gross),
+            release_first=config.release_first,
             interrupted=self._interrupted,
             notes=tuple(notes),
         )
