@@ -40,13 +40,7 @@ from typing import Final
 
 from . import _amounts
 from .errors import ReentrantLockError
-from .ledger import (
-    Number,
-    PendingEntryLedger,
-    Reservation,
-    _GeneratedOrderId,
-    _new_reservation,
-)
+from .ledger import Number, PendingEntryLedger, Reservation, _GeneratedOrderId
 from .limits import DENIED, Decision, DenyReason, PortfolioLimits
 
 __all__ = ["GateStats", "PortfolioGate", "Positions"]
@@ -58,6 +52,8 @@ or a zero-argument callable returning such a mapping."""
 _INF: Final = float("inf")
 _get_ident: Final = threading.get_ident
 _OPTIMISTIC_ATTEMPTS: Final = 4
+_KIND_FLOAT: Final = _amounts.KIND_FLOAT
+_KIND_INT: Final = _amounts.KIND_INT
 
 # Outcome codes of the critical section. Ints, not DenyReason: hashing an Enum member is a call.
 _ADMIT: Final = 0
@@ -73,6 +69,9 @@ _REASONS: Final = (
     DenyReason.MAX_GROSS_EXPOSURE,
     DenyReason.MAX_SYMBOL_EXPOSURE,
 )
+
+# The shared denied decision of outcome code c is _DENIED_AT[c - 1] (no Enum hashing).
+_DENIED_AT: Final[tuple[Decision, ...]] = tuple(DENIED[r] for r in _REASONS if r is not None)
 
 # (limits, den, max positions, gross limit over den, symbol limit over den)
 _ScaledLimits = tuple[PortfolioLimits, int, "int | None", "int | None", "int | None"]
@@ -187,14 +186,14 @@ class PortfolioGate:
             _amounts.check_symbol(symbol)
         if type(notional) is float and 0.0 < notional < _INF:
             num, q = notional.as_integer_ratio()
-            kind = _amounts.KIND_FLOAT
+            kind = _KIND_FLOAT
         elif type(notional) is int and notional > 0:
-            num, q, kind = notional, 1, _amounts.KIND_INT
+            num, q, kind = notional, 1, _KIND_INT
         else:
             num, q, kind = _amounts.positive_ratio("notional", notional)
         if order_id is None:
             order_id = _GeneratedOrderId()
-        else:
+        elif type(order_id) is not str:
             _amounts.check_order_id(order_id)
         if positions is None:
             raise TypeError("positions must be a mapping of open positions or a callable, got None")
@@ -204,22 +203,49 @@ class PortfolioGate:
         if owner is not None and owner == _get_ident():
             raise ReentrantLockError("try_enter called while this thread holds the ledger lock")
         now = ledger._clock()
-        res = _new_reservation(ledger, symbol, order_id, notional, kind, 0)
+        res = object.__new__(Reservation)  # inlined _new_reservation(): one call fewer
+        res._ledger = ledger
+        res._symbol = symbol
+        res._order_id = order_id
+        res._initial = notional
+        res._state = 0
         lock = ledger._lock
         syms = ledger._syms
-        ttl = ledger._ttl
+        orders = ledger._orders
         expired: list[Reservation] | None = None
+        inputs: _Inputs | None
         pessimistic = False
         attempts = 0
-        version = -1
-        inputs: _Inputs | None = None
         try:
             while True:
                 limits = self._limits
                 if not pessimistic:
                     version = ledger._version
-                    inputs = self._gather(positions, symbol, limits, num, q, grow=False)
-                    pessimistic = inputs is None
+                    den = ledger._den
+                    scaled = self._scaled
+                    if (
+                        type(positions) is dict
+                        and not positions
+                        and scaled is not None
+                        and scaled[0] is limits
+                        and scaled[1] == den
+                        and (q == 1 or not den % q)
+                    ):
+                        # No open positions, limits already scaled: nothing to read or convert.
+                        inputs = (
+                            num * (den // q),
+                            scaled[2],
+                            0,
+                            0,
+                            False,
+                            0,
+                            scaled[3],
+                            0,
+                            scaled[4],
+                        )
+                    else:
+                        inputs = self._gather(positions, symbol, limits, num, q, grow=False)
+                        pessimistic = inputs is None
                 with lock:
                     if pessimistic:
                         ledger._owner = _get_ident()
@@ -233,7 +259,7 @@ class PortfolioGate:
                     else:
                         ok = ledger._version == version and now < ledger._next_expiry
                     if ok:
-                        # ---- the critical section proper: no calls below this line ----
+                        # ---- the critical section proper: no calls from here on ----
                         n, max_pos, n_open, inter, sym_open, pos_gross, g_lim, sym_pos, s_lim = (
                             inputs  # type: ignore[misc]
                         )
@@ -243,7 +269,7 @@ class PortfolioGate:
                         else:
                             entry = None
                             sym_res = 0
-                        if order_id in ledger._orders:
+                        if order_id in orders:
                             outcome = _DUPLICATE
                         elif self._halted:
                             outcome = _HALTED
@@ -260,18 +286,16 @@ class PortfolioGate:
                             outcome = _MAX_SYMBOL
                         else:
                             outcome = _ADMIT
-                            # Inlined PendingEntryLedger._stamp_locked + _insert_locked.
+                            # Inlined PendingEntryLedger._insert_locked(res).
                             seq = ledger._seq
                             ledger._seq = seq + 1
-                            stamp = ledger._last_now
-                            if now > stamp:  # max() would be a call under the lock
-                                stamp = now
-                                ledger._last_now = now
                             res._n = n
                             res._seq = seq
-                            res._reserved_at = stamp
-                            res._deadline = stamp + ttl
-                            ledger._orders[order_id] = res
+                            res._reserved_at = now
+                            if not orders:
+                                ledger._head = seq
+                                ledger._next_expiry = now + ledger._ttl
+                            orders[order_id] = res
                             ledger._queue[seq] = res
                             if entry is None:
                                 syms[symbol] = [1, n, {order_id: res}]
@@ -281,11 +305,7 @@ class PortfolioGate:
                                 entry[1] = sym_res + n
                                 entry[2][order_id] = res
                             ledger._gross += n
-                            ledger._kinds += kind
-                            if not ledger._count:
-                                ledger._head = seq
-                                ledger._next_expiry = stamp + ttl
-                            ledger._count += 1
+                            ledger._kinds |= kind
                             ledger._n_reserved += 1
                             ledger._version += 1
                             self._admitted += 1
@@ -306,9 +326,7 @@ class PortfolioGate:
             return decision
         if outcome == _DUPLICATE:
             raise ValueError(f"order_id {order_id!r} already has an outstanding reservation")
-        reason = _REASONS[outcome]
-        assert reason is not None
-        return DENIED[reason]
+        return _DENIED_AT[outcome - 1]
 
     def _gather(
         self,
