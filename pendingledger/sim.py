@@ -43,12 +43,20 @@ What callers may rely on:
   ``try_enter(symbol, notional, positions, *, order_id=)`` returning a decision whose reservation
   has ``release()``, ``reduce()``, ``active`` and ``reserved_at``.
 
-Time: the ledger's TTL runs on the clock passed to ``Simulation`` (``time.monotonic`` by default:
-this is the demo). Pass a ``pendingledger.testing.ManualClock`` and the simulation drives it
-itself from a driver thread, in steps of ``ttl / 8``, only while no answered order could expire
-before its answer lands (a fill arriving after its reservation expired is a real, TTL-caused
-breach, not the race this harness looks for), and finally jumps it past the TTL to expire the lost
-orders without sleeping. Exchange latency and holding times always use real time.
+Time: the ledger's TTL runs on the clock passed to ``Simulation``. By default that is real time
+(``time.monotonic``, plus a single jump forward once the race is over and every answer has
+landed, so the last lost orders expire without waiting out their TTL): this is the demo. Pass a
+``pendingledger.testing.ManualClock`` and the simulation drives it itself from a driver thread,
+in steps of ``ttl / 8``, only while no answered order could expire before its answer lands, and
+jumps it past the TTL at the end; tests use this. Any other clock is used as given, and the drain
+waits (at most ``ttl`` + 1 s) for it to pass the last TTL. Exchange latency and holding times
+always use real time.
+
+An answer that lands after its order's reservation expired (``SimResult.late_answers``, also in
+``notes``) means the TTL was too short for the exchange latency under that load: the gate then
+stops counting an order that can still fill, and the auditor rightly reports any breach that
+follows. That is the documented trade-off of a TTL, not the race; keep the TTL well above the
+worst answer latency.
 """
 
 from __future__ import annotations
@@ -355,7 +363,7 @@ class SimConfig:
     """How long a position stays open after its first fill before the router closes it."""
     think: tuple[float, float] = (0.0, 0.002)
     """Pause of a brain between two decisions; (0, 0) races flat out."""
-    ttl: float = 0.3
+    ttl: float = 1.0
     """Ledger TTL in clock seconds; must be well above the latency so answers land before it."""
     exchange_threads: int = 2
     duplicate_rate: float = 0.05
@@ -517,6 +525,7 @@ class _Order:
     duplicate: bool = False
     filled: int = 0
     done: bool = False  # the router has handled the order's last message
+    late: bool = False  # an answer arrived after the reservation had expired
 
 
 @dataclass(eq=False)
@@ -664,6 +673,22 @@ class _Accounts:
         self.end(reservation.order_id, "expired")
 
 
+class _OffsetClock:
+    """``time.monotonic()`` plus an offset that only grows: real time for the whole race, and one
+    jump forward at the end so the last lost orders expire without the demo waiting for them."""
+
+    __slots__ = ("_offset",)
+
+    def __init__(self) -> None:
+        self._offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self._offset
+
+    def jump(self, seconds: float) -> None:
+        self._offset += max(0.0, seconds)
+
+
 class _Exchange:
     """Delivers each order's messages to the router after their delays; one heap per thread."""
 
@@ -741,7 +766,12 @@ class Simulation:
     ) -> None:
         self.config = config
         self._backend_factory = backend
-        self._clock: Callable[[], float] = time.monotonic if clock is None else clock
+        self._offset: _OffsetClock | None = None
+        self._clock: Callable[[], float]
+        if clock is None:
+            self._clock = self._offset = _OffsetClock()
+        else:
+            self._clock = clock
         self._manual = clock if isinstance(clock, ManualClock) else None
         self._limits = config.limits()
         self._stop = threading.Event()  # brains: stop deciding
@@ -1026,8 +1056,11 @@ class Simulation:
             if reservation.release():
                 accounts.end(order.order_id, "released-again")
             return False
-        if order.filled == 0 and not reservation.active:
-            self._late += 1  # answered after its reservation expired (TTL too short)
+        if not reservation.active and not order.late:
+            # The reservation ended before the router ended it: it expired while the order
+            # could still fill (the TTL is too short for the latency under this load).
+            order.late = True
+            self._late += 1
         if message.kind == "reject":
             self._auditor.remove(order.symbol, order.notional)  # before the gate may see room
             order.done = True
@@ -1107,12 +1140,16 @@ class Simulation:
         ttl = self.config.ttl
         lost = [o.reservation.reserved_at for o in self._orders if o.outcome == "lost"]
         if lost:
+            # Every answered order has been handled, so jumping the clock past the last lost
+            # order's TTL cannot expire anything else early.
             expires = max(lost) + ttl
+            lag = expires - self._clock()
             if self._manual is not None:
-                # Every answered order has been handled, so nothing else can expire early.
-                lag = expires - self._manual()
                 if lag >= 0:
                     self._manual.advance(lag + ttl / 8)
+            elif self._offset is not None:
+                if lag >= 0:
+                    self._offset.jump(lag + ttl / 8)
             else:
                 give_up = time.monotonic() + ttl + 1.0
                 while self._clock() <= expires and time.monotonic() < give_up:
