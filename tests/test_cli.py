@@ -80,7 +80,7 @@ def test_race_exits_1_when_the_gate_under_test_breaches(
 
     monkeypatch.setitem(cli.BACKENDS, "memory", always_broken)
     path = tmp_path / "race.json"
-    argv = ["race", "--seconds", "1", "--threads", "64", "--seed", "9", "--json", str(path)]
+    argv = ["race", "--seconds", "0.5", "--threads", "64", "--seed", "9", "--json", str(path)]
     status = cli.main(argv)
     out = capsys.readouterr().out
     assert status == 1

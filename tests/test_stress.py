@@ -337,22 +337,21 @@ def test_soak(request: pytest.FixtureRequest, fast_switching: None) -> None:
         pytest.skip("soak run: select it with -m soak")
     budget = float(os.environ.get("PENDINGLEDGER_SOAK_SECONDS", "120"))
     end = time.monotonic() + budget
-    runs = broken_breaches = 0
     seed = 1000
-    while time.monotonic() < end:
+    while True:
         seed += 1
         seconds = min(10.0, max(1.0, end - time.monotonic()))
         manual = seed % 2 == 0
-        config = replace(STRESS, seed=seed, seconds=seconds, ttl=1.0 if manual else 0.2)
+        config = replace(STRESS, seed=seed, seconds=seconds, ttl=1.0)
         result, (backend,) = _run(config, ManualClock() if manual else None)
+        assert result.late_answers == 0, (seed, result.notes)
         assert result.breaches == 0, (seed, result.first_breach)
         _assert_books_balance(result, backend)
-        runs += 1
-        if runs % 5 == 0:
-            broken = replace(config, broken=True, seconds=2.0)
-            caught, (bb,) = _run(broken, ManualClock())
-            _assert_books_balance(caught, bb)
-            broken_breaches += caught.breaches
-    assert runs > 0
-    if runs >= 5:
-        assert broken_breaches > 0
+        _assert_every_path_taken(result)
+        # And the harness still fails where it should, on the same seed.
+        broken = replace(config, broken=True, seconds=5.0, stop_after_breaches=10)
+        caught, (broken_backend,) = _run(broken, ManualClock())
+        assert caught.breaches > 0, seed
+        _assert_books_balance(caught, broken_backend)
+        if time.monotonic() >= end:
+            break
