@@ -248,7 +248,7 @@ def _table(broken: SimResult, good: SimResult) -> str:
     cells = [(label, get(broken), get(good)) for label, get in rows]
     col = max(14, *(len(c) for _, a, b in cells for c in (a, b)))
     lines = [f"{'':<{width}}  {'broken gate':>{col}}  {'pendingledger':>{col}}"]
-    lines += [f"{label:<{width}}  {a:>{col}}  {b:>{col}}" for label, a, b in cells]
+    lines += [f"{label:<{width}}  {a:>{col}}  {b:>{col}}".rstrip() for label, a, b in cells]
     return "\n".join(lines)
 
 

@@ -355,7 +355,7 @@ class SimConfig:
     notional: tuple[int, int] = (1_000, 8_000)
     """Range of entry notionals, in whole ``lot`` multiples."""
     lot: int = 100
-    outcome_weights: tuple[float, float, float, float] = (0.15, 0.45, 0.34, 0.06)
+    outcome_weights: tuple[float, float, float, float] = (0.15, 0.47, 0.35, 0.03)
     """Relative weights of the exchange's answers: (reject, fill in full, fill in parts, lost)."""
     latency: tuple[float, float] = (0.001, 0.010)
     """Exchange answer latency range; partial fills arrive in 2-4 parts spread over it."""

@@ -48,6 +48,7 @@ STRESS = SimConfig(
     max_symbol=9_000,
     think=(0.0, 0.0),
     ttl=1.0,
+    outcome_weights=(0.15, 0.40, 0.35, 0.10),  # reject, fill, fill in parts, lost
 )
 
 
