@@ -34,6 +34,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -120,6 +121,8 @@ class Reservation:
         "_reserved_at",
         "_seq",
         "_state",
+        "_sym_next",
+        "_sym_prev",
         "_symbol",
     )
 
@@ -130,6 +133,9 @@ class Reservation:
     _n: int  # remaining amount, as a numerator over the ledger's _den
     _reserved_at: float
     _den_end: int  # the ledger's _den when the reservation ended (rescaling skips ended ones)
+    # Outstanding reservations of one symbol form a doubly linked list from _syms[symbol][2].
+    _sym_prev: Reservation | None
+    _sym_next: Reservation | None
     _seq: int
     _state: int
 
@@ -151,18 +157,14 @@ class Reservation:
         """What is still reserved, in the type it was given (see the class docstring)."""
         ledger = self._ledger
         if ledger._owner == _get_ident():
-            n, den = self._n, self._den_of_n()
+            n, den = self._n, ledger._den if self._state == _ACTIVE else self._den_end
         else:
             with ledger._lock:
-                n, den = self._n, self._den_of_n()
+                n, den = self._n, ledger._den if self._state == _ACTIVE else self._den_end
         p0, q0 = self._initial.as_integer_ratio()
         if n * q0 == p0 * den:
             return self._initial
         return _amounts.to_number(n, den, _amounts.kind_of(self._initial))
-
-    def _den_of_n(self) -> int:
-        """The denominator of ``_n``: the ledger's while active, the one it ended with after."""
-        return self._ledger._den if self._state == _ACTIVE else self._den_end
 
     @property
     def initial_notional(self) -> Number:
@@ -211,10 +213,18 @@ class Reservation:
                 if entry[0] == 1:
                     del syms[symbol]
                     ledger._nsyms -= 1
+                    if symbol in ledger._book:
+                        ledger._open_reserved -= 1
                 else:
                     entry[0] -= 1
                     entry[1] -= n
-                    del entry[2][order_id]
+                    prev, after = self._sym_prev, self._sym_next
+                    if prev is None:
+                        entry[2] = after
+                    else:
+                        prev._sym_next = after
+                    if after is not None:
+                        after._sym_prev = prev
                 ledger._gross -= n
                 if not orders:
                     ledger._next_expiry = _INF
@@ -236,6 +246,15 @@ class Reservation:
         """
         num, den, _ = _amounts.positive_ratio("amount", amount)
         return self._ledger._reduce_reservation(self, num, den)
+
+    def _same_symbol(self) -> list[Reservation]:
+        """This reservation and those after it in its symbol's list (lock held)."""
+        members: list[Reservation] = []
+        res: Reservation | None = self
+        while res is not None:
+            members.append(res)
+            res = res._sym_next
+        return members
 
     def __repr__(self) -> str:
         return (
@@ -294,6 +313,8 @@ class PendingEntryLedger:
 
     __slots__ = (
         "__weakref__",
+        "_book",
+        "_book_gross",
         "_clock",
         "_den",
         "_gross",
@@ -302,10 +323,11 @@ class PendingEntryLedger:
         "_lock",
         "_n_expired",
         "_n_released",
-        "_n_reserved",
+        "_nbook",
         "_next_expiry",
         "_nsyms",
         "_on_expire",
+        "_open_reserved",
         "_orders",
         "_owner",
         "_queue",
@@ -341,9 +363,15 @@ class PendingEntryLedger:
         self._view: PendingMap | None = None  # the open lock() block's view, if any
         self._orders: dict[Hashable, Reservation] = {}
         self._queue: dict[int, Reservation] = {}
-        # symbol -> [number of reservations, reserved numerator, {order_id: reservation}]
+        # symbol -> [number of reservations, reserved numerator, newest reservation on it]
         self._syms: dict[Hashable, list[Any]] = {}
         self._nsyms = 0
+        # The owned position book (used by gates called with positions=None):
+        # symbol -> [|exposure| numerator over _den, exposure as given]
+        self._book: dict[Hashable, list[Any]] = {}
+        self._nbook = 0
+        self._book_gross = 0
+        self._open_reserved = 0  # symbols both open in _book and reserved in _syms
         self._gross = 0
         self._den = 1
         self._kinds = 0  # every kind of amount ever reserved (sticky): picks the type of sums
@@ -351,7 +379,6 @@ class PendingEntryLedger:
         self._head = 0
         self._next_expiry = _INF
         self._version = 0
-        self._n_reserved = 0
         self._n_released = 0
         self._n_expired = 0
 
@@ -395,7 +422,7 @@ class PendingEntryLedger:
         with self._guard():
             if symbol not in self._syms:
                 return False
-            for res in list(self._syms[symbol][2].values()):
+            for res in self._syms[symbol][2]._same_symbol():
                 self._end_locked(res, _RELEASED)
                 self._n_released += 1
             return True
@@ -420,11 +447,15 @@ class PendingEntryLedger:
         return res.release()
 
     def stats(self) -> LedgerStats:
-        """A consistent snapshot (taken under the lock, after dropping expired reservations)."""
-        with self._guard():
+        """A consistent snapshot (taken under the lock, after dropping expired reservations).
+
+        Inside this thread's ``lock()`` block it reads the block's current state.
+        """
+        with nullcontext() if self._own_view() is not None else self._guard():
             gross, den, kinds = self._gross, self._den, self._kinds
             count = len(self._orders)
-            reserved, released, expired = self._n_reserved, self._n_released, self._n_expired
+            released, expired = self._n_released, self._n_expired
+            reserved = count + released + expired
         return LedgerStats(
             outstanding=count,
             gross_notional=_amounts.to_number(gross, den, kinds),
@@ -500,12 +531,19 @@ class PendingEntryLedger:
         self._queue[seq] = res
         entry = self._syms.get(symbol)
         if entry is None:
-            self._syms[symbol] = [1, n, {res._order_id: res}]
+            res._sym_prev = res._sym_next = None
+            self._syms[symbol] = [1, n, res]
             self._nsyms += 1
+            if symbol in self._book:
+                self._open_reserved += 1
         else:
             entry[0] += 1
             entry[1] += n
-            entry[2][res._order_id] = res
+            first = entry[2]
+            res._sym_prev = None
+            res._sym_next = first
+            first._sym_prev = res
+            entry[2] = res
         self._gross += n
         self._kinds |= _amounts.kind_of(res._initial)
         if was_empty or seq < self._head:
@@ -523,10 +561,18 @@ class PendingEntryLedger:
         if entry[0] == 1:
             del self._syms[symbol]
             self._nsyms -= 1
+            if symbol in self._book:
+                self._open_reserved -= 1
         else:
             entry[0] -= 1
             entry[1] -= n
-            del entry[2][res._order_id]
+            prev, after = res._sym_prev, res._sym_next
+            if prev is None:
+                entry[2] = after
+            else:
+                prev._sym_next = after
+            if after is not None:
+                after._sym_prev = prev
         self._gross -= n
         if not self._orders:
             self._next_expiry = _INF
@@ -546,9 +592,39 @@ class PendingEntryLedger:
             res._n *= factor
         for entry in self._syms.values():
             entry[1] *= factor
+        for position in self._book.values():
+            position[0] *= factor
         self._gross *= factor
+        self._book_gross *= factor
         self._den = new
         self._version += 1
+
+    def _set_position_locked(self, symbol: Hashable, num: int, q: int, exposure: Number) -> None:
+        """Open or update ``symbol`` in the owned book with ``|num/q|`` (``exposure`` as given)."""
+        n = self._scaled_locked(abs(num), q)
+        position = self._book.get(symbol)
+        if position is None:
+            self._book[symbol] = [n, exposure]
+            self._nbook += 1
+            if symbol in self._syms:
+                self._open_reserved += 1
+        else:
+            self._book_gross -= position[0]
+            position[0] = n
+            position[1] = exposure
+        self._book_gross += n
+        self._version += 1
+
+    def _close_position_locked(self, symbol: Hashable) -> bool:
+        position = self._book.pop(symbol, None)
+        if position is None:
+            return False
+        self._nbook -= 1
+        self._book_gross -= position[0]
+        if symbol in self._syms:
+            self._open_reserved -= 1
+        self._version += 1
+        return True
 
     def _scaled_locked(self, num: int, q: int) -> int:
         self._ensure_den_locked(q)
@@ -752,7 +828,6 @@ class PendingMap:
         ledger._seq += 1
         res._reserved_at = self._now
         ledger._insert_locked(res)
-        ledger._n_reserved += 1
         self._journal.append(("reserve", res))
         return res
 
@@ -763,7 +838,7 @@ class PendingMap:
         entry = ledger._syms.get(symbol)
         if entry is None:
             return False
-        for res in list(entry[2].values()):
+        for res in entry[2]._same_symbol():
             self._end(res, _RELEASED)
         return True
 
@@ -799,7 +874,6 @@ class PendingMap:
             if record[0] == "reserve":
                 # Newest first: any later end of this reservation was undone already.
                 ledger._end_locked(res, _ROLLED_BACK)
-                ledger._n_reserved -= 1
             elif record[0] == "end":
                 res._n *= ledger._den // res._den_end
                 ledger._insert_locked(res)
