@@ -41,7 +41,7 @@ What callers may rely on:
 * The gate is injected through a backend factory (``memory_backend`` by default), so another
   store (for example a shared one) can be raced by the same app; the sim only needs
   ``try_enter(symbol, notional, positions, *, order_id=)`` returning a decision whose reservation
-  has ``release()``, ``reduce()``, ``active`` and ``reserved_at``.
+  has ``release()``, ``reduce()`` and ``active`` (``pendingledger.ReservationHandle`` does).
 
 Time: the ledger's TTL runs on the clock passed to ``Simulation``. By default that is real time
 (``time.monotonic``, plus a single jump forward once the race is over and every answer has
@@ -72,7 +72,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 from .limits import Decision, DenyReason, PortfolioLimits
 from .testing import ManualClock
@@ -80,6 +80,8 @@ from .testing import ManualClock
 __all__ = [
     "DEFAULT_SYMBOLS",
     "LIMIT_KINDS",
+    "BackendFactory",
+    "BookKeeper",
     "BrokenGate",
     "DecisionLike",
     "GateLike",
@@ -126,9 +128,6 @@ class ReservationLike(Protocol):
     def order_id(self) -> Hashable: ...
 
     @property
-    def reserved_at(self) -> float: ...
-
-    @property
     def active(self) -> bool: ...
 
     def release(self) -> bool: ...
@@ -150,16 +149,33 @@ class DecisionLike(Protocol):
 
 
 class GateLike(Protocol):
-    """A gate the brains can race: ``PortfolioGate``, ``BrokenGate``, or another backend's."""
+    """A gate the brains can race: ``PortfolioGate``, ``BrokenGate``, or another backend's.
+
+    ``positions`` is the app's position snapshot callable, or ``None`` when the gate keeps the
+    position book itself (``SimConfig.book == "gate"``).
+    """
 
     def try_enter(
         self,
         symbol: str,
         notional: int,
-        positions: Callable[[], Mapping[Any, Any]],
+        positions: Callable[[], Mapping[Any, Any]] | None = None,
         *,
         order_id: str | None = None,
     ) -> DecisionLike: ...
+
+
+@runtime_checkable
+class BookKeeper(Protocol):
+    """A gate that owns the position book (``SimConfig.book == "gate"``), as the router uses it."""
+
+    def set_position(self, symbol: str, exposure: int, /) -> object: ...
+
+    def close_position(self, symbol: str, /) -> object: ...
+
+    def confirm_fill(
+        self, order_id: str, position_exposure: int, /, *, symbol: str | None = None
+    ) -> bool: ...
 
 
 class SimBackend(Protocol):
@@ -209,14 +225,30 @@ class BrokenGate:
     the gap stands for the work a real bot does there (building and logging the order); it only
     yields the GIL, it does not create the bug, it makes it show up in seconds instead of by luck.
 
+    With ``book`` (a ``PortfolioGate`` on the same ledger) it also works on the gate-owned
+    position book: positions are then read from ``book.positions()`` before the check, and the
+    book-keeping calls are passed on to it.
+
     Never use this outside tests and demos.
     """
 
-    __slots__ = ("_ledger", "_limits")
+    __slots__ = ("_book", "_ledger", "_limits")
 
-    def __init__(self, ledger: Any, limits: PortfolioLimits) -> None:
+    def __init__(self, ledger: Any, limits: PortfolioLimits, *, book: Any = None) -> None:
         self._ledger = ledger
         self._limits = limits
+        self._book = book
+
+    def set_position(self, symbol: str, exposure: int, /) -> object:
+        return self._book.set_position(symbol, exposure)
+
+    def close_position(self, symbol: str, /) -> object:
+        return self._book.close_position(symbol)
+
+    def confirm_fill(
+        self, order_id: str, position_exposure: int, /, *, symbol: str | None = None
+    ) -> bool:
+        return bool(self._book.confirm_fill(order_id, position_exposure, symbol=symbol))
 
     @property
     def limits(self) -> PortfolioLimits:
@@ -226,13 +258,20 @@ class BrokenGate:
         self,
         symbol: str,
         notional: int,
-        positions: Callable[[], Mapping[str, int]],
+        positions: Callable[[], Mapping[str, int]] | None = None,
         *,
         order_id: str | None = None,
     ) -> Decision:
         limits = self._limits
+        read = positions
+        if read is None:
+            seen = self._book.positions()  # it takes the ledger lock itself: read it before
+
+            def read() -> Mapping[str, int]:
+                return seen  # type: ignore[no-any-return]
+
         with self._ledger.lock() as pending:  # first acquisition: check
-            open_positions = positions()
+            open_positions = read()
             reason = _first_failing_rule(limits, open_positions, pending, symbol, notional)
         if reason is not None:
             return Decision(reason)
@@ -291,9 +330,8 @@ class MemoryBackend:
         from .ledger import PendingEntryLedger  # noqa: PLC0415
 
         self.ledger = PendingEntryLedger(ttl, clock=clock, on_expire=on_expire)
-        self._gate: GateLike = (
-            BrokenGate(self.ledger, limits) if broken else PortfolioGate(self.ledger, limits)
-        )
+        real = PortfolioGate(self.ledger, limits)
+        self._gate: GateLike = BrokenGate(self.ledger, limits, book=real) if broken else real
 
     @property
     def gate(self) -> GateLike:
@@ -374,6 +412,11 @@ class SimConfig:
     """Stop the race early once the auditor has counted this many breaches."""
     broken: bool = False
     """Race ``BrokenGate`` (check-then-act) instead of the backend's real gate."""
+    book: Literal["cache", "gate"] = "cache"
+    """Who keeps the positions: ``"cache"``, the app's own cache (the brains pass a snapshot
+    callable to ``try_enter``; the router updates the cache, then releases), or ``"gate"``, the
+    gate's own book (``try_enter`` without positions; the router calls ``confirm_fill`` for a
+    full fill, ``set_position`` then ``reduce`` for a part, ``close_position`` to close)."""
     release_first: bool = False
     """Make the router hand off the wrong way round: release the reservation, then update the
     position cache. With it even a correct gate breaches, which shows the auditor checks the
@@ -411,6 +454,8 @@ class SimConfig:
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+        if self.book not in ("cache", "gate"):
+            raise ValueError(f"book must be 'cache' or 'gate', got {self.book!r}")
         self.limits()  # PortfolioLimits validates the three limits
 
     def limits(self) -> PortfolioLimits:
@@ -481,6 +526,7 @@ class SimResult:
     double_ended: int
     ledger_outstanding: int
     ledger_gross: float
+    book: str = "cache"
     release_first: bool = False
     interrupted: bool = False
     notes: tuple[str, ...] = field(default=())
@@ -526,6 +572,7 @@ class _Order:
     filled: int = 0
     done: bool = False  # the router has handled the order's last message
     late: bool = False  # an answer arrived after the reservation had expired
+    admitted_at: float = 0.0  # lost orders: ledger clock read after try_enter returned
 
 
 @dataclass(eq=False)
@@ -627,9 +674,10 @@ class _Flights:
     """Which answered orders could still be hurt by a clock step (ManualClock mode only).
 
     ``entering`` holds, per brain inside ``try_enter``, the clock reading taken just before the
-    call (its reservation's ``reserved_at`` cannot be older); ``live`` holds ``reserved_at`` of
-    answered orders the router has not finished. The driver advances the clock only while every
-    one of them stays younger than the TTL after the step.
+    call (the reservation it may make cannot be older); ``live`` keeps that reading for answered
+    orders the router has not finished. The driver advances the clock only while every one of
+    them stays younger than the TTL after the step. (Readings taken before the call are a lower
+    bound of the reservation's own time, so no backend has to expose it.)
     """
 
     def __init__(self, clock: Callable[[], float]) -> None:
@@ -644,9 +692,9 @@ class _Flights:
 
     def leave(self, brain: int, order: _Order | None) -> None:
         with self.lock:
-            del self.entering[brain]
+            entered = self.entering.pop(brain)
             if order is not None and order.outcome != "lost":
-                self.live[order.order_id] = order.reservation.reserved_at
+                self.live[order.order_id] = entered
 
     def finish(self, order_id: str) -> None:
         with self.lock:
@@ -798,6 +846,7 @@ class Simulation:
         self._rejected = self._filled = self._partial = self._closes = self._duplicates = 0
         self._late = 0
         self._barrier: threading.Barrier | None = None
+        self._book: BookKeeper | None = None  # the gate, when it owns the position book
 
     # ---------------------------------------------------------------- public
 
@@ -845,7 +894,13 @@ class Simulation:
             on_expire=self._accounts.on_expire,
             broken=config.broken,
         )
-        self._backend = backend
+        if config.book == "gate":
+            if not isinstance(backend.gate, BookKeeper):
+                raise TypeError(
+                    f"book='gate' needs a gate with its own position book "
+                    f"(set_position, close_position, confirm_fill), got {backend.gate!r}"
+                )
+            self._book = backend.gate
         barrier = self._barrier = threading.Barrier(config.threads + 1)
         try:
             self._spawn("router", self._route)
@@ -938,7 +993,7 @@ class Simulation:
         low, high = config.notional[0] // lot, config.notional[1] // lot
         lat_low, lat_high = config.latency
         think_low, think_high = config.think
-        snapshot = self._cache.snapshot
+        snapshot = self._cache.snapshot if self._book is None else None
         flights = self._flights
         auditor = self._auditor
         exchange = self._exchange
@@ -968,7 +1023,10 @@ class Simulation:
                 flights.enter(index)
             order: _Order | None = None
             try:
-                decision = gate.try_enter(symbol, notional, snapshot, order_id=order_id)
+                if snapshot is None:
+                    decision = gate.try_enter(symbol, notional, order_id=order_id)
+                else:
+                    decision = gate.try_enter(symbol, notional, snapshot, order_id=order_id)
                 reservation = decision.reservation
                 if decision.admitted and reservation is not None:
                     order = _Order(
@@ -997,6 +1055,7 @@ class Simulation:
                     # Never answered: it can never fill, so it is no exposure; only the
                     # ledger's TTL can end its reservation.
                     stats.lost += 1
+                    order.admitted_at = self._clock()  # it expires by admitted_at + ttl
                 else:
                     auditor.admit(order)
                     exchange.submit(order)
@@ -1040,7 +1099,13 @@ class Simulation:
         cache = self._cache
         with cache.lock:
             qty = cache.positions.pop(symbol, 0)
-            self._auditor.remove(symbol, qty)  # atomically with the cache change
+            if self._book is None:
+                self._auditor.remove(symbol, qty)  # atomically with the cache change
+        if self._book is not None and qty:
+            # The gate's book changes under the gate's lock, which the auditor cannot share:
+            # tell the auditor first (it may under-count for a moment, never invent a breach).
+            self._auditor.remove(symbol, qty)
+            self._book.close_position(symbol)
         if qty:
             self._closes += 1
 
@@ -1070,6 +1135,17 @@ class Simulation:
             self._finish(order)
             return False
         # A fill (whole or part): position cache first, then the reservation.
+        book = self._book
+        if book is not None and order.outcome == "fill" and not self.config.release_first:
+            # The gate's own book: position and end of reservation in one step.
+            opened = self._apply_fill(message, tell_book=False)
+            order.done = True
+            self._filled += 1
+            position = self._cache.positions[order.symbol]  # only this thread writes it
+            if book.confirm_fill(order.order_id, position, symbol=order.symbol):
+                accounts.end(order.order_id, "released")
+            self._finish(order)
+            return opened
         if self.config.release_first:
             self._end_fill(message)
             time.sleep(0)  # the gap in which the gate sees neither the order nor its position
@@ -1078,14 +1154,19 @@ class Simulation:
         self._end_fill(message)
         return opened
 
-    def _apply_fill(self, message: _Message) -> bool:
-        """Put a fill in the position cache. Returns True if it opened a position."""
+    def _apply_fill(self, message: _Message, *, tell_book: bool = True) -> bool:
+        """Put a fill in the position cache (and the gate's book, in book mode).
+
+        Returns True if it opened a position. The auditor's exposure for the symbol does not
+        change: the quantity moves from in flight to the position.
+        """
         order = message.order
         cache = self._cache
         with cache.lock:
             before = cache.positions.get(order.symbol, 0)
-            cache.positions[order.symbol] = before + message.qty
-            # in flight -> position: the auditor's exposure for the symbol is unchanged
+            after = cache.positions[order.symbol] = before + message.qty
+        if tell_book and self._book is not None:
+            self._book.set_position(order.symbol, after)
         order.filled += message.qty
         return before == 0
 
@@ -1138,7 +1219,7 @@ class Simulation:
         self._driver_stop.set()
         self._join([t for t in self._threads if t.name == "sim-clock-driver"])
         ttl = self.config.ttl
-        lost = [o.reservation.reserved_at for o in self._orders if o.outcome == "lost"]
+        lost = [o.admitted_at for o in self._orders if o.outcome == "lost"]
         if lost:
             # Every answered order has been handled, so jumping the clock past the last lost
             # order's TTL cannot expire anything else early.
@@ -1225,6 +1306,7 @@ class Simulation:
             double_ended=double,
             ledger_outstanding=outstanding,
             ledger_gross=_plain(gross),
+            book=config.book,
             release_first=config.release_first,
             interrupted=self._interrupted,
             notes=tuple(notes),

@@ -109,6 +109,7 @@ class _DenyAll:
         {"max_positions": -1},
         {"max_gross": float("nan")},
         {"max_symbol": -5},
+        {"book": "ledger"},
     ],
 )
 def test_bad_config_is_refused(changes: dict[str, Any]) -> None:
@@ -247,6 +248,12 @@ def test_a_gate_that_hangs_is_reported_instead_of_hanging(
         release.set()
     for thread in _sim_threads():
         thread.join(5)
+    assert _sim_threads() == []
+
+
+def test_book_mode_needs_a_gate_that_keeps_a_book() -> None:
+    with pytest.raises(TypeError, match="position book"):
+        Simulation(replace(SMALL, book="gate"), backend=_backend_of(_DenyAll())).run()
     assert _sim_threads() == []
 
 

@@ -144,6 +144,26 @@ def test_the_same_harness_catches_the_broken_gate() -> None:
 
 @pytest.mark.timeout(30)
 @pytest.mark.usefixtures("fast_switching")
+def test_with_the_gate_owning_the_position_book_no_limit_is_breached_either() -> None:
+    """positions=None: the router uses confirm_fill, set_position + reduce, close_position."""
+    config = replace(STRESS, book="gate", seed=STRESS.seed + 1)
+    result, (backend,) = _run(config, ManualClock())
+
+    assert result.breaches == 0, result.first_breach
+    assert result.late_answers == 0
+    _assert_books_balance(result, backend)
+    _assert_every_path_taken(result)
+    assert backend.gate.positions() == {}  # type: ignore[attr-defined]  # flat at the end
+
+    caught, (broken_backend,) = _run(
+        replace(config, broken=True, stop_after_breaches=25), ManualClock()
+    )
+    assert caught.breaches > 0
+    _assert_books_balance(caught, broken_backend)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.usefixtures("fast_switching")
 def test_the_auditor_catches_a_router_that_releases_before_the_cache_shows_the_fill() -> None:
     """The real gate with the wrong hand-off: the auditor checks the truth, not the gate's view."""
     config = replace(STRESS, release_first=True, stop_after_breaches=10, seconds=3.0)
@@ -333,7 +353,10 @@ def _soak_selected(config: pytest.Config) -> bool:
 @pytest.mark.soak
 @pytest.mark.timeout(3600)
 def test_soak(request: pytest.FixtureRequest, fast_switching: None) -> None:
-    """Minutes of racing over many seeds, both clocks, both gates (``python -m pytest -m soak``)."""
+    """Minutes of racing: many seeds, both clocks, both position books, both gates.
+
+    ``python -m pytest -m soak``; ``PENDINGLEDGER_SOAK_SECONDS`` sets the length (default 120).
+    """
     if not _soak_selected(request.config):
         pytest.skip("soak run: select it with -m soak")
     budget = float(os.environ.get("PENDINGLEDGER_SOAK_SECONDS", "120"))
@@ -343,7 +366,8 @@ def test_soak(request: pytest.FixtureRequest, fast_switching: None) -> None:
         seed += 1
         seconds = min(10.0, max(1.0, end - time.monotonic()))
         manual = seed % 2 == 0
-        config = replace(STRESS, seed=seed, seconds=seconds, ttl=1.0)
+        book = "gate" if seed % 3 == 0 else "cache"
+        config = replace(STRESS, seed=seed, seconds=seconds, ttl=1.0, book=book)
         result, (backend,) = _run(config, ManualClock() if manual else None)
         assert result.late_answers == 0, (seed, result.notes)
         assert result.breaches == 0, (seed, result.first_breach)
