@@ -43,7 +43,7 @@ import threading
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import _amounts
 from .errors import ReentrantLockError
@@ -55,7 +55,9 @@ if TYPE_CHECKING:
 
 __all__ = ["GateStats", "PortfolioGate", "Positions"]
 
-Positions = Mapping[Hashable, Number] | Callable[[], Mapping[Hashable, Number]]
+# Keys are Any, not Hashable: Mapping is invariant in its key type, and dict[str, float] (the
+# usual position cache) must type-check as it is.
+Positions = Mapping[Any, Number] | Callable[[], Mapping[Any, Number]]
 """Open positions: symbol -> exposure (its absolute value counts; a key present means open),
 or a zero-argument callable returning such a mapping."""
 
@@ -217,6 +219,10 @@ class PortfolioGate:
                 if symbol is not None:
                     ledger._set_position_locked(symbol, num, q, position_exposure)
                 return False
+            if symbol is not None and symbol != res._symbol:
+                raise ValueError(
+                    f"order_id {order_id!r} is reserved on {res._symbol!r}, not symbol={symbol!r}"
+                )
             ledger._set_position_locked(res._symbol, num, q, position_exposure)
             ledger._end_locked(res, _FILLED)
             ledger._n_released += 1
@@ -224,7 +230,7 @@ class PortfolioGate:
 
     def positions(self) -> dict[Hashable, Number]:
         """A snapshot of the owned book: symbol -> exposure as it was set."""
-        with self._ledger._guard():
+        with self._ledger._read_guard():
             return {symbol: position[1] for symbol, position in self._ledger._book.items()}
 
     def release(self, symbol: Hashable) -> bool:
@@ -376,10 +382,15 @@ class PortfolioGate:
                             ledger._seq = seq + 1
                             res._n = n
                             res._seq = seq
-                            res._reserved_at = now
+                            # Never stamp earlier than the last reservation: deadlines must stay
+                            # in seq order for the sweep (the clock was read before the lock).
+                            stamp = ledger._last_stamp
+                            if now > stamp:  # max() would be a call under the lock
+                                stamp = ledger._last_stamp = now
+                            res._reserved_at = stamp
                             if not orders:
                                 ledger._head = seq
-                                ledger._next_expiry = now + ledger._ttl
+                                ledger._next_expiry = stamp + ledger._ttl
                             orders[order_id] = res
                             ledger._queue[seq] = res
                             if entry is None:
