@@ -185,6 +185,10 @@ class SimBackend(Protocol):
     ``sweep()`` makes the store drop reservations whose TTL has passed now (firing
     ``on_expire``); ``outstanding()`` returns ``(count, gross notional)`` of what is still
     reserved; ``close()`` frees resources. A backend is used by one simulation only.
+
+    A store that keeps time itself (a shared server's clock) cannot honour the ``clock`` it is
+    given; it says so with a true ``server_clock`` attribute, and the drain then waits in real
+    time (at most ``ttl`` + 1 s, calling ``sweep()``) for its lost orders to expire.
     """
 
     name: str
@@ -1237,7 +1241,12 @@ class Simulation:
             # order's TTL cannot expire anything else early.
             expires = max(lost) + ttl
             lag = expires - self._clock()
-            if self._manual is not None:
+            if getattr(backend, "server_clock", False):
+                give_up = time.monotonic() + ttl + 1.0
+                while backend.outstanding()[0] and time.monotonic() < give_up:
+                    time.sleep(0.02)
+                    backend.sweep()
+            elif self._manual is not None:
                 if lag >= 0:
                     self._manual.advance(lag + ttl / 8)
             elif self._offset is not None:

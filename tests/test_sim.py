@@ -252,6 +252,33 @@ def test_a_gate_that_hangs_is_reported_instead_of_hanging(
     assert _sim_threads() == []
 
 
+@pytest.mark.timeout(20)
+def test_a_store_on_its_own_clock_is_swept_until_its_lost_orders_are_gone() -> None:
+    """server_clock backends (a shared store's time) are waited for, boundedly, at the drain."""
+    sweeps: list[int] = []
+
+    class ServerClock(MemoryBackend):
+        server_clock = True
+
+        def sweep(self) -> None:
+            sweeps.append(1)
+            if len(sweeps) == 3:  # the "server" expires them on the third look
+                self.ledger.clock.advance(60.0)  # type: ignore[attr-defined]
+            super().sweep()
+
+    config = replace(SMALL, outcome_weights=(0.0, 0.0, 0.0, 1.0), seconds=0.2)  # all lost
+    clock = ManualClock()
+
+    def factory(**kwargs: Any) -> ServerClock:
+        return ServerClock(**{**kwargs, "clock": clock})
+
+    # A plain function as the clock, so the simulation neither drives nor jumps it.
+    result = Simulation(config, backend=factory, clock=lambda: 0.0).run()
+    assert result.lost == result.admitted > 0
+    assert result.ok and result.expired == result.lost
+    assert len(sweeps) >= 3
+
+
 def test_book_mode_needs_a_gate_that_keeps_a_book() -> None:
     with pytest.raises(TypeError, match="position book"):
         Simulation(replace(SMALL, book="gate"), backend=_backend_of(_DenyAll())).run()
