@@ -110,6 +110,7 @@ _OUTCOMES: Final[tuple[str, ...]] = ("reject", "fill", "partial", "lost")
 _JOIN_TIMEOUT: Final = 10.0  # seconds a thread may take to finish once told to
 _BARRIER_TIMEOUT: Final = 30.0  # seconds for every brain to start
 _MIN_ADMITTED_STRETCH: Final = 5.0  # min_admitted may stretch a run to this many times seconds
+_GAP: Final = 0.0001  # seconds BrokenGate spends between its check and its reservation
 
 
 class SimulationError(RuntimeError):
@@ -226,9 +227,10 @@ class BrokenGate:
     It applies the same rules as ``PortfolioGate`` to the same state (open positions plus
     outstanding reservations), but checks in one acquisition of the ledger lock and reserves in a
     second one. Between the two, other threads check against a state that does not yet hold this
-    entry, so several can be admitted on the strength of the same room. The ``time.sleep(0)`` in
-    the gap stands for the work a real bot does there (building and logging the order); it only
-    yields the GIL, it does not create the bug, it makes it show up in seconds instead of by luck.
+    entry, so several can be admitted on the strength of the same room. The 0.1 ms sleep in the
+    gap stands for the work a real bot does there (building, logging and sending the order). It
+    does not create the bug; it makes it show up within seconds on every CPython, where a bare
+    ``sleep(0)`` hands the GIL over too rarely on 3.10 to be a dependable demonstration.
 
     With ``book`` (a ``PortfolioGate`` on the same ledger) it also works on the gate-owned
     position book: positions are then read from ``book.positions()`` before the check, and the
@@ -280,7 +282,7 @@ class BrokenGate:
             reason = _first_failing_rule(limits, open_positions, pending, symbol, notional)
         if reason is not None:
             return Decision(reason)
-        time.sleep(0)  # the gap: another brain can check against the same room now
+        time.sleep(_GAP)  # the gap: another brain can check against the same room now
         with self._ledger.lock() as pending:  # second acquisition: act
             reservation = pending.reserve(symbol, notional, order_id=order_id)
         return Decision(reservation=reservation)
@@ -1157,7 +1159,7 @@ class Simulation:
             return opened
         if self.config.release_first:
             self._end_fill(message)
-            time.sleep(0)  # the gap in which the gate sees neither the order nor its position
+            time.sleep(_GAP)  # the gap in which the gate sees neither the order nor its position
             return self._apply_fill(message)
         opened = self._apply_fill(message)
         self._end_fill(message)
