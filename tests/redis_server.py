@@ -111,7 +111,7 @@ class RedisServer:
                 if _ping(self.port, 0.2):
                     self.starts += 1
                     return
-                time.sleep(0.01)
+                time.sleep(0.01)  # the server process is still starting: poll again
             self._reap()
             if self.starts == 0 and attempt < 2:
                 self.port = _free_port()  # the first port may have been taken meanwhile
@@ -166,6 +166,7 @@ class CommandLog:
 
     ``with CommandLog(url) as log: ...`` then ``log.commands`` lists the upper-cased command names
     that clients (not Lua) sent during the block, in order; the log's own commands are left out.
+    ``log.lua_commands`` counts the commands scripts ran during the block.
     """
 
     def __init__(self, url: str) -> None:
@@ -176,6 +177,7 @@ class CommandLog:
         self._client = redis.Redis.from_url(url, socket_timeout=10)
         self._sentinel = f"commandlog-{os.getpid()}-{id(self)}"
         self._ready = threading.Event()
+        self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.commands: list[str] = []
         self.lua_commands = 0
@@ -191,15 +193,19 @@ class CommandLog:
                 if self._sentinel in command:
                     if command.upper().startswith("ECHO") and "end" in command:
                         return
+                    if command.upper().startswith("ECHO") and "start" in command:
+                        self.commands.clear()  # the block starts here
+                        self.lua_commands = 0
+                        self._started.set()
                     continue
                 self.commands.append(command.split(" ", 1)[0].upper())
 
     def __enter__(self) -> CommandLog:
         self._thread.start()
         self._ready.wait(5)
-        self._client.echo(f"{self._sentinel}-start")  # MONITOR is live once this shows up
-        time.sleep(0.05)
-        self.commands.clear()
+        self._client.echo(f"{self._sentinel}-start")
+        if not self._started.wait(10):  # MONITOR is live once this shows up
+            raise RuntimeError("MONITOR never showed the CommandLog's start marker")
         return self
 
     def __exit__(self, *exc: object) -> None:

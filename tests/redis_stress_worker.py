@@ -1,10 +1,11 @@
 """One process of the multi-process Redis stress race (imported by spawned children).
 
-``run`` starts ``threads`` threads on one ``RedisGate`` and waits for the parent's start event;
-each thread races ``ops`` entries on a handful of symbols and gives every admitted order a fate:
-filled (``confirm_fill``), rejected (``release``, twice: the second must do nothing), partially
-filled down to zero (``reduce``), or lost (left to expire). Counts of what each call reported go
-back to the parent, which checks them against the counters kept in Redis.
+``run`` starts ``threads`` threads on one ``RedisGate``, tells the parent it is ready (``ready``)
+and waits for the parent's start event; each thread races ``ops`` entries on a handful of symbols
+and gives every admitted order a fate: filled (``confirm_fill``), rejected (``release``, twice: the
+second must do nothing), partially filled down to zero (``reduce``), or lost (left to expire).
+Counts of what each call reported go back to the parent, which checks them against the counters
+kept in Redis.
 
 ``broken=True`` uses ``broken_try_enter``: the check in one script call and the reservation in a
 second, the race this library exists to close. The parent's auditor must find breaches with it.
@@ -60,6 +61,7 @@ def run(
     ops: int,
     seed: int,
     broken: bool,
+    ready: Any,
     start: Any,
     out: Any,
 ) -> None:
@@ -114,6 +116,7 @@ def run(
     workers = [threading.Thread(target=thread_main, args=(i,)) for i in range(threads)]
     for worker in workers:
         worker.start()
+    ready.release()  # connected, script loaded, threads waiting for `start`
     for worker in workers:
         worker.join(120)
     gate.client.close()

@@ -211,8 +211,8 @@ def test_try_enter_never_breaches_the_limits_under_a_race(
 @pytest.mark.timeout(30)
 def test_the_harness_catches_the_broken_check_then_reserve(fast_switching: float) -> None:
     race = run_race(broken_enter, attempts=3, churn=False)
+    # A breach of either limit counts: with four admissions the gross limit may go first.
     assert len(race.breaches) > 0, "the harness failed to catch a known-broken gate"
-    assert race.admitted > MAX_POSITIONS
 
 
 @pytest.mark.timeout(30)

@@ -3,8 +3,10 @@
 Every test body talks to the shared ``Gate`` protocol (``pendingledger.protocols``) only. The
 ``backend`` fixture builds an in-process ``PortfolioGate`` on a ``ManualClock`` or a
 ``RedisGate`` on a real ``redis-server`` (one per module, a fresh namespace per gate). Time moves
-through ``h.advance``: the manual clock for the in-process gate, a short real sleep for Redis,
-whose TTL runs on the server's clock (only the few TTL tests use it).
+only through ``h.advance``, never by sleeping: the manual clock for the in-process gate; for Redis,
+whose TTL runs on the server's clock, each gate's namespace has its server-side test clock frozen
+when the gate is made, and ``h.advance`` moves every one the test made
+(``pendingledger.redis.testing``).
 """
 
 from __future__ import annotations
@@ -59,21 +61,27 @@ def h(request: pytest.FixtureRequest) -> Iterator[Harness]:
         yield Harness("memory", make_memory, clock.advance, 1.0)
         return
 
-    import time
-
     import redis
 
     from pendingledger.redis import RedisGate
+    from pendingledger.redis.testing import advance_server_clock, freeze_server_clock
 
     server: RedisServer = request.getfixturevalue("redis_server")
     client = redis.Redis.from_url(server.url, socket_timeout=5)
+    gates: list[RedisGate] = []
 
     def make_redis(limits: PortfolioLimits, ttl: float) -> GateLike:
         gate = RedisGate(client, limits, ttl=ttl, namespace=f"t-{uuid.uuid4().hex[:12]}")
+        freeze_server_clock(gate)  # like the ManualClock: time moves only when the test says so
         gate.restore({})
+        gates.append(gate)
         return gate
 
-    yield Harness("redis", make_redis, time.sleep, 0.6)
+    def advance_redis(seconds: float) -> None:
+        for gate in gates:
+            advance_server_clock(gate, seconds)
+
+    yield Harness("redis", make_redis, advance_redis, 1.0)
     client.close()
 
 

@@ -18,7 +18,11 @@ from pendingledger.limits import Decision, DenyReason
 
 redis = pytest.importorskip("redis")
 
+from redis.backoff import NoBackoff  # noqa: E402
+from redis.retry import Retry  # noqa: E402
+
 from pendingledger.redis import RedisGate, StoreUnavailable  # noqa: E402
+from pendingledger.redis.testing import advance_server_clock  # noqa: E402
 
 pytestmark = pytest.mark.redis
 R = DenyReason
@@ -31,6 +35,7 @@ def test_server_killed_mid_race(tmp_path: Path, caplog: pytest.LogCaptureFixture
         gate = RedisGate.from_url(srv.url, limits, ttl=30, namespace="race", socket_timeout=0.2)
         gate.restore({})
         results: list[tuple[float, Decision]] = []
+        progress = threading.Condition()  # notified at each decision recorded in `results`
         errors: list[BaseException] = []
         stop = threading.Event()
 
@@ -43,19 +48,35 @@ def test_server_killed_mid_race(tmp_path: Path, caplog: pytest.LogCaptureFixture
                     if decision.reservation is not None and n % 2:
                         decision.reservation.release()  # returns False once the server is gone
                 except BaseException as exc:
-                    errors.append(exc)
+                    with progress:
+                        errors.append(exc)
+                        progress.notify_all()
                     return
-                results.append((started, decision))
+                with progress:
+                    results.append((started, decision))
+                    progress.notify_all()
                 n += 1
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
         with caplog.at_level(logging.WARNING, logger="pendingledger.redis"):
             for t in threads:
                 t.start()
-            time.sleep(0.3)
+            with progress:  # the race is going: decisions made, some of them admissions
+                assert progress.wait_for(
+                    lambda: errors or (len(results) >= 100 and any(d for _, d in results)),
+                    timeout=20,
+                ), "the race never got going"
+                mark = len(results)
             srv.kill()
             killed_at = time.monotonic()
-            time.sleep(0.4)
+            with progress:  # each thread has had a go at the dead server
+                assert progress.wait_for(
+                    lambda: (
+                        errors
+                        or sum(t0 > killed_at for t0, _ in results[mark:]) >= 2 * len(threads)
+                    ),
+                    timeout=20,
+                ), "no decision was attempted after the kill"
             stop.set()
             for t in threads:
                 t.join(10)
@@ -140,25 +161,31 @@ def test_script_flush_between_two_decisions(tmp_path: Path) -> None:
         gate.client.close()
 
 
-def test_a_client_timeout_denies_quickly_and_a_late_reservation_only_over_blocks(
+def test_a_client_timeout_denies_and_a_late_reservation_only_over_blocks(
     tmp_path: Path,
 ) -> None:
     with running_server(tmp_path) as srv:
         gate = RedisGate.from_url(
-            srv.url, Limits(max_gross_exposure=100), ttl=0.5, namespace="t", socket_timeout=0.1
+            srv.url, Limits(max_gross_exposure=100), ttl=30, namespace="t", socket_timeout=0.1
         )
         gate.restore({})
         assert gate.try_enter("WARM", 1)
         assert gate.release("WARM")
         admin = redis.Redis.from_url(srv.url)
+        probe = redis.Redis.from_url(srv.url, socket_timeout=0.05, retry=Retry(NoBackoff(), 0))
         sleeper = threading.Thread(target=admin.execute_command, args=("DEBUG", "SLEEP", "1.0"))
         sleeper.start()
-        time.sleep(0.1)  # the server is asleep now
-        started = time.monotonic()
+        deadline = time.monotonic() + 5
+        while True:  # until the server is asleep: a PING is no longer answered
+            try:
+                probe.ping()
+            except redis.TimeoutError:
+                break
+            assert time.monotonic() < deadline, "the server never went to sleep"
+        # Denied by the client's timeout while the server sleeps (no timing assertion: the
+        # reason itself shows the gate did not wait for the server to answer).
         decision = gate.try_enter("AAA", 60, order_id="slow")
-        elapsed = time.monotonic() - started
         assert decision.reason is R.BACKEND_UNAVAILABLE
-        assert elapsed < 0.45
         assert gate.release_order("slow") is False
         with pytest.raises(StoreUnavailable):
             gate.set_position("AAA", 1)
@@ -168,11 +195,12 @@ def test_a_client_timeout_denies_quickly_and_a_late_reservation_only_over_blocks
         snap = gate.snapshot()
         assert set(snap.orders) <= {"slow"}
         assert gate.audit() == []
-        time.sleep(0.6)
-        gate.sweep()
+        advance_server_clock(gate, 30)
+        assert gate.sweep() == len(snap.orders)
         assert gate.snapshot().orders == {}
         assert gate.try_enter("AAA", 100)
         admin.close()
+        probe.close()
         gate.client.close()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -26,6 +25,7 @@ from pendingledger.redis import (  # noqa: E402
     RedisGate,
     RedisReservation,
 )
+from pendingledger.redis.testing import advance_server_clock  # noqa: E402
 
 pytestmark = pytest.mark.redis
 R = DenyReason
@@ -346,12 +346,12 @@ def test_reservation_times_come_from_the_server_clock(client: Any) -> None:
 
 
 def test_stats_count_how_reservations_ended(client: Any) -> None:
-    gate = new_gate(client, ttl=0.3)
+    gate = new_gate(client, ttl=30)
     res(gate.try_enter("AAA", 1)).release()
     gate.confirm_fill(res(gate.try_enter("BBB", 1)).order_id, 1)
     res(gate.try_enter("CCC", 2)).reduce(2)
     assert gate.try_enter("DDD", 1)
-    time.sleep(0.4)
+    advance_server_clock(gate, 30)
     assert gate.sweep() == 1
     stats = gate.stats()
     assert (stats.admitted, stats.released, stats.filled, stats.expired) == (4, 1, 2, 1)

@@ -3,7 +3,9 @@
 While they race, an auditor in the test process takes atomic snapshots of the namespace (one
 script call each) and checks every one: no limit exceeded (open or reserved symbols, gross, per
 symbol) and every incremental total equal to the total recomputed from the raw records. At the
-end, after the TTL, every reservation must have ended exactly once: the counters Redis kept
+end, once the namespace's clock is moved past the TTL (the server-side test clock of
+``pendingledger.redis.testing``, not a sleep), every reservation must have ended exactly once:
+the counters Redis kept
 (admitted, released, filled, expired) must match what the workers' calls reported, nothing may
 be outstanding, and no second release may ever have succeeded.
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ redis = pytest.importorskip("redis")
 
 from pendingledger.redis import RedisGate, audit  # noqa: E402
 from pendingledger.redis._audit import breaches  # noqa: E402
+from pendingledger.redis.testing import advance_server_clock  # noqa: E402
 
 pytestmark = pytest.mark.redis
 
@@ -66,13 +68,12 @@ def race(server: RedisServer, *, broken: bool, ops: int) -> tuple[Outcome, Redis
     gate = RedisGate.from_url(server.url, LIMITS, ttl=TTL, namespace=namespace, socket_timeout=10)
     gate.restore({})
     ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Semaphore(0)
     start = ctx.Event()
     out = ctx.Queue()
+    common = (server.url, namespace, LIMITS, TTL, THREADS, ops)
     procs = [
-        ctx.Process(
-            target=redis_stress_worker.run,
-            args=(server.url, namespace, LIMITS, TTL, THREADS, ops, seed, broken, start, out),
-        )
+        ctx.Process(target=redis_stress_worker.run, args=(*common, seed, broken, ready, start, out))
         for seed in range(PROCESSES)
     ]
     for proc in procs:
@@ -91,7 +92,8 @@ def race(server: RedisServer, *, broken: bool, ops: int) -> tuple[Outcome, Redis
     watcher = threading.Thread(target=auditor)
     watcher.start()
     try:
-        time.sleep(0.5)  # let the children import and connect; the race starts together
+        for _ in procs:  # every child connected, its threads waiting: the race starts together
+            assert ready.acquire(timeout=30), "a worker process did not get ready"
         start.set()
         for _ in procs:
             result: dict[str, Any] = out.get(timeout=50)
@@ -119,7 +121,7 @@ def test_no_breach_and_every_reservation_ends_exactly_once(server: RedisServer) 
     assert sum(v for k, v in counts.items() if k.startswith("denied:")) > 100, counts
     assert counts["double_release"] == 0
 
-    time.sleep(TTL + 0.1)  # the lost orders expire
+    advance_server_clock(gate, TTL)  # the lost orders expire
     gate.sweep()
     stats = gate.stats()
     assert stats.outstanding == 0 and stats.gross_notional == 0

@@ -43,7 +43,8 @@ class OrderRecord:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything in one namespace at one instant (taken by one script call)."""
+    """Everything in one namespace at one instant (taken by one script call). ``now_us`` is that
+    instant on the script's clock: the server's ``TIME`` plus the namespace's test clock."""
 
     now_us: int
     meta: Mapping[str, str]

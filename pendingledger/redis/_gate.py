@@ -135,6 +135,21 @@ def _check_order_id(order_id: object) -> str:
     raise TypeError(f"order_id must be a str for the Redis gate, got {order_id!r}")
 
 
+def _namespace_keys(namespace: object) -> tuple[str, ...]:
+    """The keys of ``namespace`` (checked: a non-empty str without braces), in script order."""
+    if not isinstance(namespace, str):
+        raise TypeError(f"namespace must be a str, got {namespace!r}")
+    if not namespace or "{" in namespace or "}" in namespace:
+        raise ValueError(f"namespace must be a non-empty str without braces, got {namespace!r}")
+    return tuple(f"pendingledger:{{{namespace}}}:{name}" for name in KEY_NAMES)
+
+
+def _micros(seconds: float) -> int:
+    """Whole microseconds for ``seconds``, rounded up (TTLs, and the test clock's steps: the
+    same rounding, so advancing the test clock by ``ttl`` always reaches a TTL's end)."""
+    return math.ceil(seconds * 1_000_000)
+
+
 def _token() -> str:
     return os.urandom(8).hex()
 
@@ -181,9 +196,11 @@ class RedisGate:
     ``client`` is a ``redis.Redis`` (or ``redis.cluster.RedisCluster``): give it a socket timeout
     (``from_url`` does) so a hung server denies quickly instead of blocking a trading thread.
     ``ttl`` (seconds) is how long a reservation lives if nothing ends it, measured by the server's
-    clock. ``namespace`` names one book: every process that shares limits uses the same one. All
-    its keys are ``pendingledger:{<namespace>}:<name>``: the ``{namespace}`` hash tag puts them in
-    one Redis Cluster slot, so the scripts never meet ``CROSSSLOT``.
+    clock (``TIME``, read inside the script; never the client's). Tests move that clock for one
+    namespace with ``pendingledger.redis.testing`` instead of sleeping. ``namespace`` names one
+    book: every process that shares limits uses the same one. All its keys are
+    ``pendingledger:{<namespace>}:<name>``: the ``{namespace}`` hash tag puts them in one Redis
+    Cluster slot, so the scripts never meet ``CROSSSLOT``.
 
     Decisions match ``PortfolioGate`` (same ``Decision``, ``DenyReason``, rule order and limit
     semantics); amounts are exact at ``10**-9`` (see ``pendingledger.redis._units`` for rounding).
@@ -221,16 +238,13 @@ class RedisGate:
             raise TypeError(f"ttl must be a number of seconds, got {ttl!r}")
         if not math.isfinite(ttl) or ttl <= 0:
             raise ValueError(f"ttl must be finite and > 0 seconds, got {ttl!r}")
-        if not isinstance(namespace, str):
-            raise TypeError(f"namespace must be a str, got {namespace!r}")
-        if not namespace or "{" in namespace or "}" in namespace:
-            raise ValueError(f"namespace must be a non-empty str without braces, got {namespace!r}")
+        keys = _namespace_keys(namespace)
         self._client = client
         self._ttl = float(ttl)
         # Never 0: a zero TTL would expire a reservation in the step that makes it.
-        self._ttl_us = max(1, math.ceil(self._ttl * 1_000_000))
+        self._ttl_us = max(1, _micros(self._ttl))
         self._namespace = namespace
-        self._keys = tuple(f"pendingledger:{{{namespace}}}:{name}" for name in KEY_NAMES)
+        self._keys = keys
         self._limit_args = _encode_limits(limits)
         self._trust = "1" if trust_persistence else "0"
         self._script = client.register_script(SCRIPT)
@@ -621,7 +635,7 @@ class RedisReservation:
 
     Same public surface as the core ``Reservation``: ``symbol``, ``order_id``, ``notional`` (what
     is still reserved, as far as this handle has reduced it), ``initial_notional``,
-    ``reserved_at`` and ``expires_at`` (server clock, Unix seconds), ``active`` (asks the
+    ``reserved_at`` and ``expires_at`` (the server's clock, Unix seconds), ``active`` (asks the
     server), ``release()`` and ``reduce(amount)``. A handle acts only on its own reservation:
     after it has ended, a new reservation reusing the order id is not touched.
     """
@@ -709,7 +723,8 @@ class RedisReservation:
 
     @property
     def reserved_at(self) -> float:
-        """The server's clock (Unix seconds) when the reservation was made."""
+        """The server's clock (Unix seconds) when the reservation was made: its ``TIME``, plus
+        the namespace's test clock if a test moved it (``pendingledger.redis.testing``)."""
         return self._reserved_us / 1_000_000
 
     @property

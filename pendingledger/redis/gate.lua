@@ -5,13 +5,14 @@
 -- same step. ARGV[1] names the operation; the other arguments depend on it (see each op below).
 --
 -- Keys (all under one hash tag {ns}, so Redis Cluster keeps them in one slot):
---   KEYS[1] meta    hash   gen (restore generation), run (server run_id at restore), halted
+--   KEYS[1] meta    hash   gen (restore generation), run (server run_id at restore), restored_at,
+--                          halted; clock_us, clock_frozen_us (the test clock: see Time)
 --   KEYS[2] pos     hash   symbol -> signed position exposure in units (see Amounts)
 --   KEYS[3] tot     hash   pos_gross, res_gross (units); res_syms, res_open (counts)
 --   KEYS[4] rsym    hash   symbol -> units reserved on it (present iff it has a reservation)
 --   KEYS[5] rcnt    hash   symbol -> number of outstanding reservations on it
 --   KEYS[6] orders  hash   order_id -> "units|token|reserved_at_us|symbol"
---   KEYS[7] exp     zset   order_id scored by expiry (server microseconds)
+--   KEYS[7] exp     zset   order_id scored by expiry (microseconds, on the clock of Time below)
 --   KEYS[8] bysym   zset   symbol .. "\0" .. order_id, score 0 (lexicographic index)
 --   KEYS[9] stats   hash   admitted, denied:<reason>, released, filled, expired, restored, corrupt
 --
@@ -21,9 +22,18 @@
 -- single amounts of 10^15 or more, and a total that would pass 2^53 raises an error before
 -- anything is written). No float is ever summed here.
 --
--- Time comes from the server (TIME), never from a client. No key gets a TTL (no PEXPIRE): a
--- reservation expires through its score in `exp`, swept at the start of every operation, at a
--- cost of O(expired).
+-- Time comes from the server (TIME), never from a client: "now" is TIME in microseconds plus the
+-- namespace's test clock, two fields of `meta` that only pendingledger.redis.testing writes (op
+-- 'clock') and that are absent in production, where now is TIME itself:
+--   clock_us          microseconds added to TIME; only grows (a client sends steps, not times)
+--   clock_frozen_us   if present, the TIME reading the clock was frozen at: TIME is not read
+--                     and now moves only when clock_us does (like trio's MockClock at rate 0)
+-- They are read inside the same script call, never by a separate command from the client: a
+-- decision ('enter') gets them from the HMGET of meta it makes anyway, so the test clock adds no
+-- round trip to any operation and no command at all to a decision.
+-- No key gets a TTL (no PEXPIRE): a reservation expires through its score in `exp` (its expiry on
+-- this same clock), swept at the start of every operation, at a cost of O(expired). It is
+-- expired from the instant now >= expiry = reserved_at + ttl, as in the in-process ledger.
 
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 
@@ -33,6 +43,8 @@ local K_RCNT, K_ORD, K_EXP, K_BYSYM, K_STATS = KEYS[5], KEYS[6], KEYS[7], KEYS[8
 local B = 1000000000
 local MAXW = 9007199254740991 -- 2^53 - 1
 local SWEEP_MAX = 1000 -- expired reservations dropped per call (the rest at the next calls)
+local CLOCK_MAX = 4503599627370496 -- 2^52 us (year 2112): the test clock stops short of it, so
+                                   -- now + ttl stays an exact integer in a double
 
 -- ------------------------------------------------------------------ amounts as two limbs
 
@@ -76,9 +88,20 @@ local function int(x)
   return string.format('%.0f', x)
 end
 
-local function now_us()
+local function time_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- now in microseconds: TIME (or the frozen reading) plus the test clock's offset. `off` and
+-- `frozen` are meta's clock_us and clock_frozen_us as read by the caller in this same call
+-- (false: absent); called without them, it reads them here.
+local function now_us(off, frozen)
+  if off == nil then
+    local m = redis.call('HMGET', K_META, 'clock_us', 'clock_frozen_us')
+    off, frozen = m[1], m[2]
+  end
+  return (tonumber(frozen) or time_us()) + (tonumber(off) or 0)
 end
 
 -- "units|token|reserved_at_us|symbol" -> units, token, reserved_at, symbol
@@ -221,12 +244,12 @@ if op == 'enter' then
   local sym, units, id, token = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
   local ttl = tonumber(ARGV[6])
   local mode = ARGV[11]
-  local meta = redis.call('HMGET', K_META, 'gen', 'run', 'halted')
+  local meta = redis.call('HMGET', K_META, 'gen', 'run', 'halted', 'clock_us', 'clock_frozen_us')
   if not book_ok(meta[1], meta[2], ARGV[10]) then
     if mode ~= 'check' then redis.call('HINCRBY', K_STATS, 'denied:book_not_restored', 1) end
     return {'D', 'book_not_restored'}
   end
-  local now = now_us()
+  local now = now_us(meta[4], meta[5])
   sweep(now)
   local rec = redis.call('HGET', K_ORD, id)
   if rec then
@@ -400,9 +423,9 @@ end
 --   Replaces the book and the reservations (keeps `halted` and the stats) and writes the marker.
 -- -> {'R', now_us} | {'S'} (only_if_missing and the book is in place: nothing written)
 if op == 'restore' then
-  local meta = redis.call('HMGET', K_META, 'gen', 'run')
+  local meta = redis.call('HMGET', K_META, 'gen', 'run', 'clock_us', 'clock_frozen_us')
   if ARGV[2] == '1' and book_ok(meta[1], meta[2], ARGV[5]) then return {'S'} end
-  local now = now_us()
+  local now = now_us(meta[3], meta[4])
   local ttl = tonumber(ARGV[4])
   redis.call('DEL', K_POS, K_TOT, K_RSYM, K_RCNT, K_ORD, K_EXP, K_BYSYM)
   local npos = tonumber(ARGV[6])
@@ -433,6 +456,30 @@ end
 -- sweep -> number of expired reservations dropped
 if op == 'sweep' then
   return sweep(now_us())
+end
+
+-- clock step_us freeze -> now_us after the step
+--   The namespace's test clock (pendingledger.redis.testing; nothing else sends this). Moves now
+--   forward by step_us (a whole number >= 0) for every later call in the namespace, so an expiry
+--   it passes is swept by the next call exactly as if that much time had gone by (this call
+--   sweeps nothing, as time passing does not). freeze '1' first stops TIME at its current
+--   reading, if it is not stopped already. A step that would bring now to 2^52 us is refused
+--   with nothing written.
+if op == 'clock' then
+  local step = ARGV[2]
+  if step ~= '0' and not string.match(step, '^[1-9]%d*$') then
+    return redis.error_reply('pendingledger: clock step must be whole microseconds >= 0')
+  end
+  local m = redis.call('HMGET', K_META, 'clock_us', 'clock_frozen_us')
+  local frozen = m[2]
+  if ARGV[3] == '1' and not frozen then frozen = int(time_us()) end
+  local now = now_us(m[1], frozen) + tonumber(step)
+  if now >= CLOCK_MAX then
+    return redis.error_reply('pendingledger: clock overflow: the test clock would pass 2^52 us')
+  end
+  if step ~= '0' then redis.call('HINCRBY', K_META, 'clock_us', step) end
+  if frozen ~= m[2] then redis.call('HSET', K_META, 'clock_frozen_us', frozen) end
+  return int(now)
 end
 
 -- snapshot -> everything, read-only, in one consistent view (for audits and tests)
