@@ -183,10 +183,23 @@ class Reservation:
 
     @property
     def active(self) -> bool:
-        return self._state == _ACTIVE
+        """Still counted against the limits (see ``state``)."""
+        return self.state is ReservationState.ACTIVE
 
     @property
     def state(self) -> ReservationState:
+        """How the reservation stands now.
+
+        A reservation past its ``expires_at`` is expired here and now (the ledger sweeps it,
+        firing ``on_expire``), exactly as the next decision would find it; it never reads as
+        active past its TTL. Inside this thread's own ``lock()`` block no sweep can run, so the
+        state is read as the block sees it.
+        """
+        if self._state == _ACTIVE:
+            ledger = self._ledger
+            if ledger._clock() >= self._reserved_at + ledger._ttl and ledger._owner != _get_ident():
+                with ledger._guard():  # sweeps what is due; on_expire runs after release
+                    pass
         return _STATES[self._state]
 
     def release(self) -> bool:

@@ -975,3 +975,33 @@ def test_reservation_expires_at_its_expires_at_even_when_committed_out_of_order(
     ledger.stats()
     for res in (late, fast):
         assert res.active is (manual() < res.expires_at), (res, res.expires_at, manual())
+
+
+def test_a_reservation_never_reads_as_active_past_its_ttl(clock: ManualClock) -> None:
+    expired: list[Reservation] = []
+    ledger = PendingEntryLedger(10, clock=clock, on_expire=expired.append)
+    with ledger.lock() as pending:
+        res = pending.reserve("AAA", 100)
+    clock.advance(9.999)
+    assert res.active
+    assert res.state is ReservationState.ACTIVE
+    clock.advance(0.001)
+    # No decision or release has taken the lock since: reading the state sweeps it.
+    assert not res.active
+    assert res.state is ReservationState.EXPIRED
+    assert expired == [res]  # on_expire fired once, after the sweep released the lock
+    assert ledger.stats().expired == 1
+    assert ledger.stats().outstanding == 0
+
+
+def test_state_inside_the_own_block_reads_without_sweeping(clock: ManualClock) -> None:
+    ledger = PendingEntryLedger(10, clock=clock)
+    with ledger.lock() as pending:
+        res = pending.reserve("AAA", 100)
+    clock.advance(10)
+    with ledger.lock() as pending:  # this acquisition sweeps it first
+        assert res.state is ReservationState.EXPIRED
+        other = pending.reserve("BBB", 1)
+        clock.advance(10)
+        assert other.active  # no sweep can run inside the block: read as the block sees it
+    assert not other.active
