@@ -1,14 +1,32 @@
-"""pendingledger: race-free portfolio risk limits for threaded trading bots."""
+"""pendingledger: race-free portfolio risk limits for threaded trading bots.
+
+A gate that checks limits against a position cache is blind to the orders it admitted whose fills
+have not arrived yet, so two threads can both pass a limit. ``PortfolioGate.try_enter`` makes the
+check a check-and-reserve under one lock: it sees open positions plus outstanding reservations,
+and reserves the entry it admits in the same critical section.
+"""
 
 from .errors import LedgerError, LockTimeout, ReentrantLockError, StaleViewError
+from .gate import GateStats, PortfolioGate, Positions
+from .ledger import LedgerStats, PendingEntryLedger, PendingMap, Reservation, ReservationState
 from .limits import Decision, DenyReason, PortfolioLimits
 
 __all__ = [
     "Decision",
     "DenyReason",
+    "GateStats",
     "LedgerError",
+    "LedgerStats",
     "LockTimeout",
+    "PendingEntryLedger",
+    "PendingMap",
+    "PortfolioGate",
     "PortfolioLimits",
+    "Positions",
     "ReentrantLockError",
+    "Reservation",
+    "ReservationState",
     "StaleViewError",
 ]
+
+__version__ = "0.1.0"

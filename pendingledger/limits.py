@@ -20,7 +20,7 @@ __all__ = ["Decision", "DenyReason", "PortfolioLimits"]
 
 
 class DenyReason(str, enum.Enum):
-    """Why a gate refused an entry. The rules are checked in the order listed; first failure wins."""
+    """Why a gate refused an entry. Rules are checked in the order listed; first failure wins."""
 
     HALTED = "halted"
     """``gate.halt()`` is in force."""
@@ -29,11 +29,11 @@ class DenyReason(str, enum.Enum):
     MAX_GROSS_EXPOSURE = "max_gross_exposure"
     """Open exposure + reserved notional + this entry would exceed the gross limit."""
     MAX_SYMBOL_EXPOSURE = "max_symbol_exposure"
-    """This symbol's exposure + its reserved notional + this entry would exceed the per-symbol limit."""
+    """This symbol's exposure + its reserved notional + this entry would exceed its limit."""
     BACKEND_UNAVAILABLE = "backend_unavailable"
     """The store behind the gate could not confirm the decision (fail closed)."""
     BOOK_NOT_RESTORED = "book_not_restored"
-    """The shared store lost its book (e.g. a restart without persistence); ``restore()`` it first."""
+    """The shared store lost its book (a restart without persistence); ``restore()`` it first."""
 
     def __str__(self) -> str:
         return self.value
@@ -60,9 +60,7 @@ class PortfolioLimits:
         count = self.max_concurrent_positions
         if count is not None:
             if isinstance(count, bool) or not isinstance(count, int):
-                raise TypeError(
-                    f"max_concurrent_positions must be an int or None, got {count!r}"
-                )
+                raise TypeError(f"max_concurrent_positions must be an int or None, got {count!r}")
             if count < 0:
                 raise ValueError(f"max_concurrent_positions must be >= 0, got {count!r}")
         _check_amount_limit("max_gross_exposure", self.max_gross_exposure)

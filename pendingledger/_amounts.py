@@ -1,0 +1,158 @@
+"""Exact amounts: validation of notionals, exposures and limits, and their integer form.
+
+The ledger never adds floats. Every amount is turned, outside the ledger lock, into an exact
+ratio of integers (``as_integer_ratio`` exists on int, float, Decimal and Fraction), and the
+ledger keeps all sums as integers over one common denominator. Integer arithmetic inside the
+lock is exact and makes no function call, so sums never drift, the gross is exactly 0 once every
+reservation is gone, and a float gross equals ``math.fsum`` of the float reservations.
+
+Kinds are counted so the ledger can hand a sum back in the type a caller would expect: floats
+give a float (correctly rounded), Decimals a Decimal, ints an int; mixtures that have no exact
+common type (Decimal with float, anything with Fraction) give a Fraction.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from decimal import Decimal, localcontext
+from fractions import Fraction
+from typing import Final
+
+__all__: list[str] = []
+
+INF: Final = math.inf
+
+# Kind codes are added into one packed counter per ledger; each field holds a count.
+KIND_INT: Final = 0
+KIND_FLOAT: Final = 1
+KIND_DECIMAL: Final = 1 << 64
+KIND_FRACTION: Final = 1 << 128
+_FIELD: Final = (1 << 64) - 1
+
+Ratio = tuple[int, int]
+
+
+def check_symbol(symbol: object) -> None:
+    """Raise unless ``symbol`` can key a reservation: hashable, not None, not an empty string."""
+    if symbol is None:
+        raise TypeError("symbol must be a hashable value such as 'BTCUSDT', got None")
+    if isinstance(symbol, (str, bytes)) and not symbol:
+        raise ValueError(f"symbol must not be empty, got {symbol!r}")
+    try:
+        hash(symbol)
+    except TypeError:
+        raise TypeError(f"symbol must be hashable, got {symbol!r}") from None
+
+
+def check_order_id(order_id: object) -> None:
+    """Raise unless ``order_id`` is hashable (``None`` is handled by the caller: generate one)."""
+    try:
+        hash(order_id)
+    except TypeError:
+        raise TypeError(f"order_id must be hashable, got {order_id!r}") from None
+
+
+def kind_of(value: object) -> int:
+    if isinstance(value, float):
+        return KIND_FLOAT
+    if isinstance(value, Decimal):
+        return KIND_DECIMAL
+    if isinstance(value, Fraction):
+        return KIND_FRACTION
+    return KIND_INT
+
+
+def exact_ratio(name: str, value: object) -> Ratio:
+    """``value`` as ``(numerator, denominator)``, exact; raise for anything not a finite number."""
+    if isinstance(value, bool) or value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a number (int, float, Decimal or Fraction), got {value!r}")
+    if isinstance(value, (int, float, Decimal, Fraction)):
+        number: int | float | Decimal | Fraction = value
+    elif isinstance(value, numbers.Integral):
+        number = int(value)
+    elif isinstance(value, numbers.Real):
+        number = float(value)
+    else:
+        raise TypeError(f"{name} must be a number (int, float, Decimal or Fraction), got {value!r}")
+    try:
+        return number.as_integer_ratio()
+    except (ValueError, OverflowError):
+        raise ValueError(f"{name} must be finite, got {value!r}") from None
+
+
+def positive_ratio(name: str, value: object) -> tuple[int, int, int]:
+    """``(numerator, denominator, kind)`` of a notional-like amount that must be finite and > 0."""
+    num, den = exact_ratio(name, value)
+    if num <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return num, den, kind_of(value)
+
+
+def limit_ratio(name: str, value: object) -> Ratio | None:
+    """Exact ratio of an exposure limit (already validated by PortfolioLimits); None stays None."""
+    if value is None:
+        return None
+    return exact_ratio(name, value)
+
+
+def abs_sum(values: object, owner: str) -> Ratio:
+    """Exact sum of absolute values of ``values`` (an iterable of ``(key, number)``)."""
+    num, den = 0, 1
+    for key, value in values:  # type: ignore[attr-defined]
+        a, b = exact_ratio(f"{owner}[{key!r}]", value)
+        if a < 0:
+            a = -a
+        if b == den:
+            num += a
+        elif den % b == 0:
+            num += a * (den // b)
+        else:
+            common = math.lcm(den, b)
+            num = num * (common // den) + a * (common // b)
+            den = common
+    return num, den
+
+
+def scale_to(ratio: Ratio, den: int) -> int | None:
+    """Numerator of ``ratio`` over ``den``; None if ``den`` is not a multiple of its denominator."""
+    num, q = ratio
+    if q == 1:
+        return num * den
+    if den % q:
+        return None
+    return num * (den // q)
+
+
+def to_number(num: int, den: int, kinds: int) -> int | float | Decimal | Fraction:
+    """``num/den`` in the type the counted kinds call for (see the module docstring)."""
+    floats = kinds & _FIELD
+    decimals = (kinds >> 64) & _FIELD
+    fractions = kinds >> 128
+    if fractions or (floats and decimals):
+        return Fraction(num, den)
+    if floats:
+        return num / den  # int true division is correctly rounded
+    if decimals:
+        return _exact_decimal(num, den)
+    if num % den == 0:
+        return num // den
+    return Fraction(num, den)
+
+
+def _exact_decimal(num: int, den: int) -> Decimal | Fraction:
+    fraction = Fraction(num, den)
+    q = fraction.denominator
+    twos = fives = 0
+    while q % 2 == 0:
+        q //= 2
+        twos += 1
+    while q % 5 == 0:
+        q //= 5
+        fives += 1
+    if q != 1:
+        return fraction
+    places = max(twos, fives)
+    with localcontext() as ctx:
+        ctx.prec = len(str(abs(fraction.numerator))) + places + 2
+        return Decimal(fraction.numerator) / Decimal(fraction.denominator)

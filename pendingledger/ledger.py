@@ -1,0 +1,846 @@
+"""The pending-entry ledger: reservations per order, under one ``threading.Lock``.
+
+A reservation stands for an order that a gate admitted and whose fill has not reached the
+position cache yet. While it is outstanding the gate counts it, so no other thread can be admitted
+into the same room. It ends exactly once: released (exchange reject, or the fill is visible),
+reduced to zero by partial fills, or expired after the ledger's TTL.
+
+Design notes a maintainer must keep:
+
+* **Nothing but dict work and int arithmetic runs while the lock is held on the hot paths.** A
+  call of any kind inside the critical section lets CPython switch threads while the lock is held,
+  and 64 contending threads then degrade into one context switch per operation (a lock convoy;
+  see the project's performance notes). The clock is read, arguments are validated and objects
+  are built before the lock is taken. The hot paths (``PortfolioGate.try_enter`` and
+  ``Reservation.release``/``release_order``) therefore inline what the slow paths do through
+  ``_insert_locked``/``_end_locked``; keep the copies in step.
+* **Expiry is O(1) amortized.** TTL is fixed per ledger and reservation times never go backwards
+  (they are clamped to the latest time seen), so deadlines are ordered like the sequence numbers
+  reservations get. ``_queue`` maps sequence number to reservation; the sweep walks it from
+  ``_head`` and stops at the first live reservation whose deadline is still ahead.
+  ``_next_expiry`` is never later than the real earliest deadline (it may be earlier, after the
+  oldest reservation was released), so a comparison against it is the whole per-acquisition cost.
+* **Amounts are exact integers over a common denominator ``_den``** (see ``_amounts``). The
+  denominator only grows; a new one rescales every stored integer once (rare, under the lock).
+* **``_version`` changes on every mutation.** ``PortfolioGate`` reads it, computes outside the
+  lock, and commits only if it is unchanged (see ``gate.py`` for why that keeps the guarantee).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any, Final
+
+from . import _amounts
+from .errors import LedgerError, LockTimeout, ReentrantLockError, StaleViewError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = [
+    "LedgerStats",
+    "PendingEntryLedger",
+    "PendingMap",
+    "Reservation",
+    "ReservationState",
+]
+
+logger = logging.getLogger("pendingledger")
+
+Clock = Callable[[], float]
+Number = int | float | Decimal | Fraction
+
+_INF: Final = math.inf
+_get_ident: Final = threading.get_ident
+
+# Reservation states as small ints: compared inside the lock, where an Enum would cost a call.
+_ACTIVE: Final = 0
+_RELEASED: Final = 1
+_FILLED: Final = 2
+_EXPIRED: Final = 3
+_ROLLED_BACK: Final = 4
+
+
+class ReservationState(str, enum.Enum):
+    """How a reservation stands; every reservation leaves ``ACTIVE`` exactly once."""
+
+    ACTIVE = "active"
+    RELEASED = "released"
+    """Released by ``release()``, ``release_order()`` or ``release(symbol)``."""
+    FILLED = "filled"
+    """Reduced to zero by partial fills."""
+    EXPIRED = "expired"
+    """Its TTL ran out before anything released it."""
+    ROLLED_BACK = "rolled_back"
+    """Made inside a ``lock()`` block that raised, so it never took effect."""
+
+
+_STATES: Final = (
+    ReservationState.ACTIVE,
+    ReservationState.RELEASED,
+    ReservationState.FILLED,
+    ReservationState.EXPIRED,
+    ReservationState.ROLLED_BACK,
+)
+
+
+class _GeneratedOrderId:
+    """An order id made up by the ledger: equal only to itself, never to a caller's id."""
+
+    __slots__ = ("_n",)
+    _counter = iter(range(1, 1 << 62))
+
+    def __init__(self) -> None:
+        self._n = next(_GeneratedOrderId._counter)
+
+    def __repr__(self) -> str:
+        return f"<auto order {self._n}>"
+
+
+class Reservation:
+    """One admitted order's claim on the portfolio limits, held until it ends.
+
+    Read-only for callers. ``notional`` is what is still reserved (after ``reduce``), and once the
+    reservation has ended it keeps the amount it held when it ended. ``release()`` and ``reduce()``
+    may be called from any thread, any number of times; on an ended reservation they do nothing.
+    From inside the same ledger's ``lock()`` block on the same thread they act through that block
+    (and are undone with it if it raises).
+    """
+
+    __slots__ = (
+        "_deadline",
+        "_den_end",
+        "_initial",
+        "_kind",
+        "_ledger",
+        "_n",
+        "_order_id",
+        "_reserved_at",
+        "_seq",
+        "_state",
+        "_symbol",
+    )
+
+    _ledger: PendingEntryLedger
+    _symbol: Hashable
+    _order_id: Hashable
+    _initial: Number
+    _kind: int
+    _n: int  # remaining amount, as a numerator over the ledger's _den
+    _reserved_at: float
+    _deadline: float
+    _den_end: int  # the ledger's _den when the reservation ended (rescaling skips ended ones)
+    _seq: int
+    _state: int
+
+    def __init__(self) -> None:
+        raise TypeError(
+            "reservations are made by PendingMap.reserve() or PortfolioGate.try_enter()"
+        )
+
+    @property
+    def symbol(self) -> Hashable:
+        return self._symbol
+
+    @property
+    def order_id(self) -> Hashable:
+        return self._order_id
+
+    @property
+    def notional(self) -> Number:
+        """What is still reserved, in the type it was given (see the class docstring)."""
+        ledger = self._ledger
+        if ledger._owner == _get_ident():
+            n, den = self._n, self._den_of_n()
+        else:
+            with ledger._lock:
+                n, den = self._n, self._den_of_n()
+        p0, q0 = self._initial.as_integer_ratio()
+        if n * q0 == p0 * den:
+            return self._initial
+        return _amounts.to_number(n, den, self._kind)
+
+    def _den_of_n(self) -> int:
+        """The denominator of ``_n``: the ledger's while active, the one it ended with after."""
+        return self._ledger._den if self._state == _ACTIVE else self._den_end
+
+    @property
+    def initial_notional(self) -> Number:
+        """The notional the reservation was made with."""
+        return self._initial
+
+    @property
+    def reserved_at(self) -> float:
+        """The ledger clock's reading when the reservation was made."""
+        return self._reserved_at
+
+    @property
+    def expires_at(self) -> float:
+        """``reserved_at + ttl``: from this clock reading on, the reservation is expired."""
+        return self._deadline
+
+    @property
+    def active(self) -> bool:
+        return self._state == _ACTIVE
+
+    @property
+    def state(self) -> ReservationState:
+        return _STATES[self._state]
+
+    def release(self) -> bool:
+        """End the reservation now (e.g. the exchange rejected the order). True if it was active."""
+        return self._ledger._release_reservation(self)
+
+    def reduce(self, amount: Number) -> bool:
+        """Shrink the remaining notional by ``amount`` (a partial fill); at zero it is released.
+
+        An ``amount`` larger than what remains releases the reservation. Returns True if the
+        reservation was active. ``amount`` must be a finite number > 0.
+        """
+        num, den, _ = _amounts.positive_ratio("amount", amount)
+        return self._ledger._reduce_reservation(self, num, den)
+
+    def __repr__(self) -> str:
+        return (
+            f"Reservation(symbol={self._symbol!r}, order_id={self._order_id!r}, "
+            f"initial_notional={self._initial!r}, state={_STATES[self._state].value})"
+        )
+
+
+def _new_reservation(
+    ledger: PendingEntryLedger,
+    symbol: Hashable,
+    order_id: Hashable,
+    initial: Number,
+    kind: int,
+    n: int,
+) -> Reservation:
+    """Build a reservation outside the lock; the caller fills in seq and times under it."""
+    res = object.__new__(Reservation)
+    res._ledger = ledger
+    res._symbol = symbol
+    res._order_id = order_id
+    res._initial = initial
+    res._kind = kind
+    res._n = n
+    res._state = _ACTIVE
+    return res
+
+
+@dataclass(frozen=True)
+class LedgerStats:
+    """A consistent snapshot of a ledger, taken under its lock.
+
+    ``reserved == released + expired + outstanding`` always holds (``released`` counts partial
+    fills that reached zero, too). Reservations made in a ``lock()`` block that raised count
+    nowhere.
+    """
+
+    outstanding: int
+    gross_notional: Number
+    reserved: int
+    released: int
+    expired: int
+
+
+class PendingEntryLedger:
+    """Outstanding reservations, guarded by one ``threading.Lock``.
+
+    ``ttl`` (seconds, finite, > 0) is how long a reservation lives if nothing releases it: the
+    safety net when no fill source releases it. Until it expires the gate counts it; erring that
+    way over-blocks, which is the safe failure for a risk gate. ``clock`` is a zero-argument
+    callable returning seconds (``time.monotonic`` by default; tests pass a
+    ``pendingledger.testing.ManualClock``). ``on_expire(reservation)`` is called for each
+    reservation that expires, in the thread that noticed, after the lock is released; an exception
+    it raises is logged and swallowed so it cannot break an unrelated caller.
+
+    Expired reservations are dropped whenever the lock is acquired, so no background thread runs.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_clock",
+        "_count",
+        "_den",
+        "_gross",
+        "_head",
+        "_kinds",
+        "_last_now",
+        "_lock",
+        "_n_expired",
+        "_n_released",
+        "_n_reserved",
+        "_next_expiry",
+        "_nsyms",
+        "_on_expire",
+        "_orders",
+        "_owner",
+        "_queue",
+        "_seq",
+        "_syms",
+        "_ttl",
+        "_version",
+        "_view",
+    )
+
+    def __init__(
+        self,
+        ttl: float,
+        *,
+        clock: Clock = time.monotonic,
+        on_expire: Callable[[Reservation], object] | None = None,
+    ) -> None:
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+            raise TypeError(f"ttl must be a number of seconds, got {ttl!r}")
+        if not math.isfinite(ttl) or ttl <= 0:
+            raise ValueError(f"ttl must be finite and > 0 seconds, got {ttl!r}")
+        if not callable(clock):
+            raise TypeError(
+                f"clock must be a zero-argument callable returning seconds, got {clock!r}"
+            )
+        if on_expire is not None and not callable(on_expire):
+            raise TypeError(f"on_expire must be callable or None, got {on_expire!r}")
+        self._ttl = float(ttl)
+        self._clock = clock
+        self._on_expire = on_expire
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # thread holding the lock through a slow path or lock()
+        self._view: PendingMap | None = None  # the open lock() block's view, if any
+        self._orders: dict[Hashable, Reservation] = {}
+        self._queue: dict[int, Reservation] = {}
+        # symbol -> [number of reservations, reserved numerator, {order_id: reservation}]
+        self._syms: dict[Hashable, list[Any]] = {}
+        self._nsyms = 0
+        self._count = 0
+        self._gross = 0
+        self._den = 1
+        self._kinds = 0
+        self._seq = 0
+        self._head = 0
+        self._next_expiry = _INF
+        self._last_now = -_INF
+        self._version = 0
+        self._n_reserved = 0
+        self._n_released = 0
+        self._n_expired = 0
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def ttl(self) -> float:
+        return self._ttl
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    def lock(self, timeout: float | None = None) -> _LockBlock:
+        """Hold the ledger lock for a ``with`` block and get the ``PendingMap`` view.
+
+        Raises ``LockTimeout`` if the lock is not acquired within ``timeout`` seconds (``None``
+        waits for ever), and ``ReentrantLockError`` at once if this thread already holds it. The
+        block is atomic: if it raises, every change it made through the view is undone. The view
+        is valid only inside the block. Keep the block short and free of I/O: every other thread
+        that wants the ledger waits for it.
+        """
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+                raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+            if not timeout >= 0 or timeout == _INF:
+                raise ValueError(f"timeout must be finite and >= 0 seconds, got {timeout!r}")
+        return _LockBlock(self, timeout)
+
+    def release(self, symbol: Hashable) -> bool:
+        """Drop every reservation on ``symbol`` (its fill is now visible in the position cache).
+
+        Update the position cache first and call this after, never the other way round: in the
+        gap the gate would see neither the reservation nor the position. Idempotent; returns True
+        if anything was released.
+        """
+        _amounts.check_symbol(symbol)
+        view = self._own_view()
+        if view is not None:
+            return view.release(symbol)
+        with self._guard():
+            if symbol not in self._syms:
+                return False
+            for res in list(self._syms[symbol][2].values()):
+                self._end_locked(res, _RELEASED)
+                self._n_released += 1
+            return True
+
+    def release_order(self, order_id: Hashable) -> bool:
+        """Drop the reservation of ``order_id`` (exchange reject, or its fill is visible).
+
+        Idempotent; returns True if it was outstanding.
+        """
+        _amounts.check_order_id(order_id)
+        view = self._own_view()
+        if view is not None:
+            return view.release_order(order_id)
+        res = self._orders.get(order_id)
+        if res is None:
+            # Not outstanding (or racing its own creation, which is indistinguishable from
+            # arriving first). Still acquire, so expiry is noticed as on every acquisition.
+            with self._guard():
+                res = self._orders.get(order_id)
+                if res is None:
+                    return False
+        return self._release_reservation(res)
+
+    def stats(self) -> LedgerStats:
+        """A consistent snapshot (taken under the lock, after dropping expired reservations)."""
+        with self._guard():
+            gross, den, kinds = self._gross, self._den, self._kinds
+            count = self._count
+            reserved, released, expired = self._n_reserved, self._n_released, self._n_expired
+        return LedgerStats(
+            outstanding=count,
+            gross_notional=_amounts.to_number(gross, den, kinds),
+            reserved=reserved,
+            released=released,
+            expired=expired,
+        )
+
+    def __repr__(self) -> str:
+        return f"PendingEntryLedger(ttl={self._ttl!r}, outstanding={self._count})"
+
+    # ------------------------------------------------------------------ lock helpers
+
+    def _guard(self) -> _Guard:
+        """Acquire for a slow path: re-entrancy check, expiry sweep, on_expire after release."""
+        return _Guard(self)
+
+    def _own_view(self) -> PendingMap | None:
+        """The open view if this thread is inside this ledger's ``lock()`` block, else None.
+
+        Raises ``ReentrantLockError`` if this thread holds the lock some other way (for example
+        from a ``positions`` callable that the gate calls under the lock).
+        """
+        owner = self._owner
+        if owner is None or owner != _get_ident():
+            return None
+        if self._view is None:
+            raise ReentrantLockError("this thread already holds the ledger lock")
+        return self._view
+
+    def _fire_expired(self, expired: list[Reservation]) -> None:
+        callback = self._on_expire
+        if callback is None:
+            return
+        for res in expired:
+            try:
+                callback(res)
+            except Exception:
+                logger.exception("on_expire raised for %r; ignored", res)
+
+    # ------------------------------------------------------------------ locked primitives
+    # Called with the lock held. They make calls, so the hot paths inline them instead.
+
+    def _sweep_locked(self, now: float) -> list[Reservation]:
+        """Expire every reservation whose deadline is <= now; return them (fire after release)."""
+        expired: list[Reservation] = []
+        queue = self._queue
+        head, end = self._head, self._seq
+        while head < end:
+            res = queue.get(head)
+            if res is None:
+                head += 1
+                continue
+            if res._deadline > now:
+                self._next_expiry = res._deadline
+                break
+            self._end_locked(res, _EXPIRED)
+            self._n_expired += 1
+            expired.append(res)
+            head += 1
+        else:
+            self._next_expiry = _INF
+        if self._count:
+            self._head = head
+        return expired
+
+    def _stamp_locked(self, res: Reservation, now: float) -> None:
+        if now < self._last_now:
+            now = self._last_now
+        else:
+            self._last_now = now
+        res._reserved_at = now
+        res._deadline = now + self._ttl
+
+    def _insert_locked(self, res: Reservation) -> None:
+        """Insert an active reservation whose seq and times are set (new, or restored)."""
+        symbol, n, seq = res._symbol, res._n, res._seq
+        self._orders[res._order_id] = res
+        self._queue[seq] = res
+        entry = self._syms.get(symbol)
+        if entry is None:
+            self._syms[symbol] = [1, n, {res._order_id: res}]
+            self._nsyms += 1
+        else:
+            entry[0] += 1
+            entry[1] += n
+            entry[2][res._order_id] = res
+        self._gross += n
+        self._kinds += res._kind
+        self._count += 1
+        if seq < self._head or self._count == 1:
+            self._head = seq
+        self._next_expiry = min(self._next_expiry, res._deadline)
+        res._state = _ACTIVE
+        self._version += 1
+
+    def _end_locked(self, res: Reservation, state: int) -> None:
+        """Remove an active reservation and mark how it ended (counters are the caller's)."""
+        symbol, n = res._symbol, res._n
+        del self._orders[res._order_id]
+        del self._queue[res._seq]
+        entry = self._syms[symbol]
+        if entry[0] == 1:
+            del self._syms[symbol]
+            self._nsyms -= 1
+        else:
+            entry[0] -= 1
+            entry[1] -= n
+            del entry[2][res._order_id]
+        self._gross -= n
+        self._kinds -= res._kind
+        self._count -= 1
+        if not self._count:
+            self._next_expiry = _INF
+            self._head = self._seq
+        res._state = state
+        res._den_end = self._den
+        self._version += 1
+
+    def _ensure_den_locked(self, q: int) -> None:
+        """Make ``_den`` a multiple of ``q``, rescaling every stored numerator (rare: O(n) once)."""
+        den = self._den
+        if den % q == 0:
+            return
+        new = math.lcm(den, q)
+        factor = new // den
+        for res in self._orders.values():
+            res._n *= factor
+        for entry in self._syms.values():
+            entry[1] *= factor
+        self._gross *= factor
+        self._den = new
+        self._version += 1
+
+    def _scaled_locked(self, num: int, q: int) -> int:
+        self._ensure_den_locked(q)
+        return num * (self._den // q)
+
+    # ------------------------------------------------------------------ hot paths
+
+    def _release_reservation(self, res: Reservation) -> bool:
+        if res._ledger is not self:
+            raise ValueError(f"{res!r} belongs to another ledger")
+        now = self._clock()
+        owner = self._owner
+        if owner is not None and owner == _get_ident():
+            return self._own_view_or_raise()._end(res, _RELEASED)
+        expired = None
+        with self._lock:
+            if now >= self._next_expiry:
+                expired = self._sweep_locked(now)
+            if res._state:
+                done = False
+            else:
+                # Inlined _end_locked(res, _RELEASED): no call while the lock is held.
+                symbol, n = res._symbol, res._n
+                del self._orders[res._order_id]
+                del self._queue[res._seq]
+                entry = self._syms[symbol]
+                if entry[0] == 1:
+                    del self._syms[symbol]
+                    self._nsyms -= 1
+                else:
+                    entry[0] -= 1
+                    entry[1] -= n
+                    del entry[2][res._order_id]
+                self._gross -= n
+                self._kinds -= res._kind
+                self._count -= 1
+                if not self._count:
+                    self._next_expiry = _INF
+                    self._head = self._seq
+                res._state = _RELEASED
+                res._den_end = self._den
+                self._version += 1
+                self._n_released += 1
+                done = True
+        if expired:
+            self._fire_expired(expired)
+        return done
+
+    def _own_view_or_raise(self) -> PendingMap:
+        view = self._own_view()
+        if view is None:  # pragma: no cover - _own_view only returns None for other threads
+            raise ReentrantLockError("this thread already holds the ledger lock")
+        return view
+
+    def _reduce_reservation(self, res: Reservation, num: int, q: int) -> bool:
+        if res._ledger is not self:
+            raise ValueError(f"{res!r} belongs to another ledger")
+        view = self._own_view()
+        if view is not None:
+            return view._reduce(res, num, q)
+        with self._guard():
+            if res._state:
+                return False
+            self._reduce_locked(res, self._scaled_locked(num, q))
+            return True
+
+    def _reduce_locked(self, res: Reservation, amount: int) -> int:
+        """Reduce an active reservation by a scaled amount; return the scaled amount removed."""
+        if amount >= res._n:
+            removed = res._n
+            self._end_locked(res, _FILLED)
+            self._n_released += 1
+            return removed
+        res._n -= amount
+        self._syms[res._symbol][1] -= amount
+        self._gross -= amount
+        self._version += 1
+        return amount
+
+
+class _Guard:
+    """Slow-path acquisition: refuses re-entry, sweeps expiry, fires ``on_expire`` after release."""
+
+    __slots__ = ("_expired", "_ledger")
+
+    def __init__(self, ledger: PendingEntryLedger) -> None:
+        self._ledger = ledger
+        self._expired: list[Reservation] = []
+
+    def __enter__(self) -> None:
+        ledger = self._ledger
+        me = _get_ident()
+        if ledger._owner == me:
+            raise ReentrantLockError("this thread already holds the ledger lock")
+        now = ledger._clock()
+        ledger._lock.acquire()
+        ledger._owner = me
+        if now >= ledger._next_expiry:
+            self._expired = ledger._sweep_locked(now)
+
+    def __exit__(self, *exc: object) -> None:
+        ledger = self._ledger
+        ledger._owner = None
+        ledger._lock.release()
+        if self._expired:
+            ledger._fire_expired(self._expired)
+
+
+class _LockBlock:
+    """The context manager ``PendingEntryLedger.lock()`` returns (single use)."""
+
+    __slots__ = ("_expired", "_ledger", "_timeout", "_view")
+
+    def __init__(self, ledger: PendingEntryLedger, timeout: float | None) -> None:
+        self._ledger = ledger
+        self._timeout = timeout
+        self._view: PendingMap | None = None
+        self._expired: list[Reservation] = []
+
+    def __enter__(self) -> PendingMap:
+        if self._view is not None:
+            raise LedgerError("a lock() context manager can be entered only once")
+        ledger = self._ledger
+        me = _get_ident()
+        if ledger._owner == me:
+            raise ReentrantLockError("this thread already holds the ledger lock")
+        timeout = self._timeout
+        if not ledger._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise LockTimeout(f"ledger lock not acquired within {timeout} s")
+        try:
+            ledger._owner = me
+            # Read after acquiring: the block's time is the time it holds the lock.
+            now = ledger._clock()
+            if now >= ledger._next_expiry:
+                self._expired = ledger._sweep_locked(now)
+            view = PendingMap(ledger, now)
+        except BaseException:
+            ledger._owner = None
+            ledger._lock.release()
+            raise
+        ledger._view = view
+        self._view = view
+        return view
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        ledger = self._ledger
+        view = self._view
+        assert view is not None
+        try:
+            if exc_type is not None:
+                view._rollback()
+        finally:
+            view._open = False
+            ledger._view = None
+            ledger._owner = None
+            ledger._lock.release()
+            if self._expired:
+                ledger._fire_expired(self._expired)
+
+
+class PendingMap:
+    """The ledger as seen inside ``with ledger.lock() as pending:``; valid only in that block.
+
+    Everything here runs with the lock held, so the block sees one consistent state and what it
+    reserves is visible to the next thread that takes the lock. Changes are journaled so a block
+    that raises leaves the ledger as it found it.
+    """
+
+    __slots__ = ("_journal", "_ledger", "_now", "_open")
+
+    def __init__(self, ledger: PendingEntryLedger, now: float) -> None:
+        self._ledger = ledger
+        self._now = now
+        self._open = True
+        # ("reserve", res) | ("end", res) | ("reduce", res, removed, den then, state after)
+        self._journal: list[tuple[Any, ...]] = []
+
+    def _live(self) -> PendingEntryLedger:
+        if not self._open:
+            raise StaleViewError("this PendingMap's lock() block has ended; take the lock again")
+        return self._ledger
+
+    def contains(self, symbol: Hashable) -> bool:
+        """Whether any reservation is outstanding for ``symbol``."""
+        return symbol in self._live()._syms
+
+    def __contains__(self, symbol: object) -> bool:
+        return symbol in self._live()._syms
+
+    def __len__(self) -> int:
+        """Number of outstanding reservations (not symbols)."""
+        return self._live()._count
+
+    def __iter__(self) -> Iterator[Hashable]:
+        """The symbols with outstanding reservations (a snapshot)."""
+        return iter(list(self._live()._syms))
+
+    def gross_notional(self) -> Number:
+        """Sum of outstanding reserved notional, exact (see ``_amounts`` for its type)."""
+        ledger = self._live()
+        return _amounts.to_number(ledger._gross, ledger._den, ledger._kinds)
+
+    def symbol_notional(self, symbol: Hashable) -> Number:
+        """Reserved notional outstanding on ``symbol`` (0 if none)."""
+        ledger = self._live()
+        entry = ledger._syms.get(symbol)
+        if entry is None:
+            return 0
+        return _amounts.to_number(entry[1], ledger._den, ledger._kinds)
+
+    def new_slots(self, is_open: Callable[[Hashable], object]) -> int:
+        """How many reserved symbols are not open, i.e. will take a new concurrency slot."""
+        ledger = self._live()
+        return sum(1 for symbol in ledger._syms if not is_open(symbol))
+
+    def reserve(
+        self, symbol: Hashable, notional: Number, *, order_id: Hashable | None = None
+    ) -> Reservation:
+        """Record a reservation of ``notional`` on ``symbol`` for one order.
+
+        ``order_id`` is any hashable (typically the client order id); one is generated if not
+        given. An ``order_id`` already outstanding raises ``ValueError``. Reservations on one
+        symbol add up but each keeps its own TTL and can be released alone.
+        """
+        ledger = self._live()
+        _amounts.check_symbol(symbol)
+        num, q, kind = _amounts.positive_ratio("notional", notional)
+        if order_id is None:
+            order_id = _GeneratedOrderId()
+        else:
+            _amounts.check_order_id(order_id)
+        if order_id in ledger._orders:
+            raise ValueError(f"order_id {order_id!r} already has an outstanding reservation")
+        n = ledger._scaled_locked(num, q)
+        res = _new_reservation(ledger, symbol, order_id, notional, kind, n)
+        res._seq = ledger._seq
+        ledger._seq += 1
+        ledger._stamp_locked(res, self._now)
+        ledger._insert_locked(res)
+        ledger._n_reserved += 1
+        self._journal.append(("reserve", res))
+        return res
+
+    def release(self, symbol: Hashable) -> bool:
+        """Drop every reservation on ``symbol``; True if anything was released."""
+        ledger = self._live()
+        _amounts.check_symbol(symbol)
+        entry = ledger._syms.get(symbol)
+        if entry is None:
+            return False
+        for res in list(entry[2].values()):
+            self._end(res, _RELEASED)
+        return True
+
+    def release_order(self, order_id: Hashable) -> bool:
+        """Drop the reservation of ``order_id``; True if it was outstanding."""
+        ledger = self._live()
+        _amounts.check_order_id(order_id)
+        res = ledger._orders.get(order_id)
+        return res is not None and self._end(res, _RELEASED)
+
+    def _end(self, res: Reservation, state: int) -> bool:
+        ledger = self._live()
+        if res._state:
+            return False
+        ledger._end_locked(res, state)
+        ledger._n_released += 1
+        self._journal.append(("end", res))
+        return True
+
+    def _reduce(self, res: Reservation, num: int, q: int) -> bool:
+        ledger = self._live()
+        if res._state:
+            return False
+        removed = ledger._reduce_locked(res, ledger._scaled_locked(num, q))
+        self._journal.append(("reduce", res, removed, ledger._den, res._state))
+        return True
+
+    def _rollback(self) -> None:
+        """Undo the journal, newest first. Runs under the lock, before it is released."""
+        ledger = self._ledger
+        for record in reversed(self._journal):
+            res = record[1]
+            if record[0] == "reserve":
+                # Newest first: any later end of this reservation was undone already.
+                ledger._end_locked(res, _ROLLED_BACK)
+                ledger._n_reserved -= 1
+            elif record[0] == "end":
+                res._n *= ledger._den // res._den_end
+                ledger._insert_locked(res)
+                ledger._n_released -= 1
+            else:
+                _, _, removed, den_then, state_after = record
+                amount = removed * (ledger._den // den_then)
+                if state_after == _FILLED:
+                    res._n = amount  # the whole remainder, rescaled to the current _den
+                    ledger._insert_locked(res)
+                    ledger._n_released -= 1
+                else:
+                    res._n += amount
+                    ledger._syms[res._symbol][1] += amount
+                    ledger._gross += amount
+                    ledger._version += 1
+        self._journal.clear()
