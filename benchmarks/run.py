@@ -121,8 +121,8 @@ QUICK = Mode(
     window_s=0.4,
     switch_interval=0.0,
     mem_book=20_000,
-    mem_cycles_traced=100_000,
-    mem_cycles_untraced=1_000_000,
+    mem_cycles_traced=50_000,
+    mem_cycles_untraced=300_000,
 )
 
 FULL = Mode(
