@@ -105,8 +105,7 @@ class Mode:
     window_s: float
     switch_interval: float  # 0: no extra row with sys.setswitchinterval
     mem_book: int
-    mem_cycles_traced: int
-    mem_cycles_untraced: int
+    mem_cycles: int  # reserve/release cycles traced for the no-growth check
 
 
 QUICK = Mode(
@@ -121,8 +120,7 @@ QUICK = Mode(
     window_s=0.4,
     switch_interval=0.0,
     mem_book=20_000,
-    mem_cycles_traced=50_000,
-    mem_cycles_untraced=300_000,
+    mem_cycles=50_000,
 )
 
 FULL = Mode(
@@ -137,8 +135,7 @@ FULL = Mode(
     window_s=1.5,
     switch_interval=1.0,
     mem_book=100_000,
-    mem_cycles_traced=200_000,
-    mem_cycles_untraced=1_000_000,
+    mem_cycles=1_000_000,
 )
 
 
@@ -676,24 +673,22 @@ def bench_memory(mode: Mode, results: Results) -> None:
     clock = ManualClock()
     ledger, gate = _subject(TTL, clock)
     order = _churn(gate, ledger, clock, 20_000, 0)  # warm-up: free lists, dict tables, counters
+    cycles = mode.mem_cycles
     gc.collect()
     blocks0 = sys.getallocatedblocks()
-    t0 = _ns()
-    order = _churn(gate, ledger, clock, mode.mem_cycles_untraced, order)
-    untraced_s = (_ns() - t0) / 1e9
-    gc.collect()
-    blocks_growth = sys.getallocatedblocks() - blocks0
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        order = _churn(gate, ledger, clock, mode.mem_cycles_traced, order)
+        t0 = _ns()
+        order = _churn(gate, ledger, clock, cycles, order)
+        churn_s = (_ns() - t0) / 1e9
         gc.collect()
         traced_growth = tracemalloc.get_traced_memory()[0] - base
+        blocks_growth = sys.getallocatedblocks() - blocks0
     finally:
         tracemalloc.stop()
     left = ledger_pending_count(ledger)
     stats = ledger.stats()
-    total_cycles = mode.mem_cycles_untraced + mode.mem_cycles_traced
 
     rows = [
         [
@@ -706,23 +701,15 @@ def bench_memory(mode: Mode, results: Results) -> None:
             _fmt_bytes(subject["peak_per_reservation"]),
             _fmt_bytes(port["peak_per_reservation"]),
         ],
-        [
-            f"growth over {mode.mem_cycles_traced:,} cycles (tracemalloc, after gc)",
-            _fmt_bytes(traced_growth),
-            "-",
-        ],
-        [
-            f"allocated blocks growth over {mode.mem_cycles_untraced:,} cycles (untraced)",
-            f"{blocks_growth:+d}",
-            "-",
-        ],
+        [f"traced growth after {cycles:,} reserve/release cycles", _fmt_bytes(traced_growth), "-"],
+        [f"allocated blocks growth after {cycles:,} cycles", f"{blocks_growth:+d}", "-"],
         ["outstanding at the end (book must be empty)", str(left), "-"],
     ]
     _say(_table(["memory", "pendingledger", "straightforward port"], rows))
     _say(
-        f"(cycles go through every release path: Reservation.release, ledger.release, "
-        f"release_order, reduce to zero, TTL expiry; untraced rate "
-        f"{mode.mem_cycles_untraced / untraced_s / 1e3:.0f} k cycles/s; "
+        "(cycles go through every release path: Reservation.release, ledger.release, "
+        "release_order, reduce to zero, TTL expiry; after gc.collect(); "
+        f"{cycles / churn_s / 1e3:.0f} k cycles/s under tracemalloc; "
         f"stats: outstanding={getattr(stats, 'outstanding', '?')}, "
         f"expired={getattr(stats, 'expired', '?')})\n"
     )
@@ -730,29 +717,17 @@ def bench_memory(mode: Mode, results: Results) -> None:
         "book": n,
         "pendingledger": subject,
         "port": port,
-        "cycles_traced": mode.mem_cycles_traced,
-        "cycles_untraced": mode.mem_cycles_untraced,
+        "cycles": cycles,
         "traced_growth_bytes": traced_growth,
         "allocated_blocks_growth": blocks_growth,
         "outstanding_at_end": left,
     }
-    # "No growth": a leak of even one small object per cycle would be tens of MB here; allow
-    # 16 KiB for allocator noise (free lists, a dict table resize).
-    empty = left == 0
+    # "No growth": a leak of one small object per cycle would be megabytes here; allow 16 KiB
+    # for allocator noise (free lists, a dict table resize). The book must be empty as well.
     results.targets.append(
         Target(
-            f"no growth: allocated blocks after {mode.mem_cycles_untraced:,} cycles, book empty",
-            float(max(blocks_growth, 0)) if empty else float("inf"),
-            256.0,
-            "max",
-            unit=" blocks",
-        )
-    )
-    results.targets.append(
-        Target(
-            f"no growth: traced bytes over {mode.mem_cycles_traced:,} more cycles "
-            f"({total_cycles:,} in all), book empty",
-            float(max(traced_growth, 0)) if empty else float("inf"),
+            f"no growth after {cycles:,} reserve/release cycles (traced bytes, book empty)",
+            float(max(traced_growth, 0)) if left == 0 else float("inf"),
             16 * 1024.0,
             "max",
             unit=" B",
