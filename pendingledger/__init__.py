@@ -10,10 +10,12 @@ from .errors import LedgerError, LockTimeout, ReentrantLockError, StaleViewError
 from .gate import GateStats, PortfolioGate, Positions
 from .ledger import LedgerStats, PendingEntryLedger, PendingMap, Reservation, ReservationState
 from .limits import Decision, DenyReason, PortfolioLimits
+from .protocols import Gate, ReservationHandle
 
 __all__ = [
     "Decision",
     "DenyReason",
+    "Gate",
     "GateStats",
     "LedgerError",
     "LedgerStats",
@@ -25,6 +27,7 @@ __all__ = [
     "Positions",
     "ReentrantLockError",
     "Reservation",
+    "ReservationHandle",
     "ReservationState",
     "StaleViewError",
 ]

@@ -6,9 +6,10 @@ ledger keeps all sums as integers over one common denominator. Integer arithmeti
 lock is exact and makes no function call, so sums never drift, the gross is exactly 0 once every
 reservation is gone, and a float gross equals ``math.fsum`` of the float reservations.
 
-Kinds are counted so the ledger can hand a sum back in the type a caller would expect: floats
-give a float (correctly rounded), Decimals a Decimal, ints an int; mixtures that have no exact
-common type (Decimal with float, anything with Fraction) give a Fraction.
+A ledger records every kind of amount it has seen, so it can hand a sum back in the type a
+caller would expect: floats give a float (correctly rounded), Decimals a Decimal, ints an int;
+mixtures with no exact common type (Decimal with float, anything with Fraction) give a Fraction.
+The record is sticky, so a ledger's sums keep one type however reservations come and go.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ __all__: list[str] = []
 
 INF: Final = math.inf
 
-# Kind codes are added into one packed counter per ledger; each field holds a count.
+# Kind bits, OR-ed into a ledger's record of every kind it has seen.
 KIND_INT: Final = 0
 KIND_FLOAT: Final = 1
-KIND_DECIMAL: Final = 1 << 64
-KIND_FRACTION: Final = 1 << 128
-_FIELD: Final = (1 << 64) - 1
+KIND_DECIMAL: Final = 2
+KIND_FRACTION: Final = 4
 
 Ratio = tuple[int, int]
 
@@ -125,10 +125,10 @@ def scale_to(ratio: Ratio, den: int) -> int | None:
 
 
 def to_number(num: int, den: int, kinds: int) -> int | float | Decimal | Fraction:
-    """``num/den`` in the type the counted kinds call for (see the module docstring)."""
-    floats = kinds & _FIELD
-    decimals = (kinds >> 64) & _FIELD
-    fractions = kinds >> 128
+    """``num/den`` in the type the kinds seen call for (see the module docstring)."""
+    floats = kinds & KIND_FLOAT
+    decimals = kinds & KIND_DECIMAL
+    fractions = kinds & KIND_FRACTION
     if fractions or (floats and decimals):
         return Fraction(num, den)
     if floats:

@@ -3,20 +3,27 @@
 ``PortfolioGate.try_enter`` decides and, when it admits, reserves in the same critical section of
 the ledger lock, so no other thread can be admitted on the strength of the same room.
 
-How the decision stays correct while reading positions outside the lock
--------------------------------------------------------------------------
-Work that needs a function call (reading and validating ``positions``, converting amounts to
-exact integers, building the reservation) is done *before* the lock is taken, because a call
-inside the critical section lets CPython switch threads while the lock is held and contending
-threads then queue behind it (a lock convoy). The critical section itself is only comparisons,
-int arithmetic and dict stores. To keep the guarantee of a decision made entirely under the lock:
+Where positions are read, and why the decision is still made "under the lock"
+-----------------------------------------------------------------------------
+Work that needs a function call (reading and validating positions, converting amounts to exact
+integers, building the reservation) is done *before* the lock is taken where it can be, because a
+call inside the critical section lets CPython switch threads while the lock is held and
+contending threads then queue behind it (a lock convoy). The critical section itself is only
+comparisons, int arithmetic and dict stores. Three sources of positions:
 
-1. ``try_enter`` reads the ledger's ``_version`` first, then reads ``positions``.
-2. Every change to the reservations (reserve, release, reduce, expiry, rescale) bumps ``_version``
-   under the lock.
+* the gate's **owned book** (``positions=None``, kept by ``set_position``/``confirm_fill`` under
+  the ledger lock) and a **mapping** are read optimistically, as below;
+* a **callable** is called once, under the ledger lock, as the contract promises a callable
+  (it may read a cache that needs its own lock to snapshot). Keep it to a copy of a dict.
+
+The optimistic read keeps the guarantee of a decision made entirely under the lock:
+
+1. ``try_enter`` reads the ledger's ``_version`` first, then reads the positions.
+2. Every change to reservations or the owned book (reserve, release, reduce, expiry, rescale,
+   set/close position) bumps ``_version`` under the lock, after the change.
 3. The commit, under the lock, proceeds only if ``_version`` is unchanged and nothing is due to
-   expire; otherwise it recomputes (after a few failed attempts it falls back to doing the whole
-   decision under the lock, calling ``positions`` there, so a thread cannot starve).
+   expire; otherwise it recomputes (when expiry is due, or after a few failed attempts, it
+   decides wholly under the lock instead, so a thread cannot starve).
 
 The fill router updates the position cache *before* it releases a reservation (the documented
 hand-off). So if a fill's position was missing from the positions we read, its release happened
@@ -36,18 +43,15 @@ import threading
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from . import _amounts
 from .errors import ReentrantLockError
-from .ledger import (
-    Number,
-    PendingEntryLedger,
-    Reservation,
-    _GeneratedOrderId,
-    _new_reservation,
-)
+from .ledger import _FILLED, Number, PendingEntryLedger, Reservation, _GeneratedOrderId
 from .limits import DENIED, Decision, DenyReason, PortfolioLimits
+
+if TYPE_CHECKING:
+    from .protocols import Gate
 
 __all__ = ["GateStats", "PortfolioGate", "Positions"]
 
@@ -58,6 +62,8 @@ or a zero-argument callable returning such a mapping."""
 _INF: Final = float("inf")
 _get_ident: Final = threading.get_ident
 _OPTIMISTIC_ATTEMPTS: Final = 4
+_KIND_FLOAT: Final = _amounts.KIND_FLOAT
+_KIND_INT: Final = _amounts.KIND_INT
 
 # Outcome codes of the critical section. Ints, not DenyReason: hashing an Enum member is a call.
 _ADMIT: Final = 0
@@ -73,6 +79,9 @@ _REASONS: Final = (
     DenyReason.MAX_GROSS_EXPOSURE,
     DenyReason.MAX_SYMBOL_EXPOSURE,
 )
+
+# The shared denied decision of outcome code c is _DENIED_AT[c - 1] (no Enum hashing).
+_DENIED_AT: Final[tuple[Decision, ...]] = tuple(DENIED[r] for r in _REASONS if r is not None)
 
 # (limits, den, max positions, gross limit over den, symbol limit over den)
 _ScaledLimits = tuple[PortfolioLimits, int, "int | None", "int | None", "int | None"]
@@ -150,32 +159,101 @@ class PortfolioGate:
         self._halted = False
 
     def stats(self) -> GateStats:
-        """Counts of admitted and denied decisions (every ``DenyReason`` is a key)."""
-        with self._ledger._lock:
-            admitted = self._admitted
-            counts = list(self._denied)
+        """Counts of admitted and denied decisions (every ``DenyReason`` is a key).
+
+        Works inside a ``lock()`` block of the same thread too (the counts are read in place).
+        """
+        ledger = self._ledger
+        if ledger._owner == _get_ident():
+            admitted, counts = self._admitted, list(self._denied)
+        else:
+            with ledger._lock:
+                admitted = self._admitted
+                counts = self._denied[:]
         denied = dict.fromkeys(DenyReason, 0)
         for code, reason in enumerate(_REASONS):
             if reason is not None:
                 denied[reason] = counts[code]
         return GateStats(admitted=admitted, denied=MappingProxyType(denied))
 
+    # ------------------------------------------------------------------ the owned position book
+
+    def set_position(self, symbol: Hashable, exposure: Number) -> None:
+        """Open ``symbol`` in the gate's own position book, or update its exposure.
+
+        Used by ``try_enter(..., positions=None)``. The absolute value counts; 0 is an open
+        position with no exposure (it still holds a concurrency slot). Updated under the ledger
+        lock, so a decision sees the book and the reservations in one state.
+        """
+        _amounts.check_symbol(symbol)
+        num, q = _amounts.exact_ratio("exposure", exposure)
+        with self._ledger._guard():
+            self._ledger._set_position_locked(symbol, num, q, exposure)
+
+    def close_position(self, symbol: Hashable) -> bool:
+        """Remove ``symbol`` from the owned book; True if it was open."""
+        _amounts.check_symbol(symbol)
+        with self._ledger._guard():
+            return self._ledger._close_position_locked(symbol)
+
+    def confirm_fill(
+        self, order_id: Hashable, position_exposure: Number, *, symbol: Hashable | None = None
+    ) -> bool:
+        """Record a fill: set its symbol's position to ``position_exposure`` and end the order's
+        reservation, in one step under the lock (the safe hand-off, with no gap at all).
+
+        Returns True if the reservation was outstanding (it ends as FILLED). If it already ended
+        (expired, released), the position is still recorded when ``symbol`` is given, so a late
+        fill is never lost; without ``symbol`` nothing changes and False is returned.
+        """
+        _amounts.check_order_id(order_id)
+        if symbol is not None:
+            _amounts.check_symbol(symbol)
+        num, q = _amounts.exact_ratio("position_exposure", position_exposure)
+        ledger = self._ledger
+        with ledger._guard():
+            res = ledger._orders.get(order_id)
+            if res is None:
+                if symbol is not None:
+                    ledger._set_position_locked(symbol, num, q, position_exposure)
+                return False
+            ledger._set_position_locked(res._symbol, num, q, position_exposure)
+            ledger._end_locked(res, _FILLED)
+            ledger._n_released += 1
+            return True
+
+    def positions(self) -> dict[Hashable, Number]:
+        """A snapshot of the owned book: symbol -> exposure as it was set."""
+        with self._ledger._guard():
+            return {symbol: position[1] for symbol, position in self._ledger._book.items()}
+
+    def release(self, symbol: Hashable) -> bool:
+        """``ledger.release(symbol)``: drop every reservation on ``symbol``."""
+        return self._ledger.release(symbol)
+
+    def release_order(self, order_id: Hashable) -> bool:
+        """``ledger.release_order(order_id)``: drop that order's reservation."""
+        return self._ledger.release_order(order_id)
+
+    # ------------------------------------------------------------------ the decision
+
     def try_enter(
         self,
         symbol: Hashable,
         notional: Number,
-        positions: Positions,
+        positions: Positions | None = None,
         *,
         order_id: Hashable | None = None,
     ) -> Decision:
         """Check the limits and, if they pass, reserve ``notional`` on ``symbol``, atomically.
 
-        ``positions`` maps each open symbol to its exposure, or is a zero-argument callable
-        returning that mapping (read after the ledger's version, see the module docstring; it may
-        be called again if the commit has to retry, and on the last resort under the lock). The
-        returned ``Decision`` is truthy when admitted and then carries the ``Reservation``: release
-        it on an exchange reject; release it (or its symbol) once the fill is in the position
-        cache; otherwise it expires after the ledger's TTL.
+        ``positions`` is one of: ``None`` (the default) for the gate's own book, kept with
+        ``set_position``/``close_position``/``confirm_fill``; a mapping of each open symbol to its
+        exposure; or a zero-argument callable returning such a mapping, called once under the
+        ledger lock. The returned ``Decision`` is truthy when admitted and then carries the
+        ``Reservation``: release it on an exchange reject; release it (or its symbol), or
+        ``confirm_fill`` it, once the fill is in the positions; otherwise it expires after the
+        ledger's TTL.
 
         Bad arguments raise ``ValueError``/``TypeError`` and change nothing; so does an
         ``order_id`` that already has an outstanding reservation, and so does a NaN exposure in
@@ -187,39 +265,72 @@ class PortfolioGate:
             _amounts.check_symbol(symbol)
         if type(notional) is float and 0.0 < notional < _INF:
             num, q = notional.as_integer_ratio()
-            kind = _amounts.KIND_FLOAT
+            kind = _KIND_FLOAT
         elif type(notional) is int and notional > 0:
-            num, q, kind = notional, 1, _amounts.KIND_INT
+            num, q, kind = notional, 1, _KIND_INT
         else:
             num, q, kind = _amounts.positive_ratio("notional", notional)
         if order_id is None:
             order_id = _GeneratedOrderId()
-        else:
+        elif type(order_id) is not str:
             _amounts.check_order_id(order_id)
-        if positions is None:
-            raise TypeError("positions must be a mapping of open positions or a callable, got None")
-
         ledger = self._ledger
         owner = ledger._owner
         if owner is not None and owner == _get_ident():
             raise ReentrantLockError("try_enter called while this thread holds the ledger lock")
         now = ledger._clock()
-        res = _new_reservation(ledger, symbol, order_id, notional, kind, 0)
+        res = object.__new__(Reservation)  # inlined _new_reservation(): one call fewer
+        res._ledger = ledger
+        res._symbol = symbol
+        res._order_id = order_id
+        res._initial = notional
+        res._state = 0
         lock = ledger._lock
         syms = ledger._syms
-        ttl = ledger._ttl
+        orders = ledger._orders
+        book = ledger._book
         expired: list[Reservation] | None = None
-        pessimistic = False
+        inputs: _Inputs | None
+        # A callable is called once, under the lock, as documented; a mapping or the owned book
+        # is read optimistically (see the module docstring).
+        pessimistic = callable(positions)
         attempts = 0
-        version = -1
-        inputs: _Inputs | None = None
         try:
             while True:
                 limits = self._limits
                 if not pessimistic:
                     version = ledger._version
-                    inputs = self._gather(positions, symbol, limits, num, q, grow=False)
-                    pessimistic = inputs is None
+                    den = ledger._den
+                    scaled = self._scaled
+                    if (
+                        scaled is not None
+                        and scaled[0] is limits
+                        and scaled[1] == den
+                        and (q == 1 or not den % q)
+                        and (positions is None or (type(positions) is dict and not positions))
+                    ):
+                        # The common cases, inline: limits already scaled, and either the owned
+                        # book (read here, validated by the version check at commit) or no
+                        # open positions at all.
+                        n = num * (den // q)
+                        if positions is None:
+                            position = book.get(symbol)
+                            inputs = (
+                                n,
+                                scaled[2],
+                                ledger._nbook,
+                                ledger._open_reserved,
+                                position is not None,
+                                ledger._book_gross,
+                                scaled[3],
+                                0 if position is None else position[0],
+                                scaled[4],
+                            )
+                        else:
+                            inputs = (n, scaled[2], 0, 0, False, 0, scaled[3], 0, scaled[4])
+                    else:
+                        inputs = self._gather(positions, symbol, limits, num, q, grow=False)
+                        pessimistic = inputs is None
                 with lock:
                     if pessimistic:
                         ledger._owner = _get_ident()
@@ -233,7 +344,7 @@ class PortfolioGate:
                     else:
                         ok = ledger._version == version and now < ledger._next_expiry
                     if ok:
-                        # ---- the critical section proper: no calls below this line ----
+                        # ---- the critical section proper: no calls from here on ----
                         n, max_pos, n_open, inter, sym_open, pos_gross, g_lim, sym_pos, s_lim = (
                             inputs  # type: ignore[misc]
                         )
@@ -243,7 +354,7 @@ class PortfolioGate:
                         else:
                             entry = None
                             sym_res = 0
-                        if order_id in ledger._orders:
+                        if order_id in orders:
                             outcome = _DUPLICATE
                         elif self._halted:
                             outcome = _HALTED
@@ -260,33 +371,33 @@ class PortfolioGate:
                             outcome = _MAX_SYMBOL
                         else:
                             outcome = _ADMIT
-                            # Inlined PendingEntryLedger._stamp_locked + _insert_locked.
+                            # Inlined PendingEntryLedger._insert_locked(res).
                             seq = ledger._seq
                             ledger._seq = seq + 1
-                            stamp = ledger._last_now
-                            if now > stamp:  # max() would be a call under the lock
-                                stamp = now
-                                ledger._last_now = now
                             res._n = n
                             res._seq = seq
-                            res._reserved_at = stamp
-                            res._deadline = stamp + ttl
-                            ledger._orders[order_id] = res
+                            res._reserved_at = now
+                            if not orders:
+                                ledger._head = seq
+                                ledger._next_expiry = now + ledger._ttl
+                            orders[order_id] = res
                             ledger._queue[seq] = res
                             if entry is None:
-                                syms[symbol] = [1, n, {order_id: res}]
+                                res._sym_prev = res._sym_next = None
+                                syms[symbol] = [1, n, res]
                                 ledger._nsyms += 1
+                                if symbol in ledger._book:
+                                    ledger._open_reserved += 1
                             else:
+                                first = entry[2]
+                                res._sym_prev = None
+                                res._sym_next = first
+                                first._sym_prev = res
+                                entry[2] = res
                                 entry[0] += 1
                                 entry[1] = sym_res + n
-                                entry[2][order_id] = res
                             ledger._gross += n
-                            ledger._kinds += kind
-                            if not ledger._count:
-                                ledger._head = seq
-                                ledger._next_expiry = stamp + ttl
-                            ledger._count += 1
-                            ledger._n_reserved += 1
+                            ledger._kinds |= kind
                             ledger._version += 1
                             self._admitted += 1
                         if outcome and outcome != _DUPLICATE:
@@ -294,8 +405,10 @@ class PortfolioGate:
                         # ---- end of the critical section proper ----
                 if ok:
                     break
+                # Expiry due: only the locked path sweeps. Otherwise another thread changed the
+                # ledger; retry, and after a few tries decide under the lock so nobody starves.
                 attempts += 1
-                pessimistic = attempts >= _OPTIMISTIC_ATTEMPTS
+                pessimistic = attempts >= _OPTIMISTIC_ATTEMPTS or now >= ledger._next_expiry
         finally:
             if expired:
                 ledger._fire_expired(expired)
@@ -306,13 +419,11 @@ class PortfolioGate:
             return decision
         if outcome == _DUPLICATE:
             raise ValueError(f"order_id {order_id!r} already has an outstanding reservation")
-        reason = _REASONS[outcome]
-        assert reason is not None
-        return DENIED[reason]
+        return _DENIED_AT[outcome - 1]
 
     def _gather(
         self,
-        positions: Positions,
+        positions: Positions | None,
         symbol: Hashable,
         limits: PortfolioLimits,
         num: int,
@@ -326,6 +437,8 @@ class PortfolioGate:
         it would have to be, and the caller retries under the lock.
         """
         ledger = self._ledger
+        if positions is None:
+            return self._gather_owned(symbol, limits, num, q, grow=grow)
         book = positions() if callable(positions) else positions
         if type(book) is not dict and not isinstance(book, Mapping):
             raise TypeError(
@@ -347,12 +460,9 @@ class PortfolioGate:
         if grow:
             ledger._ensure_den_locked(math.lcm(q, gross[1], sym[1], *_limit_denominators(limits)))
         den = ledger._den
-        scaled = self._scaled
-        if scaled is None or scaled[0] is not limits or scaled[1] != den:
-            scaled = _scale_limits(limits, den)
-            if scaled is None:
-                return None
-            self._scaled = scaled
+        scaled = self._scaled_limits(limits, den)
+        if scaled is None:
+            return None
         _, _, max_pos, g_lim, s_lim = scaled
         n = _amounts.scale_to((num, q), den)
         pos_gross = _amounts.scale_to(gross, den)
@@ -364,6 +474,39 @@ class PortfolioGate:
             syms = ledger._syms
             inter = sum(1 for s in snapshot if s in syms)
         return (n, max_pos, len(snapshot), inter, sym_open, pos_gross, g_lim, sym_pos, s_lim)
+
+    def _gather_owned(
+        self, symbol: Hashable, limits: PortfolioLimits, num: int, q: int, *, grow: bool
+    ) -> _Inputs | None:
+        """``_gather`` for the owned book: its figures are kept over ``_den`` by the ledger."""
+        ledger = self._ledger
+        if grow:
+            ledger._ensure_den_locked(math.lcm(q, *_limit_denominators(limits)))
+        den = ledger._den
+        scaled = self._scaled_limits(limits, den)
+        n = _amounts.scale_to((num, q), den)
+        if scaled is None or n is None:
+            return None
+        position = ledger._book.get(symbol)
+        return (
+            n,
+            scaled[2],
+            ledger._nbook,
+            ledger._open_reserved,
+            position is not None,
+            ledger._book_gross,
+            scaled[3],
+            0 if position is None else position[0],
+            scaled[4],
+        )
+
+    def _scaled_limits(self, limits: PortfolioLimits, den: int) -> _ScaledLimits | None:
+        scaled = self._scaled
+        if scaled is None or scaled[0] is not limits or scaled[1] != den:
+            scaled = _scale_limits(limits, den)
+            if scaled is not None:
+                self._scaled = scaled
+        return scaled
 
 
 def _check_limits(limits: object) -> PortfolioLimits:
@@ -390,3 +533,9 @@ def _scale_limits(limits: PortfolioLimits, den: int) -> _ScaledLimits | None:
             return None
         scaled.append(value)
     return (limits, den, limits.max_concurrent_positions, scaled[0], scaled[1])
+
+
+if TYPE_CHECKING:  # mypy proves PortfolioGate offers the whole backend-neutral surface.
+
+    def _conforms(gate: PortfolioGate) -> Gate:
+        return gate

@@ -34,6 +34,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -95,14 +96,10 @@ _STATES: Final = (
 class _GeneratedOrderId:
     """An order id made up by the ledger: equal only to itself, never to a caller's id."""
 
-    __slots__ = ("_n",)
-    _counter = iter(range(1, 1 << 62))
-
-    def __init__(self) -> None:
-        self._n = next(_GeneratedOrderId._counter)
+    __slots__ = ()
 
     def __repr__(self) -> str:
-        return f"<auto order {self._n}>"
+        return f"<generated order id {id(self):#x}>"
 
 
 class Reservation:
@@ -116,16 +113,16 @@ class Reservation:
     """
 
     __slots__ = (
-        "_deadline",
         "_den_end",
         "_initial",
-        "_kind",
         "_ledger",
         "_n",
         "_order_id",
         "_reserved_at",
         "_seq",
         "_state",
+        "_sym_next",
+        "_sym_prev",
         "_symbol",
     )
 
@@ -133,11 +130,12 @@ class Reservation:
     _symbol: Hashable
     _order_id: Hashable
     _initial: Number
-    _kind: int
     _n: int  # remaining amount, as a numerator over the ledger's _den
     _reserved_at: float
-    _deadline: float
     _den_end: int  # the ledger's _den when the reservation ended (rescaling skips ended ones)
+    # Outstanding reservations of one symbol form a doubly linked list from _syms[symbol][2].
+    _sym_prev: Reservation | None
+    _sym_next: Reservation | None
     _seq: int
     _state: int
 
@@ -159,18 +157,14 @@ class Reservation:
         """What is still reserved, in the type it was given (see the class docstring)."""
         ledger = self._ledger
         if ledger._owner == _get_ident():
-            n, den = self._n, self._den_of_n()
+            n, den = self._n, ledger._den if self._state == _ACTIVE else self._den_end
         else:
             with ledger._lock:
-                n, den = self._n, self._den_of_n()
+                n, den = self._n, ledger._den if self._state == _ACTIVE else self._den_end
         p0, q0 = self._initial.as_integer_ratio()
         if n * q0 == p0 * den:
             return self._initial
-        return _amounts.to_number(n, den, self._kind)
-
-    def _den_of_n(self) -> int:
-        """The denominator of ``_n``: the ledger's while active, the one it ended with after."""
-        return self._ledger._den if self._state == _ACTIVE else self._den_end
+        return _amounts.to_number(n, den, _amounts.kind_of(self._initial))
 
     @property
     def initial_notional(self) -> Number:
@@ -185,7 +179,7 @@ class Reservation:
     @property
     def expires_at(self) -> float:
         """``reserved_at + ttl``: from this clock reading on, the reservation is expired."""
-        return self._deadline
+        return self._reserved_at + self._ledger._ttl
 
     @property
     def active(self) -> bool:
@@ -197,7 +191,52 @@ class Reservation:
 
     def release(self) -> bool:
         """End the reservation now (e.g. the exchange rejected the order). True if it was active."""
-        return self._ledger._release_reservation(self)
+        ledger = self._ledger
+        now = ledger._clock()
+        owner = ledger._owner
+        if owner is not None and owner == _get_ident():
+            return ledger._own_view_or_raise()._end(self, _RELEASED)
+        expired = None
+        with ledger._lock:
+            if now >= ledger._next_expiry:
+                expired = ledger._sweep_locked(now)
+            if self._state:
+                done = False
+            else:
+                # Inlined PendingEntryLedger._end_locked(self, _RELEASED): no call under the lock.
+                orders = ledger._orders
+                syms = ledger._syms
+                symbol, n, order_id = self._symbol, self._n, self._order_id
+                del orders[order_id]
+                del ledger._queue[self._seq]
+                entry = syms[symbol]
+                if entry[0] == 1:
+                    del syms[symbol]
+                    ledger._nsyms -= 1
+                    if symbol in ledger._book:
+                        ledger._open_reserved -= 1
+                else:
+                    entry[0] -= 1
+                    entry[1] -= n
+                    prev, after = self._sym_prev, self._sym_next
+                    if prev is None:
+                        entry[2] = after
+                    else:
+                        prev._sym_next = after
+                    if after is not None:
+                        after._sym_prev = prev
+                ledger._gross -= n
+                if not orders:
+                    ledger._next_expiry = _INF
+                    ledger._head = ledger._seq
+                self._state = _RELEASED
+                self._den_end = ledger._den
+                ledger._version += 1
+                ledger._n_released += 1
+                done = True
+        if expired:
+            ledger._fire_expired(expired)
+        return done
 
     def reduce(self, amount: Number) -> bool:
         """Shrink the remaining notional by ``amount`` (a partial fill); at zero it is released.
@@ -207,6 +246,15 @@ class Reservation:
         """
         num, den, _ = _amounts.positive_ratio("amount", amount)
         return self._ledger._reduce_reservation(self, num, den)
+
+    def _same_symbol(self) -> list[Reservation]:
+        """This reservation and those after it in its symbol's list (lock held)."""
+        members: list[Reservation] = []
+        res: Reservation | None = self
+        while res is not None:
+            members.append(res)
+            res = res._sym_next
+        return members
 
     def __repr__(self) -> str:
         return (
@@ -220,7 +268,6 @@ def _new_reservation(
     symbol: Hashable,
     order_id: Hashable,
     initial: Number,
-    kind: int,
     n: int,
 ) -> Reservation:
     """Build a reservation outside the lock; the caller fills in seq and times under it."""
@@ -229,7 +276,6 @@ def _new_reservation(
     res._symbol = symbol
     res._order_id = order_id
     res._initial = initial
-    res._kind = kind
     res._n = n
     res._state = _ACTIVE
     return res
@@ -267,20 +313,21 @@ class PendingEntryLedger:
 
     __slots__ = (
         "__weakref__",
+        "_book",
+        "_book_gross",
         "_clock",
-        "_count",
         "_den",
         "_gross",
         "_head",
         "_kinds",
-        "_last_now",
         "_lock",
         "_n_expired",
         "_n_released",
-        "_n_reserved",
+        "_nbook",
         "_next_expiry",
         "_nsyms",
         "_on_expire",
+        "_open_reserved",
         "_orders",
         "_owner",
         "_queue",
@@ -316,19 +363,22 @@ class PendingEntryLedger:
         self._view: PendingMap | None = None  # the open lock() block's view, if any
         self._orders: dict[Hashable, Reservation] = {}
         self._queue: dict[int, Reservation] = {}
-        # symbol -> [number of reservations, reserved numerator, {order_id: reservation}]
+        # symbol -> [number of reservations, reserved numerator, newest reservation on it]
         self._syms: dict[Hashable, list[Any]] = {}
         self._nsyms = 0
-        self._count = 0
+        # The owned position book (used by gates called with positions=None):
+        # symbol -> [|exposure| numerator over _den, exposure as given]
+        self._book: dict[Hashable, list[Any]] = {}
+        self._nbook = 0
+        self._book_gross = 0
+        self._open_reserved = 0  # symbols both open in _book and reserved in _syms
         self._gross = 0
         self._den = 1
-        self._kinds = 0
+        self._kinds = 0  # every kind of amount ever reserved (sticky): picks the type of sums
         self._seq = 0
         self._head = 0
         self._next_expiry = _INF
-        self._last_now = -_INF
         self._version = 0
-        self._n_reserved = 0
         self._n_released = 0
         self._n_expired = 0
 
@@ -372,7 +422,7 @@ class PendingEntryLedger:
         with self._guard():
             if symbol not in self._syms:
                 return False
-            for res in list(self._syms[symbol][2].values()):
+            for res in self._syms[symbol][2]._same_symbol():
                 self._end_locked(res, _RELEASED)
                 self._n_released += 1
             return True
@@ -394,14 +444,18 @@ class PendingEntryLedger:
                 res = self._orders.get(order_id)
                 if res is None:
                     return False
-        return self._release_reservation(res)
+        return res.release()
 
     def stats(self) -> LedgerStats:
-        """A consistent snapshot (taken under the lock, after dropping expired reservations)."""
-        with self._guard():
+        """A consistent snapshot (taken under the lock, after dropping expired reservations).
+
+        Inside this thread's ``lock()`` block it reads the block's current state.
+        """
+        with nullcontext() if self._own_view() is not None else self._guard():
             gross, den, kinds = self._gross, self._den, self._kinds
-            count = self._count
-            reserved, released, expired = self._n_reserved, self._n_released, self._n_expired
+            count = len(self._orders)
+            released, expired = self._n_released, self._n_expired
+            reserved = count + released + expired
         return LedgerStats(
             outstanding=count,
             gross_notional=_amounts.to_number(gross, den, kinds),
@@ -411,7 +465,7 @@ class PendingEntryLedger:
         )
 
     def __repr__(self) -> str:
-        return f"PendingEntryLedger(ttl={self._ttl!r}, outstanding={self._count})"
+        return f"PendingEntryLedger(ttl={self._ttl!r}, outstanding={len(self._orders)})"
 
     # ------------------------------------------------------------------ lock helpers
 
@@ -448,15 +502,16 @@ class PendingEntryLedger:
     def _sweep_locked(self, now: float) -> list[Reservation]:
         """Expire every reservation whose deadline is <= now; return them (fire after release)."""
         expired: list[Reservation] = []
-        queue = self._queue
+        queue, ttl = self._queue, self._ttl
         head, end = self._head, self._seq
         while head < end:
             res = queue.get(head)
             if res is None:
                 head += 1
                 continue
-            if res._deadline > now:
-                self._next_expiry = res._deadline
+            deadline = res._reserved_at + ttl
+            if deadline > now:
+                self._next_expiry = deadline
                 break
             self._end_locked(res, _EXPIRED)
             self._n_expired += 1
@@ -464,37 +519,36 @@ class PendingEntryLedger:
             head += 1
         else:
             self._next_expiry = _INF
-        if self._count:
+        if self._orders:
             self._head = head
         return expired
-
-    def _stamp_locked(self, res: Reservation, now: float) -> None:
-        if now < self._last_now:
-            now = self._last_now
-        else:
-            self._last_now = now
-        res._reserved_at = now
-        res._deadline = now + self._ttl
 
     def _insert_locked(self, res: Reservation) -> None:
         """Insert an active reservation whose seq and times are set (new, or restored)."""
         symbol, n, seq = res._symbol, res._n, res._seq
+        was_empty = not self._orders
         self._orders[res._order_id] = res
         self._queue[seq] = res
         entry = self._syms.get(symbol)
         if entry is None:
-            self._syms[symbol] = [1, n, {res._order_id: res}]
+            res._sym_prev = res._sym_next = None
+            self._syms[symbol] = [1, n, res]
             self._nsyms += 1
+            if symbol in self._book:
+                self._open_reserved += 1
         else:
             entry[0] += 1
             entry[1] += n
-            entry[2][res._order_id] = res
+            first = entry[2]
+            res._sym_prev = None
+            res._sym_next = first
+            first._sym_prev = res
+            entry[2] = res
         self._gross += n
-        self._kinds += res._kind
-        self._count += 1
-        if seq < self._head or self._count == 1:
+        self._kinds |= _amounts.kind_of(res._initial)
+        if was_empty or seq < self._head:
             self._head = seq
-        self._next_expiry = min(self._next_expiry, res._deadline)
+        self._next_expiry = min(self._next_expiry, res._reserved_at + self._ttl)
         res._state = _ACTIVE
         self._version += 1
 
@@ -507,14 +561,20 @@ class PendingEntryLedger:
         if entry[0] == 1:
             del self._syms[symbol]
             self._nsyms -= 1
+            if symbol in self._book:
+                self._open_reserved -= 1
         else:
             entry[0] -= 1
             entry[1] -= n
-            del entry[2][res._order_id]
+            prev, after = res._sym_prev, res._sym_next
+            if prev is None:
+                entry[2] = after
+            else:
+                prev._sym_next = after
+            if after is not None:
+                after._sym_prev = prev
         self._gross -= n
-        self._kinds -= res._kind
-        self._count -= 1
-        if not self._count:
+        if not self._orders:
             self._next_expiry = _INF
             self._head = self._seq
         res._state = state
@@ -532,56 +592,45 @@ class PendingEntryLedger:
             res._n *= factor
         for entry in self._syms.values():
             entry[1] *= factor
+        for position in self._book.values():
+            position[0] *= factor
         self._gross *= factor
+        self._book_gross *= factor
         self._den = new
         self._version += 1
+
+    def _set_position_locked(self, symbol: Hashable, num: int, q: int, exposure: Number) -> None:
+        """Open or update ``symbol`` in the owned book with ``|num/q|`` (``exposure`` as given)."""
+        n = self._scaled_locked(abs(num), q)
+        position = self._book.get(symbol)
+        if position is None:
+            self._book[symbol] = [n, exposure]
+            self._nbook += 1
+            if symbol in self._syms:
+                self._open_reserved += 1
+        else:
+            self._book_gross -= position[0]
+            position[0] = n
+            position[1] = exposure
+        self._book_gross += n
+        self._version += 1
+
+    def _close_position_locked(self, symbol: Hashable) -> bool:
+        position = self._book.pop(symbol, None)
+        if position is None:
+            return False
+        self._nbook -= 1
+        self._book_gross -= position[0]
+        if symbol in self._syms:
+            self._open_reserved -= 1
+        self._version += 1
+        return True
 
     def _scaled_locked(self, num: int, q: int) -> int:
         self._ensure_den_locked(q)
         return num * (self._den // q)
 
     # ------------------------------------------------------------------ hot paths
-
-    def _release_reservation(self, res: Reservation) -> bool:
-        if res._ledger is not self:
-            raise ValueError(f"{res!r} belongs to another ledger")
-        now = self._clock()
-        owner = self._owner
-        if owner is not None and owner == _get_ident():
-            return self._own_view_or_raise()._end(res, _RELEASED)
-        expired = None
-        with self._lock:
-            if now >= self._next_expiry:
-                expired = self._sweep_locked(now)
-            if res._state:
-                done = False
-            else:
-                # Inlined _end_locked(res, _RELEASED): no call while the lock is held.
-                symbol, n = res._symbol, res._n
-                del self._orders[res._order_id]
-                del self._queue[res._seq]
-                entry = self._syms[symbol]
-                if entry[0] == 1:
-                    del self._syms[symbol]
-                    self._nsyms -= 1
-                else:
-                    entry[0] -= 1
-                    entry[1] -= n
-                    del entry[2][res._order_id]
-                self._gross -= n
-                self._kinds -= res._kind
-                self._count -= 1
-                if not self._count:
-                    self._next_expiry = _INF
-                    self._head = self._seq
-                res._state = _RELEASED
-                res._den_end = self._den
-                self._version += 1
-                self._n_released += 1
-                done = True
-        if expired:
-            self._fire_expired(expired)
-        return done
 
     def _own_view_or_raise(self) -> PendingMap:
         view = self._own_view()
@@ -731,7 +780,7 @@ class PendingMap:
 
     def __len__(self) -> int:
         """Number of outstanding reservations (not symbols)."""
-        return self._live()._count
+        return len(self._live()._orders)
 
     def __iter__(self) -> Iterator[Hashable]:
         """The symbols with outstanding reservations (a snapshot)."""
@@ -766,7 +815,7 @@ class PendingMap:
         """
         ledger = self._live()
         _amounts.check_symbol(symbol)
-        num, q, kind = _amounts.positive_ratio("notional", notional)
+        num, q, _ = _amounts.positive_ratio("notional", notional)
         if order_id is None:
             order_id = _GeneratedOrderId()
         else:
@@ -774,12 +823,11 @@ class PendingMap:
         if order_id in ledger._orders:
             raise ValueError(f"order_id {order_id!r} already has an outstanding reservation")
         n = ledger._scaled_locked(num, q)
-        res = _new_reservation(ledger, symbol, order_id, notional, kind, n)
+        res = _new_reservation(ledger, symbol, order_id, notional, n)
         res._seq = ledger._seq
         ledger._seq += 1
-        ledger._stamp_locked(res, self._now)
+        res._reserved_at = self._now
         ledger._insert_locked(res)
-        ledger._n_reserved += 1
         self._journal.append(("reserve", res))
         return res
 
@@ -790,7 +838,7 @@ class PendingMap:
         entry = ledger._syms.get(symbol)
         if entry is None:
             return False
-        for res in list(entry[2].values()):
+        for res in entry[2]._same_symbol():
             self._end(res, _RELEASED)
         return True
 
@@ -826,7 +874,6 @@ class PendingMap:
             if record[0] == "reserve":
                 # Newest first: any later end of this reservation was undone already.
                 ledger._end_locked(res, _ROLLED_BACK)
-                ledger._n_reserved -= 1
             elif record[0] == "end":
                 res._n *= ledger._den // res._den_end
                 ledger._insert_locked(res)

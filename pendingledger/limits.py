@@ -14,7 +14,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from .ledger import Reservation
+    from .protocols import ReservationHandle
 
 __all__ = ["Decision", "DenyReason", "PortfolioLimits"]
 
@@ -95,10 +95,10 @@ class Decision:
     __slots__ = ("_reason", "_reservation")
 
     _reason: DenyReason | None
-    _reservation: Reservation | None
+    _reservation: ReservationHandle | None
 
     def __init__(
-        self, reason: DenyReason | None = None, reservation: Reservation | None = None
+        self, reason: DenyReason | None = None, reservation: ReservationHandle | None = None
     ) -> None:
         if (reason is None) == (reservation is None):
             raise ValueError(
@@ -117,7 +117,7 @@ class Decision:
         return self._reason
 
     @property
-    def reservation(self) -> Reservation | None:
+    def reservation(self) -> ReservationHandle | None:
         return self._reservation
 
     def __bool__(self) -> bool:
