@@ -290,7 +290,7 @@ def _floor_timed(label: str, book_size: int) -> _Timed:
     return _Timed(label, lambda symbols: floor_loop(lock, book, symbols, NOTIONAL))
 
 
-def _gate_timed(label: str, gate: Any, positions: dict[str, float] = POSITIONS) -> _Timed:
+def _gate_timed(label: str, gate: Any, positions: dict[str, float] | None = POSITIONS) -> _Timed:
     try_enter = gate.try_enter
     return _Timed(label, lambda symbols: gate_loop(try_enter, symbols, NOTIONAL, positions))
 
@@ -308,6 +308,15 @@ def bench_floor(mode: Mode, results: Results) -> None:
         _gate_timed("pendingledger+pos", gate, POSITIONS),
         _gate_timed("port+pos", port, POSITIONS),
     ]
+    if hasattr(gate, "set_position"):  # the gate's own position book: positions=None
+        _, owned_empty = _subject()
+        _, owned = _subject()
+        for symbol, exposure in POSITIONS.items():
+            owned.set_position(symbol, exposure)
+        items += [
+            _gate_timed("pendingledger owned", owned_empty, None),
+            _gate_timed("pendingledger owned+pos", owned, None),
+        ]
     for item in items:
         item.calibrate(mode.batch_s)
         item.once()  # warm-up, discarded below
@@ -322,6 +331,8 @@ def bench_floor(mode: Mode, results: Results) -> None:
         "port": "straightforward port",
         "pendingledger+pos": "pendingledger, 3 open positions",
         "port+pos": "straightforward port, 3 open positions",
+        "pendingledger owned": "pendingledger, own position book, empty",
+        "pendingledger owned+pos": "pendingledger, own position book, 3 open",
     }
     rows = [
         [labels[item.label], _fmt_ns(cost[item.label]), f"{ratios[item.label]:.2f}x"]
