@@ -185,6 +185,8 @@ class Results:
     meta: dict[str, Any]
     sections: dict[str, Any] = field(default_factory=dict)
     targets: list[Target] = field(default_factory=list)
+    # (title, headers, rows) of every printed table, for --markdown
+    tables: list[tuple[str, list[str], list[list[str]]]] = field(default_factory=list)
 
 
 def _median(values: Sequence[float]) -> float:
@@ -229,6 +231,24 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _say(text: str = "") -> None:
     print(text, flush=True)
+
+
+def _show(results: Results, title: str, headers: list[str], rows: list[list[str]]) -> None:
+    _say(_table(headers, rows))
+    results.tables.append((title, headers, rows))
+
+
+def _markdown(results: Results) -> str:
+    def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+        out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        out += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+        return out
+
+    lines: list[str] = []
+    for title, headers, rows in results.tables:
+        lines += [f"**{title}**", "", *table(headers, rows), ""]
+    lines += ["**Targets**", "", *table(*_target_rows(results)), ""]
+    return "\n".join(lines)
 
 
 # --- single-thread timing -------------------------------------------------------------------------
@@ -338,7 +358,7 @@ def bench_floor(mode: Mode, results: Results) -> None:
         [labels[item.label], _fmt_ns(cost[item.label]), f"{ratios[item.label]:.2f}x"]
         for item in items
     ]
-    _say(_table(["per decision", "median cost", "vs floor"], rows))
+    _show(results, "Floor ratio", ["per decision", "median cost", "vs floor"], rows)
     _say(f"({mode.rounds} interleaved rounds; ratio = median of per-round ratios)\n")
     results.sections["floor"] = {
         "ns_per_op": cost,
@@ -411,18 +431,18 @@ def bench_book(mode: Mode, results: Results) -> None:
                 _fmt_ns(floor),
             ]
         )
-    _say(
-        _table(
-            [
-                "outstanding",
-                "pendingledger",
-                f"vs {smallest}",
-                "straightforward port",
-                "port / pendingledger",
-                "floor",
-            ],
-            rows,
-        )
+    _show(
+        results,
+        "Book size",
+        [
+            "outstanding",
+            "pendingledger",
+            f"vs {smallest}",
+            "straightforward port",
+            "port / pendingledger",
+            "floor",
+        ],
+        rows,
     )
     _say(
         f"({mode.rounds} interleaved rounds over all sizes; "
@@ -451,8 +471,15 @@ def bench_book(mode: Mode, results: Results) -> None:
 # --- contention -----------------------------------------------------------------------------------
 
 
-def _run_window(kind: str, nthreads: int, window_s: float) -> tuple[float, list[int]]:
-    """Start ``nthreads`` workers behind a barrier, count operations over a wall window."""
+def _run_window(
+    kind: str, nthreads: int, window_s: float, switch_interval: float | None = None
+) -> tuple[float, list[int]]:
+    """Start ``nthreads`` workers behind a barrier, count operations over a wall window.
+
+    With ``switch_interval`` the interpreter's switch interval is set for the window only, and
+    restored as soon as the stop flag is set: with a long interval, 64 threads each waiting for
+    the GIL to see the flag would otherwise take minutes to wind down.
+    """
     barrier = threading.Barrier(nthreads + 1)
     stop = [False]
     outcomes: list[tuple[int, list[int]] | None] = [None] * nthreads
@@ -483,11 +510,17 @@ def _run_window(kind: str, nthreads: int, window_s: float) -> tuple[float, list[
     for thread in threads:
         thread.start()
     gc.collect()
-    barrier.wait()
-    t0 = _ns()
-    time.sleep(window_s)
-    stop[0] = True
-    elapsed = _ns() - t0
+    previous = sys.getswitchinterval()
+    try:
+        if switch_interval is not None:
+            sys.setswitchinterval(switch_interval)
+        barrier.wait()
+        t0 = _ns()
+        time.sleep(window_s)
+        stop[0] = True
+        elapsed = _ns() - t0
+    finally:
+        sys.setswitchinterval(previous)
     for thread in threads:
         thread.join()
     real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
@@ -553,34 +586,32 @@ def bench_contention(mode: Mode, results: Results) -> None:
 
     extra: dict[str, Any] = {}
     if mode.switch_interval > 0:
-        previous = sys.getswitchinterval()
+        # Not a target: shows how much of a subject's loss is the convoy (a long interval all
+        # but removes switches while the lock is held). Set for the window only, then restored.
         window = max(mode.window_s, 4 * mode.switch_interval)
-        try:
-            sys.setswitchinterval(mode.switch_interval)
-            for kind in ("pendingledger", "port"):
-                rate, latencies = _run_window(kind, most, window)
-                ordered = sorted(latencies)
-                eff = rate / _median(rates[(kind, 1)])
-                extra[kind] = {
-                    "ops_per_s": rate,
-                    "efficiency_vs_1_thread": eff,
-                    "p50_ns": _percentile(ordered, 0.5),
-                    "p99_ns": _percentile(ordered, 0.99),
-                }
-                rows.append(
-                    [
-                        f"{kind} (switch {mode.switch_interval:g} s)",
-                        str(most),
-                        _fmt_rate(rate),
-                        f"{eff:.2f}",
-                        _fmt_ns(extra[kind]["p50_ns"]),
-                        _fmt_ns(extra[kind]["p99_ns"]),
-                    ]
-                )
-        finally:
-            sys.setswitchinterval(previous)
+        for kind in ("pendingledger", "port"):
+            rate, latencies = _run_window(kind, most, window, mode.switch_interval)
+            ordered = sorted(latencies)
+            eff = rate / _median(rates[(kind, 1)])
+            extra[kind] = {
+                "ops_per_s": rate,
+                "efficiency_vs_1_thread": eff,
+                "p50_ns": _percentile(ordered, 0.5),
+                "p99_ns": _percentile(ordered, 0.99),
+            }
+            rows.append(
+                [
+                    f"{kind} (switch {mode.switch_interval:g} s)",
+                    str(most),
+                    _fmt_rate(rate),
+                    f"{eff:.2f}",
+                    _fmt_ns(extra[kind]["p50_ns"]),
+                    _fmt_ns(extra[kind]["p99_ns"]),
+                ]
+            )
 
-    _say(_table(["subject", "threads", "decisions/s", "vs 1 thread", "p50", "p99"], rows))
+    headers = ["subject", "threads", "decisions/s", "vs 1 thread", "p50", "p99"]
+    _show(results, "Contention", headers, rows)
     _say(
         f"({mode.contention_rounds} rounds; rate = median; efficiency = median of per-round "
         "ratios; latency of try_enter alone, 1 op in 9 sampled, pooled over rounds)\n"
@@ -716,7 +747,7 @@ def bench_memory(mode: Mode, results: Results) -> None:
         [f"allocated blocks growth after {cycles:,} cycles", f"{blocks_growth:+d}", "-"],
         ["outstanding at the end (book must be empty)", str(left), "-"],
     ]
-    _say(_table(["memory", "pendingledger", "straightforward port"], rows))
+    _show(results, "Memory", ["memory", "pendingledger", "straightforward port"], rows)
     _say(
         "(cycles go through every release path: Reservation.release, ledger.release, "
         "release_order, reduce to zero, TTL expiry; after gc.collect(); "
@@ -786,7 +817,7 @@ def _meta(mode: Mode) -> dict[str, Any]:
     }
 
 
-def _summary(results: Results) -> str:
+def _target_rows(results: Results) -> tuple[list[str], list[list[str]]]:
     rows = []
     for target in results.targets:
         passed = target.passed
@@ -794,7 +825,11 @@ def _summary(results: Results) -> str:
         bound = ("<= " if target.kind == "max" else ">= ") + f"{target.limit:g}{target.unit}"
         value = "-" if target.value is None else f"{target.value:.3g}{target.unit}"
         rows.append([target.name, value, bound, verdict, target.margin()])
-    return _table(["target", "measured", "target", "verdict", "margin"], rows)
+    return ["target", "measured", "target", "verdict", "margin"], rows
+
+
+def _summary(results: Results) -> str:
+    return _table(*_target_rows(results))
 
 
 def _plot(results: Results, path: str) -> None:
@@ -876,6 +911,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     parser.add_argument("--plot", metavar="PATH", help="draw the results as a PNG (matplotlib)")
     parser.add_argument(
+        "--markdown", metavar="PATH", help="write the tables as Markdown (for the README)"
+    )
+    parser.add_argument(
         "--only",
         metavar="SECTION",
         action="append",
@@ -931,6 +969,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         _say(f"results written to {args.json}")
+    if args.markdown:
+        Path(args.markdown).write_text(_markdown(results), encoding="utf-8")
+        _say(f"Markdown tables written to {args.markdown}")
     if args.plot:
         _plot(results, args.plot)
     return 1 if args.strict and failed else 0
