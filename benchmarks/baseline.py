@@ -216,9 +216,12 @@ def gate_loop(
 
 
 # --- contention workers ---------------------------------------------------------------------------
-# Each worker runs chunks of ``len(symbols)`` untimed operations followed by one operation timed
-# with perf_counter_ns (its decision latency sampled), until ``stop[0]`` is set. It returns the
-# number of operations done and the sampled latencies in nanoseconds.
+# Each worker waits at the barrier, then runs chunks of ``len(symbols)`` untimed operations
+# followed by one operation timed with perf_counter_ns (its decision latency sampled), until the
+# perf_counter_ns deadline in ``deadline[0]`` (set before the barrier opens) or until ``stop[0]``
+# is set (another worker failed). Workers stop themselves at the deadline: a main thread waking
+# from a sleep would have to win the GIL from 64 busy threads first, which with a long switch
+# interval takes minutes. Returns the number of operations done and the latencies in ns.
 
 _ns = time.perf_counter_ns
 
@@ -231,6 +234,7 @@ def floor_worker(
     *,
     barrier: threading.Barrier,
     stop: list[bool],
+    deadline: list[int],
 ) -> tuple[int, list[int]]:
     latencies: list[int] = []
     sample = latencies.append
@@ -238,7 +242,8 @@ def floor_worker(
     count = 0
     chunk = len(symbols) + 1
     barrier.wait()
-    while not stop[0]:
+    end = deadline[0]
+    while not stop[0] and _ns() < end:
         for symbol in symbols:
             with lock:
                 book[symbol] = value
@@ -263,6 +268,7 @@ def gate_worker(
     *,
     barrier: threading.Barrier,
     stop: list[bool],
+    deadline: list[int],
 ) -> tuple[int, list[int]]:
     latencies: list[int] = []
     sample = latencies.append
@@ -270,7 +276,8 @@ def gate_worker(
     count = 0
     chunk = len(symbols) + 1
     barrier.wait()
-    while not stop[0]:
+    end = deadline[0]
+    while not stop[0] and _ns() < end:
         for symbol in symbols:
             try_enter(symbol, notional, positions).reservation.release()
         t0 = _ns()

@@ -476,12 +476,13 @@ def _run_window(
 ) -> tuple[float, list[int]]:
     """Start ``nthreads`` workers behind a barrier, count operations over a wall window.
 
-    With ``switch_interval`` the interpreter's switch interval is set for the window only, and
-    restored as soon as the stop flag is set: with a long interval, 64 threads each waiting for
-    the GIL to see the flag would otherwise take minutes to wind down.
+    The workers stop themselves at a deadline fixed before the barrier opens (see
+    ``baseline.py``), so the window does not depend on the main thread winning the GIL back.
+    With ``switch_interval`` the interpreter's switch interval is set for the window only.
     """
     barrier = threading.Barrier(nthreads + 1)
     stop = [False]
+    deadline = [0]
     outcomes: list[tuple[int, list[int]] | None] = [None] * nthreads
     errors: list[BaseException] = []
     if kind == "floor":
@@ -495,11 +496,17 @@ def _run_window(
         try:
             if kind == "floor":
                 outcomes[index] = floor_worker(
-                    lock, book, symbols, NOTIONAL, barrier=barrier, stop=stop
+                    lock, book, symbols, NOTIONAL, barrier=barrier, stop=stop, deadline=deadline
                 )
             else:
                 outcomes[index] = gate_worker(
-                    gate.try_enter, symbols, NOTIONAL, POSITIONS, barrier=barrier, stop=stop
+                    gate.try_enter,
+                    symbols,
+                    NOTIONAL,
+                    POSITIONS,
+                    barrier=barrier,
+                    stop=stop,
+                    deadline=deadline,
                 )
         except BaseException as exc:  # re-raised in the main thread below
             errors.append(exc)
@@ -511,24 +518,24 @@ def _run_window(
         thread.start()
     gc.collect()
     previous = sys.getswitchinterval()
+    window_ns = int(window_s * 1e9)
     try:
         if switch_interval is not None:
             sys.setswitchinterval(switch_interval)
+        deadline[0] = _ns() + window_ns  # the workers stop themselves there
         barrier.wait()
-        t0 = _ns()
         time.sleep(window_s)
-        stop[0] = True
-        elapsed = _ns() - t0
+        for thread in threads:
+            thread.join()
     finally:
+        stop[0] = True
         sys.setswitchinterval(previous)
-    for thread in threads:
-        thread.join()
     real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
     if real:
         raise real[0]
     total = sum(o[0] for o in outcomes if o is not None)
     latencies = [lat for o in outcomes if o is not None for lat in o[1]]
-    return total / (elapsed / 1e9), latencies
+    return total / (window_ns / 1e9), latencies
 
 
 def _percentile(sorted_values: Sequence[int], q: float) -> float | None:
