@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from decimal import Decimal, localcontext
 from fractions import Fraction
 from typing import Final
@@ -96,11 +97,20 @@ def limit_ratio(name: str, value: object) -> Ratio | None:
     return exact_ratio(name, value)
 
 
-def abs_sum(values: object, owner: str) -> Ratio:
-    """Exact sum of absolute values of ``values`` (an iterable of ``(key, number)``)."""
+def abs_sum(items: Iterable[tuple[object, object]], owner: str) -> Ratio:
+    """Exact sum of the absolute values in ``items`` (``(key, number)`` pairs).
+
+    Runs on every decision that is given a positions mapping, so finite floats and ints take a
+    short path and an argument name is only built for the error message.
+    """
     num, den = 0, 1
-    for key, value in values:  # type: ignore[attr-defined]
-        a, b = exact_ratio(f"{owner}[{key!r}]", value)
+    for key, value in items:
+        if type(value) is float and -INF < value < INF:
+            a, b = value.as_integer_ratio()
+        elif type(value) is int:
+            a, b = value, 1
+        else:
+            a, b = exact_ratio(f"{owner}[{key!r}]", value)
         if a < 0:
             a = -a
         if b == den:

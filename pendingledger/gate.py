@@ -43,7 +43,7 @@ import threading
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import _amounts
 from .errors import ReentrantLockError
@@ -55,7 +55,9 @@ if TYPE_CHECKING:
 
 __all__ = ["GateStats", "PortfolioGate", "Positions"]
 
-Positions = Mapping[Hashable, Number] | Callable[[], Mapping[Hashable, Number]]
+# Keys are Any, not Hashable: Mapping is invariant in its key type, and dict[str, float] (the
+# usual position cache) must type-check as it is.
+Positions = Mapping[Any, Number] | Callable[[], Mapping[Any, Number]]
 """Open positions: symbol -> exposure (its absolute value counts; a key present means open),
 or a zero-argument callable returning such a mapping."""
 
@@ -217,6 +219,10 @@ class PortfolioGate:
                 if symbol is not None:
                     ledger._set_position_locked(symbol, num, q, position_exposure)
                 return False
+            if symbol is not None and symbol != res._symbol:
+                raise ValueError(
+                    f"order_id {order_id!r} is reserved on {res._symbol!r}, not symbol={symbol!r}"
+                )
             ledger._set_position_locked(res._symbol, num, q, position_exposure)
             ledger._end_locked(res, _FILLED)
             ledger._n_released += 1
@@ -224,7 +230,7 @@ class PortfolioGate:
 
     def positions(self) -> dict[Hashable, Number]:
         """A snapshot of the owned book: symbol -> exposure as it was set."""
-        with self._ledger._guard():
+        with self._ledger._read_guard():
             return {symbol: position[1] for symbol, position in self._ledger._book.items()}
 
     def release(self, symbol: Hashable) -> bool:
@@ -376,10 +382,15 @@ class PortfolioGate:
                             ledger._seq = seq + 1
                             res._n = n
                             res._seq = seq
-                            res._reserved_at = now
+                            # Never stamp earlier than the last reservation: deadlines must stay
+                            # in seq order for the sweep (the clock was read before the lock).
+                            stamp = ledger._last_stamp
+                            if now > stamp:  # max() would be a call under the lock
+                                stamp = ledger._last_stamp = now
+                            res._reserved_at = stamp
                             if not orders:
                                 ledger._head = seq
-                                ledger._next_expiry = now + ledger._ttl
+                                ledger._next_expiry = stamp + ledger._ttl
                             orders[order_id] = res
                             ledger._queue[seq] = res
                             if entry is None:
@@ -444,36 +455,39 @@ class PortfolioGate:
             raise TypeError(
                 f"positions must be a mapping of symbol to exposure (or return one), got {book!r}"
             )
-        if book:
-            snapshot = dict(book)
-            gross = _amounts.abs_sum(snapshot.items(), "positions")
-            sym_open = symbol in snapshot
-            if sym_open:
-                sp, sq = _amounts.exact_ratio(f"positions[{symbol!r}]", snapshot[symbol])
-                sym = (abs(sp), sq)
-            else:
-                sym = (0, 1)
+        # A snapshot: the caller's dict may be changed by another thread while we read it.
+        snapshot = dict(book) if book else {}
+        if snapshot:
+            g_num, g_den = _amounts.abs_sum(snapshot.items(), "positions")
         else:
-            snapshot = {}
-            gross = sym = (0, 1)
-            sym_open = False
+            g_num, g_den = 0, 1
+        sym_open = symbol in snapshot
+        if sym_open:
+            s_num, s_den = _amounts.abs_sum(((symbol, snapshot[symbol]),), "positions")
+        else:
+            s_num, s_den = 0, 1
         if grow:
-            ledger._ensure_den_locked(math.lcm(q, gross[1], sym[1], *_limit_denominators(limits)))
+            ledger._ensure_den_locked(math.lcm(q, g_den, s_den, *_limit_denominators(limits)))
         den = ledger._den
         scaled = self._scaled_limits(limits, den)
-        if scaled is None:
-            return None
-        _, _, max_pos, g_lim, s_lim = scaled
-        n = _amounts.scale_to((num, q), den)
-        pos_gross = _amounts.scale_to(gross, den)
-        sym_pos = _amounts.scale_to(sym, den)
-        if n is None or pos_gross is None or sym_pos is None:
-            return None
+        if scaled is None or den % q or den % g_den or den % s_den:
+            return None  # the ledger's denominator must grow first: under the lock
+        max_pos = scaled[2]
+        # Reserved symbols that are open (read without the lock: the version check covers it).
         inter = 0
         if max_pos is not None and snapshot:
-            syms = ledger._syms
-            inter = sum(1 for s in snapshot if s in syms)
-        return (n, max_pos, len(snapshot), inter, sym_open, pos_gross, g_lim, sym_pos, s_lim)
+            inter = len(snapshot.keys() & ledger._syms.keys())
+        return (
+            num * (den // q),
+            max_pos,
+            len(snapshot),
+            inter,
+            sym_open,
+            g_num * (den // g_den),
+            scaled[3],
+            s_num * (den // s_den),
+            scaled[4],
+        )
 
     def _gather_owned(
         self, symbol: Hashable, limits: PortfolioLimits, num: int, q: int, *, grow: bool

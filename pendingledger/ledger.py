@@ -34,7 +34,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -320,6 +320,7 @@ class PendingEntryLedger:
         "_gross",
         "_head",
         "_kinds",
+        "_last_stamp",
         "_lock",
         "_n_expired",
         "_n_released",
@@ -378,6 +379,7 @@ class PendingEntryLedger:
         self._seq = 0
         self._head = 0
         self._next_expiry = _INF
+        self._last_stamp = -_INF  # reservation times never go backwards (see the module notes)
         self._version = 0
         self._n_released = 0
         self._n_expired = 0
@@ -451,7 +453,7 @@ class PendingEntryLedger:
 
         Inside this thread's ``lock()`` block it reads the block's current state.
         """
-        with nullcontext() if self._own_view() is not None else self._guard():
+        with self._read_guard():
             gross, den, kinds = self._gross, self._den, self._kinds
             count = len(self._orders)
             released, expired = self._n_released, self._n_expired
@@ -472,6 +474,10 @@ class PendingEntryLedger:
     def _guard(self) -> _Guard:
         """Acquire for a slow path: re-entrancy check, expiry sweep, on_expire after release."""
         return _Guard(self)
+
+    def _read_guard(self) -> AbstractContextManager[None]:
+        """``_guard()``, or nothing inside this thread's own ``lock()`` block (read in place)."""
+        return nullcontext() if self._own_view() is not None else self._guard()
 
     def _own_view(self) -> PendingMap | None:
         """The open view if this thread is inside this ledger's ``lock()`` block, else None.
@@ -522,6 +528,11 @@ class PendingEntryLedger:
         if self._orders:
             self._head = head
         return expired
+
+    def _stamp_locked(self, now: float) -> float:
+        """The time to stamp a new reservation with: ``now``, but never before the last stamp."""
+        self._last_stamp = max(self._last_stamp, now)
+        return self._last_stamp
 
     def _insert_locked(self, res: Reservation) -> None:
         """Insert an active reservation whose seq and times are set (new, or restored)."""
@@ -799,7 +810,7 @@ class PendingMap:
             return 0
         return _amounts.to_number(entry[1], ledger._den, ledger._kinds)
 
-    def new_slots(self, is_open: Callable[[Hashable], object]) -> int:
+    def new_slots(self, is_open: Callable[[Any], object]) -> int:
         """How many reserved symbols are not open, i.e. will take a new concurrency slot."""
         ledger = self._live()
         return sum(1 for symbol in ledger._syms if not is_open(symbol))
@@ -826,7 +837,7 @@ class PendingMap:
         res = _new_reservation(ledger, symbol, order_id, notional, n)
         res._seq = ledger._seq
         ledger._seq += 1
-        res._reserved_at = self._now
+        res._reserved_at = ledger._stamp_locked(self._now)
         ledger._insert_locked(res)
         self._journal.append(("reserve", res))
         return res

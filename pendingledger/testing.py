@@ -1,8 +1,10 @@
 """Helpers for testing code that uses pendingledger, without sleeping and without lost errors.
 
 ``ManualClock`` replaces ``time.monotonic`` so TTL behaviour is tested by moving time, never by
-waiting for it. ``run_concurrently`` starts worker threads together behind a barrier and re-raises
-the first exception any of them hit, so a failing assertion in a thread fails the test.
+waiting for it (the Redis gate takes its time from the server: ``pendingledger.redis.testing``
+moves that clock instead). ``run_concurrently`` starts worker threads together behind a barrier
+and re-raises the first exception any of them hit, so a failing assertion in a thread fails the
+test.
 """
 
 from __future__ import annotations

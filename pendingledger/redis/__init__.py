@@ -1,0 +1,34 @@
+"""pendingledger.redis: the portfolio gate shared by processes and hosts through one Redis.
+
+Install with the extra ``pendingledger[redis]`` (the ``redis`` client, version 5 or later). The core
+package never imports this module. ``RedisGate`` makes the same decisions as ``PortfolioGate``, each
+in one atomic server-side script call, with the position book and the reservations in Redis.
+Tests move the server's clock of a namespace with ``pendingledger.redis.testing`` (not imported
+here: it is for tests only).
+"""
+
+from ._audit import OrderRecord, Snapshot, audit
+from ._gate import (
+    SCRIPT,
+    OpenOrder,
+    RedisGate,
+    RedisGateStats,
+    RedisReservation,
+    StoreUnavailable,
+)
+from ._units import MAX_AMOUNT, SCALE, SCALE_DIGITS
+
+__all__ = [
+    "MAX_AMOUNT",
+    "SCALE",
+    "SCALE_DIGITS",
+    "SCRIPT",
+    "OpenOrder",
+    "OrderRecord",
+    "RedisGate",
+    "RedisGateStats",
+    "RedisReservation",
+    "Snapshot",
+    "StoreUnavailable",
+    "audit",
+]

@@ -1,0 +1,176 @@
+"""A consistent snapshot of one namespace, and an audit that recomputes every total from it.
+
+The gate keeps its totals incrementally (per-symbol reserved amounts, the reserved gross, the
+counts of reserved symbols and of reserved symbols that are open) so a decision costs O(1). The
+audit recomputes all of them from the raw records and lists every difference, so a leaked or
+double-released reservation, or a broken index, shows up as a named problem. With limits given it
+also checks that the state is within them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from pendingledger.limits import PortfolioLimits
+from pendingledger.redis import _units
+
+__all__ = ["OrderRecord", "Snapshot", "audit"]
+
+
+def _s(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    items = [_s(v) for v in flat]
+    return dict(zip(items[0::2], items[1::2], strict=True))
+
+
+@dataclass(frozen=True)
+class OrderRecord:
+    """One outstanding reservation as stored: amounts in units (``10**-9``), times in server µs."""
+
+    order_id: str
+    symbol: str
+    units: int
+    token: str
+    reserved_at_us: int
+    expires_at_us: int | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything in one namespace at one instant (taken by one script call). ``now_us`` is that
+    instant on the script's clock: the server's ``TIME`` plus the namespace's test clock."""
+
+    now_us: int
+    meta: Mapping[str, str]
+    positions: Mapping[str, int]
+    totals: Mapping[str, int]
+    symbol_reserved: Mapping[str, int]
+    symbol_counts: Mapping[str, int]
+    orders: Mapping[str, OrderRecord]
+    expiry: Mapping[str, int]
+    by_symbol: frozenset[str]
+    stats: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_reply(cls, reply: Sequence[Any]) -> Snapshot:
+        now_us = int(_s(reply[0]))
+        meta = _pairs(reply[1])
+        positions = {k: int(v) for k, v in _pairs(reply[2]).items()}
+        totals = {k: int(v) for k, v in _pairs(reply[3]).items()}
+        symbol_reserved = {k: int(v) for k, v in _pairs(reply[4]).items()}
+        symbol_counts = {k: int(v) for k, v in _pairs(reply[5]).items()}
+        flat_exp = [_s(v) for v in reply[7]]
+        expiry = {k: int(float(v)) for k, v in zip(flat_exp[0::2], flat_exp[1::2], strict=True)}
+        orders: dict[str, OrderRecord] = {}
+        for order_id, rec in _pairs(reply[6]).items():
+            units, token, at, symbol = rec.split("|", 3)
+            orders[order_id] = OrderRecord(
+                order_id, symbol, int(units), token, int(at), expiry.get(order_id)
+            )
+        by_symbol = frozenset(_s(v) for v in reply[8])
+        stats = {k: int(v) for k, v in _pairs(reply[9]).items()}
+        return cls(
+            now_us,
+            meta,
+            positions,
+            totals,
+            symbol_reserved,
+            symbol_counts,
+            orders,
+            expiry,
+            by_symbol,
+            stats,
+        )
+
+    @property
+    def reserved_gross_units(self) -> int:
+        return self.totals.get("res_gross", 0)
+
+    @property
+    def position_gross_units(self) -> int:
+        return self.totals.get("pos_gross", 0)
+
+    def gross(self) -> Decimal:
+        """Open exposure plus reserved notional, as an exact Decimal."""
+        return _units.from_units(self.position_gross_units + self.reserved_gross_units)
+
+    def busy_symbols(self) -> set[str]:
+        """Symbols that hold a concurrency slot: open or reserved."""
+        return set(self.positions) | set(self.symbol_reserved)
+
+
+def audit(snap: Snapshot, limits: PortfolioLimits | None = None) -> list[str]:
+    """Every inconsistency in ``snap`` (and every limit it exceeds, when ``limits`` is given)."""
+    problems: list[str] = []
+    per_sym: dict[str, int] = {}
+    per_count: dict[str, int] = {}
+    for rec in snap.orders.values():
+        if rec.units <= 0:
+            problems.append(f"order {rec.order_id!r} holds {rec.units} units")
+        per_sym[rec.symbol] = per_sym.get(rec.symbol, 0) + rec.units
+        per_count[rec.symbol] = per_count.get(rec.symbol, 0) + 1
+        if rec.expires_at_us is None:
+            problems.append(f"order {rec.order_id!r} has no expiry entry")
+        if f"{rec.symbol}\0{rec.order_id}" not in snap.by_symbol:
+            problems.append(f"order {rec.order_id!r} missing from the symbol index")
+    for order_id in snap.expiry:
+        if order_id not in snap.orders:
+            problems.append(f"expiry entry {order_id!r} has no order")
+    if len(snap.by_symbol) != len(snap.orders):
+        problems.append(
+            f"symbol index has {len(snap.by_symbol)} entries for {len(snap.orders)} orders"
+        )
+    if per_sym != dict(snap.symbol_reserved):
+        problems.append(f"per-symbol reserved {dict(snap.symbol_reserved)} != recomputed {per_sym}")
+    if per_count != dict(snap.symbol_counts):
+        problems.append(f"per-symbol counts {dict(snap.symbol_counts)} != recomputed {per_count}")
+    res_gross = sum(per_sym.values())
+    if snap.totals.get("res_gross", 0) != res_gross:
+        problems.append(f"res_gross {snap.totals.get('res_gross', 0)} != recomputed {res_gross}")
+    pos_gross = sum(abs(v) for v in snap.positions.values())
+    if snap.totals.get("pos_gross", 0) != pos_gross:
+        problems.append(f"pos_gross {snap.totals.get('pos_gross', 0)} != recomputed {pos_gross}")
+    if snap.totals.get("res_syms", 0) != len(per_sym):
+        problems.append(f"res_syms {snap.totals.get('res_syms', 0)} != recomputed {len(per_sym)}")
+    res_open = sum(1 for s in per_sym if s in snap.positions)
+    if snap.totals.get("res_open", 0) != res_open:
+        problems.append(f"res_open {snap.totals.get('res_open', 0)} != recomputed {res_open}")
+    if snap.stats.get("corrupt", 0):
+        problems.append(f"the script counted {snap.stats['corrupt']} bookkeeping error(s)")
+    if limits is not None:
+        problems.extend(breaches(snap, limits))
+    return problems
+
+
+def breaches(snap: Snapshot, limits: PortfolioLimits) -> list[str]:
+    """Every limit the state in ``snap`` exceeds (positions plus reservations)."""
+    found: list[str] = []
+    if limits.max_concurrent_positions is not None:
+        busy = snap.busy_symbols()
+        if len(busy) > limits.max_concurrent_positions:
+            found.append(
+                f"{len(busy)} symbols open or reserved > max_concurrent_positions "
+                f"{limits.max_concurrent_positions}: {sorted(busy)}"
+            )
+    gross_limit = _units.limit_units("max_gross_exposure", limits.max_gross_exposure)
+    if gross_limit is not None:
+        gross = sum(abs(v) for v in snap.positions.values()) + sum(
+            r.units for r in snap.orders.values()
+        )
+        if gross > gross_limit:
+            found.append(f"gross {gross} units > max_gross_exposure {gross_limit} units")
+    sym_limit = _units.limit_units("max_symbol_exposure", limits.max_symbol_exposure)
+    if sym_limit is not None:
+        exposure: dict[str, int] = {s: abs(v) for s, v in snap.positions.items()}
+        for rec in snap.orders.values():
+            exposure[rec.symbol] = exposure.get(rec.symbol, 0) + rec.units
+        for symbol, units in sorted(exposure.items()):
+            if units > sym_limit:
+                found.append(f"{symbol}: {units} units > max_symbol_exposure {sym_limit} units")
+    return found

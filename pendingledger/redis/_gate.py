@@ -1,0 +1,798 @@
+"""``RedisGate``: the portfolio gate with its book and reservations in Redis.
+
+Every operation is one ``EVALSHA`` of ``gate.lua`` (loaded with ``register_script``, which reloads
+the script on ``NOSCRIPT``), so a decision is made and, when admitted, reserved atomically in the
+server in one round trip, whatever number of processes and hosts share the namespace.
+
+Failure policy (the gate fails closed):
+
+* ``try_enter`` never raises for a store problem: connection refused, timeout, a read-only replica,
+  a script error all give the shared denied ``Decision`` with ``DenyReason.BACKEND_UNAVAILABLE``
+  and a log record on ``logging.getLogger("pendingledger.redis")``. If the request did reach the
+  server and only the reply was lost, the reservation it made expires after the TTL: the gate
+  over-blocks until then, the safe direction.
+* Releases (``release``, ``release_order``, ``Reservation.release()``, ``reduce``) return
+  ``False`` and log instead of raising: a lost release only over-blocks until the TTL.
+* Writes to the book (``set_position``, ``close_position``, ``confirm_fill``, ``restore``,
+  ``halt``, ``resume``) raise ``StoreUnavailable``: a lost position update would make the gate
+  under-count, so the caller must know (retry, or halt trading).
+
+Client retries are safe: each ``try_enter`` carries a random token stored with its reservation,
+and a repeated call with the same order id and token returns the first call's answer instead of
+reserving twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
+from importlib import resources
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.typing import EncodableT
+
+from pendingledger.errors import LedgerError
+from pendingledger.gate import GateStats
+from pendingledger.limits import DENIED, Decision, DenyReason, PortfolioLimits
+from pendingledger.redis import _units
+from pendingledger.redis._audit import Snapshot, audit
+
+if TYPE_CHECKING:
+    from pendingledger.protocols import Gate
+
+__all__ = [
+    "OpenOrder",
+    "RedisGate",
+    "RedisGateStats",
+    "RedisReservation",
+    "StoreUnavailable",
+]
+
+logger = logging.getLogger("pendingledger.redis")
+
+Number = int | float | Decimal | Fraction
+
+SCRIPT: Final = resources.files(__package__).joinpath("gate.lua").read_text(encoding="utf-8")
+"""The Lua source of every gate operation (package data ``pendingledger/redis/gate.lua``)."""
+
+KEY_NAMES: Final = ("meta", "pos", "tot", "rsym", "rcnt", "orders", "exp", "bysym", "stats")
+_UNAVAILABLE: Final = DENIED[DenyReason.BACKEND_UNAVAILABLE]
+_REASONS: Final = {reason.value: reason for reason in DenyReason}
+_LOG_EVERY: Final = 5.0  # seconds between repeated warnings about the same outage
+
+
+class StoreUnavailable(LedgerError, ConnectionError):
+    """Redis could not confirm a write to the book (the cause is chained as ``__cause__``).
+
+    Raised by the writes whose loss would make the gate under-count (``set_position``,
+    ``confirm_fill``, ...). ``try_enter`` never raises it: it denies instead.
+    """
+
+
+class OpenOrder(NamedTuple):
+    """An order already at the exchange, handed to ``RedisGate.restore`` to be reserved again."""
+
+    symbol: str
+    notional: Number
+    order_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RedisGateStats(GateStats):
+    """Counts for the whole namespace (every process sharing it), read in one script call.
+
+    ``admitted`` and ``denied`` as in ``GateStats``; ``denied[BACKEND_UNAVAILABLE]`` is this gate
+    object's own count (the store cannot count the decisions it never saw). ``released``,
+    ``filled`` and ``expired`` count how reservations ended; ``restored`` those made by
+    ``restore``; ``corrupt`` bookkeeping errors the script found (always 0 unless the keys were
+    edited by hand).
+    """
+
+    outstanding: int
+    gross_notional: Decimal
+    released: int
+    filled: int
+    expired: int
+    restored: int
+    corrupt: int
+
+
+def _s(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _check_symbol(symbol: object) -> str:
+    if type(symbol) is str and symbol and "\0" not in symbol:
+        return symbol
+    if symbol is None:
+        raise TypeError("symbol must be a non-empty str such as 'BTCUSDT', got None")
+    if not isinstance(symbol, str):
+        raise TypeError(f"symbol must be a str for the Redis gate, got {symbol!r}")
+    if not symbol:
+        raise ValueError(f"symbol must not be empty, got {symbol!r}")
+    if "\0" in symbol:
+        raise ValueError(f"symbol must not contain NUL characters, got {symbol!r}")
+    return str(symbol)
+
+
+def _check_order_id(order_id: object) -> str:
+    if isinstance(order_id, str) and order_id:
+        return str(order_id)
+    if isinstance(order_id, str):
+        raise ValueError(f"order_id must not be empty, got {order_id!r}")
+    raise TypeError(f"order_id must be a str for the Redis gate, got {order_id!r}")
+
+
+def _namespace_keys(namespace: object) -> tuple[str, ...]:
+    """The keys of ``namespace`` (checked: a non-empty str without braces), in script order."""
+    if not isinstance(namespace, str):
+        raise TypeError(f"namespace must be a str, got {namespace!r}")
+    if not namespace or "{" in namespace or "}" in namespace:
+        raise ValueError(f"namespace must be a non-empty str without braces, got {namespace!r}")
+    return tuple(f"pendingledger:{{{namespace}}}:{name}" for name in KEY_NAMES)
+
+
+def _micros(seconds: float) -> int:
+    """Whole microseconds for ``seconds``, rounded up (TTLs, and the test clock's steps: the
+    same rounding, so advancing the test clock by ``ttl`` always reaches a TTL's end)."""
+    return math.ceil(seconds * 1_000_000)
+
+
+def _token() -> str:
+    return os.urandom(8).hex()
+
+
+class _LogThrottle:
+    """Warn about the first store failure, then at most every few seconds, then on recovery."""
+
+    __slots__ = ("_failing", "_last", "_suppressed")
+
+    def __init__(self) -> None:
+        self._failing = False
+        self._last = -math.inf
+        self._suppressed = 0
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self._failing and now - self._last < _LOG_EVERY:
+            self._suppressed += 1
+            logger.debug("%s: %s: %s", what, type(exc).__name__, exc)
+            return
+        more = f" ({self._suppressed} more since the last warning)" if self._suppressed else ""
+        self._failing = True
+        self._last = now
+        self._suppressed = 0
+        logger.warning(
+            "%s failed closed: Redis could not confirm it: %s: %s%s",
+            what,
+            type(exc).__name__,
+            exc,
+            more,
+            exc_info=logger.isEnabledFor(logging.DEBUG),
+        )
+
+    def ok(self) -> None:
+        if self._failing:
+            self._failing = False
+            logger.warning("Redis answers again (%d failure(s) not logged)", self._suppressed)
+            self._suppressed = 0
+
+
+class RedisGate:
+    """Portfolio limits enforced across processes and hosts, with the book in one Redis.
+
+    ``client`` is a ``redis.Redis`` (or ``redis.cluster.RedisCluster``): give it a socket timeout
+    (``from_url`` does) so a hung server denies quickly instead of blocking a trading thread.
+    ``ttl`` (seconds) is how long a reservation lives if nothing ends it, measured by the server's
+    clock (``TIME``, read inside the script; never the client's). Tests move that clock for one
+    namespace with ``pendingledger.redis.testing`` instead of sleeping. ``namespace`` names one
+    book: every process that shares limits uses the same one. All its keys are
+    ``pendingledger:{<namespace>}:<name>``: the ``{namespace}`` hash tag puts them in one Redis
+    Cluster slot, so the scripts never meet ``CROSSSLOT``.
+
+    Decisions match ``PortfolioGate`` (same ``Decision``, ``DenyReason``, rule order and limit
+    semantics); amounts are exact at ``10**-9`` (see ``pendingledger.redis._units`` for rounding).
+    A new or wiped namespace denies with ``BOOK_NOT_RESTORED`` until ``restore()`` is called.
+    By default the book is also trusted only on the server run that restored it (the server's
+    ``run_id``): after a restart or a failover the gate denies until ``restore()``, because a
+    snapshot reloaded from disk or an asynchronously replicated copy may miss recent writes. Pass
+    ``trust_persistence=True`` if the server fsyncs every write and failover is synchronous.
+    """
+
+    __slots__ = (
+        "_client",
+        "_keys",
+        "_limit_args",
+        "_log",
+        "_namespace",
+        "_script",
+        "_trust",
+        "_ttl",
+        "_ttl_us",
+        "_unavailable",
+        "_unavailable_lock",
+    )
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        limits: PortfolioLimits,
+        *,
+        ttl: float,
+        namespace: str,
+        trust_persistence: bool = False,
+    ) -> None:
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+            raise TypeError(f"ttl must be a number of seconds, got {ttl!r}")
+        if not math.isfinite(ttl) or ttl <= 0:
+            raise ValueError(f"ttl must be finite and > 0 seconds, got {ttl!r}")
+        keys = _namespace_keys(namespace)
+        self._client = client
+        self._ttl = float(ttl)
+        # Never 0: a zero TTL would expire a reservation in the step that makes it.
+        self._ttl_us = max(1, _micros(self._ttl))
+        self._namespace = namespace
+        self._keys = keys
+        self._limit_args = _encode_limits(limits)
+        self._trust = "1" if trust_persistence else "0"
+        self._script = client.register_script(SCRIPT)
+        self._log = _LogThrottle()
+        self._unavailable = 0
+        self._unavailable_lock = threading.Lock()
+        pool = getattr(client, "connection_pool", None)
+        kwargs = getattr(pool, "connection_kwargs", None)
+        if isinstance(kwargs, dict) and kwargs.get("socket_timeout") is None:
+            logger.warning(
+                "RedisGate(namespace=%r): the client has no socket_timeout, so a hung server "
+                "blocks try_enter instead of denying; set one (RedisGate.from_url does)",
+                namespace,
+            )
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        limits: PortfolioLimits,
+        *,
+        ttl: float,
+        namespace: str,
+        socket_timeout: float = 0.5,
+        retries: int = 1,
+        trust_persistence: bool = False,
+        **client_kwargs: Any,
+    ) -> RedisGate:
+        """A gate on a new client for ``url`` with settings that fail closed quickly.
+
+        ``socket_timeout`` bounds each command (and the connect); ``retries`` immediate retries
+        follow a connection error or timeout (safe: see the module docstring).
+        """
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), retries),
+            **client_kwargs,
+        )
+        return cls(
+            client, limits, ttl=ttl, namespace=namespace, trust_persistence=trust_persistence
+        )
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def client(self) -> redis.Redis:
+        return self._client
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The namespace's keys, all under the hash tag ``{namespace}``."""
+        return self._keys
+
+    @property
+    def ttl(self) -> float:
+        return self._ttl
+
+    @property
+    def limits(self) -> PortfolioLimits:
+        """The limits this gate object applies (per process: they travel with each decision).
+        Assign a new ``PortfolioLimits`` at any time; each decision uses one consistent set."""
+        return self._limit_args[0]
+
+    @limits.setter
+    def limits(self, limits: PortfolioLimits) -> None:
+        self._limit_args = _encode_limits(limits)
+
+    # ------------------------------------------------------------------ decisions
+
+    def try_enter(
+        self,
+        symbol: Hashable,
+        notional: Number,
+        positions: None = None,
+        *,
+        order_id: Hashable | None = None,
+    ) -> Decision:
+        """Check the limits against the book and reservations in Redis and, if they pass,
+        reserve ``notional`` on ``symbol``: one atomic script call, one round trip.
+
+        ``positions`` must be left out: the position book lives in Redis (``set_position``,
+        ``confirm_fill``). Bad arguments raise ``ValueError``/``TypeError`` before anything is
+        sent; so does an ``order_id`` that already has an outstanding reservation. A store that
+        cannot confirm the decision gives ``DenyReason.BACKEND_UNAVAILABLE`` (logged), never an
+        exception and never an admission.
+        """
+        if positions is not None:
+            raise TypeError(
+                "RedisGate keeps the position book in Redis: call try_enter without positions "
+                f"and keep the book with set_position()/confirm_fill(), got positions={positions!r}"
+            )
+        if type(symbol) is not str or not symbol or "\0" in symbol:
+            symbol = _check_symbol(symbol)
+        amount, units = _units.notional_units("notional", notional)
+        if order_id is None:
+            order_id = uuid.uuid4().hex
+        elif type(order_id) is not str or not order_id:
+            order_id = _check_order_id(order_id)
+        token = _token()
+        _, max_pos, max_gross, max_sym = self._limit_args
+        args = (
+            "enter", symbol, units, order_id, token, self._ttl_us,
+            max_pos, max_gross, max_sym, self._trust, "",
+        )  # fmt: skip
+        try:
+            reply = self._script(keys=self._keys, args=args)
+            status = _s(reply[0])
+            if status == "A":
+                res = RedisReservation._new(
+                    self, symbol, order_id, notional, amount,
+                    token=token, reserved_us=int(_s(reply[1])),
+                    expires_us=int(float(_s(reply[2]))),
+                )  # fmt: skip
+                self._log.ok()
+                return Decision(None, res)
+            if status == "D":
+                self._log.ok()
+                return DENIED[_REASONS[_s(reply[1])]]
+            if status != "X":
+                raise ValueError(f"unexpected reply from the gate script: {reply!r}")
+        except Exception as exc:
+            with self._unavailable_lock:
+                self._unavailable += 1
+            self._log.failed(f"try_enter({symbol!r}, order_id={order_id!r})", exc)
+            return _UNAVAILABLE
+        raise ValueError(f"order_id {order_id!r} already has an outstanding reservation")
+
+    # ------------------------------------------------------------------ releases
+
+    def release(self, symbol: Hashable) -> bool:
+        """Drop every reservation on ``symbol``. True if any was dropped; False (logged) if the
+        store cannot be reached: the reservations then expire after the TTL."""
+        symbol = _check_symbol(symbol)
+        reply = self._release_call("release", ("release_symbol", symbol))
+        return bool(reply)
+
+    def release_order(self, order_id: Hashable) -> bool:
+        """Drop the reservation of ``order_id``. True if it was outstanding (see ``release``)."""
+        order_id = _check_order_id(order_id)
+        return bool(self._release_call("release_order", ("release_order", order_id, "")))
+
+    def _release_call(self, what: str, args: Sequence[EncodableT]) -> int:
+        try:
+            reply = int(self._script(keys=self._keys, args=args))
+        except Exception as exc:
+            self._log.failed(f"{what}({args[1]!r})", exc)
+            return 0
+        self._log.ok()
+        return reply
+
+    # ------------------------------------------------------------------ the position book
+
+    def set_position(self, symbol: Hashable, exposure: Number) -> None:
+        """Record ``symbol``'s position exposure (its absolute value counts; a symbol set is
+        open, even at exposure 0, until ``close_position``). Raises ``StoreUnavailable`` if the
+        store cannot confirm it."""
+        symbol = _check_symbol(symbol)
+        units = _units.exposure_units("exposure", exposure)
+        self._write("set_position", ("set_position", symbol, units))
+
+    def close_position(self, symbol: Hashable) -> bool:
+        """Remove ``symbol`` from the book. True if it was open."""
+        symbol = _check_symbol(symbol)
+        return bool(self._write("close_position", ("close_position", symbol)))
+
+    def confirm_fill(
+        self, order_id: Hashable, position_exposure: Number, *, symbol: Hashable | None = None
+    ) -> bool:
+        """The fill of ``order_id`` landed: set its symbol's position to ``position_exposure``
+        (the whole position after the fill) and end the reservation, in one atomic step.
+
+        Returns True if a reservation was ended. If it had already ended (expired, released),
+        the position is still recorded when ``symbol`` is given, and False is returned; without
+        ``symbol`` nothing is written (the gate cannot tell which symbol to book), False is
+        returned and a warning logged: pass ``symbol`` so a late fill is never lost. A
+        ``symbol`` different from the reservation's raises ``ValueError`` and writes nothing.
+        """
+        order_id = _check_order_id(order_id)
+        sym = "" if symbol is None else _check_symbol(symbol)
+        units = _units.exposure_units("position_exposure", position_exposure)
+        return self._fill(order_id, units, sym, "")
+
+    def _fill(self, order_id: str, units: int, symbol: str, token: str) -> bool:
+        reply = self._write("confirm_fill", ("fill", order_id, units, symbol, token))
+        status = _s(reply[0])
+        if status == "F":
+            return True
+        if status == "P":
+            return False
+        if status == "M":
+            raise ValueError(
+                f"order {order_id!r} is reserved on {_s(reply[1])!r}, not on symbol={symbol!r}"
+            )
+        logger.warning(
+            "confirm_fill(%r): no outstanding reservation (released or expired) and no symbol "
+            "given, so the position was NOT recorded; pass symbol= to record late fills",
+            order_id,
+        )
+        return False
+
+    def _write(self, what: str, args: Sequence[EncodableT]) -> Any:
+        try:
+            reply = self._script(keys=self._keys, args=args)
+        except redis.ResponseError as exc:
+            if "amount overflow" in str(exc):
+                raise ValueError(f"{what}: {exc}") from exc
+            self._log.failed(what, exc)
+            raise StoreUnavailable(f"{what} not recorded: {exc}") from exc
+        except redis.RedisError as exc:
+            self._log.failed(what, exc)
+            raise StoreUnavailable(f"{what} not recorded: {exc}") from exc
+        self._log.ok()
+        return reply
+
+    def restore(
+        self,
+        positions: Mapping[str, Number],
+        open_orders: Iterable[OpenOrder | tuple[str, Number] | tuple[str, Number, str | None]] = (),
+        *,
+        only_if_missing: bool = False,
+    ) -> list[RedisReservation] | None:
+        """Replace the namespace's book and reservations and write its generation marker.
+
+        Call it at start-up with the positions and open orders from the exchange (an empty book
+        for a fresh deployment: ``restore({})``), and whenever decisions are denied with
+        ``BOOK_NOT_RESTORED``. Every open order is reserved again, unchecked (it is already at
+        the exchange), with a fresh TTL. The halt flag and the stats are kept. With
+        ``only_if_missing`` nothing is written if the book is in place (several processes may
+        start together: the first restores, the others return None). Returns the reservations
+        made for ``open_orders``. Raises ``StoreUnavailable`` if the store cannot confirm it.
+        """
+        if not isinstance(positions, Mapping):
+            raise TypeError(f"positions must be a mapping of symbol to exposure, got {positions!r}")
+        args: list[EncodableT] = ["restore", "1" if only_if_missing else "0", uuid.uuid4().hex,
+                              self._ttl_us, self._trust, len(positions)]  # fmt: skip
+        for symbol, exposure in positions.items():
+            args += [
+                _check_symbol(symbol),
+                _units.exposure_units(f"positions[{symbol!r}]", exposure),
+            ]
+        pending: list[tuple[str, str, Number, Fraction, str]] = []
+        seen: set[str] = set()
+        for item in open_orders:
+            order = OpenOrder(*item)
+            symbol = _check_symbol(order.symbol)
+            amount, units = _units.notional_units("open order notional", order.notional)
+            order_id = (
+                uuid.uuid4().hex if order.order_id is None else _check_order_id(order.order_id)
+            )
+            if order_id in seen:
+                raise ValueError(f"order_id {order_id!r} appears twice in open_orders")
+            seen.add(order_id)
+            token = _token()
+            args += [order_id, symbol, units, token]
+            pending.append((order_id, symbol, order.notional, amount, token))
+        reply = self._write("restore", args)
+        if _s(reply[0]) == "S":
+            return None
+        now = int(_s(reply[0 + 1]))
+        return [
+            RedisReservation._new(
+                self,
+                symbol,
+                order_id,
+                notional,
+                amount,
+                token=token,
+                reserved_us=now,
+                expires_us=now + self._ttl_us,
+            )
+            for order_id, symbol, notional, amount, token in pending
+        ]
+
+    def positions(self) -> dict[Hashable, Number]:
+        """The position book in Redis: symbol -> exposure as stored (a ``Decimal``, exact to
+        ``10**-9``, its magnitude rounded up when it was set)."""
+        try:
+            raw = self._client.hgetall(self._keys[1])
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"position book not readable: {exc}") from exc
+        return {_s(k): _units.from_units(int(_s(v))) for k, v in raw.items()}
+
+    def wipe(self) -> int:
+        """Delete every key of the namespace (book, reservations, marker, halt flag, stats), as
+        at the end of a test or a simulation run. Decisions are then denied with
+        ``BOOK_NOT_RESTORED`` until ``restore``. Returns the number of keys deleted."""
+        try:
+            return int(self._client.delete(*self._keys))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"wipe not done: {exc}") from exc
+
+    def book_restored(self) -> bool:
+        """True if the namespace's book is in place (decisions are not ``BOOK_NOT_RESTORED``)."""
+        return bool(self._write("book_restored", ("marker", self._trust)))
+
+    # ------------------------------------------------------------------ halt
+
+    def halt(self) -> None:
+        """Deny every entry in the namespace (all processes) with ``HALTED`` until ``resume()``."""
+        try:
+            self._client.hset(self._keys[0], "halted", "1")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"halt not recorded: {exc}") from exc
+
+    def resume(self) -> None:
+        try:
+            self._client.hdel(self._keys[0], "halted")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"resume not recorded: {exc}") from exc
+
+    @property
+    def halted(self) -> bool:
+        try:
+            value = self._client.hget(self._keys[0], "halted")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"halt flag not readable: {exc}") from exc
+        return value is not None and _s(value) == "1"
+
+    # ------------------------------------------------------------------ inspection
+
+    def snapshot(self) -> Snapshot:
+        """Everything in the namespace, read atomically (one script call)."""
+        return Snapshot.from_reply(self._write("snapshot", ("snapshot",)))
+
+    def audit(self, limits: PortfolioLimits | None = None) -> list[str]:
+        """Recompute every total from the raw records and list the differences (and, with
+        ``limits``, every limit the current state exceeds). Empty means consistent."""
+        return audit(self.snapshot(), limits)
+
+    def sweep(self) -> int:
+        """Drop expired reservations now (every operation does this anyway); return how many."""
+        return int(self._write("sweep", ("sweep",)))
+
+    def stats(self) -> RedisGateStats:
+        """Namespace-wide counts, read atomically."""
+        snap = self.snapshot()
+        st = snap.stats
+        denied = dict.fromkeys(DenyReason, 0)
+        for reason in DenyReason:
+            denied[reason] = st.get(f"denied:{reason.value}", 0)
+        denied[DenyReason.BACKEND_UNAVAILABLE] += self._unavailable
+        return RedisGateStats(
+            admitted=st.get("admitted", 0),
+            denied=MappingProxyType(denied),
+            outstanding=len(snap.orders),
+            gross_notional=_units.from_units(snap.reserved_gross_units),
+            released=st.get("released", 0),
+            filled=st.get("filled", 0),
+            expired=st.get("expired", 0),
+            restored=st.get("restored", 0),
+            corrupt=st.get("corrupt", 0),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisGate(namespace={self._namespace!r}, ttl={self._ttl!r}, limits={self.limits!r})"
+        )
+
+
+if TYPE_CHECKING:  # mypy proves RedisGate offers the whole backend-neutral surface.
+
+    def _conforms(gate: RedisGate) -> Gate:
+        return gate
+
+
+def _encode_limits(limits: object) -> tuple[PortfolioLimits, str, str, str]:
+    if not isinstance(limits, PortfolioLimits):
+        raise TypeError(f"limits must be a PortfolioLimits, got {limits!r}")
+    max_pos = limits.max_concurrent_positions
+    gross = _units.limit_units("max_gross_exposure", limits.max_gross_exposure)
+    sym = _units.limit_units("max_symbol_exposure", limits.max_symbol_exposure)
+    return (
+        limits,
+        "" if max_pos is None else str(max_pos),
+        "" if gross is None else str(gross),
+        "" if sym is None else str(sym),
+    )
+
+
+class RedisReservation:
+    """The handle of one reservation in Redis (``Decision.reservation`` of a ``RedisGate``).
+
+    Same public surface as the core ``Reservation``: ``symbol``, ``order_id``, ``notional`` (what
+    is still reserved, as far as this handle has reduced it), ``initial_notional``,
+    ``reserved_at`` and ``expires_at`` (the server's clock, Unix seconds), ``active`` (asks the
+    server), ``release()`` and ``reduce(amount)``. A handle acts only on its own reservation:
+    after it has ended, a new reservation reusing the order id is not touched.
+    """
+
+    __slots__ = (
+        "_amount",
+        "_ended",
+        "_expires_us",
+        "_gate",
+        "_initial",
+        "_lock",
+        "_order_id",
+        "_reduced",
+        "_reserved_us",
+        "_symbol",
+        "_token",
+    )
+
+    _gate: RedisGate
+    _symbol: str
+    _order_id: str
+    _initial: Number
+    _amount: Fraction
+    _reduced: Fraction
+    _token: str
+    _reserved_us: int
+    _expires_us: int
+    _ended: bool
+    _lock: threading.Lock
+
+    def __init__(self) -> None:
+        raise TypeError("reservations are made by RedisGate.try_enter() or RedisGate.restore()")
+
+    @classmethod
+    def _new(
+        cls,
+        gate: RedisGate,
+        symbol: str,
+        order_id: str,
+        initial: Number,
+        amount: Fraction,
+        *,
+        token: str,
+        reserved_us: int,
+        expires_us: int,
+    ) -> RedisReservation:
+        self = object.__new__(cls)
+        self._gate = gate
+        self._symbol = symbol
+        self._order_id = order_id
+        self._initial = initial
+        self._amount = amount
+        self._reduced = Fraction(0)
+        self._token = token
+        self._reserved_us = reserved_us
+        self._expires_us = expires_us
+        self._ended = False
+        self._lock = threading.Lock()
+        return self
+
+    @property
+    def symbol(self) -> str:
+        return self._symbol
+
+    @property
+    def order_id(self) -> str:
+        return self._order_id
+
+    @property
+    def token(self) -> str:
+        """The random token stored with this reservation (tells it apart from a reuse of its id)."""
+        return self._token
+
+    @property
+    def initial_notional(self) -> Number:
+        return self._initial
+
+    @property
+    def notional(self) -> Number:
+        """What is still reserved after this handle's ``reduce`` calls, in the given type."""
+        reduced = self._reduced
+        if not reduced:
+            return self._initial
+        return _units.to_number_like(self._initial, max(Fraction(0), self._amount - reduced))
+
+    @property
+    def reserved_at(self) -> float:
+        """The server's clock (Unix seconds) when the reservation was made: its ``TIME``, plus
+        the namespace's test clock if a test moved it (``pendingledger.redis.testing``)."""
+        return self._reserved_us / 1_000_000
+
+    @property
+    def expires_at(self) -> float:
+        """``reserved_at + ttl`` on the server's clock: from then on it is expired."""
+        return self._expires_us / 1_000_000
+
+    @property
+    def active(self) -> bool:
+        """Asks the server whether this reservation is still outstanding (not expired, released
+        or filled). If the server cannot answer: what this handle knows (not ended by it)."""
+        if self._ended:
+            return False
+        gate = self._gate
+        try:
+            reply = gate._script(keys=gate._keys, args=("status", self._order_id, self._token))
+        except Exception as exc:
+            gate._log.failed(f"Reservation({self._order_id!r}).active", exc)
+            return True
+        return _s(reply[0]) == "A"
+
+    def release(self) -> bool:
+        """End the reservation now (e.g. the exchange rejected the order). True if it was
+        outstanding; False if it had ended, or (logged) if the store cannot be reached."""
+        if self._ended:
+            return False
+        gate = self._gate
+        done = gate._release_call(
+            "Reservation.release", ("release_order", self._order_id, self._token)
+        )
+        if done:
+            self._ended = True
+        return bool(done)
+
+    def reduce(self, amount: Number) -> bool:
+        """Shrink the remaining notional by ``amount`` (a partial fill); at zero (or below) the
+        reservation ends. True if it was outstanding. ``amount`` must be a finite number > 0.
+
+        What stays reserved is ``ceil(initial - sum of reductions)`` in units, never less than
+        what is unfilled. Returns False (logged) if the store cannot be reached.
+        """
+        reduction, _ = _units.notional_units("amount", amount)
+        with self._lock:
+            if self._ended:
+                return False
+            reduced = self._reduced + reduction
+            remaining = self._amount - reduced
+            units = _units.ceil_units(remaining) if remaining > 0 else 0
+            gate = self._gate
+            try:
+                reply = gate._script(
+                    keys=gate._keys, args=("reduce", self._order_id, self._token, units)
+                )
+                status = _s(reply[0])
+            except Exception as exc:
+                gate._log.failed(f"Reservation({self._order_id!r}).reduce", exc)
+                return False
+            gate._log.ok()
+            if status == "G":
+                self._ended = True
+                return False
+            self._reduced = reduced
+            if status == "E":
+                self._ended = True
+            return True
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisReservation(symbol={self._symbol!r}, order_id={self._order_id!r}, "
+            f"initial_notional={self._initial!r}, namespace={self._gate._namespace!r})"
+        )

@@ -1,0 +1,104 @@
+"""Test helpers for the Redis gate: a namespace's server-side test clock, moved instead of slept.
+
+``RedisGate`` takes time from the server (``TIME``, read inside its script), never from a client,
+so a test cannot hand it a ``ManualClock``. Instead each namespace can have a test clock, kept in
+Redis beside its book (fields of its ``meta`` hash, under the same ``{namespace}`` hash tag). The
+script's now is ``TIME`` plus the clock's offset, read in the same script call as everything else,
+and ``advance_server_clock`` grows the offset: a TTL is tested by moving the server's time for
+every process sharing the namespace, never by sleeping::
+
+    from pendingledger.redis.testing import advance_server_clock
+
+    gate = RedisGate(client, limits, ttl=30, namespace="test-1")
+    gate.restore({})
+    reservation = gate.try_enter("BTCUSDT", 1_000).reservation
+    advance_server_clock(gate, 30)   # the namespace's clock is now 30 s later
+    assert not reservation.active    # expired (the next operation sweeps it)
+
+Like ``pendingledger.testing.ManualClock`` the clock only moves forward. ``freeze_server_clock``
+also stops ``TIME`` for the namespace (as trio's ``MockClock`` does at rate 0), for a test that
+needs the exact instant, such as a TTL's last microsecond. ``RedisGate.restore`` keeps the clock;
+``RedisGate.wipe`` deletes it with the rest of the namespace.
+
+For tests only: nothing in the library calls this module, and in production the fields are absent
+(now is the server's ``TIME``). Moving the clock of a live namespace expires its reservations
+early.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from pendingledger.redis._gate import SCRIPT, RedisGate, StoreUnavailable, _micros, _namespace_keys
+from pendingledger.testing import _finite_seconds
+
+__all__ = ["advance_server_clock", "freeze_server_clock", "server_clock"]
+
+_MAX_STEP_US = 2**52  # the script refuses a reading at or past 2^52 us anyway (year 2112)
+
+
+def advance_server_clock(
+    target: RedisGate | redis.Redis, seconds: float, *, namespace: str | None = None
+) -> float:
+    """Move the namespace's clock forward by ``seconds`` (finite, >= 0); return its new reading.
+
+    ``target`` is a ``RedisGate`` (its namespace) or a ``redis.Redis`` client with ``namespace``
+    given. One atomic script call; every client of the namespace sees the new time. A reservation
+    whose expiry the clock reaches is expired from then on, exactly as if ``seconds`` had gone by
+    (expired when now >= reserved_at + ttl): ``active`` is False at once, and the next operation
+    sweeps it (counted in ``stats().expired``). The step is in whole microseconds, rounded up like
+    the gate's ``ttl``, so advancing by ``ttl`` always reaches a reservation's expiry.
+
+    The reading is in Unix seconds (the server's ``TIME`` plus the test clock). A negative or
+    non-finite step raises ``ValueError`` and changes nothing, as does a step that would take the
+    clock past 2^52 microseconds (year 2112); a non-number raises ``TypeError``.
+    """
+    step = _finite_seconds("seconds", seconds, allow_negative=False)
+    step_us = _micros(step)
+    if step_us >= _MAX_STEP_US:
+        raise ValueError(f"seconds must be below 2**52 microseconds (~142 years), got {seconds!r}")
+    return _clock(target, namespace, step_us, freeze=False) / 1_000_000
+
+
+def freeze_server_clock(target: RedisGate | redis.Redis, *, namespace: str | None = None) -> float:
+    """Stop the server's ``TIME`` for the namespace at its current reading; return the reading.
+
+    From then on the namespace's clock moves only by ``advance_server_clock``, so a test can
+    reach an exact microsecond. Freezing a frozen clock changes nothing. It stays frozen until
+    ``RedisGate.wipe`` deletes the namespace (``restore`` keeps it).
+    """
+    return _clock(target, namespace, 0, freeze=True) / 1_000_000
+
+
+def server_clock(target: RedisGate | redis.Redis, *, namespace: str | None = None) -> float:
+    """The namespace's clock as its script reads it now (Unix seconds): the server's ``TIME``
+    (or the frozen reading) plus the test clock's offset. Writes nothing."""
+    return _clock(target, namespace, 0, freeze=False) / 1_000_000
+
+
+def _clock(
+    target: RedisGate | redis.Redis, namespace: str | None, step_us: int, *, freeze: bool
+) -> int:
+    script: Any
+    if isinstance(target, RedisGate):
+        if namespace is not None and namespace != target.namespace:
+            raise ValueError(
+                f"namespace={namespace!r} but the gate's namespace is {target.namespace!r}"
+            )
+        keys, script = target.keys, target._script
+    else:
+        if namespace is None:
+            raise TypeError("namespace is required when target is a Redis client, not a RedisGate")
+        keys = _namespace_keys(namespace)
+        script = target.register_script(SCRIPT)
+    try:
+        reply = script(keys=keys, args=("clock", step_us, "1" if freeze else "0"))
+    except redis.ResponseError as exc:
+        if "clock overflow" in str(exc):
+            raise ValueError(f"test clock not moved: {exc}") from exc
+        raise StoreUnavailable(f"test clock not moved: {exc}") from exc
+    except redis.RedisError as exc:
+        raise StoreUnavailable(f"test clock not moved: {exc}") from exc
+    return int(reply)

@@ -1,0 +1,523 @@
+"""Bad input: a ValueError/TypeError naming the argument and the value, and nothing changes.
+
+"Nothing changes" means: ledger stats equal before and after, the outstanding reservations are
+the same, the gate's counters did not move, and the lock is free afterwards
+(``with ledger.lock(timeout=0): pass`` works).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager
+from decimal import Decimal
+from fractions import Fraction
+from typing import Any
+
+import pytest
+
+from pendingledger import (
+    DenyReason,
+    PendingEntryLedger,
+    PortfolioGate,
+    PortfolioLimits,
+    Reservation,
+)
+from pendingledger.testing import ManualClock
+
+Unchanged = Callable[..., AbstractContextManager[None]]
+Number = int | float | Decimal | Fraction
+Book = dict[Hashable, Number]
+NAN = math.nan
+INF = math.inf
+AAA_OPEN: Book = {"AAA": 1}
+X_NAN: Book = {"X": NAN}
+
+
+def raises(
+    exc: type[Exception], name: str, value: object
+) -> AbstractContextManager[pytest.ExceptionInfo[Exception]]:
+    """``pytest.raises`` that also wants the argument's name and the value's repr in the message."""
+    return pytest.raises(exc, match=rf"{re.escape(name)}.*{re.escape(repr(value))}")
+
+
+@pytest.fixture
+def book(ledger: PendingEntryLedger, gate: PortfolioGate) -> Reservation:
+    """Some state to leave untouched: reservations, counters, a limit. Returns one reservation."""
+    gate.limits = PortfolioLimits(max_concurrent_positions=5, max_gross_exposure=10_000)
+    decision = gate.try_enter("AAA", 100, {}, order_id="a")
+    gate.try_enter("BBB", Decimal("2.5"), {}, order_id="b")
+    gate.try_enter("CCC", 20_000, {})  # denied: counted
+    assert isinstance(decision.reservation, Reservation)
+    return decision.reservation
+
+
+# ---------------------------------------------------------------------------- notional
+
+BAD_NOTIONALS: list[tuple[object, type[Exception]]] = [
+    (NAN, ValueError),
+    (INF, ValueError),
+    (-INF, ValueError),
+    (0, ValueError),
+    (0.0, ValueError),
+    (-0.0, ValueError),
+    (-1, ValueError),
+    (-0.01, ValueError),
+    (Decimal("NaN"), ValueError),
+    (Decimal("sNaN"), ValueError),
+    (Decimal("Infinity"), ValueError),
+    (Decimal("-1.5"), ValueError),
+    (Decimal(0), ValueError),
+    (Fraction(-1, 3), ValueError),
+    (True, TypeError),
+    (False, TypeError),
+    ("100", TypeError),
+    (None, TypeError),
+    (b"100", TypeError),
+    ([100], TypeError),
+    (1 + 0j, TypeError),
+]
+NOTIONAL_IDS = [repr(v) for v, _ in BAD_NOTIONALS]
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_NOTIONALS, ids=NOTIONAL_IDS)
+def test_try_enter_bad_notional(
+    ledger: PendingEntryLedger,
+    gate: PortfolioGate,
+    book: Reservation,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    with unchanged(ledger, gate), raises(exc, "notional", value):
+        gate.try_enter("DDD", value, {})
+    with unchanged(ledger, gate), raises(exc, "notional", value):
+        gate.try_enter("AAA", value, lambda: AAA_OPEN)
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_NOTIONALS, ids=NOTIONAL_IDS)
+def test_reserve_bad_notional(
+    ledger: PendingEntryLedger,
+    book: Reservation,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    with unchanged(ledger):
+        with ledger.lock() as pending:
+            with raises(exc, "notional", value):
+                pending.reserve("DDD", value)
+            assert len(pending) == 2
+            assert "DDD" not in pending
+        # and when the error leaves the block, the block's own changes are undone as well
+        with raises(exc, "notional", value), ledger.lock() as pending:
+            pending.reserve("EEE", 1)
+            pending.reserve("DDD", value)
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_NOTIONALS, ids=NOTIONAL_IDS)
+def test_reduce_bad_amount(
+    ledger: PendingEntryLedger,
+    book: Reservation,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    with unchanged(ledger), raises(exc, "amount", value):
+        book.reduce(value)
+    assert book.notional == 100
+    with unchanged(ledger), ledger.lock(), raises(exc, "amount", value):
+        book.reduce(value)
+
+
+# ---------------------------------------------------------------------------- symbol and order_id
+
+BAD_SYMBOLS: list[tuple[object, type[Exception]]] = [
+    (None, TypeError),
+    ("", ValueError),
+    (b"", ValueError),
+    (["AAA"], TypeError),
+    ({"AAA": 1}, TypeError),
+    (("AAA", ["x"]), TypeError),
+]
+SYMBOL_IDS = [repr(v) for v, _ in BAD_SYMBOLS]
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_SYMBOLS, ids=SYMBOL_IDS)
+def test_try_enter_bad_symbol(
+    ledger: PendingEntryLedger,
+    gate: PortfolioGate,
+    book: Reservation,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    with unchanged(ledger, gate), raises(exc, "symbol", value):
+        gate.try_enter(value, 1, {})
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_SYMBOLS, ids=SYMBOL_IDS)
+def test_reserve_bad_symbol(
+    ledger: PendingEntryLedger,
+    book: Reservation,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    with unchanged(ledger), ledger.lock() as pending:
+        with raises(exc, "symbol", value):
+            pending.reserve(value, 1)
+        with raises(exc, "symbol", value):
+            pending.release(value)
+        assert len(pending) == 2
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_SYMBOLS, ids=SYMBOL_IDS)
+def test_release_bad_symbol(
+    ledger: PendingEntryLedger,
+    book: Reservation,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    with unchanged(ledger), raises(exc, "symbol", value):
+        ledger.release(value)
+
+
+BAD_ORDER_IDS: list[object] = [[1], {"id": 1}, {1, 2}, ("o", [1])]
+
+
+@pytest.mark.parametrize("value", BAD_ORDER_IDS, ids=repr)
+def test_bad_order_id(
+    ledger: PendingEntryLedger,
+    gate: PortfolioGate,
+    book: Reservation,
+    unchanged: Unchanged,
+    value: Any,
+) -> None:
+    with unchanged(ledger, gate):
+        with raises(TypeError, "order_id", value):
+            gate.try_enter("DDD", 1, {}, order_id=value)
+        with raises(TypeError, "order_id", value):
+            ledger.release_order(value)
+        with ledger.lock() as pending:
+            with raises(TypeError, "order_id", value):
+                pending.reserve("DDD", 1, order_id=value)
+            with raises(TypeError, "order_id", value):
+                pending.release_order(value)
+
+
+# ---------------------------------------------------------------------------- positions
+
+
+BAD_EXPOSURES: list[tuple[object, type[Exception]]] = [
+    (NAN, ValueError),
+    (INF, ValueError),
+    (-INF, ValueError),
+    (Decimal("NaN"), ValueError),
+    (Decimal("-Infinity"), ValueError),
+    ("100", TypeError),
+    (None, TypeError),
+    (True, TypeError),
+]
+
+
+@pytest.mark.parametrize("where", ["same symbol", "other symbol"])
+@pytest.mark.parametrize(("value", "exc"), BAD_EXPOSURES, ids=[repr(v) for v, _ in BAD_EXPOSURES])
+@pytest.mark.parametrize("as_callable", [False, True], ids=["mapping", "callable"])
+def test_bad_position_exposure_fails_closed(
+    ledger: PendingEntryLedger,
+    gate: PortfolioGate,
+    book: Reservation,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+    where: str,
+    as_callable: bool,
+) -> None:
+    key = "DDD" if where == "same symbol" else "ZZZ"
+    positions: dict[Hashable, Any] = {"OK": 5, key: value}
+    arg: object = (lambda: positions) if as_callable else positions
+    with unchanged(ledger, gate), raises(exc, "positions", value):
+        gate.try_enter("DDD", 1, arg)  # type: ignore[arg-type]
+    gate.limits = PortfolioLimits()  # with no limit at all, still nothing admitted
+    with unchanged(ledger, gate), raises(exc, "positions", value):
+        gate.try_enter("DDD", 1, arg)  # type: ignore[arg-type]
+
+
+BAD_POSITIONS: list[object] = [
+    [("AAA", 1)],
+    ("AAA", 1),
+    {"AAA"},
+    "AAA",
+    5,
+    lambda: [("AAA", 1)],
+    lambda: None,
+]
+
+
+@pytest.mark.parametrize(
+    "value",
+    BAD_POSITIONS,
+    ids=["list", "tuple", "set", "str", "int", "callable->list", "callable->None"],
+)
+def test_positions_not_a_mapping(
+    ledger: PendingEntryLedger,
+    gate: PortfolioGate,
+    book: Reservation,
+    unchanged: Unchanged,
+    value: Any,
+) -> None:
+    shown = value() if callable(value) else value
+    with unchanged(ledger, gate), raises(TypeError, "positions", shown):
+        gate.try_enter("DDD", 1, value)
+
+
+# ---------------------------------------------------------------------------- the owned book
+# (positions=None: set_position / close_position / confirm_fill)
+
+
+@pytest.fixture
+def owned(gate: PortfolioGate) -> PortfolioGate:
+    """The ``book`` fixture's gate with an owned position book holding one position."""
+    gate.set_position("OPEN", Decimal("-7.5"))
+    return gate
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_EXPOSURES, ids=[repr(v) for v, _ in BAD_EXPOSURES])
+def test_set_position_bad_exposure(
+    ledger: PendingEntryLedger,
+    book: Reservation,
+    owned: PortfolioGate,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    with unchanged(ledger, owned), raises(exc, "exposure", value):
+        owned.set_position("OPEN", value)
+    with unchanged(ledger, owned), raises(exc, "exposure", value):
+        owned.set_position("NEW", value)
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_EXPOSURES, ids=[repr(v) for v, _ in BAD_EXPOSURES])
+def test_confirm_fill_bad_exposure(
+    ledger: PendingEntryLedger,
+    book: Reservation,
+    owned: PortfolioGate,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    with unchanged(ledger, owned), raises(exc, "position_exposure", value):
+        owned.confirm_fill(book.order_id, value)
+    assert book.active
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_SYMBOLS, ids=SYMBOL_IDS)
+def test_owned_book_bad_symbol(
+    ledger: PendingEntryLedger,
+    book: Reservation,
+    owned: PortfolioGate,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    with unchanged(ledger, owned):
+        with raises(exc, "symbol", value):
+            owned.set_position(value, 1)
+        with raises(exc, "symbol", value):
+            owned.close_position(value)
+        if value is not None:  # symbol=None means "the reservation's symbol"
+            with raises(exc, "symbol", value):
+                owned.confirm_fill(book.order_id, 1, symbol=value)
+        with raises(exc, "symbol", value):
+            owned.release(value)
+
+
+@pytest.mark.parametrize("value", BAD_ORDER_IDS, ids=repr)
+def test_confirm_fill_bad_order_id(
+    ledger: PendingEntryLedger,
+    book: Reservation,
+    owned: PortfolioGate,
+    unchanged: Unchanged,
+    value: Any,
+) -> None:
+    with unchanged(ledger, owned), raises(TypeError, "order_id", value):
+        owned.confirm_fill(value, 1, symbol="AAA")
+
+
+def test_confirm_fill_on_another_symbol_changes_nothing(
+    ledger: PendingEntryLedger, book: Reservation, owned: PortfolioGate, unchanged: Unchanged
+) -> None:
+    with unchanged(ledger, owned), pytest.raises(ValueError, match=r"order_id 'a'.*'AAA'.*'BBB'"):
+        owned.confirm_fill("a", 100, symbol="BBB")
+    assert book.active
+
+
+@pytest.mark.timeout(10)
+def test_bad_positions_while_an_expiry_is_due_leave_the_lock_free(
+    ledger: PendingEntryLedger, gate: PortfolioGate, clock: ManualClock
+) -> None:
+    """The decision may then run under the lock: the error must still release it."""
+    gate.try_enter("AAA", 1, {})
+    clock.advance(ledger.ttl)
+    with raises(ValueError, "positions", NAN):
+        gate.try_enter("BBB", 1, lambda: X_NAN)
+    with ledger.lock(timeout=0) as pending:
+        assert "BBB" not in pending
+        assert len(pending) == 0
+    stats = ledger.stats()
+    assert (stats.reserved, stats.expired, stats.outstanding) == (1, 1, 0)
+    assert gate.stats().admitted == 1
+    assert sum(gate.stats().denied.values()) == 0
+
+
+# ---------------------------------------------------------------------------- ttl, clock, on_expire
+
+BAD_TTLS: list[tuple[object, type[Exception]]] = [
+    (0, ValueError),
+    (0.0, ValueError),
+    (-1, ValueError),
+    (-0.5, ValueError),
+    (NAN, ValueError),
+    (INF, ValueError),
+    (-INF, ValueError),
+    ("1", TypeError),
+    (True, TypeError),
+    (False, TypeError),
+    (None, TypeError),
+]
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_TTLS, ids=[repr(v) for v, _ in BAD_TTLS])
+def test_bad_ttl(value: Any, exc: type[Exception]) -> None:
+    with raises(exc, "ttl", value):
+        PendingEntryLedger(value)
+
+
+def test_bad_clock_and_on_expire() -> None:
+    with raises(TypeError, "clock", 5):
+        PendingEntryLedger(1, clock=5)  # type: ignore[arg-type]
+    with raises(TypeError, "on_expire", "log"):
+        PendingEntryLedger(1, on_expire="log")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- limits
+
+BAD_AMOUNT_LIMITS: list[tuple[object, type[Exception]]] = [
+    (-1, ValueError),
+    (-0.01, ValueError),
+    (NAN, ValueError),
+    (INF, ValueError),
+    (-INF, ValueError),
+    (Decimal("NaN"), ValueError),
+    (Decimal("Infinity"), ValueError),
+    (Decimal("-5"), ValueError),
+    (Fraction(-1, 2), ValueError),
+    ("100", TypeError),
+    (True, TypeError),
+    ([100], TypeError),
+]
+
+
+@pytest.mark.parametrize("name", ["max_gross_exposure", "max_symbol_exposure"])
+@pytest.mark.parametrize(
+    ("value", "exc"), BAD_AMOUNT_LIMITS, ids=[repr(v) for v, _ in BAD_AMOUNT_LIMITS]
+)
+def test_bad_exposure_limit(name: str, value: Any, exc: type[Exception]) -> None:
+    with raises(exc, name, value):
+        PortfolioLimits(**{name: value})
+
+
+BAD_POSITION_LIMITS: list[tuple[object, type[Exception]]] = [
+    (-1, ValueError),
+    (True, TypeError),
+    (False, TypeError),
+    (2.0, TypeError),
+    (NAN, TypeError),
+    ("3", TypeError),
+    (Decimal(3), TypeError),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "exc"), BAD_POSITION_LIMITS, ids=[repr(v) for v, _ in BAD_POSITION_LIMITS]
+)
+def test_bad_max_concurrent_positions(value: Any, exc: type[Exception]) -> None:
+    with raises(exc, "max_concurrent_positions", value):
+        PortfolioLimits(max_concurrent_positions=value)
+
+
+def test_zero_limits_are_valid() -> None:
+    lim = PortfolioLimits(max_concurrent_positions=0, max_gross_exposure=0, max_symbol_exposure=0)
+    assert lim.max_concurrent_positions == 0
+
+
+def test_zero_gross_limit_denies_everything(gate: PortfolioGate) -> None:
+    gate.limits = PortfolioLimits(max_gross_exposure=0)
+    assert gate.try_enter("AAA", 1e-300, {}).reason is DenyReason.MAX_GROSS_EXPOSURE
+
+
+def test_bad_limits_on_the_gate_change_nothing(
+    ledger: PendingEntryLedger, gate: PortfolioGate, book: Reservation, unchanged: Unchanged
+) -> None:
+    before = gate.limits
+    with unchanged(ledger, gate), raises(TypeError, "limits", None):
+        gate.limits = None  # type: ignore[assignment]
+    assert gate.limits is before
+
+
+# ---------------------------------------------------------------------------- lock timeout
+
+BAD_TIMEOUTS: list[tuple[object, type[Exception]]] = [
+    (-1, ValueError),
+    (-0.001, ValueError),
+    (NAN, ValueError),
+    (-INF, ValueError),
+    ("1", TypeError),
+    (True, TypeError),
+]
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_TIMEOUTS, ids=[repr(v) for v, _ in BAD_TIMEOUTS])
+def test_bad_lock_timeout(
+    ledger: PendingEntryLedger,
+    book: Reservation,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    with unchanged(ledger), raises(exc, "timeout", value), ledger.lock(value):
+        pytest.fail("entered a lock() block with a bad timeout")  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------- ManualClock
+
+BAD_STEPS: list[tuple[object, type[Exception], str]] = [
+    (-1, ValueError, "time can't go backwards"),
+    (-1e-9, ValueError, "time can't go backwards"),
+    (-INF, ValueError, "seconds"),
+    (NAN, ValueError, "seconds"),
+    (INF, ValueError, "seconds"),
+    ("1", TypeError, "seconds"),
+    (True, TypeError, "seconds"),
+    (None, TypeError, "seconds"),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "exc", "message"), BAD_STEPS, ids=[repr(v) for v, _, _ in BAD_STEPS]
+)
+def test_manual_clock_bad_advance(value: Any, exc: type[Exception], message: str) -> None:
+    clock = ManualClock(5.0)
+    with pytest.raises(exc, match=re.escape(message)) as info:
+        clock.advance(value)
+    assert repr(value) in str(info.value)
+    assert clock() == 5.0  # unchanged
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF, "0", None, True], ids=repr)
+def test_manual_clock_bad_start(value: Any) -> None:
+    with pytest.raises((ValueError, TypeError), match=rf"start.*{re.escape(repr(value))}"):
+        ManualClock(value)

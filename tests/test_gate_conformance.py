@@ -1,0 +1,415 @@
+"""One suite of gate behaviour, run against both backends: in-process and Redis.
+
+Every test body talks to the shared ``Gate`` protocol (``pendingledger.protocols``) only. The
+``backend`` fixture builds an in-process ``PortfolioGate`` on a ``ManualClock`` or a
+``RedisGate`` on a real ``redis-server`` (one per module, a fresh namespace per gate). Time moves
+only through ``h.advance``, never by sleeping: the manual clock for the in-process gate; for Redis,
+whose TTL runs on the server's clock, each gate's namespace has its server-side test clock frozen
+when the gate is made, and ``h.advance`` moves every one the test made
+(``pendingledger.redis.testing``).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis_server import RedisServer, running_server
+
+from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits
+from pendingledger.limits import Decision, DenyReason
+from pendingledger.protocols import Gate as GateLike
+from pendingledger.protocols import ReservationHandle as ReservationLike
+from pendingledger.testing import ManualClock
+
+Limits = PortfolioLimits
+R = DenyReason
+
+
+@dataclass
+class Harness:
+    backend: str
+    make_gate: Callable[[PortfolioLimits, float], GateLike]
+    advance: Callable[[float], object]
+    short_ttl: float
+
+    def gate(self, limits: PortfolioLimits | None = None, *, ttl: float = 60.0) -> GateLike:
+        return self.make_gate(limits or PortfolioLimits(), ttl)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with running_server(Path(tmp_path_factory.mktemp("redis"))) as server:
+        yield server
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def h(request: pytest.FixtureRequest) -> Iterator[Harness]:
+    if request.param == "memory":
+        clock = ManualClock()
+
+        def make_memory(limits: PortfolioLimits, ttl: float) -> GateLike:
+            return PortfolioGate(PendingEntryLedger(ttl, clock=clock), limits)
+
+        yield Harness("memory", make_memory, clock.advance, 1.0)
+        return
+
+    import redis
+
+    from pendingledger.redis import RedisGate
+    from pendingledger.redis.testing import advance_server_clock, freeze_server_clock
+
+    server: RedisServer = request.getfixturevalue("redis_server")
+    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    gates: list[RedisGate] = []
+
+    def make_redis(limits: PortfolioLimits, ttl: float) -> GateLike:
+        gate = RedisGate(client, limits, ttl=ttl, namespace=f"t-{uuid.uuid4().hex[:12]}")
+        freeze_server_clock(gate)  # like the ManualClock: time moves only when the test says so
+        gate.restore({})
+        gates.append(gate)
+        return gate
+
+    def advance_redis(seconds: float) -> None:
+        for gate in gates:
+            advance_server_clock(gate, seconds)
+
+    yield Harness("redis", make_redis, advance_redis, 1.0)
+    client.close()
+
+
+def res_of(decision: Decision) -> ReservationLike:
+    assert decision, decision
+    res: Any = decision.reservation
+    assert isinstance(res, ReservationLike)
+    return res
+
+
+def is_halted(gate: GateLike) -> bool:
+    return gate.halted  # a call, so mypy does not narrow the property across halt()/resume()
+
+
+# ---------------------------------------------------------------------------- the seed behaviours
+
+
+def test_reserve_and_release_round_trip(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=2, max_gross_exposure=1500))
+    aaa = res_of(g.try_enter("AAA", 1000))
+    assert g.try_enter("BBB", 500)
+    assert g.try_enter("CCC", 1).reason is R.MAX_CONCURRENT_POSITIONS
+    assert g.try_enter("AAA", 1).reason is R.MAX_GROSS_EXPOSURE  # 1500 gross already
+    assert aaa.release() is True
+    assert aaa.release() is False
+    assert not aaa.active
+    assert g.try_enter("CCC", 1000)  # AAA's slot and room are back: 500 + 1000 = 1500
+
+
+def test_same_symbol_reservations_share_one_slot(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=1))
+    assert g.try_enter("AAA", 10)
+    assert g.try_enter("AAA", 20)
+    assert g.try_enter("BBB", 1).reason is R.MAX_CONCURRENT_POSITIONS
+
+
+def test_reservations_expire_after_ttl(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=1), ttl=h.short_ttl)
+    res = res_of(g.try_enter("AAA", 10))
+    assert math.isclose(res.expires_at - res.reserved_at, h.short_ttl, abs_tol=1e-6)
+    assert g.try_enter("BBB", 1).reason is R.MAX_CONCURRENT_POSITIONS
+    h.advance(h.short_ttl * 1.2)
+    assert g.try_enter("BBB", 1)  # any decision sweeps what expired
+    assert not res.active
+    assert res.release() is False
+
+
+def test_each_order_keeps_its_own_ttl(h: Harness) -> None:
+    g = h.gate(Limits(max_gross_exposure=100), ttl=h.short_ttl)
+    first = res_of(g.try_enter("AAA", 60))
+    h.advance(h.short_ttl * 0.6)
+    second = res_of(g.try_enter("AAA", 40))  # a top-up does not extend the first one's life
+    h.advance(h.short_ttl * 0.6)
+    assert g.try_enter("BBB", 60)  # the first one's 60 is free again, the second's 40 is not
+    assert g.try_enter("BBB", 1).reason is R.MAX_GROSS_EXPOSURE
+    assert not first.active
+    assert second.active
+
+
+# ---------------------------------------------------------------------------- the rules
+
+
+def test_open_symbol_takes_no_new_slot(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=1))
+    g.set_position("AAA", 100)
+    assert g.try_enter("AAA", 10)
+    assert g.try_enter("BBB", 10).reason is R.MAX_CONCURRENT_POSITIONS
+
+
+def test_zero_positions_limit_only_admits_open_or_reserved_symbols(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=0))
+    assert g.try_enter("AAA", 10).reason is R.MAX_CONCURRENT_POSITIONS
+    g.set_position("AAA", -5)
+    assert g.try_enter("AAA", 10)
+
+
+def test_reserved_symbols_that_are_open_count_once(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=2))
+    assert g.try_enter("AAA", 10)
+    g.set_position("AAA", 10)  # open and still reserved: one slot
+    assert g.try_enter("BBB", 10)
+    assert g.try_enter("CCC", 10).reason is R.MAX_CONCURRENT_POSITIONS
+    assert g.close_position("AAA") is True  # AAA still reserved: still one slot
+    assert g.try_enter("CCC", 10).reason is R.MAX_CONCURRENT_POSITIONS
+    assert g.release("AAA") is True
+    assert g.try_enter("CCC", 10)
+
+
+def test_gross_counts_absolute_exposure_and_admits_landing_on_the_limit(h: Harness) -> None:
+    g = h.gate(Limits(max_gross_exposure=1000))
+    g.set_position("AAA", -600)
+    assert g.try_enter("BBB", 401).reason is R.MAX_GROSS_EXPOSURE
+    assert g.try_enter("BBB", 400)
+    assert g.try_enter("CCC", Decimal("0.000000001")).reason is R.MAX_GROSS_EXPOSURE
+
+
+def test_symbol_limit(h: Harness) -> None:
+    g = h.gate(Limits(max_symbol_exposure=500))
+    g.set_position("AAA", -300)
+    assert g.try_enter("AAA", 150)
+    assert g.try_enter("AAA", 51).reason is R.MAX_SYMBOL_EXPOSURE
+    assert g.try_enter("AAA", 50)
+    assert g.try_enter("BBB", 500)
+
+
+def test_rules_are_checked_in_order(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=1, max_gross_exposure=100, max_symbol_exposure=50))
+    assert g.try_enter("AAA", 50)
+    g.halt()
+    assert is_halted(g)
+    assert g.try_enter("BBB", 1000).reason is R.HALTED
+    g.resume()
+    assert not is_halted(g)
+    assert g.try_enter("BBB", 1000).reason is R.MAX_CONCURRENT_POSITIONS
+    assert g.try_enter("AAA", 1000).reason is R.MAX_GROSS_EXPOSURE
+    assert g.try_enter("AAA", 1).reason is R.MAX_SYMBOL_EXPOSURE
+
+
+def test_limits_can_be_replaced(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=1))
+    assert g.try_enter("AAA", 1)
+    assert not g.try_enter("BBB", 1)
+    g.limits = Limits(max_concurrent_positions=2)
+    assert g.limits == Limits(max_concurrent_positions=2)
+    assert g.try_enter("BBB", 1)
+    with pytest.raises(TypeError):
+        g.limits = {"max_concurrent_positions": 3}  # type: ignore[assignment]
+
+
+def test_exact_amounts_of_every_type(h: Harness) -> None:
+    g = h.gate(Limits(max_gross_exposure=Decimal("1.0")))
+    assert g.try_enter("AAA", 0.5)
+    assert g.try_enter("BBB", Fraction(1, 4))
+    assert g.try_enter("CCC", Decimal("0.125"))
+    assert g.try_enter("DDD", 0.125)  # lands exactly on 1.0
+    assert g.try_enter("EEE", Decimal("1e-9")).reason is R.MAX_GROSS_EXPOSURE
+
+
+def test_many_float_reservations_release_to_exactly_zero(h: Harness) -> None:
+    g = h.gate(Limits(max_gross_exposure=0.3))
+    decisions = [g.try_enter("AAA", 0.1), g.try_enter("BBB", 0.1)]
+    for decision in decisions:
+        assert res_of(decision).release()
+    assert g.try_enter("CCC", 0.3)  # nothing left over from the floats
+
+
+# ---------------------------------------------------------------------------- releases
+
+
+def test_release_order_drops_one_reservation_of_a_symbol(h: Harness) -> None:
+    g = h.gate(Limits(max_symbol_exposure=100))
+    assert g.try_enter("AAA", 60, order_id="o-1")
+    assert g.try_enter("AAA", 40, order_id="o-2")
+    assert g.release_order("o-1") is True
+    assert g.release_order("o-1") is False
+    assert g.try_enter("AAA", 61).reason is R.MAX_SYMBOL_EXPOSURE
+    assert g.try_enter("AAA", 60)
+
+
+def test_release_symbol_drops_all_its_reservations(h: Harness) -> None:
+    g = h.gate(Limits(max_gross_exposure=100))
+    a = res_of(g.try_enter("AAA", 30))
+    b = res_of(g.try_enter("AAA", 30))
+    c = res_of(g.try_enter("BBB", 40))
+    assert g.release("AAA") is True
+    assert g.release("AAA") is False
+    assert not a.active and not b.active and c.active
+    assert g.try_enter("CCC", 60)
+
+
+def test_reduce_shrinks_then_ends(h: Harness) -> None:
+    g = h.gate(Limits(max_gross_exposure=100))
+    res = res_of(g.try_enter("AAA", 100))
+    assert res.reduce(30) is True
+    assert res.notional == 70
+    assert res.initial_notional == 100
+    assert g.try_enter("BBB", 31).reason is R.MAX_GROSS_EXPOSURE
+    assert g.try_enter("BBB", 30)
+    assert res.reduce(80) is True  # more than remains: ends it
+    assert not res.active
+    assert res.reduce(1) is False
+    assert res.release() is False
+    assert g.try_enter("CCC", 70)
+
+
+def test_reduce_with_floats_reaches_zero(h: Harness) -> None:
+    g = h.gate(Limits(max_gross_exposure=1))
+    res = res_of(g.try_enter("AAA", 0.3))
+    assert res.reduce(0.1)
+    assert res.reduce(0.2)
+    assert not res.active
+
+
+def test_duplicate_order_id_is_refused_and_changes_nothing(h: Harness) -> None:
+    g = h.gate(Limits(max_gross_exposure=100))
+    assert g.try_enter("AAA", 50, order_id="dup")
+    with pytest.raises(ValueError, match="dup"):
+        g.try_enter("BBB", 10, order_id="dup")
+    assert g.try_enter("CCC", 50)
+    assert g.stats().admitted == 2
+
+
+def test_generated_order_ids_are_distinct(h: Harness) -> None:
+    g = h.gate()
+    ids = {res_of(g.try_enter("AAA", 1)).order_id for _ in range(50)}
+    assert len(ids) == 50
+
+
+# ---------------------------------------------------------------------------- the book
+
+
+def test_confirm_fill_moves_the_reservation_into_the_position(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=1, max_gross_exposure=100))
+    res = res_of(g.try_enter("AAA", 60, order_id="f-1"))
+    assert g.confirm_fill("f-1", 60) is True
+    assert not res.active
+    assert g.try_enter("BBB", 1).reason is R.MAX_CONCURRENT_POSITIONS  # AAA is open now
+    assert g.try_enter("AAA", 41).reason is R.MAX_GROSS_EXPOSURE  # 60 open
+    assert g.try_enter("AAA", 40)
+
+
+def test_confirm_fill_after_the_reservation_ended(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=1))
+    assert g.try_enter("AAA", 10, order_id="late")
+    assert g.release_order("late")
+    assert g.confirm_fill("late", 10) is False  # no symbol to book it on: nothing changes
+    assert g.positions() == {}
+    assert g.try_enter("BBB", 1)
+    assert g.release("BBB")
+    assert g.confirm_fill("late", 10, symbol="AAA") is False  # the position is recorded anyway
+    assert list(g.positions()) == ["AAA"]
+    assert g.try_enter("BBB", 1).reason is R.MAX_CONCURRENT_POSITIONS
+
+
+def test_confirm_fill_on_the_wrong_symbol_is_refused(h: Harness) -> None:
+    g = h.gate()
+    res = res_of(g.try_enter("AAA", 10, order_id="w-1"))
+    with pytest.raises(ValueError):
+        g.confirm_fill("w-1", 10, symbol="BBB")
+    assert res.active
+
+
+def test_close_position_frees_the_slot(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=1))
+    g.set_position("AAA", 5)
+    assert g.try_enter("BBB", 1).reason is R.MAX_CONCURRENT_POSITIONS
+    assert g.close_position("AAA") is True
+    assert g.close_position("AAA") is False
+    assert g.try_enter("BBB", 1)
+
+
+def test_set_position_replaces_the_exposure(h: Harness) -> None:
+    g = h.gate(Limits(max_gross_exposure=100))
+    g.set_position("AAA", 90)
+    assert not g.try_enter("BBB", 20)
+    g.set_position("AAA", -50)
+    assert g.try_enter("BBB", 50)
+
+
+def test_positions_reads_the_book(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=2))
+    g.set_position("AAA", -600)
+    g.set_position("BBB", Decimal("0.5"))
+    g.set_position("CCC", 0)  # open with no exposure: still holds a slot
+    assert g.positions() == {"AAA": -600, "BBB": Decimal("0.5"), "CCC": 0}
+    assert g.try_enter("DDD", 1).reason is R.MAX_CONCURRENT_POSITIONS
+    assert g.close_position("CCC")
+    assert g.positions() == {"AAA": -600, "BBB": Decimal("0.5")}
+
+
+# ---------------------------------------------------------------------------- stats
+
+
+def test_stats_count_decisions(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=1))
+    assert g.try_enter("AAA", 1)
+    assert not g.try_enter("BBB", 1)
+    g.halt()
+    assert not g.try_enter("AAA", 1)
+    g.resume()
+    stats = g.stats()
+    assert stats.admitted == 1
+    assert stats.denied[R.MAX_CONCURRENT_POSITIONS] == 1
+    assert stats.denied[R.HALTED] == 1
+    assert set(stats.denied) == set(DenyReason)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("notional", "error"),
+    [
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        (-math.inf, ValueError),
+        (0, ValueError),
+        (0.0, ValueError),
+        (-1, ValueError),
+        (Decimal("NaN"), ValueError),
+        (Decimal("-0.5"), ValueError),
+        (Fraction(0), ValueError),
+        (True, TypeError),
+        ("100", TypeError),
+        (None, TypeError),
+    ],
+)
+def test_bad_notional_changes_nothing(h: Harness, notional: object, error: type) -> None:
+    g = h.gate(Limits(max_concurrent_positions=1))
+    with pytest.raises(error, match="notional"):
+        g.try_enter("AAA", notional)  # type: ignore[arg-type]
+    assert g.stats().admitted == 0
+    assert g.try_enter("BBB", 1)  # the slot is still free
+
+
+@pytest.mark.parametrize(
+    ("symbol", "error"), [(None, TypeError), ("", ValueError), ([], TypeError)]
+)
+def test_bad_symbol_changes_nothing(h: Harness, symbol: object, error: type) -> None:
+    g = h.gate(Limits(max_concurrent_positions=1))
+    with pytest.raises(error, match="symbol"):
+        g.try_enter(symbol, 1)
+    assert g.try_enter("BBB", 1)
+
+
+@pytest.mark.parametrize("exposure", [math.nan, math.inf, Decimal("sNaN"), None, "5", True])
+def test_bad_exposure_changes_nothing(h: Harness, exposure: object) -> None:
+    g = h.gate(Limits(max_concurrent_positions=1))
+    with pytest.raises((ValueError, TypeError)):
+        g.set_position("AAA", exposure)  # type: ignore[arg-type]
+    assert g.try_enter("BBB", 1)

@@ -1,0 +1,270 @@
+"""The Redis gate's server-side test clock (``pendingledger.redis.testing``).
+
+The script's now is the server's ``TIME`` plus a per-namespace offset kept in Redis; tests move
+it instead of sleeping. These tests pin what the rest of the Redis suite relies on: advancing
+expires a reservation exactly at ``reserved_at + ttl`` (the in-process ledger's rule), a refused
+step changes nothing, each namespace has its own clock, and a decision stays one ``EVALSHA``.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis_server import CommandLog, RedisServer, running_server
+
+from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits
+from pendingledger.limits import Decision, DenyReason
+from pendingledger.testing import ManualClock
+
+redis = pytest.importorskip("redis")
+
+from pendingledger.redis import RedisGate, RedisReservation  # noqa: E402
+from pendingledger.redis.testing import (  # noqa: E402
+    advance_server_clock,
+    freeze_server_clock,
+    server_clock,
+)
+
+pytestmark = pytest.mark.redis
+R = DenyReason
+Limits = PortfolioLimits
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with running_server(Path(tmp_path_factory.mktemp("redis"))) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: RedisServer) -> Iterator[Any]:
+    c = redis.Redis.from_url(server.url, socket_timeout=5)
+    yield c
+    c.close()
+
+
+def new_gate(
+    client: Any, limits: Limits | None = None, *, ttl: float = 60.0, frozen: bool = False
+) -> RedisGate:
+    gate = RedisGate(client, limits or Limits(), ttl=ttl, namespace=uuid.uuid4().hex[:12])
+    if frozen:
+        freeze_server_clock(gate)
+    gate.restore({})
+    return gate
+
+
+def res(decision: Decision) -> RedisReservation:
+    assert decision, decision
+    r: object = decision.reservation
+    assert isinstance(r, RedisReservation)
+    return r
+
+
+def now_us(gate: RedisGate) -> int:
+    return gate.snapshot().now_us  # exact: the script's own reading, in microseconds
+
+
+# ---------------------------------------------------------------------------- the TTL boundary
+
+
+def test_advancing_expires_exactly_at_the_ttl_boundary(client: Any) -> None:
+    limits = Limits(max_concurrent_positions=1)
+    gate = new_gate(client, limits, ttl=1.0, frozen=True)
+    clock = ManualClock()
+    memory = PortfolioGate(PendingEntryLedger(1.0, clock=clock), limits)
+
+    r = res(gate.try_enter("AAA", 1))
+    m = memory.try_enter("AAA", 1).reservation
+    assert m is not None
+    expiry = gate.snapshot().orders[r.order_id].expires_at_us
+    assert expiry == now_us(gate) + 1_000_000  # frozen: no time passed since the reservation
+
+    advance_server_clock(gate, 0.999999)
+    clock.advance(0.999999)
+    assert now_us(gate) == expiry - 1  # the TTL's last microsecond: still outstanding
+    assert r.active and m.active
+    assert gate.try_enter("BBB", 1).reason is R.MAX_CONCURRENT_POSITIONS
+    assert memory.try_enter("BBB", 1).reason is R.MAX_CONCURRENT_POSITIONS
+    assert gate.stats().expired == 0
+
+    advance_server_clock(gate, 0.000001)
+    clock.advance(0.000001)
+    assert now_us(gate) == expiry  # now == reserved_at + ttl: expired, in both backends
+    assert not r.active  # asks the server, which compares with now (the ledger's flag waits
+    assert gate.try_enter("BBB", 1)  # for its next operation); the decision swept it
+    assert memory.try_enter("BBB", 1)
+    assert not m.active
+    assert gate.stats().expired == 1
+    assert memory.ledger.stats().expired == 1
+    assert r.release() is False
+    assert gate.audit() == []
+
+
+@pytest.mark.parametrize("ttl", [1e-9, 1e-6, 0.1, 0.3, 1.1, 2.5, 59.999999])
+def test_advancing_by_the_ttl_expires_in_both_backends(client: Any, ttl: float) -> None:
+    gate = new_gate(client, ttl=ttl, frozen=True)
+    ledger = PendingEntryLedger(ttl, clock=(clock := ManualClock(1_000.0)))
+    r = res(gate.try_enter("AAA", 1))
+    m = PortfolioGate(ledger, Limits()).try_enter("AAA", 1).reservation
+    assert m is not None and r.active and m.active
+    advance_server_clock(gate, ttl)
+    clock.advance(ttl)
+    assert gate.sweep() == 1
+    assert ledger.stats().expired == 1  # the ledger sweeps whenever it takes its lock
+    assert not r.active and not m.active
+
+
+def test_advancing_without_freezing_adds_to_the_servers_time(client: Any) -> None:
+    gate = new_gate(client, Limits(max_concurrent_positions=1), ttl=60)
+    r = res(gate.try_enter("AAA", 1))
+    before = server_clock(gate)
+    assert abs(before - float(client.time()[0])) < 5  # unmoved: the server's TIME
+    reading = advance_server_clock(gate, 3600)
+    assert reading >= before + 3600
+    assert server_clock(gate) >= reading  # TIME still runs under the offset
+    assert not r.active
+    assert gate.try_enter("BBB", 1)  # AAA's reservation expired: the slot is free
+    stats = gate.stats()
+    assert (stats.admitted, stats.expired, stats.outstanding) == (2, 1, 1)
+    fresh = res(gate.try_enter("BBB", 1))  # a reservation made after the step gets a full TTL
+    assert fresh.reserved_at >= reading
+    assert fresh.expires_at - fresh.reserved_at == pytest.approx(60)
+
+
+# ---------------------------------------------------------------------------- refused steps
+
+
+@pytest.mark.parametrize(
+    ("seconds", "error", "match"),
+    [
+        (-1, ValueError, "time can't go backwards"),
+        (-1e-9, ValueError, "time can't go backwards"),
+        (math.nan, ValueError, "finite"),
+        (math.inf, ValueError, "finite"),
+        (-math.inf, ValueError, "finite"),
+        (1e12, ValueError, "2\\*\\*52"),
+        (True, TypeError, "seconds"),
+        ("1", TypeError, "seconds"),
+        (None, TypeError, "seconds"),
+    ],
+)
+def test_a_bad_step_is_refused_and_changes_nothing(
+    client: Any, server: RedisServer, seconds: Any, error: type, match: str
+) -> None:
+    gate = new_gate(client, Limits(max_concurrent_positions=1), ttl=1, frozen=True)
+    r = res(gate.try_enter("AAA", 1))
+    before = gate.snapshot()
+    with CommandLog(server.url) as log, pytest.raises(error, match=match):
+        advance_server_clock(gate, seconds)
+    assert log.commands == []  # refused before anything is sent
+    after = gate.snapshot()
+    assert after.now_us == before.now_us and after.meta == before.meta
+    assert r.active
+    assert gate.try_enter("BBB", 1).reason is R.MAX_CONCURRENT_POSITIONS
+
+
+def test_a_step_past_the_clocks_range_is_refused_by_the_script(client: Any) -> None:
+    gate = new_gate(client, ttl=1, frozen=True)
+    r = res(gate.try_enter("AAA", 1))
+    step = 10**9  # seconds: accepted alone, but the third one would pass 2**52 us (year 2112)
+    advance_server_clock(gate, step)
+    advance_server_clock(gate, step)
+    before = gate.snapshot()
+    with pytest.raises(ValueError, match="clock overflow"):
+        advance_server_clock(gate, step)
+    after = gate.snapshot()
+    assert after.now_us == before.now_us and after.meta == before.meta
+    assert not r.active  # the two steps that were taken did count
+
+
+def test_a_zero_step_is_allowed_and_writes_nothing(client: Any) -> None:
+    gate = new_gate(client, frozen=True)
+    before = gate.snapshot()
+    assert advance_server_clock(gate, 0) == before.now_us / 1_000_000
+    assert gate.snapshot().meta == before.meta
+
+
+# ---------------------------------------------------------------------------- one per namespace
+
+
+def test_the_clock_is_per_namespace(client: Any) -> None:
+    moved = new_gate(client, ttl=10)
+    still = new_gate(client, ttl=10)
+    a = res(moved.try_enter("AAA", 1))
+    b = res(still.try_enter("AAA", 1))
+    advance_server_clock(moved, 10)
+    assert not a.active
+    assert b.active
+    assert server_clock(still) < server_clock(moved) - 9
+    assert moved.sweep() == 1
+    assert still.sweep() == 0
+    assert "clock_us" not in still.snapshot().meta  # the other namespace has no test clock
+
+
+def test_every_client_of_a_namespace_shares_its_clock(client: Any, server: RedisServer) -> None:
+    gate = new_gate(client, ttl=10, frozen=True)
+    other = RedisGate.from_url(server.url, Limits(), ttl=10, namespace=gate.namespace)
+    r = res(other.try_enter("AAA", 1))
+    other_client = redis.Redis.from_url(server.url, socket_timeout=5)
+    reading = advance_server_clock(other_client, 10, namespace=gate.namespace)  # a bare client
+    assert reading == server_clock(gate) == server_clock(other)  # frozen: one reading
+    assert not r.active
+    assert gate.sweep() == 1
+    other_client.close()
+    other.client.close()
+
+
+def test_restore_keeps_the_clock_and_wipe_deletes_it(client: Any) -> None:
+    gate = new_gate(client, ttl=10, frozen=True)
+    reading = advance_server_clock(gate, 100)
+    gate.restore({})
+    assert server_clock(gate) == reading
+    made = gate.restore({}, [("AAA", 1, "o-1")])
+    assert made is not None and made[0].reserved_at == reading
+    gate.wipe()
+    assert server_clock(gate) < reading - 50  # the server's own TIME again
+    assert not {"clock_us", "clock_frozen_us"} & set(gate.snapshot().meta)
+
+
+def test_the_target_names_one_namespace(client: Any) -> None:
+    gate = new_gate(client)
+    with pytest.raises(TypeError, match="namespace"):
+        advance_server_clock(client, 1)
+    with pytest.raises(ValueError, match="namespace"):
+        advance_server_clock(gate, 1, namespace="another")
+    with pytest.raises(ValueError, match="namespace"):
+        advance_server_clock(client, 1, namespace="a{b}")
+    assert advance_server_clock(gate, 1, namespace=gate.namespace) > 0
+
+
+# ---------------------------------------------------------------------------- one round trip
+
+
+def test_a_decision_after_advancing_is_still_one_evalsha(client: Any, server: RedisServer) -> None:
+    gate = new_gate(client, Limits(max_concurrent_positions=1), ttl=5)
+    assert gate.try_enter("WARM", 1)  # loads the script, opens the connection
+    advance_server_clock(gate, 5)  # WARM is due
+    with CommandLog(server.url) as log:
+        assert gate.try_enter("AAA", 1)  # sweeps WARM, then admits
+        assert gate.try_enter("BBB", 1).reason is R.MAX_CONCURRENT_POSITIONS
+    assert log.commands == ["EVALSHA"] * 2
+    assert gate.stats().expired == 1
+
+
+def test_the_clock_adds_no_command_inside_a_decision(client: Any, server: RedisServer) -> None:
+    plain = new_gate(client)  # no test clock: now is TIME
+    moved = new_gate(client)
+    advance_server_clock(moved, 1)  # now is TIME + 1 s
+    logs = []
+    for gate in (plain, moved):
+        assert gate.try_enter("WARM", 1)
+        with CommandLog(server.url) as log:
+            assert gate.try_enter("AAA", 1)  # the same work in both: nothing to sweep
+        logs.append(log)
+    assert logs[0].commands == logs[1].commands == ["EVALSHA"]
+    assert logs[0].lua_commands == logs[1].lua_commands > 0

@@ -1,0 +1,247 @@
+"""Faults: the store dies, restarts empty or with its data, flushes its scripts, stalls, or is a
+read-only replica. Every ``try_enter`` that cannot be confirmed is denied, none is admitted on
+doubt, and no exception reaches the strategy."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis_server import CommandLog, running_server
+
+from pendingledger import PortfolioLimits
+from pendingledger.limits import Decision, DenyReason
+
+redis = pytest.importorskip("redis")
+
+from redis.backoff import NoBackoff  # noqa: E402
+from redis.retry import Retry  # noqa: E402
+
+from pendingledger.redis import RedisGate, StoreUnavailable  # noqa: E402
+from pendingledger.redis.testing import advance_server_clock  # noqa: E402
+
+pytestmark = pytest.mark.redis
+R = DenyReason
+Limits = PortfolioLimits
+
+
+def test_server_killed_mid_race(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with running_server(tmp_path) as srv:
+        limits = Limits(max_concurrent_positions=4, max_gross_exposure=1_000)
+        gate = RedisGate.from_url(srv.url, limits, ttl=30, namespace="race", socket_timeout=0.2)
+        gate.restore({})
+        results: list[tuple[float, Decision]] = []
+        progress = threading.Condition()  # notified at each decision recorded in `results`
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def worker(i: int) -> None:
+            n = 0
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    decision = gate.try_enter(f"S{(i + n) % 6}", 100)
+                    if decision.reservation is not None and n % 2:
+                        decision.reservation.release()  # returns False once the server is gone
+                except BaseException as exc:
+                    with progress:
+                        errors.append(exc)
+                        progress.notify_all()
+                    return
+                with progress:
+                    results.append((started, decision))
+                    progress.notify_all()
+                n += 1
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        with caplog.at_level(logging.WARNING, logger="pendingledger.redis"):
+            for t in threads:
+                t.start()
+            with progress:  # the race is going: decisions made, some of them admissions
+                assert progress.wait_for(
+                    lambda: errors or (len(results) >= 100 and any(d for _, d in results)),
+                    timeout=20,
+                ), "the race never got going"
+                mark = len(results)
+            srv.kill()
+            killed_at = time.monotonic()
+            with progress:  # each thread has had a go at the dead server
+                assert progress.wait_for(
+                    lambda: (
+                        errors
+                        or sum(t0 > killed_at for t0, _ in results[mark:]) >= 2 * len(threads)
+                    ),
+                    timeout=20,
+                ), "no decision was attempted after the kill"
+            stop.set()
+            for t in threads:
+                t.join(10)
+        assert not errors
+        before = [d for t0, d in results if t0 < killed_at]
+        after = [d for t0, d in results if t0 > killed_at]
+        assert any(before), "the race never got going"
+        assert after, "no decision was attempted after the kill"
+        assert all(d.reason is R.BACKEND_UNAVAILABLE for d in after)
+        assert "failed closed" in caplog.text
+        # releases report failure, book writes raise: nothing escapes silently
+        assert gate.release("S1") is False
+        assert gate.release_order("nope") is False
+        with pytest.raises(StoreUnavailable):
+            gate.set_position("S1", 1)
+        with pytest.raises(StoreUnavailable):
+            gate.halt()
+        assert gate.try_enter("S1", 1).reason is R.BACKEND_UNAVAILABLE  # still no exception
+        gate.client.close()
+
+
+def test_restarted_empty_the_marker_trips_until_restore(tmp_path: Path) -> None:
+    with running_server(tmp_path) as srv:
+        gate = RedisGate.from_url(
+            srv.url, Limits(max_concurrent_positions=1), ttl=30, namespace="m"
+        )
+        gate.restore({"AAA": 10})
+        assert gate.try_enter("AAA", 1)
+        srv.restart()  # no persistence: book, reservations and scripts are gone
+        reasons = [gate.try_enter("BBB", 1).reason for _ in range(3)]
+        assert R.BOOK_NOT_RESTORED in reasons
+        assert set(reasons) <= {R.BOOK_NOT_RESTORED, R.BACKEND_UNAVAILABLE}
+        assert not gate.book_restored()
+        gate.restore({"AAA": 10})  # what the exchange says
+        assert gate.try_enter("AAA", 1)
+        assert gate.try_enter("BBB", 1).reason is R.MAX_CONCURRENT_POSITIONS
+        gate.client.close()
+
+
+def test_restarted_with_its_data_reloads_the_script(tmp_path: Path) -> None:
+    with running_server(tmp_path, persistent=True) as srv:
+        ns = "persist"
+        trusting = RedisGate.from_url(
+            srv.url,
+            Limits(max_concurrent_positions=1),
+            ttl=30,
+            namespace=ns,
+            trust_persistence=True,
+        )
+        default = RedisGate.from_url(
+            srv.url, Limits(max_concurrent_positions=1), ttl=30, namespace=ns
+        )
+        trusting.restore({})
+        assert trusting.try_enter("AAA", 1)
+        srv.restart()  # the AOF brings the data back; the script cache starts empty
+        admin = redis.Redis.from_url(srv.url)
+        assert admin.script_exists(trusting._script.sha) == [False]
+        decisions = [trusting.try_enter("BBB", 1) for _ in range(2)]
+        assert decisions[-1].reason is R.MAX_CONCURRENT_POSITIONS  # AAA's reservation survived
+        assert trusting.try_enter("AAA", 1)
+        assert admin.script_exists(trusting._script.sha) == [True]
+        # the default gate trusts a book only on the server run that restored it
+        assert default.try_enter("AAA", 1).reason is R.BOOK_NOT_RESTORED
+        default.restore({}, only_if_missing=True)
+        assert default.try_enter("AAA", 1)
+        for c in (admin, trusting.client, default.client):
+            c.close()
+
+
+def test_script_flush_between_two_decisions(tmp_path: Path) -> None:
+    with running_server(tmp_path) as srv:
+        gate = RedisGate.from_url(
+            srv.url, Limits(max_concurrent_positions=2), ttl=30, namespace="f"
+        )
+        gate.restore({})
+        assert gate.try_enter("AAA", 1)
+        gate.client.script_flush()
+        with CommandLog(srv.url) as log:
+            assert gate.try_enter("BBB", 1)
+        assert log.commands == ["EVALSHA", "SCRIPT", "EVALSHA"]  # NOSCRIPT, SCRIPT LOAD, again
+        assert gate.try_enter("CCC", 1).reason is R.MAX_CONCURRENT_POSITIONS
+        gate.client.close()
+
+
+def test_a_client_timeout_denies_and_a_late_reservation_only_over_blocks(
+    tmp_path: Path,
+) -> None:
+    with running_server(tmp_path) as srv:
+        gate = RedisGate.from_url(
+            srv.url, Limits(max_gross_exposure=100), ttl=30, namespace="t", socket_timeout=0.1
+        )
+        gate.restore({})
+        assert gate.try_enter("WARM", 1)
+        assert gate.release("WARM")
+        admin = redis.Redis.from_url(srv.url)
+        probe = redis.Redis.from_url(srv.url, socket_timeout=0.05, retry=Retry(NoBackoff(), 0))
+        sleeper = threading.Thread(target=admin.execute_command, args=("DEBUG", "SLEEP", "1.0"))
+        sleeper.start()
+        deadline = time.monotonic() + 5
+        while True:  # until the server is asleep: a PING is no longer answered
+            try:
+                probe.ping()
+            except redis.TimeoutError:
+                break
+            assert time.monotonic() < deadline, "the server never went to sleep"
+        # Denied by the client's timeout while the server sleeps (no timing assertion: the
+        # reason itself shows the gate did not wait for the server to answer).
+        decision = gate.try_enter("AAA", 60, order_id="slow")
+        assert decision.reason is R.BACKEND_UNAVAILABLE
+        assert gate.release_order("slow") is False
+        with pytest.raises(StoreUnavailable):
+            gate.set_position("AAA", 1)
+        sleeper.join(5)
+        # The request (and the client's retry, same token) ran once the server woke up: at most
+        # one reservation, counted until its TTL runs out -- over-blocking, the safe direction.
+        snap = gate.snapshot()
+        assert set(snap.orders) <= {"slow"}
+        assert gate.audit() == []
+        advance_server_clock(gate, 30)
+        assert gate.sweep() == len(snap.orders)
+        assert gate.snapshot().orders == {}
+        assert gate.try_enter("AAA", 100)
+        admin.close()
+        probe.close()
+        gate.client.close()
+
+
+def test_a_read_only_replica_denies(tmp_path: Path) -> None:
+    with running_server(tmp_path) as srv:
+        gate = RedisGate.from_url(srv.url, Limits(), ttl=30, namespace="ro")
+        gate.restore({})
+        assert gate.try_enter("AAA", 1, order_id="kept")
+        admin = redis.Redis.from_url(srv.url)
+        dead = srv.port + 1 if srv.port < 65535 else srv.port - 1
+        admin.replicaof("127.0.0.1", dead)  # nothing listens there: a replica stuck read-only
+        try:
+            assert gate.try_enter("BBB", 1).reason is R.BACKEND_UNAVAILABLE
+            assert gate.release_order("kept") is False
+            with pytest.raises(StoreUnavailable):
+                gate.set_position("AAA", 1)
+        finally:
+            admin.replicaof("NO", "ONE")
+        assert gate.try_enter("BBB", 1)
+        assert "kept" in gate.snapshot().orders
+        assert gate.audit() == []
+        admin.close()
+        gate.client.close()
+
+
+def test_an_unexpected_reply_is_a_denial(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with running_server(tmp_path) as srv:
+        gate = RedisGate.from_url(srv.url, Limits(), ttl=30, namespace="odd")
+        gate.restore({})
+
+        class Garbage:
+            sha = "0" * 40
+
+            def __call__(self, **kwargs: Any) -> Any:
+                return [b"?"]
+
+        real = gate._script
+        gate._script = Garbage()  # type: ignore[assignment]
+        with caplog.at_level(logging.WARNING, logger="pendingledger.redis"):
+            assert gate.try_enter("AAA", 1).reason is R.BACKEND_UNAVAILABLE
+        assert "unexpected reply" in caplog.text
+        gate._script = real
+        assert gate.stats().denied[R.BACKEND_UNAVAILABLE] == 1
+        gate.client.close()

@@ -1,0 +1,394 @@
+"""RedisGate behaviour beyond the shared conformance suite: the store, the marker, amounts, keys."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis_server import CommandLog, RedisServer, running_server
+
+from pendingledger import PortfolioLimits
+from pendingledger.limits import Decision, DenyReason
+
+redis = pytest.importorskip("redis")
+
+from pendingledger.redis import (  # noqa: E402
+    OpenOrder,
+    RedisGate,
+    RedisReservation,
+)
+from pendingledger.redis.testing import advance_server_clock  # noqa: E402
+
+pytestmark = pytest.mark.redis
+R = DenyReason
+Limits = PortfolioLimits
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with running_server(Path(tmp_path_factory.mktemp("redis"))) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: RedisServer) -> Iterator[Any]:
+    c = redis.Redis.from_url(server.url, socket_timeout=5)
+    yield c
+    c.close()
+
+
+def new_gate(
+    client: Any, limits: Limits | None = None, *, ttl: float = 60.0, **kw: Any
+) -> RedisGate:
+    gate = RedisGate(client, limits or Limits(), ttl=ttl, namespace=uuid.uuid4().hex[:12], **kw)
+    gate.restore({})
+    return gate
+
+
+def res(decision: Decision) -> RedisReservation:
+    assert decision, decision
+    r: object = decision.reservation  # typed as the core Reservation until Decision is generic
+    assert isinstance(r, RedisReservation)
+    return r
+
+
+# ---------------------------------------------------------------------------- one round trip
+
+
+def test_each_decision_is_exactly_one_command(client: Any, server: RedisServer) -> None:
+    gate = new_gate(client, Limits(max_concurrent_positions=1))
+    assert gate.try_enter("WARM", 1)  # loads the script, opens the connection
+    with CommandLog(server.url) as log:
+        admitted = [gate.try_enter("WARM", 1) for _ in range(20)]
+        denied = [gate.try_enter(f"S{i}", 1) for i in range(30)]
+    assert all(admitted) and not any(denied)
+    assert log.commands == ["EVALSHA"] * 50
+    assert log.lua_commands > 0
+
+
+def test_releases_and_book_writes_are_one_command_each(client: Any, server: RedisServer) -> None:
+    gate = new_gate(client)
+    r = res(gate.try_enter("AAA", 1, order_id="a"))
+    assert gate.try_enter("BBB", 1, order_id="b")
+    with CommandLog(server.url) as log:
+        assert r.reduce(Fraction(1, 2))
+        assert r.release()
+        assert gate.release_order("b") is True
+        gate.set_position("CCC", 5)
+        assert gate.close_position("CCC")
+        assert gate.confirm_fill(res(gate.try_enter("DDD", 1)).order_id, 1)
+    assert log.commands == ["EVALSHA"] * 7
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+def test_every_key_is_under_one_hash_tag(client: Any) -> None:
+    from redis.crc import key_slot
+
+    gate = new_gate(client, ttl=60)
+    assert gate.try_enter("AAA", 1)
+    gate.set_position("BBB", 2)
+    gate.halt()
+    tag = "{" + gate.namespace + "}"
+    stored = {k.decode() for k in client.scan_iter(match=f"pendingledger:{tag}:*")}
+    assert stored <= set(gate.keys)
+    assert all(tag in key for key in gate.keys)
+    assert len({key_slot(key.encode()) for key in gate.keys}) == 1
+
+
+def test_namespace_may_not_contain_braces(client: Any) -> None:
+    for bad in ("", "a{b", "x}"):
+        with pytest.raises(ValueError, match="namespace"):
+            RedisGate(client, Limits(), ttl=1, namespace=bad)
+    with pytest.raises(TypeError, match="namespace"):
+        RedisGate(client, Limits(), ttl=1, namespace=7)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf")])
+def test_bad_ttl(client: Any, ttl: float) -> None:
+    with pytest.raises(ValueError, match="ttl"):
+        RedisGate(client, Limits(), ttl=ttl, namespace="x")
+
+
+def test_tiny_ttl_is_never_zero(client: Any) -> None:
+    gate = new_gate(client, ttl=1e-9)
+    assert gate._ttl_us == 1
+
+
+# ---------------------------------------------------------------------------- arguments
+
+
+def test_positions_argument_is_refused(client: Any) -> None:
+    gate = new_gate(client)
+    with pytest.raises(TypeError, match="positions"):
+        gate.try_enter("AAA", 1, {"AAA": 1})  # type: ignore[arg-type]
+    assert gate.snapshot().orders == {}
+
+
+def test_symbols_and_order_ids_are_str(client: Any) -> None:
+    gate = new_gate(client)
+    with pytest.raises(TypeError, match="symbol"):
+        gate.try_enter(42, 1)
+    with pytest.raises(ValueError, match="symbol"):
+        gate.try_enter("A\0B", 1)
+    with pytest.raises(TypeError, match="order_id"):
+        gate.try_enter("AAA", 1, order_id=7)
+    with pytest.raises(ValueError, match="order_id"):
+        gate.try_enter("AAA", 1, order_id="")
+    assert gate.snapshot().orders == {}
+    assert gate.try_enter("sym|with|pipes and ünïcode", 1, order_id="id|x")
+    assert gate.release("sym|with|pipes and ünïcode")
+    assert gate.audit() == []
+
+
+def test_bad_input_sends_nothing_to_redis(client: Any, server: RedisServer) -> None:
+    gate = new_gate(client)
+    bad_calls: list[Any] = [
+        lambda: gate.try_enter("AAA", float("nan")),
+        lambda: gate.try_enter("AAA", 0),
+        lambda: gate.try_enter("AAA", True),
+        lambda: gate.try_enter(None, 1),
+        lambda: gate.try_enter("", 1),
+        lambda: gate.try_enter("AAA", 1, {"AAA": 1}),  # type: ignore[arg-type]
+        lambda: gate.set_position("AAA", float("inf")),
+        lambda: gate.confirm_fill("x", float("nan")),
+        lambda: gate.release(""),
+        lambda: gate.restore({"AAA": "1"}),  # type: ignore[dict-item]
+    ]
+    with CommandLog(server.url) as log:
+        for call in bad_calls:
+            with pytest.raises((ValueError, TypeError)):
+                call()
+    assert log.commands == []
+
+
+# ---------------------------------------------------------------------------- amounts
+
+
+def test_amounts_are_exact_units_rounded_against_the_trader(client: Any) -> None:
+    gate = new_gate(client, Limits(max_gross_exposure=Decimal("1.0000000009")))
+    r1 = res(gate.try_enter("AAA", 0.1))
+    r2 = res(gate.try_enter("BBB", Decimal("1e-10")))  # rounds up to one unit
+    r3 = res(gate.try_enter("CCC", Fraction(1, 3)))  # 333333334 units
+    orders = gate.snapshot().orders
+    assert orders[r1.order_id].units == 100_000_000
+    assert orders[r2.order_id].units == 1
+    assert orders[r3.order_id].units == 333_333_334
+    # the limit rounds down to 1.000000000: 0.1 + 1e-9 + 0.333333334 + 0.566666665 = 1.0
+    assert gate.try_enter("DDD", Decimal("0.566666666")).reason is R.MAX_GROSS_EXPOSURE
+    assert gate.try_enter("DDD", Decimal("0.566666665"))
+
+
+def test_reduce_leaves_the_ceiling_of_what_remains(client: Any) -> None:
+    gate = new_gate(client)
+    r = res(gate.try_enter("AAA", Fraction(1, 3)))
+    assert r.reduce(Fraction(1, 6))
+    assert gate.snapshot().orders[r.order_id].units == 166_666_667
+    assert r.notional == Fraction(1, 6)
+    assert r.reduce(Fraction(1, 6))
+    assert not r.active
+    assert gate.audit() == []
+
+
+@pytest.mark.parametrize("amount", [10**15, 1e15, Decimal("1e15"), Fraction(10**16, 3)])
+def test_amounts_beyond_the_bound_are_refused(client: Any, amount: Any) -> None:
+    gate = new_gate(client)
+    with pytest.raises(ValueError, match="1e15"):
+        gate.try_enter("AAA", amount)
+    with pytest.raises(ValueError, match="1e15"):
+        gate.set_position("AAA", -amount)
+    with pytest.raises(ValueError, match="1e15"):
+        RedisGate(client, Limits(max_gross_exposure=amount), ttl=1, namespace="x")
+
+
+def test_totals_past_2_53_units_fail_closed(client: Any) -> None:
+    big = 999_999_999_999_999  # just below the per-amount bound
+    gate = new_gate(client, Limits(max_gross_exposure=big))
+    for i in range(9):
+        gate.set_position(f"P{i}", big)
+    with pytest.raises(ValueError, match="overflow"):
+        gate.set_position("P9", big)
+    decision = gate.try_enter("AAA", big)
+    assert decision.reason is R.BACKEND_UNAVAILABLE  # the sum cannot be formed: fail closed
+    snap = gate.snapshot()
+    assert "P9" not in snap.positions and snap.orders == {}
+    assert gate.audit() == []
+
+
+# ---------------------------------------------------------------------------- the marker
+
+
+def test_a_new_namespace_denies_until_restored(client: Any) -> None:
+    gate = RedisGate(client, Limits(), ttl=10, namespace=uuid.uuid4().hex)
+    assert gate.book_restored() is False
+    assert gate.try_enter("AAA", 1).reason is R.BOOK_NOT_RESTORED
+    assert gate.restore({}) == []
+    assert gate.book_restored() is True
+    assert gate.try_enter("AAA", 1)
+
+
+def test_wipe_deletes_the_namespace(client: Any) -> None:
+    gate = new_gate(client)
+    assert gate.try_enter("AAA", 1)
+    gate.halt()
+    assert gate.wipe() >= 3
+    assert not any(client.exists(key) for key in gate.keys)
+    assert gate.try_enter("AAA", 1).reason is R.BOOK_NOT_RESTORED
+
+
+def test_restore_only_if_missing_lets_the_first_process_win(client: Any) -> None:
+    ns = uuid.uuid4().hex
+    a = RedisGate(client, Limits(), ttl=10, namespace=ns)
+    b = RedisGate(client, Limits(), ttl=10, namespace=ns)
+    assert a.restore({"AAA": 5}, only_if_missing=True) == []
+    assert b.restore({}, only_if_missing=True) is None
+    assert b.snapshot().positions == {"AAA": 5_000_000_000}
+
+
+def test_restore_rebuilds_positions_and_open_orders(client: Any) -> None:
+    limits = Limits(max_concurrent_positions=3, max_gross_exposure=1000)
+    gate = new_gate(client, limits)
+    assert gate.try_enter("OLD", 1)
+    gate.halt()
+    made = gate.restore(
+        {"AAA": -300, "BBB": Decimal("100.5")},
+        [OpenOrder("CCC", 200, "ord-1"), ("AAA", 50)],
+    )
+    assert made is not None
+    assert made[0].order_id == "ord-1"
+    snap = gate.snapshot()
+    assert set(snap.orders) == {r.order_id for r in made}  # "OLD" was replaced
+    assert snap.positions == {"AAA": -300_000_000_000, "BBB": 100_500_000_000}
+    assert gate.audit() == []
+    assert gate.try_enter("AAA", 1).reason is R.HALTED  # the halt survives a restore
+    gate.resume()
+    assert gate.try_enter("DDD", 1).reason is R.MAX_CONCURRENT_POSITIONS
+    assert gate.try_enter("AAA", Decimal("349.6")).reason is R.MAX_GROSS_EXPOSURE
+    assert gate.try_enter("AAA", Decimal("349.5"))  # lands on 1000
+    assert made[0].release()
+    assert gate.try_enter("DDD", 1)
+    assert gate.stats().restored == 2
+
+
+def test_restore_refuses_bad_input_before_writing(client: Any) -> None:
+    gate = new_gate(client)
+    assert gate.try_enter("KEEP", 1)
+    with pytest.raises(ValueError, match="twice"):
+        gate.restore({}, [("AAA", 1, "x"), ("BBB", 1, "x")])
+    with pytest.raises(ValueError):
+        gate.restore({"AAA": float("nan")})
+    with pytest.raises(TypeError):
+        gate.restore([("AAA", 1)])  # type: ignore[arg-type]
+    assert len(gate.snapshot().orders) == 1
+
+
+# ---------------------------------------------------------------------------- shared state
+
+
+def test_gates_on_one_namespace_share_everything(server: RedisServer) -> None:
+    ns = uuid.uuid4().hex
+    limits = Limits(max_concurrent_positions=2)
+    a = RedisGate.from_url(server.url, limits, ttl=10, namespace=ns)
+    b = RedisGate.from_url(server.url, limits, ttl=10, namespace=ns)
+    a.restore({})
+    assert a.try_enter("AAA", 1)
+    assert b.try_enter("BBB", 1)
+    assert a.try_enter("CCC", 1).reason is R.MAX_CONCURRENT_POSITIONS
+    b.halt()
+    assert a.halted
+    assert a.try_enter("AAA", 1).reason is R.HALTED
+    a.resume()
+    assert b.stats().admitted == 2
+    assert b.release("AAA")
+    assert a.try_enter("CCC", 1)
+    a.client.close()
+    b.client.close()
+
+
+def test_an_old_handle_never_touches_a_reused_order_id(client: Any) -> None:
+    gate = new_gate(client)
+    old = res(gate.try_enter("AAA", 10, order_id="reused"))
+    assert gate.release_order("reused")
+    new = res(gate.try_enter("AAA", 20, order_id="reused"))
+    assert old.release() is False
+    assert old.reduce(1) is False
+    assert new.active
+    assert gate.snapshot().orders["reused"].units == 20_000_000_000
+
+
+def test_a_retried_request_is_answered_not_repeated(client: Any) -> None:
+    gate = new_gate(client)
+    args = ("enter", "AAA", 5_000, "retry-1", "tok", 10_000_000, "", "", "", "0", "")
+    first = gate._script(keys=gate.keys, args=args)
+    again = gate._script(keys=gate.keys, args=args)  # what a client retry after a lost reply sends
+    assert first == again
+    other = gate._script(keys=gate.keys, args=(*args[:4], "other-token", *args[5:]))
+    assert other == [b"X"]
+    assert len(gate.snapshot().orders) == 1
+    assert gate.stats().admitted == 1
+
+
+def test_reservation_times_come_from_the_server_clock(client: Any) -> None:
+    gate = new_gate(client, ttl=2.5)
+    r = res(gate.try_enter("AAA", 1))
+    server_now = float(client.time()[0])
+    assert abs(r.reserved_at - server_now) < 5
+    assert r.expires_at - r.reserved_at == pytest.approx(2.5)
+
+
+def test_stats_count_how_reservations_ended(client: Any) -> None:
+    gate = new_gate(client, ttl=30)
+    res(gate.try_enter("AAA", 1)).release()
+    gate.confirm_fill(res(gate.try_enter("BBB", 1)).order_id, 1)
+    res(gate.try_enter("CCC", 2)).reduce(2)
+    assert gate.try_enter("DDD", 1)
+    advance_server_clock(gate, 30)
+    assert gate.sweep() == 1
+    stats = gate.stats()
+    assert (stats.admitted, stats.released, stats.filled, stats.expired) == (4, 1, 2, 1)
+    assert stats.outstanding == 0 and stats.gross_notional == 0
+    assert stats.corrupt == 0
+
+
+def test_audit_finds_a_corrupted_total(client: Any) -> None:
+    gate = new_gate(client, Limits(max_gross_exposure=10))
+    assert gate.try_enter("AAA", 5)
+    assert gate.audit(gate.limits) == []
+    client.hset(gate.keys[2], "res_gross", "1")
+    problems = gate.audit()
+    assert any("res_gross" in p for p in problems)
+
+
+def test_a_client_without_timeout_is_warned_about(
+    client: Any, server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    bare = redis.Redis.from_url(server.url)
+    with caplog.at_level(logging.WARNING, logger="pendingledger.redis"):
+        RedisGate(bare, Limits(), ttl=1, namespace="warn")
+    assert "socket_timeout" in caplog.text
+    bare.close()
+
+
+def test_the_core_never_imports_redis() -> None:
+    code = (
+        "import sys, pendingledger, pendingledger.gate, pendingledger.ledger;"
+        "import pendingledger.testing;"
+        "assert 'redis' not in sys.modules, sorted(m for m in sys.modules if 'redis' in m)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_script_ships_with_the_package() -> None:
+    from importlib import resources
+
+    text = resources.files("pendingledger.redis").joinpath("gate.lua").read_text()
+    assert "op == 'enter'" in text
