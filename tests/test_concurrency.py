@@ -115,7 +115,8 @@ def broken_enter(race: Race, symbol: str, notional: int) -> ReservationHandle | 
         room = (symbol in positions or symbol in pending or slots < MAX_POSITIONS) and (
             gross + notional <= MAX_GROSS
         )
-    time.sleep(0)  # widen the window between check and reserve (broken variant only)
+    time.sleep(0.0001)  # widen the window between check and reserve (broken variant only;
+    # sleep(0) does not reliably hand the GIL over on CPython 3.10)
     if not room:
         return None
     with race.ledger.lock() as pending:

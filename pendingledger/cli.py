@@ -1,0 +1,401 @@
+"""``python -m pendingledger race``: the race, shown in one command.
+
+Why: a new user should see the problem and the fix before reading any code. ``race`` runs the
+simulated threaded trading app of ``pendingledger.sim`` twice on the same seed, first with a
+broken gate (check under the lock, reserve in a second acquisition) and then with pendingledger's
+``PortfolioGate``, and prints what an independent auditor saw: the broken gate lets the portfolio
+go over its limits, pendingledger never does.
+
+What callers (and scripts) may rely on:
+
+* ``main(argv)`` returns the exit status instead of exiting: 0 when the pendingledger run had no
+  breach and every reservation ended exactly once, 1 otherwise, 2 for bad options (argparse's
+  message on stderr) or a ``--json`` file that cannot be written, 130 on Ctrl-C.
+* The table and the one-line verdict go to stdout; the progress display goes to stderr (a live
+  line when stderr is a terminal, a few plain lines otherwise).
+* ``--json PATH`` writes ``{"broken": {...}, "pendingledger": {...}, ...}``: each run's
+  figures (``SimResult.to_dict()``: at least ``decisions``, ``admitted``, ``breaches``) under
+  its own key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TextIO
+
+from .sim import LIMIT_KINDS, BackendFactory, Progress, SimConfig, SimResult, Simulation
+from .sim import memory_backend as _memory_backend
+
+__all__ = ["BACKENDS", "main"]
+
+BACKENDS: Final[dict[str, BackendFactory]] = {"memory": _memory_backend}
+"""Backends ``race --backend`` can race; another store registers its factory here."""
+
+_MAX_THREADS: Final = 1024
+_DEFAULTS: Final = SimConfig()
+_RUNS: Final = (("broken", "broken gate"), ("pendingledger", "pendingledger"))
+
+
+# --------------------------------------------------------------------------- option types
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _thread_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= _MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {_MAX_THREADS}, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _position_limit(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= 0 or 'none', got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (or 'none'), got {text!r}")
+    return value
+
+
+def _amount_limit(text: str) -> int | float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number >= 0 or 'none', got {text!r}"
+        ) from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (or 'none'), got {text!r}")
+    return int(value) if value.is_integer() else value
+
+
+def _json_path(text: str) -> str:
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"directory {parent!r} does not exist")
+    return text
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pendingledger",
+        description="pendingledger: race-free portfolio risk limits for threaded trading bots.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    race = commands.add_parser(
+        "race",
+        help="race a simulated trading bot on a broken gate, then on pendingledger's gate",
+        description=(
+            "Run a simulated threaded trading app (strategy threads, a simulated exchange with "
+            "rejects, partial fills and lost orders, a fill router) twice on the same seed: "
+            "first with a broken gate that checks the limits and reserves in two separate "
+            "steps, then with pendingledger's gate. An independent auditor tracks the true "
+            "exposure (open positions plus orders in flight) and counts every admission that "
+            "took it over a limit."
+        ),
+        epilog=(
+            "Exit status: 0 when the pendingledger run had no breach and every reservation "
+            "ended exactly once, 1 otherwise, 2 for bad options."
+        ),
+    )
+    race.add_argument(
+        "--seconds",
+        type=_positive_seconds,
+        default=_DEFAULTS.seconds,
+        metavar="S",
+        help=f"How long each of the two runs races, in seconds (default {_DEFAULTS.seconds:g}).",
+    )
+    race.add_argument(
+        "--threads",
+        type=_thread_count,
+        default=_DEFAULTS.threads,
+        metavar="N",
+        help=f"How many strategy threads race for entries (default {_DEFAULTS.threads}).",
+    )
+    race.add_argument(
+        "--seed",
+        type=_seed,
+        default=None,
+        metavar="N",
+        help="Seed of the random order flow, to replay a run (default: a fresh one, printed).",
+    )
+    race.add_argument(
+        "--max-positions",
+        type=_position_limit,
+        default=_DEFAULTS.max_positions,
+        metavar="N",
+        help=(
+            "Most positions open or in flight at once, 'none' for no limit "
+            f"(default {_DEFAULTS.max_positions})."
+        ),
+    )
+    race.add_argument(
+        "--max-gross",
+        type=_amount_limit,
+        default=_DEFAULTS.max_gross,
+        metavar="X",
+        help=(
+            "Most gross exposure (open plus in flight), 'none' for no limit "
+            f"(default {_DEFAULTS.max_gross})."
+        ),
+    )
+    race.add_argument(
+        "--max-symbol",
+        type=_amount_limit,
+        default=_DEFAULTS.max_symbol,
+        metavar="X",
+        help=(
+            "Most exposure on any one symbol (open plus in flight), 'none' for no limit "
+            f"(default {_DEFAULTS.max_symbol})."
+        ),
+    )
+    race.add_argument(
+        "--json",
+        type=_json_path,
+        metavar="PATH",
+        default=None,
+        help="Also write both runs' figures as JSON to PATH, under keys broken and pendingledger.",
+    )
+    race.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        default="memory",
+        help="Where the gate keeps its reservations (default memory: one process, in-memory).",
+    )
+    return parser
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "none"
+    if float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:,.2f}"
+
+
+def _seen(seen: int, limit: float | None) -> str:
+    return _num(seen) + (" !" if limit is not None and seen > limit else "  ")
+
+
+def _table(broken: SimResult, good: SimResult) -> str:
+    rows: list[tuple[str, Callable[[SimResult], str]]] = [
+        ("decisions", lambda r: _num(r.decisions)),
+        ("admitted", lambda r: _num(r.admitted)),
+        ("denied: max concurrent positions", lambda r: _num(r.denied["max_concurrent_positions"])),
+        ("denied: max gross exposure", lambda r: _num(r.denied["max_gross_exposure"])),
+        ("denied: max symbol exposure", lambda r: _num(r.denied["max_symbol_exposure"])),
+        ("orders rejected by the exchange", lambda r: _num(r.rejected)),
+        ("orders filled in full", lambda r: _num(r.filled)),
+        ("orders filled in parts", lambda r: _num(r.partially_filled)),
+        ("orders never answered, expired by TTL", lambda r: f"{r.lost:,}/{r.expired:,}"),
+        ("positions closed", lambda r: _num(r.closes)),
+        (
+            f"highest concurrent positions (limit {_num(good.max_positions)})",
+            lambda r: _seen(r.max_positions_seen, r.max_positions),
+        ),
+        (
+            f"highest gross exposure (limit {_num(good.max_gross)})",
+            lambda r: _seen(r.max_gross_seen, r.max_gross),
+        ),
+        (
+            f"highest symbol exposure (limit {_num(good.max_symbol)})",
+            lambda r: _seen(r.max_symbol_seen, r.max_symbol),
+        ),
+        ("BREACHES", lambda r: _num(r.breaches)),
+    ]
+    for kind in LIMIT_KINDS:
+        rows.append((f"  of the {kind} limit", _breaches_of(kind)))
+    rows.append(
+        ("reservations leaked / ended twice", lambda r: f"{r.leaked:,} / {r.double_ended:,}")
+    )
+    width = max(len(label) for label, _ in rows)
+    cells = [(label, get(broken), get(good)) for label, get in rows]
+    col = max(14, *(len(c) for _, a, b in cells for c in (a, b)))
+    lines = [f"{'':<{width}}  {'broken gate':>{col}}  {'pendingledger':>{col}}"]
+    lines += [f"{label:<{width}}  {a:>{col}}  {b:>{col}}".rstrip() for label, a, b in cells]
+    return "\n".join(lines)
+
+
+def _breaches_of(kind: str) -> Callable[[SimResult], str]:
+    return lambda r: _num(r.breaches_by_limit[kind])
+
+
+def _verdict(broken: SimResult, good: SimResult) -> str:
+    if not good.ok:
+        problems = []
+        if good.breaches:
+            problems.append(f"breached the limits {good.breaches:,} times ({good.first_breach})")
+        if good.leaked or good.double_ended or good.ledger_outstanding:
+            problems.append(
+                f"lost track of reservations ({good.leaked} leaked, {good.double_ended} ended "
+                f"twice, {good.ledger_outstanding} left in the ledger)"
+            )
+        return f"FAIL: pendingledger {'; '.join(problems)}. Replay with --seed {good.seed}."
+    held = f"pendingledger held every limit in {good.decisions:,} decisions (0 breaches)"
+    if broken.breaches:
+        return (
+            f"PASS: the broken gate breached the limits {broken.breaches:,} times in "
+            f"{broken.decisions:,} decisions; {held}."
+        )
+    return (
+        f"PASS: {held}. The broken gate happened not to breach this time; "
+        "try more --threads or --seconds."
+    )
+
+
+class _ProgressDisplay:
+    """A live line on a terminal; a start and an end line otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._live = stream.isatty()
+        self._label = ""
+
+    def start(self, label: str, config: SimConfig) -> None:
+        self._label = label
+        if not self._live:
+            self._write(
+                f"race: {label}: {config.threads} threads for {config.seconds:g} s "
+                f"(seed {config.seed})...\n"
+            )
+
+    def update(self, progress: Progress) -> None:
+        if not self._live:
+            return
+        share = 0.0 if progress.seconds <= 0 else min(1.0, progress.elapsed / progress.seconds)
+        filled = int(share * 24)
+        bar = "#" * filled + "-" * (24 - filled)
+        self._write(
+            f"\r\x1b[2K  {self._label:<14} [{bar}] {progress.elapsed:4.1f}/{progress.seconds:g} s"
+            f"  decisions {progress.decisions:,}  admitted {progress.admitted:,}"
+            f"  breaches {progress.breaches:,}"
+        )
+
+    def done(self, result: SimResult) -> None:
+        if self._live:
+            self._write("\r\x1b[2K")
+        else:
+            self._write(
+                f"race: {self._label}: done in {result.elapsed:.1f} s, {result.decisions:,} "
+                f"decisions, {result.breaches:,} breaches\n"
+            )
+
+    def abort(self) -> None:
+        if self._live:
+            self._write("\r\x1b[2K")
+
+    def _write(self, text: str) -> None:
+        self._stream.write(text)
+        self._stream.flush()
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
+    base = SimConfig(
+        seconds=args.seconds,
+        threads=args.threads,
+        seed=seed,
+        max_positions=args.max_positions,
+        max_gross=args.max_gross,
+        max_symbol=args.max_symbol,
+    )
+    backend = BACKENDS[args.backend]
+    display = _ProgressDisplay(err)
+    results: dict[str, SimResult] = {}
+    started = time.monotonic()
+    for key, label in _RUNS:
+        config = dataclasses.replace(base, broken=key == "broken")
+        simulation = Simulation(config, backend=backend)
+        display.start(label, config)
+        try:
+            results[key] = simulation.run(display.update)
+        except KeyboardInterrupt:
+            display.abort()
+            err.write("race: interrupted\n")
+            return 130
+        display.done(results[key])
+    broken, good = results["broken"], results["pendingledger"]
+    out.write(
+        f"pendingledger race: {base.threads} threads x {base.seconds:g} s per gate, seed "
+        f"{seed}, {args.backend} backend, limits: positions {_num(base.max_positions)}, "
+        f"gross {_num(base.max_gross)}, symbol {_num(base.max_symbol)}\n\n"
+    )
+    out.write(_table(broken, good) + "\n\n")
+    verdict = _verdict(broken, good)
+    out.write(verdict + "\n")
+    out.flush()
+    if args.json is not None:
+        document: dict[str, Any] = {
+            "seed": seed,
+            "threads": base.threads,
+            "seconds": base.seconds,
+            "backend": args.backend,
+            "limits": {
+                "max_positions": base.max_positions,
+                "max_gross": base.max_gross,
+                "max_symbol": base.max_symbol,
+            },
+            "broken": broken.to_dict(),
+            "pendingledger": good.to_dict(),
+            "ok": good.ok,
+            "verdict": verdict,
+            "wall_seconds": round(time.monotonic() - started, 3),
+        }
+        try:
+            with open(args.json, "w", encoding="utf-8") as handle:
+                json.dump(document, handle, indent=2)
+                handle.write("\n")
+        except OSError as exc:
+            err.write(f"race: cannot write --json {args.json}: {exc.strerror or exc}\n")
+            return 2
+    return 0 if good.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return its exit status (see the module docstring)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad options, 0 after --help
+        return exc.code if isinstance(exc.code, int) else 2
+    assert args.command == "race"  # argparse refuses any other
+    return _race(args, sys.stdout, sys.stderr)

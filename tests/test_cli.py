@@ -1,0 +1,203 @@
+"""``python -m pendingledger race``: exit codes, output, ``--json``, and option errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pendingledger import cli
+from pendingledger.sim import MemoryBackend
+
+# Short runs: the figures of the race are asserted in test_stress.py, not here.
+QUICK = ["race", "--seconds", "0.3", "--threads", "16", "--seed", "5"]
+
+
+@pytest.mark.timeout(30)
+def test_race_prints_a_table_and_a_verdict_and_exits_0(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "race.json"
+    assert cli.main([*QUICK, "--json", str(path)]) == 0
+
+    out, err = capsys.readouterr()
+    for row in (
+        "decisions",
+        "admitted",
+        "denied: max concurrent positions",
+        "denied: max gross exposure",
+        "denied: max symbol exposure",
+        "orders rejected",
+        "orders filled in full",
+        "expired by TTL",
+        "highest concurrent positions (limit 5)",
+        "highest gross exposure (limit 50,000)",
+        "BREACHES",
+    ):
+        assert row in out
+    assert "broken gate" in out and "pendingledger" in out
+    assert out.rstrip().splitlines()[-1].startswith("PASS: ")
+    assert "seed 5" in out
+    # stderr is not a terminal here: a few plain progress lines, no carriage returns.
+    assert "\r" not in err
+    assert "race: broken gate" in err and "race: pendingledger" in err
+
+    data = json.loads(path.read_text())
+    for key in ("broken", "pendingledger"):
+        for figure in ("decisions", "admitted", "breaches"):
+            assert isinstance(data[key][figure], int)
+    assert data["broken"]["gate"] == "broken"
+    assert data["pendingledger"]["breaches"] == 0
+    assert data["seed"] == 5 and data["ok"] is True
+
+
+@pytest.fixture
+def fast_switching() -> Iterator[None]:
+    """Switch threads every microsecond (restored after), so a broken gate breaches surely."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.usefixtures("fast_switching")
+def test_race_exits_1_when_the_gate_under_test_breaches(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """If pendingledger's run breached, the verdict says FAIL and the exit status is 1."""
+
+    def always_broken(**kwargs: Any) -> MemoryBackend:
+        return MemoryBackend(**{**kwargs, "broken": True})
+
+    monkeypatch.setitem(cli.BACKENDS, "memory", always_broken)
+    path = tmp_path / "race.json"
+    argv = ["race", "--seconds", "0.5", "--threads", "64", "--seed", "9", "--json", str(path)]
+    status = cli.main(argv)
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "FAIL: pendingledger breached the limits" in out
+    assert "--seed 9" in out
+    assert json.loads(path.read_text())["pendingledger"]["breaches"] > 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--threads", "0"],
+        ["--threads", "-3"],
+        ["--threads", "many"],
+        ["--threads", "100000"],
+        ["--seconds", "0"],
+        ["--seconds", "-2"],
+        ["--seconds", "nan"],
+        ["--seconds", "soon"],
+        ["--max-positions", "-1"],
+        ["--max-positions", "five"],
+        ["--max-positions", "2.5"],
+        ["--max-gross", "lots"],
+        ["--max-gross", "-100"],
+        ["--max-gross", "inf"],
+        ["--max-symbol", "x"],
+        ["--seed", "abc"],
+        ["--backend", "carrier-pigeon"],
+        ["--no-such-option"],
+    ],
+)
+def test_bad_options_are_argparse_errors_with_status_2(
+    options: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["race", *options]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+    assert "usage:" in err
+
+
+def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    assert cli.main(["sprint"]) == 2
+
+
+def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["race", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in (
+        "--seconds",
+        "--threads",
+        "--seed",
+        "--max-positions",
+        "--max-gross",
+        "--max-symbol",
+        "--json",
+        "--backend",
+    ):
+        assert option in out
+    assert "Exit status" in out
+    assert cli.main(["--help"]) == 0
+    assert "race" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(30)
+def test_limits_can_be_switched_off(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [*QUICK, "--max-positions", "none", "--max-gross", "2e4", "--max-symbol", "none"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "limits: positions none, gross 20,000, symbol none" in out
+    assert "highest concurrent positions (limit none)" in out
+
+
+def test_a_json_path_in_a_missing_directory_is_refused_before_racing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "missing-dir" / "race.json"
+    assert cli.main([*QUICK, "--json", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "--json" in err and "error:" in err
+    assert "race: broken gate" not in err  # refused before any run
+
+
+@pytest.mark.timeout(30)
+def test_a_json_file_that_cannot_be_written_is_reported_with_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "race.json"
+    target.mkdir()  # a directory where the file should go: open() fails after the runs
+    assert cli.main([*QUICK, "--seconds", "0.1", "--json", str(target)]) == 2
+    assert "cannot write --json" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(30)
+def test_python_dash_m_runs_the_race(tmp_path: Path) -> None:
+    """The command a new user types, in a fresh interpreter."""
+    path = tmp_path / "race.json"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pendingledger", *QUICK, "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=25,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "PASS: " in done.stdout
+    assert set(json.loads(path.read_text())) >= {"broken", "pendingledger"}
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "pendingledger", "race", "--threads", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=25,
+        env=env,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "--threads" in bad.stderr
