@@ -1,12 +1,16 @@
-"""Shared fixtures: a manual clock, a ledger and gate on it, and tiny thread switch intervals."""
+"""Shared fixtures: a manual clock, a ledger and gate on it, tiny thread switch intervals, and a
+real redis-server (one per test module) with a client for the Redis tests."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
+from redis_server import RedisServer, running_server
 
 from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits
 from pendingledger.testing import ManualClock
@@ -83,3 +87,19 @@ def fast_switching() -> Iterator[float]:
         yield sys.getswitchinterval()
     finally:
         sys.setswitchinterval(previous)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port for this test module, stopped after it."""
+    with running_server(Path(tmp_path_factory.mktemp("redis"))) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: RedisServer) -> Iterator[Any]:
+    """A redis client on ``server``."""
+    redis = pytest.importorskip("redis")
+    c = redis.Redis.from_url(server.url, socket_timeout=5)
+    yield c
+    c.close()

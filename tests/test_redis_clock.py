@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_server import CommandLog, RedisServer, running_server
+from redis_server import CommandLog, RedisServer
 
 from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits
 from pendingledger.limits import Decision, DenyReason
@@ -33,19 +31,6 @@ from pendingledger.redis.testing import (  # noqa: E402
 pytestmark = pytest.mark.redis
 R = DenyReason
 Limits = PortfolioLimits
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_server(Path(tmp_path_factory.mktemp("redis"))) as srv:
-        yield srv
-
-
-@pytest.fixture
-def client(server: RedisServer) -> Iterator[Any]:
-    c = redis.Redis.from_url(server.url, socket_timeout=5)
-    yield c
-    c.close()
 
 
 def new_gate(

@@ -6,14 +6,12 @@ import logging
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from decimal import Decimal
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_server import CommandLog, RedisServer, running_server
+from redis_server import CommandLog, RedisServer
 
 from pendingledger import PortfolioLimits
 from pendingledger.limits import Decision, DenyReason
@@ -30,19 +28,6 @@ from pendingledger.redis.testing import advance_server_clock  # noqa: E402
 pytestmark = pytest.mark.redis
 R = DenyReason
 Limits = PortfolioLimits
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_server(Path(tmp_path_factory.mktemp("redis"))) as srv:
-        yield srv
-
-
-@pytest.fixture
-def client(server: RedisServer) -> Iterator[Any]:
-    c = redis.Redis.from_url(server.url, socket_timeout=5)
-    yield c
-    c.close()
 
 
 def new_gate(

@@ -19,14 +19,12 @@ import multiprocessing
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_server import RedisServer, running_server
+from redis_server import RedisServer
 
 from pendingledger import PortfolioLimits
 
@@ -44,12 +42,6 @@ TTL = 0.5
 LIMITS = PortfolioLimits(
     max_concurrent_positions=5, max_gross_exposure=1_000, max_symbol_exposure=Decimal("400")
 )
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_server(Path(tmp_path_factory.mktemp("redis"))) as srv:
-        yield srv
 
 
 @dataclass
