@@ -36,8 +36,9 @@ What callers may rely on:
   latency and the TTL.
 * Randomness is seeded: brain ``i`` uses ``random.Random(seed + i)`` for every choice about its
   orders (symbol, notional, outcome, latency, partial split); the router uses
-  ``random.Random(seed + threads)`` for holding times. Thread scheduling is not reproducible, so
-  the figures differ from run to run, but the stream of orders each brain *wants* does not.
+  ``random.Random(seed + threads)`` for holding times (``Simulation(first_brain=k)``, one share
+  of a multi-process run, adds ``k`` to both). Thread scheduling is not reproducible, so the
+  figures differ from run to run, but the stream of orders each brain *wants* does not.
 * The gate is injected through a backend factory (``memory_backend`` by default), so another
   store (for example a shared one) can be raced by the same app. It is typed with the core
   protocols: with ``book="gate"`` any ``pendingledger.Gate``; with ``book="cache"`` a

@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from decimal import Decimal
 from fractions import Fraction
 from typing import Final
@@ -81,6 +82,11 @@ class Simulation:
     simulation drives itself (see the module docstring). ``stop()`` may be called from any
     thread to end the race early; the run still drains and returns its figures
     (``interrupted`` is set).
+
+    ``first_brain`` numbers this run's brains from there on, for a run that is one share of a
+    larger app (one process of several racing a shared store): brain ``i`` is then brain
+    ``first_brain + i`` of the app, which seeds its randomness and names its orders
+    (``b<brain>-<n>``), so order ids stay unique across the shares.
     """
 
     def __init__(
@@ -89,8 +95,12 @@ class Simulation:
         *,
         backend: BackendFactory = memory_backend,
         clock: Callable[[], float] | None = None,
+        first_brain: int = 0,
     ) -> None:
+        if isinstance(first_brain, bool) or not isinstance(first_brain, int) or first_brain < 0:
+            raise ValueError(f"first_brain must be an int >= 0, got {first_brain!r}")
         self.config = config
+        self._first_brain = first_brain
         self._backend_factory = backend
         self._offset: OffsetClock | None = None
         self._clock: Callable[[], float]
@@ -125,6 +135,7 @@ class Simulation:
         self._late = 0
         self._barrier: threading.Barrier | None = None
         self._book: Gate | None = None  # the gate, when it owns the position book
+        self._handover: Callable[[str, int], AbstractContextManager[object]] | None = None
 
     # ---------------------------------------------------------------- public
 
@@ -183,6 +194,7 @@ class Simulation:
                         f"(set_position, close_position, confirm_fill), got {gate!r}"
                     )
                 self._book = gate
+                self._handover = getattr(backend, "handover", None)
             elif isinstance(gate, CacheGate):
                 cache_gate = gate
             else:
@@ -282,7 +294,8 @@ class Simulation:
         """One strategy thread. ``cache_gate`` is the gate to call with the app's position
         cache (``book == "cache"``); ``None`` when the gate keeps the book."""
         config = self.config
-        rng = random.Random(config.seed + index)
+        brain = self._first_brain + index  # this brain's number in the whole app
+        rng = random.Random(config.seed + brain)
         stats = self._brain_stats[index]
         symbols, symbol_cum = config.symbols, self._symbol_cum
         outcome_cum = self._outcome_cum
@@ -314,7 +327,7 @@ class Simulation:
             )
             duplicate = rng.random() < config.duplicate_rate
             pause = rng.uniform(think_low, think_high)
-            order_id = f"b{index}-{n}"
+            order_id = f"b{brain}-{n}"
 
             if flights is not None:
                 flights.enter(index)
@@ -364,7 +377,7 @@ class Simulation:
     def _route(self) -> None:
         """The fill router: cache first, then release. Also closes positions after their hold."""
         config = self.config
-        rng = random.Random(config.seed + config.threads)
+        rng = random.Random(config.seed + self._first_brain + config.threads)
         hold_low, hold_high = config.hold
         closes: list[tuple[float, int, str]] = []
         seq = itertools.count()
@@ -418,8 +431,8 @@ class Simulation:
             if reservation.release():
                 accounts.end(order.order_id, "released-again")
             return False
-        if not reservation.active:
-            self._mark_late(order)  # expired before its answer landed
+        # An answer that lands after the TTL ended the reservation is noticed by the release,
+        # reduce or confirm_fill below returning False (no extra call to the store for it).
         if message.kind == "reject":
             self._auditor.remove(order.symbol, order.notional)  # before the gate may see room
             order.done = True
@@ -441,6 +454,12 @@ class Simulation:
             self._end_fill(message)
             time.sleep(GAP)  # the gap in which the gate sees neither the order nor its position
             return self._apply_fill(message)
+        handover = self._handover
+        if handover is not None:  # a shared store may mark the part it briefly counts twice
+            with handover(order.symbol, message.qty):
+                opened = self._apply_fill(message)
+                self._end_fill(message)
+            return opened
         opened = self._apply_fill(message)
         self._end_fill(message)
         return opened
