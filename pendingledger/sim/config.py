@@ -157,6 +157,13 @@ class SimResult:
     counts per limit (one admission can breach several). Reservation figures: every admitted
     order's reservation must end exactly once, so ``ended_released + ended_reduced +
     ended_expired == admitted`` with ``leaked == double_ended == 0`` in a healthy run.
+
+    A run across several processes on a shared store (``processes`` > 1, see
+    ``pendingledger.sim.processes``) merges every process's figures; its exposure figures and
+    ``breaches`` come from readings of the shared state (each process's check right after each of
+    its admissions, and its own auditor), and ``samples``/``sampled_breaches`` count the readings
+    the parent process's auditor took while the race ran and how many were over a limit.
+    ``store_problems`` counts inconsistencies the store's own audit found in those readings.
     """
 
     gate: str
@@ -196,12 +203,18 @@ class SimResult:
     release_first: bool = False
     interrupted: bool = False
     notes: tuple[str, ...] = field(default=())
+    processes: int = 1
+    samples: int = 0
+    sampled_breaches: int = 0
+    store_problems: int = 0
 
     @property
     def ok(self) -> bool:
         """No breach, every reservation ended exactly once, nothing left in the store."""
         return (
             self.breaches == 0
+            and self.sampled_breaches == 0
+            and self.store_problems == 0
             and self.leaked == 0
             and self.double_ended == 0
             and self.ledger_outstanding == 0
