@@ -49,7 +49,8 @@ from .sim import memory_backend as _memory_backend
 __all__ = ["BACKENDS", "main"]
 
 BACKENDS: Final[dict[str, BackendFactory]] = {"memory": _memory_backend}
-"""Backends ``race --backend`` can race; another store registers its factory here."""
+"""In-process backends ``race --backend`` can race; another store registers its factory here.
+``--backend redis`` is not one: it runs across processes (``pendingledger.sim.processes``)."""
 
 _MAX_THREADS: Final = 1024
 _MAX_PROCESSES: Final = 64

@@ -68,7 +68,9 @@ The package, one concern per module:
 * ``exchange``: orders, the exchange's answers and their delivery;
 * ``auditor``: the true-exposure auditor and the reservation accounts;
 * ``clocks``: the demo's offset clock and the ``ManualClock`` driver's bookkeeping;
-* ``app``: ``Simulation`` and ``run_simulation``.
+* ``app``: ``Simulation`` and ``run_simulation``;
+* ``redis_backend`` and ``processes`` (need the ``redis`` extra, not imported here): the app
+  across processes on one Redis namespace, ``ProcessRace`` (``race --backend redis``).
 """
 
 from __future__ import annotations
