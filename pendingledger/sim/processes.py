@@ -103,8 +103,9 @@ class ProcessRace:
                 f"got {len(config.symbols)}"
             )
         if processes > config.threads:
-            raise ValueError(f"{processes} processes need at least as many threads, got "
-                             f"{config.threads}")  # fmt: skip
+            raise ValueError(
+                f"{processes} processes need at least as many threads, got {config.threads}"
+            )
         self.config = dataclasses.replace(config, book="gate")
         self.redis_url = redis_url
         self.processes = processes
