@@ -10,7 +10,11 @@ What callers (and scripts) may rely on:
 
 * ``main(argv)`` returns the exit status instead of exiting: 0 when the pendingledger run had no
   breach and every reservation ended exactly once, 1 otherwise, 2 for bad options (argparse's
-  message on stderr) or a ``--json`` file that cannot be written, 130 on Ctrl-C.
+  message on stderr), a ``--json`` file that cannot be written, or a race that could not run
+  (Redis unreachable, a worker process failed), 130 on Ctrl-C.
+* ``--backend redis --redis-url URL`` races the same app across ``--processes`` processes on a
+  running Redis server (``pendingledger.sim.processes``): a namespace of its own per run,
+  deleted afterwards. It needs the ``redis`` extra; nothing imports it for the memory backend.
 * The table and the one-line verdict go to stdout; the progress display goes to stderr (a live
   line when stderr is a terminal, a few plain lines otherwise).
 * ``--json PATH`` writes ``{"broken": {...}, "pendingledger": {...}, ...}``: each run's
@@ -31,16 +35,28 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TextIO
 
-from .sim import LIMIT_KINDS, BackendFactory, Progress, SimConfig, SimResult, Simulation
+from .sim import (
+    LIMIT_KINDS,
+    BackendFactory,
+    Progress,
+    SimConfig,
+    SimResult,
+    Simulation,
+    SimulationError,
+)
 from .sim import memory_backend as _memory_backend
 
 __all__ = ["BACKENDS", "main"]
 
 BACKENDS: Final[dict[str, BackendFactory]] = {"memory": _memory_backend}
-"""Backends ``race --backend`` can race; another store registers its factory here."""
+"""In-process backends ``race --backend`` can race; another store registers its factory here.
+``--backend redis`` is not one: it runs across processes (``pendingledger.sim.processes``)."""
 
 _MAX_THREADS: Final = 1024
+_MAX_PROCESSES: Final = 64
 _DEFAULTS: Final = SimConfig()
+_REDIS_PROCESSES: Final = 4  # --processes default with --backend redis
+_REDIS_THREADS_PER_PROCESS: Final = 8  # --threads default with --backend redis, per process
 _RUNS: Final = (("broken", "broken gate"), ("pendingledger", "pendingledger"))
 
 
@@ -64,6 +80,16 @@ def _thread_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if not 1 <= value <= _MAX_THREADS:
         raise argparse.ArgumentTypeError(f"must be between 1 and {_MAX_THREADS}, got {text!r}")
+    return value
+
+
+def _process_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= _MAX_PROCESSES:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {_MAX_PROCESSES}, got {text!r}")
     return value
 
 
@@ -110,6 +136,11 @@ def _json_path(text: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    return _parsers()[0]
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The command line's parser and its ``race`` subcommand's."""
     parser = argparse.ArgumentParser(
         prog="python -m pendingledger",
         description="pendingledger: race-free portfolio risk limits for threaded trading bots.",
@@ -124,11 +155,13 @@ def _parser() -> argparse.ArgumentParser:
             "first with a broken gate that checks the limits and reserves in two separate "
             "steps, then with pendingledger's gate. An independent auditor tracks the true "
             "exposure (open positions plus orders in flight) and counts every admission that "
-            "took it over a limit."
+            "took it over a limit. With --backend redis the app runs across processes on a "
+            "shared Redis server, and the auditor reads the shared state."
         ),
         epilog=(
             "Exit status: 0 when the pendingledger run had no breach and every reservation "
-            "ended exactly once, 1 otherwise, 2 for bad options."
+            "ended exactly once, 1 otherwise, 2 for bad options or a race that could not run "
+            "(Redis unreachable, a worker process failed), 130 on Ctrl-C."
         ),
     )
     race.add_argument(
@@ -141,9 +174,13 @@ def _parser() -> argparse.ArgumentParser:
     race.add_argument(
         "--threads",
         type=_thread_count,
-        default=_DEFAULTS.threads,
+        default=None,
         metavar="N",
-        help=f"How many strategy threads race for entries (default {_DEFAULTS.threads}).",
+        help=(
+            "How many strategy threads race for entries, in all: with --backend redis they are "
+            f"split between the processes (default {_DEFAULTS.threads}; with redis "
+            f"{_REDIS_THREADS_PER_PROCESS} per process)."
+        ),
     )
     race.add_argument(
         "--seed",
@@ -191,11 +228,68 @@ def _parser() -> argparse.ArgumentParser:
     )
     race.add_argument(
         "--backend",
-        choices=sorted(BACKENDS),
+        choices=sorted({*BACKENDS, "redis"}),
         default="memory",
-        help="Where the gate keeps its reservations (default memory: one process, in-memory).",
+        help=(
+            "Where the gate keeps its reservations: memory (the default: one process, in memory) "
+            "or redis (a running Redis server, shared by --processes processes; needs "
+            "--redis-url and the redis extra)."
+        ),
     )
-    return parser
+    race.add_argument(
+        "--redis-url",
+        metavar="URL",
+        default=None,
+        help=(
+            "The Redis server to race against with --backend redis, e.g. "
+            "redis://localhost:6379/0. Each run uses a namespace of its own (race-<uuid>) and "
+            "deletes it afterwards."
+        ),
+    )
+    race.add_argument(
+        "--processes",
+        type=_process_count,
+        default=None,
+        metavar="N",
+        help=(
+            f"How many processes race with --backend redis (default {_REDIS_PROCESSES}); "
+            "each trades its own share of the symbols and runs its share of --threads. "
+            "The memory backend runs in one process."
+        ),
+    )
+    return parser, race
+
+
+def _check_backend_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Options that only make sense together; fills in the backend's defaults."""
+    if args.backend == "redis":
+        if not args.redis_url:
+            parser.error("--backend redis needs --redis-url URL (e.g. redis://localhost:6379/0)")
+        if args.processes is None:
+            args.processes = _REDIS_PROCESSES
+        if args.threads is None:
+            args.threads = min(_MAX_THREADS, _REDIS_THREADS_PER_PROCESS * args.processes)
+        if args.processes > args.threads:
+            parser.error(
+                f"--processes {args.processes} needs at least as many --threads "
+                f"(got {args.threads}): each process runs at least one"
+            )
+        if args.processes > len(_DEFAULTS.symbols):
+            parser.error(
+                f"--processes {args.processes}: at most {len(_DEFAULTS.symbols)}, one per symbol "
+                "traded (each process trades its own symbols)"
+            )
+        return
+    if args.redis_url is not None:
+        parser.error(f"--redis-url only applies to --backend redis, not {args.backend}")
+    if args.processes is not None and args.processes > 1:
+        parser.error(
+            f"--processes {args.processes} needs --backend redis: the {args.backend} backend "
+            "keeps its reservations in one process"
+        )
+    args.processes = 1
+    if args.threads is None:
+        args.threads = _DEFAULTS.threads
 
 
 # --------------------------------------------------------------------------- output
@@ -241,6 +335,13 @@ def _table(broken: SimResult, good: SimResult) -> str:
     ]
     for kind in LIMIT_KINDS:
         rows.append((f"  of the {kind} limit", _breaches_of(kind)))
+    if good.processes > 1 or broken.processes > 1:
+        rows.append(
+            (
+                "shared-state readings over a limit",
+                lambda r: f"{r.sampled_breaches:,} / {r.samples:,}",
+            )
+        )
     rows.append(
         ("reservations leaked / ended twice", lambda r: f"{r.leaked:,} / {r.double_ended:,}")
     )
@@ -259,8 +360,15 @@ def _breaches_of(kind: str) -> Callable[[SimResult], str]:
 def _verdict(broken: SimResult, good: SimResult) -> str:
     if not good.ok:
         problems = []
-        if good.breaches:
+        if good.breaches or good.sampled_breaches:
             problems.append(f"breached the limits {good.breaches:,} times ({good.first_breach})")
+        if good.sampled_breaches:
+            problems.append(
+                f"{good.sampled_breaches:,} of {good.samples:,} readings of the shared state were "
+                "over a limit"
+            )
+        if good.store_problems:
+            problems.append(f"the store's own audit failed in {good.store_problems:,} readings")
         if good.leaked or good.double_ended or good.ledger_outstanding:
             problems.append(
                 f"lost track of reservations ({good.leaked} leaked, {good.double_ended} ended "
@@ -268,7 +376,7 @@ def _verdict(broken: SimResult, good: SimResult) -> str:
             )
         return f"FAIL: pendingledger {'; '.join(problems)}. Replay with --seed {good.seed}."
     held = f"pendingledger held every limit in {good.decisions:,} decisions (0 breaches)"
-    if broken.breaches:
+    if broken.breaches or broken.sampled_breaches:
         return (
             f"PASS: the broken gate breached the limits {broken.breaches:,} times in "
             f"{broken.decisions:,} decisions; {held}."
@@ -287,11 +395,12 @@ class _ProgressDisplay:
         self._live = stream.isatty()
         self._label = ""
 
-    def start(self, label: str, config: SimConfig) -> None:
+    def start(self, label: str, config: SimConfig, processes: int = 1) -> None:
         self._label = label
         if not self._live:
+            where = f" in {processes} processes" if processes > 1 else ""
             self._write(
-                f"race: {label}: {config.threads} threads for {config.seconds:g} s "
+                f"race: {label}: {config.threads} threads{where} for {config.seconds:g} s "
                 f"(seed {config.seed})...\n"
             )
 
@@ -338,24 +447,32 @@ def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         max_gross=args.max_gross,
         max_symbol=args.max_symbol,
     )
-    backend = BACKENDS[args.backend]
+    run = _runner(args, err)
+    if run is None:
+        return 2
     display = _ProgressDisplay(err)
     results: dict[str, SimResult] = {}
     started = time.monotonic()
     for key, label in _RUNS:
         config = dataclasses.replace(base, broken=key == "broken")
-        simulation = Simulation(config, backend=backend)
-        display.start(label, config)
+        display.start(label, config, args.processes)
         try:
-            results[key] = simulation.run(display.update)
+            results[key] = run(config, display.update)
         except KeyboardInterrupt:
             display.abort()
             err.write("race: interrupted\n")
             return 130
+        except _RaceFailed as exc:
+            display.abort()
+            err.write(f"race: {label}: {exc}\n")
+            return 2
         display.done(results[key])
     broken, good = results["broken"], results["pendingledger"]
+    threads = f"{base.threads} threads"
+    if args.processes > 1:
+        threads += f" in {args.processes} processes"
     out.write(
-        f"pendingledger race: {base.threads} threads x {base.seconds:g} s per gate, seed "
+        f"pendingledger race: {threads} x {base.seconds:g} s per gate, seed "
         f"{seed}, {args.backend} backend, limits: positions {_num(base.max_positions)}, "
         f"gross {_num(base.max_gross)}, symbol {_num(base.max_symbol)}\n\n"
     )
@@ -369,6 +486,7 @@ def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "threads": base.threads,
             "seconds": base.seconds,
             "backend": args.backend,
+            "processes": args.processes,
             "limits": {
                 "max_positions": base.max_positions,
                 "max_gross": base.max_gross,
@@ -390,11 +508,44 @@ def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0 if good.ok else 1
 
 
+class _RaceFailed(Exception):
+    """A run could not be done (the store unreachable, a worker process failed)."""
+
+
+_Run = Callable[[SimConfig, Callable[[Progress], object]], SimResult]
+
+
+def _runner(args: argparse.Namespace, err: TextIO) -> _Run | None:
+    """How to run one gate's race on the chosen backend (None, after a message, if it can't)."""
+    if args.backend != "redis":
+        backend = BACKENDS[args.backend]
+        return lambda config, progress: Simulation(config, backend=backend).run(progress)
+    try:
+        from .redis import StoreUnavailable  # noqa: PLC0415 -- the redis extra, only if asked
+        from .sim.processes import ProcessRace  # noqa: PLC0415
+    except ImportError as exc:
+        err.write(
+            f"race: --backend redis needs the redis client ({exc}): "
+            "pip install 'pendingledger[redis]'\n"
+        )
+        return None
+    url, processes = args.redis_url, args.processes
+
+    def run(config: SimConfig, progress: Callable[[Progress], object]) -> SimResult:
+        try:
+            return ProcessRace(config, redis_url=url, processes=processes).run(progress)
+        except (StoreUnavailable, SimulationError) as exc:
+            raise _RaceFailed(str(exc)) from exc
+
+    return run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit status (see the module docstring)."""
-    parser = _parser()
+    parser, race = _parsers()
     try:
         args = parser.parse_args(argv)
+        _check_backend_options(race, args)
     except SystemExit as exc:  # argparse exits 2 on bad options, 0 after --help
         return exc.code if isinstance(exc.code, int) else 2
     assert args.command == "race"  # argparse refuses any other

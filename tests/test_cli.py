@@ -121,6 +121,29 @@ def test_bad_options_are_argparse_errors_with_status_2(
     assert "usage:" in err
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--backend", "redis"],  # no --redis-url
+        ["--backend", "redis", "--redis-url", ""],
+        ["--processes", "2"],  # more than one process needs redis
+        ["--backend", "memory", "--processes", "3"],
+        ["--redis-url", "redis://localhost:6379/0"],  # a URL without the redis backend
+        ["--processes", "0"],
+        ["--backend", "redis", "--redis-url", "redis://localhost:6379/0", "--processes", "0"],
+        ["--backend", "redis", "--redis-url", "redis://localhost:6379/0", "--processes", "x"],
+        ["--backend", "redis", "--redis-url", "redis://h/0", "--processes", "4", "--threads", "3"],
+        ["--backend", "redis", "--redis-url", "redis://h/0", "--processes", "17"],
+    ],
+)
+def test_backend_options_that_do_not_go_together_are_argparse_errors(
+    options: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["race", *options]) == 2
+    err = capsys.readouterr().err
+    assert "usage: python -m pendingledger race" in err and "error:" in err
+
+
 def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([]) == 2
     assert cli.main(["sprint"]) == 2
@@ -138,6 +161,8 @@ def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         "--max-symbol",
         "--json",
         "--backend",
+        "--redis-url",
+        "--processes",
     ):
         assert option in out
     assert "Exit status" in out

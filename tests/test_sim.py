@@ -234,7 +234,7 @@ def test_a_gate_that_hangs_is_reported_instead_of_hanging(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Bounded in time: a deadlocked gate turns into SimulationError, not a hung test."""
-    monkeypatch.setattr(simmod, "_JOIN_TIMEOUT", 0.5)
+    monkeypatch.setattr(simmod.app, "_JOIN_TIMEOUT", 0.5)
     release = threading.Event()
 
     class Hanging:

@@ -1,0 +1,666 @@
+"""The simulated app itself: ``Simulation`` runs brains, exchange, router and auditor to a result.
+
+See ``pendingledger.sim`` for the whole story. ``Simulation(config).run()`` (or
+``run_simulation``) starts every thread, races for ``config.seconds``, drains, and returns the
+``SimResult``; every thread it starts is joined before it returns.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from decimal import Decimal
+from fractions import Fraction
+from typing import Final
+
+from pendingledger.limits import DenyReason
+from pendingledger.protocols import Gate
+from pendingledger.sim.auditor import Accounts, Auditor
+from pendingledger.sim.backends import (
+    BackendFactory,
+    CacheGate,
+    SimBackend,
+    SimGate,
+    memory_backend,
+)
+from pendingledger.sim.broken import GAP
+from pendingledger.sim.clocks import Flights, OffsetClock
+from pendingledger.sim.config import Progress, SimConfig, SimResult
+from pendingledger.sim.exchange import OUTCOMES, Exchange, Message, Order
+from pendingledger.testing import ManualClock
+
+__all__ = ["Simulation", "SimulationError", "run_simulation"]
+
+_JOIN_TIMEOUT: Final = 10.0  # seconds a thread may take to finish once told to
+_BARRIER_TIMEOUT: Final = 30.0  # seconds for every brain to start
+_MIN_ADMITTED_STRETCH: Final = 5.0  # min_admitted may stretch a run to this many times seconds
+
+
+class SimulationError(RuntimeError):
+    """The simulation could not complete: a thread raised, or did not finish (likely deadlock).
+
+    The first exception raised in a simulation thread is chained as ``__cause__``.
+    """
+
+
+class _BrainStats:
+    __slots__ = ("admitted", "decisions", "denied", "lost")
+
+    def __init__(self) -> None:
+        self.decisions = 0
+        self.admitted = 0
+        self.lost = 0
+        self.denied: dict[DenyReason, int] = {}
+
+
+class _PositionCache:
+    """The app's position cache: symbol -> open exposure, under its own lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.positions: dict[str, int] = {}
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.positions)
+
+
+# --------------------------------------------------------------------------- the simulation
+
+
+class Simulation:
+    """One run of the simulated app against one gate. Use ``run()`` once.
+
+    ``backend`` builds the store and gate (default ``memory_backend``). ``clock`` is the ledger's
+    clock: ``None`` for real time (real TTLs, one jump at the end), or a ``ManualClock`` that the
+    simulation drives itself (see the module docstring). ``stop()`` may be called from any
+    thread to end the race early; the run still drains and returns its figures
+    (``interrupted`` is set).
+
+    ``first_brain`` numbers this run's brains from there on, for a run that is one share of a
+    larger app (one process of several racing a shared store): brain ``i`` is then brain
+    ``first_brain + i`` of the app, which seeds its randomness and names its orders
+    (``b<brain>-<n>``), so order ids stay unique across the shares.
+    """
+
+    def __init__(
+        self,
+        config: SimConfig,
+        *,
+        backend: BackendFactory = memory_backend,
+        clock: Callable[[], float] | None = None,
+        first_brain: int = 0,
+    ) -> None:
+        if isinstance(first_brain, bool) or not isinstance(first_brain, int) or first_brain < 0:
+            raise ValueError(f"first_brain must be an int >= 0, got {first_brain!r}")
+        self.config = config
+        self._first_brain = first_brain
+        self._backend_factory = backend
+        self._offset: OffsetClock | None = None
+        self._clock: Callable[[], float]
+        if clock is None:
+            self._clock = self._offset = OffsetClock()
+        else:
+            self._clock = clock
+        self._manual = clock if isinstance(clock, ManualClock) else None
+        self._limits = config.limits()
+        self._stop = threading.Event()  # brains: stop deciding
+        self._driver_stop = threading.Event()
+        self._interrupted = False
+        self._used = False
+        self._errors: list[tuple[str, BaseException]] = []
+        self._errors_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._brain_stats = [_BrainStats() for _ in range(config.threads)]
+        self._decision_count = itertools.count(1)
+        self._cache = _PositionCache()
+        self._auditor = Auditor(self._limits)
+        self._accounts = Accounts()
+        self._flights = Flights(self._clock) if self._manual is not None else None
+        self._router_queue: queue.Queue[Message | None] = queue.Queue()
+        self._exchange = Exchange(config.exchange_threads, self._router_queue.put)
+        self._orders: list[Order] = []  # every admitted order (list.append is atomic)
+        self._started_at: float | None = None
+        self._outcome_cum = list(itertools.accumulate(config.outcome_weights))
+        n = len(config.symbols)
+        self._symbol_cum = list(itertools.accumulate(1.0 / (1 + i / 2) for i in range(n)))
+        # router figures (router thread only)
+        self._rejected = self._filled = self._partial = self._closes = self._duplicates = 0
+        self._late = 0
+        self._barrier: threading.Barrier | None = None
+        self._book: Gate | None = None  # the gate, when it owns the position book
+        self._handover: Callable[[str, int], AbstractContextManager[object]] | None = None
+
+    # ---------------------------------------------------------------- public
+
+    def stop(self) -> None:
+        """End the race early (from any thread); ``run()`` then drains and returns."""
+        self._interrupted = True
+        self._stop.set()
+
+    def progress(self) -> Progress:
+        """Approximate live figures, safe to call from any thread while ``run()`` is going."""
+        started = self._started_at
+        elapsed = 0.0 if started is None else time.monotonic() - started
+        decisions = admitted = 0
+        for stats in self._brain_stats:
+            decisions += stats.decisions
+            admitted += stats.admitted
+        return Progress(
+            elapsed=min(elapsed, self.config.seconds),
+            seconds=self.config.seconds,
+            decisions=decisions,
+            admitted=admitted,
+            breaches=self._auditor.breaches,
+        )
+
+    def run(
+        self,
+        on_progress: Callable[[Progress], object] | None = None,
+        *,
+        interval: float = 0.1,
+    ) -> SimResult:
+        """Race for ``config.seconds``, drain, and return the figures.
+
+        ``on_progress`` is called from this thread about every ``interval`` seconds while the
+        brains race. Raises ``SimulationError`` if a simulation thread raised or hung; a
+        ``KeyboardInterrupt`` stops every thread before it propagates.
+        """
+        if self._used:
+            raise RuntimeError("a Simulation runs once; make a new one")
+        self._used = True
+        config = self.config
+        backend = self._backend_factory(
+            limits=self._limits,
+            ttl=config.ttl,
+            clock=self._clock,
+            on_expire=self._accounts.on_expire,
+            broken=config.broken,
+        )
+        barrier = self._barrier = threading.Barrier(config.threads + 1)
+        try:
+            gate = backend.gate
+            cache_gate: CacheGate | None = None
+            if config.book == "gate":
+                if not isinstance(gate, Gate):
+                    raise TypeError(
+                        f"book='gate' needs a gate with its own position book "
+                        f"(set_position, close_position, confirm_fill), got {gate!r}"
+                    )
+                self._book = gate
+                self._handover = getattr(backend, "handover", None)
+            elif isinstance(gate, CacheGate):
+                cache_gate = gate
+            else:
+                raise TypeError(f"the simulation needs a gate with try_enter, got {gate!r}")
+            self._spawn("router", self._route)
+            for shard in range(config.exchange_threads):
+                self._spawn(f"exchange-{shard}", self._exchange.run, shard)
+            if self._manual is not None:
+                self._spawn("clock-driver", self._drive_clock)
+            brains = [
+                self._spawn(f"brain-{i}", self._brain, i, gate, cache_gate, barrier)
+                for i in range(config.threads)
+            ]
+            barrier.wait(_BARRIER_TIMEOUT)
+            self._started_at = start = time.monotonic()
+            deadline = start + config.seconds
+            limit = config.stop_after_breaches
+            hard_deadline = start + config.seconds * _MIN_ADMITTED_STRETCH
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if limit is not None and self._auditor.breaches >= limit:
+                    break
+                if now >= deadline and (
+                    now >= hard_deadline or self.progress().admitted >= config.min_admitted
+                ):
+                    break
+                self._stop.wait(max(0.001, min(interval, deadline - now)))
+                if on_progress is not None:
+                    on_progress(self.progress())
+            elapsed = time.monotonic() - start
+            self._stop.set()
+            self._join(brains)
+            return self._drain(backend, elapsed)
+        except BaseException:
+            self._interrupted = True
+            raise
+        finally:
+            self._shutdown()
+            backend.close()
+
+    # ---------------------------------------------------------------- threads
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: object) -> threading.Thread:
+        def guarded() -> None:
+            try:
+                target(*args)
+            except BaseException as exc:
+                with self._errors_lock:
+                    self._errors.append((name, exc))
+                self._stop.set()
+
+        # daemon only as a last resort: every thread is joined (and a hang reported) before
+        # run() returns, but a deadlocked gate must not keep the interpreter from exiting.
+        thread = threading.Thread(target=guarded, name=f"sim-{name}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def _join(self, threads: Sequence[threading.Thread]) -> None:
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._raise_errors()
+        stuck = [t.name for t in threads if t.is_alive()]
+        if stuck:
+            raise SimulationError(
+                f"{len(stuck)} thread(s) still running {_JOIN_TIMEOUT:.0f}s after being told to "
+                f"stop (deadlock in the gate?): {', '.join(stuck[:8])}"
+            )
+
+    def _raise_errors(self) -> None:
+        with self._errors_lock:
+            errors = list(self._errors)
+        if errors:
+            name, exc = errors[0]
+            raise SimulationError(f"simulation thread {name} raised {exc!r}") from exc
+
+    def _shutdown(self) -> None:
+        """Stop every thread, whatever state the run is in, and join them (bounded)."""
+        self._stop.set()
+        self._driver_stop.set()
+        if self._barrier is not None:
+            self._barrier.abort()  # brains still waiting to start give up at once
+        self._exchange.close()
+        self._router_queue.put(None)
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _brain(
+        self,
+        index: int,
+        gate: SimGate,
+        cache_gate: CacheGate | None,
+        barrier: threading.Barrier,
+    ) -> None:
+        """One strategy thread. ``cache_gate`` is the gate to call with the app's position
+        cache (``book == "cache"``); ``None`` when the gate keeps the book."""
+        config = self.config
+        brain = self._first_brain + index  # this brain's number in the whole app
+        rng = random.Random(config.seed + brain)
+        stats = self._brain_stats[index]
+        symbols, symbol_cum = config.symbols, self._symbol_cum
+        outcome_cum = self._outcome_cum
+        lot = config.lot
+        low, high = config.notional[0] // lot, config.notional[1] // lot
+        lat_low, lat_high = config.latency
+        think_low, think_high = config.think
+        snapshot = self._cache.snapshot
+        flights = self._flights
+        auditor = self._auditor
+        exchange = self._exchange
+        max_decisions = config.max_decisions
+        stop = self._stop
+        barrier.wait(_BARRIER_TIMEOUT)
+        for n in itertools.count():
+            if stop.is_set():
+                return
+            # Everything random about this order is drawn up front, so a seed replays the
+            # same wishes whatever the gate decides.
+            symbol = rng.choices(symbols, cum_weights=symbol_cum)[0]
+            notional = rng.randint(low, high) * lot
+            outcome = rng.choices(OUTCOMES, cum_weights=outcome_cum)[0]
+            parts: tuple[int, ...] = (notional,)
+            if outcome == "partial":
+                parts = _split(rng, notional, lot, rng.randint(2, 4))
+            delays = tuple(
+                rng.uniform(lat_low, lat_high) / (1 if i == 0 else len(parts))
+                for i in range(len(parts) + 1)
+            )
+            duplicate = rng.random() < config.duplicate_rate
+            pause = rng.uniform(think_low, think_high)
+            order_id = f"b{brain}-{n}"
+
+            if flights is not None:
+                flights.enter(index)
+            order: Order | None = None
+            try:
+                if cache_gate is None:
+                    decision = gate.try_enter(symbol, notional, order_id=order_id)
+                else:
+                    decision = cache_gate.try_enter(symbol, notional, snapshot, order_id=order_id)
+                reservation = decision.reservation
+                if decision.admitted and reservation is not None:
+                    order = Order(
+                        order_id,
+                        symbol,
+                        notional,
+                        outcome,
+                        reservation,
+                        index,
+                        delays,
+                        parts,
+                        duplicate,
+                    )
+            finally:
+                if flights is not None:
+                    flights.leave(index, order)
+            stats.decisions += 1
+            if order is None:
+                reason = decision.reason
+                if reason is not None:
+                    stats.denied[reason] = stats.denied.get(reason, 0) + 1
+            else:
+                stats.admitted += 1
+                self._orders.append(order)
+                if outcome == "lost":
+                    # Never answered: it can never fill, so it is no exposure; only the
+                    # ledger's TTL can end its reservation.
+                    stats.lost += 1
+                    order.admitted_at = self._clock()  # it expires by admitted_at + ttl
+                else:
+                    auditor.admit(order)
+                    exchange.submit(order)
+            if max_decisions is not None and next(self._decision_count) >= max_decisions:
+                stop.set()
+            if pause > 0:
+                time.sleep(pause)
+
+    def _route(self) -> None:
+        """The fill router: cache first, then release. Also closes positions after their hold."""
+        config = self.config
+        rng = random.Random(config.seed + self._first_brain + config.threads)
+        hold_low, hold_high = config.hold
+        closes: list[tuple[float, int, str]] = []
+        seq = itertools.count()
+        get = self._router_queue.get
+        while True:
+            timeout = 0.05
+            if closes:
+                timeout = max(0.0, min(timeout, closes[0][0] - time.monotonic()))
+            try:
+                message = get(timeout=timeout)
+            except queue.Empty:
+                pass
+            else:
+                if message is None:
+                    break
+                if self._handle(message):
+                    due = time.monotonic() + rng.uniform(hold_low, hold_high)
+                    heapq.heappush(closes, (due, next(seq), message.order.symbol))
+            now = time.monotonic()
+            while closes and closes[0][0] <= now:
+                self._close(heapq.heappop(closes)[2])
+        # Drained: flatten whatever is still open, so the run ends flat.
+        with self._cache.lock:
+            remaining = list(self._cache.positions)
+        for symbol in remaining:
+            self._close(symbol)
+
+    def _close(self, symbol: str) -> None:
+        cache = self._cache
+        with cache.lock:
+            qty = cache.positions.pop(symbol, 0)
+            if self._book is None:
+                self._auditor.remove(symbol, qty)  # atomically with the cache change
+        if self._book is not None and qty:
+            # The gate's book changes under the gate's lock, which the auditor cannot share:
+            # tell the auditor first (it may under-count for a moment, never invent a breach).
+            self._auditor.remove(symbol, qty)
+            self._book.close_position(symbol)
+        if qty:
+            self._closes += 1
+
+    def _handle(self, message: Message) -> bool:
+        """Apply one exchange message. Returns True if a position opened on its symbol."""
+        order = message.order
+        reservation = order.reservation
+        accounts = self._accounts
+        if message.kind == "duplicate" or order.done:
+            # The exchange repeated a message we already acted on: the reservation has ended,
+            # so releasing it again must be a no-op.
+            self._duplicates += 1
+            if reservation.release():
+                accounts.end(order.order_id, "released-again")
+            return False
+        # An answer that lands after the TTL ended the reservation is noticed by the release,
+        # reduce or confirm_fill below returning False (no extra call to the store for it).
+        if message.kind == "reject":
+            self._auditor.remove(order.symbol, order.notional)  # before the gate may see room
+            order.done = True
+            self._rejected += 1
+            self._end(order, reservation.release(), "released")
+            return False
+        # A fill (whole or part): position cache first, then the reservation.
+        book = self._book
+        if book is not None and order.outcome == "fill" and not self.config.release_first:
+            # The gate's own book: position and end of reservation in one step.
+            opened = self._apply_fill(message, tell_book=False)
+            order.done = True
+            self._filled += 1
+            position = self._cache.positions[order.symbol]  # only this thread writes it
+            ended = book.confirm_fill(order.order_id, position, symbol=order.symbol)
+            self._end(order, ended, "released")
+            return opened
+        if self.config.release_first:
+            self._end_fill(message)
+            time.sleep(GAP)  # the gap in which the gate sees neither the order nor its position
+            return self._apply_fill(message)
+        handover = self._handover
+        if handover is not None:  # a shared store may mark the part it briefly counts twice
+            with handover(order.symbol, message.qty):
+                opened = self._apply_fill(message)
+                self._end_fill(message)
+            return opened
+        opened = self._apply_fill(message)
+        self._end_fill(message)
+        return opened
+
+    def _apply_fill(self, message: Message, *, tell_book: bool = True) -> bool:
+        """Put a fill in the position cache (and the gate's book, in book mode).
+
+        Returns True if it opened a position. The auditor's exposure for the symbol does not
+        change: the quantity moves from in flight to the position.
+        """
+        order = message.order
+        cache = self._cache
+        with cache.lock:
+            before = cache.positions.get(order.symbol, 0)
+            after = cache.positions[order.symbol] = before + message.qty
+        if tell_book and self._book is not None:
+            self._book.set_position(order.symbol, after)
+        order.filled += message.qty
+        return before == 0
+
+    def _end_fill(self, message: Message) -> None:
+        """Release (full fill) or reduce (partial fill) the order's reservation."""
+        order = message.order
+        reservation = order.reservation
+        if order.outcome == "fill":
+            order.done = True
+            self._filled += 1
+            self._end(order, reservation.release(), "released")
+            return
+        applied = reservation.reduce(message.qty)  # the last part brings it to zero
+        if message.last:
+            order.done = True
+            self._partial += 1
+            self._end(order, applied, "reduced")
+        elif not applied:
+            self._mark_late(order)
+
+    def _end(self, order: Order, ended: bool, how: str) -> None:
+        """Book the router's ending of ``order``'s reservation (``ended``: it was still active)."""
+        if ended:
+            self._accounts.end(order.order_id, how)
+        else:
+            self._mark_late(order)  # the TTL ended it first
+        if self._flights is not None:
+            self._flights.finish(order.order_id)
+
+    def _mark_late(self, order: Order) -> None:
+        """The reservation expired while the order could still fill (TTL too short for the
+        latency under this load): every answered order that expired is counted here once."""
+        if not order.late:
+            order.late = True
+            self._late += 1
+
+    def _drive_clock(self) -> None:
+        """ManualClock mode: move time on in small safe steps so lost orders expire mid-race."""
+        manual = self._manual
+        flights = self._flights
+        assert manual is not None and flights is not None
+        ttl = self.config.ttl
+        step = ttl / 8
+        while not self._driver_stop.wait(0.001):
+            with flights.lock:
+                if manual() + 2 * step <= flights.oldest() + ttl:
+                    manual.advance(step)
+
+    # ---------------------------------------------------------------- drain and figures
+
+    def _drain(self, backend: SimBackend, elapsed: float) -> SimResult:
+        """After the brains stopped: deliver every answer, end lost orders by TTL, count."""
+        self._exchange.close()
+        self._join([t for t in self._threads if t.name.startswith("sim-exchange-")])
+        self._router_queue.put(None)
+        self._join([t for t in self._threads if t.name == "sim-router"])
+        self._driver_stop.set()
+        self._join([t for t in self._threads if t.name == "sim-clock-driver"])
+        ttl = self.config.ttl
+        lost = [o.admitted_at for o in self._orders if o.outcome == "lost"]
+        if lost:
+            # Every answered order has been handled, so jumping the clock past the last lost
+            # order's TTL cannot expire anything else early.
+            expires = max(lost) + ttl
+            lag = expires - self._clock()
+            if getattr(backend, "server_clock", False):
+                give_up = time.monotonic() + ttl + 1.0
+                while backend.outstanding()[0] and time.monotonic() < give_up:
+                    time.sleep(0.02)
+                    backend.sweep()
+            elif self._manual is not None:
+                if lag >= 0:
+                    self._manual.advance(lag + ttl / 8)
+            elif self._offset is not None:
+                if lag >= 0:
+                    self._offset.jump(lag + ttl / 8)
+            else:
+                give_up = time.monotonic() + ttl + 1.0
+                while self._clock() <= expires and time.monotonic() < give_up:
+                    time.sleep(min(0.01, max(0.001, expires - self._clock())))
+        backend.sweep()
+        return self._figures(backend, elapsed)
+
+    def _figures(self, backend: SimBackend, elapsed: float) -> SimResult:
+        config = self.config
+        decisions = admitted = lost = 0
+        denied = {r.value: 0 for r in DenyReason if r not in _OTHER_BACKEND_REASONS}
+        for stats in self._brain_stats:
+            decisions += stats.decisions
+            admitted += stats.admitted
+            lost += stats.lost
+            for reason, count in stats.denied.items():
+                denied[reason.value] = denied.get(reason.value, 0) + count
+        ends = self._accounts.ends
+        how = {"released": 0, "reduced": 0, "expired": 0}
+        leaked = double = 0
+        for order in self._orders:
+            order_ends = ends.get(order.order_id, ())
+            if not order_ends or order.reservation.active:
+                leaked += 1  # never ended, or ended per the books yet still active
+            if len(order_ends) > 1:
+                double += 1
+            if order_ends and order_ends[0] in how:
+                how[order_ends[0]] += 1
+        notes: list[str] = []
+        known = {o.order_id for o in self._orders}
+        strangers = sum(1 for oid in ends if oid not in known)
+        if strangers:
+            double += strangers
+            notes.append(f"{strangers} reservation(s) ended that no brain was admitted")
+        outstanding, gross = backend.outstanding()
+        if self._late:
+            notes.append(
+                f"{self._late} answer(s) arrived after their reservation expired: "
+                "the TTL is too short for the exchange latency"
+            )
+        auditor = self._auditor
+        return SimResult(
+            gate="broken" if config.broken else "pendingledger",
+            backend=backend.name,
+            seed=config.seed,
+            threads=config.threads,
+            seconds=config.seconds,
+            elapsed=round(elapsed, 3),
+            max_positions=config.max_positions,
+            max_gross=config.max_gross,
+            max_symbol=config.max_symbol,
+            decisions=decisions,
+            admitted=admitted,
+            denied=denied,
+            rejected=self._rejected,
+            filled=self._filled,
+            partially_filled=self._partial,
+            lost=lost,
+            expired=how["expired"],
+            closes=self._closes,
+            duplicates=self._duplicates,
+            late_answers=self._late,
+            max_positions_seen=auditor.max_positions,
+            max_gross_seen=auditor.max_gross,
+            max_symbol_seen=auditor.max_symbol,
+            breaches=auditor.breaches,
+            breaches_by_limit=dict(auditor.by_limit),
+            first_breach=auditor.first_breach,
+            ended_released=how["released"],
+            ended_reduced=how["reduced"],
+            ended_expired=how["expired"],
+            leaked=leaked,
+            double_ended=double,
+            ledger_outstanding=outstanding,
+            ledger_gross=_plain(gross),
+            book=config.book,
+            release_first=config.release_first,
+            interrupted=self._interrupted,
+            notes=tuple(notes),
+        )
+
+
+_OTHER_BACKEND_REASONS: Final = frozenset(
+    {DenyReason.BACKEND_UNAVAILABLE, DenyReason.BOOK_NOT_RESTORED}
+)
+
+
+def _plain(value: float | int | Decimal | Fraction) -> float:
+    return float(value)
+
+
+def _split(rng: random.Random, notional: int, lot: int, parts: int) -> tuple[int, ...]:
+    """Split ``notional`` into up to ``parts`` positive whole-lot parts that add up exactly."""
+    lots = notional // lot
+    parts = min(parts, lots)
+    if parts <= 1:
+        return (notional,)
+    cuts = sorted(rng.sample(range(1, lots), parts - 1))
+    bounds = [0, *cuts, lots]
+    return tuple((b - a) * lot for a, b in itertools.pairwise(bounds))
+
+
+def run_simulation(
+    config: SimConfig,
+    *,
+    backend: BackendFactory = memory_backend,
+    clock: Callable[[], float] | None = None,
+    on_progress: Callable[[Progress], object] | None = None,
+) -> SimResult:
+    """Run one simulation to completion; see ``Simulation``."""
+    return Simulation(config, backend=backend, clock=clock).run(on_progress)

@@ -1,0 +1,233 @@
+"""What shapes a simulated run and what it reports: ``SimConfig``, ``Progress``, ``SimResult``.
+
+Plain frozen values, shared by every backend and by the command line (``pendingledger.cli``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Final, Literal
+
+from pendingledger.limits import PortfolioLimits
+
+__all__ = ["DEFAULT_SYMBOLS", "LIMIT_KINDS", "Progress", "SimConfig", "SimResult"]
+
+DEFAULT_SYMBOLS: Final[tuple[str, ...]] = (
+    "BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT", "BNBUSDT", "ADAUSDT", "DOGEUSDT", "AVAXUSDT",
+    "LINKUSDT", "DOTUSDT", "LTCUSDT", "ATOMUSDT", "NEARUSDT", "APTUSDT", "ARBUSDT", "OPUSDT",
+)  # fmt: skip
+"""The symbol universe the brains trade by default; earlier symbols are picked more often."""
+
+LIMIT_KINDS: Final[tuple[str, ...]] = ("positions", "gross", "symbol")
+"""The keys of ``SimResult.breaches_by_limit``."""
+
+
+def _check_range(name: str, pair: tuple[float, float], *, low: float = 0.0) -> None:
+    a, b = pair
+    if not (math.isfinite(a) and math.isfinite(b) and low <= a <= b):
+        raise ValueError(
+            f"{name} must be a finite (min, max) with {low} <= min <= max, got {pair!r}"
+        )
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything that shapes one simulated run. Times are seconds; amounts are ints (exact sums).
+
+    Defaults make a demo where all three limits bind: most decisions are denied, a few hundred
+    per second are admitted, and the broken gate breaches within a second.
+    """
+
+    seconds: float = 3.0
+    """How long the brains race (wall clock); the drain afterwards adds latency and TTL."""
+    threads: int = 64
+    """Number of strategy threads (brains)."""
+    seed: int = 0
+    """Brain ``i`` draws from ``random.Random(seed + i)``."""
+    max_positions: int | None = 5
+    max_gross: int | float | None = 50_000
+    max_symbol: int | float | None = 15_000
+    symbols: tuple[str, ...] = DEFAULT_SYMBOLS
+    notional: tuple[int, int] = (1_000, 8_000)
+    """Range of entry notionals, in whole ``lot`` multiples."""
+    lot: int = 100
+    outcome_weights: tuple[float, float, float, float] = (0.15, 0.47, 0.35, 0.03)
+    """Relative weights of the exchange's answers: (reject, fill in full, fill in parts, lost)."""
+    latency: tuple[float, float] = (0.001, 0.010)
+    """Exchange answer latency range; partial fills arrive in 2-4 parts spread over it."""
+    hold: tuple[float, float] = (0.02, 0.20)
+    """How long a position stays open after its first fill before the router closes it."""
+    think: tuple[float, float] = (0.0, 0.002)
+    """Pause of a brain between two decisions; (0, 0) races flat out."""
+    ttl: float = 1.0
+    """Ledger TTL in clock seconds; must be well above the latency so answers land before it."""
+    exchange_threads: int = 2
+    duplicate_rate: float = 0.05
+    """Share of answered orders whose last message the exchange sends twice (router must cope)."""
+    max_decisions: int | None = None
+    """Stop the race early after this many decisions in total."""
+    stop_after_breaches: int | None = None
+    """Stop the race early once the auditor has counted this many breaches."""
+    min_admitted: int = 0
+    """Race on past ``seconds`` until this many entries were admitted (but never past five
+    times ``seconds``), so a slow or busy machine still sees the full mix of outcomes."""
+    broken: bool = False
+    """Race ``BrokenGate`` (check-then-act) instead of the backend's real gate."""
+    book: Literal["cache", "gate"] = "cache"
+    """Who keeps the positions: ``"cache"``, the app's own cache (the brains pass a snapshot
+    callable to ``try_enter``; the router updates the cache, then releases), or ``"gate"``, the
+    gate's own book (``try_enter`` without positions; the router calls ``confirm_fill`` for a
+    full fill, ``set_position`` then ``reduce`` for a part, ``close_position`` to close)."""
+    release_first: bool = False
+    """Make the router hand off the wrong way round: release the reservation, then update the
+    position cache. With it even a correct gate breaches, which shows the auditor checks the
+    true exposure, not the gate's view, and why the README insists on cache first."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.seconds, (int, float)) and math.isfinite(self.seconds)):
+            raise ValueError(f"seconds must be a finite number, got {self.seconds!r}")
+        if self.seconds <= 0:
+            raise ValueError(f"seconds must be > 0, got {self.seconds!r}")
+        for name in ("threads", "exchange_threads", "lot"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not self.symbols or len(set(self.symbols)) != len(self.symbols):
+            raise ValueError(f"symbols must be non-empty and distinct, got {self.symbols!r}")
+        low, high = self.notional
+        if not (isinstance(low, int) and isinstance(high, int) and self.lot <= low <= high):
+            raise ValueError(
+                f"notional must be ints (min, max) with lot <= min <= max, got {self.notional!r}"
+            )
+        weights = self.outcome_weights
+        if len(weights) != 4 or any(not w >= 0 for w in weights) or not sum(weights) > 0:
+            raise ValueError(f"outcome_weights must be 4 weights >= 0, not all 0, got {weights!r}")
+        _check_range("latency", self.latency)
+        _check_range("hold", self.hold)
+        _check_range("think", self.think)
+        if not (math.isfinite(self.ttl) and self.ttl > 0):
+            raise ValueError(f"ttl must be finite and > 0, got {self.ttl!r}")
+        if not 0 <= self.duplicate_rate <= 1:
+            raise ValueError(f"duplicate_rate must be in [0, 1], got {self.duplicate_rate!r}")
+        if isinstance(self.min_admitted, bool) or not isinstance(self.min_admitted, int):
+            raise ValueError(f"min_admitted must be an int >= 0, got {self.min_admitted!r}")
+        if self.min_admitted < 0:
+            raise ValueError(f"min_admitted must be an int >= 0, got {self.min_admitted!r}")
+        for name in ("max_decisions", "stop_after_breaches"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+        if self.book not in ("cache", "gate"):
+            raise ValueError(f"book must be 'cache' or 'gate', got {self.book!r}")
+        self.limits()  # PortfolioLimits validates the three limits
+
+    def limits(self) -> PortfolioLimits:
+        """The limits the gate enforces and the auditor checks."""
+        return PortfolioLimits(
+            max_concurrent_positions=self.max_positions,
+            max_gross_exposure=self.max_gross,
+            max_symbol_exposure=self.max_symbol,
+        )
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A cheap, approximate snapshot of a running simulation, for progress displays."""
+
+    elapsed: float
+    seconds: float
+    decisions: int
+    admitted: int
+    breaches: int
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """The figures of one run. ``ok`` is what a stress test asserts.
+
+    Exposure figures (``max_*_seen``) are the auditor's *true* state: open positions plus orders
+    that can still fill, including the entry just admitted. ``breaches`` counts admitted
+    decisions after which that true state exceeded at least one limit; ``breaches_by_limit``
+    counts per limit (one admission can breach several). Reservation figures: every admitted
+    order's reservation must end exactly once, so ``ended_released + ended_reduced +
+    ended_expired == admitted`` with ``leaked == double_ended == 0`` in a healthy run.
+
+    A run across several processes on a shared store (``processes`` > 1, see
+    ``pendingledger.sim.processes``) merges every process's figures; its exposure figures and
+    ``breaches`` come from readings of the shared state (each process's check right after each of
+    its admissions, and its own auditor), and ``samples``/``sampled_breaches`` count the readings
+    the parent process's auditor took while the race ran and how many were over a limit.
+    ``store_problems`` counts inconsistencies the store's own audit found in those readings.
+    """
+
+    gate: str
+    backend: str
+    seed: int
+    threads: int
+    seconds: float
+    elapsed: float
+    max_positions: int | None
+    max_gross: float | None
+    max_symbol: float | None
+    decisions: int
+    admitted: int
+    denied: dict[str, int]
+    rejected: int
+    filled: int
+    partially_filled: int
+    lost: int
+    expired: int
+    closes: int
+    duplicates: int
+    late_answers: int
+    max_positions_seen: int
+    max_gross_seen: int
+    max_symbol_seen: int
+    breaches: int
+    breaches_by_limit: dict[str, int]
+    first_breach: str | None
+    ended_released: int
+    ended_reduced: int
+    ended_expired: int
+    leaked: int
+    double_ended: int
+    ledger_outstanding: int
+    ledger_gross: float
+    book: str = "cache"
+    release_first: bool = False
+    interrupted: bool = False
+    notes: tuple[str, ...] = field(default=())
+    processes: int = 1
+    samples: int = 0
+    sampled_breaches: int = 0
+    store_problems: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """No breach, every reservation ended exactly once, nothing left in the store."""
+        return (
+            self.breaches == 0
+            and self.sampled_breaches == 0
+            and self.store_problems == 0
+            and self.leaked == 0
+            and self.double_ended == 0
+            and self.ledger_outstanding == 0
+            and self.ledger_gross == 0
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures as plain JSON-ready values (``ok`` included)."""
+        data = asdict(self)
+        data["notes"] = list(self.notes)
+        data["ok"] = self.ok
+        return data
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

@@ -1,0 +1,496 @@
+"""One process's share of a race against a shared Redis, and the audit of the shared state.
+
+Needs the ``redis`` extra (``pip install 'pendingledger[redis]'``); ``import pendingledger.sim``
+does not import this module. ``pendingledger.sim.processes`` runs several processes, each with a
+``RedisBackend`` on the same namespace; the parent process audits the namespace while they race.
+
+The gate each process's brains call (``SharedGate``) is the ``RedisGate`` (or, for the broken run,
+the same script split in two calls: check, then reserve without checking), with two additions:
+
+* **An admission check.** Right after each admission it reads the whole namespace (one atomic
+  ``MULTI``/``EXEC``) and checks it against the limits: positions open or reserved, gross and
+  per-symbol exposure, with the entry just admitted in it. That is the cross-process analogue of
+  the in-process auditor's check at every admission.
+* **Reservation accounting.** A ``RedisGate`` runs no ``on_expire`` callback (the TTL ends
+  reservations inside the server), so the backend tells expiries apart from the ends this
+  process's calls made, and reports each expiry of its own orders through ``on_expire``.
+
+What a reading of the shared state can and cannot see (``SharedAudit``): it sees what the gate
+counts, every process's positions and outstanding reservations at one instant. It cannot see an
+order between a process's decision and Redis: nothing is in flight from the store's point of view
+(an admission is in Redis when ``try_enter`` returns), but an order the exchange has already
+rejected stays reserved until the router's release reaches Redis, and a lost order, which can
+never fill, stays reserved until its TTL. Both only make a reading count more than the true
+exposure, and no more than the gate itself counts; the gate never counts more than the limits
+allow without a decision. One exception is the router's hand-over of a partial fill (position
+set, then reservation reduced): the part is counted twice for a moment. The router marks it
+first (``handover``, a field in the namespace's ``sim-overlap`` hash, same hash tag), and a
+reading subtracts the marks, so it never shows a breach that is not there.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import redis
+
+from pendingledger.gate import GateStats
+from pendingledger.limits import DENIED, Decision, DenyReason, Number, PortfolioLimits
+from pendingledger.protocols import ReservationHandle
+from pendingledger.redis import SCALE, SCRIPT, RedisGate, RedisReservation, Snapshot, _units, audit
+from pendingledger.sim.broken import GAP
+from pendingledger.sim.config import LIMIT_KINDS
+
+if TYPE_CHECKING:
+    from pendingledger.protocols import Gate
+
+__all__ = [
+    "RedisBackend",
+    "SharedAudit",
+    "SharedGate",
+    "SharedReading",
+    "overlap_key",
+]
+
+SOCKET_TIMEOUT: Final = 2.0
+"""Seconds a sim client waits for Redis: a demo would rather wait than deny on a busy machine."""
+
+
+def overlap_key(namespace: str) -> str:
+    """The hash where routers mark partial fills counted twice for a moment (symbol -> units).
+
+    Under the namespace's hash tag, beside the gate's keys; ``RedisGate.wipe`` does not know it,
+    so whoever wipes the namespace deletes it too.
+    """
+    return f"pendingledger:{{{namespace}}}:sim-overlap"
+
+
+# --------------------------------------------------------------------------- reading the store
+
+
+@dataclass(frozen=True)
+class SharedReading:
+    """The shared state at one instant, as the limits count it (amounts in Redis units).
+
+    ``positions``: symbols open or with a live reservation; ``gross``/``symbols``: positions
+    plus live reservations, less the parts marked as counted twice; ``over``: ``(limit kind,
+    description)`` for every limit the state exceeds; ``snapshot``: the raw reading.
+    """
+
+    snapshot: Snapshot
+    positions: int
+    gross: int
+    symbols: dict[str, int]
+    over: tuple[tuple[str, str], ...]
+
+    @property
+    def max_symbol(self) -> int:
+        return max(self.symbols.values(), default=0)
+
+
+class SharedAudit:
+    """Reads one namespace atomically and checks it against ``limits``.
+
+    One round trip per reading: the gate script's ``snapshot`` and the overlap marks in one
+    ``MULTI``/``EXEC``. Reservations past their expiry are left out (the gate no longer counts
+    them; the next operation sweeps them).
+    """
+
+    def __init__(self, gate: RedisGate, limits: PortfolioLimits) -> None:
+        self._gate = gate
+        self._client = gate.client
+        self._keys = gate.keys
+        self._overlap = overlap_key(gate.namespace)
+        self._sha = gate.client.register_script(SCRIPT).sha
+        self._max_positions = limits.max_concurrent_positions
+        self._max_gross = _units.limit_units("max_gross_exposure", limits.max_gross_exposure)
+        self._max_symbol = _units.limit_units("max_symbol_exposure", limits.max_symbol_exposure)
+
+    def read(self) -> SharedReading:
+        try:
+            reply, marks = self._read()
+        except redis.exceptions.NoScriptError:
+            self._gate.sweep()  # the gate's call reloads the script
+            reply, marks = self._read()
+        return self._count(Snapshot.from_reply(reply), marks)
+
+    def _read(self) -> tuple[Any, dict[Any, Any]]:
+        pipe = self._client.pipeline(transaction=True)
+        pipe.evalsha(self._sha, len(self._keys), *self._keys, "snapshot")
+        pipe.hgetall(self._overlap)
+        reply, marks = pipe.execute()
+        return reply, marks
+
+    def _count(self, snap: Snapshot, marks: dict[Any, Any]) -> SharedReading:
+        twice = {_text(k): int(v) for k, v in marks.items()}
+        exposure = {s: max(0, abs(v) - twice.get(s, 0)) for s, v in snap.positions.items()}
+        now = snap.now_us
+        for rec in snap.orders.values():
+            if rec.expires_at_us is None or rec.expires_at_us > now:
+                exposure[rec.symbol] = exposure.get(rec.symbol, 0) + rec.units
+        count = len(exposure)
+        gross = sum(exposure.values())
+        over: list[tuple[str, str]] = []
+        if self._max_positions is not None and count > self._max_positions:
+            over.append(("positions", f"{count} positions > {self._max_positions}"))
+        if self._max_gross is not None and gross > self._max_gross:
+            over.append(("gross", f"gross {_amount(gross)} > {_amount(self._max_gross)}"))
+        if self._max_symbol is not None:
+            worst = max(exposure.items(), key=lambda item: item[1], default=None)
+            if worst is not None and worst[1] > self._max_symbol:
+                over.append(
+                    ("symbol", f"{worst[0]} {_amount(worst[1])} > {_amount(self._max_symbol)}")
+                )
+        return SharedReading(snap, count, gross, exposure, tuple(over))
+
+    @staticmethod
+    def problems(reading: SharedReading) -> list[str]:
+        """Inconsistencies in the store's own bookkeeping (``pendingledger.redis.audit``)."""
+        return audit(reading.snapshot)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _amount(units: int) -> str:
+    """Units as the sim's amounts: whole numbers print as ints."""
+    whole, rest = divmod(units, SCALE)
+    return str(whole) if rest == 0 else str(_units.from_units(units))
+
+
+def to_amount(units: int) -> int:
+    """Units back to a whole amount (the sim trades whole lots), rounded up."""
+    return -(-units // SCALE)
+
+
+# --------------------------------------------------------------------------- what one process sees
+
+
+@dataclass
+class AdmissionChecks:
+    """What the admission checks of one process found (see ``SharedGate``)."""
+
+    checks: int = 0
+    breaches: int = 0
+    by_limit: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LIMIT_KINDS, 0))
+    first_breach: str | None = None
+    max_positions: int = 0
+    max_gross: int = 0  # units
+    max_symbol: int = 0  # units
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, reading: SharedReading, what: str) -> None:
+        with self.lock:
+            self.checks += 1
+            self.max_positions = max(self.max_positions, reading.positions)
+            self.max_gross = max(self.max_gross, reading.gross)
+            self.max_symbol = max(self.max_symbol, reading.max_symbol)
+            if reading.over:
+                self.breaches += 1
+                for kind, _ in reading.over:
+                    self.by_limit[kind] += 1
+                if self.first_breach is None:
+                    self.first_breach = f"{what}: " + ", ".join(text for _, text in reading.over)
+
+    def figures(self) -> dict[str, Any]:
+        """Plain values, to send to the parent process."""
+        with self.lock:
+            return {
+                "checks": self.checks,
+                "breaches": self.breaches,
+                "by_limit": dict(self.by_limit),
+                "first_breach": self.first_breach,
+                "max_positions": self.max_positions,
+                "max_gross": to_amount(self.max_gross),
+                "max_symbol": to_amount(self.max_symbol),
+            }
+
+
+class TrackedReservation:
+    """A ``RedisReservation`` plus whether a call of this process ended it.
+
+    ``ended`` is set when ``release()`` or the last ``reduce()`` ended it here, or when the gate's
+    ``confirm_fill``/``release_order`` did; ``RedisBackend.sweep`` sets it for reservations the
+    TTL ended (and reports them as expired).
+    """
+
+    __slots__ = ("ended", "inner")
+
+    def __init__(self, inner: RedisReservation) -> None:
+        self.inner = inner
+        self.ended = False
+
+    @property
+    def symbol(self) -> str:
+        return self.inner.symbol
+
+    @property
+    def order_id(self) -> str:
+        return self.inner.order_id
+
+    @property
+    def notional(self) -> Number:
+        return self.inner.notional
+
+    @property
+    def initial_notional(self) -> Number:
+        return self.inner.initial_notional
+
+    @property
+    def reserved_at(self) -> float:
+        return self.inner.reserved_at
+
+    @property
+    def expires_at(self) -> float:
+        return self.inner.expires_at
+
+    @property
+    def active(self) -> bool:
+        return not self.ended and self.inner.active
+
+    def release(self) -> bool:
+        done = self.inner.release()
+        if done:
+            self.ended = True
+        return done
+
+    def reduce(self, amount: Number) -> bool:
+        done = self.inner.reduce(amount)
+        if done and not self.inner.notional:  # reduced to zero: the reservation ended
+            self.ended = True
+        return done
+
+    def __repr__(self) -> str:
+        return f"TrackedReservation({self.inner!r}, ended={self.ended})"
+
+
+class SharedGate:
+    """The gate one process's brains race: a ``RedisGate`` (or the broken variant of its
+    script) that checks the shared state after every admission and tracks its reservations.
+
+    A ``pendingledger.Gate``: everything but ``try_enter`` and the calls that end reservations
+    is passed on unchanged.
+    """
+
+    def __init__(self, gate: RedisGate, audit: SharedAudit, *, broken: bool) -> None:
+        self._gate = gate
+        self._audit = audit
+        self._broken = broken
+        self.checks = AdmissionChecks()
+        self.tracked: dict[str, TrackedReservation] = {}
+
+    @property
+    def redis_gate(self) -> RedisGate:
+        return self._gate
+
+    def try_enter(
+        self,
+        symbol: Hashable,
+        notional: Number,
+        positions: None = None,
+        *,
+        order_id: Hashable | None = None,
+    ) -> Decision:
+        if positions is not None:
+            raise TypeError("the shared gate keeps the position book in Redis: no positions")
+        if self._broken:
+            decision = _broken_try_enter(self._gate, str(symbol), notional, order_id)
+        else:
+            decision = self._gate.try_enter(symbol, notional, order_id=order_id)
+        inner = decision.reservation
+        if not isinstance(inner, RedisReservation):
+            return decision
+        tracked = TrackedReservation(inner)
+        self.tracked[inner.order_id] = tracked
+        self.checks.record(
+            self._audit.read(), f"admitting {inner.order_id} ({inner.symbol} {notional})"
+        )
+        return Decision(reservation=tracked)
+
+    def confirm_fill(
+        self, order_id: Hashable, position_exposure: Number, *, symbol: Hashable | None = None
+    ) -> bool:
+        done = self._gate.confirm_fill(order_id, position_exposure, symbol=symbol)
+        self._ended(order_id, done)
+        return done
+
+    def release_order(self, order_id: Hashable) -> bool:
+        done = self._gate.release_order(order_id)
+        self._ended(order_id, done)
+        return done
+
+    def release(self, symbol: Hashable) -> bool:
+        """Passed on. The simulation never calls it: the reservations it drops are booked as
+        ended here, also one that had expired just before."""
+        done = self._gate.release(symbol)
+        if done:
+            for tracked in list(self.tracked.values()):
+                if tracked.symbol == symbol:
+                    tracked.ended = True
+        return done
+
+    def _ended(self, order_id: Hashable, done: bool) -> None:
+        if done:
+            tracked = self.tracked.get(str(order_id))
+            if tracked is not None:
+                tracked.ended = True
+
+    def set_position(self, symbol: Hashable, exposure: Number) -> None:
+        self._gate.set_position(symbol, exposure)
+
+    def close_position(self, symbol: Hashable) -> bool:
+        return self._gate.close_position(symbol)
+
+    def positions(self) -> dict[Hashable, Number]:
+        return self._gate.positions()
+
+    def halt(self) -> None:
+        self._gate.halt()
+
+    def resume(self) -> None:
+        self._gate.resume()
+
+    @property
+    def halted(self) -> bool:
+        return self._gate.halted
+
+    def stats(self) -> GateStats:
+        return self._gate.stats()
+
+    @property
+    def limits(self) -> PortfolioLimits:
+        return self._gate.limits
+
+    @limits.setter
+    def limits(self, limits: PortfolioLimits) -> None:
+        self._gate.limits = limits
+
+
+def _broken_try_enter(
+    gate: RedisGate, symbol: str, notional: Number, order_id: Hashable | None
+) -> Decision:
+    """The check-then-act bug on Redis: the gate's own script checks in one call and reserves
+    without checking in a second; other processes and threads check in between."""
+    amount, units = _units.notional_units("notional", notional)
+    oid = uuid.uuid4().hex if order_id is None else str(order_id)
+    token = uuid.uuid4().hex[:16]
+    _, max_pos, max_gross, max_sym = gate._limit_args
+    args: list[Any] = [
+        "enter", symbol, units, oid, token, gate._ttl_us,
+        max_pos, max_gross, max_sym, gate._trust,
+    ]  # fmt: skip
+    try:
+        reply = gate._script(keys=gate.keys, args=[*args, "check"])
+        if _text(reply[0]) != "C":
+            return _denied(reply)
+        time.sleep(GAP)  # the gap: the room this check saw can be taken by another entry now
+        reply = gate._script(keys=gate.keys, args=[*args, "force"])
+    except redis.RedisError:
+        return DENIED[DenyReason.BACKEND_UNAVAILABLE]
+    if _text(reply[0]) != "A":
+        return _denied(reply)
+    res = RedisReservation._new(
+        gate, symbol, oid, notional, amount,
+        token=token, reserved_us=int(_text(reply[1])), expires_us=int(float(_text(reply[2]))),
+    )  # fmt: skip
+    return Decision(reservation=res)
+
+
+def _denied(reply: Any) -> Decision:
+    if _text(reply[0]) == "D":
+        return DENIED[DenyReason(_text(reply[1]))]
+    raise ValueError(f"unexpected reply from the gate script: {reply!r}")
+
+
+class RedisBackend:
+    """A ``SimBackend`` on a shared Redis namespace, for one process of a multi-process race.
+
+    The namespace must exist (``RedisGate.restore``) before the race; several processes share
+    it, each trading symbols of its own (the router writes whole positions, see
+    ``pendingledger.sim.processes``). ``server_clock``: the TTL runs on the server's clock, so
+    the drain waits for lost orders to expire in real time (at most ``ttl`` + 1 s).
+    """
+
+    name = "redis"
+    server_clock = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str,
+        limits: PortfolioLimits,
+        ttl: float,
+        on_expire: Callable[[ReservationHandle], None],
+        broken: bool,
+    ) -> None:
+        self._redis_gate = RedisGate.from_url(
+            url, limits, ttl=ttl, namespace=namespace, socket_timeout=SOCKET_TIMEOUT
+        )
+        self._gate: SharedGate | None = None
+        try:
+            self._redis_gate.sweep()  # connects and loads the script before the race
+            self._audit = SharedAudit(self._redis_gate, limits)
+            self._gate = SharedGate(self._redis_gate, self._audit, broken=broken)
+        except BaseException:
+            self._redis_gate.client.close()
+            raise
+        self._on_expire = on_expire
+        self._overlap = overlap_key(namespace)
+
+    @property
+    def gate(self) -> SharedGate:
+        assert self._gate is not None
+        return self._gate
+
+    @contextmanager
+    def handover(self, symbol: str, qty: int) -> Iterator[None]:
+        """Mark ``qty`` of ``symbol`` as counted twice while the router sets the position and
+        then reduces the reservation (see the module docstring)."""
+        units = _units.notional_units("qty", qty)[1]
+        client = self._redis_gate.client
+        client.hincrby(self._overlap, symbol, units)
+        try:
+            yield
+        finally:
+            client.hincrby(self._overlap, symbol, -units)
+
+    def sweep(self) -> None:
+        """Drop expired reservations now, and report each of this process's that the TTL ended
+        (gone from the store, not ended by a call of this process) through ``on_expire``."""
+        self._redis_gate.sweep()
+        live = self._redis_gate.snapshot().orders
+        for tracked in list(self.gate.tracked.values()):
+            if tracked.ended:
+                continue
+            record = live.get(tracked.order_id)
+            if record is None or record.token != tracked.inner.token:
+                tracked.ended = True
+                self._on_expire(tracked)
+
+    def outstanding(self) -> tuple[int, float]:
+        """Reservations outstanding in the whole namespace (every process's), and their gross."""
+        snap = self._redis_gate.snapshot()
+        return len(snap.orders), float(_units.from_units(snap.reserved_gross_units))
+
+    def figures(self) -> dict[str, Any]:
+        return self.gate.checks.figures()
+
+    def close(self) -> None:
+        self._redis_gate.client.close()
+
+
+if TYPE_CHECKING:  # mypy proves the shared gate offers the whole backend-neutral surface.
+
+    def _conforms(gate: SharedGate) -> Gate:
+        return gate
+
+    def _handle(reservation: TrackedReservation) -> ReservationHandle:
+        return reservation
