@@ -17,12 +17,11 @@ import multiprocessing
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from redis_server import RedisServer, running_server
+from redis_server import RedisServer
 
 from pendingledger import PortfolioLimits, cli
 from pendingledger.sim import SimConfig, SimulationError
@@ -36,12 +35,6 @@ from pendingledger.sim.redis_backend import RedisBackend, SharedAudit  # noqa: E
 
 # A race whose orders are all answered: nothing waits for a TTL at the end.
 ANSWERED = SimConfig(seconds=30.0, threads=4, seed=3, outcome_weights=(0.2, 0.5, 0.3, 0.0))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_server(Path(tmp_path_factory.mktemp("redis"))) as srv:
-        yield srv
 
 
 def _keys(server: RedisServer) -> list[bytes]:
