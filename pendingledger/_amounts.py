@@ -24,6 +24,9 @@ from typing import Final
 __all__: list[str] = []
 
 INF: Final = math.inf
+# Every finite float fits (2**-1074 is the smallest); so does a Decimal down to about 1E-330.
+# Past that, one amount would make every later sum in its ledger slower: refused instead.
+MAX_DENOMINATOR_BITS: Final = 1100
 
 # Kind bits, OR-ed into a ledger's record of every kind it has seen.
 KIND_INT: Final = 0
@@ -47,7 +50,10 @@ def check_symbol(symbol: object) -> None:
 
 
 def check_order_id(order_id: object) -> None:
-    """Raise unless ``order_id`` is hashable (``None`` is handled by the caller: generate one)."""
+    """Raise unless ``order_id`` is hashable and not None (callers that generate an id for None
+    handle it before calling this)."""
+    if order_id is None:
+        raise TypeError("order_id must be a hashable value such as 'cl-42', got None")
     try:
         hash(order_id)
     except TypeError:
@@ -77,9 +83,15 @@ def exact_ratio(name: str, value: object) -> Ratio:
     else:
         raise TypeError(f"{name} must be a number (int, float, Decimal or Fraction), got {value!r}")
     try:
-        return number.as_integer_ratio()
+        num, den = number.as_integer_ratio()
     except (ValueError, OverflowError):
         raise ValueError(f"{name} must be finite, got {value!r}") from None
+    if den.bit_length() > MAX_DENOMINATOR_BITS:
+        raise ValueError(
+            f"{name} has more precision than pendingledger keeps (a denominator of "
+            f"{den.bit_length()} bits, at most {MAX_DENOMINATOR_BITS}), got {value!r}"
+        )
+    return num, den
 
 
 def positive_ratio(name: str, value: object) -> tuple[int, int, int]:

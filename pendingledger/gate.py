@@ -39,6 +39,7 @@ catches breaches.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ or a zero-argument callable returning such a mapping."""
 _INF: Final = float("inf")
 _get_ident: Final = threading.get_ident
 _OPTIMISTIC_ATTEMPTS: Final = 4
+# The optimistic read (module docstring) relies on the GIL making a plain read of the ledger's
+# attributes see whole updates; on a free-threaded build every decision takes the locked path.
+_GIL: Final[bool] = getattr(sys, "_is_gil_enabled", lambda: True)()
 _KIND_FLOAT: Final = _amounts.KIND_FLOAT
 _KIND_INT: Final = _amounts.KIND_INT
 
@@ -285,6 +289,8 @@ class PortfolioGate:
         if owner is not None and owner == _get_ident():
             raise ReentrantLockError("try_enter called while this thread holds the ledger lock")
         now = ledger._clock()
+        if type(now) is not float or not -_INF < now < _INF:  # comparisons only: no call
+            now = ledger._check_clock(now)
         res = object.__new__(Reservation)  # inlined _new_reservation(): one call fewer
         res._ledger = ledger
         res._symbol = symbol
@@ -298,8 +304,8 @@ class PortfolioGate:
         expired: list[Reservation] | None = None
         inputs: _Inputs | None
         # A callable is called once, under the lock, as documented; a mapping or the owned book
-        # is read optimistically (see the module docstring).
-        pessimistic = callable(positions)
+        # is read optimistically (see the module docstring), which relies on the GIL.
+        pessimistic = not _GIL or callable(positions)
         attempts = 0
         try:
             while True:
@@ -476,7 +482,10 @@ class PortfolioGate:
         # Reserved symbols that are open (read without the lock: the version check covers it).
         inter = 0
         if max_pos is not None and snapshot:
-            inter = len(snapshot.keys() & ledger._syms.keys())
+            # One lookup per open symbol in the live dict: safe while other threads change it
+            # (iterating it is not: a Python-level __hash__ lets a resize happen mid-walk).
+            syms = ledger._syms
+            inter = sum(1 for s in snapshot if s in syms)
         return (
             num * (den // q),
             max_pos,

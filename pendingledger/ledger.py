@@ -60,6 +60,7 @@ Clock = Callable[[], float]
 Number = int | float | Decimal | Fraction
 
 _INF: Final = math.inf
+_MAX_DEN_BITS: Final = 4096  # cap on the common denominator (see _ensure_den_locked)
 _get_ident: Final = threading.get_ident
 
 # Reservation states as small ints: compared inside the lock, where an Enum would cost a call.
@@ -197,7 +198,7 @@ class Reservation:
         """
         if self._state == _ACTIVE:
             ledger = self._ledger
-            if ledger._clock() >= self._reserved_at + ledger._ttl and ledger._owner != _get_ident():
+            if ledger._now() >= self._reserved_at + ledger._ttl and ledger._owner != _get_ident():
                 with ledger._guard():  # sweeps what is due; on_expire runs after release
                     pass
         return _STATES[self._state]
@@ -206,6 +207,8 @@ class Reservation:
         """End the reservation now (e.g. the exchange rejected the order). True if it was active."""
         ledger = self._ledger
         now = ledger._clock()
+        if type(now) is not float or not -_INF < now < _INF:  # comparisons only: no call
+            now = ledger._check_clock(now)
         owner = ledger._owner
         if owner is not None and owner == _get_ident():
             return ledger._own_view_or_raise()._end(self, _RELEASED)
@@ -419,8 +422,11 @@ class PendingEntryLedger:
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
                 raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
-            if not timeout >= 0 or timeout == _INF:
-                raise ValueError(f"timeout must be finite and >= 0 seconds, got {timeout!r}")
+            if not 0 <= timeout <= threading.TIMEOUT_MAX:
+                raise ValueError(
+                    f"timeout must be >= 0 and at most threading.TIMEOUT_MAX seconds, "
+                    f"got {timeout!r}"
+                )
         return _LockBlock(self, timeout)
 
     def release(self, symbol: Hashable) -> bool:
@@ -504,6 +510,19 @@ class PendingEntryLedger:
         if self._view is None:
             raise ReentrantLockError("this thread already holds the ledger lock")
         return self._view
+
+    def _now(self) -> float:
+        """The clock's reading, checked: a NaN or infinite time would corrupt expiry."""
+        now = self._clock()
+        if type(now) is not float or not -_INF < now < _INF:
+            return self._check_clock(now)
+        return now
+
+    def _check_clock(self, now: object) -> float:
+        """Accept any finite real reading as float seconds; anything else raises LedgerError."""
+        if isinstance(now, (int, float)) and not isinstance(now, bool) and math.isfinite(now):
+            return float(now)
+        raise LedgerError(f"the ledger's clock returned {now!r}; it must return finite seconds")
 
     def _fire_expired(self, expired: list[Reservation]) -> None:
         callback = self._on_expire
@@ -606,11 +625,23 @@ class PendingEntryLedger:
         self._version += 1
 
     def _ensure_den_locked(self, q: int) -> None:
-        """Make ``_den`` a multiple of ``q``, rescaling every stored numerator (rare: O(n) once)."""
+        """Make ``_den`` a multiple of ``q``, rescaling every stored numerator (rare: O(n) once).
+
+        An empty ledger starts again from ``q``, so one odd amount cannot slow it for ever; a
+        common denominator past ``_MAX_DEN_BITS`` is refused (``ValueError``, nothing changed).
+        """
         den = self._den
         if den % q == 0:
             return
+        if not self._orders and not self._book:
+            den = 1
         new = math.lcm(den, q)
+        if new.bit_length() > _MAX_DEN_BITS:
+            raise ValueError(
+                f"amounts with denominator {q} would need a common denominator of "
+                f"{new.bit_length()} bits in this ledger (at most {_MAX_DEN_BITS}); "
+                "round the amount to fewer digits"
+            )
         factor = new // den
         for res in self._orders.values():
             res._n *= factor
@@ -663,8 +694,6 @@ class PendingEntryLedger:
         return view
 
     def _reduce_reservation(self, res: Reservation, num: int, q: int) -> bool:
-        if res._ledger is not self:
-            raise ValueError(f"{res!r} belongs to another ledger")
         view = self._own_view()
         if view is not None:
             return view._reduce(res, num, q)
@@ -702,7 +731,7 @@ class _Guard:
         me = _get_ident()
         if ledger._owner == me:
             raise ReentrantLockError("this thread already holds the ledger lock")
-        now = ledger._clock()
+        now = ledger._now()
         ledger._lock.acquire()
         ledger._owner = me
         if now >= ledger._next_expiry:
@@ -740,7 +769,7 @@ class _LockBlock:
         try:
             ledger._owner = me
             # Read after acquiring: the block's time is the time it holds the lock.
-            now = ledger._clock()
+            now = ledger._now()
             if now >= ledger._next_expiry:
                 self._expired = ledger._sweep_locked(now)
             view = PendingMap(ledger, now)
@@ -781,7 +810,7 @@ class PendingMap:
     that raises leaves the ledger as it found it.
     """
 
-    __slots__ = ("_journal", "_ledger", "_now", "_open")
+    __slots__ = ("_journal", "_kinds_before", "_ledger", "_now", "_open")
 
     def __init__(self, ledger: PendingEntryLedger, now: float) -> None:
         self._ledger = ledger
@@ -789,6 +818,7 @@ class PendingMap:
         self._open = True
         # ("reserve", res) | ("end", res) | ("reduce", res, removed, den then, state after)
         self._journal: list[tuple[Any, ...]] = []
+        self._kinds_before = ledger._kinds  # the kinds of amounts seen, restored on rollback
 
     def _live(self) -> PendingEntryLedger:
         if not self._open:
@@ -915,3 +945,4 @@ class PendingMap:
                     ledger._gross += amount
                     ledger._version += 1
         self._journal.clear()
+        ledger._kinds = self._kinds_before

@@ -19,6 +19,7 @@ import pytest
 
 from pendingledger import (
     DenyReason,
+    LedgerError,
     PendingEntryLedger,
     PortfolioGate,
     PortfolioLimits,
@@ -475,6 +476,8 @@ BAD_TIMEOUTS: list[tuple[object, type[Exception]]] = [
     (-0.001, ValueError),
     (NAN, ValueError),
     (-INF, ValueError),
+    (INF, ValueError),
+    (1e10, ValueError),  # past threading.TIMEOUT_MAX: would be an OverflowError from the lock
     ("1", TypeError),
     (True, TypeError),
 ]
@@ -521,3 +524,75 @@ def test_manual_clock_bad_advance(value: Any, exc: type[Exception], message: str
 def test_manual_clock_bad_start(value: Any) -> None:
     with pytest.raises((ValueError, TypeError), match=rf"start.*{re.escape(repr(value))}"):
         ManualClock(value)
+
+
+# ---------------------------------------------------------------------------- a broken clock
+
+
+@pytest.mark.parametrize("reading", [NAN, INF, -INF, None, "now"], ids=repr)
+def test_a_clock_that_returns_garbage_fails_closed(reading: object) -> None:
+    readings: list[object] = [0.0]
+    ledger = PendingEntryLedger(10, clock=lambda: readings[-1])
+    gate = PortfolioGate(ledger, PortfolioLimits(max_concurrent_positions=1))
+    held = gate.try_enter("AAA", 1, {})
+    assert held
+    readings.append(reading)
+    before = ledger._syms.copy(), gate.stats()
+    with pytest.raises(LedgerError, match=re.escape(repr(reading))):
+        gate.try_enter("BBB", 1, {})  # never admitted on a time it cannot trust
+    with pytest.raises(LedgerError, match="clock"):
+        ledger.stats()
+    assert (ledger._syms.copy(), gate.stats()) == before
+    readings.append(1.0)
+    assert held.reservation is not None and held.reservation.active  # nothing was expired
+    assert gate.try_enter("BBB", 1, {}).reason is DenyReason.MAX_CONCURRENT_POSITIONS
+
+
+def test_an_int_clock_is_accepted() -> None:
+    ticks = iter(range(100))
+    ledger = PendingEntryLedger(10, clock=lambda: next(ticks))  # type: ignore[arg-type,return-value]
+    gate = PortfolioGate(ledger, PortfolioLimits())
+    decision = gate.try_enter("AAA", 1, {})
+    assert decision.reservation is not None
+    assert isinstance(decision.reservation.reserved_at, float)
+
+
+# ---------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize(
+    "value", [Decimal("1E-400"), Fraction(1, 3**700), Fraction(7, 2**1200)], ids=repr
+)
+def test_more_precision_than_kept_is_refused(
+    ledger: PendingEntryLedger,
+    gate: PortfolioGate,
+    book: Reservation,
+    unchanged: Unchanged,
+    value: Any,
+) -> None:
+    with unchanged(ledger, gate), raises(ValueError, "notional", value):
+        gate.try_enter("DDD", value, {})
+
+
+def test_the_smallest_float_is_kept_exactly(
+    ledger: PendingEntryLedger, gate: PortfolioGate
+) -> None:
+    tiny = 5e-324
+    decision = gate.try_enter("AAA", tiny, {})
+    assert decision.reservation is not None
+    assert decision.reservation.notional == tiny
+    assert ledger.stats().gross_notional == tiny
+
+
+@pytest.mark.parametrize("order_id", [None])
+def test_release_paths_refuse_a_none_order_id(
+    ledger: PendingEntryLedger,
+    gate: PortfolioGate,
+    book: Reservation,
+    unchanged: Unchanged,
+    order_id: Any,
+) -> None:
+    with unchanged(ledger, gate), raises(TypeError, "order_id", order_id):
+        ledger.release_order(order_id)
+    with unchanged(ledger, gate), raises(TypeError, "order_id", order_id):
+        gate.confirm_fill(order_id, 5)

@@ -364,3 +364,28 @@ def test_rollbacks_interleaved_with_decisions_keep_the_books(fast_switching: flo
     stats = ledger.stats()
     assert stats.outstanding == stats.reserved == sum(c for c, _ in kept) == 16 * 40 + 16 * 20
     assert stats.gross_notional == sum((t for _, t in kept), Fraction(0))
+
+
+@dataclass(frozen=True)
+class _VenueSymbol:
+    """A symbol type with a Python-level ``__hash__``: hashing it lets other threads run."""
+
+    venue: str
+    name: str
+
+
+@pytest.mark.timeout(30)
+def test_symbols_with_a_python_hash_race_safely(fast_switching: float) -> None:
+    symbols = [_VenueSymbol("X", f"S{i}") for i in range(40)]
+    positions = {symbols[i]: 1.0 for i in range(20)}
+    gate = PortfolioGate(PendingEntryLedger(30.0), PortfolioLimits(max_concurrent_positions=10**6))
+
+    def worker(index: int) -> None:
+        rng = random.Random(index)
+        for _ in range(1000):
+            decision = gate.try_enter(rng.choice(symbols), 1.0, positions)
+            assert decision.reservation is not None
+            decision.reservation.release()
+
+    run_concurrently(worker, 16, timeout=25)  # the first worker exception fails the test
+    assert gate.ledger.stats().outstanding == 0

@@ -1005,3 +1005,33 @@ def test_state_inside_the_own_block_reads_without_sweeping(clock: ManualClock) -
         clock.advance(10)
         assert other.active  # no sweep can run inside the block: read as the block sees it
     assert not other.active
+
+
+def test_rollback_restores_the_type_of_sums(ledger: PendingEntryLedger) -> None:
+    with ledger.lock() as pending:
+        pending.reserve("AAA", 1.5)
+    with pytest.raises(RuntimeError), ledger.lock() as pending:
+        pending.reserve("BBB", Fraction(1, 3))  # a new kind of amount, then the block fails
+        raise RuntimeError("abort")
+    gross = ledger.stats().gross_notional
+    assert gross == 1.5
+    assert type(gross) is float  # not Fraction: the block left nothing behind
+
+
+def test_an_emptied_ledger_forgets_an_odd_denominator(ledger: PendingEntryLedger) -> None:
+    with ledger.lock() as pending:
+        odd = pending.reserve("AAA", Fraction(1, 3**600))
+    odd.release()
+    with ledger.lock() as pending:
+        pending.reserve("BBB", 0.5)  # needs a rescale: the empty ledger starts again from 2
+    assert ledger._den == 2
+
+
+def test_a_common_denominator_past_the_cap_is_refused(ledger: PendingEntryLedger) -> None:
+    with ledger.lock() as pending:
+        for p in (3, 5, 7, 11, 13, 17, 19, 23, 29, 31):
+            pending.reserve(f"S{p}", Fraction(1, p**100))  # each under 1100 bits, ~3650 in all
+    before = ledger.stats()
+    with pytest.raises(ValueError, match="common denominator"), ledger.lock() as pending:
+        pending.reserve("T", Fraction(1, 37**150))  # 781 more bits: past the 4096-bit cap
+    assert ledger.stats() == before
