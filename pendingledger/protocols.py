@@ -3,6 +3,11 @@
 ``PortfolioGate`` (in-process) and ``pendingledger.redis.RedisGate`` (shared store) both satisfy
 ``Gate``, so a bot written against it moves from one process to many by changing the one line
 that builds the gate. Decisions, reasons and limits are the same classes for both.
+
+One difference in amounts: the in-process gate counts a float as its exact binary value (so
+float sums equal ``math.fsum``), the Redis gate as the decimal it prints as, in units of 1e-9.
+Only at a limit's very edge can the two decide differently (0.1 + 0.2 against a 0.3 limit is
+denied in-process and admitted on Redis); use ``Decimal`` amounts where that edge matters.
 """
 
 from __future__ import annotations
