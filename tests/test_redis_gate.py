@@ -22,6 +22,7 @@ from pendingledger.redis import (  # noqa: E402
     OpenOrder,
     RedisGate,
     RedisReservation,
+    StoreUnavailable,
 )
 from pendingledger.redis.testing import advance_server_clock  # noqa: E402
 
@@ -274,6 +275,43 @@ def test_restore_refuses_bad_input_before_writing(client: Any) -> None:
     with pytest.raises(TypeError):
         gate.restore([("AAA", 1)])  # type: ignore[arg-type]
     assert len(gate.snapshot().orders) == 1
+
+
+def test_a_restore_that_overflows_changes_nothing(client: Any) -> None:
+    # Every amount passes the client's < 1e15 check; only their total passes 2**53 units.
+    big = 999_999_999_999_999
+    gate = new_gate(client, Limits(max_symbol_exposure=100))
+    gate.restore({"AAA": 100}, [("BBB", 100, "open-1")])
+    before = gate.snapshot()
+    too_many_positions = {f"P{i}": big for i in range(10)}
+    with pytest.raises(ValueError, match="overflow"):
+        gate.restore(too_many_positions)
+    too_many_orders = [("CCC", big, f"o{i}") for i in range(10)]
+    with pytest.raises(ValueError, match="overflow"):
+        gate.restore({}, too_many_orders)
+    after = gate.snapshot()
+    assert (after.positions, after.orders, after.totals) == (
+        before.positions, before.orders, before.totals,
+    )
+    assert after.meta["gen"] == before.meta["gen"]
+    assert gate.audit() == []
+    # the old book still counts: AAA and BBB are full
+    assert gate.try_enter("AAA", 1).reason is R.MAX_SYMBOL_EXPOSURE
+    assert gate.try_enter("BBB", 1).reason is R.MAX_SYMBOL_EXPOSURE
+    assert gate.stats().restored == 1
+
+
+def test_a_restore_that_fails_part_way_leaves_the_namespace_unrestored(client: Any) -> None:
+    gate = new_gate(client, Limits(max_symbol_exposure=100))
+    gate.restore({"AAA": 100}, [("BBB", 100, "open-1")])
+    client.delete(gate.keys[8])
+    client.set(gate.keys[8], "not a hash")  # the stats key: the restore's last write fails
+    with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
+        gate.restore({"CCC": 1}, [("DDD", 1, "open-2")])
+    assert gate.book_restored() is False  # no marker vouches for the half-written book
+    client.delete(gate.keys[8])
+    for symbol in ("AAA", "BBB", "CCC", "DDD"):
+        assert gate.try_enter(symbol, 1).reason is R.BOOK_NOT_RESTORED
 
 
 # ---------------------------------------------------------------------------- shared state

@@ -18,9 +18,11 @@
 --
 -- Amounts: exact non-negative integers of units (1 unit = 10^-9 of the account currency) kept as
 -- decimal strings. Lua numbers are doubles, exact only up to 2^53, so a value is handled as two
--- limbs (w, f) = (value div 10^9, value mod 10^9); w must stay below 2^53 (the client refuses
--- single amounts of 10^15 or more, and a total that would pass 2^53 raises an error before
--- anything is written). No float is ever summed here.
+-- limbs (w, f) = (value div 10^9, value mod 10^9); w must stay below 2^53. The client refuses
+-- single amounts of 10^15 or more; a total that would pass 2^53 raises an error before the
+-- operation writes anything of its own (only the sweep of expired reservations that starts most
+-- operations may have run, which is right whatever follows). `restore` forms all its totals
+-- before its first write. No float is ever summed here.
 --
 -- Time comes from the server (TIME), never from a client: "now" is TIME in microseconds plus the
 -- namespace's test clock, two fields of `meta` that only pendingledger.redis.testing writes (op
@@ -420,28 +422,82 @@ if op == 'fill' then
 end
 
 -- restore only_if_missing gen ttl_us trust n_pos [symbol units]*n_pos [order_id symbol units token]*
---   Replaces the book and the reservations (keeps `halted` and the stats) and writes the marker.
+--   Replaces the book and the reservations (keeps `halted`, the test clock and the stats) and
+--   writes the marker. Every total is formed (and an overflow raised) before the first write;
+--   the first write then withdraws the marker, so a restore that still fails part-way leaves the
+--   namespace unrestored (decisions denied with book_not_restored), never a partial book that
+--   the old marker vouches for. `gen` is new for each call: a client retry of a restore that
+--   already ran finds it in the marker and gets the first answer.
 -- -> {'R', now_us} | {'S'} (only_if_missing and the book is in place: nothing written)
 if op == 'restore' then
-  local meta = redis.call('HMGET', K_META, 'gen', 'run', 'clock_us', 'clock_frozen_us')
-  if ARGV[2] == '1' and book_ok(meta[1], meta[2], ARGV[5]) then return {'S'} end
+  local meta = redis.call('HMGET', K_META, 'gen', 'run', 'clock_us', 'clock_frozen_us',
+    'restored_at')
+  if book_ok(meta[1], meta[2], ARGV[5]) then
+    if meta[1] == ARGV[3] then return {'R', meta[5]} end -- a retry of this very call
+    if ARGV[2] == '1' then return {'S'} end
+  end
   local now = now_us(meta[3], meta[4])
-  local ttl = tonumber(ARGV[4])
-  redis.call('DEL', K_POS, K_TOT, K_RSYM, K_RCNT, K_ORD, K_EXP, K_BYSYM)
+  local at, expiry = int(now), int(now + tonumber(ARGV[4]))
+  -- Check everything and form every total first: nothing below raises after the first write.
   local npos = tonumber(ARGV[6])
+  local open = {}
+  local pw, pf = 0, 0
   local i = 7
   for _ = 1, npos do
-    set_pos(ARGV[i], ARGV[i + 1])
+    local w, f = split(ARGV[i + 1])
+    pw, pf = add(pw, pf, w, f)
+    open[ARGV[i]] = true
     i = i + 2
   end
-  local at = int(now)
+  local first_order = i
+  local per, syms, ids = {}, {}, {}
+  local gw, gf = 0, 0
+  local norders = 0
   while i <= #ARGV do
-    local sym = ARGV[i + 1]
-    insert(ARGV[i], sym, ARGV[i + 2], ARGV[i + 3], at, int(now + ttl),
-      redis.call('HEXISTS', K_POS, sym) == 1, nil, nil)
-    redis.call('HINCRBY', K_STATS, 'restored', 1)
+    local id, sym = ARGV[i], ARGV[i + 1]
+    if ids[id] then return redis.error_reply('pendingledger: order_id twice in restore') end
+    ids[id] = true
+    local w, f = split(ARGV[i + 2])
+    local t = per[sym]
+    if not t then
+      t = {0, 0, 0}
+      per[sym] = t
+      syms[#syms + 1] = sym
+    end
+    t[1], t[2] = add(t[1], t[2], w, f)
+    t[3] = t[3] + 1
+    gw, gf = add(gw, gf, w, f)
+    norders = norders + 1
     i = i + 4
   end
+  local res_open = 0
+  for _, sym in ipairs(syms) do
+    if open[sym] then res_open = res_open + 1 end
+  end
+  -- The first write withdraws the marker.
+  redis.call('HDEL', K_META, 'gen', 'run', 'restored_at')
+  redis.call('DEL', K_POS, K_TOT, K_RSYM, K_RCNT, K_ORD, K_EXP, K_BYSYM)
+  i = 7
+  for _ = 1, npos do
+    redis.call('HSET', K_POS, ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  i = first_order
+  while i <= #ARGV do
+    local id, sym = ARGV[i], ARGV[i + 1]
+    redis.call('HSET', K_ORD, id, ARGV[i + 2] .. '|' .. ARGV[i + 3] .. '|' .. at .. '|' .. sym)
+    redis.call('ZADD', K_EXP, expiry, id)
+    redis.call('ZADD', K_BYSYM, 0, sym .. '\0' .. id)
+    i = i + 4
+  end
+  for _, sym in ipairs(syms) do
+    local t = per[sym]
+    redis.call('HSET', K_RSYM, sym, fmt(t[1], t[2]))
+    redis.call('HSET', K_RCNT, sym, t[3])
+  end
+  redis.call('HSET', K_TOT, 'pos_gross', fmt(pw, pf), 'res_gross', fmt(gw, gf),
+    'res_syms', #syms, 'res_open', res_open)
+  if norders > 0 then redis.call('HINCRBY', K_STATS, 'restored', norders) end
   redis.call('HSET', K_META, 'gen', ARGV[3], 'run', run_id(), 'restored_at', at)
   return {'R', at}
 end
