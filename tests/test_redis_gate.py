@@ -290,9 +290,9 @@ def test_a_restore_that_overflows_changes_nothing(client: Any) -> None:
     with pytest.raises(ValueError, match="overflow"):
         gate.restore({}, too_many_orders)
     after = gate.snapshot()
-    assert (after.positions, after.orders, after.totals) == (
-        before.positions, before.orders, before.totals,
-    )
+    assert after.positions == before.positions
+    assert after.orders == before.orders
+    assert after.totals == before.totals
     assert after.meta["gen"] == before.meta["gen"]
     assert gate.audit() == []
     # the old book still counts: AAA and BBB are full
