@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from pendingledger.limits import Decision, DenyReason
 
 redis = pytest.importorskip("redis")
 
-from redis.backoff import NoBackoff  # noqa: E402
+from redis.backoff import AbstractBackoff, NoBackoff  # noqa: E402
 from redis.retry import Retry  # noqa: E402
 
 from pendingledger.redis import RedisGate, StoreUnavailable  # noqa: E402
@@ -245,3 +246,157 @@ def test_an_unexpected_reply_is_a_denial(tmp_path: Path, caplog: pytest.LogCaptu
         gate._script = real
         assert gate.stats().denied[R.BACKEND_UNAVAILABLE] == 1
         gate.client.close()
+
+
+# ---------------------------------------------------------------------------- lost replies
+
+# Keeps the server busy (nothing else runs) for ARGV[1] microseconds of its own clock.
+BUSY_SCRIPT = """
+local t0 = redis.call('TIME')
+local start = tonumber(t0[1]) * 1000000 + tonumber(t0[2])
+while true do
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000000 + tonumber(t[2]) - start >= tonumber(ARGV[1]) then return 1 end
+end
+"""
+
+
+class AfterTheStall(AbstractBackoff):
+    """A client's retry backoff that waits, before the retry, until the server is free again and
+    the first attempt has run there (``applied()``): the first attempt's reply is lost to the
+    client's timeout, and the retry reaches the server only after the first attempt ran."""
+
+    def __init__(self, stall_over: threading.Event, applied: Callable[[], bool]) -> None:
+        self.stall_over = stall_over
+        self.applied = applied
+        self.then: Callable[[], object] = lambda: None
+        self.retries = 0
+
+    def reset(self) -> None:
+        pass
+
+    def compute(self, failures: int) -> float:
+        self.retries += 1
+        assert self.stall_over.wait(10), "the busy script never ended"
+        deadline = time.monotonic() + 10
+        while not self.applied():  # the first attempt runs as soon as the server is free
+            assert time.monotonic() < deadline, "the first attempt never ran"
+        self.then()
+        return 0
+
+    def __deepcopy__(self, memo: object) -> AfterTheStall:
+        return self  # redis-py copies the Retry into each connection: keep this one object
+
+
+def test_a_retry_after_a_lost_reply_gets_the_first_answer(tmp_path: Path) -> None:
+    """Each call times out on the client while the server is busy, runs once the server is free,
+    and the client's retry (from_url's default: one) must get that first call's answer."""
+    with running_server(tmp_path) as srv:
+        admin = redis.Redis.from_url(srv.url, socket_timeout=10)
+        ns, fresh = "lost", "lost-unrestored"
+        RedisGate(admin, Limits(), ttl=30, namespace=ns).restore({"CLOSE": 5, "POS": 1})
+        stall_over = threading.Event()
+        keys = RedisGate(admin, Limits(), ttl=30, namespace=ns).keys
+        fresh_keys = RedisGate(admin, Limits(), ttl=30, namespace=fresh).keys
+        gates: dict[str, tuple[RedisGate, AfterTheStall]] = {}
+
+        def retrying_gate(name: str, applied: Callable[[], bool], namespace: str = ns) -> RedisGate:
+            backoff = AfterTheStall(stall_over, applied)
+            client = redis.Redis.from_url(
+                srv.url, socket_timeout=0.2, socket_connect_timeout=5, retry=Retry(backoff, 1)
+            )
+            gate = RedisGate(client, Limits(), ttl=30, namespace=namespace)
+            gates[name] = (gate, backoff)
+            return gate
+
+        def gone(order_id: str) -> Callable[[], bool]:
+            return lambda: not admin.hexists(keys[5], order_id)
+
+        # Each call's handle is made (and its connection opened) before the server stalls.
+        fill = retrying_gate("confirm_fill", gone("fill"))
+        assert fill.try_enter("FILL", 1, order_id="fill")
+        rel = retrying_gate("Reservation.release", gone("rel"))
+        rel_handle = rel.try_enter("REL", 1, order_id="rel").reservation
+        relo = retrying_gate("release_order", gone("relo"))
+        assert relo.try_enter("RELO", 1, order_id="relo")
+        red = retrying_gate("Reservation.reduce", gone("red"))
+        red_handle = red.try_enter("RED", 2, order_id="red").reservation
+        sym = retrying_gate("release", gone("sym"))
+        assert sym.try_enter("SYM", 1, order_id="sym")
+        close = retrying_gate("close_position", lambda: not admin.hexists(keys[1], "CLOSE"))
+        close.positions()
+        pos = retrying_gate("set_position", lambda: admin.hget(keys[1], "POS") == b"7000000000")
+        pos.positions()
+        gates["set_position"][1].then = lambda: admin_gate.set_position("POS", 9)  # a later write
+        admin_gate = RedisGate(admin, Limits(), ttl=30, namespace=ns)
+        restore = retrying_gate(
+            "restore", lambda: admin.hexists(fresh_keys[0], "gen"), namespace=fresh
+        )
+        restore.positions()
+        assert rel_handle is not None and red_handle is not None
+
+        calls: dict[str, Callable[[], object]] = {
+            "confirm_fill": lambda: fill.confirm_fill("fill", 1),
+            "Reservation.release": rel_handle.release,
+            "release_order": lambda: relo.release_order("relo"),
+            "Reservation.reduce": lambda: red_handle.reduce(2),
+            "release": lambda: sym.release("SYM"),
+            "close_position": lambda: close.close_position("CLOSE"),
+            "set_position": lambda: pos.set_position("POS", 7),
+            "restore": lambda: restore.restore({"AAA": 1}, [("BBB", 1, "b")], only_if_missing=True),
+        }
+        answers: dict[str, object] = {}
+
+        def call(name: str) -> None:
+            try:
+                answers[name] = calls[name]()
+            except BaseException as exc:
+                answers[name] = exc
+
+        probe = redis.Redis.from_url(srv.url, socket_timeout=0.05, retry=Retry(NoBackoff(), 0))
+
+        def stall() -> None:
+            admin.eval(BUSY_SCRIPT, 0, 1_000_000)
+            stall_over.set()
+
+        staller = threading.Thread(target=stall)
+        staller.start()
+        deadline = time.monotonic() + 5
+        while True:  # until the server is busy: a PING is no longer answered
+            try:
+                probe.ping()
+            except redis.TimeoutError:
+                break
+            assert time.monotonic() < deadline, "the server never got busy"
+        threads = [threading.Thread(target=call, args=(name,)) for name in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        staller.join(10)
+
+        for name, (_, backoff) in gates.items():
+            assert backoff.retries == 1, f"{name}: the first attempt's reply was not lost"
+        made = answers.pop("restore")
+        assert isinstance(made, list) and [r.order_id for r in made] == ["b"], made
+        assert answers == {
+            "confirm_fill": True,
+            "Reservation.release": True,
+            "release_order": True,
+            "Reservation.reduce": True,
+            "release": True,
+            "close_position": True,
+            "set_position": None,
+        }
+        assert red_handle.notional == 0 and not red_handle.active
+        snap = admin_gate.snapshot()
+        assert snap.positions == {"FILL": 1_000_000_000, "POS": 9_000_000_000}  # not set back
+        assert snap.orders == {}
+        stats = admin_gate.stats()  # each call counted once
+        assert (stats.admitted, stats.filled, stats.released) == (5, 2, 3)
+        assert admin_gate.audit() == []
+        assert RedisGate(admin, Limits(), ttl=30, namespace=fresh).stats().restored == 1
+        for gate, _ in gates.values():
+            gate.client.close()
+        probe.close()
+        admin.close()

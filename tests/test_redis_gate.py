@@ -24,7 +24,7 @@ from pendingledger.redis import (  # noqa: E402
     RedisReservation,
     StoreUnavailable,
 )
-from pendingledger.redis.testing import advance_server_clock  # noqa: E402
+from pendingledger.redis.testing import advance_server_clock, freeze_server_clock  # noqa: E402
 
 pytestmark = pytest.mark.redis
 R = DenyReason
@@ -358,6 +358,51 @@ def test_a_retried_request_is_answered_not_repeated(client: Any) -> None:
     assert other == [b"X"]
     assert len(gate.snapshot().orders) == 1
     assert gate.stats().admitted == 1
+
+
+def test_a_repeated_call_token_is_answered_not_repeated(client: Any) -> None:
+    gate = new_gate(client)
+    a = res(gate.try_enter("AAA", 1, order_id="a"))
+    assert gate.try_enter("BBB", 1, order_id="b")
+    c = res(gate.try_enter("CCC", 1, order_id="c"))
+    assert gate.try_enter("DDD", 1, order_id="d")
+
+    def twice(*args: Any) -> Any:
+        first = gate._script(keys=gate.keys, args=args)
+        again = gate._script(keys=gate.keys, args=args)  # a client retry after a lost reply
+        assert again == first, args
+        return first
+
+    assert twice("fill", a.order_id, 1_000_000_000, "", "t1") == [b"F", b"AAA"]
+    assert twice("release_order", "b", "", "t2") == 1
+    assert twice("reduce", c.order_id, c.token, 0, "t3") == [b"E"]
+    assert twice("release_symbol", "DDD", "t4") == 1
+    assert twice("close_position", "AAA", "t5") == 1
+    assert twice("set_position", "EEE", 5, "t6") == 0
+    assert twice("set_position", "EEE", 6, "t7") == 1
+    assert twice("fill", "nothing", 1, "", "t8") == [b"N"]
+    stats = gate.stats()
+    assert (stats.admitted, stats.filled, stats.released, stats.outstanding) == (4, 2, 2, 0)
+    assert gate.snapshot().positions == {"EEE": 6}
+    assert gate.audit() == []
+
+
+def test_answers_kept_for_retries_are_forgotten_after_five_minutes(client: Any) -> None:
+    gate = RedisGate(client, Limits(), ttl=60, namespace=uuid.uuid4().hex[:12])
+    freeze_server_clock(gate)
+    gate.restore({})
+    calls, expiry = gate.keys[9], gate.keys[10]
+    assert gate.try_enter("AAA", 1)  # a decision keeps no answer (its reservation is its record)
+    assert client.hlen(calls) == 0
+    gate.set_position("AAA", 1)
+    assert gate.close_position("AAA")
+    assert client.hlen(calls) == client.zcard(expiry) == 2
+    advance_server_clock(gate, 299.999999)
+    gate.sweep()
+    assert client.hlen(calls) == 2
+    advance_server_clock(gate, 0.000001)
+    gate.sweep()
+    assert client.hlen(calls) == client.zcard(expiry) == 0
 
 
 def test_reservation_times_come_from_the_server_clock(client: Any) -> None:

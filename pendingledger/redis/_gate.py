@@ -17,9 +17,27 @@ Failure policy (the gate fails closed):
   ``halt``, ``resume``) raise ``StoreUnavailable``: a lost position update would make the gate
   under-count, so the caller must know (retry, or halt trading).
 
-Client retries are safe: each ``try_enter`` carries a random token stored with its reservation,
-and a repeated call with the same order id and token returns the first call's answer instead of
-reserving twice.
+Client retries (redis-py's ``retry``; ``from_url`` sets one immediate retry) resend a call after
+a connection error or a timeout, when the first attempt may have run and only its reply been lost.
+The retry gets the first attempt's answer instead of running the call again:
+
+* ``try_enter`` sends a random token stored with the reservation it makes: a repeat with the same
+  order id and token is answered from it, never reserved twice. (If the first attempt was
+  *denied*, the retry decides again, and ``stats()`` counts both decisions.)
+* ``confirm_fill``, ``release``, ``release_order``, ``Reservation.release()``,
+  ``Reservation.reduce()``, ``set_position`` and ``close_position`` send a random token per call;
+  the script keeps each call's answer under it for 5 minutes of the server's clock (swept like
+  expired reservations), and a repeat within that time gets that answer without running again.
+  So a fill that landed is reported as landed, a release that ended a reservation returns True,
+  and a position write is never applied again over a later one.
+* ``restore`` sends a new generation each call and answers a repeat that finds it in the marker.
+* ``halt`` and ``resume`` set and clear a flag (repeating changes nothing); ``wipe`` repeated
+  reports 0 keys; reads, ``sweep`` and ``stats`` simply run again.
+
+Not covered: a retry arriving more than 5 minutes after the call ran (redis-py retries at once),
+and calling a method again yourself after it raised or returned False: that is a new call with a
+new token. Call ``confirm_fill`` with ``symbol=`` so that such a second call still records the
+position.
 """
 
 from __future__ import annotations
@@ -67,7 +85,9 @@ Number = int | float | Decimal | Fraction
 SCRIPT: Final = resources.files(__package__).joinpath("gate.lua").read_text(encoding="utf-8")
 """The Lua source of every gate operation (package data ``pendingledger/redis/gate.lua``)."""
 
-KEY_NAMES: Final = ("meta", "pos", "tot", "rsym", "rcnt", "orders", "exp", "bysym", "stats")
+KEY_NAMES: Final = (
+    "meta", "pos", "tot", "rsym", "rcnt", "orders", "exp", "bysym", "stats", "calls", "callexp",
+)  # fmt: skip
 _UNAVAILABLE: Final = DENIED[DenyReason.BACKEND_UNAVAILABLE]
 _REASONS: Final = {reason.value: reason for reason in DenyReason}
 _LOG_EVERY: Final = 5.0  # seconds between repeated warnings about the same outage
@@ -276,7 +296,7 @@ class RedisGate:
         """A gate on a new client for ``url`` with settings that fail closed quickly.
 
         ``socket_timeout`` bounds each command (and the connect); ``retries`` immediate retries
-        follow a connection error or timeout (safe: see the module docstring).
+        follow a connection error or timeout (what a retry answers: see the module docstring).
         """
         client = redis.Redis.from_url(
             url,
@@ -384,13 +404,13 @@ class RedisGate:
         """Drop every reservation on ``symbol``. True if any was dropped; False (logged) if the
         store cannot be reached: the reservations then expire after the TTL."""
         symbol = _check_symbol(symbol)
-        reply = self._release_call("release", ("release_symbol", symbol))
+        reply = self._release_call("release", ("release_symbol", symbol, _token()))
         return bool(reply)
 
     def release_order(self, order_id: Hashable) -> bool:
         """Drop the reservation of ``order_id``. True if it was outstanding (see ``release``)."""
         order_id = _check_order_id(order_id)
-        return bool(self._release_call("release_order", ("release_order", order_id, "")))
+        return bool(self._release_call("release_order", ("release_order", order_id, "", _token())))
 
     def _release_call(self, what: str, args: Sequence[EncodableT]) -> int:
         try:
@@ -409,12 +429,12 @@ class RedisGate:
         store cannot confirm it."""
         symbol = _check_symbol(symbol)
         units = _units.exposure_units("exposure", exposure)
-        self._write("set_position", ("set_position", symbol, units))
+        self._write("set_position", ("set_position", symbol, units, _token()))
 
     def close_position(self, symbol: Hashable) -> bool:
         """Remove ``symbol`` from the book. True if it was open."""
         symbol = _check_symbol(symbol)
-        return bool(self._write("close_position", ("close_position", symbol)))
+        return bool(self._write("close_position", ("close_position", symbol, _token())))
 
     def confirm_fill(
         self, order_id: Hashable, position_exposure: Number, *, symbol: Hashable | None = None
@@ -431,10 +451,7 @@ class RedisGate:
         order_id = _check_order_id(order_id)
         sym = "" if symbol is None else _check_symbol(symbol)
         units = _units.exposure_units("position_exposure", position_exposure)
-        return self._fill(order_id, units, sym, "")
-
-    def _fill(self, order_id: str, units: int, symbol: str, token: str) -> bool:
-        reply = self._write("confirm_fill", ("fill", order_id, units, symbol, token))
+        reply = self._write("confirm_fill", ("fill", order_id, units, sym, _token()))
         status = _s(reply[0])
         if status == "F":
             return True
@@ -442,7 +459,7 @@ class RedisGate:
             return False
         if status == "M":
             raise ValueError(
-                f"order {order_id!r} is reserved on {_s(reply[1])!r}, not on symbol={symbol!r}"
+                f"order {order_id!r} is reserved on {_s(reply[1])!r}, not on symbol={sym!r}"
             )
         logger.warning(
             "confirm_fill(%r): no outstanding reservation (released or expired) and no symbol "
@@ -753,7 +770,7 @@ class RedisReservation:
             return False
         gate = self._gate
         done = gate._release_call(
-            "Reservation.release", ("release_order", self._order_id, self._token)
+            "Reservation.release", ("release_order", self._order_id, self._token, _token())
         )
         if done:
             self._ended = True
@@ -776,7 +793,8 @@ class RedisReservation:
             gate = self._gate
             try:
                 reply = gate._script(
-                    keys=gate._keys, args=("reduce", self._order_id, self._token, units)
+                    keys=gate._keys,
+                    args=("reduce", self._order_id, self._token, units, _token()),
                 )
                 status = _s(reply[0])
             except Exception as exc:

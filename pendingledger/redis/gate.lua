@@ -15,6 +15,8 @@
 --   KEYS[7] exp     zset   order_id scored by expiry (microseconds, on the clock of Time below)
 --   KEYS[8] bysym   zset   symbol .. "\0" .. order_id, score 0 (lexicographic index)
 --   KEYS[9] stats   hash   admitted, denied:<reason>, released, filled, expired, restored, corrupt
+--   KEYS[10] calls  hash   call token -> the answer that call got (see Retries)
+--   KEYS[11] callexp zset  call token scored by when its answer is forgotten (microseconds)
 --
 -- Amounts: exact non-negative integers of units (1 unit = 10^-9 of the account currency) kept as
 -- decimal strings. Lua numbers are doubles, exact only up to 2^53, so a value is handled as two
@@ -33,6 +35,13 @@
 -- They are read inside the same script call, never by a separate command from the client: a
 -- decision ('enter') gets them from the HMGET of meta it makes anyway, so the test clock adds no
 -- round trip to any operation and no command at all to a decision.
+--
+-- Retries: a client that loses a reply (a timeout) may send the same call again. 'enter' carries
+-- a token stored with the reservation it makes and answers a repeat from it. Every other call that
+-- writes the book or ends reservations (fill, release_order, release_symbol, reduce,
+-- set_position, close_position) carries a random per-call token: its answer is kept under that
+-- token in `calls` for CALL_MEMO_US, and a repeat gets that answer without running again.
+-- 'restore' is recognised by its generation (new for each call) in the marker.
 -- No key gets a TTL (no PEXPIRE): a reservation expires through its score in `exp` (its expiry on
 -- this same clock), swept at the start of every operation, at a cost of O(expired). It is
 -- expired from the instant now >= expiry = reserved_at + ttl, as in the in-process ledger.
@@ -41,10 +50,12 @@ if redis.replicate_commands then pcall(redis.replicate_commands) end
 
 local K_META, K_POS, K_TOT, K_RSYM = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_RCNT, K_ORD, K_EXP, K_BYSYM, K_STATS = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local K_CALLS, K_CALLEXP = KEYS[10], KEYS[11]
 
 local B = 1000000000
 local MAXW = 9007199254740991 -- 2^53 - 1
 local SWEEP_MAX = 1000 -- expired reservations dropped per call (the rest at the next calls)
+local CALL_MEMO_US = 300000000 -- 5 minutes: how long a call's answer is kept for its retries
 local CLOCK_MAX = 4503599627370496 -- 2^52 us (year 2112): the test clock stops short of it, so
                                    -- now + ttl stays an exact integer in a double
 
@@ -218,6 +229,56 @@ local function close_pos(sym)
   return true
 end
 
+-- ------------------------------------------------------------------ answers kept for retries
+
+-- The answer kept for call token `tk`, or nil. Answers are encoded as: '#' .. n for a number n,
+-- k for {k} and k .. '=' .. s for {k, s} (k is one letter; s any string).
+local function replayed(tk)
+  if tk == '' then return nil end
+  local enc = redis.call('HGET', K_CALLS, tk)
+  if not enc then return nil end
+  if string.byte(enc, 1) == 35 then return tonumber(string.sub(enc, 2)) end -- '#'
+  if #enc == 1 then return {enc} end
+  return {string.sub(enc, 1, 1), string.sub(enc, 3)}
+end
+
+-- Keep `reply` (a number, {k} or {k, s}) as the answer of call token `tk`; return it.
+local function remember(tk, now, reply)
+  if tk ~= '' then
+    local enc
+    if type(reply) == 'number' then
+      enc = '#' .. int(reply)
+    elseif reply[2] == nil then
+      enc = reply[1]
+    else
+      enc = reply[1] .. '=' .. reply[2]
+    end
+    redis.call('HSET', K_CALLS, tk, enc)
+    redis.call('ZADD', K_CALLEXP, int(now + CALL_MEMO_US), tk)
+  end
+  return reply
+end
+
+-- Forget the answers whose time is up (at most SWEEP_MAX per call).
+local function sweep_calls(now)
+  local due = redis.call('ZRANGEBYSCORE', K_CALLEXP, '-inf', now, 'LIMIT', 0, SWEEP_MAX)
+  if #due > 0 then
+    redis.call('HDEL', K_CALLS, unpack(due))
+    redis.call('ZREM', K_CALLEXP, unpack(due))
+  end
+end
+
+-- The start of an operation with call token `tk`: returns the kept answer if the call already
+-- ran (a retry), else nil and now, after sweeping expired reservations and answers.
+local function begin(tk)
+  local again = replayed(tk)
+  if again ~= nil then return again, nil end
+  local now = now_us()
+  sweep(now)
+  sweep_calls(now)
+  return nil, now
+end
+
 -- The generation marker: present, and (unless the client trusts persistence) written while the
 -- server ran with the run_id it has now. A restart reloading an old snapshot, a failover to a
 -- replica or a wiped namespace all fail this check.
@@ -305,24 +366,27 @@ if op == 'enter' then
   return {'A', at, expiry}
 end
 
--- release_order order_id token ('' = whichever reservation has that id) -> 1 | 0
+-- release_order order_id token call_token -> 1 | 0
+--   token: the reservation's ('' = whichever reservation has that id); call_token: see Retries.
 if op == 'release_order' then
-  sweep(now_us())
-  local id, token = ARGV[2], ARGV[3]
+  local id, token, tk = ARGV[2], ARGV[3], ARGV[4] or ''
+  local again, now = begin(tk)
+  if again ~= nil then return again end
   local rec = redis.call('HGET', K_ORD, id)
-  if not rec then return 0 end
+  if not rec then return remember(tk, now, 0) end
   if token ~= '' then
     local _, t = parse_rec(rec)
-    if t ~= token then return 0 end
+    if t ~= token then return remember(tk, now, 0) end
   end
   drop(id, rec, 'released')
-  return 1
+  return remember(tk, now, 1)
 end
 
--- release_symbol symbol -> number of reservations dropped
+-- release_symbol symbol call_token -> number of reservations dropped
 if op == 'release_symbol' then
-  sweep(now_us())
-  local sym = ARGV[2]
+  local sym, tk = ARGV[2], ARGV[3] or ''
+  local again, now = begin(tk)
+  if again ~= nil then return again end
   local members = redis.call('ZRANGEBYLEX', K_BYSYM, '[' .. sym .. '\0', '(' .. sym .. '\1')
   local prefix = #sym + 2
   for i = 1, #members do
@@ -335,25 +399,27 @@ if op == 'release_symbol' then
       corrupt()
     end
   end
-  return #members
+  return remember(tk, now, #members)
 end
 
--- reduce order_id token remaining_units -> {'R', remaining} | {'E'} (ended now) | {'G'} (gone)
+-- reduce order_id token remaining_units call_token
+--   -> {'R', remaining} | {'E'} (ended now) | {'G'} (gone)
 --   Lowers the reservation to `remaining_units` (never raises it); '0' ends it ('filled').
 if op == 'reduce' then
-  sweep(now_us())
-  local id, token, want = ARGV[2], ARGV[3], ARGV[4]
+  local id, token, want, tk = ARGV[2], ARGV[3], ARGV[4], ARGV[5] or ''
+  local again, now = begin(tk)
+  if again ~= nil then return again end
   local rec = redis.call('HGET', K_ORD, id)
-  if not rec then return {'G'} end
+  if not rec then return remember(tk, now, {'G'}) end
   local units, t, at, sym = parse_rec(rec)
-  if t ~= token then return {'G'} end
+  if t ~= token then return remember(tk, now, {'G'}) end
   local uw, uf = split(units)
   local nw, nf = split(want)
   if nw == 0 and nf == 0 then
     drop(id, rec, 'filled')
-    return {'E'}
+    return remember(tk, now, {'E'})
   end
-  if not gt(uw, uf, nw, nf) then return {'R', units} end
+  if not gt(uw, uf, nw, nf) then return remember(tk, now, {'R', units}) end
   local dw, df = sub(uw, uf, nw, nf)
   local rw, rf = split(redis.call('HGET', K_RSYM, sym))
   local gw, gf = split(redis.call('HGET', K_TOT, 'res_gross'))
@@ -364,7 +430,7 @@ if op == 'reduce' then
   redis.call('HSET', K_RSYM, sym, fmt(rw, rf))
   redis.call('HSET', K_TOT, 'res_gross', fmt(gw, gf))
   if bad1 or bad2 then corrupt() end
-  return {'R', want}
+  return remember(tk, now, {'R', want})
 end
 
 -- status order_id token -> {'A', units} | {'G'}   (read-only: an overdue one counts as gone)
@@ -379,46 +445,46 @@ if op == 'status' then
   return {'A', units}
 end
 
--- set_position symbol signed_units -> 1 if it was open before, else 0
+-- set_position symbol signed_units call_token -> 1 if it was open before, else 0
 if op == 'set_position' then
-  sweep(now_us())
-  if set_pos(ARGV[2], ARGV[3]) then return 1 end
-  return 0
+  local tk = ARGV[4] or ''
+  local again, now = begin(tk)
+  if again ~= nil then return again end
+  if set_pos(ARGV[2], ARGV[3]) then return remember(tk, now, 1) end
+  return remember(tk, now, 0)
 end
 
--- close_position symbol -> 1 if it was open, else 0
+-- close_position symbol call_token -> 1 if it was open, else 0
 if op == 'close_position' then
-  sweep(now_us())
-  if close_pos(ARGV[2]) then return 1 end
-  return 0
+  local tk = ARGV[3] or ''
+  local again, now = begin(tk)
+  if again ~= nil then return again end
+  if close_pos(ARGV[2]) then return remember(tk, now, 1) end
+  return remember(tk, now, 0)
 end
 
--- fill order_id signed_units symbol ('' = the reservation's) token ('' = any)
---   Sets the position and ends the reservation in one step.
+-- fill order_id signed_units symbol ('' = the reservation's) call_token
+--   Sets the position and ends the reservation (whichever has that id) in one step.
 -- -> {'F', symbol} | {'P', symbol} (no reservation; position set from the given symbol)
 --    | {'N'} (no reservation and no symbol: nothing written) | {'M', actual_symbol} (mismatch)
 if op == 'fill' then
-  sweep(now_us())
-  local id, units, sym, token = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+  local id, units, sym, tk = ARGV[2], ARGV[3], ARGV[4], ARGV[5] or ''
+  local again, now = begin(tk)
+  if again ~= nil then return again end
   local rec = redis.call('HGET', K_ORD, id)
   if rec then
-    local _, t, _, rsym = parse_rec(rec)
-    if token ~= '' and t ~= token then
-      rec = false
-    elseif sym ~= '' and sym ~= rsym then
-      return {'M', rsym}
-    else
-      sym = rsym
-    end
+    local _, _, _, rsym = parse_rec(rec)
+    if sym ~= '' and sym ~= rsym then return remember(tk, now, {'M', rsym}) end
+    sym = rsym
   end
   if not rec then
-    if sym == '' then return {'N'} end
+    if sym == '' then return remember(tk, now, {'N'}) end
     set_pos(sym, units)
-    return {'P', sym}
+    return remember(tk, now, {'P', sym})
   end
   set_pos(sym, units)
   drop(id, rec, 'filled')
-  return {'F', sym}
+  return remember(tk, now, {'F', sym})
 end
 
 -- restore only_if_missing gen ttl_us trust n_pos [symbol units]*n_pos [order_id symbol units token]*
@@ -511,7 +577,9 @@ end
 
 -- sweep -> number of expired reservations dropped
 if op == 'sweep' then
-  return sweep(now_us())
+  local now = now_us()
+  sweep_calls(now)
+  return sweep(now)
 end
 
 -- clock step_us freeze -> now_us after the step
