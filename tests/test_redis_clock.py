@@ -24,6 +24,7 @@ redis = pytest.importorskip("redis")
 from pendingledger.redis import RedisGate, RedisReservation  # noqa: E402
 from pendingledger.redis.testing import (  # noqa: E402
     advance_server_clock,
+    enable_test_ops,
     freeze_server_clock,
     server_clock,
 )
@@ -172,6 +173,35 @@ def test_a_zero_step_is_allowed_and_writes_nothing(client: Any) -> None:
     before = gate.snapshot()
     assert advance_server_clock(gate, 0) == before.now_us / 1_000_000
     assert gate.snapshot().meta == before.meta
+
+
+# ---------------------------------------------------------------------------- test operations
+
+
+def test_the_clock_moves_only_where_the_test_operations_are_on(client: Any) -> None:
+    gate = RedisGate(client, Limits(max_concurrent_positions=1), ttl=1, namespace=uuid.uuid4().hex)
+    gate.restore({})  # a namespace as production makes it: no testing helper touched it
+    r = res(gate.try_enter("AAA", 1))
+    before = gate.snapshot()
+    for step, freeze in ((1_000_000, "0"), (0, "1"), (3_600_000_000, "1")):
+        with pytest.raises(redis.ResponseError, match="test operations are off"):
+            gate._script(keys=gate.keys, args=("clock", step, freeze))  # any client can send it
+    assert gate.snapshot().meta == before.meta  # refused with nothing written
+    assert r.active
+    assert gate.try_enter("BBB", 1).reason is R.MAX_CONCURRENT_POSITIONS
+    assert server_clock(gate) * 1_000_000 >= before.now_us  # reading it is allowed...
+    assert "testing" not in gate.snapshot().meta  # ...and turns nothing on
+
+    enable_test_ops(client, namespace=gate.namespace)
+    assert gate.snapshot().meta["testing"] == "1"
+    gate._script(keys=gate.keys, args=("clock", 1_000_000, "0"))
+    assert not r.active
+    gate.restore({})
+    assert gate.snapshot().meta["testing"] == "1"  # restore keeps it
+    gate.wipe()
+    assert "testing" not in gate.snapshot().meta  # wipe deletes it
+    with pytest.raises(TypeError, match="namespace"):
+        enable_test_ops(client)
 
 
 # ---------------------------------------------------------------------------- one per namespace

@@ -6,7 +6,8 @@
 --
 -- Keys (all under one hash tag {ns}, so Redis Cluster keeps them in one slot):
 --   KEYS[1] meta    hash   gen (restore generation), run (server run_id at restore), restored_at,
---                          halted; clock_us, clock_frozen_us (the test clock: see Time)
+--                          halted; clock_us, clock_frozen_us (the test clock: see Time);
+--                          testing ('1': the test operations are on, see 'clock')
 --   KEYS[2] pos     hash   symbol -> signed position exposure in units (see Amounts)
 --   KEYS[3] tot     hash   pos_gross, res_gross (units); res_syms, res_open (counts)
 --   KEYS[4] rsym    hash   symbol -> units reserved on it (present iff it has a reservation)
@@ -28,7 +29,8 @@
 --
 -- Time comes from the server (TIME), never from a client: "now" is TIME in microseconds plus the
 -- namespace's test clock, two fields of `meta` that only pendingledger.redis.testing writes (op
--- 'clock') and that are absent in production, where now is TIME itself:
+-- 'clock', refused unless that module has set meta's `testing` field) and that are absent in
+-- production, where now is TIME itself:
 --   clock_us          microseconds added to TIME; only grows (a client sends steps, not times)
 --   clock_frozen_us   if present, the TIME reading the clock was frozen at: TIME is not read
 --                     and now moves only when clock_us does (like trio's MockClock at rate 0)
@@ -588,13 +590,19 @@ end
 --   it passes is swept by the next call exactly as if that much time had gone by (this call
 --   sweeps nothing, as time passing does not). freeze '1' first stops TIME at its current
 --   reading, if it is not stopped already. A step that would bring now to 2^52 us is refused
---   with nothing written.
+--   with nothing written. Moving or freezing the clock is refused (nothing written) unless
+--   meta's `testing` field is '1', which only pendingledger.redis.testing sets; a step of 0
+--   without freeze only reads the clock and is always allowed.
 if op == 'clock' then
   local step = ARGV[2]
   if step ~= '0' and not string.match(step, '^[1-9]%d*$') then
     return redis.error_reply('pendingledger: clock step must be whole microseconds >= 0')
   end
-  local m = redis.call('HMGET', K_META, 'clock_us', 'clock_frozen_us')
+  local m = redis.call('HMGET', K_META, 'clock_us', 'clock_frozen_us', 'testing')
+  if (step ~= '0' or ARGV[3] == '1') and m[3] ~= '1' then
+    return redis.error_reply('pendingledger: test operations are off in this namespace ' ..
+      '(only pendingledger.redis.testing turns them on, for tests)')
+  end
   local frozen = m[2]
   if ARGV[3] == '1' and not frozen then frozen = int(time_us()) end
   local now = now_us(m[1], frozen) + tonumber(step)

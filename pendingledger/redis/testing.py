@@ -22,7 +22,11 @@ needs the exact instant, such as a TTL's last microsecond. ``RedisGate.restore``
 
 For tests only: nothing in the library calls this module, and in production the fields are absent
 (now is the server's ``TIME``). Moving the clock of a live namespace expires its reservations
-early.
+early, so the gate's script refuses to move or freeze a namespace's clock unless its test
+operations are on: ``enable_test_ops`` turns them on (a field ``testing`` in the namespace's
+``meta`` hash, kept by ``restore``, deleted by ``wipe``), and ``advance_server_clock`` and
+``freeze_server_clock`` call it themselves. This module is the only public way to turn them on;
+never do it on a namespace that trades.
 """
 
 from __future__ import annotations
@@ -34,9 +38,24 @@ import redis
 from pendingledger.redis._gate import SCRIPT, RedisGate, StoreUnavailable, _micros, _namespace_keys
 from pendingledger.testing import _finite_seconds
 
-__all__ = ["advance_server_clock", "freeze_server_clock", "server_clock"]
+__all__ = ["advance_server_clock", "enable_test_ops", "freeze_server_clock", "server_clock"]
 
 _MAX_STEP_US = 2**52  # the script refuses a reading at or past 2^52 us anyway (year 2112)
+
+
+def enable_test_ops(target: RedisGate | redis.Redis, *, namespace: str | None = None) -> None:
+    """Turn on the namespace's test operations: moving and freezing its clock (this module's
+    functions call this themselves). For tests only: never on a namespace that trades.
+
+    ``target`` is a ``RedisGate`` (its namespace) or a ``redis.Redis`` client with ``namespace``
+    given. Sets the field ``testing`` of the namespace's ``meta`` hash; ``RedisGate.restore``
+    keeps it, ``RedisGate.wipe`` deletes it. Raises ``StoreUnavailable`` if Redis cannot confirm.
+    """
+    client, keys = _target(target, namespace)
+    try:
+        client.hset(keys[0], "testing", "1")
+    except redis.RedisError as exc:
+        raise StoreUnavailable(f"test operations not turned on: {exc}") from exc
 
 
 def advance_server_clock(
@@ -78,21 +97,30 @@ def server_clock(target: RedisGate | redis.Redis, *, namespace: str | None = Non
     return _clock(target, namespace, 0, freeze=False) / 1_000_000
 
 
-def _clock(
-    target: RedisGate | redis.Redis, namespace: str | None, step_us: int, *, freeze: bool
-) -> int:
-    script: Any
+def _target(
+    target: RedisGate | redis.Redis, namespace: str | None
+) -> tuple[redis.Redis, tuple[str, ...]]:
+    """The client and the namespace's keys that ``target`` (and ``namespace``) name."""
     if isinstance(target, RedisGate):
         if namespace is not None and namespace != target.namespace:
             raise ValueError(
                 f"namespace={namespace!r} but the gate's namespace is {target.namespace!r}"
             )
-        keys, script = target.keys, target._script
-    else:
-        if namespace is None:
-            raise TypeError("namespace is required when target is a Redis client, not a RedisGate")
-        keys = _namespace_keys(namespace)
-        script = target.register_script(SCRIPT)
+        return target.client, target.keys
+    if namespace is None:
+        raise TypeError("namespace is required when target is a Redis client, not a RedisGate")
+    return target, _namespace_keys(namespace)
+
+
+def _clock(
+    target: RedisGate | redis.Redis, namespace: str | None, step_us: int, *, freeze: bool
+) -> int:
+    client, keys = _target(target, namespace)
+    script: Any = (
+        target._script if isinstance(target, RedisGate) else client.register_script(SCRIPT)
+    )
+    if step_us or freeze:  # moving or freezing the clock needs the test operations on
+        enable_test_ops(target, namespace=namespace)
     try:
         reply = script(keys=keys, args=("clock", step_us, "1" if freeze else "0"))
     except redis.ResponseError as exc:
