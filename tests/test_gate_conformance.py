@@ -369,6 +369,22 @@ def test_stats_count_decisions(h: Harness) -> None:
     assert set(stats.denied) == set(DenyReason)
 
 
+def reservation_counts(g: GateLike) -> tuple[int, object, int]:
+    """(outstanding, reserved gross, expired): the ledger's stats in process, the namespace's
+    for Redis (``GateStats`` itself has no reservation counts)."""
+    stats: Any = g.ledger.stats() if isinstance(g, PortfolioGate) else g.stats()
+    return stats.outstanding, stats.gross_notional, stats.expired
+
+
+def test_stats_after_the_ttl_count_nothing_outstanding(h: Harness) -> None:
+    g = h.gate(ttl=h.short_ttl)
+    assert g.try_enter("AAA", 10)
+    assert g.try_enter("BBB", 5)
+    assert reservation_counts(g) == (2, 15, 0)
+    h.advance(h.short_ttl)  # and no other call: stats itself must see the expiry
+    assert reservation_counts(g) == (0, 0, 2)
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

@@ -65,7 +65,7 @@ from pendingledger.errors import LedgerError
 from pendingledger.gate import GateStats
 from pendingledger.limits import DENIED, Decision, DenyReason, PortfolioLimits
 from pendingledger.redis import _units
-from pendingledger.redis._audit import Snapshot, audit
+from pendingledger.redis._audit import Snapshot, _pairs, audit
 
 if TYPE_CHECKING:
     from pendingledger.protocols import Gate
@@ -602,9 +602,10 @@ class RedisGate:
         return int(self._write("sweep", ("sweep",)))
 
     def stats(self) -> RedisGateStats:
-        """Namespace-wide counts, read atomically."""
-        snap = self.snapshot()
-        st = snap.stats
+        """Namespace-wide counts, read atomically after dropping expired reservations (one
+        script call that returns the counters only, not the book)."""
+        reply = self._write("stats", ("stats",))
+        st = {k: int(v) for k, v in _pairs(reply[0]).items()}
         denied = dict.fromkeys(DenyReason, 0)
         for reason in DenyReason:
             denied[reason] = st.get(f"denied:{reason.value}", 0)
@@ -612,8 +613,8 @@ class RedisGate:
         return RedisGateStats(
             admitted=st.get("admitted", 0),
             denied=MappingProxyType(denied),
-            outstanding=len(snap.orders),
-            gross_notional=_units.from_units(snap.reserved_gross_units),
+            outstanding=int(reply[1]),
+            gross_notional=_units.from_units(int(_s(reply[2]))),
             released=st.get("released", 0),
             filled=st.get("filled", 0),
             expired=st.get("expired", 0),

@@ -584,6 +584,20 @@ if op == 'sweep' then
   return sweep(now)
 end
 
+-- stats -> {stats hash as a flat list, outstanding reservations, reserved gross in units}
+--   Sweeps first, like every operation that writes, so a reservation past its expiry counts as
+--   expired, never as outstanding (as in the in-process ledger). Reads counters only.
+if op == 'stats' then
+  local now = now_us()
+  sweep(now)
+  sweep_calls(now)
+  return {
+    redis.call('HGETALL', K_STATS),
+    redis.call('HLEN', K_ORD),
+    redis.call('HGET', K_TOT, 'res_gross') or '0',
+  }
+end
+
 -- clock step_us freeze -> now_us after the step
 --   The namespace's test clock (pendingledger.redis.testing; nothing else sends this). Moves now
 --   forward by step_us (a whole number >= 0) for every later call in the namespace, so an expiry
