@@ -21,6 +21,7 @@ __all__ = ["OrderRecord", "Snapshot", "audit"]
 
 
 def _s(value: object) -> str:
+    """A reply item as text (redis-py returns bytes unless decode_responses is set)."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

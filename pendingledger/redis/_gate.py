@@ -65,7 +65,7 @@ from pendingledger.errors import LedgerError
 from pendingledger.gate import GateStats
 from pendingledger.limits import DENIED, Decision, DenyReason, PortfolioLimits
 from pendingledger.redis import _units
-from pendingledger.redis._audit import Snapshot, _pairs, audit
+from pendingledger.redis._audit import Snapshot, _pairs, _s, audit
 
 if TYPE_CHECKING:
     from pendingledger.protocols import Gate
@@ -127,10 +127,6 @@ class RedisGateStats(GateStats):
     expired: int
     restored: int
     corrupt: int
-
-
-def _s(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _check_symbol(symbol: object) -> str:
