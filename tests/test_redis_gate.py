@@ -136,6 +136,24 @@ def test_symbols_and_order_ids_are_str(client: Any) -> None:
     assert gate.audit() == []
 
 
+def test_an_empty_order_id_is_refused_by_name_and_value(client: Any, server: RedisServer) -> None:
+    # The in-process gate accepts order_id=""; the Redis gate refuses it, saying what and where.
+    gate = new_gate(client)
+    calls: list[tuple[str, Any]] = [
+        ("order_id", lambda: gate.try_enter("AAA", 1, order_id="")),
+        ("order_id", lambda: gate.release_order("")),
+        ("order_id", lambda: gate.confirm_fill("", 1, symbol="AAA")),
+        ("open_orders[1].order_id", lambda: gate.restore({}, [("AAA", 1, "a"), ("BBB", 1, "")])),
+    ]
+    with CommandLog(server.url) as log:
+        for name, call in calls:
+            with pytest.raises(ValueError) as info:
+                call()
+            assert f"{name} must not be empty" in str(info.value)
+            assert f"got {name}=''" in str(info.value)
+    assert log.commands == []  # refused before anything is sent
+
+
 def test_bad_input_sends_nothing_to_redis(client: Any, server: RedisServer) -> None:
     gate = new_gate(client)
     bad_calls: list[Any] = [

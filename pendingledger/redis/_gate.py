@@ -143,12 +143,14 @@ def _check_symbol(symbol: object) -> str:
     return str(symbol)
 
 
-def _check_order_id(order_id: object) -> str:
+def _check_order_id(order_id: object, name: str = "order_id") -> str:
+    """``order_id`` if it is a non-empty str; ``name`` is what the message calls it."""
     if isinstance(order_id, str) and order_id:
         return str(order_id)
     if isinstance(order_id, str):
-        raise ValueError(f"order_id must not be empty, got {order_id!r}")
-    raise TypeError(f"order_id must be a str for the Redis gate, got {order_id!r}")
+        # The in-process gate takes any hashable, "" too; a Redis order id must not be empty.
+        raise ValueError(f"{name} must not be empty for the Redis gate, got {name}={order_id!r}")
+    raise TypeError(f"{name} must be a str for the Redis gate, got {name}={order_id!r}")
 
 
 def _namespace_keys(namespace: object) -> tuple[str, ...]:
@@ -506,12 +508,14 @@ class RedisGate:
             ]
         pending: list[tuple[str, str, Number, Fraction, str]] = []
         seen: set[str] = set()
-        for item in open_orders:
+        for index, item in enumerate(open_orders):
             order = OpenOrder(*item)
             symbol = _check_symbol(order.symbol)
             amount, units = _units.notional_units("open order notional", order.notional)
             order_id = (
-                uuid.uuid4().hex if order.order_id is None else _check_order_id(order.order_id)
+                uuid.uuid4().hex
+                if order.order_id is None
+                else _check_order_id(order.order_id, f"open_orders[{index}].order_id")
             )
             if order_id in seen:
                 raise ValueError(f"order_id {order_id!r} appears twice in open_orders")
