@@ -44,9 +44,12 @@
 -- set_position, close_position) carries a random per-call token: its answer is kept under that
 -- token in `calls` for CALL_MEMO_US, and a repeat gets that answer without running again.
 -- 'restore' is recognised by its generation (new for each call) in the marker.
+--
 -- No key gets a TTL (no PEXPIRE): a reservation expires through its score in `exp` (its expiry on
--- this same clock), swept at the start of every operation, at a cost of O(expired). It is
--- expired from the instant now >= expiry = reserved_at + ttl, as in the in-process ledger.
+-- this same clock), swept at the start of every operation that decides or writes, and by 'sweep'
+-- and 'stats', at a cost of O(expired). It is expired from the instant now >= expiry =
+-- reserved_at + ttl, as in the in-process ledger. Kept answers are swept the same way through
+-- `callexp` by the operations that keep them and by 'sweep' and 'stats' (not by decisions).
 
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 
