@@ -294,9 +294,10 @@ def test_a_retry_after_a_lost_reply_gets_the_first_answer(tmp_path: Path) -> Non
     with running_server(tmp_path) as srv:
         admin = redis.Redis.from_url(srv.url, socket_timeout=10)
         ns, fresh = "lost", "lost-unrestored"
-        RedisGate(admin, Limits(), ttl=30, namespace=ns).restore({"CLOSE": 5, "POS": 1})
+        admin_gate = RedisGate(admin, Limits(), ttl=30, namespace=ns)
+        admin_gate.restore({"CLOSE": 5, "POS": 1})
         stall_over = threading.Event()
-        keys = RedisGate(admin, Limits(), ttl=30, namespace=ns).keys
+        keys = admin_gate.keys
         fresh_keys = RedisGate(admin, Limits(), ttl=30, namespace=fresh).keys
         gates: dict[str, tuple[RedisGate, AfterTheStall]] = {}
 
@@ -327,8 +328,8 @@ def test_a_retry_after_a_lost_reply_gets_the_first_answer(tmp_path: Path) -> Non
         close.positions()
         pos = retrying_gate("set_position", lambda: admin.hget(keys[1], "POS") == b"7000000000")
         pos.positions()
-        gates["set_position"][1].then = lambda: admin_gate.set_position("POS", 9)  # a later write
-        admin_gate = RedisGate(admin, Limits(), ttl=30, namespace=ns)
+        # another process writes POS after the first attempt, before the retry arrives
+        gates["set_position"][1].then = lambda: admin_gate.set_position("POS", 9)
         restore = retrying_gate(
             "restore", lambda: admin.hexists(fresh_keys[0], "gen"), namespace=fresh
         )
