@@ -29,7 +29,7 @@ from pendingledger.sim import SimConfig, SimulationError
 redis = pytest.importorskip("redis")
 
 from pendingledger.redis._audit import breaches  # noqa: E402
-from pendingledger.redis.testing import advance_server_clock  # noqa: E402
+from pendingledger.redis.testing import advance_server_clock, enable_test_ops  # noqa: E402
 from pendingledger.sim.processes import ProcessRace  # noqa: E402
 from pendingledger.sim.redis_backend import RedisBackend, SharedAudit  # noqa: E402
 
@@ -186,6 +186,8 @@ def test_the_broken_redis_gate_decides_like_the_real_one_when_nothing_races(
                                limits=limits, ttl=30.0, on_expire=lambda r: None,
                                broken=broken)  # fmt: skip
         backend.gate.redis_gate.restore({"AAA": 1_000})
+        if broken:
+            enable_test_ops(backend.gate.redis_gate)
         made.append(backend)
     script = [
         ("AAA", 3_000), ("AAA", 100), ("BBB", 2_000), ("CCC", 500), ("BBB", 2_000),

@@ -24,7 +24,11 @@ from pendingledger.redis import (  # noqa: E402
     RedisReservation,
     StoreUnavailable,
 )
-from pendingledger.redis.testing import advance_server_clock, freeze_server_clock  # noqa: E402
+from pendingledger.redis.testing import (  # noqa: E402
+    advance_server_clock,
+    enable_test_ops,
+    freeze_server_clock,
+)
 
 pytestmark = pytest.mark.redis
 R = DenyReason
@@ -421,6 +425,21 @@ def test_answers_kept_for_retries_are_forgotten_after_five_minutes(client: Any) 
     advance_server_clock(gate, 0.000001)
     gate.sweep()
     assert client.hlen(calls) == client.zcard(expiry) == 0
+
+
+def test_the_broken_gates_enter_modes_need_the_test_operations_on(client: Any) -> None:
+    gate = new_gate(client, Limits(max_concurrent_positions=1))
+    assert gate.try_enter("AAA", 1)
+    args = ("enter", "BBB", 1, "b", "tok", 10_000_000, "1", "", "", "0")
+    for mode in ("check", "force", "other"):
+        with pytest.raises(redis.ResponseError, match="test operations are off"):
+            gate._script(keys=gate.keys, args=(*args, mode))  # any client can send it: refused
+    assert "b" not in gate.snapshot().orders
+    assert gate.stats().denied[R.MAX_CONCURRENT_POSITIONS] == 0  # nothing written
+    enable_test_ops(gate)
+    assert gate._script(keys=gate.keys, args=(*args, "force"))[0] == b"A"
+    with pytest.raises(redis.ResponseError, match="refused"):
+        gate._script(keys=gate.keys, args=(*args[:3], "c", *args[4:], "other"))
 
 
 def test_reservation_times_come_from_the_server_clock(client: Any) -> None:

@@ -32,7 +32,7 @@ redis = pytest.importorskip("redis")
 
 from pendingledger.redis import RedisGate, audit  # noqa: E402
 from pendingledger.redis._audit import breaches  # noqa: E402
-from pendingledger.redis.testing import advance_server_clock  # noqa: E402
+from pendingledger.redis.testing import advance_server_clock, enable_test_ops  # noqa: E402
 
 pytestmark = pytest.mark.redis
 
@@ -59,6 +59,8 @@ def race(server: RedisServer, *, broken: bool, ops: int) -> tuple[Outcome, Redis
     namespace = f"stress-{uuid.uuid4().hex[:8]}"
     gate = RedisGate.from_url(server.url, LIMITS, ttl=TTL, namespace=namespace, socket_timeout=10)
     gate.restore({})
+    if broken:
+        enable_test_ops(gate)  # the broken gate's 'check' and 'force' are test operations
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Semaphore(0)
     start = ctx.Event()

@@ -7,7 +7,7 @@
 -- Keys (all under one hash tag {ns}, so Redis Cluster keeps them in one slot):
 --   KEYS[1] meta    hash   gen (restore generation), run (server run_id at restore), restored_at,
 --                          halted; clock_us, clock_frozen_us (the test clock: see Time);
---                          testing ('1': the test operations are on, see 'clock')
+--                          testing ('1': the test operations are on, see 'clock' and 'enter')
 --   KEYS[2] pos     hash   symbol -> signed position exposure in units (see Amounts)
 --   KEYS[3] tot     hash   pos_gross, res_gross (units); res_syms, res_open (counts)
 --   KEYS[4] rsym    hash   symbol -> units reserved on it (present iff it has a reservation)
@@ -304,15 +304,22 @@ local op = ARGV[1]
 
 -- enter symbol units order_id token ttl_us max_pos max_gross max_sym trust mode
 --   max_* are '' for no limit; mode is '' (check and reserve), 'check' (check only, reserve
---   nothing: used by the stress suite's deliberately broken gate) or 'force' (reserve without
---   checking: the second half of that broken gate).
+--   nothing: the first half of the deliberately broken gates of the stress suite and the race
+--   demo) or 'force' (reserve without checking: the second half). 'check' and 'force' are test
+--   operations: refused (nothing written) unless meta's `testing` field is '1', read in the
+--   HMGET of meta the decision makes anyway.
 -- -> {'A', reserved_at_us, expiry_us} | {'D', reason} | {'X'} (order_id held by another call)
 --    | {'C'} (mode 'check' passed)
 if op == 'enter' then
   local sym, units, id, token = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
   local ttl = tonumber(ARGV[6])
-  local mode = ARGV[11]
-  local meta = redis.call('HMGET', K_META, 'gen', 'run', 'halted', 'clock_us', 'clock_frozen_us')
+  local mode = ARGV[11] or ''
+  local meta = redis.call('HMGET', K_META, 'gen', 'run', 'halted', 'clock_us', 'clock_frozen_us',
+    'testing')
+  if mode ~= '' and (meta[6] ~= '1' or (mode ~= 'check' and mode ~= 'force')) then
+    return redis.error_reply('pendingledger: enter mode ' .. mode .. ' refused: test ' ..
+      'operations are off in this namespace (only pendingledger.redis.testing turns them on)')
+  end
   if not book_ok(meta[1], meta[2], ARGV[10]) then
     if mode ~= 'check' then redis.call('HINCRBY', K_STATS, 'denied:book_not_restored', 1) end
     return {'D', 'book_not_restored'}

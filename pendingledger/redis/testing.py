@@ -20,13 +20,15 @@ also stops ``TIME`` for the namespace (as trio's ``MockClock`` does at rate 0), 
 needs the exact instant, such as a TTL's last microsecond. ``RedisGate.restore`` keeps the clock;
 ``RedisGate.wipe`` deletes it with the rest of the namespace.
 
-For tests only: nothing in the library calls this module, and in production the fields are absent
-(now is the server's ``TIME``). Moving the clock of a live namespace expires its reservations
-early, so the gate's script refuses to move or freeze a namespace's clock unless its test
-operations are on: ``enable_test_ops`` turns them on (a field ``testing`` in the namespace's
-``meta`` hash, kept by ``restore``, deleted by ``wipe``), and ``advance_server_clock`` and
-``freeze_server_clock`` call it themselves. This module is the only public way to turn them on;
-never do it on a namespace that trades.
+For tests only (and the race demo's deliberately broken gate, ``pendingledger.sim``): the gate
+never calls this module, and in production the fields are absent (now is the server's ``TIME``).
+Moving the clock of a live namespace expires its reservations early, and the broken gates of the
+stress tests and the race demo reserve without checking (``enter`` modes ``check`` and
+``force``), so the gate's script refuses both unless the namespace's test operations are on:
+``enable_test_ops`` turns them on (a field ``testing`` in the namespace's ``meta`` hash, kept by
+``restore``, deleted by ``wipe``), and ``advance_server_clock`` and ``freeze_server_clock`` call
+it themselves. This module is the only public way to turn them on; never do it on a namespace
+that trades.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ _MAX_STEP_US = 2**52  # the script refuses a reading at or past 2^52 us anyway (
 
 def enable_test_ops(target: RedisGate | redis.Redis, *, namespace: str | None = None) -> None:
     """Turn on the namespace's test operations: moving and freezing its clock (this module's
-    functions call this themselves). For tests only: never on a namespace that trades.
+    functions call this themselves) and the broken gates' ``enter`` modes ``check`` and
+    ``force``. For tests and demos only: never on a namespace that trades.
 
     ``target`` is a ``RedisGate`` (its namespace) or a ``redis.Redis`` client with ``namespace``
     given. Sets the field ``testing`` of the namespace's ``meta`` hash; ``RedisGate.restore``

@@ -59,6 +59,7 @@ from typing import Any, Final
 
 from pendingledger.protocols import ReservationHandle
 from pendingledger.redis import RedisGate
+from pendingledger.redis.testing import enable_test_ops
 from pendingledger.sim.app import Simulation, SimulationError
 from pendingledger.sim.config import LIMIT_KINDS, Progress, SimConfig, SimResult
 from pendingledger.sim.redis_backend import (
@@ -159,6 +160,8 @@ class ProcessRace:
         sampler: _Sampler | None = None
         try:
             gate.restore({})
+            if config.broken:  # the broken gate's 'check' and 'force' are test operations
+                enable_test_ops(gate)
             audit = SharedAudit(gate, limits)
             for k, (share, first_brain) in enumerate(self.shares()):
                 worker = ctx.Process(
