@@ -531,7 +531,7 @@ def test_manual_clock_bad_start(value: Any) -> None:
 
 @pytest.mark.parametrize("reading", [NAN, INF, -INF, None, "now"], ids=repr)
 def test_a_clock_that_returns_garbage_fails_closed(reading: object) -> None:
-    readings: list[object] = [0.0]
+    readings: list[Any] = [0.0]  # the clock returns whatever the test put last
     ledger = PendingEntryLedger(10, clock=lambda: readings[-1])
     gate = PortfolioGate(ledger, PortfolioLimits(max_concurrent_positions=1))
     held = gate.try_enter("AAA", 1, {})
@@ -550,7 +550,7 @@ def test_a_clock_that_returns_garbage_fails_closed(reading: object) -> None:
 
 def test_an_int_clock_is_accepted() -> None:
     ticks = iter(range(100))
-    ledger = PendingEntryLedger(10, clock=lambda: next(ticks))  # type: ignore[arg-type,return-value]
+    ledger = PendingEntryLedger(10, clock=lambda: next(ticks))  # an int is a real number of seconds
     gate = PortfolioGate(ledger, PortfolioLimits())
     decision = gate.try_enter("AAA", 1, {})
     assert decision.reservation is not None
