@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +54,6 @@ def test_race_prints_a_table_and_a_verdict_and_exits_0(
     assert data["broken"]["gate"] == "broken"
     assert data["pendingledger"]["breaches"] == 0
     assert data["seed"] == 5 and data["ok"] is True
-
-
-@pytest.fixture
-def fast_switching() -> Iterator[None]:
-    """Switch threads every microsecond (restored after), so a broken gate breaches surely."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)
 
 
 @pytest.mark.timeout(30)

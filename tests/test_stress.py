@@ -20,10 +20,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -51,17 +49,6 @@ STRESS = SimConfig(
     outcome_weights=(0.15, 0.40, 0.35, 0.10),  # reject, fill, fill in parts, lost
     min_admitted=200,  # a busy machine races longer (up to 5x) rather than see too few orders
 )
-
-
-@pytest.fixture
-def fast_switching() -> Iterator[None]:
-    """Force a thread switch every microsecond for the test, and restore the interval after."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)
 
 
 def _run(config: SimConfig, clock: ManualClock | None) -> tuple[SimResult, list[MemoryBackend]]:
