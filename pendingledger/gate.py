@@ -297,7 +297,7 @@ class PortfolioGate:
         res._order_id = order_id
         res._initial = notional
         res._state = 0
-        lock = ledger._lock
+        lock = ledger._locked
         syms = ledger._syms
         orders = ledger._orders
         book = ledger._book
