@@ -12,7 +12,10 @@ contending threads then queue behind it (a lock convoy). The critical section it
 comparisons, int arithmetic and dict stores. Three sources of positions:
 
 * the gate's **owned book** (``positions=None``, kept by ``set_position``/``confirm_fill`` under
-  the ledger lock) and a **mapping** are read optimistically, as below;
+  the ledger lock) is read under the lock: its figures are kept as running ints, so reading them
+  takes no call;
+* a **mapping** is read (snapshot, exact sums) before the lock, optimistically, as below; an
+  empty dict needs no reading, but the version check still applies to it;
 * a **callable** is called once, under the ledger lock, as the contract promises a callable
   (it may read a cache that needs its own lock to snapshot). Keep it to a copy of a dict.
 
@@ -65,6 +68,11 @@ or a zero-argument callable returning such a mapping."""
 _INF: Final = float("inf")
 _get_ident: Final = threading.get_ident
 _OPTIMISTIC_ATTEMPTS: Final = 4
+# How try_enter reads positions (ordered: the first two are gathered under the lock, no call).
+_READ_OWNED: Final = 0
+_READ_EMPTY: Final = 1
+_READ_MAPPING: Final = 2
+_READ_SLOW: Final = 3
 # The optimistic read (module docstring) relies on the GIL making a plain read of the ledger's
 # attributes see whole updates; on a free-threaded build every decision takes the locked path.
 _GIL: Final[bool] = getattr(sys, "_is_gil_enabled", lambda: True)()
@@ -89,11 +97,12 @@ _REASONS: Final = (
 # The shared denied decision of outcome code c is _DENIED_AT[c - 1] (no Enum hashing).
 _DENIED_AT: Final[tuple[Decision, ...]] = tuple(DENIED[r] for r in _REASONS if r is not None)
 
-# (limits, den, max positions, gross limit over den, symbol limit over den)
-_ScaledLimits = tuple[PortfolioLimits, int, "int | None", "int | None", "int | None"]
+# (limits, den, max positions, gross limit over den, symbol limit over den); a limit not set is
+# infinity, so the critical section tests every rule with one comparison
+_ScaledLimits = tuple[PortfolioLimits, int, "int | float", "int | float", "int | float"]
 # (n, max_pos, n_open, reserved&open, symbol open, open gross, gross limit, symbol open exposure,
 #  symbol limit) -- everything the critical section needs, as ints over the ledger's _den
-_Inputs = tuple[int, "int | None", int, int, bool, int, "int | None", int, "int | None"]
+_Inputs = tuple[int, "int | float", int, int, bool, int, "int | float", int, "int | float"]
 
 
 @dataclass(frozen=True)
@@ -302,50 +311,72 @@ class PortfolioGate:
         orders = ledger._orders
         book = ledger._book
         expired: list[Reservation] | None = None
-        inputs: _Inputs | None
-        # A callable is called once, under the lock, as documented; a mapping or the owned book
-        # is read optimistically (see the module docstring), which relies on the GIL.
-        pessimistic = not _GIL or callable(positions)
+        inputs: _Inputs | None = None
+        version = 0
+        # How this decision reads positions (module docstring): the owned book under the lock;
+        # an empty dict before the lock, checked by the version; any other mapping before the
+        # lock, checked by the version; a callable, or a mapping on a free-threaded build, under
+        # the lock with calls (the slow path, which is also the fallback for the rest).
+        if positions is None:
+            read = _READ_OWNED
+        elif _GIL and (type(positions) is dict or not callable(positions)):
+            read = _READ_MAPPING
+        else:
+            read = _READ_SLOW
         attempts = 0
         try:
             while True:
                 limits = self._limits
-                if not pessimistic:
-                    version = ledger._version
-                    den = ledger._den
-                    scaled = self._scaled
-                    if (
-                        scaled is not None
-                        and scaled[0] is limits
-                        and scaled[1] == den
-                        and (q == 1 or not den % q)
-                        and (positions is None or (type(positions) is dict and not positions))
-                    ):
-                        # The common cases, inline: limits already scaled, and either the owned
-                        # book (read here, validated by the version check at commit) or no
-                        # open positions at all. The owned-book tuple is _gather_owned's, inlined:
-                        # calling it costs ~19% of a decision (measured), so keep the two in step.
-                        n = num * (den // q)
-                        if positions is None:
-                            position = book.get(symbol)
-                            inputs = (
-                                n,
-                                scaled[2],
-                                ledger._nbook,
-                                ledger._open_reserved,
-                                position is not None,
-                                ledger._book_gross,
-                                scaled[3],
-                                0 if position is None else position[0],
-                                scaled[4],
-                            )
-                        else:
-                            inputs = (n, scaled[2], 0, 0, False, 0, scaled[3], 0, scaled[4])
+                if _READ_OWNED < read < _READ_SLOW:  # an empty dict, or another mapping
+                    version = ledger._version  # before the positions: see the module docstring
+                    if type(positions) is dict and not positions:
+                        read = _READ_EMPTY
                     else:
+                        read = _READ_MAPPING
                         inputs = self._gather(positions, symbol, limits, num, q, grow=False)
-                        pessimistic = inputs is None
+                        if inputs is None:
+                            read = _READ_SLOW
+                ok = False
                 with lock:
-                    if pessimistic:
+                    if read <= _READ_EMPTY:
+                        # Nothing to gather but the ledger's own figures: read them here, where
+                        # they cannot change, with no call. Anything unusual (limits to scale, the
+                        # denominator to widen, expiry due) falls through to the slow path.
+                        scaled = self._scaled
+                        den = ledger._den
+                        if (
+                            scaled is None
+                            or scaled[0] is not limits
+                            or scaled[1] != den
+                            or (q != 1 and den % q)
+                            or now >= ledger._next_expiry
+                        ):
+                            read = _READ_SLOW
+                        elif read == _READ_OWNED:
+                            ok = True
+                            n = num * (den // q)
+                            max_pos, g_lim, s_lim = scaled[2], scaled[3], scaled[4]
+                            n_open = ledger._nbook
+                            inter = ledger._open_reserved
+                            pos_gross = ledger._book_gross
+                            if symbol in book:
+                                sym_open = True
+                                sym_pos = book[symbol][0]
+                            else:
+                                sym_open = False
+                                sym_pos = 0
+                        elif ledger._version == version:
+                            ok = True
+                            n = num * (den // q)
+                            max_pos, g_lim, s_lim = scaled[2], scaled[3], scaled[4]
+                            n_open = inter = pos_gross = sym_pos = 0
+                            sym_open = False
+                    elif read == _READ_MAPPING:
+                        if ledger._version == version and now < ledger._next_expiry:
+                            ok = True
+                        elif now >= ledger._next_expiry:
+                            read = _READ_SLOW  # the sweep makes calls: decide under the lock
+                    if read == _READ_SLOW:
                         ledger._owner = _get_ident()
                         try:
                             if now >= ledger._next_expiry:
@@ -354,33 +385,40 @@ class PortfolioGate:
                         finally:
                             ledger._owner = None
                         ok = True
-                    else:
-                        ok = ledger._version == version and now < ledger._next_expiry
                     if ok:
                         # ---- the critical section proper: no calls from here on ----
-                        n, max_pos, n_open, inter, sym_open, pos_gross, g_lim, sym_pos, s_lim = (
-                            inputs  # type: ignore[misc]
-                        )
+                        if read >= _READ_MAPPING:
+                            (
+                                n,
+                                max_pos,
+                                n_open,
+                                inter,
+                                sym_open,
+                                pos_gross,
+                                g_lim,
+                                sym_pos,
+                                s_lim,
+                            ) = inputs  # type: ignore[misc]
                         if symbol in syms:
                             entry = syms[symbol]
                             sym_res = entry[1]
                         else:
                             entry = None
                             sym_res = 0
+                        # A limit that is not set is scaled to infinity: every test is one compare.
                         if order_id in orders:
                             outcome = _DUPLICATE
                         elif self._halted:
                             outcome = _HALTED
                         elif (
-                            max_pos is not None
-                            and entry is None
+                            entry is None
                             and not sym_open
                             and n_open + ledger._nsyms - inter >= max_pos
                         ):
                             outcome = _MAX_POSITIONS
-                        elif g_lim is not None and pos_gross + ledger._gross + n > g_lim:
+                        elif pos_gross + ledger._gross + n > g_lim:
                             outcome = _MAX_GROSS
-                        elif s_lim is not None and sym_pos + sym_res + n > s_lim:
+                        elif sym_pos + sym_res + n > s_lim:
                             outcome = _MAX_SYMBOL
                         else:
                             outcome = _ADMIT
@@ -404,7 +442,7 @@ class PortfolioGate:
                                 res._sym_prev = res._sym_next = None
                                 syms[symbol] = [1, n, res]
                                 ledger._nsyms += 1
-                                if symbol in ledger._book:
+                                if symbol in book:
                                     ledger._open_reserved += 1
                             else:
                                 first = entry[2]
@@ -423,10 +461,11 @@ class PortfolioGate:
                         # ---- end of the critical section proper ----
                 if ok:
                     break
-                # Expiry due: only the locked path sweeps. Otherwise another thread changed the
-                # ledger; retry, and after a few tries decide under the lock so nobody starves.
+                # Another thread changed the ledger since the version was read: read again, and
+                # after a few tries decide under the lock so nobody starves.
                 attempts += 1
-                pessimistic = attempts >= _OPTIMISTIC_ATTEMPTS or now >= ledger._next_expiry
+                if attempts >= _OPTIMISTIC_ATTEMPTS:
+                    read = _READ_SLOW
         finally:
             if expired:
                 ledger._fire_expired(expired)
@@ -482,7 +521,7 @@ class PortfolioGate:
         max_pos = scaled[2]
         # Reserved symbols that are open (read without the lock: the version check covers it).
         inter = 0
-        if max_pos is not None and snapshot:
+        if max_pos != _INF and snapshot:
             # One lookup per open symbol in the live dict: safe while other threads change it
             # (iterating it is not: a Python-level __hash__ lets a resize happen mid-walk).
             syms = ledger._syms
@@ -546,17 +585,20 @@ def _limit_denominators(limits: PortfolioLimits) -> tuple[int, int]:
 
 
 def _scale_limits(limits: PortfolioLimits, den: int) -> _ScaledLimits | None:
-    scaled: list[int | None] = []
+    """The limits over ``den``, a limit not set as infinity (an int compares with it, no call);
+    None if ``den`` is not a multiple of a limit's denominator."""
+    scaled: list[int | float] = []
     for name in ("max_gross_exposure", "max_symbol_exposure"):
         ratio = _amounts.limit_ratio(name, getattr(limits, name))
         if ratio is None:
-            scaled.append(None)
+            scaled.append(_INF)
             continue
         value = _amounts.scale_to(ratio, den)
         if value is None:
             return None
         scaled.append(value)
-    return (limits, den, limits.max_concurrent_positions, scaled[0], scaled[1])
+    max_pos = limits.max_concurrent_positions
+    return (limits, den, _INF if max_pos is None else max_pos, scaled[0], scaled[1])
 
 
 if TYPE_CHECKING:  # mypy proves PortfolioGate offers the whole backend-neutral surface.
