@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from . import _amounts
 from .errors import ReentrantLockError
-from .ledger import _FILLED, Number, PendingEntryLedger, Reservation, _GeneratedOrderId
+from .ledger import _FILLED, Number, PendingEntryLedger, Reservation, _check_order_id
 from .limits import DENIED, Decision, DenyReason, PortfolioLimits
 
 if TYPE_CHECKING:
@@ -227,7 +227,7 @@ class PortfolioGate:
         num, q = _amounts.exact_ratio("position_exposure", position_exposure)
         ledger = self._ledger
         with ledger._guard():
-            res = ledger._orders.get(order_id)
+            res = ledger._outstanding(order_id)
             if res is None:
                 if symbol is not None:
                     ledger._set_position_locked(symbol, num, q, position_exposure)
@@ -289,10 +289,8 @@ class PortfolioGate:
             num, q, kind = notional, 1, _KIND_INT
         else:
             num, q, kind = _amounts.positive_ratio("notional", notional)
-        if order_id is None:
-            order_id = _GeneratedOrderId()
-        elif type(order_id) is not str:
-            _amounts.check_order_id(order_id)
+        if order_id is not None and type(order_id) is not str:
+            _check_order_id(order_id)  # None: the id is generated when asked for
         ledger = self._ledger
         owner = ledger._owner
         if owner is not None and owner == _get_ident():
@@ -406,7 +404,7 @@ class PortfolioGate:
                             entry = None
                             sym_res = 0
                         # A limit that is not set is scaled to infinity: every test is one compare.
-                        if order_id in orders:
+                        if order_id is not None and order_id in orders:
                             outcome = _DUPLICATE
                         elif self._halted:
                             outcome = _HALTED
@@ -433,11 +431,13 @@ class PortfolioGate:
                             if now > stamp:  # max() would be a call under the lock
                                 stamp = ledger._last_stamp = now
                             res._reserved_at = stamp
-                            if not orders:
+                            queue = ledger._queue
+                            if not queue:
                                 ledger._head = seq
                                 ledger._next_expiry = stamp + ledger._ttl
-                            orders[order_id] = res
-                            ledger._queue[seq] = res
+                            if order_id is not None:
+                                orders[order_id] = res
+                            queue[seq] = res
                             if entry is None:
                                 res._sym_prev = res._sym_next = None
                                 syms[symbol] = [1, n, res]

@@ -114,6 +114,44 @@ def test_generated_order_id_when_none_given(gate: PortfolioGate) -> None:
     assert first.order_id != second.order_id
 
 
+def test_generated_order_id_finds_its_reservation(
+    gate: PortfolioGate, ledger: PendingEntryLedger
+) -> None:
+    """A generated id is made when read; every reading names the same reservation."""
+    res = gate.try_enter("AAA", 1).reservation
+    other = gate.try_enter("BBB", 1).reservation
+    assert res is not None and other is not None
+    assert res.order_id == res.order_id and hash(res.order_id) == hash(res.order_id)
+    assert {res.order_id: 1}[res.order_id] == 1
+    assert res.order_id != other.order_id and res.order_id != repr(res.order_id)
+    assert gate.confirm_fill(res.order_id, 1) is True  # found by its generated id
+    assert res.state is ReservationState.FILLED and gate.positions() == {"AAA": 1}
+    assert ledger.release_order(res.order_id) is False  # ended: nothing to release
+    assert ledger.release_order(other.order_id) is True
+    assert other.state is ReservationState.RELEASED
+
+
+def test_generated_order_id_of_another_ledger_finds_nothing(
+    gate: PortfolioGate, ledger: PendingEntryLedger, clock: ManualClock
+) -> None:
+    res = gate.try_enter("AAA", 1).reservation
+    assert res is not None
+    elsewhere = PendingEntryLedger(10.0, clock=clock)
+    assert elsewhere.release_order(res.order_id) is False
+    assert res.active
+
+
+def test_a_generated_order_id_cannot_be_passed_as_a_callers(
+    gate: PortfolioGate, ledger: PendingEntryLedger, unchanged: Unchanged
+) -> None:
+    res = gate.try_enter("AAA", 1).reservation
+    assert res is not None
+    with unchanged(ledger, gate), pytest.raises(ValueError, match="generated"):
+        gate.try_enter("BBB", 1, order_id=res.order_id)
+    with ledger.lock() as pending, pytest.raises(ValueError, match="generated"):
+        pending.reserve("BBB", 1, order_id=res.order_id)
+
+
 # ---------------------------------------------------------------------------- the rules
 
 
