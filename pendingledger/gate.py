@@ -496,11 +496,15 @@ class PortfolioGate:
         ledger = self._ledger
         if positions is None:
             return self._gather_owned(symbol, limits, num, q, grow=grow)
-        book = positions() if callable(positions) else positions
-        if type(book) is not dict and not isinstance(book, Mapping):
-            raise TypeError(
-                f"positions must be a mapping of symbol to exposure (or return one), got {book!r}"
-            )
+        if type(positions) is dict:
+            book: Mapping[Any, Number] = positions
+        else:
+            book = positions() if callable(positions) else positions
+            if type(book) is not dict and not isinstance(book, Mapping):
+                raise TypeError(
+                    "positions must be a mapping of symbol to exposure (or return one), "
+                    f"got {book!r}"
+                )
         # A snapshot: the caller's dict may be changed by another thread while we read it.
         snapshot = dict(book) if book else {}
         if snapshot:
@@ -515,7 +519,9 @@ class PortfolioGate:
         if grow:
             ledger._ensure_den_locked(math.lcm(q, g_den, s_den, *_limit_denominators(limits)))
         den = ledger._den
-        scaled = self._scaled_limits(limits, den)
+        scaled = self._scaled
+        if scaled is None or scaled[0] is not limits or scaled[1] != den:
+            scaled = self._scaled_limits(limits, den)
         if scaled is None or den % q or den % g_den or den % s_den:
             return None  # the ledger's denominator must grow first: under the lock
         max_pos = scaled[2]
@@ -524,8 +530,7 @@ class PortfolioGate:
         if max_pos != _INF and snapshot:
             # One lookup per open symbol in the live dict: safe while other threads change it
             # (iterating it is not: a Python-level __hash__ lets a resize happen mid-walk).
-            syms = ledger._syms
-            inter = sum(1 for s in snapshot if s in syms)
+            inter = sum(map(ledger._syms.__contains__, snapshot))
         return (
             num * (den // q),
             max_pos,
