@@ -120,7 +120,7 @@ def test_generated_order_id_finds_its_reservation(
     """A generated id is made when read; every reading names the same reservation."""
     res = gate.try_enter("AAA", 1).reservation
     other = gate.try_enter("BBB", 1).reservation
-    assert res is not None and other is not None
+    assert isinstance(res, Reservation) and isinstance(other, Reservation)
     assert res.order_id == res.order_id and hash(res.order_id) == hash(res.order_id)
     assert {res.order_id: 1}[res.order_id] == 1
     assert res.order_id != other.order_id and res.order_id != repr(res.order_id)

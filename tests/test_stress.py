@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -142,7 +142,7 @@ def test_with_the_gate_owning_the_position_book_no_limit_is_breached_either() ->
     assert result.late_answers == 0
     _assert_books_balance(result, backend)
     _assert_every_path_taken(result)
-    assert backend.gate.positions() == {}  # type: ignore[attr-defined]  # flat at the end
+    assert backend.gate.positions() == {}  # flat at the end
 
     caught, (broken_backend,) = _run(
         replace(config, broken=True, stop_after_breaches=25), ManualClock()
@@ -359,7 +359,7 @@ def test_soak(request: pytest.FixtureRequest, fast_switching: None) -> None:
         seed += 1
         seconds = min(10.0, max(1.0, end - time.monotonic()))
         manual = seed % 2 == 0
-        book = "gate" if seed % 3 == 0 else "cache"
+        book: Literal["cache", "gate"] = "gate" if seed % 3 == 0 else "cache"
         config = replace(STRESS, seed=seed, seconds=seconds, ttl=1.0, book=book)
         result, (backend,) = _run(config, ManualClock() if manual else None)
         assert result.late_answers == 0, (seed, result.notes)
