@@ -29,6 +29,7 @@ Design notes a maintainer must keep:
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import math
 import threading
@@ -62,6 +63,7 @@ Number = int | float | Decimal | Fraction
 _INF: Final = math.inf
 _MAX_DEN_BITS: Final = 4096  # cap on the common denominator (see _ensure_den_locked)
 _get_ident: Final = threading.get_ident
+_ledger_serials: Final = itertools.count(1)  # next() is atomic: safe from any thread
 
 # Reservation states as small ints: compared inside the lock, where an Enum would cost a call.
 _ACTIVE: Final = 0
@@ -101,23 +103,34 @@ class _GeneratedOrderId:
     Made when ``Reservation.order_id`` is read, not when the reservation is: a reservation made
     without an id then costs neither an id object nor an entry in the ledger's order index, which
     is most of a decision's dict work besides the reservation itself.
+
+    It names the reservation by its ledger's serial number and its sequence number, both never
+    reused in a process, and holds no reference: keeping an id keeps nothing else alive, and it
+    pickles and copies as two ints.
     """
 
-    __slots__ = ("_res",)
+    __slots__ = ("_ledger_serial", "_seq")
 
-    def __init__(self, res: Reservation) -> None:
-        self._res = res
+    def __init__(self, ledger_serial: int, seq: int) -> None:
+        self._ledger_serial = ledger_serial
+        self._seq = seq
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not _GeneratedOrderId:
             return NotImplemented
-        return other._res is self._res
+        return other._seq == self._seq and other._ledger_serial == self._ledger_serial
 
     def __hash__(self) -> int:
-        return id(self._res)
+        return hash((self._ledger_serial, self._seq))
+
+    def __getstate__(self) -> tuple[int, int]:
+        return (self._ledger_serial, self._seq)
+
+    def __setstate__(self, state: tuple[int, int]) -> None:
+        self._ledger_serial, self._seq = state
 
     def __repr__(self) -> str:
-        return f"<generated order id {id(self._res):#x}>"
+        return f"<generated order id {self._seq} of ledger {self._ledger_serial}>"
 
 
 def _check_order_id(order_id: object) -> None:
@@ -180,7 +193,9 @@ class Reservation:
         """The caller's order id, or one generated for a reservation made without it (equal to
         every other reading of this reservation's ``order_id``, and to nothing else)."""
         order_id = self._order_id
-        return _GeneratedOrderId(self) if order_id is None else order_id
+        if order_id is None:
+            return _GeneratedOrderId(self._ledger._serial, self._seq)
+        return order_id
 
     @property
     def notional(self) -> Number:
@@ -400,6 +415,7 @@ class PendingEntryLedger:
         "_owner",
         "_queue",
         "_seq",
+        "_serial",
         "_syms",
         "_ttl",
         "_version",
@@ -427,7 +443,10 @@ class PendingEntryLedger:
         self._clock = clock
         self._on_expire = on_expire
         self._lock = threading.Lock()
-        self._locked = _lock_context(self._lock)  # ``with`` it on the hot paths (see there)
+        # ``with`` it on the hot paths (see _lock_context). It holds this lock's own methods:
+        # replace _lock and _locked together, or the hot and slow paths take different locks.
+        self._locked = _lock_context(self._lock)
+        self._serial = next(_ledger_serials)  # names this ledger in its generated order ids
         self._owner: int | None = None  # thread holding the lock through a slow path or lock()
         self._view: PendingMap | None = None  # the open lock() block's view, if any
         # Outstanding reservations: every one by seq in _queue, those with a caller's order id
@@ -594,8 +613,11 @@ class PendingEntryLedger:
         Exact with the lock held; without it, a hint that the caller confirms under the lock.
         """
         if type(order_id) is _GeneratedOrderId:
-            res = order_id._res
-            return res if res._ledger is self and res._state == _ACTIVE else None
+            if order_id._ledger_serial != self._serial:
+                return None
+            # _queue holds only outstanding reservations; the seq names this one for good.
+            res = self._queue.get(order_id._seq)
+            return res if res is not None and res._order_id is None else None
         return self._orders.get(order_id)
 
     # ------------------------------------------------------------------ locked primitives

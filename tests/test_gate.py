@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import gc
+import pickle
 import random
 import sys
 import threading
@@ -129,6 +132,18 @@ def test_generated_order_id_finds_its_reservation(
     assert ledger.release_order(res.order_id) is False  # ended: nothing to release
     assert ledger.release_order(other.order_id) is True
     assert other.state is ReservationState.RELEASED
+
+
+def test_generated_order_id_holds_nothing_and_pickles(gate: PortfolioGate) -> None:
+    """An id kept in a caller's records keeps no reservation or ledger alive, and travels."""
+    res = gate.try_enter("AAA", 1).reservation
+    assert res is not None
+    order_id = res.order_id
+    held = [r for r in gc.get_referents(order_id) if r is not type(order_id)]  # (its class)
+    assert held and all(type(r) is int for r in held)
+    assert pickle.loads(pickle.dumps(order_id)) == order_id
+    assert copy.deepcopy(order_id) == order_id and hash(copy.copy(order_id)) == hash(order_id)
+    assert gate.release_order(pickle.loads(pickle.dumps(order_id))) is True
 
 
 def test_generated_order_id_of_another_ledger_finds_nothing(
