@@ -280,11 +280,44 @@ def test_same_symbol_race_against_the_symbol_limit(fast_switching: float) -> Non
 # expiry and rollbacks
 
 
-@pytest.mark.timeout(20)
-def test_each_reservation_is_released_exactly_once_under_a_race(fast_switching: float) -> None:
+def _end_right(gate: PortfolioGate, res: Reservation, order_id: Hashable, how: int) -> bool:
+    """End ``res`` one of the four ways a bot does; True if this call ended it."""
+    if how == 0:
+        return res.release()
+    if how == 1:
+        return gate.ledger.release_order(order_id)
+    if how == 2:
+        return res.reduce(1)
+    return gate.confirm_fill(order_id, 1)
+
+
+def _end_check_then_act(
+    gate: PortfolioGate, res: Reservation, order_id: Hashable, how: int
+) -> bool:
+    """Broken on purpose: whether the reservation is active is asked before the lock is taken,
+    and the end is made unconditionally once it is (a check-then-act race)."""
+    ledger = gate.ledger
+    if not res.active:
+        return False
+    with ledger._guard():
+        ledger._end_locked(res, 1)
+        ledger._n_released += 1
+    return True
+
+
+def _release_race(
+    end: Callable[[PortfolioGate, Reservation, Hashable, int], bool], ids: str
+) -> tuple[int, PendingEntryLedger]:
+    """16 threads end the same 200 reservations in random orders and ways; returns how many
+    calls said they ended one, and the ledger."""
     ledger = PendingEntryLedger(60, clock=ManualClock())
+    gate = PortfolioGate(ledger, PortfolioLimits(max_gross_exposure=10**9))
     with ledger.lock() as pending:
-        made = [pending.reserve(f"S{i % 10}", 1, order_id=i) for i in range(200)]
+        made = [
+            pending.reserve(f"S{i % 10}", 1, order_id=i if ids == "caller" else None)
+            for i in range(200)
+        ]
+    order_ids = [res.order_id for res in made]  # a generated id is read back, as a bot would
     wins: list[int] = []
     wins_lock = threading.Lock()
 
@@ -292,20 +325,40 @@ def test_each_reservation_is_released_exactly_once_under_a_race(fast_switching: 
         rng = random.Random(index)
         mine = 0
         for i in rng.sample(range(200), 200):
-            how = rng.randrange(3)
-            if how == 0:
-                mine += made[i].release()
-            elif how == 1:
-                mine += ledger.release_order(i)
-            else:
-                mine += made[i].reduce(1)
+            mine += end(gate, made[i], order_ids[i], rng.randrange(4))
         with wins_lock:
             wins.append(mine)
 
     run_concurrently(worker, 16)
-    assert sum(wins) == 200
+    return sum(wins), ledger
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("ids", ["caller", "generated"])
+def test_each_reservation_is_released_exactly_once_under_a_race(
+    fast_switching: float, ids: str
+) -> None:
+    ended, ledger = _release_race(_end_right, ids)
+    assert ended == 200
     stats = ledger.stats()
     assert (stats.outstanding, stats.released, stats.gross_notional) == (0, 200, 0)
+
+
+@pytest.mark.timeout(20)
+def test_the_release_race_catches_a_check_then_act_release(fast_switching: float) -> None:
+    """The harness above can fail: ending after an unlocked check ends some reservation twice,
+    which shows as a miscount or as the second end finding it gone."""
+    caught = False
+    for _ in range(8):  # each run catches it about 4 times in 5 (measured over 40 runs)
+        try:
+            ended, ledger = _release_race(_end_check_then_act, "generated")
+        except KeyError:  # the second end of one reservation found it already removed
+            caught = True
+        else:
+            caught = ended != 200 or ledger.stats().released != 200
+        if caught:
+            break
+    assert caught, "the release race did not catch a known-broken release"
 
 
 @pytest.mark.timeout(20)
