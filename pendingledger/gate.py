@@ -335,57 +335,49 @@ class PortfolioGate:
                         if inputs is None:
                             read = _READ_SLOW
                 ok = False
+                # The branches below are ordered so that a common decision only ever falls
+                # through them: on CPython 3.10 a *taken* conditional jump is a point where the
+                # thread may be switched out, here with the lock held (a lock convoy; later
+                # CPythons switch only at calls and backward jumps). Hence `if x: pass / else:`
+                # and nested rules instead of an elif chain. benchmarks/lockcheck.py lists the
+                # candidates.
                 with lock:
-                    if read <= _READ_EMPTY:
-                        # Nothing to gather but the ledger's own figures: read them here, where
-                        # they cannot change, with no call. Anything unusual (limits to scale, the
-                        # denominator to widen, expiry due) falls through to the slow path.
-                        scaled = self._scaled
-                        den = ledger._den
-                        if (
-                            scaled is None
-                            or scaled[0] is not limits
-                            or scaled[1] != den
-                            or (q != 1 and den % q)
-                            or now >= ledger._next_expiry
-                        ):
-                            read = _READ_SLOW
-                        elif read == _READ_OWNED:
-                            ok = True
-                            n = num * (den // q)
-                            max_pos, g_lim, s_lim = scaled[2], scaled[3], scaled[4]
-                            n_open = ledger._nbook
-                            inter = ledger._open_reserved
-                            pos_gross = ledger._book_gross
-                            if symbol in book:
-                                sym_open = True
-                                sym_pos = book[symbol][0]
+                    if read != _READ_SLOW:
+                        if read <= _READ_EMPTY:
+                            # Nothing to gather but the ledger's own figures: read them here,
+                            # where they cannot change, with no call. Anything unusual (limits
+                            # to scale, the denominator to widen, expiry due) retries at once on
+                            # the slow path.
+                            scaled = self._scaled
+                            den = ledger._den
+                            if (
+                                scaled is not None
+                                and scaled[0] is limits
+                                and scaled[1] == den
+                                and not den % q
+                                and now < ledger._next_expiry
+                            ):
+                                n = num * (den // q)
+                                max_pos, g_lim, s_lim = scaled[2], scaled[3], scaled[4]
+                                if read == _READ_OWNED:
+                                    ok = True
+                                    n_open = ledger._nbook
+                                    inter = ledger._open_reserved
+                                    pos_gross = ledger._book_gross
+                                    if symbol not in book:
+                                        sym_open = False
+                                        sym_pos = 0
+                                    else:
+                                        sym_open = True
+                                        sym_pos = book[symbol][0]
+                                elif ledger._version == version:
+                                    ok = True
+                                    n_open = inter = pos_gross = sym_pos = 0
+                                    sym_open = False
                             else:
-                                sym_open = False
-                                sym_pos = 0
-                        elif ledger._version == version:
+                                read = _READ_SLOW
+                        elif ledger._version == version and now < ledger._next_expiry:
                             ok = True
-                            n = num * (den // q)
-                            max_pos, g_lim, s_lim = scaled[2], scaled[3], scaled[4]
-                            n_open = inter = pos_gross = sym_pos = 0
-                            sym_open = False
-                    elif read == _READ_MAPPING:
-                        if ledger._version == version and now < ledger._next_expiry:
-                            ok = True
-                        elif now >= ledger._next_expiry:
-                            read = _READ_SLOW  # the sweep makes calls: decide under the lock
-                    if read == _READ_SLOW:
-                        ledger._owner = _get_ident()
-                        try:
-                            if now >= ledger._next_expiry:
-                                expired = ledger._sweep_locked(now)
-                            inputs = self._gather(positions, symbol, limits, num, q, grow=True)
-                        finally:
-                            ledger._owner = None
-                        ok = True
-                    if ok:
-                        # ---- the critical section proper: no calls from here on ----
-                        if read >= _READ_MAPPING:
                             (
                                 n,
                                 max_pos,
@@ -397,29 +389,60 @@ class PortfolioGate:
                                 sym_pos,
                                 s_lim,
                             ) = inputs  # type: ignore[misc]
-                        if symbol in syms:
-                            entry = syms[symbol]
-                            sym_res = entry[1]
-                        else:
+                        elif now >= ledger._next_expiry:
+                            read = _READ_SLOW  # the sweep makes calls: decide under the lock
+                    else:
+                        ledger._owner = _get_ident()
+                        try:
+                            if now >= ledger._next_expiry:
+                                expired = ledger._sweep_locked(now)
+                            inputs = self._gather(positions, symbol, limits, num, q, grow=True)
+                        finally:
+                            ledger._owner = None
+                        ok = True
+                        (
+                            n,
+                            max_pos,
+                            n_open,
+                            inter,
+                            sym_open,
+                            pos_gross,
+                            g_lim,
+                            sym_pos,
+                            s_lim,
+                        ) = inputs  # type: ignore[misc]
+                    if ok:
+                        # ---- the critical section proper: no calls from here on ----
+                        if symbol not in syms:
                             entry = None
                             sym_res = 0
-                        # A limit that is not set is scaled to infinity: every test is one compare.
-                        if order_id is not None and order_id in orders:
-                            outcome = _DUPLICATE
-                        elif self._halted:
-                            outcome = _HALTED
-                        elif (
-                            entry is None
-                            and not sym_open
-                            and n_open + ledger._nsyms - inter >= max_pos
-                        ):
-                            outcome = _MAX_POSITIONS
-                        elif pos_gross + ledger._gross + n > g_lim:
-                            outcome = _MAX_GROSS
-                        elif sym_pos + sym_res + n > s_lim:
-                            outcome = _MAX_SYMBOL
                         else:
-                            outcome = _ADMIT
+                            entry = syms[symbol]
+                            sym_res = entry[1]
+                        # The rules in order, first failure wins; a limit that is not set is
+                        # infinity, so every test is one comparison. (None is never a key of
+                        # orders: a generated id is not indexed.)
+                        if order_id not in orders:
+                            if not self._halted:
+                                if (
+                                    entry is not None
+                                    or sym_open
+                                    or n_open + ledger._nsyms - inter < max_pos
+                                ):
+                                    if pos_gross + ledger._gross + n <= g_lim:
+                                        if sym_pos + sym_res + n <= s_lim:
+                                            outcome = _ADMIT
+                                        else:
+                                            outcome = _MAX_SYMBOL
+                                    else:
+                                        outcome = _MAX_GROSS
+                                else:
+                                    outcome = _MAX_POSITIONS
+                            else:
+                                outcome = _HALTED
+                        else:
+                            outcome = _DUPLICATE
+                        if outcome == _ADMIT:
                             # Inlined PendingEntryLedger._insert_locked(res).
                             seq = ledger._seq
                             ledger._seq = seq + 1
@@ -432,18 +455,21 @@ class PortfolioGate:
                                 stamp = ledger._last_stamp = now
                             res._reserved_at = stamp
                             queue = ledger._queue
-                            if not queue:
+                            if queue:
+                                pass
+                            else:
                                 ledger._head = seq
                                 ledger._next_expiry = stamp + ledger._ttl
-                            if order_id is not None:
-                                orders[order_id] = res
                             queue[seq] = res
+                            if order_id is None:
+                                pass
+                            else:
+                                orders[order_id] = res
                             if entry is None:
                                 res._sym_prev = res._sym_next = None
                                 syms[symbol] = [1, n, res]
                                 ledger._nsyms += 1
-                                if symbol in book:
-                                    ledger._open_reserved += 1
+                                ledger._open_reserved += symbol in book  # a bool: no branch
                             else:
                                 first = entry[2]
                                 res._sym_prev = None
@@ -456,16 +482,17 @@ class PortfolioGate:
                             ledger._kinds |= kind
                             ledger._version += 1
                             self._admitted += 1
-                        if outcome and outcome != _DUPLICATE:
+                        elif outcome != _DUPLICATE:
                             self._denied[outcome] += 1
                         # ---- end of the critical section proper ----
                 if ok:
                     break
-                # Another thread changed the ledger since the version was read: read again, and
-                # after a few tries decide under the lock so nobody starves.
-                attempts += 1
-                if attempts >= _OPTIMISTIC_ATTEMPTS:
-                    read = _READ_SLOW
+                if read != _READ_SLOW:
+                    # Another thread changed the ledger since the version was read: read again,
+                    # and after a few tries decide under the lock so nobody starves.
+                    attempts += 1
+                    if attempts >= _OPTIMISTIC_ATTEMPTS:
+                        read = _READ_SLOW
         finally:
             if expired:
                 ledger._fire_expired(expired)

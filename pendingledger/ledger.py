@@ -257,17 +257,21 @@ class Reservation:
         if owner is not None and owner == _get_ident():
             return ledger._own_view_or_raise()._end(self, _RELEASED)
         expired = None
+        # Ordered so that a release falls through every branch (see PortfolioGate.try_enter:
+        # on CPython 3.10 a taken branch here would be a thread switch with the lock held).
         with ledger._locked:
-            if now >= ledger._next_expiry:
-                expired = ledger._sweep_locked(now)
-            if self._state:
-                done = False
+            if now < ledger._next_expiry:
+                pass
             else:
+                expired = ledger._sweep_locked(now)
+            if not self._state:
                 # Inlined PendingEntryLedger._end_locked(self, _RELEASED): no call under the lock.
                 orders = ledger._orders
                 syms = ledger._syms
                 symbol, n, order_id = self._symbol, self._n, self._order_id
-                if order_id is not None:
+                if order_id is None:
+                    pass
+                else:
                     del orders[order_id]
                 queue = ledger._queue
                 del queue[self._seq]
@@ -275,8 +279,7 @@ class Reservation:
                 if entry[0] == 1:
                     del syms[symbol]
                     ledger._nsyms -= 1
-                    if symbol in ledger._book:
-                        ledger._open_reserved -= 1
+                    ledger._open_reserved -= symbol in ledger._book  # a bool: no branch
                 else:
                     entry[0] -= 1
                     entry[1] -= n
@@ -288,7 +291,9 @@ class Reservation:
                     if after is not None:
                         after._sym_prev = prev
                 ledger._gross -= n
-                if not queue:
+                if queue:
+                    pass
+                else:
                     ledger._next_expiry = _INF
                     ledger._head = ledger._seq
                 self._state = _RELEASED
@@ -296,6 +301,8 @@ class Reservation:
                 ledger._version += 1
                 ledger._n_released += 1
                 done = True
+            else:
+                done = False
         if expired:
             ledger._fire_expired(expired)
         return done
