@@ -339,8 +339,8 @@ class PortfolioGate:
                 # through them: on CPython 3.10 a *taken* conditional jump is a point where the
                 # thread may be switched out, here with the lock held (a lock convoy; later
                 # CPythons switch only at calls and backward jumps). Hence `if x: pass / else:`
-                # and nested rules instead of an elif chain. benchmarks/lockcheck.py lists the
-                # candidates.
+                # and nested rules instead of an elif chain. benchmarks/takenjumps.py (run with
+                # 3.10) lists the jumps still taken; benchmarks/lockcheck.py every candidate.
                 with lock:
                     if read != _READ_SLOW:
                         if read <= _READ_EMPTY:
@@ -454,13 +454,8 @@ class PortfolioGate:
                             if now > stamp:  # max() would be a call under the lock
                                 stamp = ledger._last_stamp = now
                             res._reserved_at = stamp
-                            queue = ledger._queue
-                            if queue:
-                                pass
-                            else:
-                                ledger._head = seq
-                                ledger._next_expiry = stamp + ledger._ttl
-                            queue[seq] = res
+                            # _head and _next_expiry need no update (ledger.py's notes).
+                            ledger._queue[seq] = res
                             if order_id is None:
                                 pass
                             else:

@@ -18,8 +18,10 @@ Design notes a maintainer must keep:
   (they are clamped to the latest time seen), so deadlines are ordered like the sequence numbers
   reservations get. ``_queue`` maps sequence number to reservation; the sweep walks it from
   ``_head`` and stops at the first live reservation whose deadline is still ahead.
-  ``_next_expiry`` is never later than the real earliest deadline (it may be earlier, after the
-  oldest reservation was released), so a comparison against it is the whole per-acquisition cost.
+  ``_next_expiry`` is a lower bound on the deadline of every outstanding reservation *and of
+  every one yet to be made* (their stamps are at least ``_last_stamp``). Only a sweep raises it:
+  making or ending a reservation never has to touch it (no branch on the hot paths), and a bound
+  gone stale costs one sweep. A comparison against it is the whole per-acquisition cost.
 * **Amounts are exact integers over a common denominator ``_den``** (see ``_amounts``). The
   denominator only grows; a new one rescales every stored integer once (rare, under the lock).
 * **``_version`` changes on every mutation.** ``PortfolioGate`` reads it, computes outside the
@@ -291,11 +293,8 @@ class Reservation:
                     if after is not None:
                         after._sym_prev = prev
                 ledger._gross -= n
-                if queue:
-                    pass
-                else:
-                    ledger._next_expiry = _INF
-                    ledger._head = ledger._seq
+                # Emptied: the next sweep starts at the next seq (a select, not a branch).
+                ledger._head = (ledger._head, ledger._seq)[not queue]
                 self._state = _RELEASED
                 self._den_end = ledger._den
                 ledger._version += 1
@@ -474,7 +473,8 @@ class PendingEntryLedger:
         self._kinds = 0  # every kind of amount ever reserved (sticky): picks the type of sums
         self._seq = 0
         self._head = 0
-        self._next_expiry = _INF
+        # Below every deadline to come (module notes); the first acquisition sweeps and sets it.
+        self._next_expiry = -_INF
         self._last_stamp = -_INF  # reservation times never go backwards (see the module notes)
         self._version = 0
         self._n_released = 0
@@ -649,7 +649,10 @@ class PendingEntryLedger:
             expired.append(res)
             head += 1
         else:
-            self._next_expiry = _INF
+            # Nothing outstanding: every reservation made from now on is stamped at least `now`
+            # (stamps are clamped to _last_stamp), so its deadline is at least now + ttl.
+            self._last_stamp = max(self._last_stamp, now)
+            self._next_expiry = self._last_stamp + ttl
         if self._queue:
             self._head = head
         return expired
@@ -713,7 +716,6 @@ class PendingEntryLedger:
                 after._sym_prev = prev
         self._gross -= n
         if not self._queue:
-            self._next_expiry = _INF
             self._head = self._seq
         res._state = state
         res._den_end = self._den
