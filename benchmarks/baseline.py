@@ -264,7 +264,7 @@ def gate_worker(
     try_enter: Callable[..., Any],
     symbols: Sequence[str],
     notional: Any,
-    positions: Mapping[str, Any],
+    positions: Mapping[str, Any] | None,
     *,
     barrier: threading.Barrier,
     stop: list[bool],

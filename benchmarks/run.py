@@ -51,6 +51,7 @@ TTL = 3600.0  # long enough that nothing expires during a run (the clock is time
 NOTIONAL = 100.0
 POSITIONS: dict[str, float] = {"OPEN0": 1_000.0, "OPEN1": -2_500.0, "OPEN2": 400.0}
 NO_POSITIONS: dict[str, float] = {}
+OWN_BOOK = "pendingledger own book"  # a contention subject: positions=None, not a mapping
 HOT = [f"HOT{i}" for i in range(16)]  # the symbols the timed decisions enter and release
 
 
@@ -489,7 +490,10 @@ def _run_window(
         lock = threading.Lock()
         book: dict[str, Any] = {}
     else:
-        gate = _subject()[1] if kind == "pendingledger" else _port()[1]
+        gate = _subject()[1] if kind.startswith("pendingledger") else _port()[1]
+    # "pendingledger own book": the gate's own position book (positions=None), empty; the rest
+    # pass the three open positions as a mapping, which the port needs.
+    positions = None if kind == OWN_BOOK else POSITIONS
 
     def run(index: int) -> None:
         symbols = [f"T{index}S{j}" for j in range(8)]
@@ -503,7 +507,7 @@ def _run_window(
                     gate.try_enter,
                     symbols,
                     NOTIONAL,
-                    POSITIONS,
+                    positions,
                     barrier=barrier,
                     stop=stop,
                     deadline=deadline,
@@ -551,7 +555,7 @@ def bench_contention(mode: Mode, results: Results) -> None:
         f"own symbols, {mode.window_s:g} s windows, "
         f"switch interval {sys.getswitchinterval():g} s =="
     )
-    kinds = ("pendingledger", "floor", "port")
+    kinds = ("pendingledger", OWN_BOOK, "floor", "port")
     rates: dict[tuple[str, int], list[float]] = {}
     lats: dict[tuple[str, int], list[int]] = {}
     rounds: list[dict[str, float]] = []
