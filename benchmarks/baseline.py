@@ -270,18 +270,21 @@ def gate_worker(
     stop: list[bool],
     deadline: list[int],
 ) -> tuple[int, list[int]]:
+    """Each symbol is entered with its own client order id, as a bot does (the port ignores it);
+    the ids repeat, which is fine: each reservation is released before its id comes round."""
     latencies: list[int] = []
     sample = latencies.append
-    timed = symbols[0]
+    orders = [(symbol, f"{symbol}-order") for symbol in symbols]
+    timed, timed_id = orders[0]
     count = 0
     chunk = len(symbols) + 1
     barrier.wait()
     end = deadline[0]
     while not stop[0] and _ns() < end:
-        for symbol in symbols:
-            try_enter(symbol, notional, positions).reservation.release()
+        for symbol, order_id in orders:
+            try_enter(symbol, notional, positions, order_id=order_id).reservation.release()
         t0 = _ns()
-        decision = try_enter(timed, notional, positions)
+        decision = try_enter(timed, notional, positions, order_id=timed_id)
         t1 = _ns()
         decision.reservation.release()
         sample(t1 - t0)

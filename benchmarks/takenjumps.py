@@ -86,21 +86,24 @@ def main() -> int:
     )
     positions = {"OPEN0": 1_000.0, "OPEN1": -2_500.0, "OPEN2": 400.0}
     print(f"CPython {sys.version.split()[0]}: conditional jumps taken with the ledger lock held")
-    cases: list[tuple[str, Any, bool]] = [
-        ("own book (positions=None), nothing else outstanding", None, False),
-        ("own book, other reservations outstanding", None, True),
-        ("empty dict", {}, False),
-        ("mapping of 3 open positions", positions, False),
+    cases: list[tuple[str, Any, bool, str | None]] = [
+        ("own book (positions=None), a client order id", None, False, "cl-1"),
+        ("own book, client order id, other reservations outstanding", None, True, "cl-1"),
+        ("own book, no order id (generated)", None, False, None),
+        ("empty dict, client order id", {}, False, "cl-1"),
+        ("mapping of 3 open positions, client order id", positions, False, "cl-1"),
     ]
-    for label, source, busy in cases:
+    for label, source, busy, order_id in cases:
         ledger = PendingEntryLedger(3600.0)
         gate = PortfolioGate(ledger, limits)
         if busy:
             gate.try_enter("OTHER", 1.0, source)
         gate.try_enter("WARM", 1.0, source).reservation.release()  # scale limits, warm up
 
-        def decide(gate: PortfolioGate = gate, source: Any = source) -> None:
-            reservation = gate.try_enter("HOT", 100.0, source).reservation
+        def decide(
+            gate: PortfolioGate = gate, source: Any = source, order_id: str | None = order_id
+        ) -> None:
+            reservation = gate.try_enter("HOT", 100.0, source, order_id=order_id).reservation
             assert reservation is not None, "the traced decision must be admitted"
             reservation.release()
 

@@ -68,6 +68,7 @@ or a zero-argument callable returning such a mapping."""
 _INF: Final = float("inf")
 _get_ident: Final = threading.get_ident
 _OPTIMISTIC_ATTEMPTS: Final = 4
+_NOT_INDEXED: Final = object()  # never a key of the ledger's order index
 # How try_enter reads positions (ordered: the first two are gathered under the lock, no call).
 _READ_OWNED: Final = 0
 _READ_EMPTY: Final = 1
@@ -291,6 +292,9 @@ class PortfolioGate:
             num, q, kind = _amounts.positive_ratio("notional", notional)
         if order_id is not None and type(order_id) is not str:
             _check_order_id(order_id)  # None: the id is generated when asked for
+        # What the duplicate test looks up: a generated id is never indexed, so it looks up a
+        # private object no key can equal (not None, which a caller's odd __eq__ might match).
+        id_key = _NOT_INDEXED if order_id is None else order_id
         ledger = self._ledger
         owner = ledger._owner
         if owner is not None and owner == _get_ident():
@@ -335,7 +339,8 @@ class PortfolioGate:
                         if inputs is None:
                             read = _READ_SLOW
                 ok = False
-                # The branches below are ordered so that a common decision only ever falls
+                # The branches below are ordered so that a common decision (admitted, a caller's
+                # order id, the first reservation on its symbol, the owned book) only ever falls
                 # through them: on CPython 3.10 a *taken* conditional jump is a point where the
                 # thread may be switched out, here with the lock held (a lock convoy; later
                 # CPythons switch only at calls and backward jumps). Hence `if x: pass / else:`
@@ -420,9 +425,8 @@ class PortfolioGate:
                             entry = syms[symbol]
                             sym_res = entry[1]
                         # The rules in order, first failure wins; a limit that is not set is
-                        # infinity, so every test is one comparison. (None is never a key of
-                        # orders: a generated id is not indexed.)
-                        if order_id not in orders:
+                        # infinity, so every test is one comparison.
+                        if id_key not in orders:
                             if not self._halted:
                                 if (
                                     entry is not None
@@ -456,9 +460,7 @@ class PortfolioGate:
                             res._reserved_at = stamp
                             # _head and _next_expiry need no update (ledger.py's notes).
                             ledger._queue[seq] = res
-                            if order_id is None:
-                                pass
-                            else:
+                            if order_id is not None:  # a caller's id (the usual case)
                                 orders[order_id] = res
                             if entry is None:
                                 res._sym_prev = res._sym_next = None

@@ -271,9 +271,7 @@ class Reservation:
                 orders = ledger._orders
                 syms = ledger._syms
                 symbol, n, order_id = self._symbol, self._n, self._order_id
-                if order_id is None:
-                    pass
-                else:
+                if order_id is not None:  # a caller's id (the usual case)
                     del orders[order_id]
                 queue = ledger._queue
                 del queue[self._seq]

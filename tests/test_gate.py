@@ -134,6 +134,22 @@ def test_generated_order_id_finds_its_reservation(
     assert other.state is ReservationState.RELEASED
 
 
+class _LikeNone:
+    """A caller's order id that hashes and compares like None (odd, but hashable)."""
+
+    def __hash__(self) -> int:
+        return hash(None)
+
+    def __eq__(self, other: object) -> bool:
+        return other is None or isinstance(other, _LikeNone)
+
+
+def test_a_callers_id_that_equals_none_does_not_block_generated_ids(gate: PortfolioGate) -> None:
+    assert gate.try_enter("AAA", 1, order_id=_LikeNone())
+    assert gate.try_enter("BBB", 1)  # generated: never looked up as None
+    assert gate.try_enter("CCC", 1)
+
+
 def test_generated_order_id_holds_nothing_and_pickles(gate: PortfolioGate) -> None:
     """An id kept in a caller's records keeps no reservation or ledger alive, and travels."""
     res = gate.try_enter("AAA", 1).reservation
