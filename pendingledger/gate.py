@@ -458,7 +458,7 @@ class PortfolioGate:
                             if now > stamp:  # max() would be a call under the lock
                                 stamp = ledger._last_stamp = now
                             res._reserved_at = stamp
-                            # _head and _next_expiry need no update (ledger.py's notes).
+                            # _next_expiry needs no update (ledger.py's notes).
                             ledger._queue[seq] = res
                             if order_id is not None:  # a caller's id (the usual case)
                                 orders[order_id] = res

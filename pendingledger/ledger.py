@@ -16,8 +16,12 @@ Design notes a maintainer must keep:
   ``_insert_locked``/``_end_locked``; keep the copies in step.
 * **Expiry is O(1) amortized.** TTL is fixed per ledger and reservation times never go backwards
   (they are clamped to the latest time seen), so deadlines are ordered like the sequence numbers
-  reservations get. ``_queue`` maps sequence number to reservation; the sweep walks it from
-  ``_head`` and stops at the first live reservation whose deadline is still ahead.
+  reservations get. ``_queue`` maps sequence number to reservation and, being a dict, keeps them
+  in the order they were made: the sweep takes them oldest first and stops at the first whose
+  deadline is still ahead, so it touches only what expires plus one. (Walking sequence numbers
+  instead would also step over every reservation made and released since the oldest one: one
+  long stall under the lock per TTL in a busy bot.) A rollback that restores an ended
+  reservation re-sorts ``_queue`` once, the only time a seq is inserted out of order.
   ``_next_expiry`` is a lower bound on the deadline of every outstanding reservation *and of
   every one yet to be made* (their stamps are at least ``_last_stamp``). Only a sweep raises it:
   making or ending a reservation never has to touch it (no branch on the hot paths), and a bound
@@ -291,8 +295,6 @@ class Reservation:
                     if after is not None:
                         after._sym_prev = prev
                 ledger._gross -= n
-                # Emptied: the next sweep starts at the next seq (a select, not a branch).
-                ledger._head = (ledger._head, ledger._seq)[not queue]
                 self._state = _RELEASED
                 self._den_end = ledger._den
                 ledger._version += 1
@@ -403,7 +405,6 @@ class PendingEntryLedger:
         "_clock",
         "_den",
         "_gross",
-        "_head",
         "_kinds",
         "_last_stamp",
         "_lock",
@@ -470,7 +471,6 @@ class PendingEntryLedger:
         self._den = 1
         self._kinds = 0  # every kind of amount ever reserved (sticky): picks the type of sums
         self._seq = 0
-        self._head = 0
         # Below every deadline to come (module notes); the first acquisition sweeps and sets it.
         self._next_expiry = -_INF
         self._last_stamp = -_INF  # reservation times never go backwards (see the module notes)
@@ -631,29 +631,26 @@ class PendingEntryLedger:
     def _sweep_locked(self, now: float) -> list[Reservation]:
         """Expire every reservation whose deadline is <= now; return them (fire after release)."""
         expired: list[Reservation] = []
-        queue, ttl = self._queue, self._ttl
-        head, end = self._head, self._seq
-        while head < end:
-            res = queue.get(head)
-            if res is None:
-                head += 1
-                continue
+        ttl = self._ttl
+        for res in self._queue.values():  # oldest first (module notes)
             deadline = res._reserved_at + ttl
             if deadline > now:
                 self._next_expiry = deadline
                 break
-            self._end_locked(res, _EXPIRED)
-            self._n_expired += 1
             expired.append(res)
-            head += 1
         else:
-            # Nothing outstanding: every reservation made from now on is stamped at least `now`
-            # (stamps are clamped to _last_stamp), so its deadline is at least now + ttl.
+            # Nothing left: every reservation made from now on is stamped at least `now` (stamps
+            # are clamped to _last_stamp), so its deadline is at least now + ttl.
             self._last_stamp = max(self._last_stamp, now)
             self._next_expiry = self._last_stamp + ttl
-        if self._queue:
-            self._head = head
+        for res in expired:
+            self._end_locked(res, _EXPIRED)
+        self._n_expired += len(expired)
         return expired
+
+    def _reorder_queue_locked(self) -> None:
+        """Put ``_queue`` back in seq order after reservations were restored (rare: O(n log n))."""
+        self._queue = dict(sorted(self._queue.items()))
 
     def _stamp_locked(self, now: float) -> float:
         """The time to stamp a new reservation with: ``now``, but never before the last stamp."""
@@ -661,9 +658,12 @@ class PendingEntryLedger:
         return self._last_stamp
 
     def _insert_locked(self, res: Reservation) -> None:
-        """Insert an active reservation whose seq and times are set (new, or restored)."""
+        """Insert an active reservation whose seq and times are set (new, or restored).
+
+        A restored one (an older seq) lands at the end of ``_queue``: the caller re-sorts it with
+        ``_reorder_queue_locked`` before the lock is released.
+        """
         symbol, n, seq = res._symbol, res._n, res._seq
-        was_empty = not self._queue
         if res._order_id is not None:
             self._orders[res._order_id] = res
         self._queue[seq] = res
@@ -684,8 +684,6 @@ class PendingEntryLedger:
             entry[2] = res
         self._gross += n
         self._kinds |= _amounts.kind_of(res._initial)
-        if was_empty or seq < self._head:
-            self._head = seq
         self._next_expiry = min(self._next_expiry, res._reserved_at + self._ttl)
         res._state = _ACTIVE
         self._version += 1
@@ -713,8 +711,6 @@ class PendingEntryLedger:
             if after is not None:
                 after._sym_prev = prev
         self._gross -= n
-        if not self._queue:
-            self._head = self._seq
         res._state = state
         res._den_end = self._den
         self._version += 1
@@ -1016,6 +1012,7 @@ class PendingMap:
     def _rollback(self) -> None:
         """Undo the journal, newest first. Runs under the lock, before it is released."""
         ledger = self._ledger
+        restored = False
         for record in reversed(self._journal):
             res = record[1]
             if record[0] == "reserve":
@@ -1025,6 +1022,7 @@ class PendingMap:
                 res._n *= ledger._den // res._den_end
                 ledger._insert_locked(res)
                 ledger._n_released -= 1
+                restored = True
             else:
                 _, _, removed, den_then, state_after = record
                 amount = removed * (ledger._den // den_then)
@@ -1032,6 +1030,7 @@ class PendingMap:
                     res._n = amount  # the whole remainder, rescaled to the current _den
                     ledger._insert_locked(res)
                     ledger._n_released -= 1
+                    restored = True
                 else:
                     res._n += amount
                     ledger._syms[res._symbol][1] += amount
@@ -1039,3 +1038,5 @@ class PendingMap:
                     ledger._version += 1
         self._journal.clear()
         ledger._kinds = self._kinds_before
+        if restored:
+            ledger._reorder_queue_locked()

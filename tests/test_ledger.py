@@ -985,6 +985,23 @@ def test_reservation_expires_at_its_expires_at_even_when_committed_out_of_order(
         assert res.active is (manual() < res.expires_at), (res, res.expires_at, manual())
 
 
+def test_a_reservation_restored_by_a_rollback_still_expires_on_time(clock: ManualClock) -> None:
+    """A rollback puts an ended reservation back behind newer ones; the sweep, which takes
+    reservations oldest first, must still find it when its TTL runs out."""
+    ledger = PendingEntryLedger(10, clock=clock)
+    old = reserve(ledger, "AAA", 1, order_id="old")
+    clock.advance(5)
+    new = reserve(ledger, "BBB", 1, order_id="new")
+    with pytest.raises(RuntimeError), ledger.lock() as pending:
+        assert pending.release_order("old")
+        raise RuntimeError("undo")
+    assert is_active(old)
+    clock.advance(5)  # old's deadline; new has 5 s left
+    assert state_of(old) is ReservationState.EXPIRED
+    assert state_of(new) is ReservationState.ACTIVE
+    assert ledger.stats().expired == 1
+
+
 def test_a_reservation_never_reads_as_active_past_its_ttl(clock: ManualClock) -> None:
     expired: list[Reservation] = []
     ledger = PendingEntryLedger(10, clock=clock, on_expire=expired.append)
