@@ -724,7 +724,9 @@ class PendingEntryLedger:
         den = self._den
         if den % q == 0:
             return
-        if not self._queue and not self._book:
+        if not self._queue and not self._book and self._view is None:
+            # Start again from q, except inside a lock() block: a rollback rescales the amounts
+            # it restores by new den // old den, which needs the old den to divide the new one.
             den = 1
         new = math.lcm(den, q)
         if new.bit_length() > _MAX_DEN_BITS:

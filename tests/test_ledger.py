@@ -1002,6 +1002,23 @@ def test_a_reservation_restored_by_a_rollback_still_expires_on_time(clock: Manua
     assert ledger.stats().expired == 1
 
 
+def test_a_rollback_restores_the_amount_after_the_ledger_emptied_in_the_block() -> None:
+    """Emptying the ledger lets the common denominator start again; not inside a block that may
+    be undone, whose rollback rescales what it restores from the old denominator."""
+    ledger = PendingEntryLedger(10, clock=ManualClock())
+    res = reserve(ledger, "AAA", Fraction(1, 2), order_id="a")
+    with pytest.raises(KeyError), ledger.lock() as pending:
+        res.release()  # the ledger is empty now
+        pending.reserve("BBB", Fraction(1, 3))
+        raise KeyError("undo")
+    assert res.notional == Fraction(1, 2)
+    assert ledger.stats().gross_notional == Fraction(1, 2)
+    res.release()
+    gate = PortfolioGate(ledger, PortfolioLimits())
+    assert gate.try_enter("CCC", Fraction(1, 5))  # empty, outside a block: it starts again
+    assert ledger._den == 5
+
+
 def test_a_reservation_never_reads_as_active_past_its_ttl(clock: ManualClock) -> None:
     expired: list[Reservation] = []
     ledger = PendingEntryLedger(10, clock=clock, on_expire=expired.append)
