@@ -724,9 +724,11 @@ class PendingEntryLedger:
         den = self._den
         if den % q == 0:
             return
-        if not self._queue and not self._book and self._view is None:
-            # Start again from q, except inside a lock() block: a rollback rescales the amounts
-            # it restores by new den // old den, which needs the old den to divide the new one.
+        view = self._view
+        if not self._queue and not self._book and (view is None or not view._restorable):
+            # Start again from q, unless an open lock() block has ended reservations: its
+            # rollback would rescale them by new den // old den, which needs the old den to
+            # divide the new one.
             den = 1
         new = math.lcm(den, q)
         if new.bit_length() > _MAX_DEN_BITS:
@@ -903,7 +905,7 @@ class PendingMap:
     that raises leaves the ledger as it found it.
     """
 
-    __slots__ = ("_journal", "_kinds_before", "_ledger", "_now", "_open")
+    __slots__ = ("_journal", "_kinds_before", "_ledger", "_now", "_open", "_restorable")
 
     def __init__(self, ledger: PendingEntryLedger, now: float) -> None:
         self._ledger = ledger
@@ -912,6 +914,7 @@ class PendingMap:
         # ("reserve", res) | ("end", res) | ("reduce", res, removed, den then, state after)
         self._journal: list[tuple[Any, ...]] = []
         self._kinds_before = ledger._kinds  # the kinds of amounts seen, restored on rollback
+        self._restorable = False  # whether a rollback would put back an ended or reduced one
 
     def _live(self) -> PendingEntryLedger:
         if not self._open:
@@ -1001,6 +1004,7 @@ class PendingMap:
         ledger._end_locked(res, state)
         ledger._n_released += 1
         self._journal.append(("end", res))
+        self._restorable = True
         return True
 
     def _reduce(self, res: Reservation, num: int, q: int) -> bool:
@@ -1009,6 +1013,7 @@ class PendingMap:
             return False
         removed = ledger._reduce_locked(res, ledger._scaled_locked(num, q))
         self._journal.append(("reduce", res, removed, ledger._den, res._state))
+        self._restorable = True
         return True
 
     def _rollback(self) -> None:
