@@ -18,7 +18,8 @@ Design notes a maintainer must keep:
   (they are clamped to the latest time seen), so deadlines are ordered like the sequence numbers
   reservations get. ``_queue`` maps sequence number to reservation and, being a dict, keeps them
   in the order they were made: the sweep takes them oldest first and stops at the first whose
-  deadline is still ahead, so it touches only what expires plus one. (Walking sequence numbers
+  deadline is still ahead, so it touches only what expires plus one (and skips, at C speed, the
+  slots of entries deleted since the dict last compacted itself). (Walking sequence numbers
   instead would also step over every reservation made and released since the oldest one: one
   long stall under the lock per TTL in a busy bot.) A rollback that restores an ended
   reservation re-sorts ``_queue`` once, the only time a seq is inserted out of order.
@@ -27,7 +28,9 @@ Design notes a maintainer must keep:
   making or ending a reservation never has to touch it (no branch on the hot paths), and a bound
   gone stale costs one sweep. A comparison against it is the whole per-acquisition cost.
 * **Amounts are exact integers over a common denominator ``_den``** (see ``_amounts``). The
-  denominator only grows; a new one rescales every stored integer once (rare, under the lock).
+  denominator only grows while anything is outstanding (an empty ledger starts again, unless an
+  open ``lock()`` block could restore what it ended); a new one rescales every stored integer
+  once (rare, under the lock).
 * **``_version`` changes on every mutation.** ``PortfolioGate`` reads it, computes outside the
   lock, and commits only if it is unchanged (see ``gate.py`` for why that keeps the guarantee).
 """
