@@ -813,7 +813,8 @@ def _meta(mode: Mode) -> dict[str, Any]:
             timeout=5,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+        # An installed copy (CI installs a wheel, not the checkout): say which release it is.
+        commit = f"{pendingledger.__version__} (installed, no git commit)"
     return {
         "mode": mode.name,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
