@@ -41,6 +41,7 @@ import enum
 import itertools
 import logging
 import math
+import secrets
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
@@ -73,6 +74,15 @@ _INF: Final = math.inf
 _MAX_DEN_BITS: Final = 4096  # cap on the common denominator (see _ensure_den_locked)
 _get_ident: Final = threading.get_ident
 _ledger_serials: Final = itertools.count(1)  # next() is atomic: safe from any thread
+
+
+def _new_ledger_serial() -> int:
+    """A number naming one ledger: unique in this process (the counter), and apart from every
+    ledger of another process or an earlier run (64 random bits from the OS, drawn per ledger, so
+    a child forked before it was made draws its own), so an id kept in a bot's records or sent
+    elsewhere never names an unrelated reservation."""
+    return next(_ledger_serials) << 64 | secrets.randbits(64)
+
 
 # Reservation states as small ints: compared inside the lock, where an Enum would cost a call.
 _ACTIVE: Final = 0
@@ -113,9 +123,9 @@ class _GeneratedOrderId:
     without an id then costs neither an id object nor an entry in the ledger's order index, which
     is most of a decision's dict work besides the reservation itself.
 
-    It names the reservation by its ledger's serial number and its sequence number, both never
-    reused in a process, and holds no reference: keeping an id keeps nothing else alive, and it
-    pickles and copies as two ints.
+    It names the reservation by its ledger's serial number (``_new_ledger_serial``) and its
+    sequence number, and holds no reference: keeping an id keeps nothing else alive, and it
+    pickles and copies as two ints. Unpickled in another process, it equals no id made there.
     """
 
     __slots__ = ("_ledger_serial", "_seq")
@@ -139,7 +149,7 @@ class _GeneratedOrderId:
         self._ledger_serial, self._seq = state
 
     def __repr__(self) -> str:
-        return f"<generated order id {self._seq} of ledger {self._ledger_serial}>"
+        return f"<generated order id {self._seq} of ledger {self._ledger_serial:#x}>"
 
 
 def _check_order_id(order_id: object) -> None:
@@ -454,7 +464,7 @@ class PendingEntryLedger:
         # ``with`` it on the hot paths (see _lock_context). It holds this lock's own methods:
         # replace _lock and _locked together, or the hot and slow paths take different locks.
         self._locked = _lock_context(self._lock)
-        self._serial = next(_ledger_serials)  # names this ledger in its generated order ids
+        self._serial = _new_ledger_serial()  # names this ledger in its generated order ids
         self._owner: int | None = None  # thread holding the lock through a slow path or lock()
         self._view: PendingMap | None = None  # the open lock() block's view, if any
         # Outstanding reservations: every one by seq in _queue, those with a caller's order id

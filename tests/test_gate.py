@@ -6,6 +6,7 @@ import copy
 import gc
 import pickle
 import random
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping
@@ -165,11 +166,48 @@ def test_generated_order_id_holds_nothing_and_pickles(gate: PortfolioGate) -> No
 def test_generated_order_id_of_another_ledger_finds_nothing(
     gate: PortfolioGate, ledger: PendingEntryLedger, clock: ManualClock
 ) -> None:
+    """Not even the reservation with the same sequence number in the other ledger."""
     res = gate.try_enter("AAA", 1).reservation
     assert res is not None
     elsewhere = PendingEntryLedger(10.0, clock=clock)
+    theirs = PortfolioGate(elsewhere, PortfolioLimits()).try_enter("AAA", 1).reservation
+    assert isinstance(res, Reservation) and isinstance(theirs, Reservation)
+    assert theirs._seq == res._seq  # what a lookup by seq alone would match
+    assert res.order_id != theirs.order_id
     assert elsewhere.release_order(res.order_id) is False
-    assert res.active
+    assert ledger.release_order(theirs.order_id) is False
+    assert res.active and theirs.active
+
+
+# Run in a fresh interpreter: the first ledger there, its first reservation made without an id.
+_FIRST_GENERATED_ID = """
+import pickle, sys
+from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits
+ledger = PendingEntryLedger(10.0)
+res = PortfolioGate(ledger, PortfolioLimits()).try_enter("AAA", 1).reservation
+if len(sys.argv) > 1:  # given another process's id: it must name nothing here
+    foreign = pickle.loads(bytes.fromhex(sys.argv[1]))
+    print(foreign == res.order_id, ledger.release_order(foreign), res.active)
+else:
+    print(pickle.dumps(res.order_id).hex())
+"""
+
+
+def test_generated_order_id_from_another_process_names_nothing_here() -> None:
+    """Ids outlive their process (a bot's records, a restart): one process's first generated id
+    must not equal, and must not release, another's first reservation."""
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", _FIRST_GENERATED_ID, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    assert run(run()) == "False False True"
 
 
 def test_a_generated_order_id_cannot_be_passed_as_a_callers(
