@@ -985,6 +985,44 @@ def test_reservation_expires_at_its_expires_at_even_when_committed_out_of_order(
         assert res.active is (manual() < res.expires_at), (res, res.expires_at, manual())
 
 
+@pytest.mark.timeout(10)
+def test_a_reservation_stamped_from_a_reading_older_than_an_empty_sweep_expires_on_time() -> None:
+    """A sweep that empties the ledger sets the next expiry check from its own `now`; a thread
+    that read the clock earlier and reserves after it must still expire at its `expires_at`."""
+    manual = ManualClock()
+    read = threading.Event()
+    go_on = threading.Event()
+
+    def clock() -> float:
+        now = manual()
+        if threading.current_thread().name == "preempted":
+            read.set()
+            go_on.wait(5)  # preempted after reading the clock, before taking the lock
+        return now
+
+    ledger = PendingEntryLedger(10, clock=clock)
+    gate = PortfolioGate(ledger, PortfolioLimits())
+    decisions: list[Decision] = []
+    slow = threading.Thread(
+        target=lambda: decisions.append(gate.try_enter("SLOW", 1, {})), name="preempted"
+    )
+    slow.start()
+    try:
+        assert read.wait(5)  # it read 0
+        manual.advance(100)
+        ledger.stats()  # sweeps the empty ledger at 100
+    finally:
+        go_on.set()
+        slow.join(5)
+    late = decisions[0].reservation
+    assert isinstance(late, Reservation)
+    for step in (0, 5, 5):
+        manual.advance(step)
+        ledger.stats()
+        assert is_active(late) is (manual() < late.expires_at), (late.expires_at, manual())
+    assert late.state is ReservationState.EXPIRED
+
+
 def test_a_reservation_restored_by_a_rollback_still_expires_on_time(clock: ManualClock) -> None:
     """A rollback puts an ended reservation back behind newer ones; the sweep, which takes
     reservations oldest first, must still find it when its TTL runs out."""
