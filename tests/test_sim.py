@@ -179,23 +179,27 @@ def test_each_brain_replays_the_same_wishes_for_the_same_seed() -> None:
     assert all(1_000 <= n <= 8_000 and n % 100 == 0 for ws in first.values() for _, n in ws)
 
 
+# The races below are given ten minutes; the test's timeout is what fails if they run it out
+# instead of ending early (no wall-clock assertion).
+_LONG = 600.0
+
+
 @pytest.mark.timeout(20)
 def test_max_decisions_and_stop_after_breaches_end_the_race_early() -> None:
-    result = run_simulation(replace(SMALL, seconds=10.0, max_decisions=200), clock=ManualClock())
+    result = run_simulation(replace(SMALL, seconds=_LONG, max_decisions=200), clock=ManualClock())
     assert 200 <= result.decisions < 200 + SMALL.threads
-    assert result.elapsed < 10.0
+    assert not result.interrupted
 
     caught = run_simulation(
-        replace(SMALL, seconds=10.0, threads=32, broken=True, stop_after_breaches=1, think=(0, 0)),
+        replace(SMALL, seconds=_LONG, threads=32, broken=True, stop_after_breaches=1, think=(0, 0)),
         clock=ManualClock(),
     )
     assert caught.breaches >= 1
-    assert caught.elapsed < 10.0
 
 
 @pytest.mark.timeout(20)
 def test_stop_from_another_thread_drains_and_returns() -> None:
-    simulation = Simulation(replace(SMALL, seconds=30.0), clock=ManualClock())
+    simulation = Simulation(replace(SMALL, seconds=_LONG), clock=ManualClock())
     timer = threading.Timer(0.3, simulation.stop)
     timer.start()
     try:
@@ -203,7 +207,6 @@ def test_stop_from_another_thread_drains_and_returns() -> None:
     finally:
         timer.cancel()
     assert result.interrupted
-    assert result.elapsed < 30.0
     assert result.ok
     assert _sim_threads() == []
 
