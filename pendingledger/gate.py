@@ -405,6 +405,9 @@ class PortfolioGate:
                         finally:
                             ledger._owner = None
                         ok = True
+                        # The same unpack as on the mapping path, on purpose: one shared unpack
+                        # after both would need a test that the owned path jumps over, a taken
+                        # branch under the lock on CPython 3.10.
                         (
                             n,
                             max_pos,
