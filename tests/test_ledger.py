@@ -22,6 +22,7 @@ from pendingledger import (
     PortfolioLimits,
     ReentrantLockError,
     Reservation,
+    ReservationHandle,
     ReservationState,
     StaleViewError,
 )
@@ -950,76 +951,75 @@ def test_a_clock_that_steps_back_breaks_nothing() -> None:
     assert second.state is ReservationState.EXPIRED
 
 
-@pytest.mark.timeout(10)
-def test_reservation_expires_at_its_expires_at_even_when_committed_out_of_order() -> None:
-    manual = ManualClock()
-    read = threading.Event()
-    go_on = threading.Event()
+class _Preempted:
+    """A ledger on a ``ManualClock`` whose clock, read by a ``try_enter`` running in a thread of
+    its own, holds that thread right after the reading, before it takes the lock: what a thread
+    switch there does. ``while_held`` runs the rest of the world in that gap."""
 
-    def clock() -> float:
-        now = manual()
+    def __init__(self) -> None:
+        self.manual = ManualClock()
+        self._read = threading.Event()
+        self._go_on = threading.Event()
+        self.ledger = PendingEntryLedger(10, clock=self._clock)
+        self.gate = PortfolioGate(self.ledger, PortfolioLimits())
+
+    def _clock(self) -> float:
+        now = self.manual()
         if threading.current_thread().name == "preempted":
-            read.set()
-            go_on.wait(5)  # preempted after reading the clock, before taking the lock
+            self._read.set()
+            self._go_on.wait(5)
         return now
 
-    ledger = PendingEntryLedger(10, clock=clock)
-    gate = PortfolioGate(ledger, PortfolioLimits())
-    decisions: list[Decision] = []
-    slow = threading.Thread(
-        target=lambda: decisions.append(gate.try_enter("SLOW", 1, {})), name="preempted"
-    )
-    slow.start()
-    try:
-        assert read.wait(5)
-        manual.advance(5)
-        fast = gate.try_enter("FAST", 1, {}).reservation  # reads 5, commits first
-    finally:
-        go_on.set()
-        slow.join(5)
-    late = decisions[0].reservation
-    assert fast is not None and late is not None
-    manual.advance(5)  # now 10
-    ledger.stats()
-    for res in (late, fast):
-        assert res.active is (manual() < res.expires_at), (res, res.expires_at, manual())
+    def while_held(self, symbol: str, meanwhile: Callable[[], object]) -> Reservation:
+        """``try_enter(symbol)`` reads the clock, ``meanwhile()`` runs, then it commits."""
+        decisions: list[Decision] = []
+        slow = threading.Thread(
+            target=lambda: decisions.append(self.gate.try_enter(symbol, 1, {})), name="preempted"
+        )
+        slow.start()
+        try:
+            assert self._read.wait(5)
+            meanwhile()
+        finally:
+            self._go_on.set()
+            slow.join(5)
+        late = decisions[0].reservation
+        assert isinstance(late, Reservation)
+        return late
+
+
+@pytest.mark.timeout(10)
+def test_reservation_expires_at_its_expires_at_even_when_committed_out_of_order() -> None:
+    world = _Preempted()
+    fast: list[ReservationHandle | None] = []
+
+    def meanwhile() -> None:
+        world.manual.advance(5)
+        fast.append(world.gate.try_enter("FAST", 1, {}).reservation)  # reads 5, commits first
+
+    late = world.while_held("SLOW", meanwhile)  # read 0, commits second
+    assert fast[0] is not None
+    world.manual.advance(5)  # now 10
+    world.ledger.stats()
+    for res in (late, fast[0]):
+        assert res.active is (world.manual() < res.expires_at), (res, res.expires_at)
 
 
 @pytest.mark.timeout(10)
 def test_a_reservation_stamped_from_a_reading_older_than_an_empty_sweep_expires_on_time() -> None:
     """A sweep that empties the ledger sets the next expiry check from its own `now`; a thread
     that read the clock earlier and reserves after it must still expire at its `expires_at`."""
-    manual = ManualClock()
-    read = threading.Event()
-    go_on = threading.Event()
+    world = _Preempted()
 
-    def clock() -> float:
-        now = manual()
-        if threading.current_thread().name == "preempted":
-            read.set()
-            go_on.wait(5)  # preempted after reading the clock, before taking the lock
-        return now
+    def meanwhile() -> None:
+        world.manual.advance(100)
+        world.ledger.stats()  # sweeps the empty ledger at 100
 
-    ledger = PendingEntryLedger(10, clock=clock)
-    gate = PortfolioGate(ledger, PortfolioLimits())
-    decisions: list[Decision] = []
-    slow = threading.Thread(
-        target=lambda: decisions.append(gate.try_enter("SLOW", 1, {})), name="preempted"
-    )
-    slow.start()
-    try:
-        assert read.wait(5)  # it read 0
-        manual.advance(100)
-        ledger.stats()  # sweeps the empty ledger at 100
-    finally:
-        go_on.set()
-        slow.join(5)
-    late = decisions[0].reservation
-    assert isinstance(late, Reservation)
+    late = world.while_held("SLOW", meanwhile)  # read 0, commits after the sweep
     for step in (0, 5, 5):
-        manual.advance(step)
-        ledger.stats()
-        assert is_active(late) is (manual() < late.expires_at), (late.expires_at, manual())
+        world.manual.advance(step)
+        world.ledger.stats()
+        assert is_active(late) is (world.manual() < late.expires_at), late.expires_at
     assert late.state is ReservationState.EXPIRED
 
 
