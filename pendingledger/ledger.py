@@ -80,7 +80,7 @@ def _new_ledger_serial() -> int:
     """A number naming one ledger: unique in this process (the counter), and apart from every
     ledger of another process or an earlier run (64 random bits from the OS, drawn per ledger, so
     a child forked before it was made draws its own), so an id kept in a bot's records or sent
-    elsewhere never names an unrelated reservation."""
+    elsewhere names no unrelated reservation (short of a 1 in 2**64 draw)."""
     return next(_ledger_serials) << 64 | secrets.randbits(64)
 
 
@@ -125,7 +125,8 @@ class _GeneratedOrderId:
 
     It names the reservation by its ledger's serial number (``_new_ledger_serial``) and its
     sequence number, and holds no reference: keeping an id keeps nothing else alive, and it
-    pickles and copies as two ints. Unpickled in another process, it equals no id made there.
+    pickles and copies as two ints. Unpickled in another process, it equals no id made there (see
+    ``_new_ledger_serial`` for the odds).
     """
 
     __slots__ = ("_ledger_serial", "_seq")
