@@ -6,6 +6,9 @@ check a check-and-reserve under one lock: it sees open positions plus outstandin
 and reserves the entry it admits in the same critical section.
 """
 
+from importlib.machinery import EXTENSION_SUFFIXES as _EXTENSION_SUFFIXES
+
+from . import _core
 from .errors import LedgerError, LockTimeout, ReentrantLockError, StaleViewError
 from .gate import GateStats, PortfolioGate, Positions
 from .ledger import LedgerStats, PendingEntryLedger, PendingMap, Reservation, ReservationState
@@ -13,6 +16,7 @@ from .limits import Decision, DenyReason, PortfolioLimits
 from .protocols import Gate, ReservationHandle
 
 __all__ = [
+    "COMPILED",
     "Decision",
     "DenyReason",
     "Gate",
@@ -33,3 +37,6 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+COMPILED: bool = (_core.__file__ or "").endswith(tuple(_EXTENSION_SUFFIXES))
+"""Whether the core imported is the mypyc-compiled build (False: the pure-Python one)."""

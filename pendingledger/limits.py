@@ -7,11 +7,12 @@ backend without touching the code that reads decisions.
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 from typing import TYPE_CHECKING, Final
+
+from . import _units
 
 if TYPE_CHECKING:
     from .protocols import ReservationHandle
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["Decision", "DenyReason", "PortfolioLimits"]
 
 
-class DenyReason(str, enum.Enum):
+class DenyReason(enum.StrEnum):
     """Why a gate refused an entry. Rules are checked in the order listed; first failure wins."""
 
     HALTED = "halted"
@@ -34,22 +35,22 @@ class DenyReason(str, enum.Enum):
     """The store behind the gate could not confirm the decision (fail closed)."""
     BOOK_NOT_RESTORED = "book_not_restored"
     """The shared store lost its book (a restart without persistence); ``restore()`` it first."""
-
-    def __str__(self) -> str:
-        return self.value
+    LOCK_TIMEOUT = "lock_timeout"
+    """The ledger lock was not had within ``try_enter``'s ``timeout`` (fail closed)."""
 
 
 Number = int | float | Decimal | Fraction
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class PortfolioLimits:
     """The portfolio-wide limits a gate enforces. ``None`` means no limit.
 
     ``max_concurrent_positions=0`` means no new position may open (entries on symbols already open
     or already reserved still pass this rule). Exposure limits compare with ``>``: an entry that
     lands exactly on the limit is admitted. Limits are validated here, once, so a gate never
-    meets a NaN or negative limit at decision time.
+    meets a NaN or negative limit at decision time; exposure limits count in units of ``1e-9``
+    rounded down (``pendingledger._units``).
     """
 
     max_concurrent_positions: int | None = None
@@ -57,31 +58,23 @@ class PortfolioLimits:
     max_symbol_exposure: Number | None = None
 
     def __post_init__(self) -> None:
-        count = self.max_concurrent_positions
-        if count is not None:
-            if isinstance(count, bool) or not isinstance(count, int):
-                raise TypeError(f"max_concurrent_positions must be an int or None, got {count!r}")
-            if count < 0:
-                raise ValueError(f"max_concurrent_positions must be >= 0, got {count!r}")
+        _check_count("max_concurrent_positions", self.max_concurrent_positions)
         _check_amount_limit("max_gross_exposure", self.max_gross_exposure)
         _check_amount_limit("max_symbol_exposure", self.max_symbol_exposure)
 
 
-def _check_amount_limit(name: str, value: object) -> None:
-    if value is None:
+def _check_count(name: str, count: object) -> None:
+    if count is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, Fraction)):
-        raise TypeError(f"{name} must be a number or None, got {value!r}")
-    if isinstance(value, Decimal):
-        finite = value.is_finite()
-    elif isinstance(value, float):
-        finite = math.isfinite(value)
-    else:
-        finite = True
-    if not finite:
-        raise ValueError(f"{name} must be finite (use None for no limit), got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TypeError(f"{name} must be an int or None, got {count!r}")
+    if count < 0:
+        raise ValueError(f"{name} must be >= 0, got {count!r}")
+
+
+def _check_amount_limit(name: str, value: object) -> None:
+    if value is not None:
+        _units.limit_units(name, value)
 
 
 class Decision:
@@ -129,5 +122,13 @@ class Decision:
         return f"Decision(denied, reason={self._reason.name})"
 
 
-DENIED: Final[dict[DenyReason, Decision]] = {reason: Decision(reason) for reason in DenyReason}
-"""One shared denied decision per reason: denials allocate nothing."""
+REASONS: Final[tuple[DenyReason | None, ...]] = (None, *DenyReason)
+"""``REASONS[code]`` is the reason of a ``pendingledger.rules`` outcome code (0 admits)."""
+
+DENIED: Final[tuple[Decision, ...]] = tuple(Decision(reason) for reason in DenyReason)
+"""One shared denied decision per reason, ``DENIED[code - 1]``: denials allocate nothing."""
+
+
+def denied(reason: DenyReason) -> Decision:
+    """The shared denied decision of ``reason``."""
+    return DENIED[list(DenyReason).index(reason)]

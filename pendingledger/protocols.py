@@ -4,15 +4,12 @@
 ``Gate``, so a bot written against it moves from one process to many by changing the one line
 that builds the gate. Decisions, reasons and limits are the same classes for both.
 
-One difference in amounts: the in-process gate counts a float as its exact binary value (so
-float sums equal ``math.fsum``), the Redis gate as the decimal it prints as, in units of 1e-9.
-Only at a limit's very edge can the two decide differently (0.1 + 0.2 against a 0.3 limit is
-denied in-process and admitted on Redis); use ``Decimal`` amounts where that edge matters.
+Both count amounts alike, in units of 1e-9 (``pendingledger._units``), and both take symbols
+and order ids as ``str``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from decimal import Decimal
 from fractions import Fraction
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -31,10 +28,10 @@ class ReservationHandle(Protocol):
     """What a caller may do with ``Decision.reservation``, whichever backend made it."""
 
     @property
-    def symbol(self) -> Hashable: ...
+    def symbol(self) -> str: ...
 
     @property
-    def order_id(self) -> Hashable: ...
+    def order_id(self) -> str: ...
 
     @property
     def notional(self) -> Number: ...
@@ -71,26 +68,26 @@ class Gate(Protocol):
 
     def try_enter(
         self,
-        symbol: Hashable,
+        symbol: str,
         notional: Number,
         positions: None = None,
         *,
-        order_id: Hashable | None = None,
+        order_id: str | None = None,
     ) -> Decision: ...
 
-    def release(self, symbol: Hashable) -> bool: ...
+    def release(self, symbol: str) -> bool: ...
 
-    def release_order(self, order_id: Hashable) -> bool: ...
+    def release_order(self, order_id: str) -> bool: ...
 
-    def set_position(self, symbol: Hashable, exposure: Number) -> None: ...
+    def set_position(self, symbol: str, exposure: Number) -> None: ...
 
-    def close_position(self, symbol: Hashable) -> bool: ...
+    def close_position(self, symbol: str) -> bool: ...
 
     def confirm_fill(
-        self, order_id: Hashable, position_exposure: Number, *, symbol: Hashable | None = None
+        self, order_id: str, position_exposure: Number, *, symbol: str | None = None
     ) -> bool: ...
 
-    def positions(self) -> dict[Hashable, Number]: ...
+    def positions(self) -> dict[str, Number]: ...
 
     def halt(self) -> None: ...
 

@@ -1,0 +1,940 @@
+"""The ledger's state and the one lock that guards it.
+
+This is the only module that reads or writes that state. ``LedgerCore._lock`` (a plain
+``threading.Lock``) must be held whenever any of the following is read in a way that must be
+consistent, and whenever it is changed:
+
+* a ``LedgerCore``'s reservations (``_queue`` by sequence number, ``_orders`` by caller's order
+  id, ``_symbols`` per symbol with its reserved total), totals, counters, owned position book
+  (``_book``), the thread in a ``lock()`` block (``_owner``, ``_block``) and ``_epoch``;
+* a ``GateCore``'s halt flag and decision counters;
+* a ``Reservation``'s remaining ``_units``, ``_state`` and ``_reserved_at``.
+
+Methods named ``*_locked`` are only called with the lock held; they are the only code that runs
+under it, and they call nothing but each other, ``rules.first_failing_rule`` and builtins. No
+caller code runs under the lock: the clock is read before it is taken, ``on_expire`` is called
+after it is released, positions are read into a ``Snapshot`` before it, and symbols and order ids
+are exact ``str`` (hashed and compared in C). ``lock()`` blocks are the one exception, by design:
+the caller's block runs with the lock held, and is journaled so that it is undone if it raises.
+
+Compiled with mypyc, no Python bytecode runs while the lock is held, so CPython can neither
+switch threads nor run a signal handler there: a ``KeyboardInterrupt`` cannot land mid-update,
+and contending threads do not queue behind a descheduled holder. Interpreted, ``with lock:``
+still releases the lock whatever is raised (see ``_acquired`` for the timed acquisition).
+
+Expiry: the TTL is fixed per ledger and stamps never go backwards (clamped to ``_last_stamp``),
+so deadlines are in sequence order, which ``_queue`` keeps (a dict keeps insertion order). A sweep
+takes reservations oldest first and stops at the first not yet due, or after ``SWEEP_LIMIT`` of
+them (the rest count until a later acquisition sweeps them: over-blocking, the safe side).
+``_next_expiry`` is a lower bound on every deadline to come; only a sweep moves it.
+
+``_epoch`` counts every change that gives room back (a reservation ends or shrinks). A decision on
+a caller's positions reads it before reading them and commits only if it is unchanged: the fill
+router puts a fill in its cache *before* it releases the reservation, so a position missing from
+the snapshot means its release came after the epoch was read, and the decision reads again.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Final
+
+from . import _units, rules
+from .errors import LedgerError, LockTimeout, ReentrantLockError, StaleViewError
+from .rules import UnitLimits
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__: list[str] = []
+
+logger = logging.getLogger("pendingledger")
+
+SWEEP_LIMIT: Final = 1000
+"""Reservations one acquisition expires at most (the Redis script sweeps as many)."""
+
+# Reservation states (ReservationState members in this order, in ledger.py).
+ACTIVE: Final = 0
+RELEASED: Final = 1
+FILLED: Final = 2
+EXPIRED: Final = 3
+ROLLED_BACK: Final = 4
+# try_enter's answer when the positions read went stale before the commit: read again.
+RETRY: Final = -1
+# Journal records of a lock() block.
+_RESERVED: Final = 0
+_ENDED: Final = 1
+_REDUCED: Final = 2
+
+_INF: Final = float("inf")
+_get_ident: Final = threading.get_ident
+
+
+def read_clock(clock: Callable[[], object]) -> float:
+    """Call ``clock`` (caller code: never under the lock) and check it gave finite seconds."""
+    now = clock()
+    if type(now) is float and -_INF < now < _INF:
+        return now
+    if isinstance(now, (int, float)) and not isinstance(now, bool) and -_INF < now < _INF:
+        return float(now)
+    raise LedgerError(f"the ledger's clock returned {now!r}; it must return finite seconds")
+
+
+class Reservation:
+    """One admitted order's claim on the portfolio limits, held until it ends.
+
+    Read-only for callers. ``notional`` is what is still reserved (after ``reduce``); once the
+    reservation has ended it keeps the amount it held when it ended. ``release()`` and
+    ``reduce()`` may be called from any thread, any number of times; on an ended reservation
+    they do nothing. From inside the same ledger's ``lock()`` block on the same thread they act
+    through that block (and are undone with it if it raises). Made by ``PendingMap.reserve()``
+    and ``PortfolioGate.try_enter()``.
+    """
+
+    def __init__(
+        self, core: LedgerCore, symbol: str, order_id: str, initial: object, units: int
+    ) -> None:
+        self._core = core
+        self._symbol = symbol
+        self._order_id = order_id  # "" when the ledger names the order (see order_id)
+        self._initial = initial
+        self._kind = _units.kind_of(initial)
+        self._initial_units = units
+        self._units = units
+        self._seq = -1
+        self._reserved_at = 0.0
+        self._state = ACTIVE
+
+    @property
+    def symbol(self) -> str:
+        return self._symbol
+
+    @property
+    def order_id(self) -> str:
+        """The caller's order id, or the one the ledger made for it (``"pl-<hex>-<seq>"``)."""
+        if self._order_id:
+            return self._order_id
+        return self._core.generated_id(self._seq)
+
+    @property
+    def notional(self) -> _units.Number:
+        """What is still reserved, in the kind of amount it was made with."""
+        if self._units == self._initial_units:
+            return self._initial  # type: ignore[return-value]
+        return _units.to_number(self._units, self._kind)
+
+    @property
+    def initial_notional(self) -> _units.Number:
+        """The notional the reservation was made with, as given."""
+        return self._initial  # type: ignore[return-value]
+
+    @property
+    def reserved_at(self) -> float:
+        """The ledger clock's reading when the reservation was made."""
+        return self._reserved_at
+
+    @property
+    def expires_at(self) -> float:
+        """``reserved_at + ttl``: from this clock reading on, the reservation is expired."""
+        return self._reserved_at + self._core.ttl
+
+    @property
+    def active(self) -> bool:
+        """Still counted against the limits (see ``state``)."""
+        return self.state is ReservationState.ACTIVE
+
+    @property
+    def state(self) -> ReservationState:
+        """How the reservation stands now.
+
+        A reservation past its ``expires_at`` is expired here and now (firing ``on_expire``),
+        exactly as the next decision would find it: it never reads as active past its TTL.
+        Inside this thread's own ``lock()`` block nothing is swept: the state is as the block
+        sees it.
+        """
+        if self._state == ACTIVE:
+            self._core.expire_if_due(self)
+        return _STATES[self._state]
+
+    def release(self) -> bool:
+        """End the reservation now (e.g. the exchange rejected the order). True if it was active."""
+        return self._core.end(self, RELEASED)
+
+    def reduce(self, amount: object) -> bool:
+        """Shrink the remaining notional by ``amount`` (a partial fill); at zero it is filled.
+
+        An ``amount`` at least what remains ends the reservation as filled. Returns True if the
+        reservation was active. ``amount`` must be a finite number > 0.
+        """
+        return self._core.reduce(self, _units.notional_units("amount", amount), amount)
+
+    def __repr__(self) -> str:
+        return (
+            f"Reservation(symbol={self._symbol!r}, order_id={self.order_id!r}, "
+            f"initial_notional={self._initial!r}, state={_STATE_NAMES[self._state]})"
+        )
+
+
+class ReservationState(enum.StrEnum):
+    """How a reservation stands; every reservation leaves ``ACTIVE`` exactly once."""
+
+    ACTIVE = "active"
+    RELEASED = "released"
+    """Released by ``release()``, ``release_order()`` or ``release(symbol)``."""
+    FILLED = "filled"
+    """Filled: by ``confirm_fill``, or reduced to zero by partial fills."""
+    EXPIRED = "expired"
+    """Its TTL ran out before anything ended it."""
+    ROLLED_BACK = "rolled_back"
+    """Made inside a ``lock()`` block that raised, so it never took effect."""
+
+
+_STATES: Final = tuple(ReservationState)
+_STATE_NAMES: Final = tuple(state.value for state in ReservationState)
+
+
+class _SymbolEntry:
+    """The outstanding reservations of one symbol and their reserved total (lock held)."""
+
+    def __init__(self) -> None:
+        self.units = 0
+        self.members: dict[int, Reservation] = {}
+
+
+class _Position:
+    """One symbol of the owned position book: its exposure in units and as it was given."""
+
+    def __init__(self, units: int, value: object) -> None:
+        self.units = units
+        self.magnitude = -units if units < 0 else units
+        self.value = value
+
+
+class Snapshot:
+    """A caller's positions read before the lock: exposure units per symbol, and their total.
+
+    ``epoch`` is the ledger's epoch read before the positions were (see the module notes).
+    """
+
+    def __init__(self, epoch: int, exposures: dict[str, int], gross: int) -> None:
+        self.epoch = epoch
+        self.exposures = exposures
+        self.gross = gross
+
+
+class _Undo:
+    """One journal record of a ``lock()`` block: what to put back if the block raises."""
+
+    def __init__(self, kind: int, res: Reservation, units: int) -> None:
+        self.kind = kind
+        self.res = res
+        self.units = units
+
+
+class LedgerCore:
+    """The reservations, the owned position book and the lock that guards them."""
+
+    def __init__(
+        self,
+        ttl: float,
+        clock: Callable[[], object],
+        on_expire: Callable[[Reservation], object] | None,
+    ) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._on_expire = on_expire
+        self._lock = threading.Lock()
+        self._owner = 0  # the thread in a lock() block, 0 when none
+        self._block: PendingMap | None = None  # that thread's view
+        # 64 random bits per ledger: a generated id names nothing in another process or run.
+        self._id_prefix = f"pl-{secrets.token_hex(8)}-"
+        self._queue: dict[int, Reservation] = {}
+        self._orders: dict[str, Reservation] = {}
+        self._symbols: dict[str, _SymbolEntry] = {}
+        self._reserved = 0  # units reserved in all
+        self._book: dict[str, _Position] = {}
+        self._book_gross = 0  # sum of the book's |exposure| units
+        self._open = 0  # symbols open in the book or reserved (or both)
+        self._kinds = 0  # every kind of amount reserved (sticky): the type sums come back in
+        self._seq = 0
+        self._last_stamp = -_INF
+        self._next_expiry = -_INF
+        self._epoch = 0
+        self._released = 0
+        self._expired = 0
+
+    # ---------------------------------------------------------------- reads without the lock
+
+    @property
+    def epoch(self) -> int:
+        """Read without the lock on purpose: a stale value only costs a retry (module notes)."""
+        return self._epoch
+
+    def generated_id(self, seq: int) -> str:
+        return self._id_prefix + str(seq)
+
+    def check_new_order_id(self, order_id: object) -> str:
+        """A caller's order id for a new reservation: ``""`` (generate one) or an exact str."""
+        if order_id is None:
+            return ""
+        oid = _units.check_order_id(order_id)
+        if oid.startswith(self._id_prefix):
+            raise ValueError(f"order_id {oid!r} is an id this ledger generated; pass your own")
+        return oid
+
+    def holder_is_me(self) -> bool:
+        return self._owner == _get_ident()
+
+    def refuse_reentry(self, what: str) -> None:
+        if self._owner == _get_ident():
+            raise ReentrantLockError(f"{what} called while this thread holds the ledger lock")
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    # ---------------------------------------------------------------- acquisitions
+
+    def now(self) -> float:
+        return read_clock(self.clock)
+
+    def fire_expired(self, expired: list[Reservation] | None) -> None:
+        """Call ``on_expire`` for each of ``expired``, after the lock is released."""
+        callback = self._on_expire
+        if expired is None or callback is None:
+            return
+        for res in expired:
+            try:
+                callback(res)
+            except Exception:
+                logger.exception("on_expire raised for %r; ignored", res)
+
+    def end(self, res: Reservation, state: int) -> bool:
+        block = self.own_block()
+        if block is not None:
+            return block.end(res, state)
+        now = self.now()
+        with self._lock:
+            expired = self._sweep_locked(now)
+            done = self._end_counted_locked(res, state)
+        self.fire_expired(expired)
+        return done
+
+    def reduce(self, res: Reservation, units: int, amount: object) -> bool:
+        block = self.own_block()
+        if block is not None:
+            return block.reduce(res, units, amount)
+        now = self.now()
+        with self._lock:
+            expired = self._sweep_locked(now)
+            done = self._reduce_locked(res, units, amount) >= 0
+        self.fire_expired(expired)
+        return done
+
+    def expire_if_due(self, res: Reservation) -> None:
+        """Expire ``res`` now if its deadline has passed (unless this thread is in a block)."""
+        if self._owner == _get_ident():
+            return
+        now = self.now()
+        if now < res._reserved_at + self.ttl:
+            return
+        with self._lock:
+            expired = self._sweep_locked(now)
+            if res._state == ACTIVE and now >= res._reserved_at + self.ttl:
+                expired = self._expire_one_locked(res, expired)
+        self.fire_expired(expired)
+
+    def find(self, order_id: str) -> Reservation | None:
+        """The outstanding reservation of ``order_id`` (a caller's or a generated one), or None."""
+        with self._lock:
+            return self._find_locked(order_id)
+
+    def release_order(self, order_id: str) -> bool:
+        block = self.own_block()
+        if block is not None:
+            return block.release_order(order_id)
+        now = self.now()
+        with self._lock:
+            expired = self._sweep_locked(now)
+            res = self._find_locked(order_id)
+            done = res is not None and self._end_counted_locked(res, RELEASED)
+        self.fire_expired(expired)
+        return done
+
+    def release_symbol(self, symbol: str) -> bool:
+        block = self.own_block()
+        if block is not None:
+            return block.release(symbol)
+        now = self.now()
+        with self._lock:
+            expired = self._sweep_locked(now)
+            done = self._release_symbol_locked(symbol)
+        self.fire_expired(expired)
+        return done
+
+    def lock(self, timeout: float) -> LockBlock:
+        return LockBlock(self, timeout)
+
+    def counts(self) -> tuple[int, int, int, int, int]:
+        """``(outstanding, reserved units, kinds, released, expired)``, consistent."""
+        if self.own_block() is not None:
+            return self._counts_locked()
+        now = self.now()
+        with self._lock:
+            expired = self._sweep_locked(now)
+            counts = self._counts_locked()
+        self.fire_expired(expired)
+        return counts
+
+    def audit(self) -> list[str]:
+        """Every running total recomputed from the reservations and the book; the differences."""
+        with self._lock:
+            return self._audit_locked()
+
+    def own_block(self) -> PendingMap | None:
+        """This thread's open ``lock()`` block, or None (any other thread's block is not ours)."""
+        if self._owner != _get_ident():
+            return None
+        return self._block
+
+    # ---------------------------------------------------------------- the owned book
+
+    def set_position(self, symbol: str, units: int, value: object) -> None:
+        now = self.now()
+        with self._lock:
+            expired = self._sweep_locked(now)
+            self._set_position_locked(symbol, units, value)
+        self.fire_expired(expired)
+
+    def close_position(self, symbol: str) -> bool:
+        now = self.now()
+        with self._lock:
+            expired = self._sweep_locked(now)
+            done = self._close_position_locked(symbol)
+        self.fire_expired(expired)
+        return done
+
+    def confirm_fill(self, order_id: str, units: int, value: object, symbol: str) -> bool:
+        """Set the order's symbol's position and end its reservation as filled, in one step.
+
+        With no outstanding reservation, the position is still set when ``symbol`` is given.
+        """
+        now = self.now()
+        with self._lock:
+            expired = self._sweep_locked(now)
+            res = self._find_locked(order_id)
+            if res is not None and symbol and symbol != res._symbol:
+                raise ValueError(
+                    f"order_id {order_id!r} is reserved on {res._symbol!r}, not symbol={symbol!r}"
+                )
+            if res is not None:
+                self._set_position_locked(res._symbol, units, value)
+                self._end_counted_locked(res, FILLED)
+            elif symbol:
+                self._set_position_locked(symbol, units, value)
+        self.fire_expired(expired)
+        return res is not None
+
+    def positions(self) -> dict[str, object]:
+        with self._lock:
+            return {symbol: pos.value for symbol, pos in self._book.items()}
+
+    # ---------------------------------------------------------------- locked primitives
+
+    def _sweep_locked(self, now: float) -> list[Reservation] | None:
+        """Expire what is due at ``now``, oldest first, at most ``SWEEP_LIMIT``; return them."""
+        if now < self._next_expiry:
+            return None
+        ttl = self.ttl
+        expired: list[Reservation] = []
+        for res in self._queue.values():
+            deadline = res._reserved_at + ttl
+            if deadline > now:
+                self._next_expiry = deadline
+                break
+            if len(expired) == SWEEP_LIMIT:
+                break  # _next_expiry stays <= now: the next acquisition sweeps on
+            expired.append(res)
+        else:
+            # Nothing left: whatever is reserved from now on is stamped at least `now`.
+            self._last_stamp = max(self._last_stamp, now)
+            self._next_expiry = self._last_stamp + ttl
+        for res in expired:
+            self._end_locked(res, EXPIRED)
+        self._expired += len(expired)
+        return expired or None
+
+    def _expire_one_locked(
+        self, res: Reservation, expired: list[Reservation] | None
+    ) -> list[Reservation]:
+        self._end_locked(res, EXPIRED)
+        self._expired += 1
+        if expired is None:
+            return [res]
+        expired.append(res)
+        return expired
+
+    def _find_locked(self, order_id: str) -> Reservation | None:
+        if not order_id.startswith(self._id_prefix):
+            return self._orders.get(order_id)
+        digits = order_id[len(self._id_prefix) :]
+        if not digits.isdigit() or not digits.isascii():
+            return None
+        res = self._queue.get(int(digits))
+        return res if res is not None and not res._order_id else None
+
+    def insert_locked(self, res: Reservation, now: float) -> None:
+        """Make ``res`` outstanding, stamped ``now`` (never before the last stamp)."""
+        self._last_stamp = max(self._last_stamp, now)
+        res._reserved_at = self._last_stamp
+        res._seq = self._seq
+        self._seq += 1
+        self._kinds |= res._kind
+        self._link_locked(res)
+
+    def _link_locked(self, res: Reservation) -> None:
+        """Add an active ``res`` (seq and stamp set) to every index and total."""
+        symbol = res._symbol
+        self._queue[res._seq] = res
+        if res._order_id:
+            self._orders[res._order_id] = res
+        entry = self._symbols.get(symbol)
+        if entry is None:
+            entry = self._symbols[symbol] = _SymbolEntry()
+            if symbol not in self._book:
+                self._open += 1
+        entry.members[res._seq] = res
+        entry.units += res._units
+        self._reserved += res._units
+        res._state = ACTIVE
+
+    def _end_locked(self, res: Reservation, state: int) -> None:
+        """Remove an active ``res`` from every index and total; it ends as ``state``."""
+        symbol = res._symbol
+        del self._queue[res._seq]
+        if res._order_id:
+            del self._orders[res._order_id]
+        entry = self._symbols[symbol]
+        del entry.members[res._seq]
+        entry.units -= res._units
+        if not entry.members:
+            del self._symbols[symbol]
+            if symbol not in self._book:
+                self._open -= 1
+        self._reserved -= res._units
+        res._state = state
+        self._epoch += 1
+
+    def _end_counted_locked(self, res: Reservation, state: int) -> bool:
+        if res._state != ACTIVE:
+            return False
+        self._end_locked(res, state)
+        self._released += 1
+        return True
+
+    def _reduce_locked(self, res: Reservation, units: int, amount: object) -> int:
+        """Reduce an active ``res`` by ``units``; the units removed, or -1 if it was not active.
+
+        Removing all that remains ends it as filled (keeping the amount it held).
+        """
+        if res._state != ACTIVE:
+            return -1
+        self._kinds |= _units.kind_of(amount)
+        if units >= res._units:
+            self._end_counted_locked(res, FILLED)
+            return res._units
+        res._units -= units
+        self._symbols[res._symbol].units -= units
+        self._reserved -= units
+        self._epoch += 1
+        return units
+
+    def _release_symbol_locked(self, symbol: str) -> bool:
+        entry = self._symbols.get(symbol)
+        if entry is None:
+            return False
+        for res in list(entry.members.values()):
+            self._end_counted_locked(res, RELEASED)
+        return True
+
+    def _set_position_locked(self, symbol: str, units: int, value: object) -> None:
+        position = self._book.get(symbol)
+        if position is None:
+            if symbol not in self._symbols:
+                self._open += 1
+        else:
+            self._book_gross -= position.magnitude
+        position = self._book[symbol] = _Position(units, value)
+        self._book_gross += position.magnitude
+
+    def _close_position_locked(self, symbol: str) -> bool:
+        position = self._book.pop(symbol, None)
+        if position is None:
+            return False
+        self._book_gross -= position.magnitude
+        if symbol not in self._symbols:
+            self._open -= 1
+        return True
+
+    def _counts_locked(self) -> tuple[int, int, int, int, int]:
+        return (len(self._queue), self._reserved, self._kinds, self._released, self._expired)
+
+    def reserved_on_locked(self, symbol: str) -> int:
+        entry = self._symbols.get(symbol)
+        return 0 if entry is None else entry.units
+
+    def figures_locked(self, symbol: str, snapshot: Snapshot | None) -> tuple[int, bool, int, int]:
+        """``(open_count, symbol_open, gross, symbol_exposure)`` for the rules, before the entry."""
+        entry = self._symbols.get(symbol)
+        reserved_here = 0 if entry is None else entry.units
+        if snapshot is None:
+            position = self._book.get(symbol)
+            held = 0 if position is None else position.magnitude
+            return (
+                self._open,
+                entry is not None or position is not None,
+                self._book_gross + self._reserved,
+                held + reserved_here,
+            )
+        exposures = snapshot.exposures
+        exposure = exposures.get(symbol)
+        held = 0 if exposure is None else abs(exposure)
+        return (
+            len(exposures) + len(self._symbols) - self._overlap_locked(exposures),
+            entry is not None or exposure is not None,
+            snapshot.gross + self._reserved,
+            held + reserved_here,
+        )
+
+    def _overlap_locked(self, exposures: dict[str, int]) -> int:
+        """How many reserved symbols are open in ``exposures`` (walks the smaller of the two)."""
+        symbols = self._symbols
+        if len(symbols) < len(exposures):
+            return sum(1 for symbol in symbols if symbol in exposures)
+        return sum(1 for symbol in exposures if symbol in symbols)
+
+    def duplicate_locked(self, order_id: str) -> bool:
+        return bool(order_id) and order_id in self._orders
+
+    def _audit_locked(self) -> list[str]:
+        problems: list[str] = []
+        per_symbol: dict[str, int] = {}
+        for res in self._queue.values():
+            per_symbol[res._symbol] = per_symbol.get(res._symbol, 0) + res._units
+            if res._state != ACTIVE:
+                problems.append(f"queued reservation {res!r} is not active")
+        for symbol, entry in self._symbols.items():
+            if per_symbol.get(symbol) != entry.units or len(entry.members) == 0:
+                problems.append(
+                    f"{symbol!r}: reserved {entry.units}, reservations add up to "
+                    f"{per_symbol.get(symbol)}"
+                )
+        _expect(problems, "symbols", len(self._symbols), len(per_symbol))
+        _expect(problems, "reserved", self._reserved, sum(per_symbol.values()))
+        _expect(
+            problems,
+            "orders",
+            len(self._orders),
+            sum(1 for res in self._queue.values() if res._order_id),
+        )
+        _expect(
+            problems,
+            "book gross",
+            self._book_gross,
+            sum(pos.magnitude for pos in self._book.values()),
+        )
+        _expect(problems, "open", self._open, len(set(self._book) | set(per_symbol)))
+        return problems
+
+
+def _expect(problems: list[str], what: str, kept: int, recomputed: int) -> None:
+    if kept != recomputed:
+        problems.append(f"{what}: kept {kept}, recomputed {recomputed}")
+
+
+def _acquire_into(held: list[bool], lock: threading.Lock, timeout: float) -> None:
+    """Take ``lock`` within ``timeout`` seconds (< 0: for ever) and append whether it was had.
+
+    Where there is no timeout, ``with lock:`` is the way. With one, the caller enters its ``try``
+    first, calls this, and releases in its ``finally`` if ``held`` says so: ``extend()`` stores
+    ``acquire()``'s answer from C, so even interpreted, an exception that a signal handler raises
+    as ``acquire()`` returns cannot come between the lock being had and ``held`` saying so.
+    """
+    held.extend(map(lock.acquire, _BLOCKING, (timeout,)))
+
+
+class PendingMap:
+    """The ledger as seen inside ``with ledger.lock() as pending:``; valid only in that block.
+
+    Everything here runs with the lock held, so the block sees one consistent state and what it
+    reserves is visible to the next thread that takes the lock. Changes are journaled, so a
+    block that raises leaves the ledger as it found it.
+    """
+
+    def __init__(self, core: LedgerCore, now: float, expired: list[Reservation] | None) -> None:
+        self._core = core
+        self._now = now
+        self._expired = expired
+        self._open = True
+        self._journal: list[_Undo] = []
+        self._kinds_before = core._kinds
+
+    def _live(self) -> LedgerCore:
+        if not self._open:
+            raise StaleViewError("this PendingMap's lock() block has ended; take the lock again")
+        return self._core
+
+    def contains(self, symbol: str) -> bool:
+        """Whether any reservation is outstanding for ``symbol``."""
+        return _units.check_symbol(symbol) in self._live()._symbols
+
+    def __contains__(self, symbol: object) -> bool:
+        core = self._live()
+        return isinstance(symbol, str) and str.__str__(symbol) in core._symbols
+
+    def __len__(self) -> int:
+        """Number of outstanding reservations (not symbols)."""
+        return len(self._live()._queue)
+
+    def __iter__(self) -> Iterator[str]:
+        """The symbols with outstanding reservations (a snapshot)."""
+        return iter(list(self._live()._symbols))
+
+    def gross_notional(self) -> _units.Number:
+        """Sum of outstanding reserved notional, in the kind of the amounts reserved."""
+        core = self._live()
+        return _units.to_number(core._reserved, core._kinds)
+
+    def symbol_notional(self, symbol: str) -> _units.Number:
+        """Reserved notional outstanding on ``symbol`` (0 if none)."""
+        core = self._live()
+        return _units.to_number(core.reserved_on_locked(_units.check_symbol(symbol)), core._kinds)
+
+    def new_slots(self, is_open: Callable[[str], object]) -> int:
+        """How many reserved symbols are not open, i.e. take a concurrency slot of their own."""
+        return sum(1 for symbol in list(self._live()._symbols) if not is_open(symbol))
+
+    def reserve(self, symbol: str, notional: object, *, order_id: str | None = None) -> Reservation:
+        """Record a reservation of ``notional`` on ``symbol`` for one order.
+
+        ``order_id`` is the client order id (a non-empty str); the ledger makes one if it is not
+        given. An ``order_id`` already outstanding raises ``ValueError``. Reservations on one
+        symbol add up, but each keeps its own TTL and can be released alone.
+        """
+        core = self._live()
+        name = _units.check_symbol(symbol)
+        units = _units.notional_units("notional", notional)
+        oid = core.check_new_order_id(order_id)
+        if oid and oid in core._orders:
+            raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
+        res = Reservation(core, name, oid, notional, units)
+        core.insert_locked(res, self._now)
+        self._journal.append(_Undo(_RESERVED, res, 0))
+        return res
+
+    def release(self, symbol: str) -> bool:
+        """Drop every reservation on ``symbol``; True if anything was released."""
+        entry = self._live()._symbols.get(_units.check_symbol(symbol))
+        if entry is None:
+            return False
+        for res in list(entry.members.values()):
+            self.end(res, RELEASED)
+        return True
+
+    def release_order(self, order_id: str) -> bool:
+        """Drop the reservation of ``order_id``; True if it was outstanding."""
+        res = self._live()._find_locked(_units.check_order_id(order_id))
+        return res is not None and self.end(res, RELEASED)
+
+    def end(self, res: Reservation, state: int) -> bool:
+        if not self._live()._end_counted_locked(res, state):
+            return False
+        self._journal.append(_Undo(_ENDED, res, 0))
+        return True
+
+    def reduce(self, res: Reservation, units: int, amount: object) -> bool:
+        active_before = res._state == ACTIVE
+        removed = self._live()._reduce_locked(res, units, amount)
+        if removed < 0:
+            return False
+        if active_before and res._state != ACTIVE:
+            self._journal.append(_Undo(_ENDED, res, 0))
+        else:
+            self._journal.append(_Undo(_REDUCED, res, removed))
+        return True
+
+    def close_locked(self, failed: bool) -> list[Reservation] | None:
+        """End the block (lock held): undo it if it ``failed``; what its entry expired."""
+        self._open = False
+        if failed:
+            self._rollback_locked()
+        return self._expired
+
+    def _rollback_locked(self) -> None:
+        """Undo the journal, newest first."""
+        core = self._core
+        restored = False
+        for undo in reversed(self._journal):
+            res = undo.res
+            if undo.kind == _RESERVED:
+                core._end_locked(res, ROLLED_BACK)  # any later end was undone already
+            elif undo.kind == _ENDED:
+                core._link_locked(res)
+                core._released -= 1
+                restored = True
+            else:
+                res._units += undo.units
+                core._symbols[res._symbol].units += undo.units
+                core._reserved += undo.units
+        self._journal.clear()
+        core._kinds = self._kinds_before
+        if restored:  # restored ones went to the end: put the queue back in deadline order
+            core._queue = dict(sorted(core._queue.items()))
+
+
+class LockBlock:
+    """The context manager ``PendingEntryLedger.lock()`` returns (single use)."""
+
+    def __init__(self, core: LedgerCore, timeout: float) -> None:
+        self._core = core
+        self._timeout = timeout
+        self._view: PendingMap | None = None
+
+    def __enter__(self) -> PendingMap:
+        if self._view is not None:
+            raise LedgerError("a lock() context manager can be entered only once")
+        core = self._core
+        core.refuse_reentry("lock()")
+        now = core.now()
+        held: list[bool] = []
+        try:
+            _acquire_into(held, core._lock, self._timeout)
+            if not held[0]:
+                raise LockTimeout(f"ledger lock not acquired within {self._timeout} s")
+            view = self._view = PendingMap(core, now, core._sweep_locked(now))
+            core._block = view
+            core._owner = _get_ident()
+        except BaseException:
+            if held and held[0]:
+                core._owner = 0
+                core._block = None
+                core._lock.release()
+            raise
+        return view  # nothing between the try and here where an interrupt could be raised
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        core = self._core
+        view = self._view
+        assert view is not None
+        try:
+            expired = view.close_locked(exc_type is not None)
+        finally:
+            core._block = None
+            core._owner = 0
+            core._lock.release()
+        core.fire_expired(expired)
+
+
+class GateCore:
+    """One gate's halt flag and decision counters, on a ledger's lock."""
+
+    def __init__(self, ledger: LedgerCore) -> None:
+        self.ledger = ledger
+        self._halted = False
+        self._counts = [0] * len(_REASON_SLOTS)  # by outcome code; [0] counts admissions
+        # Timeouts are counted under a lock of their own: they happen when the ledger's is busy.
+        self._timeouts_lock = threading.Lock()
+        self._timeouts = 0
+
+    @property
+    def halted(self) -> bool:
+        return self._halted
+
+    def set_halted(self, halted: bool) -> None:
+        with self.ledger._lock:
+            self._halted = halted
+
+    def counts(self) -> list[int]:
+        """Decisions by outcome code (``[0]``: admitted), a consistent snapshot."""
+        if self.ledger.own_block() is not None:
+            counts = list(self._counts)
+        else:
+            with self.ledger._lock:
+                counts = list(self._counts)
+        with self._timeouts_lock:
+            counts[rules.LOCK_TIMEOUT] = self._timeouts
+        return counts
+
+    def count_timeout(self) -> None:
+        """Count a decision denied with ``LOCK_TIMEOUT`` (without the ledger lock: it is busy)."""
+        with self._timeouts_lock:
+            self._timeouts += 1
+
+    def decide(
+        self,
+        res: Reservation,
+        limits: UnitLimits,
+        now: float,
+        snapshot: Snapshot | None,
+        timeout: float,
+    ) -> int:
+        """Check the rules and reserve ``res`` if they pass, in one critical section.
+
+        Returns the outcome code, ``RETRY`` if ``snapshot`` went stale, ``-2`` if the order id
+        is outstanding already. ``timeout`` < 0 waits for the lock for ever.
+        """
+        ledger = self.ledger
+        lock = ledger._lock
+        expired: list[Reservation] | None = None
+        if timeout < 0:
+            with lock:
+                expired = ledger._sweep_locked(now)
+                code = self._decide_locked(res, limits, now, snapshot)
+        else:
+            held: list[bool] = []
+            try:
+                _acquire_into(held, lock, timeout)
+                if not held[0]:
+                    code = rules.LOCK_TIMEOUT
+                else:
+                    expired = ledger._sweep_locked(now)
+                    code = self._decide_locked(res, limits, now, snapshot)
+            finally:
+                if held and held[0]:
+                    lock.release()
+            if code == rules.LOCK_TIMEOUT:
+                self.count_timeout()
+        ledger.fire_expired(expired)
+        return code
+
+    def _decide_locked(
+        self, res: Reservation, limits: UnitLimits, now: float, snapshot: Snapshot | None
+    ) -> int:
+        ledger = self.ledger
+        if snapshot is not None and snapshot.epoch != ledger._epoch:
+            return RETRY
+        if ledger.duplicate_locked(res._order_id):
+            return DUPLICATE
+        open_count, symbol_open, gross, symbol_exposure = ledger.figures_locked(
+            res._symbol, snapshot
+        )
+        code = rules.first_failing_rule(
+            limits, self._halted, open_count, symbol_open, gross, symbol_exposure, res._units
+        )
+        self._counts[code] += 1
+        if code == rules.ADMIT:
+            ledger.insert_locked(res, now)
+        return code
+
+
+DUPLICATE: Final = -2
+_BLOCKING: Final = (True,)
+_REASON_SLOTS: Final = range(rules.LOCK_TIMEOUT + 1)
