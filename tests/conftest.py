@@ -1,8 +1,15 @@
 """Shared fixtures: a manual clock, a ledger and gate on it, tiny thread switch intervals, and a
-real redis-server (one per test module) with a client for the Redis tests."""
+real redis-server (one per test module) with a client for the Redis tests.
+
+Also the build check: the report header names the build imported (compiled by mypyc or pure
+Python) and the interpreter, and ``PENDINGLEDGER_EXPECT_BUILD=compiled|pure`` (set by .ci/run)
+fails the session at its start if the build imported is another, because a failed mypyc compile
+falls back to the pure build with only a warning in pip's output.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -12,10 +19,39 @@ from typing import Any
 import pytest
 from redis_server import RedisServer, running_server
 
-from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits
+import pendingledger
+from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits, _core
 from pendingledger.testing import ManualClock
 
 TTL = 30.0
+
+
+def imported_build() -> str:
+    return "compiled" if pendingledger.COMPILED else "pure"
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    version = ".".join(map(str, sys.version_info[:3]))
+    return [
+        f"pendingledger build: {imported_build()} (_core: {_core.__file__})",
+        f"interpreter: {sys.implementation.name} {version} ({sys.executable})",
+    ]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    expected = os.environ.get("PENDINGLEDGER_EXPECT_BUILD", "")
+    if not expected:
+        return
+    if expected not in ("compiled", "pure"):
+        problem = f"PENDINGLEDGER_EXPECT_BUILD={expected!r} is not 'compiled' or 'pure'"
+    elif imported_build() != expected:
+        problem = f"expected the {expected} build, imported the {imported_build()} one"
+    elif session.config.rootpath in Path(pendingledger.__file__).resolve().parents:
+        # The installed package is under test, not the checkout (.ci/run uses python -P).
+        problem = "pendingledger was imported from the source tree, not the installed package"
+    else:
+        return
+    pytest.exit(f"build check: {problem} (_core: {_core.__file__})", pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture
