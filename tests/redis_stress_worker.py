@@ -7,8 +7,9 @@ second must do nothing), partially filled down to zero (``reduce``), or lost (le
 Counts of what each call reported go back to the parent, which checks them against the counters
 kept in Redis.
 
-``broken=True`` uses ``broken_try_enter``: the check in one script call and the reservation in a
-second, the race this library exists to close. The parent's auditor must find breaches with it.
+``broken=True`` uses ``pendingledger.redis.testing.check_then_reserve``: the check in one script
+call and the reservation in a second, the race this library exists to close. The parent's auditor
+must find breaches with it.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ import random
 import threading
 import time
 import traceback
-import uuid
 from collections import Counter
+from collections.abc import Callable
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
 from pendingledger import PortfolioLimits
-from pendingledger.limits import DENIED, Decision, DenyReason
-from pendingledger.redis import RedisGate, RedisReservation, _units
+from pendingledger.limits import Decision
+from pendingledger.redis import RedisGate
+from pendingledger.redis.testing import check_then_reserve
 
 SYMBOLS = [f"SYM{i:02d}" for i in range(12)]
 AMOUNTS: list[Any] = [100, 250.5, Decimal("175.25"), Fraction(301, 2), 80.0]
@@ -33,23 +35,8 @@ AMOUNTS: list[Any] = [100, 250.5, Decimal("175.25"), Fraction(301, 2), 80.0]
 
 def broken_try_enter(gate: RedisGate, symbol: str, notional: Any) -> Decision:
     """Check in one round trip, reserve in another: a deliberately broken gate."""
-    amount, units = _units.notional_units("notional", notional)
-    order_id, token = uuid.uuid4().hex, uuid.uuid4().hex[:16]
-    _, max_pos, max_gross, max_sym = gate._limit_args
-    args: list[Any] = [
-        "enter", symbol, units, order_id, token, gate._ttl_us,
-        max_pos, max_gross, max_sym, gate._trust,
-    ]  # fmt: skip
-    reply = gate._script(keys=gate.keys, args=[*args, "check"])
-    if reply[0] != b"C":
-        return DENIED[DenyReason(reply[1].decode())]
-    time.sleep(0)  # any thread switch between the two calls lets another entry in
-    reply = gate._script(keys=gate.keys, args=[*args, "force"])
-    res = RedisReservation._new(
-        gate, symbol, order_id, notional, amount,
-        token=token, reserved_us=int(reply[1]), expires_us=int(float(reply[2])),
-    )  # fmt: skip
-    return Decision(None, res)
+    # any thread switch between the two calls lets another entry in
+    return check_then_reserve(gate, symbol, notional, between=lambda: time.sleep(0))
 
 
 def run(
@@ -70,7 +57,9 @@ def run(
     lock = threading.Lock()
     gate = RedisGate.from_url(url, limits, ttl=ttl, namespace=namespace, socket_timeout=10)
     gate.sweep()  # loads the script and opens a connection before the race starts
-    enter = broken_try_enter if broken else RedisGate.try_enter
+    enter: Callable[[RedisGate, str, Any], Decision] = (
+        broken_try_enter if broken else RedisGate.try_enter
+    )
 
     def thread_main(index: int) -> None:
         rng = random.Random(seed * 1000 + index)
@@ -100,7 +89,7 @@ def run(
                     if gate.release_order(res.order_id):
                         local["double_release"] += 1
                 elif fate < 0.96:
-                    half = Fraction(_units.exact("n", notional)) / 2
+                    half = Fraction(str(notional)) / 2  # a float counts as its repr
                     ok = res.reduce(half) and res.reduce(half)
                     local["filled" if ok else "late"] += 1
                     if res.reduce(1) or res.release():

@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -13,8 +14,9 @@ from typing import Any
 import pytest
 from redis_server import CommandLog, RedisServer
 
-from pendingledger import PortfolioLimits
+from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits
 from pendingledger.limits import Decision, DenyReason
+from pendingledger.testing import ManualClock
 
 redis = pytest.importorskip("redis")
 
@@ -124,37 +126,112 @@ def test_positions_argument_is_refused(client: Any) -> None:
     assert gate.snapshot().orders == {}
 
 
-def test_symbols_and_order_ids_are_str(client: Any) -> None:
+def refusal(call: Callable[[], object]) -> tuple[type[BaseException], str]:
+    with pytest.raises((TypeError, ValueError)) as info:
+        call()
+    return type(info.value), str(info.value)
+
+
+class Sym(str):
+    pass
+
+
+BAD_SYMBOLS: list[object] = [42, None, "", b"AAA", ["AAA"], Sym("")]
+BAD_ORDER_IDS: list[object] = [7, "", b"x", ("a", 1), Sym("")]
+
+
+@pytest.mark.parametrize("symbol", BAD_SYMBOLS, ids=repr)
+def test_a_bad_symbol_is_refused_as_in_process(
+    client: Any, server: RedisServer, symbol: object
+) -> None:
     gate = new_gate(client)
-    with pytest.raises(TypeError, match="symbol"):
-        gate.try_enter(42, 1)
-    with pytest.raises(ValueError, match="symbol"):
-        gate.try_enter("A\0B", 1)
-    with pytest.raises(TypeError, match="order_id"):
-        gate.try_enter("AAA", 1, order_id=7)
-    with pytest.raises(ValueError, match="order_id"):
-        gate.try_enter("AAA", 1, order_id="")
-    assert gate.snapshot().orders == {}
-    assert gate.try_enter("sym|with|pipes and ünïcode", 1, order_id="id|x")
-    assert gate.release("sym|with|pipes and ünïcode")
+    local = PortfolioGate(PendingEntryLedger(60.0, clock=ManualClock()), Limits())
+    calls: list[tuple[Callable[[], object], Callable[[], object]]] = [
+        (lambda: gate.try_enter(symbol, 1), lambda: local.try_enter(symbol, 1)),  # type: ignore[arg-type]
+        (lambda: gate.set_position(symbol, 1), lambda: local.set_position(symbol, 1)),  # type: ignore[arg-type]
+        (lambda: gate.close_position(symbol), lambda: local.close_position(symbol)),  # type: ignore[arg-type]
+        (lambda: gate.release(symbol), lambda: local.release(symbol)),  # type: ignore[arg-type]
+    ]
+    if symbol is not None:  # confirm_fill(symbol=None) means "the reservation's symbol"
+        calls.append((
+            lambda: gate.confirm_fill("o", 1, symbol=symbol),  # type: ignore[arg-type]
+            lambda: local.confirm_fill("o", 1, symbol=symbol),  # type: ignore[arg-type]
+        ))  # fmt: skip
+    with CommandLog(server.url) as log:
+        for on_redis, in_process in calls:
+            assert refusal(on_redis) == refusal(in_process)
+    assert log.commands == []  # refused before anything is sent
+
+
+@pytest.mark.parametrize("order_id", BAD_ORDER_IDS, ids=repr)
+def test_a_bad_order_id_is_refused_as_in_process(
+    client: Any, server: RedisServer, order_id: object
+) -> None:
+    gate = new_gate(client)
+    local = PortfolioGate(PendingEntryLedger(60.0, clock=ManualClock()), Limits())
+    calls: list[tuple[Callable[[], object], Callable[[], object]]] = [
+        (
+            lambda: gate.try_enter("AAA", 1, order_id=order_id),  # type: ignore[arg-type]
+            lambda: local.try_enter("AAA", 1, order_id=order_id),  # type: ignore[arg-type]
+        ),
+        (lambda: gate.release_order(order_id), lambda: local.release_order(order_id)),  # type: ignore[arg-type]
+        (
+            lambda: gate.confirm_fill(order_id, 1, symbol="AAA"),  # type: ignore[arg-type]
+            lambda: local.confirm_fill(order_id, 1, symbol="AAA"),  # type: ignore[arg-type]
+        ),
+    ]
+    with CommandLog(server.url) as log:
+        for on_redis, in_process in calls:
+            assert refusal(on_redis) == refusal(in_process)
+    assert log.commands == []
+
+
+def test_any_non_empty_str_is_a_symbol_and_an_order_id(client: Any) -> None:
+    """Pipes, NUL and byte 1 (which the script's symbol index escapes), Unicode, str
+    subclasses: each symbol keeps its own reservations, as in process."""
+    gate = new_gate(client)
+    symbols = ["A", "A\0", "A\0B", "A\1", "A\1\0", "\0", "sym|with|pipes and ünïcode", Sym("S")]
+    for n, symbol in enumerate(symbols):
+        assert gate.try_enter(symbol, 1, order_id=f"id|\0{n}")
+        gate.set_position(symbol, n)
     assert gate.audit() == []
+    for n, symbol in enumerate(symbols):
+        assert gate.release(symbol) is True, symbol  # its own reservation, no other
+        orders = gate.snapshot().orders
+        assert set(orders) == {f"id|\0{k}" for k in range(n + 1, len(symbols))}
+        assert gate.audit() == [], symbol
+    assert gate.positions() == {str(s): n for n, s in enumerate(symbols)}
+    assert all(type(s) is str for s in gate.positions())
+
+
+def test_a_symbol_the_client_cannot_encode_is_bad_input(client: Any, server: RedisServer) -> None:
+    gate = new_gate(client)
+    with CommandLog(server.url) as log:
+        for call in (
+            lambda: gate.try_enter("\ud800", 1),
+            lambda: gate.try_enter("AAA", 1, order_id="\udfff"),
+            lambda: gate.set_position("\ud800", 1),
+            lambda: gate.release("\ud800"),
+        ):
+            with pytest.raises(ValueError, match="encodable"):
+                call()
+    assert log.commands == []
+    assert gate.stats().denied[R.BACKEND_UNAVAILABLE] == 0  # not an outage
 
 
 def test_an_empty_order_id_is_refused_by_name_and_value(client: Any, server: RedisServer) -> None:
-    # The in-process gate accepts order_id=""; the Redis gate refuses it, saying what and where.
     gate = new_gate(client)
     calls: list[tuple[str, Any]] = [
-        ("order_id", lambda: gate.try_enter("AAA", 1, order_id="")),
-        ("order_id", lambda: gate.release_order("")),
-        ("order_id", lambda: gate.confirm_fill("", 1, symbol="AAA")),
-        ("open_orders[1].order_id", lambda: gate.restore({}, [("AAA", 1, "a"), ("BBB", 1, "")])),
+        ("", lambda: gate.try_enter("AAA", 1, order_id="")),
+        ("", lambda: gate.release_order("")),
+        ("", lambda: gate.confirm_fill("", 1, symbol="AAA")),
+        ("open_orders[1]: ", lambda: gate.restore({}, [("AAA", 1, "a"), ("BBB", 1, "")])),
     ]
     with CommandLog(server.url) as log:
-        for name, call in calls:
+        for where, call in calls:
             with pytest.raises(ValueError) as info:
                 call()
-            assert f"{name} must not be empty" in str(info.value)
-            assert f"got {name}=''" in str(info.value)
+            assert str(info.value) == f"{where}order_id must not be empty, got ''"
     assert log.commands == []  # refused before anything is sent
 
 
@@ -164,7 +241,7 @@ def test_bad_input_sends_nothing_to_redis(client: Any, server: RedisServer) -> N
         lambda: gate.try_enter("AAA", float("nan")),
         lambda: gate.try_enter("AAA", 0),
         lambda: gate.try_enter("AAA", True),
-        lambda: gate.try_enter(None, 1),
+        lambda: gate.try_enter(None, 1),  # type: ignore[arg-type]
         lambda: gate.try_enter("", 1),
         lambda: gate.try_enter("AAA", 1, {"AAA": 1}),  # type: ignore[arg-type]
         lambda: gate.set_position("AAA", float("inf")),
@@ -196,14 +273,23 @@ def test_amounts_are_exact_units_rounded_against_the_trader(client: Any) -> None
     assert gate.try_enter("DDD", Decimal("0.566666665"))
 
 
-def test_reduce_leaves_the_ceiling_of_what_remains(client: Any) -> None:
+def test_reduce_takes_off_the_reductions_units_as_in_process(client: Any) -> None:
     gate = new_gate(client)
-    r = res(gate.try_enter("AAA", Fraction(1, 3)))
-    assert r.reduce(Fraction(1, 6))
+    local = PendingEntryLedger(60.0, clock=ManualClock())
+    with local.lock() as pending:
+        mirror = pending.reserve("AAA", Fraction(1, 3))
+    r = res(gate.try_enter("AAA", Fraction(1, 3)))  # 333333334 units
+    for handle in (r, mirror):
+        assert handle.reduce(Fraction(1, 6))  # 166666667 units off
     assert gate.snapshot().orders[r.order_id].units == 166_666_667
-    assert r.notional == Fraction(1, 6)
-    assert r.reduce(Fraction(1, 6))
-    assert not r.active
+    assert r.notional == mirror.notional == Fraction(166_666_667, 10**9)
+    assert r.reduce(Decimal("0.1")) and mirror.reduce(Decimal("0.1"))
+    assert r.notional == mirror.notional == Fraction(66_666_667, 10**9)  # still a Fraction
+    for handle in (r, mirror):
+        assert handle.reduce(1)  # more than remains: ends it as filled
+        assert not handle.active
+    assert r.notional == mirror.notional == Fraction(66_666_667, 10**9)  # what it held
+    assert gate.stats().filled == 1
     assert gate.audit() == []
 
 

@@ -4,8 +4,11 @@ Install with the extra ``pendingledger[redis]`` (the ``redis`` client, version 5
 package never imports this module. ``RedisGate`` makes the same decisions as ``PortfolioGate``, each
 in one atomic server-side script call, with the position book and the reservations in Redis.
 Tests move the server's clock of a namespace with ``pendingledger.redis.testing`` (not imported
-here: it is for tests only).
+here: it is for tests only). Amounts count as in process, in units of ``10**-9``
+(``pendingledger._units``; ``SCALE``, ``SCALE_DIGITS`` and ``MAX_AMOUNT`` are re-exported here).
 """
+
+from pendingledger._units import MAX_AMOUNT, SCALE, SCALE_DIGITS
 
 from ._audit import OrderRecord, Snapshot, audit
 from ._gate import (
@@ -16,7 +19,6 @@ from ._gate import (
     RedisReservation,
     StoreUnavailable,
 )
-from ._units import MAX_AMOUNT, SCALE, SCALE_DIGITS
 
 __all__ = [
     "MAX_AMOUNT",

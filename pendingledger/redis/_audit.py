@@ -14,10 +14,28 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from pendingledger import _units, rules
 from pendingledger.limits import PortfolioLimits
-from pendingledger.redis import _units
 
 __all__ = ["OrderRecord", "Snapshot", "audit"]
+
+
+def amount_of(units: int) -> Decimal:
+    """Units stored in Redis as an exact ``Decimal`` amount (``_units.to_number``)."""
+    value = _units.to_number(units, _units.KIND_DECIMAL)
+    assert isinstance(value, Decimal)
+    return value
+
+
+def index_member(symbol: str, order_id: str) -> str:
+    """The member of the script's symbol index for one reservation (gate.lua's ``member``).
+
+    A NUL separates the symbol from the order id, and the symbol is escaped to hold no NUL
+    (character 1 becomes 1 1, character 0 becomes 1 2), so that one symbol's members never fall
+    in another's range, whatever characters symbols and order ids hold.
+    """
+    escaped = symbol.replace("\1", "\1\1").replace("\0", "\1\2")
+    return f"{escaped}\0{order_id}"
 
 
 def _s(value: object) -> str:
@@ -99,7 +117,7 @@ class Snapshot:
 
     def gross(self) -> Decimal:
         """Open exposure plus reserved notional, as an exact Decimal."""
-        return _units.from_units(self.position_gross_units + self.reserved_gross_units)
+        return amount_of(self.position_gross_units + self.reserved_gross_units)
 
     def busy_symbols(self) -> set[str]:
         """Symbols that hold a concurrency slot: open or reserved."""
@@ -108,70 +126,83 @@ class Snapshot:
 
 def audit(snap: Snapshot, limits: PortfolioLimits | None = None) -> list[str]:
     """Every inconsistency in ``snap`` (and every limit it exceeds, when ``limits`` is given)."""
+    problems = _order_problems(snap)
+    problems += _total_problems(snap)
+    if snap.stats.get("corrupt", 0):
+        problems.append(f"the script counted {snap.stats['corrupt']} bookkeeping error(s)")
+    if limits is not None:
+        problems += breaches(snap, limits)
+    return problems
+
+
+def _order_problems(snap: Snapshot) -> list[str]:
+    """Each order record against the expiry and symbol indexes."""
     problems: list[str] = []
-    per_sym: dict[str, int] = {}
-    per_count: dict[str, int] = {}
     for rec in snap.orders.values():
         if rec.units <= 0:
             problems.append(f"order {rec.order_id!r} holds {rec.units} units")
-        per_sym[rec.symbol] = per_sym.get(rec.symbol, 0) + rec.units
-        per_count[rec.symbol] = per_count.get(rec.symbol, 0) + 1
         if rec.expires_at_us is None:
             problems.append(f"order {rec.order_id!r} has no expiry entry")
-        if f"{rec.symbol}\0{rec.order_id}" not in snap.by_symbol:
+        if index_member(rec.symbol, rec.order_id) not in snap.by_symbol:
             problems.append(f"order {rec.order_id!r} missing from the symbol index")
-    for order_id in snap.expiry:
-        if order_id not in snap.orders:
-            problems.append(f"expiry entry {order_id!r} has no order")
+    problems += [
+        f"expiry entry {order_id!r} has no order"
+        for order_id in snap.expiry
+        if order_id not in snap.orders
+    ]
     if len(snap.by_symbol) != len(snap.orders):
         problems.append(
             f"symbol index has {len(snap.by_symbol)} entries for {len(snap.orders)} orders"
         )
+    return problems
+
+
+def _total_problems(snap: Snapshot) -> list[str]:
+    """Every incremental total against the same total recomputed from the records."""
+    per_sym: dict[str, int] = {}
+    per_count: dict[str, int] = {}
+    for rec in snap.orders.values():
+        per_sym[rec.symbol] = per_sym.get(rec.symbol, 0) + rec.units
+        per_count[rec.symbol] = per_count.get(rec.symbol, 0) + 1
+    problems: list[str] = []
     if per_sym != dict(snap.symbol_reserved):
         problems.append(f"per-symbol reserved {dict(snap.symbol_reserved)} != recomputed {per_sym}")
     if per_count != dict(snap.symbol_counts):
         problems.append(f"per-symbol counts {dict(snap.symbol_counts)} != recomputed {per_count}")
-    res_gross = sum(per_sym.values())
-    if snap.totals.get("res_gross", 0) != res_gross:
-        problems.append(f"res_gross {snap.totals.get('res_gross', 0)} != recomputed {res_gross}")
-    pos_gross = sum(abs(v) for v in snap.positions.values())
-    if snap.totals.get("pos_gross", 0) != pos_gross:
-        problems.append(f"pos_gross {snap.totals.get('pos_gross', 0)} != recomputed {pos_gross}")
-    if snap.totals.get("res_syms", 0) != len(per_sym):
-        problems.append(f"res_syms {snap.totals.get('res_syms', 0)} != recomputed {len(per_sym)}")
-    res_open = sum(1 for s in per_sym if s in snap.positions)
-    if snap.totals.get("res_open", 0) != res_open:
-        problems.append(f"res_open {snap.totals.get('res_open', 0)} != recomputed {res_open}")
-    if snap.stats.get("corrupt", 0):
-        problems.append(f"the script counted {snap.stats['corrupt']} bookkeeping error(s)")
-    if limits is not None:
-        problems.extend(breaches(snap, limits))
+    recomputed = {
+        "res_gross": sum(per_sym.values()),
+        "pos_gross": sum(abs(v) for v in snap.positions.values()),
+        "res_syms": len(per_sym),
+        "res_open": sum(1 for s in per_sym if s in snap.positions),
+    }
+    for name, value in recomputed.items():
+        kept = snap.totals.get(name, 0)
+        if kept != value:
+            problems.append(f"{name} {kept} != recomputed {value}")
     return problems
 
 
 def breaches(snap: Snapshot, limits: PortfolioLimits) -> list[str]:
     """Every limit the state in ``snap`` exceeds (positions plus reservations)."""
+    unit = rules.unit_limits(limits)
     found: list[str] = []
-    if limits.max_concurrent_positions is not None:
+    if unit.max_positions != rules.NO_LIMIT:
         busy = snap.busy_symbols()
-        if len(busy) > limits.max_concurrent_positions:
+        if len(busy) > unit.max_positions:
             found.append(
                 f"{len(busy)} symbols open or reserved > max_concurrent_positions "
-                f"{limits.max_concurrent_positions}: {sorted(busy)}"
+                f"{unit.max_positions}: {sorted(busy)}"
             )
-    gross_limit = _units.limit_units("max_gross_exposure", limits.max_gross_exposure)
-    if gross_limit is not None:
-        gross = sum(abs(v) for v in snap.positions.values()) + sum(
-            r.units for r in snap.orders.values()
-        )
-        if gross > gross_limit:
-            found.append(f"gross {gross} units > max_gross_exposure {gross_limit} units")
-    sym_limit = _units.limit_units("max_symbol_exposure", limits.max_symbol_exposure)
-    if sym_limit is not None:
-        exposure: dict[str, int] = {s: abs(v) for s, v in snap.positions.items()}
-        for rec in snap.orders.values():
-            exposure[rec.symbol] = exposure.get(rec.symbol, 0) + rec.units
-        for symbol, units in sorted(exposure.items()):
-            if units > sym_limit:
-                found.append(f"{symbol}: {units} units > max_symbol_exposure {sym_limit} units")
+    exposure: dict[str, int] = {s: abs(v) for s, v in snap.positions.items()}
+    for rec in snap.orders.values():
+        exposure[rec.symbol] = exposure.get(rec.symbol, 0) + rec.units
+    gross = sum(exposure.values())
+    if unit.max_gross != rules.NO_LIMIT and gross > unit.max_gross:
+        found.append(f"gross {gross} units > max_gross_exposure {unit.max_gross} units")
+    if unit.max_symbol != rules.NO_LIMIT:
+        found += [
+            f"{symbol}: {units} units > max_symbol_exposure {unit.max_symbol} units"
+            for symbol, units in sorted(exposure.items())
+            if units > unit.max_symbol
+        ]
     return found

@@ -48,10 +48,9 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from fractions import Fraction
 from importlib import resources
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
@@ -61,11 +60,11 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.typing import EncodableT
 
+from pendingledger import _units, rules
 from pendingledger.errors import LedgerError
 from pendingledger.gate import GateStats
-from pendingledger.limits import DENIED, Decision, DenyReason, PortfolioLimits
-from pendingledger.redis import _units
-from pendingledger.redis._audit import Snapshot, _pairs, _s, audit
+from pendingledger.limits import Decision, DenyReason, PortfolioLimits, denied
+from pendingledger.redis._audit import Snapshot, _pairs, _s, amount_of, audit
 
 if TYPE_CHECKING:
     from pendingledger.protocols import Gate
@@ -80,7 +79,7 @@ __all__ = [
 
 logger = logging.getLogger("pendingledger.redis")
 
-Number = int | float | Decimal | Fraction
+Number = _units.Number
 
 SCRIPT: Final = resources.files(__package__).joinpath("gate.lua").read_text(encoding="utf-8")
 """The Lua source of every gate operation (package data ``pendingledger/redis/gate.lua``)."""
@@ -88,8 +87,10 @@ SCRIPT: Final = resources.files(__package__).joinpath("gate.lua").read_text(enco
 KEY_NAMES: Final = (
     "meta", "pos", "tot", "rsym", "rcnt", "orders", "exp", "bysym", "stats", "calls", "callexp",
 )  # fmt: skip
-_UNAVAILABLE: Final = DENIED[DenyReason.BACKEND_UNAVAILABLE]
-_REASONS: Final = {reason.value: reason for reason in DenyReason}
+_UNAVAILABLE: Final = denied(DenyReason.BACKEND_UNAVAILABLE)
+# The script names a reason by its value; a name it sends that is not a DenyReason is a KeyError,
+# which try_enter turns into BACKEND_UNAVAILABLE (fail closed).
+DENIALS: Final = {reason.value: denied(reason) for reason in DenyReason}
 _LOG_EVERY: Final = 5.0  # seconds between repeated warnings about the same outage
 
 
@@ -129,28 +130,11 @@ class RedisGateStats(GateStats):
     corrupt: int
 
 
-def _check_symbol(symbol: object) -> str:
-    if type(symbol) is str and symbol and "\0" not in symbol:
-        return symbol
-    if symbol is None:
-        raise TypeError("symbol must be a non-empty str such as 'BTCUSDT', got None")
-    if not isinstance(symbol, str):
-        raise TypeError(f"symbol must be a str for the Redis gate, got {symbol!r}")
-    if not symbol:
-        raise ValueError(f"symbol must not be empty, got {symbol!r}")
-    if "\0" in symbol:
-        raise ValueError(f"symbol must not contain NUL characters, got {symbol!r}")
-    return str(symbol)
-
-
-def _check_order_id(order_id: object, name: str = "order_id") -> str:
-    """``order_id`` if it is a non-empty str; ``name`` is what the message calls it."""
-    if isinstance(order_id, str) and order_id:
-        return str(order_id)
-    if isinstance(order_id, str):
-        # The in-process gate takes any hashable, "" too; a Redis order id must not be empty.
-        raise ValueError(f"{name} must not be empty for the Redis gate, got {name}={order_id!r}")
-    raise TypeError(f"{name} must be a str for the Redis gate, got {name}={order_id!r}")
+def _unencodable(exc: UnicodeError) -> ValueError:
+    """The ``ValueError`` for a symbol or order id the client cannot encode (a lone surrogate,
+    say): raised while the command was packed, before anything was sent, so bad input, not an
+    outage."""
+    return ValueError(f"symbols and order ids must be encodable by the Redis client: {exc}")
 
 
 def _namespace_keys(namespace: object) -> tuple[str, ...]:
@@ -221,7 +205,9 @@ class RedisGate:
     Cluster slot, so the scripts never meet ``CROSSSLOT``.
 
     Decisions match ``PortfolioGate`` (same ``Decision``, ``DenyReason``, rule order and limit
-    semantics); amounts are exact at ``10**-9`` (see ``pendingledger.redis._units`` for rounding).
+    semantics: ``rules.first_failing_rule``, which the conformance suite holds the script to);
+    amounts count in units of ``10**-9`` exactly as in process (``pendingledger._units``), and
+    symbols and order ids are non-empty ``str``.
     A new or wiped namespace denies with ``BOOK_NOT_RESTORED`` until ``restore()`` is called.
     By default the book is also trusted only on the server run that restored it (the server's
     ``run_id``): after a restart or a failover the gate denies until ``restore()``, because a
@@ -340,37 +326,34 @@ class RedisGate:
 
     def try_enter(
         self,
-        symbol: Hashable,
+        symbol: str,
         notional: Number,
         positions: None = None,
         *,
-        order_id: Hashable | None = None,
+        order_id: str | None = None,
     ) -> Decision:
         """Check the limits against the book and reservations in Redis and, if they pass,
         reserve ``notional`` on ``symbol``: one atomic script call, one round trip.
 
         ``positions`` must be left out: the position book lives in Redis (``set_position``,
         ``confirm_fill``). Bad arguments raise ``ValueError``/``TypeError`` before anything is
-        sent; so does an ``order_id`` that already has an outstanding reservation. A store that
-        cannot confirm the decision gives ``DenyReason.BACKEND_UNAVAILABLE`` (logged), never an
-        exception and never an admission.
+        sent (symbols and order ids: non-empty ``str``, as in process); so does an ``order_id``
+        that already has an outstanding reservation. Without ``order_id`` the gate names the
+        order (a random hex id). A store that cannot confirm the decision gives
+        ``DenyReason.BACKEND_UNAVAILABLE`` (logged), never an exception and never an admission.
         """
         if positions is not None:
             raise TypeError(
                 "RedisGate keeps the position book in Redis: call try_enter without positions "
                 f"and keep the book with set_position()/confirm_fill(), got positions={positions!r}"
             )
-        if type(symbol) is not str or not symbol or "\0" in symbol:
-            symbol = _check_symbol(symbol)
-        amount, units = _units.notional_units("notional", notional)
-        if order_id is None:
-            order_id = uuid.uuid4().hex
-        elif type(order_id) is not str or not order_id:
-            order_id = _check_order_id(order_id)
+        name = _units.check_symbol(symbol)
+        units = _units.notional_units("notional", notional)
+        oid = uuid.uuid4().hex if order_id is None else _units.check_order_id(order_id)
         token = _token()
         _, max_pos, max_gross, max_sym = self._limit_args
         args = (
-            "enter", symbol, units, order_id, token, self._ttl_us,
+            "enter", name, units, oid, token, self._ttl_us,
             max_pos, max_gross, max_sym, self._trust, "",
         )  # fmt: skip
         try:
@@ -378,42 +361,52 @@ class RedisGate:
             status = _s(reply[0])
             if status == "A":
                 res = RedisReservation._new(
-                    self, symbol, order_id, notional, amount,
+                    self, name, oid, notional, units,
                     token=token, reserved_us=int(_s(reply[1])),
                     expires_us=int(float(_s(reply[2]))),
                 )  # fmt: skip
-                self._log.ok()
-                return Decision(None, res)
-            if status == "D":
-                self._log.ok()
-                return DENIED[_REASONS[_s(reply[1])]]
-            if status != "X":
+                decision = Decision(None, res)
+            elif status == "D":
+                decision = DENIALS[_s(reply[1])]
+            elif status != "X":
                 raise ValueError(f"unexpected reply from the gate script: {reply!r}")
         except Exception as exc:
-            with self._unavailable_lock:
-                self._unavailable += 1
-            self._log.failed(f"try_enter({symbol!r}, order_id={order_id!r})", exc)
-            return _UNAVAILABLE
-        raise ValueError(f"order_id {order_id!r} already has an outstanding reservation")
+            return self._unavailable_decision(f"try_enter({name!r}, order_id={oid!r})", exc)
+        if status == "X":
+            raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
+        self._log.ok()
+        return decision
+
+    def _unavailable_decision(self, what: str, exc: Exception) -> Decision:
+        """The shared ``BACKEND_UNAVAILABLE`` decision for a call the store did not confirm
+        (counted and logged); a symbol or order id the client cannot encode raises instead."""
+        if isinstance(exc, UnicodeError):
+            raise _unencodable(exc) from exc
+        with self._unavailable_lock:
+            self._unavailable += 1
+        self._log.failed(what, exc)
+        return _UNAVAILABLE
 
     # ------------------------------------------------------------------ releases
 
-    def release(self, symbol: Hashable) -> bool:
+    def release(self, symbol: str) -> bool:
         """Drop every reservation on ``symbol``. True if any was dropped; False (logged) if the
         store cannot be reached: the reservations then expire after the TTL."""
-        symbol = _check_symbol(symbol)
-        reply = self._release_call("release", ("release_symbol", symbol, _token()))
+        name = _units.check_symbol(symbol)
+        reply = self._release_call("release", ("release_symbol", name, _token()))
         return bool(reply)
 
-    def release_order(self, order_id: Hashable) -> bool:
+    def release_order(self, order_id: str) -> bool:
         """Drop the reservation of ``order_id``. True if it was outstanding (see ``release``)."""
-        order_id = _check_order_id(order_id)
-        return bool(self._release_call("release_order", ("release_order", order_id, "", _token())))
+        oid = _units.check_order_id(order_id)
+        return bool(self._release_call("release_order", ("release_order", oid, "", _token())))
 
     def _release_call(self, what: str, args: Sequence[EncodableT]) -> int:
         try:
             reply = int(self._script(keys=self._keys, args=args))
         except Exception as exc:
+            if isinstance(exc, UnicodeError):
+                raise _unencodable(exc) from exc
             self._log.failed(f"{what}({args[1]!r})", exc)
             return 0
         self._log.ok()
@@ -421,21 +414,21 @@ class RedisGate:
 
     # ------------------------------------------------------------------ the position book
 
-    def set_position(self, symbol: Hashable, exposure: Number) -> None:
+    def set_position(self, symbol: str, exposure: Number) -> None:
         """Record ``symbol``'s position exposure (its absolute value counts; a symbol set is
         open, even at exposure 0, until ``close_position``). Raises ``StoreUnavailable`` if the
         store cannot confirm it."""
-        symbol = _check_symbol(symbol)
-        units = _units.exposure_units("exposure", exposure)
-        self._write("set_position", ("set_position", symbol, units, _token()))
+        name = _units.check_symbol(symbol)
+        units = _units.units("exposure", exposure, True)
+        self._write("set_position", ("set_position", name, units, _token()))
 
-    def close_position(self, symbol: Hashable) -> bool:
+    def close_position(self, symbol: str) -> bool:
         """Remove ``symbol`` from the book. True if it was open."""
-        symbol = _check_symbol(symbol)
-        return bool(self._write("close_position", ("close_position", symbol, _token())))
+        name = _units.check_symbol(symbol)
+        return bool(self._write("close_position", ("close_position", name, _token())))
 
     def confirm_fill(
-        self, order_id: Hashable, position_exposure: Number, *, symbol: Hashable | None = None
+        self, order_id: str, position_exposure: Number, *, symbol: str | None = None
     ) -> bool:
         """The fill of ``order_id`` landed: set its symbol's position to ``position_exposure``
         (the whole position after the fill) and end the reservation, in one atomic step.
@@ -446,10 +439,10 @@ class RedisGate:
         returned and a warning logged: pass ``symbol`` so a late fill is never lost. A
         ``symbol`` different from the reservation's raises ``ValueError`` and writes nothing.
         """
-        order_id = _check_order_id(order_id)
-        sym = "" if symbol is None else _check_symbol(symbol)
-        units = _units.exposure_units("position_exposure", position_exposure)
-        reply = self._write("confirm_fill", ("fill", order_id, units, sym, _token()))
+        oid = _units.check_order_id(order_id)
+        sym = "" if symbol is None else _units.check_symbol(symbol)
+        units = _units.units("position_exposure", position_exposure, True)
+        reply = self._write("confirm_fill", ("fill", oid, units, sym, _token()))
         status = _s(reply[0])
         if status == "F":
             return True
@@ -457,12 +450,12 @@ class RedisGate:
             return False
         if status == "M":
             raise ValueError(
-                f"order {order_id!r} is reserved on {_s(reply[1])!r}, not on symbol={sym!r}"
+                f"order {oid!r} is reserved on {_s(reply[1])!r}, not on symbol={sym!r}"
             )
         logger.warning(
             "confirm_fill(%r): no outstanding reservation (released or expired) and no symbol "
             "given, so the position was NOT recorded; pass symbol= to record late fills",
-            order_id,
+            oid,
         )
         return False
 
@@ -477,6 +470,8 @@ class RedisGate:
         except redis.RedisError as exc:
             self._log.failed(what, exc)
             raise StoreUnavailable(f"{what} not recorded: {exc}") from exc
+        except UnicodeError as exc:
+            raise _unencodable(exc) from exc
         self._log.ok()
         return reply
 
@@ -503,52 +498,32 @@ class RedisGate:
                               self._ttl_us, self._trust, len(positions)]  # fmt: skip
         for symbol, exposure in positions.items():
             args += [
-                _check_symbol(symbol),
-                _units.exposure_units(f"positions[{symbol!r}]", exposure),
+                _units.check_symbol(symbol),
+                _units.units(f"positions[{symbol!r}]", exposure, True),
             ]
-        pending: list[tuple[str, str, Number, Fraction, str]] = []
-        seen: set[str] = set()
-        for index, item in enumerate(open_orders):
-            order = OpenOrder(*item)
-            symbol = _check_symbol(order.symbol)
-            amount, units = _units.notional_units("open order notional", order.notional)
-            order_id = (
-                uuid.uuid4().hex
-                if order.order_id is None
-                else _check_order_id(order.order_id, f"open_orders[{index}].order_id")
-            )
-            if order_id in seen:
-                raise ValueError(f"order_id {order_id!r} appears twice in open_orders")
-            seen.add(order_id)
-            token = _token()
+        pending = _open_orders(open_orders)
+        for order_id, symbol, _, units, token in pending:
             args += [order_id, symbol, units, token]
-            pending.append((order_id, symbol, order.notional, amount, token))
         reply = self._write("restore", args)
         if _s(reply[0]) == "S":
             return None
-        now = int(_s(reply[0 + 1]))
+        now = int(_s(reply[1]))
+        expires = now + self._ttl_us
         return [
             RedisReservation._new(
-                self,
-                symbol,
-                order_id,
-                notional,
-                amount,
-                token=token,
-                reserved_us=now,
-                expires_us=now + self._ttl_us,
+                self, symbol, oid, notional, units, token=token, reserved_us=now, expires_us=expires
             )
-            for order_id, symbol, notional, amount, token in pending
+            for oid, symbol, notional, units, token in pending
         ]
 
-    def positions(self) -> dict[Hashable, Number]:
+    def positions(self) -> dict[str, Number]:
         """The position book in Redis: symbol -> exposure as stored (a ``Decimal``, exact to
         ``10**-9``, its magnitude rounded up when it was set)."""
         try:
             raw = self._client.hgetall(self._keys[1])
         except redis.RedisError as exc:
             raise StoreUnavailable(f"position book not readable: {exc}") from exc
-        return {_s(k): _units.from_units(int(_s(v))) for k, v in raw.items()}
+        return {_s(k): amount_of(int(_s(v))) for k, v in raw.items()}
 
     def wipe(self) -> int:
         """Delete every key of the namespace (book, reservations, marker, halt flag, stats), as
@@ -614,7 +589,7 @@ class RedisGate:
             admitted=st.get("admitted", 0),
             denied=MappingProxyType(denied),
             outstanding=int(reply[1]),
-            gross_notional=_units.from_units(int(_s(reply[2]))),
+            gross_notional=amount_of(int(_s(reply[2]))),
             released=st.get("released", 0),
             filled=st.get("filled", 0),
             expired=st.get("expired", 0),
@@ -635,49 +610,69 @@ if TYPE_CHECKING:  # mypy proves RedisGate offers the whole backend-neutral surf
 
 
 def _encode_limits(limits: object) -> tuple[PortfolioLimits, str, str, str]:
-    if not isinstance(limits, PortfolioLimits):
-        raise TypeError(f"limits must be a PortfolioLimits, got {limits!r}")
-    max_pos = limits.max_concurrent_positions
-    gross = _units.limit_units("max_gross_exposure", limits.max_gross_exposure)
-    sym = _units.limit_units("max_symbol_exposure", limits.max_symbol_exposure)
-    return (
-        limits,
-        "" if max_pos is None else str(max_pos),
-        "" if gross is None else str(gross),
-        "" if sym is None else str(sym),
-    )
+    """``limits`` as the script's arguments: in units (``rules.unit_limits``), '' for none."""
+    unit = rules.unit_limits(limits)
+    return (unit.source, _limit_arg(unit.max_positions), _limit_arg(unit.max_gross),
+            _limit_arg(unit.max_symbol))  # fmt: skip
+
+
+def _limit_arg(value: int) -> str:
+    return "" if value == rules.NO_LIMIT else str(value)
+
+
+def _open_orders(
+    open_orders: Iterable[OpenOrder | tuple[str, Number] | tuple[str, Number, str | None]],
+) -> list[tuple[str, str, Number, int, str]]:
+    """``restore``'s open orders, checked: ``(order_id, symbol, notional, units, token)`` each."""
+    pending: list[tuple[str, str, Number, int, str]] = []
+    seen: set[str] = set()
+    for index, item in enumerate(open_orders):
+        order = OpenOrder(*item)
+        try:
+            symbol = _units.check_symbol(order.symbol)
+            units = _units.notional_units("notional", order.notional)
+            oid = order.order_id
+            order_id = uuid.uuid4().hex if oid is None else _units.check_order_id(oid)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"open_orders[{index}]: {exc}") from None
+        if order_id in seen:
+            raise ValueError(f"order_id {order_id!r} appears twice in open_orders")
+        seen.add(order_id)
+        pending.append((order_id, symbol, order.notional, units, _token()))
+    return pending
 
 
 class RedisReservation:
     """The handle of one reservation in Redis (``Decision.reservation`` of a ``RedisGate``).
 
     Same public surface as the core ``Reservation``: ``symbol``, ``order_id``, ``notional`` (what
-    is still reserved, as far as this handle has reduced it), ``initial_notional``,
-    ``reserved_at`` and ``expires_at`` (the server's clock, Unix seconds), ``active`` (asks the
-    server), ``release()`` and ``reduce(amount)``. A handle acts only on its own reservation:
-    after it has ended, a new reservation reusing the order id is not touched.
+    is still reserved, as far as this handle has reduced it, in the kind of amount it was made
+    with; once ended it keeps what it held), ``initial_notional``, ``reserved_at`` and
+    ``expires_at`` (the server's clock, Unix seconds), ``active`` (asks the server), ``release()``
+    and ``reduce(amount)``. A handle acts only on its own reservation: after it has ended, a new
+    reservation reusing the order id is not touched.
     """
 
     __slots__ = (
-        "_amount",
         "_ended",
         "_expires_us",
         "_gate",
         "_initial",
+        "_initial_units",
         "_lock",
         "_order_id",
-        "_reduced",
         "_reserved_us",
         "_symbol",
         "_token",
+        "_units",
     )
 
     _gate: RedisGate
     _symbol: str
     _order_id: str
     _initial: Number
-    _amount: Fraction
-    _reduced: Fraction
+    _initial_units: int
+    _units: int
     _token: str
     _reserved_us: int
     _expires_us: int
@@ -694,7 +689,7 @@ class RedisReservation:
         symbol: str,
         order_id: str,
         initial: Number,
-        amount: Fraction,
+        units: int,
         *,
         token: str,
         reserved_us: int,
@@ -705,8 +700,8 @@ class RedisReservation:
         self._symbol = symbol
         self._order_id = order_id
         self._initial = initial
-        self._amount = amount
-        self._reduced = Fraction(0)
+        self._initial_units = units
+        self._units = units
         self._token = token
         self._reserved_us = reserved_us
         self._expires_us = expires_us
@@ -733,11 +728,11 @@ class RedisReservation:
 
     @property
     def notional(self) -> Number:
-        """What is still reserved after this handle's ``reduce`` calls, in the given type."""
-        reduced = self._reduced
-        if not reduced:
+        """What is still reserved after this handle's ``reduce`` calls, in the kind of amount it
+        was made with (``initial_notional`` itself until the first reduction)."""
+        if self._units == self._initial_units:
             return self._initial
-        return _units.to_number_like(self._initial, max(Fraction(0), self._amount - reduced))
+        return _units.to_number(self._units, _units.kind_of(self._initial))
 
     @property
     def reserved_at(self) -> float:
@@ -779,23 +774,22 @@ class RedisReservation:
 
     def reduce(self, amount: Number) -> bool:
         """Shrink the remaining notional by ``amount`` (a partial fill); at zero (or below) the
-        reservation ends. True if it was outstanding. ``amount`` must be a finite number > 0.
+        reservation ends as filled. True if it was outstanding. ``amount`` must be a finite
+        number > 0.
 
-        What stays reserved is ``ceil(initial - sum of reductions)`` in units, never less than
-        what is unfilled. Returns False (logged) if the store cannot be reached.
+        Counted as in process (``pendingledger._units``): the reduction in units rounded up,
+        taken off the units reserved. Returns False (logged) if the store cannot be reached.
         """
-        reduction, _ = _units.notional_units("amount", amount)
+        reduction = _units.notional_units("amount", amount)
         with self._lock:
             if self._ended:
                 return False
-            reduced = self._reduced + reduction
-            remaining = self._amount - reduced
-            units = _units.ceil_units(remaining) if remaining > 0 else 0
+            remaining = max(0, self._units - reduction)
             gate = self._gate
             try:
                 reply = gate._script(
                     keys=gate._keys,
-                    args=("reduce", self._order_id, self._token, units, _token()),
+                    args=("reduce", self._order_id, self._token, remaining, _token()),
                 )
                 status = _s(reply[0])
             except Exception as exc:
@@ -805,9 +799,10 @@ class RedisReservation:
             if status == "G":
                 self._ended = True
                 return False
-            self._reduced = reduced
             if status == "E":
-                self._ended = True
+                self._ended = True  # it keeps the amount it held when it ended
+            else:
+                self._units = remaining
             return True
 
     def __repr__(self) -> str:

@@ -14,7 +14,7 @@
 --   KEYS[5] rcnt    hash   symbol -> number of outstanding reservations on it
 --   KEYS[6] orders  hash   order_id -> "units|token|reserved_at_us|symbol"
 --   KEYS[7] exp     zset   order_id scored by expiry (microseconds, on the clock of Time below)
---   KEYS[8] bysym   zset   symbol .. "\0" .. order_id, score 0 (lexicographic index)
+--   KEYS[8] bysym   zset   member(symbol, order_id), score 0 (lexicographic index: see member)
 --   KEYS[9] stats   hash   admitted, denied:<reason>, released, filled, expired, restored, corrupt
 --   KEYS[10] calls  hash   call token -> the answer that call got (see Retries)
 --   KEYS[11] callexp zset  call token scored by when its answer is forgotten (microseconds)
@@ -133,6 +133,20 @@ end
 
 -- ------------------------------------------------------------------ book keeping
 
+-- The symbol index's member of one reservation: the symbol escaped to hold no NUL byte (byte 1
+-- becomes 1 1, byte 0 becomes 1 2), a NUL, the order id. The first NUL of a member ends its
+-- symbol, so one symbol's members never fall in another's range (see release_symbol), whatever
+-- bytes symbols and order ids hold. A symbol without bytes 0 and 1 is its own escape.
+local ESCAPES = {['\0'] = '\1\2', ['\1'] = '\1\1'}
+local function escaped(sym)
+  if not string.find(sym, '[%z\1]') then return sym end
+  return (string.gsub(sym, '[%z\1]', ESCAPES))
+end
+
+local function member(sym, id)
+  return escaped(sym) .. '\0' .. id
+end
+
 local function corrupt()
   redis.call('HINCRBY', K_STATS, 'corrupt', 1)
 end
@@ -150,7 +164,7 @@ local function insert(id, sym, units, token, at, expiry, sym_open, rs, rg)
   gw, gf = add(gw, gf, uw, uf)
   redis.call('HSET', K_ORD, id, units .. '|' .. token .. '|' .. at .. '|' .. sym)
   redis.call('ZADD', K_EXP, expiry, id)
-  redis.call('ZADD', K_BYSYM, 0, sym .. '\0' .. id)
+  redis.call('ZADD', K_BYSYM, 0, member(sym, id))
   redis.call('HSET', K_RSYM, sym, fmt(sw, sf))
   if redis.call('HINCRBY', K_RCNT, sym, 1) == 1 then
     redis.call('HINCRBY', K_TOT, 'res_syms', 1)
@@ -169,7 +183,7 @@ local function drop(id, rec, counter)
   local gw, gf, bad2 = sub(tw, tf, uw, uf)
   redis.call('HDEL', K_ORD, id)
   redis.call('ZREM', K_EXP, id)
-  redis.call('ZREM', K_BYSYM, sym .. '\0' .. id)
+  redis.call('ZREM', K_BYSYM, member(sym, id))
   if redis.call('HINCRBY', K_RCNT, sym, -1) <= 0 then
     if sw ~= 0 or sf ~= 0 then bad1 = true end
     redis.call('HDEL', K_RSYM, sym)
@@ -399,8 +413,9 @@ if op == 'release_symbol' then
   local sym, tk = ARGV[2], ARGV[3] or ''
   local again, now = begin(tk)
   if again ~= nil then return again end
-  local members = redis.call('ZRANGEBYLEX', K_BYSYM, '[' .. sym .. '\0', '(' .. sym .. '\1')
-  local prefix = #sym + 2
+  local esc = escaped(sym)
+  local members = redis.call('ZRANGEBYLEX', K_BYSYM, '[' .. esc .. '\0', '(' .. esc .. '\1')
+  local prefix = #esc + 2
   for i = 1, #members do
     local id = string.sub(members[i], prefix)
     local rec = redis.call('HGET', K_ORD, id)
@@ -565,7 +580,7 @@ if op == 'restore' then
     local id, sym = ARGV[i], ARGV[i + 1]
     redis.call('HSET', K_ORD, id, ARGV[i + 2] .. '|' .. ARGV[i + 3] .. '|' .. at .. '|' .. sym)
     redis.call('ZADD', K_EXP, expiry, id)
-    redis.call('ZADD', K_BYSYM, 0, sym .. '\0' .. id)
+    redis.call('ZADD', K_BYSYM, 0, member(sym, id))
     i = i + 4
   end
   for _, sym in ipairs(syms) do

@@ -23,24 +23,43 @@ needs the exact instant, such as a TTL's last microsecond. ``RedisGate.restore``
 For tests only (and the race demo's deliberately broken gate, ``pendingledger.sim``): the gate
 never calls this module, and in production the fields are absent (now is the server's ``TIME``).
 Moving the clock of a live namespace expires its reservations early, and the broken gates of the
-stress tests and the race demo reserve without checking (``enter`` modes ``check`` and
-``force``), so the gate's script refuses both unless the namespace's test operations are on:
-``enable_test_ops`` turns them on (a field ``testing`` in the namespace's ``meta`` hash, kept by
-``restore``, deleted by ``wipe``), and ``advance_server_clock`` and ``freeze_server_clock`` call
-it themselves. This module is the only public way to turn them on; never do it on a namespace
-that trades.
+stress tests and the race demo reserve without checking (``check_then_reserve``: ``enter`` modes
+``check`` and ``force``), so the gate's script refuses both unless the namespace's test
+operations are on: ``enable_test_ops`` turns them on (a field ``testing`` in the namespace's
+``meta`` hash, kept by ``restore``, deleted by ``wipe``), and ``advance_server_clock`` and
+``freeze_server_clock`` call it themselves. This module is the only public way to turn them on;
+never do it on a namespace that trades.
 """
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
-from pendingledger.redis._gate import SCRIPT, RedisGate, StoreUnavailable, _micros, _namespace_keys
+from pendingledger import _units
+from pendingledger.limits import Decision, DenyReason, denied
+from pendingledger.redis._audit import _s
+from pendingledger.redis._gate import (
+    DENIALS,
+    SCRIPT,
+    RedisGate,
+    RedisReservation,
+    StoreUnavailable,
+    _micros,
+    _namespace_keys,
+)
 from pendingledger.testing import _finite_seconds
 
-__all__ = ["advance_server_clock", "enable_test_ops", "freeze_server_clock", "server_clock"]
+__all__ = [
+    "advance_server_clock",
+    "check_then_reserve",
+    "enable_test_ops",
+    "freeze_server_clock",
+    "server_clock",
+]
 
 _MAX_STEP_US = 2**52  # the script refuses a reading at or past 2^52 us anyway (year 2112)
 
@@ -133,3 +152,50 @@ def _clock(
     except redis.RedisError as exc:
         raise StoreUnavailable(f"test clock not moved: {exc}") from exc
     return int(reply)
+
+
+def check_then_reserve(
+    gate: RedisGate,
+    symbol: str,
+    notional: _units.Number,
+    *,
+    order_id: str | None = None,
+    between: Callable[[], object] | None = None,
+) -> Decision:
+    """The check-then-act bug on Redis, for the tests and the race demo that must catch it.
+
+    The gate's own script checks the limits in one call (``enter`` mode ``check``, which
+    reserves nothing) and reserves without checking in a second (mode ``force``); ``between``
+    runs in the gap, where another entry can take the room the check saw. Both modes are test
+    operations: ``enable_test_ops`` must have been called on the namespace. Arguments are checked
+    as ``RedisGate.try_enter`` checks them; a store error denies with ``BACKEND_UNAVAILABLE``
+    (uncounted). Never use it on a namespace that trades.
+    """
+    name = _units.check_symbol(symbol)
+    units = _units.notional_units("notional", notional)
+    oid = uuid.uuid4().hex if order_id is None else _units.check_order_id(order_id)
+    token = uuid.uuid4().hex[:16]
+    _, max_pos, max_gross, max_sym = gate._limit_args
+    args: list[Any] = [
+        "enter", name, units, oid, token, gate._ttl_us, max_pos, max_gross, max_sym, gate._trust,
+    ]  # fmt: skip
+    try:
+        reply = gate._script(keys=gate.keys, args=[*args, "check"])
+        if _s(reply[0]) == "C":
+            if between is not None:
+                between()
+            reply = gate._script(keys=gate.keys, args=[*args, "force"])
+    except redis.RedisError:
+        return denied(DenyReason.BACKEND_UNAVAILABLE)
+    status = _s(reply[0])
+    if status == "D":
+        return DENIALS[_s(reply[1])]
+    if status == "X":
+        raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
+    if status != "A":
+        raise ValueError(f"unexpected reply from the gate script: {reply!r}")
+    res = RedisReservation._new(
+        gate, name, oid, notional, units, token=token,
+        reserved_us=int(_s(reply[1])), expires_us=int(float(_s(reply[2]))),
+    )  # fmt: skip
+    return Decision(None, res)

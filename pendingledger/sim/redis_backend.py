@@ -32,18 +32,19 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import redis
 
+from pendingledger import _units, rules
 from pendingledger.gate import GateStats
-from pendingledger.limits import DENIED, Decision, DenyReason, Number, PortfolioLimits
+from pendingledger.limits import Decision, Number, PortfolioLimits
 from pendingledger.protocols import ReservationHandle
-from pendingledger.redis import SCALE, SCRIPT, RedisGate, RedisReservation, Snapshot, _units, audit
+from pendingledger.redis import SCALE, SCRIPT, RedisGate, RedisReservation, Snapshot, audit
+from pendingledger.redis.testing import check_then_reserve
 from pendingledger.sim.broken import GAP
 from pendingledger.sim.config import LIMIT_KINDS
 
@@ -108,9 +109,7 @@ class SharedAudit:
         self._keys = gate.keys
         self._overlap = overlap_key(gate.namespace)
         self._sha = gate.client.register_script(SCRIPT).sha
-        self._max_positions = limits.max_concurrent_positions
-        self._max_gross = _units.limit_units("max_gross_exposure", limits.max_gross_exposure)
-        self._max_symbol = _units.limit_units("max_symbol_exposure", limits.max_symbol_exposure)
+        self._limits = rules.unit_limits(limits)
 
     def read(self) -> SharedReading:
         try:
@@ -134,20 +133,24 @@ class SharedAudit:
         for rec in snap.orders.values():
             if rec.expires_at_us is None or rec.expires_at_us > now:
                 exposure[rec.symbol] = exposure.get(rec.symbol, 0) + rec.units
-        count = len(exposure)
         gross = sum(exposure.values())
+        return SharedReading(snap, len(exposure), gross, exposure, self._over(exposure, gross))
+
+    def _over(self, exposure: dict[str, int], gross: int) -> tuple[tuple[str, str], ...]:
+        """``(limit kind, description)`` of every limit the state exceeds (a breach is a state
+        over a limit, so this compares states, where the rules judge an entry)."""
+        limits = self._limits
         over: list[tuple[str, str]] = []
-        if self._max_positions is not None and count > self._max_positions:
-            over.append(("positions", f"{count} positions > {self._max_positions}"))
-        if self._max_gross is not None and gross > self._max_gross:
-            over.append(("gross", f"gross {_amount(gross)} > {_amount(self._max_gross)}"))
-        if self._max_symbol is not None:
-            worst = max(exposure.items(), key=lambda item: item[1], default=None)
-            if worst is not None and worst[1] > self._max_symbol:
-                over.append(
-                    ("symbol", f"{worst[0]} {_amount(worst[1])} > {_amount(self._max_symbol)}")
-                )
-        return SharedReading(snap, count, gross, exposure, tuple(over))
+        if rules.NO_LIMIT < limits.max_positions < len(exposure):
+            over.append(("positions", f"{len(exposure)} positions > {limits.max_positions}"))
+        if rules.NO_LIMIT < limits.max_gross < gross:
+            over.append(("gross", f"gross {_amount(gross)} > {_amount(limits.max_gross)}"))
+        worst = max(exposure.items(), key=lambda item: item[1], default=None)
+        if worst is not None and rules.NO_LIMIT < limits.max_symbol < worst[1]:
+            over.append(
+                ("symbol", f"{worst[0]} {_amount(worst[1])} > {_amount(limits.max_symbol)}")
+            )
+        return tuple(over)
 
     @staticmethod
     def problems(reading: SharedReading) -> list[str]:
@@ -161,8 +164,7 @@ def _text(value: object) -> str:
 
 def _amount(units: int) -> str:
     """Units as the sim's amounts: whole numbers print as ints."""
-    whole, rest = divmod(units, SCALE)
-    return str(whole) if rest == 0 else str(_units.from_units(units))
+    return str(_units.to_number(units, _units.KIND_INT))
 
 
 def to_amount(units: int) -> int:
@@ -218,14 +220,16 @@ class TrackedReservation:
 
     ``ended`` is set when ``release()`` or the last ``reduce()`` ended it here, or when the gate's
     ``confirm_fill``/``release_order`` did; ``RedisBackend.sweep`` sets it for reservations the
-    TTL ended (and reports them as expired).
+    TTL ended (and reports them as expired). What is left to reduce is counted here in units, as
+    the gate counts it (an ended reservation keeps its last ``notional``, so that cannot tell).
     """
 
-    __slots__ = ("ended", "inner")
+    __slots__ = ("_left", "ended", "inner")
 
     def __init__(self, inner: RedisReservation) -> None:
         self.inner = inner
         self.ended = False
+        self._left = _units.notional_units("notional", inner.initial_notional)
 
     @property
     def symbol(self) -> str:
@@ -263,8 +267,10 @@ class TrackedReservation:
 
     def reduce(self, amount: Number) -> bool:
         done = self.inner.reduce(amount)
-        if done and not self.inner.notional:  # reduced to zero: the reservation ended
-            self.ended = True
+        if done:
+            self._left -= _units.notional_units("amount", amount)
+            if self._left <= 0:  # reduced to zero: the reservation ended
+                self.ended = True
         return done
 
     def __repr__(self) -> str:
@@ -292,16 +298,18 @@ class SharedGate:
 
     def try_enter(
         self,
-        symbol: Hashable,
+        symbol: str,
         notional: Number,
         positions: None = None,
         *,
-        order_id: Hashable | None = None,
+        order_id: str | None = None,
     ) -> Decision:
         if positions is not None:
             raise TypeError("the shared gate keeps the position book in Redis: no positions")
         if self._broken:
-            decision = _broken_try_enter(self._gate, str(symbol), notional, order_id)
+            decision = check_then_reserve(
+                self._gate, symbol, notional, order_id=order_id, between=_gap
+            )
         else:
             decision = self._gate.try_enter(symbol, notional, order_id=order_id)
         inner = decision.reservation
@@ -315,18 +323,18 @@ class SharedGate:
         return Decision(reservation=tracked)
 
     def confirm_fill(
-        self, order_id: Hashable, position_exposure: Number, *, symbol: Hashable | None = None
+        self, order_id: str, position_exposure: Number, *, symbol: str | None = None
     ) -> bool:
         done = self._gate.confirm_fill(order_id, position_exposure, symbol=symbol)
         self._ended(order_id, done)
         return done
 
-    def release_order(self, order_id: Hashable) -> bool:
+    def release_order(self, order_id: str) -> bool:
         done = self._gate.release_order(order_id)
         self._ended(order_id, done)
         return done
 
-    def release(self, symbol: Hashable) -> bool:
+    def release(self, symbol: str) -> bool:
         """Passed on. The simulation never calls it: the reservations it drops are booked as
         ended here, also one that had expired just before."""
         done = self._gate.release(symbol)
@@ -336,19 +344,19 @@ class SharedGate:
                     tracked.ended = True
         return done
 
-    def _ended(self, order_id: Hashable, done: bool) -> None:
+    def _ended(self, order_id: str, done: bool) -> None:
         if done:
-            tracked = self.tracked.get(str(order_id))
+            tracked = self.tracked.get(order_id)
             if tracked is not None:
                 tracked.ended = True
 
-    def set_position(self, symbol: Hashable, exposure: Number) -> None:
+    def set_position(self, symbol: str, exposure: Number) -> None:
         self._gate.set_position(symbol, exposure)
 
-    def close_position(self, symbol: Hashable) -> bool:
+    def close_position(self, symbol: str) -> bool:
         return self._gate.close_position(symbol)
 
-    def positions(self) -> dict[Hashable, Number]:
+    def positions(self) -> dict[str, Number]:
         return self._gate.positions()
 
     def halt(self) -> None:
@@ -373,40 +381,10 @@ class SharedGate:
         self._gate.limits = limits
 
 
-def _broken_try_enter(
-    gate: RedisGate, symbol: str, notional: Number, order_id: Hashable | None
-) -> Decision:
-    """The check-then-act bug on Redis: the gate's own script checks in one call and reserves
-    without checking in a second; other processes and threads check in between."""
-    amount, units = _units.notional_units("notional", notional)
-    oid = uuid.uuid4().hex if order_id is None else str(order_id)
-    token = uuid.uuid4().hex[:16]
-    _, max_pos, max_gross, max_sym = gate._limit_args
-    args: list[Any] = [
-        "enter", symbol, units, oid, token, gate._ttl_us,
-        max_pos, max_gross, max_sym, gate._trust,
-    ]  # fmt: skip
-    try:
-        reply = gate._script(keys=gate.keys, args=[*args, "check"])
-        if _text(reply[0]) != "C":
-            return _denied(reply)
-        time.sleep(GAP)  # the gap: the room this check saw can be taken by another entry now
-        reply = gate._script(keys=gate.keys, args=[*args, "force"])
-    except redis.RedisError:
-        return DENIED[DenyReason.BACKEND_UNAVAILABLE]
-    if _text(reply[0]) != "A":
-        return _denied(reply)
-    res = RedisReservation._new(
-        gate, symbol, oid, notional, amount,
-        token=token, reserved_us=int(_text(reply[1])), expires_us=int(float(_text(reply[2]))),
-    )  # fmt: skip
-    return Decision(reservation=res)
-
-
-def _denied(reply: Any) -> Decision:
-    if _text(reply[0]) == "D":
-        return DENIED[DenyReason(_text(reply[1]))]
-    raise ValueError(f"unexpected reply from the gate script: {reply!r}")
+def _gap() -> None:
+    """The broken run's gap between check and reservation: another entry can take the room the
+    check saw (see ``pendingledger.redis.testing.check_then_reserve``)."""
+    time.sleep(GAP)
 
 
 class RedisBackend:
@@ -454,7 +432,7 @@ class RedisBackend:
     def handover(self, symbol: str, qty: int) -> Iterator[None]:
         """Mark ``qty`` of ``symbol`` as counted twice while the router sets the position and
         then reduces the reservation (see the module docstring)."""
-        units = _units.notional_units("qty", qty)[1]
+        units = _units.notional_units("qty", qty)
         client = self._redis_gate.client
         client.hincrby(self._overlap, symbol, units)
         try:
@@ -478,7 +456,7 @@ class RedisBackend:
     def outstanding(self) -> tuple[int, float]:
         """Reservations outstanding in the whole namespace (every process's), and their gross."""
         snap = self._redis_gate.snapshot()
-        return len(snap.orders), float(_units.from_units(snap.reserved_gross_units))
+        return len(snap.orders), snap.reserved_gross_units / SCALE
 
     def figures(self) -> dict[str, Any]:
         return self.gate.checks.figures()
