@@ -329,8 +329,8 @@ def test_broken_gate_applies_the_same_rules_as_the_real_one() -> None:
     ]  # fmt: skip
     outcomes = set()
     for n, (symbol, notional) in enumerate(script):
-        want = real.try_enter(symbol, notional, lambda: positions, order_id=n)
-        got = broken.try_enter(symbol, notional, lambda: positions, order_id=n)
+        want = real.try_enter(symbol, notional, lambda: positions, order_id=f"o{n}")
+        got = broken.try_enter(symbol, notional, lambda: positions, order_id=f"o{n}")
         assert (got.admitted, got.reason) == (want.admitted, want.reason), (symbol, notional)
         outcomes.add(want.reason)
     assert outcomes == {
@@ -339,3 +339,45 @@ def test_broken_gate_applies_the_same_rules_as_the_real_one() -> None:
         DenyReason.MAX_GROSS_EXPOSURE,
         DenyReason.MAX_SYMBOL_EXPOSURE,
     }
+
+
+@pytest.mark.timeout(20)
+def test_broken_gate_lets_two_entries_into_one_slot_when_they_interleave(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bug itself, driven with events: A checks, B checks and reserves, A reserves."""
+    from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits
+
+    in_gap, go_on = threading.Event(), threading.Event()
+    gaps: list[float] = []
+
+    class GapClock:
+        """Stands in for the ``time`` module of ``broken``: the first gap waits for the test."""
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            gaps.append(seconds)
+            if len(gaps) == 1:
+                in_gap.set()
+                assert go_on.wait(10)
+
+    monkeypatch.setattr(simmod.broken, "time", GapClock)
+    limits = PortfolioLimits(max_concurrent_positions=1)
+    ledger = PendingEntryLedger(60.0, clock=ManualClock())
+    broken = simmod.BrokenGate(ledger, limits)
+    first: list[Decision] = []
+    a = threading.Thread(target=lambda: first.append(broken.try_enter("AAA", 10)))
+    a.start()
+    try:
+        assert in_gap.wait(10)  # A has checked and not reserved yet
+        second = broken.try_enter("BBB", 10)
+    finally:
+        go_on.set()
+        a.join(10)
+    assert second and first and first[0]  # both admitted: two positions, limit 1
+    assert ledger.stats().outstanding == 2
+    assert gaps == [simmod.broken.GAP] * 2
+
+    real = PortfolioGate(PendingEntryLedger(60.0, clock=ManualClock()), limits)
+    assert real.try_enter("AAA", 10)
+    assert real.try_enter("BBB", 10).reason is DenyReason.MAX_CONCURRENT_POSITIONS

@@ -236,7 +236,7 @@ def test_hammering_every_entry_point_never_deadlocks_and_stats_stay_consistent()
             if op < 0.35:
                 try:
                     with ledger.lock(timeout=0.02) as pending:
-                        res = pending.reserve(symbol, rng.randint(1, 50), order_id=(index, n))
+                        res = pending.reserve(symbol, rng.randint(1, 50), order_id=f"{index}-{n}")
                         if rng.random() < 0.15:
                             raise Boom  # rolled back: must count nowhere
                 except LockTimeout:
@@ -248,7 +248,7 @@ def test_hammering_every_entry_point_never_deadlocks_and_stats_stay_consistent()
                     shared.append(res)
                     made.append(res)
             elif op < 0.50:
-                ledger.release_order((rng.randrange(1, nthreads), rng.randrange(rounds)))
+                ledger.release_order(f"{rng.randrange(1, nthreads)}-{rng.randrange(rounds)}")
             elif op < 0.65:
                 res_or_none = pick(rng)
                 if res_or_none is not None:
@@ -311,7 +311,7 @@ def test_many_threads_ending_one_reservation_end_it_exactly_once() -> None:
     ledger = PendingEntryLedger(ttl=60.0, clock=ManualClock())
     nthreads, count = 32, 40
     with ledger.lock() as pending:
-        targets = [pending.reserve(f"S{i % 5}", nthreads, order_id=i) for i in range(count)]
+        targets = [pending.reserve(f"S{i % 5}", nthreads, order_id=f"o{i}") for i in range(count)]
     wins = [0] * count
     wins_lock = threading.Lock()
 

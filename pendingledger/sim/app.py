@@ -20,7 +20,7 @@ from fractions import Fraction
 from typing import Final
 
 from pendingledger.limits import DenyReason
-from pendingledger.protocols import Gate
+from pendingledger.protocols import Gate, ReservationHandle
 from pendingledger.sim.auditor import Accounts, Auditor
 from pendingledger.sim.backends import (
     BackendFactory,
@@ -69,6 +69,78 @@ class _PositionCache:
     def snapshot(self) -> dict[str, int]:
         with self.lock:
             return dict(self.positions)
+
+
+class _Wish:
+    """Everything a brain drew for one order, before asking the gate."""
+
+    __slots__ = (
+        "delays", "duplicate", "notional", "order_id", "outcome", "parts", "pause", "symbol",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        symbol: str,
+        notional: int,
+        outcome: str,
+        parts: tuple[int, ...],
+        delays: tuple[float, ...],
+        duplicate: bool,
+        pause: float,
+        order_id: str,
+    ) -> None:
+        self.symbol = symbol
+        self.notional = notional
+        self.outcome = outcome
+        self.parts = parts
+        self.delays = delays
+        self.duplicate = duplicate
+        self.pause = pause
+        self.order_id = order_id
+
+    def order(self, reservation: ReservationHandle, index: int) -> Order:
+        return Order(
+            self.order_id, self.symbol, self.notional, self.outcome, reservation, index,
+            self.delays, self.parts, self.duplicate,
+        )  # fmt: skip
+
+
+class _Wishes:
+    """One brain's stream of wishes: ``random.Random(seed + brain)``, every draw about an order
+    made up front, so a seed replays the same wishes whatever the gate decides."""
+
+    def __init__(
+        self, config: SimConfig, symbol_cum: list[float], outcome_cum: list[float], brain: int
+    ) -> None:
+        self._rng = random.Random(config.seed + brain)
+        self._brain = brain
+        self._symbols = config.symbols
+        self._symbol_cum = symbol_cum
+        self._outcome_cum = outcome_cum
+        self._lot = config.lot
+        self._low, self._high = config.notional[0] // config.lot, config.notional[1] // config.lot
+        self._latency = config.latency
+        self._think = config.think
+        self._duplicate_rate = config.duplicate_rate
+
+    def next(self, n: int) -> _Wish:
+        """The brain's ``n``-th wish (draws in a fixed order: the seed fixes every one)."""
+        rng = self._rng
+        symbol = rng.choices(self._symbols, cum_weights=self._symbol_cum)[0]
+        notional = rng.randint(self._low, self._high) * self._lot
+        outcome = rng.choices(OUTCOMES, cum_weights=self._outcome_cum)[0]
+        parts: tuple[int, ...] = (notional,)
+        if outcome == "partial":
+            parts = _split(rng, notional, self._lot, rng.randint(2, 4))
+        lat_low, lat_high = self._latency
+        delays = tuple(
+            rng.uniform(lat_low, lat_high) / (1 if i == 0 else len(parts))
+            for i in range(len(parts) + 1)
+        )
+        duplicate = rng.random() < self._duplicate_rate
+        pause = rng.uniform(*self._think)
+        order_id = f"b{self._brain}-{n}"
+        return _Wish(symbol, notional, outcome, parts, delays, duplicate, pause, order_id)
 
 
 # --------------------------------------------------------------------------- the simulation
@@ -185,20 +257,7 @@ class Simulation:
         )
         barrier = self._barrier = threading.Barrier(config.threads + 1)
         try:
-            gate = backend.gate
-            cache_gate: CacheGate | None = None
-            if config.book == "gate":
-                if not isinstance(gate, Gate):
-                    raise TypeError(
-                        f"book='gate' needs a gate with its own position book "
-                        f"(set_position, close_position, confirm_fill), got {gate!r}"
-                    )
-                self._book = gate
-                self._handover = getattr(backend, "handover", None)
-            elif isinstance(gate, CacheGate):
-                cache_gate = gate
-            else:
-                raise TypeError(f"the simulation needs a gate with try_enter, got {gate!r}")
+            gate, cache_gate = self._gates(backend)
             self._spawn("router", self._route)
             for shard in range(config.exchange_threads):
                 self._spawn(f"exchange-{shard}", self._exchange.run, shard)
@@ -209,22 +268,7 @@ class Simulation:
                 for i in range(config.threads)
             ]
             barrier.wait(_BARRIER_TIMEOUT)
-            self._started_at = start = time.monotonic()
-            deadline = start + config.seconds
-            limit = config.stop_after_breaches
-            hard_deadline = start + config.seconds * _MIN_ADMITTED_STRETCH
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if limit is not None and self._auditor.breaches >= limit:
-                    break
-                if now >= deadline and (
-                    now >= hard_deadline or self.progress().admitted >= config.min_admitted
-                ):
-                    break
-                self._stop.wait(max(0.001, min(interval, deadline - now)))
-                if on_progress is not None:
-                    on_progress(self.progress())
-            elapsed = time.monotonic() - start
+            elapsed = self._race(on_progress, interval)
             self._stop.set()
             self._join(brains)
             return self._drain(backend, elapsed)
@@ -234,6 +278,43 @@ class Simulation:
         finally:
             self._shutdown()
             backend.close()
+
+    def _gates(self, backend: SimBackend) -> tuple[SimGate, CacheGate | None]:
+        """The gate the brains race, and the same gate as a ``CacheGate`` when they pass it the
+        app's position cache (``book="cache"``); with ``book="gate"`` it keeps the book."""
+        gate = backend.gate
+        if self.config.book == "gate":
+            if not isinstance(gate, Gate):
+                raise TypeError(
+                    f"book='gate' needs a gate with its own position book "
+                    f"(set_position, close_position, confirm_fill), got {gate!r}"
+                )
+            self._book = gate
+            self._handover = getattr(backend, "handover", None)
+            return gate, None
+        if not isinstance(gate, CacheGate):
+            raise TypeError(f"the simulation needs a gate with try_enter, got {gate!r}")
+        return gate, gate
+
+    def _race(self, on_progress: Callable[[Progress], object] | None, interval: float) -> float:
+        """Let the brains race until the config says stop; the seconds it lasted."""
+        config = self.config
+        self._started_at = start = time.monotonic()
+        deadline = start + config.seconds
+        limit = config.stop_after_breaches
+        hard_deadline = start + config.seconds * _MIN_ADMITTED_STRETCH
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if limit is not None and self._auditor.breaches >= limit:
+                break
+            if now >= deadline and (
+                now >= hard_deadline or self.progress().admitted >= config.min_admitted
+            ):
+                break
+            self._stop.wait(max(0.001, min(interval, deadline - now)))
+            if on_progress is not None:
+                on_progress(self.progress())
+        return time.monotonic() - start
 
     # ---------------------------------------------------------------- threads
 
@@ -295,84 +376,68 @@ class Simulation:
         cache (``book == "cache"``); ``None`` when the gate keeps the book."""
         config = self.config
         brain = self._first_brain + index  # this brain's number in the whole app
-        rng = random.Random(config.seed + brain)
+        wishes = _Wishes(config, self._symbol_cum, self._outcome_cum, brain)
         stats = self._brain_stats[index]
-        symbols, symbol_cum = config.symbols, self._symbol_cum
-        outcome_cum = self._outcome_cum
-        lot = config.lot
-        low, high = config.notional[0] // lot, config.notional[1] // lot
-        lat_low, lat_high = config.latency
-        think_low, think_high = config.think
-        snapshot = self._cache.snapshot
-        flights = self._flights
-        auditor = self._auditor
-        exchange = self._exchange
         max_decisions = config.max_decisions
         stop = self._stop
         barrier.wait(_BARRIER_TIMEOUT)
         for n in itertools.count():
             if stop.is_set():
                 return
-            # Everything random about this order is drawn up front, so a seed replays the
-            # same wishes whatever the gate decides.
-            symbol = rng.choices(symbols, cum_weights=symbol_cum)[0]
-            notional = rng.randint(low, high) * lot
-            outcome = rng.choices(OUTCOMES, cum_weights=outcome_cum)[0]
-            parts: tuple[int, ...] = (notional,)
-            if outcome == "partial":
-                parts = _split(rng, notional, lot, rng.randint(2, 4))
-            delays = tuple(
-                rng.uniform(lat_low, lat_high) / (1 if i == 0 else len(parts))
-                for i in range(len(parts) + 1)
-            )
-            duplicate = rng.random() < config.duplicate_rate
-            pause = rng.uniform(think_low, think_high)
-            order_id = f"b{brain}-{n}"
-
-            if flights is not None:
-                flights.enter(index)
-            order: Order | None = None
-            try:
-                if cache_gate is None:
-                    decision = gate.try_enter(symbol, notional, order_id=order_id)
-                else:
-                    decision = cache_gate.try_enter(symbol, notional, snapshot, order_id=order_id)
-                reservation = decision.reservation
-                if decision.admitted and reservation is not None:
-                    order = Order(
-                        order_id,
-                        symbol,
-                        notional,
-                        outcome,
-                        reservation,
-                        index,
-                        delays,
-                        parts,
-                        duplicate,
-                    )
-            finally:
-                if flights is not None:
-                    flights.leave(index, order)
-            stats.decisions += 1
-            if order is None:
-                reason = decision.reason
-                if reason is not None:
-                    stats.denied[reason] = stats.denied.get(reason, 0) + 1
-            else:
-                stats.admitted += 1
-                self._orders.append(order)
-                if outcome == "lost":
-                    # Never answered: it can never fill, so it is no exposure; only the
-                    # ledger's TTL can end its reservation.
-                    stats.lost += 1
-                    order.admitted_at = self._clock()  # it expires by admitted_at + ttl
-                else:
-                    auditor.admit(order)
-                    exchange.submit(order)
+            wish = wishes.next(n)
+            order = self._enter(index, gate, cache_gate, wish, stats)
+            if order is not None:
+                self._admitted(order, stats)
             if max_decisions is not None and next(self._decision_count) >= max_decisions:
                 stop.set()
-            if pause > 0:
-                time.sleep(pause)
+            if wish.pause > 0:
+                time.sleep(wish.pause)
+
+    def _enter(
+        self,
+        index: int,
+        gate: SimGate,
+        cache_gate: CacheGate | None,
+        wish: _Wish,
+        stats: _BrainStats,
+    ) -> Order | None:
+        """Ask the gate for ``wish``'s entry; the admitted order, or None (counted either way)."""
+        flights = self._flights
+        if flights is not None:
+            flights.enter(index)
+        order: Order | None = None
+        try:
+            if cache_gate is None:
+                decision = gate.try_enter(wish.symbol, wish.notional, order_id=wish.order_id)
+            else:
+                decision = cache_gate.try_enter(
+                    wish.symbol, wish.notional, self._cache.snapshot, order_id=wish.order_id
+                )
+            reservation = decision.reservation
+            if decision.admitted and reservation is not None:
+                order = wish.order(reservation, index)
+        finally:
+            if flights is not None:
+                flights.leave(index, order)
+        stats.decisions += 1
+        reason = decision.reason
+        if order is None and reason is not None:
+            stats.denied[reason] = stats.denied.get(reason, 0) + 1
+        return order
+
+    def _admitted(self, order: Order, stats: _BrainStats) -> None:
+        """Book an admitted order: to the exchange and the auditor, or lost (only the TTL ends
+        it)."""
+        stats.admitted += 1
+        self._orders.append(order)
+        if order.outcome == "lost":
+            # Never answered: it can never fill, so it is no exposure; only the
+            # ledger's TTL can end its reservation.
+            stats.lost += 1
+            order.admitted_at = self._clock()  # it expires by admitted_at + ttl
+        else:
+            self._auditor.admit(order)
+            self._exchange.submit(order)
 
     def _route(self) -> None:
         """The fill router: cache first, then release. Also closes positions after their hold."""

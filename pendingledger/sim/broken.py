@@ -5,14 +5,16 @@ breaches. Never use it outside tests and demos.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
+from pendingledger import _units, rules
+from pendingledger._positions import read_positions
 from pendingledger.gate import GateStats, PortfolioGate, Positions
-from pendingledger.ledger import PendingEntryLedger
-from pendingledger.limits import Decision, DenyReason, Number, PortfolioLimits
+from pendingledger.ledger import PendingEntryLedger, PendingMap
+from pendingledger.limits import REASONS, Decision, Number, PortfolioLimits, denied
 
 if TYPE_CHECKING:
+    from pendingledger._core import Snapshot
     from pendingledger.protocols import Gate
 
 __all__ = ["GAP", "BrokenGate"]
@@ -25,19 +27,21 @@ GAP: Final = 0.0001
 class BrokenGate:
     """The classic check-then-act bug, kept so the harness can prove it catches breaches.
 
-    It applies the same rules as ``PortfolioGate`` to the same state (open positions plus
-    outstanding reservations), but checks in one acquisition of the ledger lock and reserves in a
-    second one. Between the two, other threads check against a state that does not yet hold this
-    entry, so several can be admitted on the strength of the same room. The 0.1 ms sleep in the
-    gap stands for the work a real bot does there (building, logging and sending the order). It
-    does not create the bug; it makes it show up within seconds on every CPython, where a bare
-    ``sleep(0)`` hands the GIL over too rarely on 3.10 to be a dependable demonstration.
+    It decides with the one rule function, ``pendingledger.rules.first_failing_rule``, on the
+    same state as ``PortfolioGate`` (open positions plus outstanding reservations, in units), but
+    checks in one acquisition of the ledger lock and reserves in a second one. Between the two,
+    other threads check against a state that does not yet hold this entry, so several can be
+    admitted on the strength of the same room. The 0.1 ms sleep in the gap stands for the work a
+    real bot does there (building, logging and sending the order). It does not create the bug; it
+    makes it show up within seconds, where a bare ``sleep(0)`` hands the GIL over too rarely to be
+    a dependable demonstration.
 
     Everything but ``try_enter`` is passed on to ``book``, a ``PortfolioGate`` on the same ledger
     (one is made when none is given), so a ``BrokenGate`` is a ``pendingledger.Gate``: with the
     gate-owned position book, positions are read from ``book.positions()`` before the check, and
-    ``set_position``/``close_position``/``confirm_fill`` go to the book. ``stats()`` are the
-    book's: they do not count the broken gate's own decisions.
+    ``set_position``/``close_position``/``confirm_fill`` go to the book. A caller's positions
+    (a mapping or a callable) are read before the check too, as ``PortfolioGate`` reads them.
+    ``stats()`` are the book's: they do not count the broken gate's own decisions.
 
     Never use this outside tests and demos.
     """
@@ -52,29 +56,29 @@ class BrokenGate:
         book: PortfolioGate | None = None,
     ) -> None:
         self._ledger = ledger
-        self._limits = limits
+        self._limits = rules.unit_limits(limits)
         self._book = PortfolioGate(ledger, limits) if book is None else book
 
     # ---------------------------------------------------------------- passed on to the book
 
-    def set_position(self, symbol: Hashable, exposure: Number) -> None:
+    def set_position(self, symbol: str, exposure: Number) -> None:
         self._book.set_position(symbol, exposure)
 
-    def close_position(self, symbol: Hashable) -> bool:
+    def close_position(self, symbol: str) -> bool:
         return self._book.close_position(symbol)
 
     def confirm_fill(
-        self, order_id: Hashable, position_exposure: Number, *, symbol: Hashable | None = None
+        self, order_id: str, position_exposure: Number, *, symbol: str | None = None
     ) -> bool:
         return self._book.confirm_fill(order_id, position_exposure, symbol=symbol)
 
-    def positions(self) -> dict[Hashable, Number]:
+    def positions(self) -> dict[str, Number]:
         return self._book.positions()
 
-    def release(self, symbol: Hashable) -> bool:
+    def release(self, symbol: str) -> bool:
         return self._book.release(symbol)
 
-    def release_order(self, order_id: Hashable) -> bool:
+    def release_order(self, order_id: str) -> bool:
         return self._book.release_order(order_id)
 
     def halt(self) -> None:
@@ -92,65 +96,50 @@ class BrokenGate:
 
     @property
     def limits(self) -> PortfolioLimits:
-        return self._limits
+        return self._limits.source
 
     @limits.setter
     def limits(self, limits: PortfolioLimits) -> None:
-        self._limits = limits
+        self._limits = rules.unit_limits(limits)
 
     # ---------------------------------------------------------------- the bug
 
     def try_enter(
         self,
-        symbol: Hashable,
+        symbol: str,
         notional: Number,
         positions: Positions | None = None,
         *,
-        order_id: Hashable | None = None,
+        order_id: str | None = None,
     ) -> Decision:
+        name = _units.check_symbol(symbol)
+        units = _units.notional_units("notional", notional)
         limits = self._limits
-        if self._book.halted:
-            return Decision(DenyReason.HALTED)
-        if positions is None:
-            seen: Mapping[Any, Number] = self._book.positions()  # takes the ledger lock: before
+        seen = read_positions(self._book.positions() if positions is None else positions, 0)
         with self._ledger.lock() as pending:  # first acquisition: check
-            if positions is not None:
-                seen = positions() if callable(positions) else positions
-            reason = _first_failing_rule(limits, seen, pending, symbol, notional)
+            figures = _figures(seen, pending, name)
+        code = rules.first_failing_rule(limits, self._book.halted, *figures, units)
+        reason = REASONS[code]
         if reason is not None:
-            return Decision(reason)
+            return denied(reason)
         time.sleep(GAP)  # the gap: another brain can check against the same room now
         with self._ledger.lock() as pending:  # second acquisition: act
-            reservation = pending.reserve(symbol, notional, order_id=order_id)
+            reservation = pending.reserve(name, notional, order_id=order_id)
         return Decision(reservation=reservation)
 
 
-def _first_failing_rule(
-    limits: PortfolioLimits,
-    positions: Mapping[Any, Any],
-    pending: Any,
-    symbol: Hashable,
-    notional: Number,
-) -> DenyReason | None:
-    max_positions = limits.max_concurrent_positions
-    if (
-        max_positions is not None
-        and symbol not in positions
-        and symbol not in pending
-        and len(positions) + pending.new_slots(positions.__contains__) >= max_positions
-    ):
-        return DenyReason.MAX_CONCURRENT_POSITIONS
-    max_gross = limits.max_gross_exposure
-    if max_gross is not None:
-        gross = sum(abs(v) for v in positions.values()) + pending.gross_notional() + notional
-        if gross > max_gross:
-            return DenyReason.MAX_GROSS_EXPOSURE
-    max_symbol = limits.max_symbol_exposure
-    if max_symbol is not None:
-        exposure = abs(positions.get(symbol, 0)) + pending.symbol_notional(symbol) + notional
-        if exposure > max_symbol:
-            return DenyReason.MAX_SYMBOL_EXPOSURE
-    return None
+def _figures(seen: Snapshot, pending: PendingMap, symbol: str) -> tuple[int, bool, int, int]:
+    """``(open_count, symbol_open, gross, symbol_exposure)`` in units, as the rules read them:
+    the positions ``seen`` plus what ``pending`` holds (lock held)."""
+    exposures = seen.exposures
+    reserved = _units.units("reserved", pending.gross_notional(), True)
+    reserved_here = _units.units("reserved", pending.symbol_notional(symbol), True)
+    return (
+        len(exposures) + pending.new_slots(exposures.__contains__),
+        symbol in exposures or symbol in pending,
+        seen.gross + reserved,
+        abs(exposures.get(symbol, 0)) + reserved_here,
+    )
 
 
 if TYPE_CHECKING:  # mypy proves BrokenGate offers the whole backend-neutral surface.

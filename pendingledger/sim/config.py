@@ -31,6 +31,11 @@ def _check_range(name: str, pair: tuple[float, float], *, low: float = 0.0) -> N
         )
 
 
+def _check_int(name: str, value: object, *, low: int, none: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}{none}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SimConfig:
     """Everything that shapes one simulated run. Times are seconds; amounts are ints (exact sums).
@@ -85,14 +90,33 @@ class SimConfig:
     true exposure, not the gate's view, and why the README insists on cache first."""
 
     def __post_init__(self) -> None:
+        self._check_run()
+        self._check_orders()
+        _check_range("latency", self.latency)
+        _check_range("hold", self.hold)
+        _check_range("think", self.think)
+        if self.book not in ("cache", "gate"):
+            raise ValueError(f"book must be 'cache' or 'gate', got {self.book!r}")
+        self.limits()  # PortfolioLimits validates the three limits
+
+    def _check_run(self) -> None:
+        """How long and how wide the run is, and when it stops."""
         if not (isinstance(self.seconds, (int, float)) and math.isfinite(self.seconds)):
             raise ValueError(f"seconds must be a finite number, got {self.seconds!r}")
         if self.seconds <= 0:
             raise ValueError(f"seconds must be > 0, got {self.seconds!r}")
         for name in ("threads", "exchange_threads", "lot"):
+            _check_int(name, getattr(self, name), low=1)
+        _check_int("min_admitted", self.min_admitted, low=0)
+        for name in ("max_decisions", "stop_after_breaches"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            if value is not None:
+                _check_int(name, value, low=1, none=" or None")
+        if not (math.isfinite(self.ttl) and self.ttl > 0):
+            raise ValueError(f"ttl must be finite and > 0, got {self.ttl!r}")
+
+    def _check_orders(self) -> None:
+        """What the brains trade and what the exchange answers."""
         if not self.symbols or len(set(self.symbols)) != len(self.symbols):
             raise ValueError(f"symbols must be non-empty and distinct, got {self.symbols!r}")
         low, high = self.notional
@@ -103,26 +127,8 @@ class SimConfig:
         weights = self.outcome_weights
         if len(weights) != 4 or any(not w >= 0 for w in weights) or not sum(weights) > 0:
             raise ValueError(f"outcome_weights must be 4 weights >= 0, not all 0, got {weights!r}")
-        _check_range("latency", self.latency)
-        _check_range("hold", self.hold)
-        _check_range("think", self.think)
-        if not (math.isfinite(self.ttl) and self.ttl > 0):
-            raise ValueError(f"ttl must be finite and > 0, got {self.ttl!r}")
         if not 0 <= self.duplicate_rate <= 1:
             raise ValueError(f"duplicate_rate must be in [0, 1], got {self.duplicate_rate!r}")
-        if isinstance(self.min_admitted, bool) or not isinstance(self.min_admitted, int):
-            raise ValueError(f"min_admitted must be an int >= 0, got {self.min_admitted!r}")
-        if self.min_admitted < 0:
-            raise ValueError(f"min_admitted must be an int >= 0, got {self.min_admitted!r}")
-        for name in ("max_decisions", "stop_after_breaches"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
-        if self.book not in ("cache", "gate"):
-            raise ValueError(f"book must be 'cache' or 'gate', got {self.book!r}")
-        self.limits()  # PortfolioLimits validates the three limits
 
     def limits(self) -> PortfolioLimits:
         """The limits the gate enforces and the auditor checks."""

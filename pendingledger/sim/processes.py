@@ -118,6 +118,28 @@ class ProcessRace:
         """End the race early (from any thread); ``run()`` then drains and returns."""
         self._stop_requested.set()
 
+    def _follow(
+        self,
+        inbox: _Inbox,
+        out: Any,
+        workers: Sequence[BaseProcess],
+        stop: Any,
+        on_progress: Callable[[Progress], object] | None,
+        interval: float,
+    ) -> None:
+        """Take the workers' messages until each has finished, passing on a stop request and
+        reporting progress."""
+        seconds = self.config.seconds
+        started = time.monotonic()
+        while not inbox.finished():
+            inbox.pump(out, workers, timeout=interval)
+            if self._stop_requested.is_set():
+                stop.set()
+            inbox.raise_errors()
+            if on_progress is not None:
+                elapsed = min(time.monotonic() - started, seconds)
+                on_progress(inbox.progress(elapsed, seconds))
+
     def shares(self) -> list[tuple[SimConfig, int]]:
         """Each process's config (its threads and symbols) and the number of its first brain."""
         config, n = self.config, self.processes
@@ -172,24 +194,11 @@ class ProcessRace:
                 )
                 worker.start()
                 workers.append(worker)
-            deadline = time.monotonic() + _START_TIMEOUT
-            while inbox.ready < self.processes:
-                inbox.pump(out, workers, timeout=0.05)
-                inbox.raise_errors()
-                if time.monotonic() > deadline:
-                    raise SimulationError(f"workers not ready after {_START_TIMEOUT:.0f} s")
+            _wait_ready(inbox, out, workers)
             sampler = _Sampler(audit, self._sample_interval)
             sampler.start()
             start.set()
-            started = time.monotonic()
-            while not inbox.finished():
-                inbox.pump(out, workers, timeout=interval)
-                if self._stop_requested.is_set():
-                    stop.set()
-                inbox.raise_errors()
-                if on_progress is not None:
-                    elapsed = min(time.monotonic() - started, config.seconds)
-                    on_progress(inbox.progress(elapsed, config.seconds))
+            self._follow(inbox, out, workers, stop, on_progress, interval)
             sampler.finish()
             gate.sweep()
             final = audit.read()
@@ -208,6 +217,16 @@ class ProcessRace:
                 gate.wipe()
                 gate.client.delete(overlap_key(namespace))
             gate.client.close()
+
+
+def _wait_ready(inbox: _Inbox, out: Any, workers: Sequence[BaseProcess]) -> None:
+    """Until every worker said it is ready (connected, script loaded, brains waiting)."""
+    deadline = time.monotonic() + _START_TIMEOUT
+    while inbox.ready < inbox.n:
+        inbox.pump(out, workers, timeout=0.05)
+        inbox.raise_errors()
+        if time.monotonic() > deadline:
+            raise SimulationError(f"workers not ready after {_START_TIMEOUT:.0f} s")
 
 
 def run_across_processes(
