@@ -11,7 +11,9 @@ when the gate is made, and ``h.advance`` moves every one the test made
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,8 +25,8 @@ from typing import Any
 import pytest
 from redis_server import RedisServer, running_server
 
-from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits
-from pendingledger.limits import Decision, DenyReason
+from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits, _units, rules
+from pendingledger.limits import REASONS, Decision, DenyReason, denied
 from pendingledger.protocols import Gate as GateLike
 from pendingledger.protocols import ReservationHandle as ReservationLike
 from pendingledger.testing import ManualClock
@@ -419,7 +421,7 @@ def test_bad_notional_changes_nothing(h: Harness, notional: object, error: type)
 def test_bad_symbol_changes_nothing(h: Harness, symbol: object, error: type) -> None:
     g = h.gate(Limits(max_concurrent_positions=1))
     with pytest.raises(error, match="symbol"):
-        g.try_enter(symbol, 1)
+        g.try_enter(symbol, 1)  # type: ignore[arg-type]
     assert g.try_enter("BBB", 1)
 
 
@@ -429,3 +431,177 @@ def test_bad_exposure_changes_nothing(h: Harness, exposure: object) -> None:
     with pytest.raises((ValueError, TypeError)):
         g.set_position("AAA", exposure)  # type: ignore[arg-type]
     assert g.try_enter("BBB", 1)
+
+
+# ---------------------------------------------------------------------------- the rule function
+#
+# Every backend must decide as pendingledger.rules.first_failing_rule does: the in-process gate
+# calls it, gate.lua is a port of it, and BrokenGate calls it on figures of its own. The table
+# drives each through the edges of every rule, and the expected outcome is the rule function's
+# answer on figures this test computes from the state it set up (so a backend that gathered its
+# figures wrongly, or a script that ported a rule wrongly, fails here).
+
+# The state every case starts from: exposures as set, and reservations (symbol, notional).
+TABLE_POSITIONS: dict[str, Any] = {"AAA": 600, "BBB": Decimal("-300.5")}
+TABLE_RESERVED: list[tuple[str, Any]] = [("AAA", 100), ("CCC", 0.25)]
+TABLE_SYMBOLS = {"AAA": "open and reserved", "BBB": "open", "CCC": "reserved", "DDD": "new"}
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The rules' inputs for one entry, in units, computed from TABLE_POSITIONS/TABLE_RESERVED."""
+
+    open_count: int
+    symbol_open: bool
+    gross: int
+    symbol_exposure: int
+    notional: int
+
+    @classmethod
+    def of(cls, symbol: str, notional: Any) -> Figures:
+        held = {s: abs(_units.units("exposure", v, True)) for s, v in TABLE_POSITIONS.items()}
+        reserved: dict[str, int] = {}
+        for s, n in TABLE_RESERVED:
+            reserved[s] = reserved.get(s, 0) + _units.notional_units("notional", n)
+        return cls(
+            open_count=len(set(held) | set(reserved)),
+            symbol_open=symbol in held or symbol in reserved,
+            gross=sum(held.values()) + sum(reserved.values()),
+            symbol_exposure=held.get(symbol, 0) + reserved.get(symbol, 0),
+            notional=_units.notional_units("notional", notional),
+        )
+
+    def expected(self, limits: PortfolioLimits, halted: bool) -> DenyReason | None:
+        code = rules.first_failing_rule(
+            rules.unit_limits(limits),
+            halted,
+            self.open_count,
+            self.symbol_open,
+            self.gross,
+            self.symbol_exposure,
+            self.notional,
+        )
+        return REASONS[code]
+
+
+def _edges(f: Figures) -> dict[str, list[tuple[str, Any]]]:
+    """Each limit unset, exactly what the entry needs (it lands on the limit), and one unit less
+    (the entry would be one unit over); for positions, full (a new symbol would be one over),
+    one slot left, and zero (only symbols open or reserved pass)."""
+    gross_at = f.gross + f.notional
+    symbol_at = f.symbol_exposure + f.notional
+    return {
+        "positions": [
+            ("unset", None),
+            ("full", f.open_count),
+            ("one slot left", f.open_count + 1),
+            ("zero", 0),
+        ],
+        "gross": [
+            ("unset", None),
+            ("at", Decimal(gross_at).scaleb(-9)),
+            ("one unit over", Decimal(gross_at - 1).scaleb(-9)),
+        ],
+        "symbol": [
+            ("unset", None),
+            ("at", Fraction(symbol_at, 10**9)),
+            ("one unit over", Fraction(symbol_at - 1, 10**9)),
+            # a limit finer than a unit rounds down: one tenth of a unit short is a unit short
+            ("a tenth of a unit over", Fraction(10 * symbol_at - 1, 10**10)),
+        ],
+    }
+
+
+def _set_up_table(gate: GateLike) -> None:
+    gate.limits = PortfolioLimits()
+    for symbol, exposure in TABLE_POSITIONS.items():
+        gate.set_position(symbol, exposure)
+    for symbol, notional in TABLE_RESERVED:
+        assert gate.try_enter(symbol, notional)
+
+
+def drive_table(gate: GateLike) -> dict[DenyReason | None, int]:
+    """Every case of the table on ``gate``: the decision must be the rule function's. Admitted
+    entries are released again, so each case starts from the same state. Returns the outcomes
+    seen, so a caller can check the table reached every rule."""
+    _set_up_table(gate)
+    seen: dict[DenyReason | None, int] = {}
+    for halted in (False, True):
+        if halted:
+            gate.halt()
+        for symbol, kind in TABLE_SYMBOLS.items():
+            for notional in (50, Fraction(1, 3)):
+                figures = Figures.of(symbol, notional)
+                edges = _edges(figures)
+                for (pn, positions), (gn, gross), (sn, per_symbol) in itertools.product(
+                    edges["positions"], edges["gross"], edges["symbol"]
+                ):
+                    limits = PortfolioLimits(positions, gross, per_symbol)
+                    gate.limits = limits
+                    decision = gate.try_enter(symbol, notional)
+                    want = figures.expected(limits, halted)
+                    case = f"{kind} {symbol} {notional!r}, halted={halted}, {pn}/{gn}/{sn}"
+                    assert decision.reason is want, f"{case}: {decision!r}, want {want}"
+                    if decision:
+                        assert res_of(decision).release() is True, case
+                    seen[want] = seen.get(want, 0) + 1
+        if halted:
+            gate.resume()
+    return seen
+
+
+ALL_OUTCOMES = {
+    None,
+    DenyReason.HALTED,
+    DenyReason.MAX_CONCURRENT_POSITIONS,
+    DenyReason.MAX_GROSS_EXPOSURE,
+    DenyReason.MAX_SYMBOL_EXPOSURE,
+}
+
+
+def test_every_rule_edge_decides_as_the_rule_function(h: Harness) -> None:
+    """The table on each backend: gate.lua is held to rules.first_failing_rule here."""
+    seen = drive_table(h.gate())
+    assert set(seen) == ALL_OUTCOMES, seen
+
+
+def test_the_broken_gate_decides_the_table_as_the_rule_function() -> None:
+    """Sequentially (nothing to race) the check-then-act gate's own figures are right too."""
+    from pendingledger.sim import BrokenGate
+
+    gate = BrokenGate(PendingEntryLedger(60.0, clock=ManualClock()), PortfolioLimits())
+    assert set(drive_table(gate)) == ALL_OUTCOMES
+
+
+def test_lua_names_only_reasons_the_client_maps() -> None:
+    """Every reason gate.lua can deny with is a DenyReason the client turns into its shared
+    denied decision (an unknown one would fail closed as BACKEND_UNAVAILABLE)."""
+    pytest.importorskip("redis")
+    from pendingledger.redis import SCRIPT
+    from pendingledger.redis._gate import DENIALS
+
+    named = set(re.findall(r"reason = '(\w+)'", SCRIPT))
+    named |= set(re.findall(r"\{'D', '(\w+)'\}", SCRIPT))
+    assert named == {
+        "halted",
+        "max_concurrent_positions",
+        "max_gross_exposure",
+        "max_symbol_exposure",
+        "book_not_restored",
+    }
+    for name in named:
+        assert DENIALS[name] is denied(DenyReason(name))
+    assert set(DENIALS) == {reason.value for reason in DenyReason}  # LOCK_TIMEOUT too
+
+
+def test_a_tenth_plus_two_tenths_fits_three_tenths(h: Harness) -> None:
+    """Floats count as the decimals they print as: 0.1 + 0.2 lands exactly on 0.3."""
+    assert 0.1 + 0.2 > 0.3  # as floats it would not fit
+    g = h.gate(Limits(max_gross_exposure=0.3, max_symbol_exposure=0.3))
+    assert g.try_enter("AAA", 0.1)
+    assert g.try_enter("AAA", 0.2)  # 0.3 on the symbol and in all: admitted
+    assert g.try_enter("BBB", 1e-9).reason is R.MAX_GROSS_EXPOSURE  # one unit more is not
+    g = h.gate(Limits(max_symbol_exposure=0.3))
+    g.set_position("AAA", -0.1)
+    assert g.try_enter("AAA", 0.2)  # |-0.1| + 0.2: on the limit
+    assert g.try_enter("AAA", 1e-9).reason is R.MAX_SYMBOL_EXPOSURE

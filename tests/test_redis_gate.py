@@ -28,6 +28,7 @@ from pendingledger.redis import (  # noqa: E402
 )
 from pendingledger.redis.testing import (  # noqa: E402
     advance_server_clock,
+    check_then_reserve,
     enable_test_ops,
     freeze_server_clock,
 )
@@ -526,6 +527,31 @@ def test_the_broken_gates_enter_modes_need_the_test_operations_on(client: Any) -
     assert gate._script(keys=gate.keys, args=(*args, "force"))[0] == b"A"
     with pytest.raises(redis.ResponseError, match="refused"):
         gate._script(keys=gate.keys, args=(*args[:3], "c", *args[4:], "other"))
+
+
+def test_check_then_reserve_lets_an_entry_in_between_take_the_room(client: Any) -> None:
+    """The broken variant's bug, driven: another entry is admitted between its check and its
+    reservation, and both hold a slot of a limit of one."""
+    gate = new_gate(client, Limits(max_concurrent_positions=1))
+    with pytest.raises(redis.ResponseError, match="test operations are off"):
+        check_then_reserve(gate, "AAA", 1)
+    enable_test_ops(gate)
+    between: list[Decision] = []
+    first = check_then_reserve(
+        gate, "AAA", 1, order_id="a", between=lambda: between.append(gate.try_enter("BBB", 1))
+    )
+    assert first and between and between[0]
+    assert set(gate.snapshot().orders) == {"a", between[0].reservation.order_id}  # type: ignore[union-attr]
+    assert len(audit_breaches(gate)) == 1  # two symbols reserved, limit 1
+    assert gate.try_enter("CCC", 1).reason is R.MAX_CONCURRENT_POSITIONS  # the real gate holds
+    assert check_then_reserve(gate, "CCC", 1).reason is R.MAX_CONCURRENT_POSITIONS
+    assert res(first).release()
+    with pytest.raises(ValueError, match="outstanding"):
+        check_then_reserve(gate, "BBB", 1, order_id=between[0].reservation.order_id)  # type: ignore[union-attr]
+
+
+def audit_breaches(gate: RedisGate) -> list[str]:
+    return [p for p in gate.audit(gate.limits) if "max_concurrent_positions" in p]
 
 
 def test_reservation_times_come_from_the_server_clock(client: Any) -> None:

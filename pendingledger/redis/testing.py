@@ -167,9 +167,9 @@ def check_then_reserve(
     The gate's own script checks the limits in one call (``enter`` mode ``check``, which
     reserves nothing) and reserves without checking in a second (mode ``force``); ``between``
     runs in the gap, where another entry can take the room the check saw. Both modes are test
-    operations: ``enable_test_ops`` must have been called on the namespace. Arguments are checked
-    as ``RedisGate.try_enter`` checks them; a store error denies with ``BACKEND_UNAVAILABLE``
-    (uncounted). Never use it on a namespace that trades.
+    operations: with them off the script's refusal is raised (``redis.ResponseError``).
+    Arguments are checked as ``RedisGate.try_enter`` checks them; a connection error or timeout
+    denies with ``BACKEND_UNAVAILABLE`` (uncounted). Never use it on a namespace that trades.
     """
     name = _units.check_symbol(symbol)
     units = _units.notional_units("notional", notional)
@@ -185,7 +185,7 @@ def check_then_reserve(
             if between is not None:
                 between()
             reply = gate._script(keys=gate.keys, args=[*args, "force"])
-    except redis.RedisError:
+    except (redis.ConnectionError, redis.TimeoutError):
         return denied(DenyReason.BACKEND_UNAVAILABLE)
     status = _s(reply[0])
     if status == "D":
