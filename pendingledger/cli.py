@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TextIO
 
+from . import COMPILED
 from .sim import (
     LIMIT_KINDS,
     BackendFactory,
@@ -307,6 +308,18 @@ def _seen(seen: int, limit: float | None) -> str:
     return _num(seen) + (" !" if limit is not None and seen > limit else "  ")
 
 
+def _header(config: SimConfig, backend: str, processes: int) -> str:
+    """What was raced, on which backend and core build (short lines: a terminal's 80 columns)."""
+    threads = f"{config.threads} threads" + (f" in {processes} processes" if processes > 1 else "")
+    core = "compiled (mypyc)" if COMPILED else "pure Python"
+    return (
+        f"pendingledger race: {threads} x {config.seconds:g} s per gate, seed {config.seed}\n"
+        f"{backend} backend; core: {core}\n"
+        f"limits: positions {_num(config.max_positions)}, gross {_num(config.max_gross)}, "
+        f"symbol {_num(config.max_symbol)}"
+    )
+
+
 def _table(broken: SimResult, good: SimResult) -> str:
     rows: list[tuple[str, Callable[[SimResult], str]]] = [
         ("decisions", lambda r: _num(r.decisions)),
@@ -314,6 +327,11 @@ def _table(broken: SimResult, good: SimResult) -> str:
         ("denied: max concurrent positions", lambda r: _num(r.denied["max_concurrent_positions"])),
         ("denied: max gross exposure", lambda r: _num(r.denied["max_gross_exposure"])),
         ("denied: max symbol exposure", lambda r: _num(r.denied["max_symbol_exposure"])),
+    ]
+    if broken.denied.get("lock_timeout") or good.denied.get("lock_timeout"):
+        # The gate read the app's positions again and again while reservations kept ending.
+        rows.append(("denied: lock timeout", lambda r: _num(r.denied.get("lock_timeout", 0))))
+    rows += [
         ("orders rejected by the exchange", lambda r: _num(r.rejected)),
         ("orders filled in full", lambda r: _num(r.filled)),
         ("orders filled in parts", lambda r: _num(r.partially_filled)),
@@ -468,14 +486,7 @@ def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return 2
         display.done(results[key])
     broken, good = results["broken"], results["pendingledger"]
-    threads = f"{base.threads} threads"
-    if args.processes > 1:
-        threads += f" in {args.processes} processes"
-    out.write(
-        f"pendingledger race: {threads} x {base.seconds:g} s per gate, seed "
-        f"{seed}, {args.backend} backend, limits: positions {_num(base.max_positions)}, "
-        f"gross {_num(base.max_gross)}, symbol {_num(base.max_symbol)}\n\n"
-    )
+    out.write(_header(base, args.backend, args.processes) + "\n\n")
     out.write(_table(broken, good) + "\n\n")
     verdict = _verdict(broken, good)
     out.write(verdict + "\n")

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+import pendingledger
 from pendingledger import cli
-from pendingledger.sim import MemoryBackend
+from pendingledger.sim import MemoryBackend, SimConfig
 
 # Short runs: the figures of the race are asserted in test_stress.py, not here.
 QUICK = ["race", "--seconds", "0.3", "--threads", "16", "--seed", "5"]
@@ -42,7 +43,11 @@ def test_race_prints_a_table_and_a_verdict_and_exits_0(
         assert row in out
     assert "broken gate" in out and "pendingledger" in out
     assert out.rstrip().splitlines()[-1].startswith("PASS: ")
-    assert "seed 5" in out
+    header = out.split("\n\n")[0].splitlines()
+    assert header[0] == "pendingledger race: 16 threads x 0.3 s per gate, seed 5"
+    core = "compiled (mypyc)" if pendingledger.COMPILED else "pure Python"
+    assert header[1] == f"memory backend; core: {core}"  # which build raced
+    assert header[2] == "limits: positions 5, gross 50,000, symbol 15,000"
     # stderr is not a terminal here: a few plain progress lines, no carriage returns.
     assert "\r" not in err
     assert "race: broken gate" in err and "race: pendingledger" in err
@@ -156,6 +161,20 @@ def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     assert "Exit status" in out
     assert cli.main(["--help"]) == 0
     assert "race" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("config", "backend", "processes"),
+    [
+        (SimConfig(), "memory", 1),
+        (SimConfig(threads=1024, seconds=0.25, seed=999_999), "redis", 64),
+        (SimConfig(max_gross=1_000_000_000, max_symbol=123_456_789.25), "memory", 1),
+    ],
+)
+def test_the_header_fits_a_terminal(config: SimConfig, backend: str, processes: int) -> None:
+    lines = cli._header(config, backend, processes).splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert "core: " in lines[1]
 
 
 @pytest.mark.timeout(30)
