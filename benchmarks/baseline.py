@@ -1,35 +1,40 @@
-"""The peers pendingledger is measured against: the straightforward port and the floor.
+"""The peers pendingledger is measured against, and the timing loops every subject shares.
 
-``StraightforwardLedger`` / ``StraightforwardGate`` is the ledger a user would otherwise write by
-porting the Rust pending-entry ledger this library descends from:
+The *floor* is the cheapest code that could do the job at all: a bare ``threading.Lock`` cycle,
+``with lock: book[key] = 1.0`` then ``with lock: del book[key]``, nothing else.
 
-- one ``dict`` mapping symbol -> ``(notional, reserved_at)`` guarded by one ``threading.Lock``;
-  a top-up on a symbol adds to its notional and refreshes its ``reserved_at``;
-- ``lock()`` is a generator-based ``contextlib.contextmanager`` that scans every entry on each
-  acquisition to drop the expired ones;
-- the gate sums every reservation (and every position) on each check, inside the lock.
+``StraightforwardLedger`` / ``StraightforwardGate`` is *the straightforward port*: the ledger a
+user would otherwise write, with the same semantics as pendingledger (exact ``str`` symbols and
+order ids, amounts in units of 1e-9 through ``pendingledger._units``, one reservation per order,
+the rules decided by calling ``pendingledger.rules.first_failing_rule``, the one copy of them),
+written the obvious way:
 
-It exposes the same surface the benchmark driver uses on the real gate:
-``gate.try_enter(symbol, notional, positions) -> decision`` (truthy when admitted, with
-``decision.reservation.release()``), so one driver times both.
+- one ``dict`` of order id -> reservation guarded by one ``threading.Lock``;
+- ``lock()`` is a generator-based ``contextlib.contextmanager`` that reads the clock and scans
+  every reservation on each acquisition to drop the expired ones;
+- the gate reads the positions, then sums every reservation and counts the open symbols on each
+  check, all inside the lock.
 
-The *floor* is the cheapest code that could possibly do the job: a bare ``threading.Lock`` cycle
-doing the same dict insert and delete, in two critical sections, with nothing else. ``floor_loop``
-is the single-thread timing loop; ``floor_worker`` is the contention worker.
-
-Nothing here is part of the pendingledger package, and nothing here is a test.
+It has the surface the driver uses on the real gate (``try_enter(symbol, notional, positions,
+*, order_id=...)`` returning a decision whose ``reservation.release()`` ends it), so the same
+loops time both. Nothing here is part of the package, and nothing here is a test.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from pendingledger import _units, rules
+from pendingledger.limits import REASONS, DenyReason, PortfolioLimits
+
 __all__ = [
-    "Reservation",
+    "PortDecision",
+    "PortReservation",
     "StraightforwardGate",
     "StraightforwardLedger",
     "floor_loop",
@@ -39,92 +44,75 @@ __all__ = [
 ]
 
 
-class _PendingView:
-    """The view ``StraightforwardLedger.lock()`` yields: the dict, plus the helpers the port has."""
+class _Entry:
+    __slots__ = ("reserved_at", "symbol", "units")
 
-    __slots__ = ("_entries", "_now")
-
-    def __init__(self, entries: dict[str, tuple[Any, float]], now: float) -> None:
-        self._entries = entries
-        self._now = now
-
-    def contains(self, symbol: str) -> bool:
-        return symbol in self._entries
-
-    def gross_notional(self) -> Any:
-        return sum(notional for notional, _ in self._entries.values())
-
-    def notional_of(self, symbol: str) -> Any:
-        entry = self._entries.get(symbol)
-        return 0 if entry is None else entry[0]
-
-    def new_slots(self, is_open: Callable[[str], bool]) -> int:
-        return sum(1 for symbol in self._entries if not is_open(symbol))
-
-    def reserve(self, symbol: str, notional: Any) -> None:
-        previous = self._entries.get(symbol)
-        total = notional if previous is None else previous[0] + notional
-        self._entries[symbol] = (total, self._now)  # a top-up refreshes the TTL (the port's bug)
-
-    def release(self, symbol: str) -> bool:
-        return self._entries.pop(symbol, None) is not None
-
-    def __len__(self) -> int:
-        return len(self._entries)
+    def __init__(self, symbol: str, units: int, reserved_at: float) -> None:
+        self.symbol = symbol
+        self.units = units
+        self.reserved_at = reserved_at
 
 
 class StraightforwardLedger:
-    """The Rust ledger ported line by line: per-symbol entries, expiry by full scan on each lock."""
+    """Reservations by order id; expiry by a full scan on every acquisition."""
 
     def __init__(self, ttl: float, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self._ttl = ttl
+        self.ttl = ttl
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[Any, float]] = {}
+        self._orders: dict[str, _Entry] = {}
+        self.now = 0.0  # the clock reading of the current acquisition
 
     @contextmanager
-    def lock(self) -> Iterator[_PendingView]:
+    def lock(self) -> Iterator[dict[str, _Entry]]:
         with self._lock:
-            now = self._clock()
+            now = self.now = self._clock()
+            ttl = self.ttl
             expired = [
-                symbol
-                for symbol, (_, reserved_at) in self._entries.items()
-                if now - reserved_at >= self._ttl
+                order_id
+                for order_id, entry in self._orders.items()
+                if now - entry.reserved_at >= ttl
             ]
-            for symbol in expired:
-                del self._entries[symbol]
-            yield _PendingView(self._entries, now)
+            for order_id in expired:
+                del self._orders[order_id]
+            yield self._orders
 
-    def release(self, symbol: str) -> bool:
-        with self.lock() as pending:
-            return pending.release(symbol)
+    def release_order(self, order_id: str) -> bool:
+        oid = _units.check_order_id(order_id)
+        with self.lock() as orders:
+            return orders.pop(oid, None) is not None
 
-    def prefill(self, symbols: Sequence[str], notional: Any) -> None:
-        """Outstanding reservations for a benchmark's book, without the O(N) check per entry."""
-        with self.lock() as pending:
+    def prefill(self, symbols: Sequence[str], notional: object) -> None:
+        """Outstanding reservations for a benchmark's book (order id = symbol), without the O(N)
+        check per entry that filling through ``try_enter`` would cost."""
+        units = _units.notional_units("notional", notional)
+        with self.lock() as orders:
             for symbol in symbols:
-                pending.reserve(symbol, notional)
+                orders[symbol] = _Entry(symbol, units, self.now)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._orders)
 
 
-class Reservation:
-    __slots__ = ("_ledger", "symbol")
+class PortReservation:
+    __slots__ = ("_ledger", "notional", "order_id", "symbol")
 
-    def __init__(self, ledger: StraightforwardLedger, symbol: str) -> None:
+    def __init__(
+        self, ledger: StraightforwardLedger, symbol: str, order_id: str, notional: object
+    ) -> None:
         self._ledger = ledger
         self.symbol = symbol
+        self.order_id = order_id
+        self.notional = notional
 
     def release(self) -> bool:
-        # The port keys reservations by symbol: this drops every order on the symbol.
-        return self._ledger.release(self.symbol)
+        return self._ledger.release_order(self.order_id)
 
 
-class _Decision:
+class PortDecision:
     __slots__ = ("reason", "reservation")
 
-    def __init__(self, reason: str | None, reservation: Reservation | None) -> None:
+    def __init__(self, reason: DenyReason | None, reservation: PortReservation | None) -> None:
         self.reason = reason
         self.reservation = reservation
 
@@ -132,87 +120,115 @@ class _Decision:
         return self.reason is None
 
 
-_DENIED = {
-    reason: _Decision(reason, None)
-    for reason in ("max_concurrent_positions", "max_gross_exposure", "max_symbol_exposure")
-}
+_DENIED = tuple(PortDecision(reason, None) for reason in REASONS)
 
 
 class StraightforwardGate:
-    """The port's gate: every check sums the whole book inside the lock.
+    """The port's gate: every check reads the positions and sums the whole book in the lock."""
 
-    ``limits`` is any object with ``max_concurrent_positions``, ``max_gross_exposure`` and
-    ``max_symbol_exposure`` attributes (``pendingledger.PortfolioLimits`` works).
-    """
-
-    # ``is_open`` is passed as the bound ``positions.__contains__`` rather than the more natural
-    # ``lambda s: s in positions``: it is cheaper, so the port is not made slower than it needs to
-    # be and the speed-up measured against it is not flattered.
-
-    def __init__(self, ledger: StraightforwardLedger, limits: Any) -> None:
+    def __init__(self, ledger: StraightforwardLedger, limits: PortfolioLimits) -> None:
         self.ledger = ledger
-        self.limits = limits
+        self._limits = rules.unit_limits(limits)
+        self._book: dict[str, int] = {}  # its own position book, in units
+        self._ids = itertools.count()
+        self.halted = False
+
+    def set_position(self, symbol: str, exposure: object) -> None:
+        name = _units.check_symbol(symbol)
+        units = _units.units("exposure", exposure, True)
+        with self.ledger.lock():
+            self._book[name] = units
 
     def try_enter(
         self,
         symbol: str,
-        notional: Any,
-        positions: Mapping[str, Any],
+        notional: object,
+        positions: Mapping[str, object] | None = None,
         *,
-        order_id: object = None,
-    ) -> _Decision:
-        del order_id  # the port has no per-order reservations
-        limits = self.limits
-        with self.ledger.lock() as pending:
-            max_positions = limits.max_concurrent_positions
-            if (
-                max_positions is not None
-                and symbol not in positions
-                and not pending.contains(symbol)
-                and len(positions) + pending.new_slots(positions.__contains__) >= max_positions
-            ):
-                return _DENIED["max_concurrent_positions"]
-            max_gross = limits.max_gross_exposure
-            if max_gross is not None:
-                open_exposure = sum(abs(exposure) for exposure in positions.values())
-                if open_exposure + pending.gross_notional() + notional > max_gross:
-                    return _DENIED["max_gross_exposure"]
-            max_symbol = limits.max_symbol_exposure
-            if max_symbol is not None:
-                exposure = abs(positions.get(symbol, 0)) + pending.notional_of(symbol)
-                if exposure + notional > max_symbol:
-                    return _DENIED["max_symbol_exposure"]
-            pending.reserve(symbol, notional)
-        return _Decision(None, Reservation(self.ledger, symbol))
+        order_id: str | None = None,
+    ) -> PortDecision:
+        name = _units.check_symbol(symbol)
+        units = _units.notional_units("notional", notional)
+        oid = f"port-{next(self._ids)}" if order_id is None else _units.check_order_id(order_id)
+        ledger = self.ledger
+        with ledger.lock() as orders:
+            if oid in orders:
+                raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
+            book = self._book if positions is None else _read(positions)
+            code = rules.first_failing_rule(
+                self._limits, self.halted, *_figures(book, orders, name), units
+            )
+            if code == rules.ADMIT:
+                orders[oid] = _Entry(name, units, ledger.now)
+        if code != rules.ADMIT:
+            return _DENIED[code]
+        return PortDecision(None, PortReservation(ledger, name, oid, notional))
 
 
-# --- timing loops -------------------------------------------------------------------------------
-# The single-thread loops have the same shape (one ``for`` over a prepared list of symbols) so the
-# loop overhead is the same in the floor and in the gates.
+def _read(positions: Mapping[str, object]) -> dict[str, int]:
+    return {
+        _units.check_symbol(symbol): _units.units("positions", exposure, True)
+        for symbol, exposure in positions.items()
+    }
 
 
-def floor_loop(lock: Any, book: dict[str, Any], symbols: Sequence[str], value: Any) -> None:
+def _figures(
+    book: Mapping[str, int], orders: Mapping[str, _Entry], symbol: str
+) -> tuple[int, bool, int, int]:
+    """``(open_count, symbol_open, gross, symbol_exposure)`` as the rules take them, summed."""
+    open_symbols = set(book)
+    reserved = 0
+    reserved_here = 0
+    for entry in orders.values():
+        open_symbols.add(entry.symbol)
+        reserved += entry.units
+        if entry.symbol == symbol:
+            reserved_here += entry.units
+    gross = sum(abs(units) for units in book.values()) + reserved
+    return (
+        len(open_symbols),
+        symbol in open_symbols,
+        gross,
+        abs(book.get(symbol, 0)) + reserved_here,
+    )
+
+
+# --- single-thread timing loops -------------------------------------------------------------------
+# One ``for`` over a prepared list per loop, so the loop overhead is alike in all of them; the
+# gates' loops also unpack a (symbol, order id) pair, a cost the floor does not pay.
+
+
+def floor_loop(lock: Any, book: dict[str, float], symbols: Sequence[str]) -> None:
     """The floor: insert in one critical section, delete in a second, nothing else."""
     for symbol in symbols:
         with lock:
-            book[symbol] = value
+            book[symbol] = 1.0
         with lock:
             del book[symbol]
 
 
 def gate_loop(
     try_enter: Callable[..., Any],
-    symbols: Sequence[str],
-    notional: Any,
-    positions: Mapping[str, Any],
+    orders: Sequence[tuple[str, str]],
+    notional: object,
+    positions: Mapping[str, object] | None,
+    timeout: float | None = None,
 ) -> None:
-    """One admitted ``try_enter`` and the release of its reservation, per symbol.
+    """One admitted ``try_enter`` with a client order id and the release of its reservation.
 
-    A denied decision has no reservation, so a denial fails loudly (AttributeError) instead of
-    being timed as if it were an admission.
+    ``positions=None`` calls ``try_enter(symbol, notional, order_id=...)`` (the gate's own book),
+    without passing the argument. A denied decision has no reservation, so a denial fails loudly
+    (AttributeError) instead of being timed as if it were an admission.
     """
-    for symbol in symbols:
-        try_enter(symbol, notional, positions).reservation.release()
+    if timeout is not None:
+        for symbol, order_id in orders:
+            try_enter(symbol, notional, order_id=order_id, timeout=timeout).reservation.release()
+    elif positions is None:
+        for symbol, order_id in orders:
+            try_enter(symbol, notional, order_id=order_id).reservation.release()
+    else:
+        for symbol, order_id in orders:
+            try_enter(symbol, notional, positions, order_id=order_id).reservation.release()
 
 
 # --- contention workers ---------------------------------------------------------------------------
@@ -220,22 +236,21 @@ def gate_loop(
 # followed by one operation timed with perf_counter_ns (its decision latency sampled), until the
 # perf_counter_ns deadline in ``deadline[0]`` (set before the barrier opens) or until ``stop[0]``
 # is set (another worker failed). Workers stop themselves at the deadline: a main thread waking
-# from a sleep would have to win the GIL from 64 busy threads first, which with a long switch
-# interval takes minutes. Returns the number of operations done and the latencies in ns.
+# from a sleep would have to win the GIL from 64 busy threads first. Each returns
+# ``(operations, denials, latencies in ns)``.
 
 _ns = time.perf_counter_ns
 
 
 def floor_worker(
     lock: Any,
-    book: dict[str, Any],
+    book: dict[str, float],
     symbols: Sequence[str],
-    value: Any,
     *,
     barrier: threading.Barrier,
     stop: list[bool],
     deadline: list[int],
-) -> tuple[int, list[int]]:
+) -> tuple[int, int, list[int]]:
     latencies: list[int] = []
     sample = latencies.append
     timed = symbols[0]
@@ -246,47 +261,67 @@ def floor_worker(
     while not stop[0] and _ns() < end:
         for symbol in symbols:
             with lock:
-                book[symbol] = value
+                book[symbol] = 1.0
             with lock:
                 del book[symbol]
         t0 = _ns()
         with lock:
-            book[timed] = value
+            book[timed] = 1.0
         t1 = _ns()
         with lock:
             del book[timed]
         sample(t1 - t0)
         count += chunk
-    return count, latencies
+    return count, 0, latencies
 
 
 def gate_worker(
     try_enter: Callable[..., Any],
     symbols: Sequence[str],
-    notional: Any,
-    positions: Mapping[str, Any] | None,
+    notional: object,
+    positions: Mapping[str, object] | None,
     *,
     barrier: threading.Barrier,
     stop: list[bool],
     deadline: list[int],
-) -> tuple[int, list[int]]:
-    """Each symbol is entered with its own client order id, as a bot does (the port ignores it);
-    the ids repeat, which is fine: each reservation is released before its id comes round."""
+) -> tuple[int, int, list[int]]:
+    """Each symbol is entered with its own client order id, as a bot does; the ids repeat, which
+    is fine: each reservation is released before its id comes round again. A denial (there
+    should be none: the limits are generous) is counted, not released."""
     latencies: list[int] = []
     sample = latencies.append
     orders = [(symbol, f"{symbol}-order") for symbol in symbols]
     timed, timed_id = orders[0]
     count = 0
+    denials = 0
     chunk = len(symbols) + 1
     barrier.wait()
     end = deadline[0]
     while not stop[0] and _ns() < end:
-        for symbol, order_id in orders:
-            try_enter(symbol, notional, positions, order_id=order_id).reservation.release()
-        t0 = _ns()
-        decision = try_enter(timed, notional, positions, order_id=timed_id)
-        t1 = _ns()
-        decision.reservation.release()
+        if positions is None:  # the own book: try_enter(symbol, notional, order_id=...)
+            for symbol, order_id in orders:
+                res = try_enter(symbol, notional, order_id=order_id).reservation
+                if res is None:
+                    denials += 1
+                else:
+                    res.release()
+            t0 = _ns()
+            res = try_enter(timed, notional, order_id=timed_id).reservation
+            t1 = _ns()
+        else:
+            for symbol, order_id in orders:
+                res = try_enter(symbol, notional, positions, order_id=order_id).reservation
+                if res is None:
+                    denials += 1
+                else:
+                    res.release()
+            t0 = _ns()
+            res = try_enter(timed, notional, positions, order_id=timed_id).reservation
+            t1 = _ns()
+        if res is None:
+            denials += 1
+        else:
+            res.release()
         sample(t1 - t0)
         count += chunk
-    return count, latencies
+    return count, denials, latencies

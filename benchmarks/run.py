@@ -1,15 +1,20 @@
-"""Benchmarks for pendingledger (issue 4): floor ratio, book size, contention, memory.
+"""Benchmarks for pendingledger's core: decision cost, book size, contention, memory, amounts,
+expiry storms.
 
-Run from a checkout with pendingledger installed (``pip install -e .``)::
+Run with the build to measure installed (``pip install .`` compiles the core with mypyc), from a
+directory whose source tree cannot shadow it, or with ``-P``::
 
-    python benchmarks/run.py --quick            # under 30 s on 2 cores
-    python benchmarks/run.py                    # full run, a few minutes
-    python benchmarks/run.py --json results.json --plot results.png
+    python -P benchmarks/run.py --quick          # about 20 s on 2 cores (CI prints it)
+    python -P benchmarks/run.py                  # full run, a few minutes
+    python -P benchmarks/run.py --json results.json --plot results.png
+    python benchmarks/run.py --summarize a.json b.json   # one Markdown row per results file
 
-Every figure is measured in this process, beside its baselines (the floor: a bare
-``threading.Lock`` + dict cycle, and the straightforward port in ``baseline.py``), and compared
-with its target as a ratio. Nothing here asserts: a missed target prints FAIL and the exit status
-stays 0, unless ``--strict`` is given (then any FAIL exits 1). See benchmarks/README.md.
+Every figure is measured in this process beside its baselines (the floor: a bare
+``threading.Lock`` + dict cycle; the straightforward port in ``baseline.py``), in interleaved
+rounds, and reported as the minimum over rounds with its spread. Ratios are of minimums. Targets
+apply to the compiled build on CPython 3.11 to 3.13; the pure build is reported with no target.
+Nothing here asserts: a missed target prints "NOT met" and the exit status stays 0, unless
+``--strict`` is given. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
+import importlib
 import json
 import os
 import platform
@@ -28,13 +34,15 @@ import time
 import tracemalloc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import ROUND_UP, Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baseline import (  # the path above makes this sibling module importable
-    Reservation,
+    PortReservation,
     StraightforwardGate,
     StraightforwardLedger,
     floor_loop,
@@ -44,15 +52,34 @@ from baseline import (  # the path above makes this sibling module importable
 )
 
 _ns = time.perf_counter_ns
+# Single-thread costs are this thread's CPU time: a batch the scheduler preempts (on a machine
+# shared with other work) is not charged for the time it was off the CPU.
+_cpu_ns = time.thread_time_ns
+
+
+def _timer_cost() -> int:
+    """What reading ``_cpu_ns`` twice costs (a system call in some VMs): taken off each batch."""
+    costs = []
+    for _ in range(200):
+        t0 = _cpu_ns()
+        costs.append(_cpu_ns() - t0)
+    return min(costs)
+
 
 # --- what is measured -----------------------------------------------------------------------------
 
-TTL = 3600.0  # long enough that nothing expires during a run (the clock is time.monotonic)
+TTL = 3600.0  # long enough that nothing expires while a figure is measured (time.monotonic)
 NOTIONAL = 100.0
-POSITIONS: dict[str, float] = {"OPEN0": 1_000.0, "OPEN1": -2_500.0, "OPEN2": 400.0}
-NO_POSITIONS: dict[str, float] = {}
-OWN_BOOK = "pendingledger own book"  # a contention subject: positions=None, not a mapping
+TIMEOUT = 0.05
+# A caller's position cache: 8 open positions on symbols other than the ones entered.
+POSITIONS: dict[str, float] = {
+    f"OPEN{i}": exposure
+    for i, exposure in enumerate((1_000.0, -2_500.0, 400.0, 12.5, -80.25, 3_000.0, 7.0, -1.5))
+}
 HOT = [f"HOT{i}" for i in range(16)]  # the symbols the timed decisions enter and release
+STORM = 100_000  # reservations that expire at once in the expiry storm
+TARGET_PYTHONS = ((3, 11), (3, 12), (3, 13))
+BUSY_SHARE = 0.9  # a lone thread with less of a CPU than this: the machine was busy
 
 
 def _limits() -> Any:
@@ -60,9 +87,7 @@ def _limits() -> Any:
 
     # Generous, so every decision is admitted, but all three set, so every rule is evaluated.
     return PortfolioLimits(
-        max_concurrent_positions=10**9,
-        max_gross_exposure=1e15,
-        max_symbol_exposure=1e12,
+        max_concurrent_positions=10**9, max_gross_exposure=1e14, max_symbol_exposure=1e12
     )
 
 
@@ -85,12 +110,11 @@ def _book_symbols(n: int, prefix: str = "BOOK") -> list[str]:
 def _prefill_subject(ledger: Any, n: int) -> None:
     with ledger.lock() as pending:
         for symbol in _book_symbols(n):
-            pending.reserve(symbol, NOTIONAL)
+            pending.reserve(symbol, NOTIONAL, order_id=symbol + "-b")
 
 
-def ledger_pending_count(ledger: Any) -> int:
-    with ledger.lock() as pending:
-        return len(pending)
+def _outstanding(ledger: Any) -> int:
+    return int(ledger.stats().outstanding) if hasattr(ledger, "stats") else len(ledger)
 
 
 @dataclass(frozen=True)
@@ -99,68 +123,90 @@ class Mode:
     rounds: int  # interleaved repeats of each single-thread measurement
     batch_s: float  # target duration of one timed batch
     book_sizes: tuple[int, ...]
-    port_max_book: int  # the port is O(N) per decision: bigger books are skipped
+    port_sizes: tuple[int, ...]  # the port is O(N) per decision: only these sizes
     threads: tuple[int, ...]
-    peer_threads: tuple[int, ...]  # thread counts the floor and the port are run at
+    port_threads: tuple[int, ...]
     contention_rounds: int
     window_s: float
-    switch_interval: float  # 0: no extra row with sys.setswitchinterval
     mem_book: int
-    mem_cycles: int  # reserve/release cycles traced for the no-growth check
+    mem_cycles: int  # reserve/release cycles traced for the growth figure
+    storm_rounds: int
 
 
 QUICK = Mode(
     name="quick",
-    rounds=5,
-    batch_s=0.02,
-    book_sizes=(10, 1_000, 10_000, 100_000),
-    port_max_book=10_000,
-    threads=(1, 4, 16, 64),
-    peer_threads=(1, 64),
-    contention_rounds=2,
-    window_s=0.4,
-    switch_interval=0.0,
-    mem_book=20_000,
-    mem_cycles=50_000,
+    rounds=40,
+    batch_s=0.002,
+    book_sizes=(10, 10_000, 100_000),
+    port_sizes=(10_000,),
+    threads=(1, 64),
+    port_threads=(),
+    contention_rounds=4,
+    window_s=0.2,
+    mem_book=10_000,
+    mem_cycles=10_000,
+    storm_rounds=2,
 )
 
 FULL = Mode(
     name="full",
-    rounds=9,
-    batch_s=0.1,
+    rounds=150,
+    batch_s=0.002,
     book_sizes=(10, 100, 1_000, 10_000, 100_000),
-    port_max_book=100_000,
+    port_sizes=(10, 1_000, 10_000),
     threads=(1, 4, 16, 64),
-    peer_threads=(1, 4, 16, 64),
-    contention_rounds=3,
-    window_s=1.5,
-    switch_interval=1.0,
+    port_threads=(1, 64),
+    contention_rounds=9,
+    window_s=0.5,
     mem_book=100_000,
     mem_cycles=1_000_000,
+    storm_rounds=5,
 )
 
 
 # --- results and targets --------------------------------------------------------------------------
 
 
+def _build() -> tuple[bool, str]:
+    import pendingledger
+
+    compiled = bool(pendingledger.COMPILED)
+    return compiled, "compiled" if compiled else "pure"
+
+
+def _targets_apply() -> bool:
+    return _build()[0] and sys.version_info[:2] in TARGET_PYTHONS
+
+
 @dataclass
 class Target:
+    key: str
     name: str
     value: float | None
     limit: float
     kind: str  # "max": value must be <= limit; "min": value must be >= limit
+    spread: str = ""  # the per-round range behind the value
     unit: str = "x"
-    note: str = ""
+    caveat: str = ""  # why the verdict may not hold (printed beside it)
 
     @property
     def passed(self) -> bool | None:
-        if self.value is None:
+        if self.value is None or not _targets_apply():
             return None
         return self.value <= self.limit if self.kind == "max" else self.value >= self.limit
 
-    def margin(self) -> str:
+    def verdict(self) -> str:
         if self.value is None:
             return "not measured"
+        if not _targets_apply():
+            why = "pure build" if not _build()[0] else f"CPython {platform.python_version()}"
+            return f"no target ({why})"
+        verdict = "met" if self.passed else "NOT met"
+        return f"{verdict} ({self.caveat})" if self.caveat else verdict
+
+    def margin(self) -> str:
+        if self.value is None or not _targets_apply():
+            return "-"
         if self.kind == "max":
             slack = (self.limit - self.value) / self.limit
         else:
@@ -170,14 +216,17 @@ class Target:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "key": self.key,
             "name": self.name,
             "value": self.value,
             "limit": self.limit,
             "kind": self.kind,
             "unit": self.unit,
+            "spread": self.spread,
             "passed": self.passed,
+            "verdict": self.verdict(),
+            "caveat": self.caveat,
             "margin": self.margin(),
-            "note": self.note,
         }
 
 
@@ -190,8 +239,24 @@ class Results:
     tables: list[tuple[str, list[str], list[list[str]]]] = field(default_factory=list)
 
 
-def _median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
+def _spread(values: Sequence[float]) -> float:
+    """How far a typical round is from the best: median / min - 1 (the slowest rounds on a
+    shared machine are preempted ones, so the maximum would say nothing)."""
+    low = min(values)
+    return float(statistics.median(values)) / low - 1 if low > 0 else 0.0
+
+
+def _spread_high(values: Sequence[float]) -> float:
+    """``_spread`` for figures where higher is better (throughput): 1 - median / max."""
+    return 1 - float(statistics.median(values)) / max(values) if max(values) > 0 else 0.0
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """The 25th and 75th percentiles (the middle half of the rounds)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 def _fmt_ns(ns: float | None) -> str:
@@ -220,6 +285,15 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def _fmt_pct(fraction: float) -> str:
+    return f"{fraction * 100:.0f}%"
+
+
+def _fmt_range(values: Sequence[float], digits: int = 2) -> str:
+    low, high = _quartiles(values)
+    return f"{low:.{digits}f}-{high:.{digits}f}x"
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [len(h) for h in headers]
     for row in rows:
@@ -239,268 +313,321 @@ def _show(results: Results, title: str, headers: list[str], rows: list[list[str]
     results.tables.append((title, headers, rows))
 
 
-def _markdown(results: Results) -> str:
-    def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-        out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        out += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
-        return out
+def _title(results: Results, text: str) -> None:
+    _say(f"== {text} [{results.meta['tag']}] ==")
 
-    lines: list[str] = []
+
+def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+    return out
+
+
+def _markdown(results: Results) -> str:
+    lines: list[str] = [f"{results.meta['tag']}, {results.meta['mode']} run", ""]
     for title, headers, rows in results.tables:
-        lines += [f"**{title}**", "", *table(headers, rows), ""]
-    lines += ["**Targets**", "", *table(*_target_rows(results)), ""]
+        lines += [f"**{title}**", "", *_markdown_table(headers, rows), ""]
+    lines += ["**Targets**", "", *_markdown_table(*_target_rows(results)), ""]
     return "\n".join(lines)
 
 
 # --- single-thread timing -------------------------------------------------------------------------
 
 
-def _cycle(symbols: Sequence[str], n: int) -> list[str]:
-    return [symbols[i % len(symbols)] for i in range(n)]
+def _orders(n: int) -> list[tuple[str, str]]:
+    """``n`` decisions over the hot symbols, each with its own client order id (they repeat
+    only once the reservation made with them has been released)."""
+    return [(HOT[i % len(HOT)], f"{HOT[i % len(HOT)]}-o{i % 64}") for i in range(n)]
 
 
 class _Timed:
-    """One thing to time: ``run(symbols)`` does one operation per symbol."""
+    """One thing to time: ``run(inputs)`` does one operation per input; ``make(n)`` builds
+    ``n`` inputs (outside the timing)."""
 
-    def __init__(self, label: str, run: Callable[[list[str]], None]) -> None:
+    def __init__(
+        self,
+        label: str,
+        run: Callable[[list[Any]], None],
+        make: Callable[[int], list[Any]] = _orders,
+    ) -> None:
         self.label = label
         self.run = run
-        self.symbols: list[str] = []
+        self.make = make
+        self.inputs: list[Any] = []
         self.samples: list[float] = []  # ns per operation, one per round
 
-    def calibrate(self, batch_s: float, min_ops: int = 3, max_ops: int = 500_000) -> None:
+    def calibrate(self, batch_s: float, min_ops: int = 3, max_ops: int = 400_000) -> None:
         n = 16
         while True:
-            symbols = _cycle(HOT, n)
-            t0 = _ns()
-            self.run(symbols)
-            elapsed = _ns() - t0
+            inputs = self.make(n)
+            t0 = _cpu_ns()
+            self.run(inputs)
+            elapsed = _cpu_ns() - t0
             if elapsed >= batch_s * 1e9 / 8 or n >= max_ops:
                 break
             n *= 4
-        per_op = elapsed / n
-        ops = int(min(max_ops, max(min_ops, batch_s * 1e9 / per_op)))
-        self.symbols = _cycle(HOT, ops)
+        ops = int(min(max_ops, max(min_ops, batch_s * 1e9 / (elapsed / n))))
+        self.inputs = self.make(ops)
 
     def once(self) -> float:
-        symbols = self.symbols
-        t0 = _ns()
-        self.run(symbols)
-        per_op = (_ns() - t0) / len(symbols)
+        inputs = self.inputs
+        t0 = _cpu_ns()
+        self.run(inputs)
+        per_op = (_cpu_ns() - t0 - TIMER_NS) / len(inputs)
         self.samples.append(per_op)
         return per_op
 
+    @property
+    def best(self) -> float:
+        return min(self.samples)
 
-def _interleave(timed: Sequence[_Timed], rounds: int) -> list[dict[str, float]]:
-    """Run every item once per round, rotating the order; return each round's ns/op by label."""
+
+TIMER_NS = 0  # set by main() (_timer_cost)
+
+
+def _measure(items: Sequence[_Timed], mode: Mode) -> list[dict[str, float]]:
+    """Calibrate, warm up, then run every item once per round, rotating the order so a drift in
+    the machine's speed falls on all of them alike; each round's ns/op by label."""
+    for item in items:
+        item.calibrate(mode.batch_s)
+        item.once()  # warm-up, discarded
+        item.samples.clear()
+    # Short batches, many rounds: on a shared machine the fastest of many short batches is one
+    # that nothing preempted. The books made for the section are frozen out of the collector's
+    # way (a full collection would walk them), once, instead of collecting every round.
+    gc.collect()
+    gc.freeze()
     per_round: list[dict[str, float]] = []
-    for r in range(rounds):
-        gc.collect()
-        order = list(timed[r % len(timed) :]) + list(timed[: r % len(timed)])
-        per_round.append({item.label: item.once() for item in order})
+    try:
+        for r in range(mode.rounds):
+            k = r % len(items)
+            per_round.append({item.label: item.once() for item in [*items[k:], *items[:k]]})
+    finally:
+        gc.unfreeze()
     return per_round
 
 
-def _ratio(per_round: Sequence[dict[str, float]], top: str, bottom: str) -> float:
-    return _median([r[top] / r[bottom] for r in per_round])
+@dataclass
+class Ratio:
+    """``top`` over ``bottom``: the ratio of their minimums, and the range of per-round ratios."""
+
+    value: float
+    rounds: list[float]
+
+    @classmethod
+    def of(cls, per_round: Sequence[dict[str, float]], top: str, bottom: str) -> Ratio:
+        tops = [r[top] for r in per_round]
+        bottoms = [r[bottom] for r in per_round]
+        return cls(min(tops) / min(bottoms), [r[top] / r[bottom] for r in per_round])
+
+    def text(self, digits: int = 2) -> str:
+        return f"{self.value:.{digits}f}x"
+
+    def range(self, digits: int = 2) -> str:
+        return _fmt_range(self.rounds, digits)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "per_round": self.rounds}
 
 
 def _floor_timed(label: str, book_size: int) -> _Timed:
     lock = threading.Lock()
-    book: dict[str, Any] = dict.fromkeys(_book_symbols(book_size), NOTIONAL)
-    return _Timed(label, lambda symbols: floor_loop(lock, book, symbols, NOTIONAL))
+    book: dict[str, float] = dict.fromkeys(_book_symbols(book_size), 1.0)
+
+    def make(n: int) -> list[str]:
+        return [HOT[i % len(HOT)] for i in range(n)]
+
+    return _Timed(label, lambda symbols: floor_loop(lock, book, symbols), make)
 
 
-def _gate_timed(label: str, gate: Any, positions: dict[str, float] | None = POSITIONS) -> _Timed:
+def _gate_timed(
+    label: str, gate: Any, positions: dict[str, float] | None, timeout: float | None = None
+) -> _Timed:
     try_enter = gate.try_enter
-    return _Timed(label, lambda symbols: gate_loop(try_enter, symbols, NOTIONAL, positions))
+    return _Timed(label, lambda orders: gate_loop(try_enter, orders, NOTIONAL, positions, timeout))
 
 
-def bench_floor(mode: Mode, results: Results) -> None:
-    _say("== Floor ratio: one admitted try_enter + release of its reservation, empty book ==")
-    _, gate = _subject()
-    _, port = _port()
-    # The target row passes no open positions: the gate's own cost against the floor's. The
-    # "+3 positions" rows add the O(positions) work every gate does on a real position cache.
-    items = [
-        _floor_timed("floor", 0),
-        _gate_timed("pendingledger", gate, NO_POSITIONS),
-        _gate_timed("port", port, NO_POSITIONS),
-        _gate_timed("pendingledger+pos", gate, POSITIONS),
-        _gate_timed("port+pos", port, POSITIONS),
-    ]
-    if hasattr(gate, "set_position"):  # the gate's own position book: positions=None
-        _, owned_empty = _subject()
-        _, owned = _subject()
-        for symbol, exposure in POSITIONS.items():
-            owned.set_position(symbol, exposure)
-        items += [
-            _gate_timed("pendingledger owned", owned_empty, None),
-            _gate_timed("pendingledger owned+pos", owned, None),
-        ]
-    for item in items:
-        item.calibrate(mode.batch_s)
-        item.once()  # warm-up, discarded below
-        item.samples.clear()
-    per_round = _interleave(items, mode.rounds)
-    cost = {item.label: _median(item.samples) for item in items}
-    ratios = {item.label: _ratio(per_round, item.label, "floor") for item in items}
-    ratio = ratios["pendingledger"]
+def _cost_row(
+    item: _Timed, label: str, floor: _Timed, per_round: Sequence[dict[str, float]]
+) -> list[str]:
+    ratio = Ratio.of(per_round, item.label, floor.label)
+    return [label, _fmt_ns(item.best), _fmt_pct(_spread(item.samples)), ratio.text(), ratio.range()]
+
+
+def bench_decision(mode: Mode, results: Results) -> None:
+    _title(results, "Decision: one admitted try_enter with a client order id + its release")
+    floor = _floor_timed("floor", 0)
+    own = _gate_timed("own", _subject()[1], None)
+    own_timeout = _gate_timed("own_timeout", _subject()[1], None, TIMEOUT)
+    caller = _gate_timed("dict8", _subject()[1], POSITIONS)
+    port_own = _gate_timed("port_own", _port()[1], None)
+    port_dict = _gate_timed("port_dict8", _port()[1], POSITIONS)
+    items = [floor, own, own_timeout, caller, port_own, port_dict]
+    per_round = _measure(items, mode)
     labels = {
-        "floor": "floor (bare Lock + dict insert, then delete)",
-        "pendingledger": "pendingledger try_enter + release (target)",
-        "port": "straightforward port",
-        "pendingledger+pos": "pendingledger, 3 open positions",
-        "port+pos": "straightforward port, 3 open positions",
-        "pendingledger owned": "pendingledger, own position book, empty",
-        "pendingledger owned+pos": "pendingledger, own position book, 3 open",
+        "floor": "floor: with lock: d[k] = 1.0, then with lock: del d[k]",
+        "own": "pendingledger, the gate's own book (target <= 2.5x)",
+        "own_timeout": f"pendingledger, own book, timeout={TIMEOUT:g}",
+        "dict8": "pendingledger, a caller's dict of 8 positions (target <= 5x)",
+        "port_own": "straightforward port, its own book",
+        "port_dict8": "straightforward port, a caller's dict of 8 positions",
     }
-    rows = [
-        [labels[item.label], _fmt_ns(cost[item.label]), f"{ratios[item.label]:.2f}x"]
-        for item in items
-    ]
-    _show(results, "Floor ratio", ["per decision", "median cost", "vs floor"], rows)
-    _say(f"({mode.rounds} interleaved rounds; ratio = median of per-round ratios)\n")
-    results.sections["floor"] = {
-        "ns_per_op": cost,
-        "ratio_vs_floor": ratios,
+    rows = [_cost_row(item, labels[item.label], floor, per_round) for item in items]
+    headers = ["per decision + release", "min", "spread", "vs floor", "per round (middle half)"]
+    _show(results, "Decision cost", headers, rows)
+    timeout = Ratio.of(per_round, "own_timeout", "own")
+    _say(
+        f"timeout={TIMEOUT:g} vs timeout=None (own book): {timeout.text(3)} "
+        f"(per round {timeout.range(3)}), "
+        f"{_fmt_ns(own_timeout.best - own.best)} more per decision"
+    )
+    _say(
+        f"({mode.rounds} interleaved rounds; min = the fastest round; spread = how much slower "
+        "the median round was; vs floor = ratio of minimums; per round = the middle half of the "
+        "per-round ratios)\n"
+    )
+    ratios = {item.label: Ratio.of(per_round, item.label, "floor") for item in items}
+    results.sections["decision"] = {
+        "ns_min": {item.label: item.best for item in items},
+        "spread": {item.label: _spread(item.samples) for item in items},
+        "vs_floor": {label: ratio.as_dict() for label, ratio in ratios.items()},
+        "timeout_vs_none": timeout.as_dict(),
         "per_round": per_round,
     }
-    results.targets.append(
-        Target("floor ratio (try_enter + release vs bare lock cycle)", ratio, 3.0, "max")
-    )
+    for key, label, limit in (
+        ("own", "own book: decision + release vs the floor", 2.5),
+        ("dict8", "caller's dict of 8: decision + release vs the floor", 5.0),
+    ):
+        ratio = ratios[key]
+        results.targets.append(
+            Target(f"floor_{key}", label, ratio.value, limit, "max", ratio.range())
+        )
 
 
 def bench_book(mode: Mode, results: Results) -> None:
-    _say("== Book size: cost per decision with N reservations outstanding ==")
+    _title(results, "Book size: cost per decision + release with N reservations outstanding")
     items: list[_Timed] = []
-    subject_by_size: dict[int, _Timed] = {}
-    port_by_size: dict[int, _Timed] = {}
-    floor_by_size: dict[int, _Timed] = {}
-    keep: list[Any] = []  # keep every ledger alive for the whole section
+    keep: list[Any] = []  # every ledger stays alive for the whole section
+    from pendingledger import PortfolioGate
+
     for size in mode.book_sizes:
         ledger, gate = _subject()
         _prefill_subject(ledger, size)
+        dict_gate = PortfolioGate(ledger, _limits())  # the same book, read with a caller's dict
         keep.append(ledger)
-        subject_by_size[size] = _gate_timed(f"pendingledger@{size}", gate)
-        floor_by_size[size] = _floor_timed(f"floor@{size}", size)
-        items += [subject_by_size[size], floor_by_size[size]]
-        if size <= mode.port_max_book:
-            port_ledger, port = _port()
+        items += [
+            _gate_timed(f"own@{size}", gate, None),
+            _gate_timed(f"dict8@{size}", dict_gate, POSITIONS),
+            _floor_timed(f"floor@{size}", size),
+        ]
+        if size in mode.port_sizes:
+            port_ledger, port_gate = _port()
             port_ledger.prefill(_book_symbols(size), NOTIONAL)
             keep.append(port_ledger)
-            port_by_size[size] = _gate_timed(f"port@{size}", port)
-            items.append(port_by_size[size])
-    for item in items:
-        item.calibrate(mode.batch_s)
-        item.once()
-        item.samples.clear()
-    per_round = _interleave(items, mode.rounds)
-    # The book must not have moved: every timed decision was released again.
-    for ledger in keep:
-        count = ledger_pending_count(ledger) if hasattr(ledger, "stats") else len(ledger)
-        if count not in mode.book_sizes:
-            _say(f"warning: a benchmark book changed size during the run ({count})")
+            items.append(_gate_timed(f"port@{size}", port_gate, None))
+    per_round = _measure(items, mode)
+    for ledger in keep:  # every timed decision was released again
+        if _outstanding(ledger) not in mode.book_sizes:
+            _say(f"warning: a benchmark book changed size during the run ({_outstanding(ledger)})")
 
+    best = {item.label: item for item in items}
     smallest, largest = min(mode.book_sizes), max(mode.book_sizes)
     rows = []
-    table: dict[str, dict[str, float | None]] = {}
+    table: dict[str, dict[str, Any]] = {}
     for size in mode.book_sizes:
-        subject = _median(subject_by_size[size].samples)
-        floor = _median(floor_by_size[size].samples)
-        port = _median(port_by_size[size].samples) if size in port_by_size else None
-        flat = _ratio(per_round, f"pendingledger@{size}", f"pendingledger@{smallest}")
-        speedup = (
-            _ratio(per_round, f"port@{size}", f"pendingledger@{size}")
-            if size in port_by_size
-            else None
-        )
+        own = best[f"own@{size}"]
+        flat = Ratio.of(per_round, f"own@{size}", f"own@{smallest}")
+        flat_dict = Ratio.of(per_round, f"dict8@{size}", f"dict8@{smallest}")
+        port = best.get(f"port@{size}")
+        speedup = Ratio.of(per_round, f"port@{size}", f"own@{size}") if port else None
         table[str(size)] = {
-            "pendingledger_ns": subject,
-            "port_ns": port,
-            "floor_ns": floor,
-            "vs_smallest_book": flat,
-            "port_over_pendingledger": speedup,
+            "own_ns": own.best,
+            "own_spread": _spread(own.samples),
+            "own_vs_smallest": flat.as_dict(),
+            "dict8_ns": best[f"dict8@{size}"].best,
+            "dict8_vs_smallest": flat_dict.as_dict(),
+            "floor_ns": best[f"floor@{size}"].best,
+            "port_ns": port.best if port else None,
+            "port_over_own": speedup.as_dict() if speedup else None,
         }
         rows.append(
             [
                 f"{size:,}",
-                _fmt_ns(subject),
-                f"{flat:.2f}x",
-                _fmt_ns(port),
-                "-" if speedup is None else f"{speedup:,.0f}x",
-                _fmt_ns(floor),
+                _fmt_ns(own.best),
+                _fmt_pct(_spread(own.samples)),
+                f"{flat.text()} ({flat.range()})",
+                _fmt_ns(best[f"dict8@{size}"].best),
+                flat_dict.text(),
+                _fmt_ns(port.best if port else None),
+                f"{speedup.text(0)} ({speedup.range(0)})" if speedup else "-",
+                _fmt_ns(best[f"floor@{size}"].best),
             ]
         )
-    _show(
-        results,
-        "Book size",
-        [
-            "outstanding",
-            "pendingledger",
-            f"vs {smallest}",
-            "straightforward port",
-            "port / pendingledger",
-            "floor",
-        ],
-        rows,
-    )
-    _say(
-        f"({mode.rounds} interleaved rounds over all sizes; "
-        "ratios are medians of per-round ratios)\n"
-    )
+    headers = [
+        "outstanding",
+        "own book",
+        "spread",
+        f"vs {smallest}",
+        "dict of 8",
+        f"vs {smallest}",
+        "port (own book)",
+        "port / own book",
+        "floor",
+    ]
+    _show(results, "Book size", headers, rows)
+    _say(f"({mode.rounds} interleaved rounds over all sizes; ratios are of minimums)\n")
     results.sections["book"] = {"sizes": list(mode.book_sizes), "by_size": table}
+    flat = Ratio.of(per_round, f"own@{largest}", f"own@{smallest}")
     results.targets.append(
         Target(
-            f"flat in book size (cost at {largest:,} / cost at {smallest})",
-            table[str(largest)]["vs_smallest_book"],
+            "flat",
+            f"own book: cost at {largest:,} outstanding / cost at {smallest}",
+            flat.value,
             1.3,
             "max",
+            flat.range(),
         )
     )
-    speedup_10k = table.get("10000", {}).get("port_over_pendingledger")
-    results.targets.append(
-        Target(
-            "speed-up over the straightforward port at 10,000 outstanding",
-            speedup_10k,
-            100.0,
-            "min",
+    if 10_000 in mode.port_sizes and 10_000 in mode.book_sizes:
+        speedup = Ratio.of(per_round, "port@10000", "own@10000")
+        results.targets.append(
+            Target(
+                "port",
+                "speed-up over the straightforward port at 10,000 outstanding",
+                speedup.value,
+                100.0,
+                "min",
+                speedup.range(0),
+            )
         )
-    )
 
 
 # --- contention -----------------------------------------------------------------------------------
 
 
-def _run_window(
-    kind: str, nthreads: int, window_s: float, switch_interval: float | None = None
-) -> tuple[float, list[int]]:
-    """Start ``nthreads`` workers behind a barrier, count operations over a wall window.
+def _run_window(kind: str, nthreads: int, window_s: float) -> tuple[float, float, int, list[int]]:
+    """Start ``nthreads`` workers behind a barrier: (operations per wall second, operations per
+    second of the process's CPU time, denials, latencies).
 
-    The workers stop themselves at a deadline fixed before the barrier opens (see
-    ``baseline.py``), so the window does not depend on the main thread winning the GIL back.
-    With ``switch_interval`` the interpreter's switch interval is set for the window only.
+    The workers stop themselves at a deadline fixed before the barrier opens (``baseline.py``),
+    so the window does not depend on the main thread winning the GIL back.
     """
     barrier = threading.Barrier(nthreads + 1)
     stop = [False]
     deadline = [0]
-    outcomes: list[tuple[int, list[int]] | None] = [None] * nthreads
+    outcomes: list[tuple[int, int, list[int]] | None] = [None] * nthreads
     errors: list[BaseException] = []
-    if kind == "floor":
-        lock = threading.Lock()
-        book: dict[str, Any] = {}
-    else:
-        gate = _subject()[1] if kind.startswith("pendingledger") else _port()[1]
-    # "pendingledger own book": the gate's own position book (positions=None), empty; the rest
-    # pass the three open positions as a mapping, which the port needs.
-    positions = None if kind == OWN_BOOK else POSITIONS
+    lock = threading.Lock()
+    book: dict[str, float] = {}
+    gate = _port()[1] if kind == "port" else _subject()[1]
+    positions = POSITIONS if kind == "dict8" else None
 
     def run(index: int) -> None:
         symbols = [f"T{index}S{j}" for j in range(8)]
         try:
             if kind == "floor":
                 outcomes[index] = floor_worker(
-                    lock, book, symbols, NOTIONAL, barrier=barrier, stop=stop, deadline=deadline
+                    lock, book, symbols, barrier=barrier, stop=stop, deadline=deadline
                 )
             else:
                 outcomes[index] = gate_worker(
@@ -521,25 +648,24 @@ def _run_window(
     for thread in threads:
         thread.start()
     gc.collect()
-    previous = sys.getswitchinterval()
     window_ns = int(window_s * 1e9)
     try:
-        if switch_interval is not None:
-            sys.setswitchinterval(switch_interval)
+        cpu0 = time.process_time_ns()
         deadline[0] = _ns() + window_ns  # the workers stop themselves there
         barrier.wait()
         time.sleep(window_s)
         for thread in threads:
             thread.join()
+        cpu_s = (time.process_time_ns() - cpu0) / 1e9
     finally:
         stop[0] = True
-        sys.setswitchinterval(previous)
     real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
     if real:
         raise real[0]
-    total = sum(o[0] for o in outcomes if o is not None)
-    latencies = [lat for o in outcomes if o is not None for lat in o[1]]
-    return total / (window_ns / 1e9), latencies
+    done = [o for o in outcomes if o is not None]
+    total = sum(o[0] for o in done)
+    latencies = [x for o in done for x in o[2]]
+    return total / (window_ns / 1e9), total / cpu_s, sum(o[1] for o in done), latencies
 
 
 def _percentile(sorted_values: Sequence[int], q: float) -> float | None:
@@ -549,183 +675,224 @@ def _percentile(sorted_values: Sequence[int], q: float) -> float | None:
     return float(sorted_values[index])
 
 
+CONTENTION_LABELS = {
+    "own": "pendingledger, own book",
+    "dict8": "pendingledger, dict of 8",
+    "floor": "floor",
+    "port": "port, own book",
+}
+
+
 def bench_contention(mode: Mode, results: Results) -> None:
-    _say(
-        "== Contention: threads released by a barrier, each looping try_enter + release on its "
-        f"own symbols, {mode.window_s:g} s windows, "
-        f"switch interval {sys.getswitchinterval():g} s =="
+    _title(
+        results,
+        f"Contention: threads looping try_enter + release on their own 8 symbols, "
+        f"{mode.window_s:g} s windows, switch interval {sys.getswitchinterval():g} s",
     )
-    kinds = ("pendingledger", OWN_BOOK, "floor", "port")
-    rates: dict[tuple[str, int], list[float]] = {}
-    lats: dict[tuple[str, int], list[int]] = {}
-    rounds: list[dict[str, float]] = []
-    for _ in range(mode.contention_rounds):
-        this_round: dict[str, float] = {}
-        for nthreads in mode.threads:
-            for kind in kinds:
-                if kind != "pendingledger" and nthreads not in mode.peer_threads:
-                    continue
-                rate, latencies = _run_window(kind, nthreads, mode.window_s)
-                rates.setdefault((kind, nthreads), []).append(rate)
-                lats.setdefault((kind, nthreads), []).extend(latencies)
-                this_round[f"{kind}@{nthreads}"] = rate
-        rounds.append(this_round)
+    # A thread count's runs sit next to each other in every round, so a 64-thread window is
+    # measured close in time to its 1-thread window.
+    runs = [(kind, n) for kind in ("own", "dict8", "floor") for n in mode.threads]
+    runs += [("port", n) for n in mode.port_threads]
+    rates: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
+    cpu_rates: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
+    denials: dict[tuple[str, int], int] = dict.fromkeys(runs, 0)
+    lats: dict[tuple[str, int], list[int]] = {run: [] for run in runs}
+    for r in range(mode.contention_rounds):
+        k = r % len(runs)
+        for run in [*runs[k:], *runs[:k]]:
+            rate, cpu_rate, denied, latencies = _run_window(run[0], run[1], mode.window_s)
+            rates[run].append(rate)
+            cpu_rates[run].append(cpu_rate)
+            denials[run] += denied
+            lats[run].extend(latencies)
 
     most = max(mode.threads)
     rows = []
-    table: dict[str, Any] = {}
-    for kind in kinds:
-        for nthreads in mode.threads:
-            if (kind, nthreads) not in rates:
-                continue
-            rate = _median(rates[(kind, nthreads)])
-            eff = _median([r[f"{kind}@{nthreads}"] / r[f"{kind}@1"] for r in rounds])
-            ordered = sorted(lats[(kind, nthreads)])
-            p50, p99 = _percentile(ordered, 0.50), _percentile(ordered, 0.99)
-            table[f"{kind}@{nthreads}"] = {
-                "kind": kind,
-                "threads": nthreads,
-                "ops_per_s": rate,
-                "efficiency_vs_1_thread": eff,
-                "p50_ns": p50,
-                "p99_ns": p99,
-                "latency_samples": len(ordered),
-            }
-            rows.append(
-                [kind, str(nthreads), _fmt_rate(rate), f"{eff:.2f}", _fmt_ns(p50), _fmt_ns(p99)]
-            )
-
-    extra: dict[str, Any] = {}
-    if mode.switch_interval > 0:
-        # Not a target: shows how much of a subject's loss is the convoy (a long interval all
-        # but removes switches while the lock is held). Set for the window only, then restored.
-        window = max(mode.window_s, 4 * mode.switch_interval)
-        for kind in ("pendingledger", "port"):
-            rate, latencies = _run_window(kind, most, window, mode.switch_interval)
-            ordered = sorted(latencies)
-            eff = rate / _median(rates[(kind, 1)])
-            extra[kind] = {
-                "ops_per_s": rate,
-                "efficiency_vs_1_thread": eff,
-                "p50_ns": _percentile(ordered, 0.5),
-                "p99_ns": _percentile(ordered, 0.99),
-            }
-            rows.append(
-                [
-                    f"{kind} (switch {mode.switch_interval:g} s)",
-                    str(most),
-                    _fmt_rate(rate),
-                    f"{eff:.2f}",
-                    _fmt_ns(extra[kind]["p50_ns"]),
-                    _fmt_ns(extra[kind]["p99_ns"]),
-                ]
-            )
-
-    headers = ["subject", "threads", "decisions/s", "vs 1 thread", "p50", "p99"]
+    table: dict[str, dict[str, Any]] = {}
+    efficiency: dict[str, tuple[Ratio, Ratio]] = {}
+    for kind, n in runs:
+        wall = _vs_one(rates, kind, n)
+        cpu = _vs_one(cpu_rates, kind, n)
+        if n == most:
+            efficiency[kind] = (wall, cpu)
+        ordered = sorted(lats[(kind, n)])
+        p50, p99 = _percentile(ordered, 0.5), _percentile(ordered, 0.99)
+        table[f"{kind}@{n}"] = {
+            "kind": kind,
+            "threads": n,
+            "ops_per_s_best": max(rates[(kind, n)]),
+            "ops_per_s_rounds": rates[(kind, n)],
+            "ops_per_cpu_s_best": max(cpu_rates[(kind, n)]),
+            "ops_per_cpu_s_rounds": cpu_rates[(kind, n)],
+            "vs_1_thread": wall.as_dict(),
+            "vs_1_thread_cpu": cpu.as_dict(),
+            "denials": denials[(kind, n)],
+            "p50_ns": p50,
+            "p99_ns": p99,
+        }
+        rows.append(
+            [
+                CONTENTION_LABELS[kind],
+                str(n),
+                _fmt_rate(max(rates[(kind, n)])),
+                _fmt_pct(_spread_high(rates[(kind, n)])),
+                f"{wall.value:.2f} ({wall.range()})",
+                _fmt_rate(max(cpu_rates[(kind, n)])),
+                f"{cpu.value:.2f} ({cpu.range()})",
+                str(denials[(kind, n)]),
+                _fmt_ns(p50),
+                _fmt_ns(p99),
+            ]
+        )
+    headers = [
+        "subject",
+        "threads",
+        "best decisions/s",
+        "spread",
+        "vs 1 thread",
+        "per CPU-second",
+        "vs 1 thread",
+        "denied",
+        "p50",
+        "p99",
+    ]
     _show(results, "Contention", headers, rows)
     _say(
-        f"({mode.contention_rounds} rounds; rate = median; efficiency = median of per-round "
-        "ratios; latency of try_enter alone, 1 op in 9 sampled, pooled over rounds)\n"
+        f"({mode.contention_rounds} rounds; best = the fastest round; spread = how much slower "
+        "the median round was; vs 1 thread = best / best at 1 thread (then the middle half of "
+        "the per-round ratios); per CPU-second = decisions / the process's CPU time in the "
+        "window, which other processes on the machine do not dilute; latency of try_enter "
+        "alone, 1 in 9 sampled, pooled over rounds)\n"
     )
     results.sections["contention"] = {
         "window_s": mode.window_s,
         "switch_interval": sys.getswitchinterval(),
         "by_run": table,
-        "extra_switch_interval": {"interval": mode.switch_interval, **extra} if extra else None,
     }
-    results.targets.append(
-        Target(
-            f"contention efficiency ({most} threads / 1 thread, default switch interval)",
-            table[f"pendingledger@{most}"]["efficiency_vs_1_thread"],
-            0.6,
-            "min",
+    # The verdict is on wall-clock throughput, the target's own terms. A busy machine inflates
+    # it: a lone thread gets a smaller share of a CPU than 64 do. The best 1-thread window's
+    # CPU share (CPU time / wall time, at most 1 for one thread) says how far to trust it.
+    for kind in ("own", "dict8"):
+        wall, cpu = efficiency[kind]
+        one = table[f"{kind}@1"]
+        share = one["ops_per_s_best"] / one["ops_per_cpu_s_best"]
+        table[f"{kind}@1"]["cpu_share_best"] = share
+        results.targets.append(
+            Target(
+                f"contention_{kind}",
+                f"{most} threads / 1 thread, {CONTENTION_LABELS[kind]} "
+                f"(per CPU-second: {cpu.value:.2f})",
+                wall.value,
+                0.85,
+                "min",
+                wall.range(),
+                caveat=""
+                if share >= BUSY_SHARE
+                else f"busy machine: the 1-thread window had {share:.0%} of a CPU",
+            )
         )
-    )
+
+
+def _vs_one(rates: dict[tuple[str, int], list[float]], kind: str, n: int) -> Ratio:
+    """Best rate at ``n`` threads over the best at 1, with the per-round ratios."""
+    ones = rates.get((kind, 1), rates[(kind, n)])
+    mine = rates[(kind, n)]
+    return Ratio(max(mine) / max(ones), [a / b for a, b in zip(mine, ones, strict=True)])
 
 
 # --- memory ---------------------------------------------------------------------------------------
 
 
-def _traced_book(
-    make: Callable[[], Any], fill: Callable[[Any, list[str]], Any], n: int
-) -> dict[str, float]:
-    symbols = _book_symbols(n, prefix="MEM")  # the caller's strings: not counted
-    state = make()
+def _traced(fill: Callable[[], Any], n: int) -> dict[str, float]:
+    """Bytes per reservation that ``fill()`` makes (kept alive until measured), and the peak."""
     gc.collect()
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
-        held = fill(state, symbols)
+        held = fill()
         current, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     del held
-    return {
-        "current_per_reservation": (current - base) / n,
-        "peak_per_reservation": (peak - base) / n,
-    }
+    return {"per_reservation": (current - base) / n, "peak_per_reservation": (peak - base) / n}
 
 
-def _fill_subject(state: Any, symbols: list[str]) -> list[Any]:
-    gate = state[1]
-    held: list[Any] = [None] * len(symbols)
-    try_enter = gate.try_enter
-    for i, symbol in enumerate(symbols):
-        held[i] = try_enter(symbol, NOTIONAL, POSITIONS).reservation
-    return held
+def _fill_subject(n: int, with_ids: bool) -> Callable[[], Any]:
+    symbols = _book_symbols(n, prefix="MEM")  # the caller's strings: made before tracing
+    ids = [s + "-o" for s in symbols]
+    ledger, gate = _subject()
+
+    def fill() -> Any:
+        try_enter = gate.try_enter
+        if with_ids:
+            held = [
+                try_enter(s, NOTIONAL, order_id=o).reservation
+                for s, o in zip(symbols, ids, strict=True)
+            ]
+        else:
+            held = [try_enter(s, NOTIONAL).reservation for s in symbols]
+        return ledger, held
+
+    return fill
 
 
-def _fill_port(state: Any, symbols: list[str]) -> list[Any]:
-    # Filling through the port's try_enter is O(N^2); fill its dict directly and build the
-    # Reservation the caller would hold for each entry, as _fill_subject keeps the real ones.
-    ledger = state[0]
-    ledger.prefill(symbols, NOTIONAL)
-    return [Reservation(ledger, symbol) for symbol in symbols]
+def _fill_port(n: int) -> Callable[[], Any]:
+    # Filling through the port's try_enter is O(N^2): fill its dict directly (order id = symbol)
+    # and make the reservation object its caller would hold for each.
+    symbols = _book_symbols(n, prefix="MEM")
+    ledger = StraightforwardLedger(TTL)
+
+    def fill() -> Any:
+        ledger.prefill(symbols, NOTIONAL)
+        return ledger, [PortReservation(ledger, s, s, NOTIONAL) for s in symbols]
+
+    return fill
 
 
 def _churn(gate: Any, ledger: Any, clock: Any, cycles: int, start: int) -> int:
-    """Reserve/release cycles over every release path; the book is empty afterwards."""
+    """Reserve/end cycles through every way a reservation ends; the book is empty afterwards."""
     try_enter = gate.try_enter
-    ttl_step = TTL + 1.0
-    order = start
-    symbols = HOT
-    nsym = len(symbols)
-    for i in range(cycles):
-        order += 1
-        symbol = symbols[i % nsym]
-        reservation = try_enter(symbol, NOTIONAL, POSITIONS, order_id=order).reservation
-        path = i & 7
+    step = TTL + 1.0
+    for i in range(start, start + cycles):
+        symbol = HOT[i & 15]
+        order_id = f"c{i}"
+        res = try_enter(symbol, NOTIONAL, order_id=order_id).reservation
+        path = i % 9
         if path < 3:
-            reservation.release()
+            res.release()
         elif path == 3:
             ledger.release(symbol)
         elif path == 4:
-            ledger.release_order(order)
+            ledger.release_order(order_id)
         elif path == 5:
-            reservation.reduce(NOTIONAL / 2)
-            reservation.reduce(NOTIONAL / 2)
+            res.reduce(NOTIONAL / 2)
+            res.reduce(NOTIONAL / 2)
         elif path == 6:
-            reservation.release()
-            reservation.release()  # idempotent
+            res.release()
+            res.release()  # a second release does nothing
+        elif path == 7:
+            gate.confirm_fill(order_id, 250.0)
+            gate.close_position(symbol)
         else:
-            clock.advance(ttl_step)  # expires; dropped by the next acquisition
+            clock.advance(step)  # expires; the next acquisition sweeps it
     with ledger.lock():
         pass
-    return order
+    return start + cycles
 
 
 def bench_memory(mode: Mode, results: Results) -> None:
-    _say("== Memory ==")
+    _title(results, "Memory (tracemalloc)")
     n = mode.mem_book
-    subject = _traced_book(_subject, _fill_subject, n)
-    port = _traced_book(_port, _fill_port, n)
+    own = _traced(_fill_subject(n, True), n)
+    generated = _traced(_fill_subject(n, False), n)
+    port = _traced(_fill_port(n), n)
 
     from pendingledger.testing import ManualClock
 
     clock = ManualClock()
     ledger, gate = _subject(TTL, clock)
-    order = _churn(gate, ledger, clock, 20_000, 0)  # warm-up: free lists, dict tables, counters
+    at = _churn(gate, ledger, clock, 2_000, 0)  # warm-up: free lists, dict tables, counters
     cycles = mode.mem_cycles
     gc.collect()
     blocks0 = sys.getallocatedblocks()
@@ -733,59 +900,219 @@ def bench_memory(mode: Mode, results: Results) -> None:
     try:
         base = tracemalloc.get_traced_memory()[0]
         t0 = _ns()
-        order = _churn(gate, ledger, clock, cycles, order)
+        _churn(gate, ledger, clock, cycles, at)
         churn_s = (_ns() - t0) / 1e9
         gc.collect()
-        traced_growth = tracemalloc.get_traced_memory()[0] - base
-        blocks_growth = sys.getallocatedblocks() - blocks0
+        growth = tracemalloc.get_traced_memory()[0] - base
+        blocks = sys.getallocatedblocks() - blocks0
     finally:
         tracemalloc.stop()
-    left = ledger_pending_count(ledger)
-    stats = ledger.stats()
-
+    left = _outstanding(ledger)
     rows = [
         [
-            f"bytes per outstanding reservation ({n:,} held, caller keeps each Reservation)",
-            _fmt_bytes(subject["current_per_reservation"]),
-            _fmt_bytes(port["current_per_reservation"]),
+            f"bytes per outstanding reservation ({n:,}, caller keeps each; client order ids)",
+            _fmt_bytes(own["per_reservation"]),
+            _fmt_bytes(port["per_reservation"]),
         ],
+        ["the same, ids generated by the ledger", _fmt_bytes(generated["per_reservation"]), "-"],
         [
-            "peak bytes per reservation while filling (tracemalloc)",
-            _fmt_bytes(subject["peak_per_reservation"]),
+            "peak per reservation while filling (client order ids)",
+            _fmt_bytes(own["peak_per_reservation"]),
             _fmt_bytes(port["peak_per_reservation"]),
         ],
-        [f"traced growth after {cycles:,} reserve/release cycles", _fmt_bytes(traced_growth), "-"],
-        [f"allocated blocks growth after {cycles:,} cycles", f"{blocks_growth:+d}", "-"],
-        ["outstanding at the end (book must be empty)", str(left), "-"],
+        [f"traced growth over {cycles:,} reserve/end cycles", _fmt_bytes(growth), "-"],
+        [f"allocated blocks growth over {cycles:,} cycles", f"{blocks:+d}", "-"],
+        ["outstanding at the end (must be 0)", str(left), "-"],
     ]
     _show(results, "Memory", ["memory", "pendingledger", "straightforward port"], rows)
     _say(
-        "(cycles go through every release path: Reservation.release, ledger.release, "
-        "release_order, reduce to zero, TTL expiry; after gc.collect(); "
-        f"{cycles / churn_s / 1e3:.0f} k cycles/s under tracemalloc; "
-        f"stats: outstanding={getattr(stats, 'outstanding', '?')}, "
-        f"expired={getattr(stats, 'expired', '?')})\n"
+        "(cycles end reservations every way: release, ledger.release, release_order, reduce "
+        "to zero, a double release, confirm_fill, TTL expiry; measured after gc.collect(); "
+        f"{cycles / churn_s / 1e3:.0f} k cycles/s under tracemalloc)\n"
     )
     results.sections["memory"] = {
         "book": n,
-        "pendingledger": subject,
+        "own": own,
+        "generated_ids": generated,
         "port": port,
         "cycles": cycles,
-        "traced_growth_bytes": traced_growth,
-        "allocated_blocks_growth": blocks_growth,
+        "traced_growth_bytes": growth,
+        "allocated_blocks_growth": blocks,
         "outstanding_at_end": left,
     }
-    # "No growth": a leak of one small object per cycle would be megabytes here; allow 16 KiB
-    # for allocator noise (free lists, a dict table resize). The book must be empty as well.
-    results.targets.append(
-        Target(
-            f"no growth after {cycles:,} reserve/release cycles (traced bytes, book empty)",
-            float(max(traced_growth, 0)) if left == 0 else float("inf"),
-            16 * 1024.0,
-            "max",
-            unit=" B",
+
+
+# --- amounts --------------------------------------------------------------------------------------
+
+UNIT_VALUES: dict[str, list[Any]] = {
+    "float": [100.0, 0.1, 2500.75, 1234.5678, 0.003, 65000.12, 99.99, 1.5],
+    "float >= 2**22 with a fraction": [5_000_000.25, 12_345_678.9, 4_200_000.5, 9_999_999.99],
+    "int": [100, 2500, 1, 65000],
+    "Decimal": [Decimal("100.25"), Decimal("0.1"), Decimal("2500"), Decimal("1234.5678")],
+    "Fraction": [Fraction(1, 3), Fraction(201, 2), Fraction(7, 8), Fraction(1001, 10)],
+}
+
+
+def _cycled(values: list[Any]) -> Callable[[int], list[Any]]:
+    return lambda n: [values[i % len(values)] for i in range(n)]
+
+
+def _run_units(inputs: list[Any]) -> None:
+    from pendingledger._units import units
+
+    for value in inputs:
+        units("notional", value, True)
+
+
+def _run_round(inputs: list[Any]) -> None:
+    for value in inputs:
+        round(value * 1e9)
+
+
+def _run_decimal_repr(inputs: list[Any]) -> None:
+    for value in inputs:
+        int((Decimal(repr(value)) * 1_000_000_000).to_integral_value(ROUND_UP))
+
+
+def _run_empty(inputs: list[Any]) -> None:
+    for _ in inputs:
+        pass
+
+
+UNIT_REFERENCES = {
+    "round(v * 1e9)": "inexact, no checks: for scale",
+    "Decimal(repr(v)) * 10**9, rounded up": "exact, the plain way: for scale",
+}
+
+
+def bench_units(mode: Mode, results: Results) -> None:
+    _title(results, "Amounts: pendingledger._units.units(name, value, up=True), ns per call")
+    floats = UNIT_VALUES["float"]
+    items = [_Timed(label, _run_units, _cycled(values)) for label, values in UNIT_VALUES.items()]
+    items += [
+        _Timed("round(v * 1e9)", _run_round, _cycled(floats)),
+        _Timed("Decimal(repr(v)) * 10**9, rounded up", _run_decimal_repr, _cycled(floats)),
+        _Timed("loop", _run_empty, _cycled(floats)),
+    ]
+    per_round = _measure(items, mode)
+    loop = min(r["loop"] for r in per_round)
+    rows = []
+    table: dict[str, dict[str, float]] = {}
+    for item in items[:-1]:
+        net = [r[item.label] - r["loop"] for r in per_round]
+        table[item.label] = {"ns_min": item.best - loop, "spread": _spread(net)}
+        note = f" ({UNIT_REFERENCES[item.label]})" if item.label in UNIT_REFERENCES else ""
+        rows.append([item.label + note, _fmt_ns(item.best - loop), _fmt_pct(_spread(net))])
+    _show(results, "Amounts", ["value kind", "ns per call", "spread"], rows)
+    _say(
+        f"(the loop's own {loop:.0f} ns per item subtracted; the floats: "
+        f"{', '.join(map(repr, floats))}; the others: "
+        + "; ".join(
+            f"{label}: {', '.join(map(repr, values))}"
+            for label, values in UNIT_VALUES.items()
+            if label != "float"
         )
+        + ")\n"
     )
+    results.sections["units"] = {"loop_ns": loop, "by_kind": table}
+
+
+# --- expiry storm ---------------------------------------------------------------------------------
+
+
+def _storm_round(size: int) -> dict[str, Any]:
+    """One storm: ``size`` reservations stamped at one clock reading, then the clock moves past
+    their TTL. Times each acquisition that sweeps them (a decision, then its release: every
+    acquisition sweeps up to ``SWEEP_LIMIT``) until all are expired."""
+    from pendingledger._core import SWEEP_LIMIT
+    from pendingledger.testing import ManualClock
+
+    clock = ManualClock()
+    ttl = 60.0
+    ledger, gate = _subject(ttl, clock)
+    with ledger.lock() as pending:
+        for symbol in _book_symbols(size, prefix="STORM"):
+            pending.reserve(symbol, NOTIONAL)
+    try_enter = gate.try_enter
+    calm = []  # decisions with the whole book outstanding, none due
+    for i in range(200):
+        t0 = _cpu_ns()
+        res = try_enter("CALM", NOTIONAL, order_id=f"calm{i}").reservation
+        calm.append(_cpu_ns() - t0)
+        res.release()
+    clock.advance(ttl + 1.0)
+    acquisitions = -(-size // SWEEP_LIMIT)
+    decisions: list[int] = []
+    releases: list[int] = []
+    for i in range((acquisitions + 1) // 2):
+        t0 = _cpu_ns()
+        res = try_enter("NOW", NOTIONAL, order_id=f"now{i}").reservation
+        t1 = _cpu_ns()
+        res.release()
+        decisions.append(t1 - t0)
+        releases.append(_cpu_ns() - t1)
+    stats = ledger.stats()
+    if stats.expired != size or stats.outstanding:
+        _say(f"warning: the storm expired {stats.expired} of {size} ({stats.outstanding} left)")
+    return {
+        "calm_ns": min(calm),
+        "decisions_ns": decisions,
+        "releases_ns": releases,
+        "sweep_limit": SWEEP_LIMIT,
+    }
+
+
+def bench_storm(mode: Mode, results: Results) -> None:
+    _title(results, f"Expiry storm: {STORM:,} reservations expire at once")
+    rounds = [_storm_round(STORM) for _ in range(mode.storm_rounds)]
+    # The k-th acquisition's time is the minimum over rounds of the k-th acquisition: a single
+    # round's slowest one is usually the scheduler preempting the process, not the sweep.
+    decisions = [min(ts) for ts in zip(*(r["decisions_ns"] for r in rounds), strict=True)]
+    releases = [min(ts) for ts in zip(*(r["releases_ns"] for r in rounds), strict=True)]
+    limit = rounds[0]["sweep_limit"]
+    first = [r["decisions_ns"][0] for r in rounds]
+    calm = [r["calm_ns"] for r in rounds]
+    figures = {
+        "calm_ns": min(calm),
+        "first_ns": min(first),
+        "slowest_ns": max(decisions + releases),
+        "median_ns": sorted(decisions + releases)[len(decisions + releases) // 2],
+        "drain_ns": sum(decisions) + sum(releases),
+        "acquisitions": len(decisions) + len(releases),
+    }
+    n = figures["acquisitions"]
+    rows = [
+        [
+            f"a decision with {STORM:,} outstanding, none due",
+            _fmt_ns(figures["calm_ns"]),
+            _fmt_pct(_spread(calm)),
+        ],
+        [
+            f"the first decision once all {STORM:,} are due (sweeps {limit:,})",
+            _fmt_ns(figures["first_ns"]),
+            _fmt_pct(_spread(first)),
+        ],
+        [f"the median of the {n} acquisitions that sweep them", _fmt_ns(figures["median_ns"]), ""],
+        [f"the slowest of the {n}", _fmt_ns(figures["slowest_ns"]), ""],
+        [
+            f"all {n} together (what one unbounded sweep would hold the lock for)",
+            _fmt_ns(figures["drain_ns"]),
+            "",
+        ],
+    ]
+    _show(results, "Expiry storm", ["one acquisition (decision or release)", "min", "spread"], rows)
+    _say(
+        f"({mode.storm_rounds} rounds; thread CPU time; each acquisition's time is its minimum "
+        "over the rounds and bounds how long it held the lock; each acquisition expires at "
+        f"most {limit:,}; decisions and releases alternate)\n"
+    )
+    results.sections["storm"] = {
+        "size": STORM,
+        "sweep_limit": limit,
+        "min": figures,
+        "decisions_ns": decisions,
+        "releases_ns": releases,
+    }
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -804,52 +1131,56 @@ def _meta(mode: Mode) -> dict[str, Any]:
     import pendingledger
 
     package_dir = Path(pendingledger.__file__).resolve().parent
+    commit = _git_commit(Path(__file__).resolve().parent)
+    compiled, build = _build()
+    return {
+        "mode": mode.name,
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "compiled": compiled,
+        "build": build,
+        "tag": f"{build} build, {platform.python_implementation()} {platform.python_version()}",
+        "targets_apply": _targets_apply(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "switch_interval": sys.getswitchinterval(),
+        "timer_ns": TIMER_NS,
+        "checkout_commit": commit,
+        "pendingledger_version": pendingledger.__version__,
+        "pendingledger_path": str(package_dir),
+    }
+
+
+def _git_commit(where: Path) -> str:
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(package_dir), "rev-parse", "--short", "HEAD"],
+        return subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,
             check=True,
             timeout=5,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        # An installed copy (CI installs a wheel, not the checkout): say which release it is.
-        commit = f"{pendingledger.__version__} (installed, no git commit)"
-    return {
-        "mode": mode.name,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "switch_interval": sys.getswitchinterval(),
-        "pendingledger_commit": commit,
-        "pendingledger_path": str(package_dir),
-    }
+        return "unknown (not a git checkout)"
 
 
 def _target_rows(results: Results) -> tuple[list[str], list[list[str]]]:
     rows = []
-    for target in results.targets:
-        passed = target.passed
-        verdict = "n/a" if passed is None else ("PASS" if passed else "FAIL")
-        bound = ("<= " if target.kind == "max" else ">= ") + f"{target.limit:g}{target.unit}"
-        value = "-" if target.value is None else f"{target.value:.3g}{target.unit}"
-        rows.append([target.name, value, bound, verdict, target.margin()])
-    return ["target", "measured", "target", "verdict", "margin"], rows
-
-
-def _summary(results: Results) -> str:
-    return _table(*_target_rows(results))
+    for t in results.targets:
+        bound = ("<= " if t.kind == "max" else ">= ") + f"{t.limit:g}{t.unit}"
+        value = "-" if t.value is None else f"{t.value:.3g}{t.unit}"
+        rows.append([t.name, value, t.spread, bound, t.verdict(), t.margin()])
+    headers = ["target", "measured", "per round (middle half)", "target", "verdict", "margin"]
+    return headers, rows
 
 
 def _plot(results: Results, path: str) -> None:
-    try:
-        import matplotlib
-
+    try:  # imported by name: matplotlib is optional, and mypy need not know it
+        matplotlib = importlib.import_module("matplotlib")
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = importlib.import_module("matplotlib.pyplot")
     except ImportError:
         _say(
             f"--plot {path}: matplotlib is not installed; get it with "
@@ -862,7 +1193,8 @@ def _plot(results: Results, path: str) -> None:
         by_size = book["by_size"]
         sizes = [int(s) for s in by_size]
         for key, label, style in (
-            ("pendingledger_ns", "pendingledger", "o-"),
+            ("own_ns", "pendingledger, own book", "o-"),
+            ("dict8_ns", "pendingledger, dict of 8", "d-"),
             ("port_ns", "straightforward port", "s--"),
             ("floor_ns", "floor (bare Lock + dict)", "^:"),
         ):
@@ -872,23 +1204,24 @@ def _plot(results: Results, path: str) -> None:
         left.set_xscale("log")
         left.set_yscale("log")
         left.set_xlabel("reservations outstanding")
-        left.set_ylabel("cost per decision (us)")
+        left.set_ylabel("cost per decision + release (us)")
         left.set_title("Cost vs book size")
         left.grid(True, which="both", alpha=0.3)
         left.legend()
     contention = results.sections.get("contention")
     if contention:
         by_run = contention["by_run"]
-        for kind, label, style in (
-            ("pendingledger", "pendingledger", "o-"),
-            ("port", "straightforward port", "s--"),
-            ("floor", "floor (bare Lock + dict)", "^:"),
-        ):
+        for kind, style in (("own", "o-"), ("dict8", "d-"), ("port", "s--"), ("floor", "^:")):
             runs = sorted(
-                (v["threads"], v["ops_per_s"]) for v in by_run.values() if v["kind"] == kind
+                (v["threads"], v["ops_per_s_best"]) for v in by_run.values() if v["kind"] == kind
             )
             if runs:
-                right.plot([r[0] for r in runs], [r[1] for r in runs], style, label=label)
+                right.plot(
+                    [r[0] for r in runs],
+                    [r[1] for r in runs],
+                    style,
+                    label=CONTENTION_LABELS[kind],
+                )
         right.set_xscale("log", base=2)
         right.set_yscale("log")
         right.set_xlabel("threads")
@@ -898,7 +1231,7 @@ def _plot(results: Results, path: str) -> None:
         right.legend()
     meta = results.meta
     fig.suptitle(
-        f"pendingledger {meta['pendingledger_commit']} | CPython {meta['python']} | "
+        f"pendingledger {meta['checkout_commit']} | {meta['tag']} | "
         f"{meta['cpu']} ({meta['cpus']} CPUs) | {meta['mode']} run"
     )
     fig.tight_layout()
@@ -907,24 +1240,63 @@ def _plot(results: Results, path: str) -> None:
     _say(f"plot written to {path}")
 
 
+SUMMARY_COLUMNS = (
+    ("floor_own", "own book vs floor (<= 2.5x)"),
+    ("floor_dict8", "dict of 8 vs floor (<= 5x)"),
+    ("flat", "100,000 / 10 (<= 1.3x)"),
+    ("port", "vs port at 10,000 (>= 100x)"),
+    ("contention_own", "64 threads, own book (>= 0.85)"),
+    ("contention_dict8", "64 threads, dict of 8 (>= 0.85)"),
+)
+
+
+def summarize(paths: Sequence[str]) -> str:
+    """One Markdown row per results file (``--json``): the targets, and the other figures."""
+    headers = ["build", "CPython", "mode"] + [title for _, title in SUMMARY_COLUMNS]
+    headers += ["B per reservation", "float -> units", "storm: first decision", "timeout cost"]
+    rows = []
+    for path in paths:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        meta, sections = data["meta"], data["sections"]
+        targets = {t["key"]: t for t in data["targets"]}
+        row = [meta["build"], meta["python"], meta["mode"]]
+        for key, _ in SUMMARY_COLUMNS:
+            t = targets.get(key)
+            if t is None or t["value"] is None:
+                row.append("-")
+                continue
+            verdict = {True: " met", False: " **NOT met**"}.get(t["passed"], "")
+            if t.get("caveat"):
+                verdict += f" ({t['caveat']})"
+            row.append(f"{t['value']:.3g}{t['unit']} ({t['spread']}){verdict}")
+        memory, units = sections.get("memory"), sections.get("units")
+        storm, decision = sections.get("storm"), sections.get("decision")
+        row.append(_fmt_bytes(memory["own"]["per_reservation"]) if memory else "-")
+        row.append(_fmt_ns(units["by_kind"]["float"]["ns_min"]) if units else "-")
+        row.append(_fmt_ns(storm["min"]["first_ns"]) if storm else "-")
+        row.append(f"{decision['timeout_vs_none']['value']:.2f}x" if decision else "-")
+        rows.append(row)
+    return "\n".join(_markdown_table(headers, rows))
+
+
 SECTIONS: dict[str, Callable[[Mode, Results], None]] = {
-    "floor": bench_floor,
+    "decision": bench_decision,
     "book": bench_book,
     "contention": bench_contention,
     "memory": bench_memory,
+    "units": bench_units,
+    "storm": bench_storm,
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="pendingledger benchmarks: floor ratio, book size, contention, memory.",
+        description="pendingledger benchmarks: " + ", ".join(SECTIONS) + ".",
     )
-    parser.add_argument("--quick", action="store_true", help="short run (under 30 s on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="short run (about 20 s on 2 cores)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     parser.add_argument("--plot", metavar="PATH", help="draw the results as a PNG (matplotlib)")
-    parser.add_argument(
-        "--markdown", metavar="PATH", help="write the tables as Markdown (for the README)"
-    )
+    parser.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
     parser.add_argument(
         "--only",
         metavar="SECTION",
@@ -933,23 +1305,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run only this section (repeatable): " + ", ".join(SECTIONS),
     )
     parser.add_argument(
-        "--strict", action="store_true", help="exit 1 when any target is missed (default: print)"
+        "--strict", action="store_true", help="exit 1 when a target is not met (default: print)"
     )
-    args = parser.parse_args(argv)
-    mode = QUICK if args.quick else FULL
+    parser.add_argument(
+        "--summarize",
+        metavar="JSON",
+        nargs="+",
+        help="print one Markdown row per --json results file, and run nothing",
+    )
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.summarize:
+        _say(summarize(args.summarize))
+        return 0
+    mode = QUICK if args.quick else FULL
     try:
-        from pendingledger import PendingEntryLedger, PortfolioGate  # noqa: F401
+        import pendingledger  # noqa: F401
     except ImportError as exc:
-        _say(f"pendingledger's core is not importable ({exc}); install it with pip install -e .")
+        _say(f"pendingledger is not importable ({exc}); install it with pip install .")
         return 2
 
+    global TIMER_NS  # noqa: PLW0603 - measured once per run, read by every timed batch
+    TIMER_NS = _timer_cost()
     started = time.perf_counter()
     results = Results(meta=_meta(mode))
     meta = results.meta
     _say(
-        f"pendingledger benchmarks, {mode.name} run: CPython {meta['python']} on {meta['cpu']} "
-        f"({meta['cpus']} CPUs), pendingledger {meta['pendingledger_commit']}\n"
+        f"pendingledger benchmarks, {mode.name} run\n"
+        f"  build: {meta['build']} (pendingledger.COMPILED = {meta['compiled']}), "
+        f"imported from {meta['pendingledger_path']}\n"
+        f"  interpreter: {meta['implementation']} {meta['python']} ({sys.executable})\n"
+        f"  machine: {meta['cpu']}, {meta['cpus']} CPUs; checkout {meta['checkout_commit']}\n"
+        + (
+            ""
+            if meta["targets_apply"]
+            else "  targets apply to the compiled build on CPython 3.11 to 3.13 only: "
+            "figures are reported with no target\n"
+        )
     )
     section_s: dict[str, float] = {}
     for name, bench in SECTIONS.items():
@@ -958,24 +1353,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         bench(mode, results)
         section_s[name] = round(time.perf_counter() - t0, 1)
-    results.meta["section_s"] = section_s
+    meta["section_s"] = section_s
     elapsed = time.perf_counter() - started
-    results.meta["elapsed_s"] = round(elapsed, 1)
+    meta["elapsed_s"] = round(elapsed, 1)
 
-    _say("== Targets ==")
-    _say(_summary(results))
+    _title(results, "Targets")
+    _say(_table(*_target_rows(results)))
     failed = [t for t in results.targets if t.passed is False]
+    judged = [t for t in results.targets if t.passed is not None]
     _say(
-        f"\n{len(results.targets) - len(failed)}/{len(results.targets)} targets met "
+        f"\n{len(judged) - len(failed)}/{len(judged)} targets met [{meta['tag']}] "
         f"in {elapsed:.1f} s ("
         + ", ".join(f"{name} {seconds:g} s" for name, seconds in section_s.items())
         + ")"
-        + ("" if not failed or args.strict else "; a FAIL is reported, not asserted")
     )
-
     if args.json:
         payload = {
-            "meta": results.meta,
+            "meta": meta,
             "sections": results.sections,
             "targets": [t.as_dict() for t in results.targets],
         }
