@@ -23,6 +23,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import platform
 import shutil
 import socket
 import statistics
@@ -95,16 +96,19 @@ def _make_gate(backend: str, url: str, namespace: str) -> Any:
 
 
 def _cycles(gate: Any, seconds: float, index: int, latencies: list[float] | None) -> int:
-    """Admit-and-release cycles for ``seconds``; returns how many."""
+    """Admit-and-release cycles for ``seconds``; returns how many. Each decision carries its own
+    client order id (a str, as both gates require), unique to this worker and process."""
     n = 0
     symbols = SYMBOLS
     k = index
+    prefix = f"bench-{os.getpid()}-{index}-"
     clock = time.perf_counter
     end = clock() + seconds
     while clock() < end:
         for _ in range(50):
+            order_id = prefix + str(k)
             t0 = clock()
-            decision = gate.try_enter(symbols[k % 64], 100)
+            decision = gate.try_enter(symbols[k % 64], 100, order_id=order_id)
             if latencies is not None:
                 latencies.append(clock() - t0)
             res = decision.reservation
@@ -176,9 +180,9 @@ def round_trips(url: str, namespace: str, decisions: int = 2_000) -> dict[str, A
     client = redis.Redis.from_url(url, socket_timeout=5)
     gate = RedisGate(client, LIMITS, ttl=60.0, namespace=namespace + "-rt")
     gate.restore({})
-    assert gate.try_enter("WARM", 1)
+    assert gate.try_enter("WARM", 1, order_id="rt-warm")
     client.config_resetstat()
-    admitted = [gate.try_enter(SYMBOLS[i % 64], 1) for i in range(decisions)]
+    admitted = [gate.try_enter(SYMBOLS[i % 64], 1, order_id=f"rt-{i}") for i in range(decisions)]
     stats = client.info("commandstats")
     evalsha = stats.get("cmdstat_evalsha", {})
     result: dict[str, Any] = {
@@ -215,7 +219,7 @@ def round_trips(url: str, namespace: str, decisions: int = 2_000) -> dict[str, A
     seen.clear()
     sample = 200
     for i in range(sample):
-        gate.try_enter(SYMBOLS[i % 64], 1)
+        gate.try_enter(SYMBOLS[i % 64], 1, order_id=f"rt-monitor-{i}")
     client.echo(f"{sentinel}-end")
     watcher.join(10)
     result["monitor_sample"] = sample
@@ -253,7 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         from pendingledger.redis import RedisGate
 
         RedisGate.from_url(url, LIMITS, ttl=60.0, namespace=ns).restore({})
-        print(f"server {url}; {seconds:g} s per row; each decision is followed by its release")
+        import pendingledger
+
+        build = "compiled" if pendingledger.COMPILED else "pure"
+        print(
+            f"{build} build (pendingledger.COMPILED = {pendingledger.COMPILED}), "
+            f"{platform.python_implementation()} {platform.python_version()}; server {url}; "
+            f"{seconds:g} s per row; each decision is followed by its release"
+        )
         latencies: list[float] = []
         for backend in ("memory", "redis"):
             gate = _make_gate(backend, url, ns)
@@ -295,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "round_trips": trips, "seconds": seconds}, fh, indent=2)
+            meta = {"build": build, "python": platform.python_version()}
+            payload = {"meta": meta, "rows": rows, "round_trips": trips, "seconds": seconds}
+            json.dump(payload, fh, indent=2)
     return 0
 
 
