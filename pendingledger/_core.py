@@ -26,7 +26,8 @@ Expiry: the TTL is fixed per ledger and stamps never go backwards (clamped to ``
 so deadlines are in sequence order, which ``_queue`` keeps (a dict keeps insertion order). A sweep
 takes reservations oldest first and stops at the first not yet due, or after ``SWEEP_LIMIT`` of
 them (the rest count until a later acquisition sweeps them: over-blocking, the safe side).
-``_next_expiry`` is a lower bound on every deadline to come; only a sweep moves it.
+``_next_expiry`` is a lower bound on every deadline to come; only a sweep moves it. Decisions,
+``lock()`` blocks and writes to the owned book sweep; ending a reservation does not need to.
 
 ``_epoch`` counts every change that gives room back (a reservation ends or shrinks). A decision on
 a caller's positions reads it before reading them and commits only if it is unchanged: the fill
@@ -198,11 +199,11 @@ _STATE_NAMES: Final = tuple(state.value for state in ReservationState)
 
 
 class _SymbolEntry:
-    """The outstanding reservations of one symbol and their reserved total (lock held)."""
+    """How many reservations are outstanding on one symbol, and their reserved total."""
 
     def __init__(self) -> None:
+        self.count = 0
         self.units = 0
-        self.members: dict[int, Reservation] = {}
 
 
 class _Position:
@@ -215,15 +216,21 @@ class _Position:
 
 
 class Snapshot:
-    """A caller's positions read before the lock: exposure units per symbol, and their total.
+    """A caller's positions read before the lock, for a decision on one symbol.
 
-    ``epoch`` is the ledger's epoch read before the positions were (see the module notes).
+    ``open`` has the open symbols (exact str), ``gross`` their exposure in units, ``holds`` and
+    ``held`` whether the decided symbol is open and its exposure; ``epoch`` is the ledger's epoch
+    read before the positions were (see the module notes).
     """
 
-    def __init__(self, epoch: int, exposures: dict[str, int], gross: int) -> None:
+    def __init__(
+        self, epoch: int, open_: dict[str, object], gross: int, holds: bool, held: int
+    ) -> None:
         self.epoch = epoch
-        self.exposures = exposures
+        self.open = open_
         self.gross = gross
+        self.holds = holds
+        self.held = held
 
 
 class _Undo:
@@ -286,11 +293,8 @@ class LedgerCore:
             raise ValueError(f"order_id {oid!r} is an id this ledger generated; pass your own")
         return oid
 
-    def holder_is_me(self) -> bool:
-        return self._owner == _get_ident()
-
     def refuse_reentry(self, what: str) -> None:
-        if self._owner == _get_ident():
+        if self._owner and self._owner == _get_ident():
             raise ReentrantLockError(f"{what} called while this thread holds the ledger lock")
 
     def locked(self) -> bool:
@@ -316,23 +320,15 @@ class LedgerCore:
         block = self.own_block()
         if block is not None:
             return block.end(res, state)
-        now = self.now()
         with self._lock:
-            expired = self._sweep_locked(now)
-            done = self._end_counted_locked(res, state)
-        self.fire_expired(expired)
-        return done
+            return self._end_counted_locked(res, state)
 
     def reduce(self, res: Reservation, units: int, amount: object) -> bool:
         block = self.own_block()
         if block is not None:
             return block.reduce(res, units, amount)
-        now = self.now()
         with self._lock:
-            expired = self._sweep_locked(now)
-            done = self._reduce_locked(res, units, amount) >= 0
-        self.fire_expired(expired)
-        return done
+            return self._reduce_locked(res, units, amount) >= 0
 
     def expire_if_due(self, res: Reservation) -> None:
         """Expire ``res`` now if its deadline has passed (unless this thread is in a block)."""
@@ -356,24 +352,16 @@ class LedgerCore:
         block = self.own_block()
         if block is not None:
             return block.release_order(order_id)
-        now = self.now()
         with self._lock:
-            expired = self._sweep_locked(now)
             res = self._find_locked(order_id)
-            done = res is not None and self._end_counted_locked(res, RELEASED)
-        self.fire_expired(expired)
-        return done
+            return res is not None and self._end_counted_locked(res, RELEASED)
 
     def release_symbol(self, symbol: str) -> bool:
         block = self.own_block()
         if block is not None:
             return block.release(symbol)
-        now = self.now()
         with self._lock:
-            expired = self._sweep_locked(now)
-            done = self._release_symbol_locked(symbol)
-        self.fire_expired(expired)
-        return done
+            return self._release_symbol_locked(symbol)
 
     def lock(self, timeout: float) -> LockBlock:
         return LockBlock(self, timeout)
@@ -396,7 +384,7 @@ class LedgerCore:
 
     def own_block(self) -> PendingMap | None:
         """This thread's open ``lock()`` block, or None (any other thread's block is not ours)."""
-        if self._owner != _get_ident():
+        if not self._owner or self._owner != _get_ident():
             return None
         return self._block
 
@@ -506,7 +494,7 @@ class LedgerCore:
             entry = self._symbols[symbol] = _SymbolEntry()
             if symbol not in self._book:
                 self._open += 1
-        entry.members[res._seq] = res
+        entry.count += 1
         entry.units += res._units
         self._reserved += res._units
         res._state = ACTIVE
@@ -518,9 +506,9 @@ class LedgerCore:
         if res._order_id:
             del self._orders[res._order_id]
         entry = self._symbols[symbol]
-        del entry.members[res._seq]
+        entry.count -= 1
         entry.units -= res._units
-        if not entry.members:
+        if not entry.count:
             del self._symbols[symbol]
             if symbol not in self._book:
                 self._open -= 1
@@ -552,13 +540,19 @@ class LedgerCore:
         self._epoch += 1
         return units
 
+    def on_symbol_locked(self, symbol: str) -> list[Reservation]:
+        """The reservations outstanding on ``symbol``: a walk of all of them, as dropping every
+        order of a symbol is rare (a per-symbol index would cost every reservation two dict
+        operations)."""
+        if symbol not in self._symbols:
+            return []
+        return [res for res in self._queue.values() if res._symbol == symbol]
+
     def _release_symbol_locked(self, symbol: str) -> bool:
-        entry = self._symbols.get(symbol)
-        if entry is None:
-            return False
-        for res in list(entry.members.values()):
+        members = self.on_symbol_locked(symbol)
+        for res in members:
             self._end_counted_locked(res, RELEASED)
-        return True
+        return bool(members)
 
     def _set_position_locked(self, symbol: str, units: int, value: object) -> None:
         position = self._book.get(symbol)
@@ -586,67 +580,35 @@ class LedgerCore:
         entry = self._symbols.get(symbol)
         return 0 if entry is None else entry.units
 
-    def figures_locked(self, symbol: str, snapshot: Snapshot | None) -> tuple[int, bool, int, int]:
-        """``(open_count, symbol_open, gross, symbol_exposure)`` for the rules, before the entry."""
-        entry = self._symbols.get(symbol)
-        reserved_here = 0 if entry is None else entry.units
-        if snapshot is None:
-            position = self._book.get(symbol)
-            held = 0 if position is None else position.magnitude
-            return (
-                self._open,
-                entry is not None or position is not None,
-                self._book_gross + self._reserved,
-                held + reserved_here,
-            )
-        exposures = snapshot.exposures
-        exposure = exposures.get(symbol)
-        held = 0 if exposure is None else abs(exposure)
-        return (
-            len(exposures) + len(self._symbols) - self._overlap_locked(exposures),
-            entry is not None or exposure is not None,
-            snapshot.gross + self._reserved,
-            held + reserved_here,
-        )
-
-    def _overlap_locked(self, exposures: dict[str, int]) -> int:
-        """How many reserved symbols are open in ``exposures`` (walks the smaller of the two)."""
+    def _overlap_locked(self, open_: dict[str, object]) -> int:
+        """How many reserved symbols are in ``open_`` (walks the smaller of the two)."""
         symbols = self._symbols
-        if len(symbols) < len(exposures):
-            return sum(1 for symbol in symbols if symbol in exposures)
-        return sum(1 for symbol in exposures if symbol in symbols)
+        if len(symbols) < len(open_):
+            return sum(1 for symbol in symbols if symbol in open_)
+        return sum(1 for symbol in open_ if symbol in symbols)
 
     def duplicate_locked(self, order_id: str) -> bool:
         return bool(order_id) and order_id in self._orders
 
     def _audit_locked(self) -> list[str]:
         problems: list[str] = []
-        per_symbol: dict[str, int] = {}
+        units: dict[str, int] = {}
+        counts: dict[str, int] = {}
         for res in self._queue.values():
-            per_symbol[res._symbol] = per_symbol.get(res._symbol, 0) + res._units
+            units[res._symbol] = units.get(res._symbol, 0) + res._units
+            counts[res._symbol] = counts.get(res._symbol, 0) + 1
             if res._state != ACTIVE:
                 problems.append(f"queued reservation {res!r} is not active")
         for symbol, entry in self._symbols.items():
-            if per_symbol.get(symbol) != entry.units or len(entry.members) == 0:
-                problems.append(
-                    f"{symbol!r}: reserved {entry.units}, reservations add up to "
-                    f"{per_symbol.get(symbol)}"
-                )
-        _expect(problems, "symbols", len(self._symbols), len(per_symbol))
-        _expect(problems, "reserved", self._reserved, sum(per_symbol.values()))
-        _expect(
-            problems,
-            "orders",
-            len(self._orders),
-            sum(1 for res in self._queue.values() if res._order_id),
-        )
-        _expect(
-            problems,
-            "book gross",
-            self._book_gross,
-            sum(pos.magnitude for pos in self._book.values()),
-        )
-        _expect(problems, "open", self._open, len(set(self._book) | set(per_symbol)))
+            _expect(problems, f"{symbol!r} reserved", entry.units, units.get(symbol, 0))
+            _expect(problems, f"{symbol!r} reservations", entry.count, counts.get(symbol, 0))
+        _expect(problems, "symbols reserved", len(self._symbols), len(units))
+        _expect(problems, "reserved", self._reserved, sum(units.values()))
+        with_ids = sum(1 for res in self._queue.values() if res._order_id)
+        _expect(problems, "order ids", len(self._orders), with_ids)
+        magnitudes = sum(position.magnitude for position in self._book.values())
+        _expect(problems, "book gross", self._book_gross, magnitudes)
+        _expect(problems, "symbols open", self._open, len(set(self._book) | set(units)))
         return problems
 
 
@@ -737,12 +699,10 @@ class PendingMap:
 
     def release(self, symbol: str) -> bool:
         """Drop every reservation on ``symbol``; True if anything was released."""
-        entry = self._live()._symbols.get(_units.check_symbol(symbol))
-        if entry is None:
-            return False
-        for res in list(entry.members.values()):
+        members = self._live().on_symbol_locked(_units.check_symbol(symbol))
+        for res in members:
             self.end(res, RELEASED)
-        return True
+        return bool(members)
 
     def release_order(self, order_id: str) -> bool:
         """Drop the reservation of ``order_id``; True if it was outstanding."""
@@ -921,18 +881,48 @@ class GateCore:
         ledger = self.ledger
         if snapshot is not None and snapshot.epoch != ledger._epoch:
             return RETRY
-        if ledger.duplicate_locked(res._order_id):
+        if res._order_id and res._order_id in ledger._orders:
             return DUPLICATE
-        open_count, symbol_open, gross, symbol_exposure = ledger.figures_locked(
-            res._symbol, snapshot
-        )
-        code = rules.first_failing_rule(
-            limits, self._halted, open_count, symbol_open, gross, symbol_exposure, res._units
-        )
+        if snapshot is None:
+            code = self._rule_on_book_locked(res, limits)
+        else:
+            code = self._rule_on_snapshot_locked(res, limits, snapshot)
         self._counts[code] += 1
         if code == rules.ADMIT:
             ledger.insert_locked(res, now)
         return code
+
+    def _rule_on_book_locked(self, res: Reservation, limits: UnitLimits) -> int:
+        """The rules' answer with the owned book's running totals (no walk of anything)."""
+        ledger = self.ledger
+        entry = ledger._symbols.get(res._symbol)
+        position = ledger._book.get(res._symbol)
+        return rules.first_failing_rule(
+            limits,
+            self._halted,
+            ledger._open,
+            entry is not None or position is not None,
+            ledger._book_gross + ledger._reserved,
+            (0 if position is None else position.magnitude) + (0 if entry is None else entry.units),
+            res._units,
+        )
+
+    def _rule_on_snapshot_locked(
+        self, res: Reservation, limits: UnitLimits, snapshot: Snapshot
+    ) -> int:
+        """The rules' answer with a caller's positions, read before the lock."""
+        ledger = self.ledger
+        entry = ledger._symbols.get(res._symbol)
+        open_ = snapshot.open
+        return rules.first_failing_rule(
+            limits,
+            self._halted,
+            len(open_) + len(ledger._symbols) - ledger._overlap_locked(open_),
+            entry is not None or snapshot.holds,
+            snapshot.gross + ledger._reserved,
+            snapshot.held + (0 if entry is None else entry.units),
+            res._units,
+        )
 
 
 DUPLICATE: Final = -2

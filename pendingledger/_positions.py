@@ -10,6 +10,7 @@ the lock).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 from . import _units
 from ._core import Snapshot
@@ -17,21 +18,50 @@ from ._core import Snapshot
 __all__: list[str] = []
 
 
-def read_positions(positions: object, epoch: int) -> Snapshot:
-    """``positions`` (a mapping, or a zero-argument callable returning one) as a ``Snapshot``."""
-    book = positions if isinstance(positions, Mapping) else _call(positions)
-    exposures: dict[str, int] = {}
+def read_positions(positions: object, symbol: str, epoch: int) -> Snapshot:
+    """``positions`` (a mapping, or a zero-argument callable returning one) as a ``Snapshot`` for
+    a decision on ``symbol``."""
+    if type(positions) is dict:
+        book: Mapping[object, object] = positions
+    else:
+        book = positions if isinstance(positions, Mapping) else _call(positions)
+    # A copy first: another thread may change the caller's dict while it is walked.
+    open_: dict[object, object] = dict(book)
     gross = 0
-    for key, value in list(book.items()):
+    plain = True
+    for key, value in open_.items():
         try:
+            plain = plain and type(key) is str
             units = _units.units("positions", value, True)
-            symbol = _units.check_symbol(key)
         except (TypeError, ValueError):
-            symbol = _units.check_symbol(key)
-            units = _units.units(f"positions[{key!r}]", value, True)
-        exposures[symbol] = units
+            raise _bad_entry(key, value) from None
         gross += -units if units < 0 else units
-    return Snapshot(epoch, exposures, gross)
+    if not plain:  # keys the lock may hash must be exact str
+        open_ = {_symbol_key(key): value for key, value in open_.items()}
+    keys = cast("dict[str, object]", open_)  # every key is an exact str by now
+    value = keys.get(symbol)
+    held = 0 if value is None else abs(_units.units("positions", value, True))
+    return Snapshot(epoch, keys, gross, symbol in keys, held)
+
+
+def _symbol_key(key: object) -> str:
+    try:
+        return _units.check_symbol(key)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"positions keys must be non-empty str symbols, got {key!r}") from None
+
+
+def _bad_entry(key: object, value: object) -> Exception:
+    """The error for one bad entry of a positions mapping, naming it."""
+    try:
+        _units.check_symbol(key)
+    except (TypeError, ValueError) as exc:
+        return type(exc)(f"positions keys must be non-empty str symbols, got {key!r}")
+    try:
+        _units.units(f"positions[{key!r}]", value, True)
+    except (TypeError, ValueError) as exc:
+        return exc
+    return ValueError(f"positions[{key!r}] = {value!r} is not a valid exposure")
 
 
 def _call(positions: object) -> Mapping[object, object]:

@@ -142,8 +142,11 @@ def _decimal(n: int) -> Decimal:
 
 def _float_units(name: str, value: float, up: bool) -> int:
     if -_FAST_FLOAT < value < _FAST_FLOAT:
-        n = round(value * _SCALE_F)
-        if n / _SCALE_F == value:
+        # The nearest whole number of units, checked by converting back (all exact below 2**53;
+        # int() and float() compile to C, where round() would be a call into Python).
+        scaled = value * _SCALE_F
+        n = int(scaled + 0.5) if scaled >= 0 else -int(0.5 - scaled)
+        if float(n) / _SCALE_F == value:
             return n
     elif not -_FLOAT_MAX < value < _FLOAT_MAX:
         if math.isfinite(value):

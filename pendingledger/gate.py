@@ -222,13 +222,13 @@ class PortfolioGate:
         wait: float,
     ) -> int:
         """Decide on a caller's positions, reading them again while a read goes stale."""
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + wait if wait > 0 else 0.0
         for _ in range(MAX_READS):
-            snapshot = read_positions(positions, ledger.epoch)
+            snapshot = read_positions(positions, res.symbol, ledger.epoch)
             code = self._core.decide(res, limits, ledger.now(), snapshot, wait)
             if code != RETRY:
                 return code
-            if wait >= 0:
+            if wait > 0:
                 wait = max(0.0, deadline - time.monotonic())
         self._core.count_timeout()
         return rules.LOCK_TIMEOUT

@@ -57,8 +57,8 @@ class PendingEntryLedger:
     is called with each reservation that expires, in the thread that noticed, after the lock is
     released; an exception it raises is logged and swallowed.
 
-    Expired reservations are dropped whenever the lock is acquired (at most ``SWEEP_LIMIT`` per
-    acquisition), so no background thread runs.
+    Expired reservations are dropped by the next decision, ``lock()`` block or write to the owned
+    book (at most ``SWEEP_LIMIT`` per acquisition), so no background thread runs.
     """
 
     __slots__ = ("__weakref__", "_core")
