@@ -13,6 +13,7 @@ from pendingledger.testing import ManualClock, run_concurrently
 
 
 def test_manual_clock_starts_where_told() -> None:
+    """A ManualClock starts at 0.0, or at any finite start given (an int too)."""
     assert ManualClock()() == 0.0
     assert ManualClock(12.5)() == 12.5
     assert ManualClock(-3)() == -3.0  # any finite start, e.g. to mimic monotonic's origin
@@ -20,6 +21,7 @@ def test_manual_clock_starts_where_told() -> None:
 
 
 def test_manual_clock_only_moves_on_advance() -> None:
+    """Reading the clock never moves it; advance() moves it by the step and returns the reading."""
     clock = ManualClock()
     assert clock() == clock() == 0.0
     assert clock.advance(1.5) == 1.5
@@ -30,6 +32,7 @@ def test_manual_clock_only_moves_on_advance() -> None:
 
 
 def test_manual_clock_negative_step_is_refused() -> None:
+    """Time never goes backwards: a negative step is refused and the clock stays."""
     clock = ManualClock(10)
     with pytest.raises(ValueError, match="time can't go backwards"):
         clock.advance(-0.5)
@@ -37,6 +40,7 @@ def test_manual_clock_negative_step_is_refused() -> None:
 
 
 def test_manual_clock_drives_a_ledger() -> None:
+    """A ledger on a ManualClock stamps with its reading and expires exactly at stamp + TTL."""
     clock = ManualClock(1000.0)
     ledger = PendingEntryLedger(5, clock=clock)
     with ledger.lock() as pending:
@@ -50,6 +54,7 @@ def test_manual_clock_drives_a_ledger() -> None:
 
 @pytest.mark.timeout(20)
 def test_manual_clock_advance_is_thread_safe(fast_switching: float) -> None:
+    """Concurrent advances from many threads lose no step."""
     clock = ManualClock()
 
     def worker(index: int) -> None:
@@ -65,6 +70,7 @@ def test_manual_clock_advance_is_thread_safe(fast_switching: float) -> None:
 
 @pytest.mark.timeout(20)
 def test_run_concurrently_runs_each_index_once_with_args() -> None:
+    """Each index 0..n-1 runs once, with the extra arguments after it."""
     seen: list[tuple[int, str, int]] = []
     lock = threading.Lock()
 
@@ -93,6 +99,7 @@ def test_run_concurrently_runs_workers_at_the_same_time() -> None:
 
 @pytest.mark.timeout(20)
 def test_run_concurrently_reraises_a_worker_exception() -> None:
+    """The first exception a worker raises is raised by run_concurrently itself."""
     finished: list[int] = []
 
     def worker(index: int) -> None:
@@ -110,6 +117,8 @@ def test_run_concurrently_reraises_a_worker_exception() -> None:
 
 @pytest.mark.timeout(20)
 def test_run_concurrently_reraises_an_assertion_from_a_thread() -> None:
+    """A failed assertion in a worker fails the caller (it is not lost in the thread)."""
+
     def worker(index: int) -> None:
         assert index < 5, f"invariant broken in worker {index}"
 
@@ -119,6 +128,7 @@ def test_run_concurrently_reraises_an_assertion_from_a_thread() -> None:
 
 @pytest.mark.timeout(20)
 def test_run_concurrently_reports_a_stuck_worker() -> None:
+    """A worker still running after the timeout is reported as a TimeoutError (a deadlock)."""
     never = threading.Event()
 
     def worker(index: int) -> None:
@@ -134,6 +144,7 @@ def test_run_concurrently_reports_a_stuck_worker() -> None:
 
 @pytest.mark.timeout(20)
 def test_run_concurrently_single_thread() -> None:
+    """One thread is a valid count: worker(0) runs once."""
     ran: list[int] = []
     run_concurrently(ran.append, 1)
     assert ran == [0]
@@ -141,5 +152,6 @@ def test_run_concurrently_single_thread() -> None:
 
 @pytest.mark.parametrize("nthreads", [0, -1, 1.5, True, "4"], ids=repr)
 def test_run_concurrently_bad_nthreads(nthreads: object) -> None:
+    """nthreads must be a positive int (not a bool, a float or a str)."""
     with pytest.raises(ValueError, match="nthreads"):
         run_concurrently(lambda index: None, nthreads)  # type: ignore[arg-type]
