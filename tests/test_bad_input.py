@@ -1,15 +1,15 @@
 """Bad input: a ValueError/TypeError naming the argument and the value, and nothing changes.
 
 "Nothing changes" means: ledger stats equal before and after, the outstanding reservations are
-the same, the gate's counters did not move, and the lock is free afterwards
-(``with ledger.lock(timeout=0): pass`` works).
+the same, the gate's counters and owned book did not move, and the lock is free afterwards
+(``with ledger.lock(timeout=0): pass`` works): the ``unchanged`` fixture of ``conftest``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from decimal import Decimal
 from fractions import Fraction
@@ -23,17 +23,32 @@ from pendingledger import (
     PendingEntryLedger,
     PortfolioGate,
     PortfolioLimits,
+    Positions,
     Reservation,
 )
 from pendingledger.testing import ManualClock
 
 Unchanged = Callable[..., AbstractContextManager[None]]
 Number = int | float | Decimal | Fraction
-Book = dict[Hashable, Number]
+Book = dict[str, Number]
 NAN = math.nan
 INF = math.inf
 AAA_OPEN: Book = {"AAA": 1}
 X_NAN: Book = {"X": NAN}
+
+
+def in_units(amount: Number) -> int:
+    """A small amount read back from the ledger in whole units of 1e-9 (a float to the nearest)."""
+    return round(Fraction(amount) * 10**9)
+
+
+def hashable(value: object) -> bool:
+    """Whether ``value`` can be a dict key at all."""
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def raises(
@@ -71,6 +86,10 @@ BAD_NOTIONALS: list[tuple[object, type[Exception]]] = [
     (Decimal("-1.5"), ValueError),
     (Decimal(0), ValueError),
     (Fraction(-1, 3), ValueError),
+    (10**15, ValueError),  # amounts are below 1e15
+    (1e15, ValueError),
+    (Decimal("1E+15"), ValueError),
+    (Fraction(10**16, 7), ValueError),
     (True, TypeError),
     (False, TypeError),
     ("100", TypeError),
@@ -91,10 +110,13 @@ def test_try_enter_bad_notional(
     value: Any,
     exc: type[Exception],
 ) -> None:
+    """A bad notional is refused before anything is read or reserved, whatever the positions."""
     with unchanged(ledger, gate), raises(exc, "notional", value):
         gate.try_enter("DDD", value, {})
     with unchanged(ledger, gate), raises(exc, "notional", value):
         gate.try_enter("AAA", value, lambda: AAA_OPEN)
+    with unchanged(ledger, gate), raises(exc, "notional", value):
+        gate.try_enter("AAA", value)
 
 
 @pytest.mark.parametrize(("value", "exc"), BAD_NOTIONALS, ids=NOTIONAL_IDS)
@@ -105,6 +127,7 @@ def test_reserve_bad_notional(
     value: Any,
     exc: type[Exception],
 ) -> None:
+    """``PendingMap.reserve`` refuses it too; leaving the block with it undoes the block."""
     with unchanged(ledger):
         with ledger.lock() as pending:
             with raises(exc, "notional", value):
@@ -125,6 +148,7 @@ def test_reduce_bad_amount(
     value: Any,
     exc: type[Exception],
 ) -> None:
+    """A partial fill's amount is checked like a notional, inside a block or not."""
     with unchanged(ledger), raises(exc, "amount", value):
         book.reduce(value)
     assert book.notional == 100
@@ -137,7 +161,11 @@ def test_reduce_bad_amount(
 BAD_SYMBOLS: list[tuple[object, type[Exception]]] = [
     (None, TypeError),
     ("", ValueError),
-    (b"", ValueError),
+    (b"", TypeError),  # only str: bytes are not symbols, even empty ones
+    (b"AAA", TypeError),
+    (1, TypeError),
+    (1.5, TypeError),
+    (("AAA",), TypeError),
     (["AAA"], TypeError),
     ({"AAA": 1}, TypeError),
     (("AAA", ["x"]), TypeError),
@@ -154,8 +182,13 @@ def test_try_enter_bad_symbol(
     value: Any,
     exc: type[Exception],
 ) -> None:
+    """Symbols are non-empty str: anything else is refused, on every way of reading positions."""
     with unchanged(ledger, gate), raises(exc, "symbol", value):
         gate.try_enter(value, 1, {})
+    with unchanged(ledger, gate), raises(exc, "symbol", value):
+        gate.try_enter(value, 1, lambda: AAA_OPEN)
+    with unchanged(ledger, gate), raises(exc, "symbol", value):
+        gate.try_enter(value, 1)
 
 
 @pytest.mark.parametrize(("value", "exc"), BAD_SYMBOLS, ids=SYMBOL_IDS)
@@ -166,11 +199,14 @@ def test_reserve_bad_symbol(
     value: Any,
     exc: type[Exception],
 ) -> None:
+    """``PendingMap`` refuses it in ``reserve``, ``release`` and ``symbol_notional``."""
     with unchanged(ledger), ledger.lock() as pending:
         with raises(exc, "symbol", value):
             pending.reserve(value, 1)
         with raises(exc, "symbol", value):
             pending.release(value)
+        with raises(exc, "symbol", value):
+            pending.symbol_notional(value)
         assert len(pending) == 2
 
 
@@ -182,14 +218,49 @@ def test_release_bad_symbol(
     value: Any,
     exc: type[Exception],
 ) -> None:
+    """``ledger.release`` refuses it and releases nothing."""
     with unchanged(ledger), raises(exc, "symbol", value):
         ledger.release(value)
 
 
-BAD_ORDER_IDS: list[object] = [[1], {"id": 1}, {1, 2}, ("o", [1])]
+BAD_KEYS = [(value, exc) for value, exc in BAD_SYMBOLS if hashable(value)]
 
 
-@pytest.mark.parametrize("value", BAD_ORDER_IDS, ids=repr)
+@pytest.mark.parametrize(("value", "exc"), BAD_KEYS, ids=[repr(v) for v, _ in BAD_KEYS])
+@pytest.mark.parametrize("as_callable", [False, True], ids=["mapping", "callable"])
+def test_bad_symbol_in_positions_fails_closed(
+    ledger: PendingEntryLedger,
+    gate: PortfolioGate,
+    book: Reservation,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+    as_callable: bool,
+) -> None:
+    """A key of a caller's positions that is not a symbol refuses the decision (fail closed)."""
+    positions: dict[Any, Number] = {"OK": 5, value: 1}
+    arg: object = (lambda: positions) if as_callable else positions
+    with unchanged(ledger, gate), raises(exc, "symbol", value):
+        gate.try_enter("DDD", 1, arg)  # type: ignore[arg-type]
+
+
+BAD_ORDER_IDS: list[object] = [1, 1.5, b"o-1", ("o",), [1], {"id": 1}, {1, 2}, ("o", [1])]
+
+
+class _LikeNone:
+    """An order id that hashes and compares like None: not a str, so refused like any other."""
+
+    def __hash__(self) -> int:
+        return hash(None)
+
+    def __eq__(self, other: object) -> bool:
+        return other is None or isinstance(other, _LikeNone)
+
+    def __repr__(self) -> str:
+        return "_LikeNone()"
+
+
+@pytest.mark.parametrize("value", [*BAD_ORDER_IDS, _LikeNone()], ids=repr)
 def test_bad_order_id(
     ledger: PendingEntryLedger,
     gate: PortfolioGate,
@@ -197,16 +268,36 @@ def test_bad_order_id(
     unchanged: Unchanged,
     value: Any,
 ) -> None:
+    """Order ids are non-empty str: anything else is a TypeError wherever one is taken."""
     with unchanged(ledger, gate):
         with raises(TypeError, "order_id", value):
             gate.try_enter("DDD", 1, {}, order_id=value)
         with raises(TypeError, "order_id", value):
+            gate.try_enter("DDD", 1, order_id=value)
+        with raises(TypeError, "order_id", value):
             ledger.release_order(value)
+        with raises(TypeError, "order_id", value):
+            gate.release_order(value)
         with ledger.lock() as pending:
             with raises(TypeError, "order_id", value):
                 pending.reserve("DDD", 1, order_id=value)
             with raises(TypeError, "order_id", value):
                 pending.release_order(value)
+
+
+def test_empty_order_id(
+    ledger: PendingEntryLedger, gate: PortfolioGate, book: Reservation, unchanged: Unchanged
+) -> None:
+    """An empty order id is a ValueError (None, not "", asks the ledger to name the order)."""
+    with unchanged(ledger, gate):
+        with raises(ValueError, "order_id", ""):
+            gate.try_enter("DDD", 1, {}, order_id="")
+        with raises(ValueError, "order_id", ""):
+            ledger.release_order("")
+        with raises(ValueError, "order_id", ""):
+            gate.confirm_fill("", 1, symbol="AAA")
+        with ledger.lock() as pending, raises(ValueError, "order_id", ""):
+            pending.reserve("DDD", 1, order_id="")
 
 
 # ---------------------------------------------------------------------------- positions
@@ -218,6 +309,8 @@ BAD_EXPOSURES: list[tuple[object, type[Exception]]] = [
     (-INF, ValueError),
     (Decimal("NaN"), ValueError),
     (Decimal("-Infinity"), ValueError),
+    (-(10**15), ValueError),  # amounts are below 1e15 in absolute value
+    (1e15, ValueError),
     ("100", TypeError),
     (None, TypeError),
     (True, TypeError),
@@ -237,8 +330,10 @@ def test_bad_position_exposure_fails_closed(
     where: str,
     as_callable: bool,
 ) -> None:
+    """A bad exposure anywhere in a caller's positions refuses the decision, even with no
+    limit at all (fail closed), and names the position."""
     key = "DDD" if where == "same symbol" else "ZZZ"
-    positions: dict[Hashable, Any] = {"OK": 5, key: value}
+    positions: dict[str, Any] = {"OK": 5, key: value}
     arg: object = (lambda: positions) if as_callable else positions
     with unchanged(ledger, gate), raises(exc, "positions", value):
         gate.try_enter("DDD", 1, arg)  # type: ignore[arg-type]
@@ -270,6 +365,7 @@ def test_positions_not_a_mapping(
     unchanged: Unchanged,
     value: Any,
 ) -> None:
+    """Positions are a Mapping or a callable returning one; anything else is a TypeError."""
     shown = value() if callable(value) else value
     with unchanged(ledger, gate), raises(TypeError, "positions", shown):
         gate.try_enter("DDD", 1, value)
@@ -295,6 +391,7 @@ def test_set_position_bad_exposure(
     value: Any,
     exc: type[Exception],
 ) -> None:
+    """A bad exposure neither updates an open position nor opens a new one."""
     with unchanged(ledger, owned), raises(exc, "exposure", value):
         owned.set_position("OPEN", value)
     with unchanged(ledger, owned), raises(exc, "exposure", value):
@@ -310,6 +407,7 @@ def test_confirm_fill_bad_exposure(
     value: Any,
     exc: type[Exception],
 ) -> None:
+    """A fill with a bad exposure leaves the reservation outstanding and the book as it was."""
     with unchanged(ledger, owned), raises(exc, "position_exposure", value):
         owned.confirm_fill(book.order_id, value)
     assert book.active
@@ -324,6 +422,7 @@ def test_owned_book_bad_symbol(
     value: Any,
     exc: type[Exception],
 ) -> None:
+    """Every owned-book method refuses a bad symbol and changes nothing."""
     with unchanged(ledger, owned):
         with raises(exc, "symbol", value):
             owned.set_position(value, 1)
@@ -344,6 +443,7 @@ def test_confirm_fill_bad_order_id(
     unchanged: Unchanged,
     value: Any,
 ) -> None:
+    """``confirm_fill`` with a non-str order id records no position, even with a symbol given."""
     with unchanged(ledger, owned), raises(TypeError, "order_id", value):
         owned.confirm_fill(value, 1, symbol="AAA")
 
@@ -351,6 +451,7 @@ def test_confirm_fill_bad_order_id(
 def test_confirm_fill_on_another_symbol_changes_nothing(
     ledger: PendingEntryLedger, book: Reservation, owned: PortfolioGate, unchanged: Unchanged
 ) -> None:
+    """A fill naming a symbol other than its reservation's is refused whole."""
     with unchanged(ledger, owned), pytest.raises(ValueError, match=r"order_id 'a'.*'AAA'.*'BBB'"):
         owned.confirm_fill("a", 100, symbol="BBB")
     assert book.active
@@ -360,11 +461,13 @@ def test_confirm_fill_on_another_symbol_changes_nothing(
 def test_bad_positions_while_an_expiry_is_due_leave_the_lock_free(
     ledger: PendingEntryLedger, gate: PortfolioGate, clock: ManualClock
 ) -> None:
-    """The decision may then run under the lock: the error must still release it."""
+    """Positions are read before the lock is taken, so a bad one leaves nothing taken, counted
+    or swept; the due expiry happens at the next acquisition as usual."""
     gate.try_enter("AAA", 1, {})
     clock.advance(ledger.ttl)
     with raises(ValueError, "positions", NAN):
         gate.try_enter("BBB", 1, lambda: X_NAN)
+    assert not ledger.locked()
     with ledger.lock(timeout=0) as pending:
         assert "BBB" not in pending
         assert len(pending) == 0
@@ -393,11 +496,13 @@ BAD_TTLS: list[tuple[object, type[Exception]]] = [
 
 @pytest.mark.parametrize(("value", "exc"), BAD_TTLS, ids=[repr(v) for v, _ in BAD_TTLS])
 def test_bad_ttl(value: Any, exc: type[Exception]) -> None:
+    """The TTL is finite seconds > 0."""
     with raises(exc, "ttl", value):
         PendingEntryLedger(value)
 
 
 def test_bad_clock_and_on_expire() -> None:
+    """The clock and on_expire must be callable."""
     with raises(TypeError, "clock", 5):
         PendingEntryLedger(1, clock=5)  # type: ignore[arg-type]
     with raises(TypeError, "on_expire", "log"):
@@ -416,6 +521,7 @@ BAD_AMOUNT_LIMITS: list[tuple[object, type[Exception]]] = [
     (Decimal("Infinity"), ValueError),
     (Decimal("-5"), ValueError),
     (Fraction(-1, 2), ValueError),
+    (10**15, ValueError),  # limits are below 1e15, like amounts
     ("100", TypeError),
     (True, TypeError),
     ([100], TypeError),
@@ -427,6 +533,7 @@ BAD_AMOUNT_LIMITS: list[tuple[object, type[Exception]]] = [
     ("value", "exc"), BAD_AMOUNT_LIMITS, ids=[repr(v) for v, _ in BAD_AMOUNT_LIMITS]
 )
 def test_bad_exposure_limit(name: str, value: Any, exc: type[Exception]) -> None:
+    """Exposure limits are finite amounts >= 0 and below 1e15."""
     with raises(exc, name, value):
         PortfolioLimits(**{name: value})
 
@@ -446,16 +553,19 @@ BAD_POSITION_LIMITS: list[tuple[object, type[Exception]]] = [
     ("value", "exc"), BAD_POSITION_LIMITS, ids=[repr(v) for v, _ in BAD_POSITION_LIMITS]
 )
 def test_bad_max_concurrent_positions(value: Any, exc: type[Exception]) -> None:
+    """The positions limit is an int >= 0 (not a bool, not a float)."""
     with raises(exc, "max_concurrent_positions", value):
         PortfolioLimits(max_concurrent_positions=value)
 
 
 def test_zero_limits_are_valid() -> None:
+    """Zero is a limit (nothing new may open / be added), not an error."""
     lim = PortfolioLimits(max_concurrent_positions=0, max_gross_exposure=0, max_symbol_exposure=0)
     assert lim.max_concurrent_positions == 0
 
 
 def test_zero_gross_limit_denies_everything(gate: PortfolioGate) -> None:
+    """Even the smallest float counts as one unit, which a zero limit does not admit."""
     gate.limits = PortfolioLimits(max_gross_exposure=0)
     assert gate.try_enter("AAA", 1e-300, {}).reason is DenyReason.MAX_GROSS_EXPOSURE
 
@@ -463,6 +573,7 @@ def test_zero_gross_limit_denies_everything(gate: PortfolioGate) -> None:
 def test_bad_limits_on_the_gate_change_nothing(
     ledger: PendingEntryLedger, gate: PortfolioGate, book: Reservation, unchanged: Unchanged
 ) -> None:
+    """A refused ``gate.limits`` assignment keeps the limits in force."""
     before = gate.limits
     with unchanged(ledger, gate), raises(TypeError, "limits", None):
         gate.limits = None  # type: ignore[assignment]
@@ -480,10 +591,12 @@ BAD_TIMEOUTS: list[tuple[object, type[Exception]]] = [
     (1e10, ValueError),  # past threading.TIMEOUT_MAX: would be an OverflowError from the lock
     ("1", TypeError),
     (True, TypeError),
+    (Decimal(1), TypeError),
 ]
+TIMEOUT_IDS = [repr(v) for v, _ in BAD_TIMEOUTS]
 
 
-@pytest.mark.parametrize(("value", "exc"), BAD_TIMEOUTS, ids=[repr(v) for v, _ in BAD_TIMEOUTS])
+@pytest.mark.parametrize(("value", "exc"), BAD_TIMEOUTS, ids=TIMEOUT_IDS)
 def test_bad_lock_timeout(
     ledger: PendingEntryLedger,
     book: Reservation,
@@ -491,8 +604,32 @@ def test_bad_lock_timeout(
     value: Any,
     exc: type[Exception],
 ) -> None:
+    """``lock(timeout)`` is None or finite seconds in [0, TIMEOUT_MAX]."""
     with unchanged(ledger), raises(exc, "timeout", value), ledger.lock(value):
         pytest.fail("entered a lock() block with a bad timeout")  # pragma: no cover
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_TIMEOUTS, ids=TIMEOUT_IDS)
+def test_try_enter_bad_timeout(
+    ledger: PendingEntryLedger,
+    gate: PortfolioGate,
+    book: Reservation,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    """``try_enter(timeout=...)`` is checked the same way, before anything is read or decided."""
+    calls: list[int] = []
+
+    def positions() -> Book:
+        calls.append(1)
+        return {}
+
+    sources: list[Positions | None] = [None, {}, positions]
+    for source in sources:
+        with unchanged(ledger, gate), raises(exc, "timeout", value):
+            gate.try_enter("DDD", 1, source, timeout=value)
+    assert calls == []
 
 
 # ---------------------------------------------------------------------------- ManualClock
@@ -513,6 +650,7 @@ BAD_STEPS: list[tuple[object, type[Exception], str]] = [
     ("value", "exc", "message"), BAD_STEPS, ids=[repr(v) for v, _, _ in BAD_STEPS]
 )
 def test_manual_clock_bad_advance(value: Any, exc: type[Exception], message: str) -> None:
+    """A bad step is refused and the clock stays where it was."""
     clock = ManualClock(5.0)
     with pytest.raises(exc, match=re.escape(message)) as info:
         clock.advance(value)
@@ -522,6 +660,7 @@ def test_manual_clock_bad_advance(value: Any, exc: type[Exception], message: str
 
 @pytest.mark.parametrize("value", [NAN, INF, -INF, "0", None, True], ids=repr)
 def test_manual_clock_bad_start(value: Any) -> None:
+    """The start is finite seconds."""
     with pytest.raises((ValueError, TypeError), match=rf"start.*{re.escape(repr(value))}"):
         ManualClock(value)
 
@@ -531,24 +670,30 @@ def test_manual_clock_bad_start(value: Any) -> None:
 
 @pytest.mark.parametrize("reading", [NAN, INF, -INF, None, "now"], ids=repr)
 def test_a_clock_that_returns_garbage_fails_closed(reading: object) -> None:
+    """A clock reading that is not finite seconds is a LedgerError naming it: no decision is
+    made on it, nothing is counted, reserved or expired, and the lock is not left held."""
     readings: list[Any] = [0.0]  # the clock returns whatever the test put last
     ledger = PendingEntryLedger(10, clock=lambda: readings[-1])
     gate = PortfolioGate(ledger, PortfolioLimits(max_concurrent_positions=1))
     held = gate.try_enter("AAA", 1, {})
     assert held
+    before = ledger.stats(), gate.stats()
     readings.append(reading)
-    before = ledger._syms.copy(), gate.stats()
     with pytest.raises(LedgerError, match=re.escape(repr(reading))):
         gate.try_enter("BBB", 1, {})  # never admitted on a time it cannot trust
+    with pytest.raises(LedgerError, match=re.escape(repr(reading))):
+        gate.try_enter("BBB", 1)
     with pytest.raises(LedgerError, match="clock"):
         ledger.stats()
-    assert (ledger._syms.copy(), gate.stats()) == before
+    assert not ledger.locked() and ledger.audit() == []
     readings.append(1.0)
+    assert (ledger.stats(), gate.stats()) == before
     assert held.reservation is not None and held.reservation.active  # nothing was expired
     assert gate.try_enter("BBB", 1, {}).reason is DenyReason.MAX_CONCURRENT_POSITIONS
 
 
 def test_an_int_clock_is_accepted() -> None:
+    """An int is a real number of seconds; stamps come back as float."""
     ticks = iter(range(100))
     ledger = PendingEntryLedger(10, clock=lambda: next(ticks))  # an int is a real number of seconds
     gate = PortfolioGate(ledger, PortfolioLimits())
@@ -561,27 +706,41 @@ def test_an_int_clock_is_accepted() -> None:
 
 
 @pytest.mark.parametrize(
-    "value", [Decimal("1E-400"), Fraction(1, 3**700), Fraction(7, 2**1200)], ids=repr
+    "value",
+    [Decimal("1E-400"), Fraction(1, 3**700), Fraction(7, 2**1200), 5e-324],
+    ids=["Decimal('1E-400')", "Fraction(1, 3**700)", "Fraction(7, 2**1200)", "5e-324"],
 )
-def test_more_precision_than_kept_is_refused(
-    ledger: PendingEntryLedger,
-    gate: PortfolioGate,
-    book: Reservation,
-    unchanged: Unchanged,
-    value: Any,
+def test_less_than_a_unit_counts_as_one_unit(
+    ledger: PendingEntryLedger, gate: PortfolioGate, value: Any
 ) -> None:
-    with unchanged(ledger, gate), raises(ValueError, "notional", value):
-        gate.try_enter("DDD", value, {})
+    """An amount finer than 1e-9 is not refused: as a notional it rounds up to one whole unit
+    (a reservation is never smaller than its order) and reads back as given; as a limit it
+    rounds down to zero."""
+    decision = gate.try_enter("AAA", value, {})
+    assert decision.reservation is not None
+    assert decision.reservation.notional == value  # as given, until reduced
+    assert type(decision.reservation.notional) is type(value)
+    assert in_units(ledger.stats().gross_notional) == 1
+    assert gate.try_enter("AAA", value, {})
+    assert in_units(ledger.stats().gross_notional) == 2
+    gate.limits = PortfolioLimits(max_symbol_exposure=value)
+    assert gate.try_enter("BBB", value, {}).reason is DenyReason.MAX_SYMBOL_EXPOSURE
 
 
-def test_the_smallest_float_is_kept_exactly(
+def test_the_smallest_float_reads_back_in_whole_units(
     ledger: PendingEntryLedger, gate: PortfolioGate
 ) -> None:
+    """Sums come back in the kind reserved: a float of whole units (1e-9), the reservation's own
+    notional as given; once reduced, the notional is what remains in units."""
     tiny = 5e-324
     decision = gate.try_enter("AAA", tiny, {})
     assert decision.reservation is not None
     assert decision.reservation.notional == tiny
-    assert ledger.stats().gross_notional == tiny
+    assert ledger.stats().gross_notional == 1e-09
+    big = gate.try_enter("BBB", 1.0, {}).reservation
+    assert big is not None and big.reduce(tiny)
+    assert big.notional == 0.999999999  # one unit less
+    assert ledger.stats().gross_notional == 1.0
 
 
 @pytest.mark.parametrize("order_id", [None])
@@ -592,6 +751,7 @@ def test_release_paths_refuse_a_none_order_id(
     unchanged: Unchanged,
     order_id: Any,
 ) -> None:
+    """None names no order: releasing or filling it is a TypeError (it is never a lookup)."""
     with unchanged(ledger, gate), raises(TypeError, "order_id", order_id):
         ledger.release_order(order_id)
     with unchanged(ledger, gate), raises(TypeError, "order_id", order_id):
