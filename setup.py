@@ -17,7 +17,7 @@ from setuptools.command.build_ext import build_ext
 
 CORE = [
     "pendingledger/_units.py",
-    "pendingledger/limits.py",
+    "pendingledger/decision.py",
     "pendingledger/rules.py",
     "pendingledger/_core.py",
     "pendingledger/_positions.py",

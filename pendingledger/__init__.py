@@ -10,9 +10,11 @@ from importlib.machinery import EXTENSION_SUFFIXES as _EXTENSION_SUFFIXES
 
 from . import _core
 from .errors import LedgerError, LockTimeout, ReentrantLockError, StaleViewError
-from .gate import GateStats, PortfolioGate, Positions
-from .ledger import LedgerStats, PendingEntryLedger, PendingMap, Reservation, ReservationState
-from .limits import Decision, DenyReason, PortfolioLimits
+from .decision import Decision, DenyReason
+from .gate import PortfolioGate, Positions
+from .ledger import PendingEntryLedger, PendingMap, Reservation, ReservationState
+from .limits import PortfolioLimits
+from .stats import GateStats, LedgerStats
 from .protocols import Gate, ReservationHandle
 
 __all__ = [

@@ -96,6 +96,19 @@ class Reservation:
     and ``PortfolioGate.try_enter()``.
     """
 
+    __slots__ = (
+        "_core",
+        "_initial",
+        "_initial_units",
+        "_kind",
+        "_order_id",
+        "_reserved_at",
+        "_seq",
+        "_state",
+        "_symbol",
+        "_units",
+    )
+
     def __init__(
         self, core: LedgerCore, symbol: str, order_id: str, initial: object, units: int
     ) -> None:
@@ -171,7 +184,8 @@ class Reservation:
         An ``amount`` at least what remains ends the reservation as filled. Returns True if the
         reservation was active. ``amount`` must be a finite number > 0.
         """
-        return self._core.reduce(self, _units.notional_units("amount", amount), amount)
+        units = _units.reduction_units("amount", amount)
+        return self._core.reduce(self, units, _units.kind_of(amount))
 
     def __repr__(self) -> str:
         return (
@@ -201,6 +215,8 @@ _STATE_NAMES: Final = tuple(state.value for state in ReservationState)
 class _SymbolEntry:
     """How many reservations are outstanding on one symbol, and their reserved total."""
 
+    __slots__ = ("count", "units")
+
     def __init__(self) -> None:
         self.count = 0
         self.units = 0
@@ -208,6 +224,8 @@ class _SymbolEntry:
 
 class _Position:
     """One symbol of the owned position book: its exposure in units and as it was given."""
+
+    __slots__ = ("magnitude", "units", "value")
 
     def __init__(self, units: int, value: object) -> None:
         self.units = units
@@ -223,6 +241,8 @@ class Snapshot:
     read before the positions were (see the module notes).
     """
 
+    __slots__ = ("epoch", "gross", "held", "holds", "open")
+
     def __init__(
         self, epoch: int, open_: dict[str, object], gross: int, holds: bool, held: int
     ) -> None:
@@ -236,6 +256,8 @@ class Snapshot:
 class _Undo:
     """One journal record of a ``lock()`` block: what to put back if the block raises."""
 
+    __slots__ = ("kind", "res", "units")
+
     def __init__(self, kind: int, res: Reservation, units: int) -> None:
         self.kind = kind
         self.res = res
@@ -244,6 +266,30 @@ class _Undo:
 
 class LedgerCore:
     """The reservations, the owned position book and the lock that guards them."""
+
+    __slots__ = (
+        "_block",
+        "_book",
+        "_book_gross",
+        "_epoch",
+        "_expired",
+        "_id_prefix",
+        "_kinds",
+        "_last_stamp",
+        "_lock",
+        "_next_expiry",
+        "_on_expire",
+        "_open",
+        "_orders",
+        "_owner",
+        "_queue",
+        "_released",
+        "_reserved",
+        "_seq",
+        "_symbols",
+        "clock",
+        "ttl",
+    )
 
     def __init__(
         self,
@@ -323,12 +369,12 @@ class LedgerCore:
         with self._lock:
             return self._end_counted_locked(res, state)
 
-    def reduce(self, res: Reservation, units: int, amount: object) -> bool:
+    def reduce(self, res: Reservation, units: int, kind: int) -> bool:
         block = self.own_block()
         if block is not None:
-            return block.reduce(res, units, amount)
+            return block.reduce(res, units, kind)
         with self._lock:
-            return self._reduce_locked(res, units, amount) >= 0
+            return self._reduce_locked(res, units, kind) >= 0
 
     def expire_if_due(self, res: Reservation) -> None:
         """Expire ``res`` now if its deadline has passed (unless this thread is in a block)."""
@@ -523,14 +569,14 @@ class LedgerCore:
         self._released += 1
         return True
 
-    def _reduce_locked(self, res: Reservation, units: int, amount: object) -> int:
+    def _reduce_locked(self, res: Reservation, units: int, kind: int) -> int:
         """Reduce an active ``res`` by ``units``; the units removed, or -1 if it was not active.
 
         Removing all that remains ends it as filled (keeping the amount it held).
         """
         if res._state != ACTIVE:
             return -1
-        self._kinds |= _units.kind_of(amount)
+        self._kinds |= kind  # kind_of() is called before the lock: an ABC check runs bytecode
         if units >= res._units:
             self._end_counted_locked(res, FILLED)
             return res._units
@@ -636,6 +682,8 @@ class PendingMap:
     block that raises leaves the ledger as it found it.
     """
 
+    __slots__ = ("_core", "_expired", "_journal", "_kinds_before", "_now", "_open")
+
     def __init__(self, core: LedgerCore, now: float, expired: list[Reservation] | None) -> None:
         self._core = core
         self._now = now
@@ -649,7 +697,7 @@ class PendingMap:
             raise StaleViewError("this PendingMap's lock() block has ended; take the lock again")
         return self._core
 
-    def contains(self, symbol: str) -> bool:
+    def contains(self, symbol: object) -> bool:
         """Whether any reservation is outstanding for ``symbol``."""
         return _units.check_symbol(symbol) in self._live()._symbols
 
@@ -670,7 +718,7 @@ class PendingMap:
         core = self._live()
         return _units.to_number(core._reserved, core._kinds)
 
-    def symbol_notional(self, symbol: str) -> _units.Number:
+    def symbol_notional(self, symbol: object) -> _units.Number:
         """Reserved notional outstanding on ``symbol`` (0 if none)."""
         core = self._live()
         return _units.to_number(core.reserved_on_locked(_units.check_symbol(symbol)), core._kinds)
@@ -679,7 +727,7 @@ class PendingMap:
         """How many reserved symbols are not open, i.e. take a concurrency slot of their own."""
         return sum(1 for symbol in list(self._live()._symbols) if not is_open(symbol))
 
-    def reserve(self, symbol: str, notional: object, *, order_id: str | None = None) -> Reservation:
+    def reserve(self, symbol: object, notional: object, *, order_id: object = None) -> Reservation:
         """Record a reservation of ``notional`` on ``symbol`` for one order.
 
         ``order_id`` is the client order id (a non-empty str); the ledger makes one if it is not
@@ -697,14 +745,14 @@ class PendingMap:
         self._journal.append(_Undo(_RESERVED, res, 0))
         return res
 
-    def release(self, symbol: str) -> bool:
+    def release(self, symbol: object) -> bool:
         """Drop every reservation on ``symbol``; True if anything was released."""
         members = self._live().on_symbol_locked(_units.check_symbol(symbol))
         for res in members:
             self.end(res, RELEASED)
         return bool(members)
 
-    def release_order(self, order_id: str) -> bool:
+    def release_order(self, order_id: object) -> bool:
         """Drop the reservation of ``order_id``; True if it was outstanding."""
         res = self._live()._find_locked(_units.check_order_id(order_id))
         return res is not None and self.end(res, RELEASED)
@@ -715,9 +763,9 @@ class PendingMap:
         self._journal.append(_Undo(_ENDED, res, 0))
         return True
 
-    def reduce(self, res: Reservation, units: int, amount: object) -> bool:
+    def reduce(self, res: Reservation, units: int, kind: int) -> bool:
         active_before = res._state == ACTIVE
-        removed = self._live()._reduce_locked(res, units, amount)
+        removed = self._live()._reduce_locked(res, units, kind)
         if removed < 0:
             return False
         if active_before and res._state != ACTIVE:
@@ -757,6 +805,8 @@ class PendingMap:
 
 class LockBlock:
     """The context manager ``PendingEntryLedger.lock()`` returns (single use)."""
+
+    __slots__ = ("_core", "_timeout", "_view")
 
     def __init__(self, core: LedgerCore, timeout: float) -> None:
         self._core = core
@@ -805,6 +855,8 @@ class LockBlock:
 
 class GateCore:
     """One gate's halt flag and decision counters, on a ledger's lock."""
+
+    __slots__ = ("_counts", "_halted", "_timeouts", "_timeouts_lock", "ledger")
 
     def __init__(self, ledger: LedgerCore) -> None:
         self.ledger = ledger

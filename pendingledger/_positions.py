@@ -31,7 +31,7 @@ def read_positions(positions: object, symbol: str, epoch: int) -> Snapshot:
     plain = True
     for key, value in open_.items():
         try:
-            plain = plain and type(key) is str
+            plain = plain and type(key) is str and key != ""
             units = _units.units("positions", value, True)
         except (TypeError, ValueError):
             raise _bad_entry(key, value) from None

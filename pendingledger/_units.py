@@ -8,7 +8,8 @@ admits more than the exact amounts would:
 
 * What counts *against* a limit rounds **up** (away from zero): a notional, a position's
   exposure. A reservation is never smaller than the order it stands for.
-* A limit rounds **down**.
+* A limit rounds **down**, and so does a partial fill (``Reservation.reduce``): what stays
+  reserved is never less than what is still open.
 * A ``float`` counts as the decimal it prints as (``repr``: ``0.1`` is ``0.1``, not
   ``0.1000000000000000055...``): the number a person typed or an exchange sent. So amounts with
   at most 9 decimals are exact, and ``0.1 + 0.2`` fits a limit of ``0.3``.
@@ -107,6 +108,13 @@ def notional_units(name: str, value: object) -> int:
     return n
 
 
+def reduction_units(name: str, value: object) -> int:
+    """A partial fill (finite, > 0) in units, rounded down: what stays reserved is never less
+    than what is still open (so fills of a third each leave one unit until the order ends)."""
+    notional_units(name, value)
+    return units(name, value, False)
+
+
 def limit_units(name: str, value: object) -> int:
     """A limit (finite, >= 0) in units, rounded down."""
     n = units(name, value, False)
@@ -135,9 +143,12 @@ def to_number(n: int, kinds: int) -> Number:
 
 
 def _decimal(n: int) -> Decimal:
-    if n % SCALE == 0:
-        return Decimal(n // SCALE)
-    return Decimal(n).scaleb(-SCALE_DIGITS).normalize()
+    """``n`` units as a Decimal without trailing zeros, exact whatever the caller's context."""
+    exponent = -SCALE_DIGITS
+    while exponent < 0 and n % 10 == 0:
+        n //= 10
+        exponent += 1
+    return Decimal(f"{n}e{exponent}") if exponent else Decimal(n)
 
 
 def _float_units(name: str, value: float, up: bool) -> int:

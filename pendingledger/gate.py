@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _units, rules
 from ._core import DUPLICATE, RETRY, GateCore, LedgerCore, Reservation
 from ._positions import read_positions
+from .decision import DENIED, REASONS, Decision
 from .ledger import PendingEntryLedger, check_timeout
-from .limits import DENIED, REASONS, Decision, DenyReason, PortfolioLimits
+from .limits import PortfolioLimits
 from .rules import UnitLimits
+from .stats import GateStats
 
 if TYPE_CHECKING:
     from .protocols import Gate
@@ -44,18 +46,6 @@ MAX_READS: Final = 64
 ``LOCK_TIMEOUT`` (every read went stale: reservations kept ending meanwhile)."""
 
 
-@dataclass(frozen=True)
-class GateStats:
-    """Running counts of a gate's decisions (a snapshot)."""
-
-    admitted: int
-    denied: Mapping[DenyReason, int]
-
-    @property
-    def decisions(self) -> int:
-        return self.admitted + sum(self.denied.values())
-
-
 class PortfolioGate:
     """Portfolio limits enforced with check-and-reserve on a ``PendingEntryLedger``.
 
@@ -70,7 +60,7 @@ class PortfolioGate:
 
     __slots__ = ("_core", "_ledger", "_limits")
 
-    def __init__(self, ledger: PendingEntryLedger, limits: PortfolioLimits) -> None:
+    def __init__(self, ledger: object, limits: object) -> None:
         if not isinstance(ledger, PendingEntryLedger):
             raise TypeError(f"ledger must be a PendingEntryLedger, got {ledger!r}")
         self._ledger = ledger
@@ -88,7 +78,7 @@ class PortfolioGate:
         return self._limits.source
 
     @limits.setter
-    def limits(self, limits: PortfolioLimits) -> None:
+    def limits(self, limits: object) -> None:
         self._limits = rules.unit_limits(limits)
 
     @property
@@ -112,11 +102,11 @@ class PortfolioGate:
         """Counts of admitted and denied decisions (every ``DenyReason`` is a key)."""
         counts = self._core.counts()
         denied = {reason: counts[code] for code, reason in enumerate(REASONS) if reason}
-        return GateStats(admitted=counts[rules.ADMIT], denied=denied)
+        return GateStats(admitted=counts[rules.ADMIT], denied=MappingProxyType(denied))
 
     # ------------------------------------------------------------------ the owned position book
 
-    def set_position(self, symbol: str, exposure: _units.Number) -> None:
+    def set_position(self, symbol: object, exposure: object) -> None:
         """Open ``symbol`` in the gate's own position book, or update its exposure.
 
         Used by ``try_enter(..., positions=None)``. The absolute value counts; 0 is an open
@@ -129,7 +119,7 @@ class PortfolioGate:
         core.refuse_reentry("set_position()")
         core.set_position(name, units, exposure)
 
-    def close_position(self, symbol: str) -> bool:
+    def close_position(self, symbol: object) -> bool:
         """Remove ``symbol`` from the owned book; True if it was open."""
         name = _units.check_symbol(symbol)
         core = self._ledger.core
@@ -137,7 +127,7 @@ class PortfolioGate:
         return core.close_position(name)
 
     def confirm_fill(
-        self, order_id: str, position_exposure: _units.Number, *, symbol: str | None = None
+        self, order_id: object, position_exposure: object, *, symbol: object = None
     ) -> bool:
         """Record a fill: set its symbol's position to ``position_exposure`` and end the order's
         reservation, in one step under the lock (the safe hand-off, with no gap at all).
@@ -159,11 +149,11 @@ class PortfolioGate:
         core.refuse_reentry("positions()")
         return core.positions()  # type: ignore[return-value]
 
-    def release(self, symbol: str) -> bool:
+    def release(self, symbol: object) -> bool:
         """``ledger.release(symbol)``: drop every reservation on ``symbol``."""
         return self._ledger.release(symbol)
 
-    def release_order(self, order_id: str) -> bool:
+    def release_order(self, order_id: object) -> bool:
         """``ledger.release_order(order_id)``: drop that order's reservation."""
         return self._ledger.release_order(order_id)
 
@@ -171,12 +161,12 @@ class PortfolioGate:
 
     def try_enter(
         self,
-        symbol: str,
-        notional: _units.Number,
-        positions: Positions | None = None,
+        symbol: object,
+        notional: object,
+        positions: object = None,
         *,
-        order_id: str | None = None,
-        timeout: float | None = None,
+        order_id: object = None,
+        timeout: object = None,
     ) -> Decision:
         """Check the limits and, if they pass, reserve ``notional`` on ``symbol``, atomically.
 

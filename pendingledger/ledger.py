@@ -15,10 +15,10 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from . import _units
 from ._core import LedgerCore, LockBlock, PendingMap, Reservation, ReservationState
+from .stats import LedgerStats
 
 __all__ = [
     "LedgerStats",
@@ -29,21 +29,6 @@ __all__ = [
 ]
 
 Clock = Callable[[], float]
-
-
-@dataclass(frozen=True)
-class LedgerStats:
-    """A consistent snapshot of a ledger, taken under its lock.
-
-    ``reserved == released + expired + outstanding`` always holds (``released`` counts fills
-    too). Reservations made in a ``lock()`` block that raised count nowhere.
-    """
-
-    outstanding: int
-    gross_notional: _units.Number
-    reserved: int
-    released: int
-    expired: int
 
 
 class PendingEntryLedger:
@@ -61,11 +46,11 @@ class PendingEntryLedger:
     book (at most ``SWEEP_LIMIT`` per acquisition), so no background thread runs.
     """
 
-    __slots__ = ("__weakref__", "_core")
+    __slots__ = ("_core",)
 
     def __init__(
         self,
-        ttl: float,
+        ttl: object,
         *,
         clock: Clock = time.monotonic,
         on_expire: Callable[[Reservation], object] | None = None,
@@ -95,7 +80,7 @@ class PendingEntryLedger:
         """The state behind this ledger, for ``PortfolioGate`` (not for applications)."""
         return self._core
 
-    def lock(self, timeout: float | None = None) -> LockBlock:
+    def lock(self, timeout: object = None) -> LockBlock:
         """Hold the ledger lock for a ``with`` block and get the ``PendingMap`` view.
 
         Raises ``LockTimeout`` if the lock is not acquired within ``timeout`` seconds (``None``
@@ -106,7 +91,7 @@ class PendingEntryLedger:
         """
         return self._core.lock(check_timeout(timeout))
 
-    def release(self, symbol: str) -> bool:
+    def release(self, symbol: object) -> bool:
         """Drop every reservation on ``symbol`` (its fill is now visible in the position cache).
 
         Update the position cache first and call this after, never the other way round: in the
@@ -115,7 +100,7 @@ class PendingEntryLedger:
         """
         return self._core.release_symbol(_units.check_symbol(symbol))
 
-    def release_order(self, order_id: str) -> bool:
+    def release_order(self, order_id: object) -> bool:
         """Drop the reservation of ``order_id`` (exchange reject, or its fill is visible).
 
         Idempotent; returns True if it was outstanding.

@@ -1,0 +1,92 @@
+"""What a gate answers: ``DenyReason`` and ``Decision``, shared by every backend.
+
+Compiled with the core: a decision is made on every ``try_enter``. Parameters a caller passes are
+typed ``object`` and checked here, so a bad one gets an error that names it (a compiled function
+would otherwise refuse it with a generic message before its body runs).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Final, cast
+
+if TYPE_CHECKING:
+    from .protocols import ReservationHandle
+
+__all__ = ["DENIED", "REASONS", "Decision", "DenyReason", "denied"]
+
+
+class DenyReason(enum.StrEnum):
+    """Why a gate refused an entry. Rules are checked in the order listed; first failure wins."""
+
+    HALTED = "halted"
+    """``gate.halt()`` is in force."""
+    MAX_CONCURRENT_POSITIONS = "max_concurrent_positions"
+    """The entry would open one position more than the limit allows."""
+    MAX_GROSS_EXPOSURE = "max_gross_exposure"
+    """Open exposure + reserved notional + this entry would exceed the gross limit."""
+    MAX_SYMBOL_EXPOSURE = "max_symbol_exposure"
+    """This symbol's exposure + its reserved notional + this entry would exceed its limit."""
+    BACKEND_UNAVAILABLE = "backend_unavailable"
+    """The store behind the gate could not confirm the decision (fail closed)."""
+    BOOK_NOT_RESTORED = "book_not_restored"
+    """The shared store lost its book (a restart without persistence); ``restore()`` it first."""
+    LOCK_TIMEOUT = "lock_timeout"
+    """The ledger lock was not had within ``try_enter``'s ``timeout`` (fail closed)."""
+
+
+class Decision:
+    """The answer of ``try_enter``: truthy exactly when the entry was admitted.
+
+    An admitted decision carries the ``Reservation`` made for it (release it on reject, or let the
+    fill or the TTL end it) and ``reason`` is ``None``; a denied one carries the first rule that
+    failed and no reservation. Decisions are read-only.
+    """
+
+    __slots__ = ("_reason", "_reservation")
+
+    _reason: DenyReason | None
+    _reservation: ReservationHandle | None
+
+    def __init__(self, reason: object = None, reservation: object = None) -> None:
+        if (reason is None) == (reservation is None) or not (
+            reason is None or isinstance(reason, DenyReason)
+        ):
+            raise ValueError(
+                "a Decision has either a reservation (admitted) or a reason (denied), got "
+                f"reason={reason!r}, reservation={reservation!r}"
+            )
+        self._reason = reason
+        self._reservation = cast("ReservationHandle | None", reservation)
+
+    @property
+    def admitted(self) -> bool:
+        return self._reason is None
+
+    @property
+    def reason(self) -> DenyReason | None:
+        return self._reason
+
+    @property
+    def reservation(self) -> ReservationHandle | None:
+        return self._reservation
+
+    def __bool__(self) -> bool:
+        return self._reason is None
+
+    def __repr__(self) -> str:
+        if self._reason is None:
+            return f"Decision(admitted, reservation={self._reservation!r})"
+        return f"Decision(denied, reason={self._reason.name})"
+
+
+REASONS: Final[tuple[DenyReason | None, ...]] = (None, *DenyReason)
+"""``REASONS[code]`` is the reason of a ``pendingledger.rules`` outcome code (0 admits)."""
+
+DENIED: Final[tuple[Decision, ...]] = tuple(Decision(reason) for reason in DenyReason)
+"""One shared denied decision per reason, ``DENIED[code - 1]``: denials allocate nothing."""
+
+
+def denied(reason: DenyReason) -> Decision:
+    """The shared denied decision of ``reason``."""
+    return DENIED[list(DenyReason).index(reason)]
