@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from redis_server import CommandLog, RedisServer
 
-from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits
+from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits, _units
 from pendingledger.limits import Decision, DenyReason
 from pendingledger.testing import ManualClock
 
@@ -141,50 +141,67 @@ BAD_SYMBOLS: list[object] = [42, None, "", b"AAA", ["AAA"], Sym("")]
 BAD_ORDER_IDS: list[object] = [7, "", b"x", ("a", 1), Sym("")]
 
 
+AnyGate = RedisGate | PortfolioGate
+
+
+def symbol_calls(gate: AnyGate, symbol: Any) -> list[Callable[[], object]]:
+    """Every way ``gate`` takes a symbol (the same methods on both backends)."""
+    calls: list[Callable[[], object]] = [
+        lambda: gate.try_enter(symbol, 1),
+        lambda: gate.set_position(symbol, 1),
+        lambda: gate.close_position(symbol),
+        lambda: gate.release(symbol),
+    ]
+    if symbol is not None:  # confirm_fill(symbol=None) means "the reservation's symbol"
+        calls.append(lambda: gate.confirm_fill("o", 1, symbol=symbol))
+    return calls
+
+
+def order_id_calls(gate: AnyGate, order_id: Any) -> list[Callable[[], object]]:
+    """Every way ``gate`` takes an order id."""
+    return [
+        lambda: gate.try_enter("AAA", 1, order_id=order_id),
+        lambda: gate.release_order(order_id),
+        lambda: gate.confirm_fill(order_id, 1, symbol="AAA"),
+    ]
+
+
 @pytest.mark.parametrize("symbol", BAD_SYMBOLS, ids=repr)
-def test_a_bad_symbol_is_refused_as_in_process(
+def test_a_bad_symbol_is_refused_in_the_cores_words(
     client: Any, server: RedisServer, symbol: object
 ) -> None:
     gate = new_gate(client)
-    local = PortfolioGate(PendingEntryLedger(60.0, clock=ManualClock()), Limits())
-    calls: list[tuple[Callable[[], object], Callable[[], object]]] = [
-        (lambda: gate.try_enter(symbol, 1), lambda: local.try_enter(symbol, 1)),  # type: ignore[arg-type]
-        (lambda: gate.set_position(symbol, 1), lambda: local.set_position(symbol, 1)),  # type: ignore[arg-type]
-        (lambda: gate.close_position(symbol), lambda: local.close_position(symbol)),  # type: ignore[arg-type]
-        (lambda: gate.release(symbol), lambda: local.release(symbol)),  # type: ignore[arg-type]
-    ]
-    if symbol is not None:  # confirm_fill(symbol=None) means "the reservation's symbol"
-        calls.append((
-            lambda: gate.confirm_fill("o", 1, symbol=symbol),  # type: ignore[arg-type]
-            lambda: local.confirm_fill("o", 1, symbol=symbol),  # type: ignore[arg-type]
-        ))  # fmt: skip
+    words = refusal(lambda: _units.check_symbol(symbol))
     with CommandLog(server.url) as log:
-        for on_redis, in_process in calls:
-            assert refusal(on_redis) == refusal(in_process)
+        for call in symbol_calls(gate, symbol):
+            assert refusal(call) == words
     assert log.commands == []  # refused before anything is sent
 
 
 @pytest.mark.parametrize("order_id", BAD_ORDER_IDS, ids=repr)
-def test_a_bad_order_id_is_refused_as_in_process(
+def test_a_bad_order_id_is_refused_in_the_cores_words(
     client: Any, server: RedisServer, order_id: object
 ) -> None:
     gate = new_gate(client)
-    local = PortfolioGate(PendingEntryLedger(60.0, clock=ManualClock()), Limits())
-    calls: list[tuple[Callable[[], object], Callable[[], object]]] = [
-        (
-            lambda: gate.try_enter("AAA", 1, order_id=order_id),  # type: ignore[arg-type]
-            lambda: local.try_enter("AAA", 1, order_id=order_id),  # type: ignore[arg-type]
-        ),
-        (lambda: gate.release_order(order_id), lambda: local.release_order(order_id)),  # type: ignore[arg-type]
-        (
-            lambda: gate.confirm_fill(order_id, 1, symbol="AAA"),  # type: ignore[arg-type]
-            lambda: local.confirm_fill(order_id, 1, symbol="AAA"),  # type: ignore[arg-type]
-        ),
-    ]
+    words = refusal(lambda: _units.check_order_id(order_id))
     with CommandLog(server.url) as log:
-        for on_redis, in_process in calls:
-            assert refusal(on_redis) == refusal(in_process)
+        for call in order_id_calls(gate, order_id):
+            assert refusal(call) == words
     assert log.commands == []
+
+
+@pytest.mark.parametrize(("value", "kind"), [(v, "symbol") for v in BAD_SYMBOLS]
+                         + [(v, "order_id") for v in BAD_ORDER_IDS], ids=repr)  # fmt: skip
+def test_the_in_process_gate_uses_the_same_words(value: object, kind: str) -> None:
+    """The pairing of the two tests above: the in-process gate refuses the same values with the
+    same messages (naming the argument and the value), so the backends are interchangeable."""
+    local = PortfolioGate(PendingEntryLedger(60.0, clock=ManualClock()), Limits())
+    if kind == "symbol":
+        words, calls = refusal(lambda: _units.check_symbol(value)), symbol_calls(local, value)
+    else:
+        words, calls = refusal(lambda: _units.check_order_id(value)), order_id_calls(local, value)
+    for call in calls:
+        assert refusal(call) == words
 
 
 def test_any_non_empty_str_is_a_symbol_and_an_order_id(client: Any) -> None:
@@ -274,22 +291,25 @@ def test_amounts_are_exact_units_rounded_against_the_trader(client: Any) -> None
     assert gate.try_enter("DDD", Decimal("0.566666665"))
 
 
-def test_reduce_takes_off_the_reductions_units_as_in_process(client: Any) -> None:
+def test_reduce_counts_as_in_process(client: Any) -> None:
+    """A partial fill comes off in the core's units (``_units.reduction_units``), on both
+    backends alike, and the remaining notional reads back in the reservation's kind."""
     gate = new_gate(client)
     local = PendingEntryLedger(60.0, clock=ManualClock())
     with local.lock() as pending:
         mirror = pending.reserve("AAA", Fraction(1, 3))
-    r = res(gate.try_enter("AAA", Fraction(1, 3)))  # 333333334 units
-    for handle in (r, mirror):
-        assert handle.reduce(Fraction(1, 6))  # 166666667 units off
-    assert gate.snapshot().orders[r.order_id].units == 166_666_667
-    assert r.notional == mirror.notional == Fraction(166_666_667, 10**9)
-    assert r.reduce(Decimal("0.1")) and mirror.reduce(Decimal("0.1"))
-    assert r.notional == mirror.notional == Fraction(66_666_667, 10**9)  # still a Fraction
+    r = res(gate.try_enter("AAA", Fraction(1, 3)))
+    left = _units.notional_units("notional", Fraction(1, 3))
+    assert gate.snapshot().orders[r.order_id].units == left == 333_333_334
+    for amount in (Fraction(1, 6), Decimal("0.1")):
+        assert r.reduce(amount) and mirror.reduce(amount)
+        left -= _units.reduction_units("amount", amount)
+        assert gate.snapshot().orders[r.order_id].units == left
+        assert r.notional == mirror.notional == Fraction(left, 10**9)  # still a Fraction
     for handle in (r, mirror):
         assert handle.reduce(1)  # more than remains: ends it as filled
         assert not handle.active
-    assert r.notional == mirror.notional == Fraction(66_666_667, 10**9)  # what it held
+    assert r.notional == mirror.notional == Fraction(left, 10**9)  # what it held at the end
     assert gate.stats().filled == 1
     assert gate.audit() == []
 

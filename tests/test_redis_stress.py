@@ -15,7 +15,9 @@ find breaches: a race test is only worth something if it can fail.
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
+import pickle
 import threading
 import uuid
 from collections import Counter
@@ -65,7 +67,7 @@ def race(server: RedisServer, *, broken: bool, ops: int) -> tuple[Outcome, Redis
     ready = ctx.Semaphore(0)
     start = ctx.Event()
     out = ctx.Queue()
-    common = (server.url, namespace, LIMITS, TTL, THREADS, ops)
+    common = (server.url, namespace, LIMITS, TTL, THREADS, ops)  # pickled to each worker
     procs = [
         ctx.Process(target=redis_stress_worker.run, args=(*common, seed, broken, ready, start, out))
         for seed in range(PROCESSES)
@@ -135,3 +137,10 @@ def test_the_broken_gate_is_caught(server: RedisServer) -> None:
     assert not outcome.errors, outcome.errors[0]
     assert outcome.breaches > 0, f"no breach found in {outcome.snapshots} snapshots"
     gate.client.close()
+
+
+def test_limits_can_be_sent_to_another_process() -> None:
+    """Spawned workers get their arguments pickled: limits must survive a round trip (a
+    PortfolioLimits compiled by mypyc once raised FrozenInstanceError on unpickling)."""
+    assert pickle.loads(pickle.dumps(LIMITS)) == LIMITS
+    assert copy.deepcopy(LIMITS) == LIMITS

@@ -62,9 +62,9 @@ from redis.typing import EncodableT
 
 from pendingledger import _units, rules
 from pendingledger.errors import LedgerError
-from pendingledger.gate import GateStats
 from pendingledger.limits import Decision, DenyReason, PortfolioLimits, denied
 from pendingledger.redis._audit import Snapshot, _pairs, _s, amount_of, audit
+from pendingledger.stats import GateStats
 
 if TYPE_CHECKING:
     from pendingledger.protocols import Gate
@@ -777,10 +777,11 @@ class RedisReservation:
         reservation ends as filled. True if it was outstanding. ``amount`` must be a finite
         number > 0.
 
-        Counted as in process (``pendingledger._units``): the reduction in units rounded up,
-        taken off the units reserved. Returns False (logged) if the store cannot be reached.
+        Counted as in process (``pendingledger._units.reduction_units``): the reduction in units
+        rounded down, taken off the units reserved, so what stays reserved is never less than
+        what is still unfilled. Returns False (logged) if the store cannot be reached.
         """
-        reduction = _units.notional_units("amount", amount)
+        reduction = _units.reduction_units("amount", amount)
         with self._lock:
             if self._ended:
                 return False

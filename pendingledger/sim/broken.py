@@ -5,16 +5,16 @@ breaches. Never use it outside tests and demos.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
 from pendingledger import _units, rules
-from pendingledger._positions import read_positions
-from pendingledger.gate import GateStats, PortfolioGate, Positions
+from pendingledger.gate import PortfolioGate, Positions
 from pendingledger.ledger import PendingEntryLedger, PendingMap
 from pendingledger.limits import REASONS, Decision, Number, PortfolioLimits, denied
+from pendingledger.stats import GateStats
 
 if TYPE_CHECKING:
-    from pendingledger._core import Snapshot
     from pendingledger.protocols import Gate
 
 __all__ = ["GAP", "BrokenGate"]
@@ -115,7 +115,7 @@ class BrokenGate:
         name = _units.check_symbol(symbol)
         units = _units.notional_units("notional", notional)
         limits = self._limits
-        seen = read_positions(self._book.positions() if positions is None else positions, 0)
+        seen = _exposures(self._book.positions() if positions is None else positions)
         with self._ledger.lock() as pending:  # first acquisition: check
             figures = _figures(seen, pending, name)
         code = rules.first_failing_rule(limits, self._book.halted, *figures, units)
@@ -128,16 +128,32 @@ class BrokenGate:
         return Decision(reservation=reservation)
 
 
-def _figures(seen: Snapshot, pending: PendingMap, symbol: str) -> tuple[int, bool, int, int]:
+def _exposures(positions: object) -> dict[str, int]:
+    """Open positions (a mapping, or a callable returning one), read before the lock as
+    ``PortfolioGate`` reads them: symbol -> exposure in units (rounded away from zero)."""
+    if isinstance(positions, Mapping):
+        book = positions
+    elif callable(positions):
+        book = positions()
+    else:
+        raise TypeError(f"positions must be a mapping or a callable returning one: {positions!r}")
+    return {
+        _units.check_symbol(symbol): _units.units("positions", exposure, True)
+        for symbol, exposure in dict(book).items()
+    }
+
+
+def _figures(
+    exposures: dict[str, int], pending: PendingMap, symbol: str
+) -> tuple[int, bool, int, int]:
     """``(open_count, symbol_open, gross, symbol_exposure)`` in units, as the rules read them:
-    the positions ``seen`` plus what ``pending`` holds (lock held)."""
-    exposures = seen.exposures
+    the open ``exposures`` plus what ``pending`` holds (lock held)."""
     reserved = _units.units("reserved", pending.gross_notional(), True)
     reserved_here = _units.units("reserved", pending.symbol_notional(symbol), True)
     return (
         len(exposures) + pending.new_slots(exposures.__contains__),
         symbol in exposures or symbol in pending,
-        seen.gross + reserved,
+        sum(map(abs, exposures.values())) + reserved,
         abs(exposures.get(symbol, 0)) + reserved_here,
     )
 

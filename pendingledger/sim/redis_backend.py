@@ -40,13 +40,13 @@ from typing import TYPE_CHECKING, Any, Final
 import redis
 
 from pendingledger import _units, rules
-from pendingledger.gate import GateStats
 from pendingledger.limits import Decision, Number, PortfolioLimits
 from pendingledger.protocols import ReservationHandle
 from pendingledger.redis import SCALE, SCRIPT, RedisGate, RedisReservation, Snapshot, audit
 from pendingledger.redis.testing import check_then_reserve
 from pendingledger.sim.broken import GAP
 from pendingledger.sim.config import LIMIT_KINDS
+from pendingledger.stats import GateStats
 
 if TYPE_CHECKING:
     from pendingledger.protocols import Gate
@@ -268,7 +268,7 @@ class TrackedReservation:
     def reduce(self, amount: Number) -> bool:
         done = self.inner.reduce(amount)
         if done:
-            self._left -= _units.notional_units("amount", amount)
+            self._left -= _units.reduction_units("amount", amount)
             if self._left <= 0:  # reduced to zero: the reservation ended
                 self.ended = True
         return done
