@@ -25,6 +25,7 @@ from pendingledger import (
     PortfolioGate,
     PortfolioLimits,
     Reservation,
+    ReservationState,
     _units,
 )
 
@@ -259,12 +260,41 @@ def test_float_fast_path_is_exact_at_its_edges(value: float, up: bool) -> None:
 
 @PROPERTY
 @given(st.floats(min_value=-1e15, max_value=1e15, exclude_min=True, exclude_max=True))
+@example(214945179.78125)  # 2.1e17 units: past 2**53, where float(n) / 1e9 rounds twice
+@example(-987654321.123456789)
 def test_an_exact_float_reads_back_as_itself(value: float) -> None:
     """A float whose repr needs at most 9 decimals is exact in units and reads back unchanged."""
     n = _units.units("amount", value, True)
     if (exact(value) * SCALE).denominator == 1:
         assert n == _units.units("amount", value, False)
         assert _units.to_number(n, _units.KIND_FLOAT) == value
+
+
+@PROPERTY
+@given(st.integers(-(10**24), 10**24))
+@example(214945179781250000)
+@example(2**53 + 1)
+@example(10**24 - 1)
+def test_float_read_back_is_correctly_rounded(n: int) -> None:
+    """n units read back as a float are n / 1e9 rounded once, as exact arithmetic rounds it,
+    also past 2**53 units (about 9e6), where converting n to a float first would round twice."""
+    assert _units.to_number(n, _units.KIND_FLOAT) == float(Fraction(n, SCALE))
+
+
+def test_float_sums_past_2_53_units_read_back_correctly_rounded(
+    ledger: PendingEntryLedger,
+) -> None:
+    """A float sum of 2.1e17 units reads back as the float of the exact decimal sum, on both
+    builds (correctly rounded, as CPython's int / int is)."""
+    amounts = [214945179.78125, 12345678.9]
+    reserve_all(ledger, list(amounts))
+    expected = float(sum((exact(a) for a in amounts), Fraction(0)))
+    assert to_pair(gross(ledger)) == (float, expected)
+    assert to_pair(ledger.stats().gross_notional) == (float, expected)
+    rng = random.Random(53)
+    for _ in range(2000):
+        n = rng.randrange(2**53, 10**24)
+        assert _units.to_number(n, _units.KIND_FLOAT) == float(Fraction(n, SCALE)), n
 
 
 @st.composite
@@ -578,18 +608,21 @@ def test_sum_type_is_stable_as_reservations_come_and_go(ledger: PendingEntryLedg
 
 
 def test_reduce_by_other_types_is_exact_in_units(ledger: PendingEntryLedger) -> None:
-    """Reductions of any kind subtract their units; an int reservation left with a fraction of
-    a unit reads back as a Decimal."""
+    """Reductions of any kind subtract their units, rounded down; an int reservation left with
+    a fraction of a unit reads back as a Decimal."""
     (res,) = reserve_all(ledger, [1000])
     assert res.reduce(0.5)
     assert res.reduce(Decimal("0.25"))
     assert res.reduce(Fraction(1, 4))
     assert to_pair(res.notional) == (int, 999)
     assert to_pair(gross(ledger)) == (Fraction, Fraction(999))
-    assert res.reduce(Fraction(1, 3))  # 333333334 units
-    assert to_pair(res.notional) == (Decimal, Decimal("998.666666666"))
-    assert res.reduce(Fraction(2996, 3))
-    assert not res.active
+    assert res.reduce(Fraction(1, 3))  # 333333333 units: a fill rounds down
+    assert to_pair(res.notional) == (Decimal, Decimal("998.666666667"))
+    assert res.reduce(Fraction(2996, 3))  # 998666666666 units: less than remains
+    assert res.active
+    assert to_pair(res.notional) == (Decimal, Decimal("1E-9"))
+    assert res.reduce(Decimal("1E-9"))
+    assert res.state is ReservationState.FILLED
     assert gross(ledger) == 0
 
 
@@ -603,6 +636,26 @@ def test_partial_fills_never_leave_less_reserved_than_the_order_still_open(
     assert res.reduce(Fraction(1, 3))
     assert res.active
     assert Fraction(gross(ledger)) >= Fraction(1, 3)
+    assert res.reduce(Fraction(1, 3))
+    assert res.active  # thirds leave one unit until the order ends
+    assert gross(ledger) == Fraction(1, SCALE)
+
+
+@pytest.mark.parametrize(
+    "notional",
+    [Fraction(1, 3), Decimal("0.1234567891"), 1e-10],
+    ids=repr,
+)
+def test_a_fill_of_the_whole_notional_ends_the_reservation(
+    ledger: PendingEntryLedger, notional: Number
+) -> None:
+    """reduce(amount) with an amount at least what remains ends the reservation as filled, as
+    its docstring says, also when the notional is finer than a unit: a fill of exactly the
+    order's notional must not leave a unit reserved until the TTL."""
+    (res,) = reserve_all(ledger, [notional])
+    assert res.reduce(notional)
+    assert res.state is ReservationState.FILLED
+    assert ledger.stats().outstanding == 0
 
 
 def test_limits_and_positions_as_decimal_and_fraction(ledger: PendingEntryLedger) -> None:
