@@ -741,7 +741,9 @@ class World:
     def step_advance(self) -> Step:
         """Time moves (harness code), or the caller's positions change: no lock at all."""
         model = self.model
-        if self.rng.random() < 0.3:
+        # With other threads deciding, time stands still: their decisions sweep too, so this
+        # thread could not tell when its own reservations expire.
+        if self.shared or self.rng.random() < 0.3:
             ext = dict(self.ext)
             ext[self.rng.choice(SYMBOLS)] = self.rng.choice(EXPOSURES)
             if len(ext) > 3:
