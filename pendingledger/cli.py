@@ -533,7 +533,7 @@ def _runner(args: argparse.Namespace, err: TextIO) -> _Run | None:
         return lambda config, progress: Simulation(config, backend=backend).run(progress)
     try:
         from .redis import StoreUnavailable  # noqa: PLC0415 -- the redis extra, only if asked
-        from .sim.processes import ProcessRace  # noqa: PLC0415
+        from .sim.processes import ProcessRace  # noqa: PLC0415 -- needs the redis extra too
     except ImportError as exc:
         err.write(
             f"race: --backend redis needs the redis client ({exc}): "
