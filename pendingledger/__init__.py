@@ -9,13 +9,13 @@ and reserves the entry it admits in the same critical section.
 from importlib.machinery import EXTENSION_SUFFIXES as _EXTENSION_SUFFIXES
 
 from . import _core
-from .errors import LedgerError, LockTimeout, ReentrantLockError, StaleViewError
 from .decision import Decision, DenyReason
+from .errors import LedgerError, LockTimeout, ReentrantLockError, StaleViewError
 from .gate import PortfolioGate, Positions
 from .ledger import PendingEntryLedger, PendingMap, Reservation, ReservationState
 from .limits import PortfolioLimits
-from .stats import GateStats, LedgerStats
 from .protocols import Gate, ReservationHandle
+from .stats import GateStats, LedgerStats
 
 __all__ = [
     "COMPILED",

@@ -184,8 +184,8 @@ class Reservation:
         An ``amount`` at least what remains ends the reservation as filled. Returns True if the
         reservation was active. ``amount`` must be a finite number > 0.
         """
-        units = _units.reduction_units("amount", amount)
-        return self._core.reduce(self, units, _units.kind_of(amount))
+        down, up = _units.reduction_units("amount", amount)
+        return self._core.reduce(self, down, up, _units.kind_of(amount))
 
     def __repr__(self) -> str:
         return (
@@ -369,12 +369,12 @@ class LedgerCore:
         with self._lock:
             return self._end_counted_locked(res, state)
 
-    def reduce(self, res: Reservation, units: int, kind: int) -> bool:
+    def reduce(self, res: Reservation, down: int, up: int, kind: int) -> bool:
         block = self.own_block()
         if block is not None:
-            return block.reduce(res, units, kind)
+            return block.reduce(res, down, up, kind)
         with self._lock:
-            return self._reduce_locked(res, units, kind) >= 0
+            return self._reduce_locked(res, down, up, kind) >= 0
 
     def expire_if_due(self, res: Reservation) -> None:
         """Expire ``res`` now if its deadline has passed (unless this thread is in a block)."""
@@ -569,18 +569,19 @@ class LedgerCore:
         self._released += 1
         return True
 
-    def _reduce_locked(self, res: Reservation, units: int, kind: int) -> int:
-        """Reduce an active ``res`` by ``units``; the units removed, or -1 if it was not active.
-
-        Removing all that remains ends it as filled (keeping the amount it held).
-        """
+    def _reduce_locked(self, res: Reservation, down: int, up: int, kind: int) -> int:
+        """Reduce an active ``res`` by a fill of ``down`` to ``up`` units (``_units.after_fill``);
+        the units removed, or -1 if it was not active. Nothing left ends it as filled (keeping
+        the amount it held)."""
         if res._state != ACTIVE:
             return -1
         self._kinds |= kind  # kind_of() is called before the lock: an ABC check runs bytecode
-        if units >= res._units:
+        remaining = _units.after_fill(res._units, down, up)
+        if not remaining:
             self._end_counted_locked(res, FILLED)
             return res._units
-        res._units -= units
+        units = res._units - remaining
+        res._units = remaining
         self._symbols[res._symbol].units -= units
         self._reserved -= units
         self._epoch += 1
@@ -763,9 +764,9 @@ class PendingMap:
         self._journal.append(_Undo(_ENDED, res, 0))
         return True
 
-    def reduce(self, res: Reservation, units: int, kind: int) -> bool:
+    def reduce(self, res: Reservation, down: int, up: int, kind: int) -> bool:
         active_before = res._state == ACTIVE
-        removed = self._live()._reduce_locked(res, units, kind)
+        removed = self._live()._reduce_locked(res, down, up, kind)
         if removed < 0:
             return False
         if active_before and res._state != ACTIVE:

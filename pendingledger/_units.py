@@ -108,11 +108,20 @@ def notional_units(name: str, value: object) -> int:
     return n
 
 
-def reduction_units(name: str, value: object) -> int:
-    """A partial fill (finite, > 0) in units, rounded down: what stays reserved is never less
-    than what is still open (so fills of a third each leave one unit until the order ends)."""
-    notional_units(name, value)
-    return units(name, value, False)
+def reduction_units(name: str, value: object) -> tuple[int, int]:
+    """A partial fill (finite, > 0) in units, rounded down and rounded up (see ``after_fill``)."""
+    up = notional_units(name, value)
+    return units(name, value, False), up
+
+
+def after_fill(reserved: int, down: int, up: int) -> int:
+    """What stays reserved of ``reserved`` units after a fill of ``down`` to ``up`` units.
+
+    Nothing once the fill rounded up covers what is reserved (a fill of the whole notional ends
+    the reservation, whatever its rounding); else the fill rounded down is taken off, so what
+    stays is never less than what is still open (fills of a third each may leave one unit).
+    """
+    return 0 if up >= reserved else reserved - down
 
 
 def limit_units(name: str, value: object) -> int:

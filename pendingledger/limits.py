@@ -51,5 +51,3 @@ def _check_count(name: str, count: object) -> None:
 def _check_amount_limit(name: str, value: object) -> None:
     if value is not None:
         _units.limit_units(name, value)
-
-

@@ -777,15 +777,16 @@ class RedisReservation:
         reservation ends as filled. True if it was outstanding. ``amount`` must be a finite
         number > 0.
 
-        Counted as in process (``pendingledger._units.reduction_units``): the reduction in units
-        rounded down, taken off the units reserved, so what stays reserved is never less than
-        what is still unfilled. Returns False (logged) if the store cannot be reached.
+        Counted as in process (``pendingledger._units.after_fill``): a fill of the whole
+        notional ends the reservation; a smaller one, rounded down, is taken off the units
+        reserved, so what stays is never less than what is still unfilled. Returns False
+        (logged) if the store cannot be reached.
         """
-        reduction = _units.reduction_units("amount", amount)
+        down, up = _units.reduction_units("amount", amount)
         with self._lock:
             if self._ended:
                 return False
-            remaining = max(0, self._units - reduction)
+            remaining = _units.after_fill(self._units, down, up)
             gate = self._gate
             try:
                 reply = gate._script(

@@ -268,7 +268,7 @@ class TrackedReservation:
     def reduce(self, amount: Number) -> bool:
         done = self.inner.reduce(amount)
         if done:
-            self._left -= _units.reduction_units("amount", amount)
+            self._left = _units.after_fill(self._left, *_units.reduction_units("amount", amount))
             if self._left <= 0:  # reduced to zero: the reservation ended
                 self.ended = True
         return done
