@@ -608,21 +608,20 @@ def test_sum_type_is_stable_as_reservations_come_and_go(ledger: PendingEntryLedg
 
 
 def test_reduce_by_other_types_is_exact_in_units(ledger: PendingEntryLedger) -> None:
-    """Reductions of any kind subtract their units, rounded down; an int reservation left with
-    a fraction of a unit reads back as a Decimal."""
+    """Partial fills of any kind subtract their units rounded down; one that, rounded up,
+    covers what remains fills it. An int reservation left with a fraction of a unit reads back
+    as a Decimal."""
     (res,) = reserve_all(ledger, [1000])
     assert res.reduce(0.5)
     assert res.reduce(Decimal("0.25"))
     assert res.reduce(Fraction(1, 4))
     assert to_pair(res.notional) == (int, 999)
     assert to_pair(gross(ledger)) == (Fraction, Fraction(999))
-    assert res.reduce(Fraction(1, 3))  # 333333333 units: a fill rounds down
+    assert res.reduce(Fraction(1, 3))  # 333333333 units: a partial fill rounds down
     assert to_pair(res.notional) == (Decimal, Decimal("998.666666667"))
-    assert res.reduce(Fraction(2996, 3))  # 998666666666 units: less than remains
-    assert res.active
-    assert to_pair(res.notional) == (Decimal, Decimal("1E-9"))
-    assert res.reduce(Decimal("1E-9"))
+    assert res.reduce(Fraction(2996, 3))  # rounded up, it covers what remains: filled
     assert res.state is ReservationState.FILLED
+    assert to_pair(res.notional) == (Decimal, Decimal("998.666666667"))  # what it held
     assert gross(ledger) == 0
 
 
@@ -635,10 +634,10 @@ def test_partial_fills_never_leave_less_reserved_than_the_order_still_open(
     assert res.reduce(Fraction(1, 3))
     assert res.reduce(Fraction(1, 3))
     assert res.active
-    assert Fraction(gross(ledger)) >= Fraction(1, 3)
-    assert res.reduce(Fraction(1, 3))
-    assert res.active  # thirds leave one unit until the order ends
-    assert gross(ledger) == Fraction(1, SCALE)
+    assert gross(ledger) == Fraction(333_333_334, SCALE)  # not 333333332: fills round down
+    assert res.reduce(Fraction(1, 3))  # the last third, rounded up, covers what remains
+    assert res.state is ReservationState.FILLED
+    assert gross(ledger) == 0
 
 
 @pytest.mark.parametrize(
