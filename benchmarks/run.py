@@ -285,6 +285,11 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def _fmt_value(value: float, unit: str) -> str:
+    """A target's figure: 3 significant digits, whole numbers from 100 on (no e-notation)."""
+    return (f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}") + unit
+
+
 def _fmt_pct(fraction: float) -> str:
     return f"{fraction * 100:.0f}%"
 
@@ -1168,7 +1173,7 @@ def _target_rows(results: Results) -> tuple[list[str], list[list[str]]]:
     rows = []
     for t in results.targets:
         bound = ("<= " if t.kind == "max" else ">= ") + f"{t.limit:g}{t.unit}"
-        value = "-" if t.value is None else f"{t.value:.3g}{t.unit}"
+        value = "-" if t.value is None else _fmt_value(t.value, t.unit)
         rows.append([t.name, value, t.spread, bound, t.verdict(), t.margin()])
     headers = ["target", "measured", "per round (middle half)", "target", "verdict", "margin"]
     return headers, rows
@@ -1266,7 +1271,7 @@ def summarize(paths: Sequence[str]) -> str:
             verdict = {True: " met", False: " **NOT met**"}.get(t["passed"], "")
             if t.get("caveat"):
                 verdict += f" ({t['caveat']})"
-            row.append(f"{t['value']:.3g}{t['unit']} ({t['spread']}){verdict}")
+            row.append(f"{_fmt_value(t['value'], t['unit'])} ({t['spread']}){verdict}")
         memory, units = sections.get("memory"), sections.get("units")
         storm, decision = sections.get("storm"), sections.get("decision")
         row.append(_fmt_bytes(memory["own"]["per_reservation"]) if memory else "-")
@@ -1359,9 +1364,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _say(_table(*_target_rows(results)))
     failed = [t for t in results.targets if t.passed is False]
     judged = [t for t in results.targets if t.passed is not None]
+    verdicts = (
+        f"{len(judged) - len(failed)}/{len(judged)} targets met"
+        if judged or not results.targets
+        else "no targets apply"
+    )
     _say(
-        f"\n{len(judged) - len(failed)}/{len(judged)} targets met [{meta['tag']}] "
-        f"in {elapsed:.1f} s ("
+        f"\n{verdicts} [{meta['tag']}] in {elapsed:.1f} s ("
         + ", ".join(f"{name} {seconds:g} s" for name, seconds in section_s.items())
         + ")"
     )
