@@ -72,6 +72,7 @@ _ENDED: Final = 1
 _REDUCED: Final = 2
 
 _INF: Final = float("inf")
+_SEQ_DIGITS: Final = 19  # a sequence number fits a machine word
 _get_ident: Final = threading.get_ident
 
 
@@ -391,15 +392,17 @@ class LedgerCore:
 
     def find(self, order_id: str) -> Reservation | None:
         """The outstanding reservation of ``order_id`` (a caller's or a generated one), or None."""
+        seq = self.generated_seq(order_id)
         with self._lock:
-            return self._find_locked(order_id)
+            return self._find_locked(order_id, seq)
 
     def release_order(self, order_id: str) -> bool:
         block = self.own_block()
         if block is not None:
             return block.release_order(order_id)
+        seq = self.generated_seq(order_id)
         with self._lock:
-            res = self._find_locked(order_id)
+            res = self._find_locked(order_id, seq)
             return res is not None and self._end_counted_locked(res, RELEASED)
 
     def release_symbol(self, symbol: str) -> bool:
@@ -425,6 +428,8 @@ class LedgerCore:
 
     def audit(self) -> list[str]:
         """Every running total recomputed from the reservations and the book; the differences."""
+        if self.own_block() is not None:
+            return self._audit_locked()
         with self._lock:
             return self._audit_locked()
 
@@ -456,20 +461,22 @@ class LedgerCore:
 
         With no outstanding reservation, the position is still set when ``symbol`` is given.
         """
+        seq = self.generated_seq(order_id)
         now = self.now()
         with self._lock:
             expired = self._sweep_locked(now)
-            res = self._find_locked(order_id)
-            if res is not None and symbol and symbol != res._symbol:
-                raise ValueError(
-                    f"order_id {order_id!r} is reserved on {res._symbol!r}, not symbol={symbol!r}"
-                )
-            if res is not None:
+            res = self._find_locked(order_id, seq)
+            elsewhere = res is not None and bool(symbol) and symbol != res._symbol
+            if res is not None and not elsewhere:
                 self._set_position_locked(res._symbol, units, value)
                 self._end_counted_locked(res, FILLED)
-            elif symbol:
+            elif res is None and symbol:
                 self._set_position_locked(symbol, units, value)
         self.fire_expired(expired)
+        if res is not None and elsewhere:
+            raise ValueError(
+                f"order_id {order_id!r} is reserved on {res.symbol!r}, not symbol={symbol!r}"
+            )
         return res is not None
 
     def positions(self) -> dict[str, object]:
@@ -511,13 +518,22 @@ class LedgerCore:
         expired.append(res)
         return expired
 
-    def _find_locked(self, order_id: str) -> Reservation | None:
+    def generated_seq(self, order_id: str) -> int:
+        """The sequence number if ``order_id`` is an id this ledger generated, else -1 (parsed
+        before the lock: the string is the caller's)."""
         if not order_id.startswith(self._id_prefix):
-            return self._orders.get(order_id)
+            return -1
         digits = order_id[len(self._id_prefix) :]
-        if not digits.isdigit() or not digits.isascii():
-            return None
-        res = self._queue.get(int(digits))
+        if not 0 < len(digits) <= _SEQ_DIGITS or not digits.isascii() or not digits.isdigit():
+            return -1
+        seq = int(digits)
+        return seq if str(seq) == digits else -1  # the ledger writes no leading zeros
+
+    def _find_locked(self, order_id: str, seq: int) -> Reservation | None:
+        """The outstanding reservation of ``order_id`` (``seq`` from ``generated_seq``)."""
+        if seq < 0:
+            return self._orders.get(order_id)
+        res = self._queue.get(seq)
         return res if res is not None and not res._order_id else None
 
     def insert_locked(self, res: Reservation, now: float) -> None:
@@ -755,7 +771,9 @@ class PendingMap:
 
     def release_order(self, order_id: object) -> bool:
         """Drop the reservation of ``order_id``; True if it was outstanding."""
-        res = self._live()._find_locked(_units.check_order_id(order_id))
+        core = self._live()
+        oid = _units.check_order_id(order_id)
+        res = core._find_locked(oid, core.generated_seq(oid))
         return res is not None and self.end(res, RELEASED)
 
     def end(self, res: Reservation, state: int) -> bool:

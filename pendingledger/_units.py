@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from decimal import Decimal
 from fractions import Fraction
 from typing import Final
@@ -44,6 +45,10 @@ _FLOAT_MAX: Final = 1e15
 # a unit can round to a given float: if the nearest one does, it is the decimal repr() prints.
 _FAST_FLOAT: Final = 4194304.0  # 2**22
 _SCALE_F: Final = 1e9
+_EXACT_FLOAT: Final = 2**53
+# Ints this small times SCALE fit a machine word, so compiled code multiplies them inline (see
+# _times).
+_WORD_SAFE: Final = 4_000_000_000
 # A Decimal this far below one unit is not expanded into a huge exact ratio.
 _TINY_EXPONENT: Final = -(SCALE_DIGITS + 3)
 
@@ -94,8 +99,10 @@ def units(name: str, value: object, up: bool) -> int:
     if type(value) is float:
         return _float_units(name, value, up)
     if type(value) is int:
-        if -MAX_AMOUNT < value < MAX_AMOUNT:
+        if -_WORD_SAFE < value < _WORD_SAFE:
             return value * SCALE
+        if -MAX_AMOUNT < value < MAX_AMOUNT:
+            return _times(value, SCALE)
         raise ValueError(_too_large(name, value))
     return _other_units(name, value, up)
 
@@ -145,7 +152,8 @@ def to_number(n: int, kinds: int) -> Number:
     if kinds & KIND_DECIMAL:
         return _decimal(n)
     if kinds & KIND_FLOAT:
-        return n / SCALE
+        # float(n) is exact below 2**53; past it, a Decimal's float() is correctly rounded.
+        return float(n) / _SCALE_F if -_EXACT_FLOAT < n < _EXACT_FLOAT else float(_decimal(n))
     if n % SCALE == 0:
         return n // SCALE
     return _decimal(n)
@@ -173,7 +181,7 @@ def _float_units(name: str, value: float, up: bool) -> int:
             raise ValueError(_too_large(name, value))
         raise ValueError(f"{name} must be finite, got {value!r}")
     elif value == math.floor(value):
-        return int(value) * SCALE
+        return _times(int(value), SCALE)
     return _ratio_units(Decimal(repr(value)).as_integer_ratio(), up)
 
 
@@ -215,12 +223,28 @@ def _decimal_units(name: str, value: Decimal, up: bool) -> int:
 
 def _ratio_units(ratio: tuple[int, int], up: bool) -> int:
     num, den = ratio
-    scaled = num * SCALE
-    if not up:
-        return scaled // den
-    if num >= 0:
-        return -(-scaled // den)
-    return scaled // den
+    scaled = _times(num, SCALE)
+    if up and num >= 0:
+        return -_floor_divide(-scaled, den)
+    return _floor_divide(scaled, den)
+
+
+def _times(a: int, b: int) -> int:
+    """``a * b`` for ints that may not fit a machine word.
+
+    Compiled, ``a * b`` on such ints goes to CPython's long multiplication, which runs pending
+    signal handlers; mypyc takes the NULL it then returns for an out-of-memory error and aborts
+    the process (a Ctrl-C during a conversion would kill the bot). ``operator.mul`` is an
+    ordinary call, whose exception propagates. Only ``_units`` multiplies or divides amounts.
+    """
+    product: int = operator.mul(a, b)
+    return product
+
+
+def _floor_divide(a: int, b: int) -> int:
+    """``a // b`` as an ordinary call, for the same reason as ``_times``."""
+    quotient: int = operator.floordiv(a, b)
+    return quotient
 
 
 def _too_large(name: str, value: object) -> str:
