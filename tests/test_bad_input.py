@@ -731,7 +731,7 @@ def test_the_smallest_float_reads_back_in_whole_units(
     ledger: PendingEntryLedger, gate: PortfolioGate
 ) -> None:
     """Sums come back in the kind reserved: a float of whole units (1e-9), the reservation's own
-    notional as given; once reduced, the notional is what remains in units."""
+    notional as given. A fill of less than a unit takes nothing off (fills round down)."""
     tiny = 5e-324
     decision = gate.try_enter("AAA", tiny, {})
     assert decision.reservation is not None
@@ -739,8 +739,8 @@ def test_the_smallest_float_reads_back_in_whole_units(
     assert ledger.stats().gross_notional == 1e-09
     big = gate.try_enter("BBB", 1.0, {}).reservation
     assert big is not None and big.reduce(tiny)
-    assert big.notional == 0.999999999  # one unit less
-    assert ledger.stats().gross_notional == 1.0
+    assert big.notional == 1.0 and big.active
+    assert ledger.stats().gross_notional == 1.000000001
 
 
 @pytest.mark.parametrize("order_id", [None])

@@ -1376,8 +1376,8 @@ def test_gate_and_ledger_match_the_reference_model(seed: int) -> None:
                     del model.orders[oid]
                     model.released += 1
                     assert made[oid].state is ReservationState.FILLED
-                else:
-                    left -= model_units(amount, True)
+                else:  # a partial fill rounds down (_units.after_fill)
+                    left -= model_units(amount, False)
                     model.orders[oid] = (symbol, left, at)
                     assert same_value(made[oid].notional, left)
         elif op < 0.78:

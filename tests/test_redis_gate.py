@@ -292,7 +292,7 @@ def test_amounts_are_exact_units_rounded_against_the_trader(client: Any) -> None
 
 
 def test_reduce_counts_as_in_process(client: Any) -> None:
-    """A partial fill comes off in the core's units (``_units.reduction_units``), on both
+    """A partial fill comes off in the core's units (``_units.after_fill``), on both
     backends alike, and the remaining notional reads back in the reservation's kind."""
     gate = new_gate(client)
     local = PendingEntryLedger(60.0, clock=ManualClock())
@@ -303,7 +303,7 @@ def test_reduce_counts_as_in_process(client: Any) -> None:
     assert gate.snapshot().orders[r.order_id].units == left == 333_333_334
     for amount in (Fraction(1, 6), Decimal("0.1")):
         assert r.reduce(amount) and mirror.reduce(amount)
-        left -= _units.reduction_units("amount", amount)
+        left = _units.after_fill(left, *_units.reduction_units("amount", amount))
         assert gate.snapshot().orders[r.order_id].units == left
         assert r.notional == mirror.notional == Fraction(left, 10**9)  # still a Fraction
     for handle in (r, mirror):
