@@ -48,16 +48,23 @@ class OptionalBuildExt(build_ext):
             self.extensions = []
 
 
+# pip runs this file for metadata too; only these commands build the extension modules.
+BUILDS = {"build", "build_ext", "bdist_wheel", "install", "develop", "editable_wheel"}
+
+
 def ext_modules() -> list[object]:
+    if not BUILDS.intersection(sys.argv[1:]):
+        return []
     if os.environ.get("PENDINGLEDGER_PURE_PYTHON", "") not in ("", "0"):
         print("pendingledger: PENDINGLEDGER_PURE_PYTHON is set: pure-Python build", file=sys.stderr)
         return []
     try:
         from mypyc.build import mypycify  # noqa: PLC0415 - only a compiled build needs it
-    except ImportError as exc:
-        warn(f"mypyc is not available ({exc}); installing the pure-Python build")
+
+        return list(mypycify(CORE, opt_level="3"))
+    except (ImportError, SystemExit, Exception) as exc:  # mypyc exits on a type error
+        warn(f"mypyc could not compile the core ({exc!r}); installing the pure-Python build")
         return []
-    return list(mypycify(CORE, opt_level="3"))
 
 
 setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})
