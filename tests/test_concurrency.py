@@ -10,6 +10,7 @@ catch is certain, not a matter of the scheduler's luck.
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -342,21 +343,37 @@ class KeepsTrying:
 
 @dataclass
 class TimedRace:
-    """What the deciders did, for the lock holder to wait on and the test to check (``cond``)."""
+    """What the deciders and the lock holder do, and how they wait for each other (``cond``).
+
+    The holder takes the lock whenever deciders have moved on since its last hold (or one is
+    waiting for a hold), and keeps it until some decision has timed out against it (or none is
+    trying: the others wait for the lock without a timeout, to check or release). Each
+    decider meets at least two holds for sure: its decisions ``MEET_HOLD`` wait until the lock
+    is held before they start, so they time out (or another did first and the hold ended).
+    """
 
     gate: PortfolioGate
     enter: TimedEnter
     cond: threading.Condition = field(default_factory=threading.Condition)
     running: bool = True
-    inside: int = 0  # deciders inside a timed decision now
+    held: bool = False
+    waiting: int = 0  # deciders waiting for a hold
+    inside: int = 0  # deciders inside a timed decision
     decisions: int = 0
     admitted: int = 0
     holds: int = 0
     timed_out: list[str] = field(default_factory=list)  # order ids of LOCK_TIMEOUT decisions
 
+    MEET_HOLD = (50, 100)
+
     def decide(self, index: int, k: int, rng: random.Random) -> ReservationHandle | None:
         oid = f"d{index}-{k}"
         with self.cond:
+            if k in self.MEET_HOLD:
+                self.waiting += 1
+                self.cond.notify_all()
+                self.cond.wait_for(lambda: self.held or not self.running, 10)
+                self.waiting -= 1
             self.inside += 1
         notional, wait = rng.randrange(50, 300), rng.choice((0.0, 0.0005, 0.002))
         decision = self.enter(self.gate, f"S{index % 8}", notional, oid, wait)
@@ -371,18 +388,29 @@ class TimedRace:
             self.cond.notify_all()
         return decision.reservation
 
-    def hold(self) -> None:
-        """Take the lock and keep it until a decider gives up on it (or none is trying), then
-        wait, with the lock free, until some decision has been made meanwhile."""
-        with self.gate.ledger.lock(timeout=10), self.cond:
-            self.holds += 1
-            before = len(self.timed_out)
-            self.cond.wait_for(
-                lambda: len(self.timed_out) > before or not self.inside or not self.running, 10
-            )
-        with self.cond:
-            before = self.decisions
-            self.cond.wait_for(lambda: self.decisions > before or not self.running, 10)
+    def gave_up(self, before: int) -> bool:
+        """A decision timed out since ``before``, or no decider is about to try (``cond`` held)."""
+        trying = self.inside or self.waiting
+        return len(self.timed_out) > before or not trying or not self.running
+
+    def moved_on(self, last: int) -> bool:
+        """Decisions were made since ``last``, or one waits for a hold (``cond`` held)."""
+        return self.decisions > last or bool(self.waiting) or not self.running
+
+    def hold_while_running(self) -> None:
+        last = 0
+        while True:
+            with self.cond:
+                self.cond.wait_for(functools.partial(self.moved_on, last), 10)
+                if not self.running:
+                    return
+            with self.gate.ledger.lock(timeout=10), self.cond:
+                self.holds += 1
+                self.held = True
+                self.cond.notify_all()
+                self.cond.wait_for(functools.partial(self.gave_up, len(self.timed_out)), 10)
+                self.held = False
+                last = self.decisions
 
 
 def run_timed_race(enter: TimedEnter) -> tuple[TimedRace, Race]:
@@ -400,11 +428,7 @@ def run_timed_race(enter: TimedEnter) -> tuple[TimedRace, Race]:
                 race.check()
                 res.release()
 
-    def holder() -> None:
-        while timed.running:
-            timed.hold()
-
-    holding = threading.Thread(target=holder, name="lock-holder", daemon=True)
+    holding = threading.Thread(target=timed.hold_while_running, name="lock-holder", daemon=True)
     holding.start()
     try:
         run_concurrently(decider, 32, timeout=50)
@@ -415,7 +439,7 @@ def run_timed_race(enter: TimedEnter) -> tuple[TimedRace, Race]:
         holding.join(20)
     assert not holding.is_alive()
     race.check()
-    assert timed.holds > 1
+    assert timed.holds >= len(TimedRace.MEET_HOLD)
     assert timed.timed_out, "no decision timed out: the holder never held the lock against one"
     return timed, race
 
