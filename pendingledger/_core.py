@@ -19,8 +19,11 @@ the caller's block runs with the lock held, and is journaled so that it is undon
 
 Compiled with mypyc, no Python bytecode runs while the lock is held, so CPython can neither
 switch threads nor run a signal handler there: a ``KeyboardInterrupt`` cannot land mid-update,
-and contending threads do not queue behind a descheduled holder. Interpreted, ``with lock:``
-still releases the lock whatever is raised (see ``_acquired`` for the timed acquisition).
+and contending threads do not queue behind a descheduled holder. (One exception no code here can
+rule out: on CPython 3.11 a garbage collection may start at an allocation under the lock and
+run some object's ``__del__`` or weakref callback; one that calls into this ledger deadlocks.)
+Interpreted, every acquisition still releases the lock whatever is raised (``_acquire_into``),
+except at the first instruction of ``LockBlock.__exit__``, where no Python code can help.
 
 Expiry: the TTL is fixed per ledger and stamps never go backwards (clamped to ``_last_stamp``),
 so deadlines are in sequence order, which ``_queue`` keeps (a dict keeps insertion order). A sweep
@@ -41,6 +44,7 @@ import enum
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final
 
@@ -58,20 +62,23 @@ logger = logging.getLogger("pendingledger")
 SWEEP_LIMIT: Final = 1000
 """Reservations one acquisition expires at most (the Redis script sweeps as many)."""
 
-# Reservation states (ReservationState members in this order, in ledger.py).
+# Reservation states (the ReservationState members, in this order).
 ACTIVE: Final = 0
 RELEASED: Final = 1
 FILLED: Final = 2
 EXPIRED: Final = 3
 ROLLED_BACK: Final = 4
-# try_enter's answer when the positions read went stale before the commit: read again.
-RETRY: Final = -1
+# Answers of GateCore.try_decide besides the rules' codes.
+RETRY: Final = -1  # the positions read went stale before the commit: read again
+DUPLICATE: Final = -2  # the order id has an outstanding reservation
+BUSY: Final = -3  # another thread holds the lock: wait for it, read the clock again, retry
 # Journal records of a lock() block.
 _RESERVED: Final = 0
 _ENDED: Final = 1
 _REDUCED: Final = 2
 
 _INF: Final = float("inf")
+_COMPILED: Final = not (__file__ or "").endswith(".py")  # see _acquire_into
 _SEQ_DIGITS: Final = 19  # a sequence number fits a machine word
 _get_ident: Final = threading.get_ident
 
@@ -366,14 +373,14 @@ class LedgerCore:
     def end(self, res: Reservation, state: int) -> bool:
         block = self.own_block()
         if block is not None:
-            return block.end(res, state)
+            return block.end_locked(res, state)
         with self._lock:
             return self._end_counted_locked(res, state)
 
     def reduce(self, res: Reservation, down: int, up: int, kind: int) -> bool:
         block = self.own_block()
         if block is not None:
-            return block.reduce(res, down, up, kind)
+            return block.reduce_locked(res, down, up, kind)
         with self._lock:
             return self._reduce_locked(res, down, up, kind) >= 0
 
@@ -389,12 +396,6 @@ class LedgerCore:
             if res._state == ACTIVE and now >= res._reserved_at + self.ttl:
                 expired = self._expire_one_locked(res, expired)
         self.fire_expired(expired)
-
-    def find(self, order_id: str) -> Reservation | None:
-        """The outstanding reservation of ``order_id`` (a caller's or a generated one), or None."""
-        seq = self.generated_seq(order_id)
-        with self._lock:
-            return self._find_locked(order_id, seq)
 
     def release_order(self, order_id: str) -> bool:
         block = self.own_block()
@@ -433,6 +434,17 @@ class LedgerCore:
         with self._lock:
             return self._audit_locked()
 
+    def wait_free(self, timeout: float) -> bool:
+        """Wait until the lock is free, at most ``timeout`` seconds (< 0: for ever), holding it
+        for no time at all; whether it was free in time."""
+        held: list[bool] = []
+        try:
+            _acquire_into(held, self._lock, True, timeout)
+            return held[0]
+        finally:
+            if held and held[0]:
+                self._lock.release()
+
     def own_block(self) -> PendingMap | None:
         """This thread's open ``lock()`` block, or None (any other thread's block is not ours)."""
         if not self._owner or self._owner != _get_ident():
@@ -464,7 +476,7 @@ class LedgerCore:
         seq = self.generated_seq(order_id)
         now = self.now()
         with self._lock:
-            expired = self._sweep_locked(now)
+            # Before the sweep: a fill that lands as its TTL runs out is a fill, not an expiry.
             res = self._find_locked(order_id, seq)
             elsewhere = res is not None and bool(symbol) and symbol != res._symbol
             if res is not None and not elsewhere:
@@ -472,6 +484,7 @@ class LedgerCore:
                 self._end_counted_locked(res, FILLED)
             elif res is None and symbol:
                 self._set_position_locked(symbol, units, value)
+            expired = self._sweep_locked(now)
         self.fire_expired(expired)
         if res is not None and elsewhere:
             raise ValueError(
@@ -650,9 +663,6 @@ class LedgerCore:
             return sum(1 for symbol in symbols if symbol in open_)
         return sum(1 for symbol in open_ if symbol in symbols)
 
-    def duplicate_locked(self, order_id: str) -> bool:
-        return bool(order_id) and order_id in self._orders
-
     def _audit_locked(self) -> list[str]:
         problems: list[str] = []
         units: dict[str, int] = {}
@@ -680,15 +690,19 @@ def _expect(problems: list[str], what: str, kept: int, recomputed: int) -> None:
         problems.append(f"{what}: kept {kept}, recomputed {recomputed}")
 
 
-def _acquire_into(held: list[bool], lock: threading.Lock, timeout: float) -> None:
-    """Take ``lock`` within ``timeout`` seconds (< 0: for ever) and append whether it was had.
+def _acquire_into(held: list[bool], lock: threading.Lock, blocking: bool, timeout: float) -> None:
+    """``lock.acquire(blocking, timeout)``, its answer appended to ``held``.
 
-    Where there is no timeout, ``with lock:`` is the way. With one, the caller enters its ``try``
-    first, calls this, and releases in its ``finally`` if ``held`` says so: ``extend()`` stores
-    ``acquire()``'s answer from C, so even interpreted, an exception that a signal handler raises
-    as ``acquire()`` returns cannot come between the lock being had and ``held`` saying so.
+    The caller enters its ``try`` first, calls this, and releases in its ``finally`` if ``held``
+    says so. Compiled, nothing can be raised between ``acquire()`` returning and the append.
+    Interpreted, a signal handler may run as ``acquire()`` returns, so there ``extend()`` stores
+    the answer from C first (four times the instructions: hence two forms). ``with lock:`` has
+    no such window, but neither a timeout nor a non-blocking try.
     """
-    held.extend(map(lock.acquire, _BLOCKING, (timeout,)))
+    if _COMPILED:
+        held.append(lock.acquire(blocking, timeout))
+    else:
+        held.extend(map(lock.acquire, (blocking,), (timeout,)))
 
 
 class PendingMap:
@@ -758,7 +772,7 @@ class PendingMap:
         if oid and oid in core._orders:
             raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
         res = Reservation(core, name, oid, notional, units)
-        core.insert_locked(res, self._now)
+        core.insert_locked(res, self._now)  # the block's time: the clock is not read under it
         self._journal.append(_Undo(_RESERVED, res, 0))
         return res
 
@@ -766,7 +780,7 @@ class PendingMap:
         """Drop every reservation on ``symbol``; True if anything was released."""
         members = self._live().on_symbol_locked(_units.check_symbol(symbol))
         for res in members:
-            self.end(res, RELEASED)
+            self.end_locked(res, RELEASED)
         return bool(members)
 
     def release_order(self, order_id: object) -> bool:
@@ -774,17 +788,21 @@ class PendingMap:
         core = self._live()
         oid = _units.check_order_id(order_id)
         res = core._find_locked(oid, core.generated_seq(oid))
-        return res is not None and self.end(res, RELEASED)
+        return res is not None and self.end_locked(res, RELEASED)
 
-    def end(self, res: Reservation, state: int) -> bool:
-        if not self._live()._end_counted_locked(res, state):
+    def end_locked(self, res: Reservation, state: int) -> bool:
+        """End ``res`` through this block (journaled); it must be this ledger's."""
+        if res._core is not self._live() or not self._core._end_counted_locked(res, state):
             return False
         self._journal.append(_Undo(_ENDED, res, 0))
         return True
 
-    def reduce(self, res: Reservation, down: int, up: int, kind: int) -> bool:
+    def reduce_locked(self, res: Reservation, down: int, up: int, kind: int) -> bool:
+        """Reduce ``res`` through this block (journaled); it must be this ledger's."""
+        if res._core is not self._live():
+            return False
         active_before = res._state == ACTIVE
-        removed = self._live()._reduce_locked(res, down, up, kind)
+        removed = self._core._reduce_locked(res, down, up, kind)
         if removed < 0:
             return False
         if active_before and res._state != ACTIVE:
@@ -837,22 +855,27 @@ class LockBlock:
             raise LedgerError("a lock() context manager can be entered only once")
         core = self._core
         core.refuse_reentry("lock()")
-        now = core.now()
-        held: list[bool] = []
-        try:
-            _acquire_into(held, core._lock, self._timeout)
-            if not held[0]:
+        deadline = time.monotonic() + self._timeout
+        while True:
+            now = core.now()  # just before a try that does not wait: the block's time
+            held: list[bool] = []
+            try:
+                _acquire_into(held, core._lock, False, -1.0)
+                if held[0]:
+                    view = self._view = PendingMap(core, now, core._sweep_locked(now))
+                    core._block = view
+                    core._owner = _get_ident()
+            except BaseException:
+                if held and held[0]:
+                    core._owner = 0
+                    core._block = None
+                    core._lock.release()
+                raise
+            if held[0]:
+                return view  # nothing between the try and here where an interrupt could land
+            left = -1.0 if self._timeout < 0 else max(0.0, deadline - time.monotonic())
+            if not core.wait_free(left):
                 raise LockTimeout(f"ledger lock not acquired within {self._timeout} s")
-            view = self._view = PendingMap(core, now, core._sweep_locked(now))
-            core._block = view
-            core._owner = _get_ident()
-        except BaseException:
-            if held and held[0]:
-                core._owner = 0
-                core._block = None
-                core._lock.release()
-            raise
-        return view  # nothing between the try and here where an interrupt could be raised
 
     def __exit__(
         self,
@@ -862,7 +885,8 @@ class LockBlock:
     ) -> None:
         core = self._core
         view = self._view
-        assert view is not None
+        if view is None or not view._open or core._owner != _get_ident():
+            raise LedgerError("this lock() block is not open in this thread")
         try:
             expired = view.close_locked(exc_type is not None)
         finally:
@@ -909,40 +933,29 @@ class GateCore:
         with self._timeouts_lock:
             self._timeouts += 1
 
-    def decide(
-        self,
-        res: Reservation,
-        limits: UnitLimits,
-        now: float,
-        snapshot: Snapshot | None,
-        timeout: float,
+    def try_decide(
+        self, res: Reservation, limits: UnitLimits, now: float, snapshot: Snapshot | None
     ) -> int:
         """Check the rules and reserve ``res`` if they pass, in one critical section.
 
-        Returns the outcome code, ``RETRY`` if ``snapshot`` went stale, ``-2`` if the order id
-        is outstanding already. ``timeout`` < 0 waits for the lock for ever.
+        Returns the outcome code; ``RETRY`` if ``snapshot`` went stale; ``DUPLICATE`` if the
+        order id is outstanding already; ``BUSY``, having waited for nothing, if another thread
+        holds the lock: the caller waits for it (``LedgerCore.wait_free``), reads the clock again
+        and tries again, so no reservation is ever stamped with a reading from before a wait.
         """
         ledger = self.ledger
         lock = ledger._lock
         expired: list[Reservation] | None = None
-        if timeout < 0:
-            with lock:
-                expired = ledger._sweep_locked(now)
-                code = self._decide_locked(res, limits, now, snapshot)
-        else:
-            held: list[bool] = []
-            try:
-                _acquire_into(held, lock, timeout)
-                if not held[0]:
-                    code = rules.LOCK_TIMEOUT
-                else:
-                    expired = ledger._sweep_locked(now)
-                    code = self._decide_locked(res, limits, now, snapshot)
-            finally:
-                if held and held[0]:
-                    lock.release()
-            if code == rules.LOCK_TIMEOUT:
-                self.count_timeout()
+        held: list[bool] = []
+        try:
+            _acquire_into(held, lock, False, -1.0)
+            if not held[0]:
+                return BUSY
+            expired = ledger._sweep_locked(now)
+            code = self._decide_locked(res, limits, now, snapshot)
+        finally:
+            if held and held[0]:
+                lock.release()
         ledger.fire_expired(expired)
         return code
 
@@ -950,7 +963,7 @@ class GateCore:
         self, res: Reservation, limits: UnitLimits, now: float, snapshot: Snapshot | None
     ) -> int:
         ledger = self.ledger
-        if snapshot is not None and snapshot.epoch != ledger._epoch:
+        if snapshot is not None and snapshot.epoch != ledger._epoch and not self._halted:
             return RETRY
         if res._order_id and res._order_id in ledger._orders:
             return DUPLICATE
@@ -996,6 +1009,4 @@ class GateCore:
         )
 
 
-DUPLICATE: Final = -2
-_BLOCKING: Final = (True,)
 _REASON_SLOTS: Final = range(rules.LOCK_TIMEOUT + 1)

@@ -87,6 +87,8 @@ DENIED: Final[tuple[Decision, ...]] = tuple(Decision(reason) for reason in DenyR
 """One shared denied decision per reason, ``DENIED[code - 1]``: denials allocate nothing."""
 
 
-def denied(reason: DenyReason) -> Decision:
-    """The shared denied decision of ``reason``."""
-    return DENIED[list(DenyReason).index(reason)]
+def denied(reason: object) -> Decision:
+    """The shared denied decision of ``reason`` (a ``DenyReason``)."""
+    if not isinstance(reason, DenyReason):
+        raise TypeError(f"reason must be a DenyReason, got {reason!r}")
+    return DENIED[REASONS.index(reason) - 1]

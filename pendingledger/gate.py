@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _units, rules
-from ._core import DUPLICATE, RETRY, GateCore, LedgerCore, Reservation
+from ._core import BUSY, DUPLICATE, RETRY, GateCore, LedgerCore, Reservation
 from ._positions import read_positions
 from .decision import DENIED, REASONS, Decision
 from .ledger import PendingEntryLedger, check_timeout
@@ -193,17 +193,14 @@ class PortfolioGate:
         limits = self._limits
         ledger.refuse_reentry("try_enter()")
         res = Reservation(ledger, name, oid, notional, units)
-        if positions is None:
-            code = self._core.decide(res, limits, ledger.now(), None, wait)
-        else:
-            code = self._decide_on(positions, ledger, res, limits, wait)
+        code = self._decide(positions, ledger, res, limits, wait)
         if code == rules.ADMIT:
             return Decision(None, res)
         if code == DUPLICATE:
             raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
         return DENIED[code - 1]
 
-    def _decide_on(
+    def _decide(
         self,
         positions: object,
         ledger: LedgerCore,
@@ -211,17 +208,27 @@ class PortfolioGate:
         limits: UnitLimits,
         wait: float,
     ) -> int:
-        """Decide on a caller's positions, reading them again while a read goes stale."""
+        """Decide, waiting for a busy lock and reading a caller's positions again while a read
+        goes stale (see the module docstring); ``LOCK_TIMEOUT`` past ``wait`` or ``MAX_READS``."""
         deadline = time.monotonic() + wait if wait > 0 else 0.0
-        for _ in range(MAX_READS):
-            snapshot = read_positions(positions, res.symbol, ledger.epoch)
-            code = self._core.decide(res, limits, ledger.now(), snapshot, wait)
-            if code != RETRY:
+        reads = 0
+        while True:
+            snapshot = None
+            if positions is not None:
+                snapshot = read_positions(positions, res.symbol, ledger.epoch)
+            code = self._core.try_decide(res, limits, ledger.now(), snapshot)
+            if code == BUSY:
+                left = wait if wait <= 0 else max(0.0, deadline - time.monotonic())
+                if ledger.wait_free(left):
+                    continue
+            elif code != RETRY:
                 return code
-            if wait > 0:
-                wait = max(0.0, deadline - time.monotonic())
-        self._core.count_timeout()
-        return rules.LOCK_TIMEOUT
+            else:
+                reads += 1
+                if reads < MAX_READS:
+                    continue
+            self._core.count_timeout()
+            return rules.LOCK_TIMEOUT
 
 
 if TYPE_CHECKING:  # mypy proves PortfolioGate offers the whole backend-neutral surface.

@@ -7,11 +7,12 @@ holds it to this one.
 
 Figures and limits are integers of units (``pendingledger._units``). Outcome codes are small
 ints, not ``DenyReason`` members, because hashing an Enum runs Python code; ``REASONS`` (in
-``limits``) maps a code to its reason.
+``decision``) maps a code to its reason.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Final
 
 from . import _units
@@ -38,7 +39,8 @@ class UnitLimits:
     def __init__(self, source: PortfolioLimits) -> None:
         self.source = source
         count = source.max_concurrent_positions
-        self.max_positions: int = NO_LIMIT if count is None else count
+        # An exact int: an int subclass's comparisons would run its code under the lock.
+        self.max_positions: int = NO_LIMIT if count is None else operator.index(count)
         self.max_gross: int = _limit("max_gross_exposure", source.max_gross_exposure)
         self.max_symbol: int = _limit("max_symbol_exposure", source.max_symbol_exposure)
 
