@@ -241,7 +241,7 @@ def test_bad_symbol_in_positions_fails_closed(
     positions: dict[Any, Number] = {"OK": 5, value: 1}
     arg: object = (lambda: positions) if as_callable else positions
     with unchanged(ledger, gate), raises(exc, "symbol", value):
-        gate.try_enter("DDD", 1, arg)  # type: ignore[arg-type]
+        gate.try_enter("DDD", 1, arg)
 
 
 BAD_ORDER_IDS: list[object] = [1, 1.5, b"o-1", ("o",), [1], {"id": 1}, {1, 2}, ("o", [1])]
@@ -336,10 +336,10 @@ def test_bad_position_exposure_fails_closed(
     positions: dict[str, Any] = {"OK": 5, key: value}
     arg: object = (lambda: positions) if as_callable else positions
     with unchanged(ledger, gate), raises(exc, "positions", value):
-        gate.try_enter("DDD", 1, arg)  # type: ignore[arg-type]
+        gate.try_enter("DDD", 1, arg)
     gate.limits = PortfolioLimits()  # with no limit at all, still nothing admitted
     with unchanged(ledger, gate), raises(exc, "positions", value):
-        gate.try_enter("DDD", 1, arg)  # type: ignore[arg-type]
+        gate.try_enter("DDD", 1, arg)
 
 
 BAD_POSITIONS: list[object] = [
@@ -576,7 +576,7 @@ def test_bad_limits_on_the_gate_change_nothing(
     """A refused ``gate.limits`` assignment keeps the limits in force."""
     before = gate.limits
     with unchanged(ledger, gate), raises(TypeError, "limits", None):
-        gate.limits = None  # type: ignore[assignment]
+        gate.limits = None
     assert gate.limits is before
 
 

@@ -577,22 +577,23 @@ class World:
     def step_confirm_fill(self) -> Step:
         named = self.named()
         exposure = self.rng.choice(EXPOSURES)
-        swept = self.model.swept(self.now())
+        model, now = self.model, self.now()
         symbol: str | None = None
         if named and self.rng.random() < 0.8:
             serial, entry = self.rng.choice(named)
             oid = entry.oid
-            active = serial in swept.entries
+            active = serial in model.entries  # looked up before the call's own sweep
             if not active and self.rng.random() < 0.5:
                 symbol = entry.symbol  # a late fill: the position is still recorded
             if active:
-                after = swept.position(entry.symbol, exposure).end(serial, ReservationState.FILLED)
+                filled = model.position(entry.symbol, exposure)
+                after = filled.end(serial, ReservationState.FILLED).swept(now)
             else:
-                after = swept if symbol is None else swept.position(symbol, exposure)
+                after = (model if symbol is None else model.position(symbol, exposure)).swept(now)
         else:
             oid, active = "never-made", False
             symbol = self.rng.choice(SYMBOLS)
-            after = swept.position(symbol, exposure)
+            after = model.position(symbol, exposure).swept(now)
 
         def settle(result: object) -> Model:
             expect(result is active, "confirm_fill", (oid, result))
@@ -1010,12 +1011,33 @@ def check_notifications(world: World) -> None:
             assert len(notified) <= ledger.stats().expired
 
 
+KNOWN_WINDOW = "_core.py:__exit__"  # see in_the_known_window
+
+
+def in_the_known_window(leak: str) -> bool:
+    """Interpreted, ``LockBlock.__exit__`` is a Python function, and CPython runs a pending signal
+    handler at its first instruction, before any of its code: a ``lock()`` block's exit is the
+    one place the pure build can leave the lock held (the README says so; compiled, there is no
+    such window). A leak counts as that only if the interrupt's innermost frame is there."""
+    frames = [line for line in leak.splitlines() if line.strip().startswith('File "')]
+    while frames and frames[-1].rstrip().endswith("in handler"):
+        frames.pop()  # the signal handler's own frame, innermost
+    return (
+        not pendingledger.COMPILED
+        and bool(frames)
+        and "_core.py" in frames[-1]
+        and frames[-1].rstrip().endswith("in __exit__")
+    )
+
+
 def assert_outcome(tally: Tally, summary: str) -> None:
-    """Compiled: no leak, no inconsistent state, no wrong answer. Interpreted: no leak."""
+    """Compiled: no leak, no inconsistent state, no wrong answer. Interpreted: no leak but in
+    the known window of a ``lock()`` block's exit."""
     print(summary)
     assert tally.interrupts >= INTERRUPTS
     assert tally.inside_ops > 0, "no interrupt landed inside an operation: the harness is idle"
-    assert tally.leaks == [], f"{summary}\n\n" + "\n".join(tally.leaks[:3])
+    leaks = [leak for leak in tally.leaks if not in_the_known_window(leak)]
+    assert leaks == [], f"{summary}\n\n" + "\n".join(leaks[:3])
     if pendingledger.COMPILED:
         problems = tally.inconsistent + tally.mismatches
         assert problems == [], f"{summary}\n\n" + "\n".join(problems[:3])
@@ -1248,7 +1270,7 @@ def test_an_interrupt_at_any_function_entry_leaves_the_lock_free() -> None:
             for k in range(function_entries(action)):
                 landed, leaked, problems = interrupt_at_entry(action, k, it)
                 runs += 1
-                if leaked:
+                if leaked and not (not pendingledger.COMPILED and landed == KNOWN_WINDOW):
                     leaks.append(f"{name}: interrupted entering {landed}")
                 if problems:
                     torn.append(f"{name}: interrupted entering {landed}: {problems}")

@@ -678,7 +678,6 @@ TRIGGERS: dict[str, Trigger] = {
     "try_enter_timeout": lambda ledger, res: _gate(ledger).try_enter("ZZZ", 1, timeout=5),
     "set_position": lambda ledger, res: _gate(ledger).set_position("ZZZ", 1),
     "close_position": lambda ledger, res: _gate(ledger).close_position("ZZZ"),
-    "confirm_fill": lambda ledger, res: _gate(ledger).confirm_fill(res.order_id, 1),
     "confirm_fill_other": lambda ledger, res: _gate(ledger).confirm_fill("x", 1, symbol="ZZZ"),
 }
 
@@ -940,7 +939,7 @@ OPERATIONS: dict[str, Callable[[Watched], object]] = {
     "close_position": _open_and_close,
     "confirm_fill": lambda w: w.gate.confirm_fill("o", 5),
     "confirm_fill_generated": lambda w: w.gate.confirm_fill(w.generated.order_id, 2),
-    "confirm_fill_late": lambda w: w.gate.confirm_fill("due", 1, symbol="DUE"),
+    "confirm_fill_late": lambda w: w.gate.confirm_fill("gone", 1, symbol="DUE"),
     "positions": lambda w: w.gate.positions(),
     "gate_stats": lambda w: w.gate.stats(),
 }
@@ -1946,3 +1945,19 @@ def test_a_reservation_stamped_from_a_reading_older_than_an_empty_sweep_expires_
         world.ledger.stats()
         assert is_active(late) is (world.manual() < late.expires_at), late.expires_at
     assert late.state is ReservationState.EXPIRED
+
+
+def test_a_fill_that_lands_as_the_ttl_runs_out_is_a_fill(clock: ManualClock) -> None:
+    """confirm_fill looks the order up before its own sweep: a fill reported at (or after) the
+    deadline, before anything swept the reservation, records the position and ends it FILLED,
+    without ``symbol=`` too; an expiry would have lost the position and under-counted."""
+    expired: list[Reservation] = []
+    ledger = PendingEntryLedger(10, clock=clock, on_expire=expired.append)
+    gate = PortfolioGate(ledger, PortfolioLimits())
+    res = gate.try_enter("AAA", 100, order_id="o").reservation
+    assert isinstance(res, Reservation)
+    clock.advance(10)
+    assert gate.confirm_fill("o", 100)
+    assert res.state is ReservationState.FILLED
+    assert gate.positions() == {"AAA": 100}
+    assert expired == [] and ledger.audit() == []
