@@ -439,7 +439,7 @@ class LedgerCore:
         for no time at all; whether it was free in time."""
         held: list[bool] = []
         try:
-            _acquire_into(held, self._lock, True, timeout)
+            _acquire_into(held, self._lock, timeout)
             return held[0]
         finally:
             if held and held[0]:
@@ -690,19 +690,29 @@ def _expect(problems: list[str], what: str, kept: int, recomputed: int) -> None:
         problems.append(f"{what}: kept {kept}, recomputed {recomputed}")
 
 
-def _acquire_into(held: list[bool], lock: threading.Lock, blocking: bool, timeout: float) -> None:
-    """``lock.acquire(blocking, timeout)``, its answer appended to ``held``.
+def _acquire_into(held: list[bool], lock: threading.Lock, timeout: float) -> None:
+    """``lock.acquire()`` within ``timeout`` seconds (< 0: for ever, 0: no wait), its answer
+    appended to ``held``.
 
     The caller enters its ``try`` first, calls this, and releases in its ``finally`` if ``held``
     says so. Compiled, nothing can be raised between ``acquire()`` returning and the append.
     Interpreted, a signal handler may run as ``acquire()`` returns, so there ``extend()`` stores
-    the answer from C first (four times the instructions: hence two forms). ``with lock:`` has
-    no such window, but neither a timeout nor a non-blocking try.
+    the answer from C first (three times the instructions: hence two forms). ``with lock:`` has
+    no such window, but neither a timeout nor a try that does not wait.
     """
     if _COMPILED:
-        held.append(lock.acquire(blocking, timeout))
+        if timeout == 0:
+            held.append(lock.acquire(False))  # the common case: fewest arguments to parse
+        else:
+            held.append(lock.acquire(True, timeout))
+    elif timeout == 0:
+        held.extend(map(lock.acquire, _NO_WAIT))
     else:
-        held.extend(map(lock.acquire, (blocking,), (timeout,)))
+        held.extend(map(lock.acquire, _WAIT, (timeout,)))
+
+
+_NO_WAIT: Final = (False,)
+_WAIT: Final = (True,)
 
 
 class PendingMap:
@@ -860,7 +870,7 @@ class LockBlock:
             now = core.now()  # just before a try that does not wait: the block's time
             held: list[bool] = []
             try:
-                _acquire_into(held, core._lock, False, -1.0)
+                _acquire_into(held, core._lock, 0.0)
                 if held[0]:
                     view = self._view = PendingMap(core, now, core._sweep_locked(now))
                     core._block = view
@@ -948,7 +958,7 @@ class GateCore:
         expired: list[Reservation] | None = None
         held: list[bool] = []
         try:
-            _acquire_into(held, lock, False, -1.0)
+            _acquire_into(held, lock, 0.0)
             if not held[0]:
                 return BUSY
             expired = ledger._sweep_locked(now)
