@@ -60,25 +60,26 @@ KIND_FRACTION: Final = 4
 
 
 def check_symbol(symbol: object) -> str:
-    """``symbol`` as an exact ``str`` (a subclass is copied, so no caller ``__hash__`` runs)."""
+    """``symbol`` as an exact, non-empty ``str``."""
     if type(symbol) is str and symbol:
         return symbol
-    if not isinstance(symbol, str):
-        raise TypeError(f"symbol must be a non-empty str such as 'BTCUSDT', got {symbol!r}")
-    if not symbol:
-        raise ValueError(f"symbol must not be empty, got {symbol!r}")
-    return str.__str__(symbol)
+    return _exact_str("symbol", "'BTCUSDT'", symbol)
 
 
 def check_order_id(order_id: object) -> str:
     """``order_id`` as an exact, non-empty ``str``."""
     if type(order_id) is str and order_id:
         return order_id
-    if not isinstance(order_id, str):
-        raise TypeError(f"order_id must be a non-empty str such as 'cl-42', got {order_id!r}")
-    if not order_id:
-        raise ValueError(f"order_id must not be empty, got {order_id!r}")
-    return str.__str__(order_id)
+    return _exact_str("order_id", "'cl-42'", order_id)
+
+
+def _exact_str(name: str, example: str, value: object) -> str:
+    """A str subclass copied to a plain str (so no caller ``__hash__`` runs), or the error."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a non-empty str such as {example}, got {value!r}")
+    if not value:
+        raise ValueError(f"{name} must not be empty, got {value!r}")
+    return str.__str__(value)
 
 
 def kind_of(value: object) -> int:
