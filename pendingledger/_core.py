@@ -295,6 +295,7 @@ class LedgerCore:
         "_reserved",
         "_seq",
         "_symbols",
+        "_turn",
         "clock",
         "ttl",
     )
@@ -309,6 +310,7 @@ class LedgerCore:
         self.clock = clock
         self._on_expire = on_expire
         self._lock = threading.Lock()
+        self._turn = threading.Lock()  # see wait_free
         self._owner = 0  # the thread in a lock() block, 0 when none
         self._block: PendingMap | None = None  # that thread's view
         # 64 random bits per ledger: a generated id names nothing in another process or run.
@@ -436,14 +438,30 @@ class LedgerCore:
 
     def wait_free(self, timeout: float) -> bool:
         """Wait until the lock is free, at most ``timeout`` seconds (< 0: for ever), holding it
-        for no time at all; whether it was free in time."""
-        held: list[bool] = []
+        for no time at all; whether it was free in time.
+
+        Waiters take turns (``_turn``): one at a time waits on the lock itself. A thread that
+        acquires the lock only to release it holds it while it waits for the GIL, and if every
+        waiter queued on the lock, they would pass it among themselves while the threads with
+        work found it busy (interpreted, 16 threads on a caller's dict: about 2 ms a decision).
+        """
+        deadline = time.monotonic() + timeout if timeout > 0 else 0.0
+        turn: list[bool] = []
         try:
-            _acquire_into(held, self._lock, timeout)
-            return held[0]
+            _acquire_into(turn, self._turn, timeout)
+            if not turn[0]:
+                return False
+            left = timeout if timeout <= 0 else max(0.0, deadline - time.monotonic())
+            held: list[bool] = []
+            try:
+                _acquire_into(held, self._lock, left)
+                return held[0]
+            finally:
+                if held and held[0]:
+                    self._lock.release()
         finally:
-            if held and held[0]:
-                self._lock.release()
+            if turn and turn[0]:
+                self._turn.release()
 
     def own_block(self) -> PendingMap | None:
         """This thread's open ``lock()`` block, or None (any other thread's block is not ours)."""
@@ -659,9 +677,16 @@ class LedgerCore:
     def _overlap_locked(self, open_: dict[str, object]) -> int:
         """How many reserved symbols are in ``open_`` (walks the smaller of the two)."""
         symbols = self._symbols
+        found = 0
         if len(symbols) < len(open_):
-            return sum(1 for symbol in symbols if symbol in open_)
-        return sum(1 for symbol in open_ if symbol in symbols)
+            for symbol in symbols:
+                if symbol in open_:
+                    found += 1
+        else:
+            for symbol in open_:
+                if symbol in symbols:
+                    found += 1
+        return found
 
     def _audit_locked(self) -> list[str]:
         problems: list[str] = []
