@@ -10,6 +10,9 @@ consistent, and whenever it is changed:
 * a ``GateCore``'s halt flag and decision counters;
 * a ``Reservation``'s remaining ``_units``, ``_state`` and ``_reserved_at``.
 
+``LedgerCore._turn`` guards no state: it orders the threads waiting for ``_lock`` to be free
+(``wait_free``). It is taken only there, always before ``_lock`` and never while holding it.
+
 Methods named ``*_locked`` are only called with the lock held; they are the only code that runs
 under it, and they call nothing but each other, ``rules.first_failing_rule`` and builtins. No
 caller code runs under the lock: the clock is read before it is taken, ``on_expire`` is called
@@ -22,8 +25,9 @@ switch threads nor run a signal handler there: a ``KeyboardInterrupt`` cannot la
 and contending threads do not queue behind a descheduled holder. (One exception no code here can
 rule out: on CPython 3.11 a garbage collection may start at an allocation under the lock and
 run some object's ``__del__`` or weakref callback; one that calls into this ledger deadlocks.)
-Interpreted, every acquisition still releases the lock whatever is raised (``_acquire_into``),
-except at the first instruction of ``LockBlock.__exit__``, where no Python code can help.
+Interpreted, every acquisition (of either lock) still releases it whatever is raised
+(``_acquire_into``), except at the first instruction of ``LockBlock.__exit__``, where no Python
+code can help.
 
 Expiry: the TTL is fixed per ledger and stamps never go backwards (clamped to ``_last_stamp``),
 so deadlines are in sequence order, which ``_queue`` keeps (a dict keeps insertion order). A sweep
@@ -310,7 +314,7 @@ class LedgerCore:
         self.clock = clock
         self._on_expire = on_expire
         self._lock = threading.Lock()
-        self._turn = threading.Lock()  # see wait_free
+        self._turn = threading.RLock()  # see wait_free
         self._owner = 0  # the thread in a lock() block, 0 when none
         self._block: PendingMap | None = None  # that thread's view
         # 64 random bits per ledger: a generated id names nothing in another process or run.
@@ -437,31 +441,38 @@ class LedgerCore:
             return self._audit_locked()
 
     def wait_free(self, timeout: float) -> bool:
-        """Wait until the lock is free, at most ``timeout`` seconds (< 0: for ever), holding it
-        for no time at all; whether it was free in time.
+        """Wait until the lock is free, at most ``timeout`` seconds (< 0: for ever, 0: no wait),
+        holding it for no time at all; whether it was free in time.
 
         Waiters take turns (``_turn``): one at a time waits on the lock itself. A thread that
         acquires the lock only to release it holds it while it waits for the GIL, and if every
         waiter queued on the lock, they would pass it among themselves while the threads with
         work found it busy (interpreted, 16 threads on a caller's dict: about 2 ms a decision).
+        ``_turn`` is re-entrant because a signal handler may decide on this ledger while its
+        thread waits here.
         """
+        if timeout == 0:
+            return self._lock_free_within(0.0)
         deadline = time.monotonic() + timeout if timeout > 0 else 0.0
         turn: list[bool] = []
         try:
             _acquire_into(turn, self._turn, timeout)
             if not turn[0]:
                 return False
-            left = timeout if timeout <= 0 else max(0.0, deadline - time.monotonic())
-            held: list[bool] = []
-            try:
-                _acquire_into(held, self._lock, left)
-                return held[0]
-            finally:
-                if held and held[0]:
-                    self._lock.release()
+            left = timeout if timeout < 0 else max(0.0, deadline - time.monotonic())
+            return self._lock_free_within(left)
         finally:
             if turn and turn[0]:
                 self._turn.release()
+
+    def _lock_free_within(self, timeout: float) -> bool:
+        held: list[bool] = []
+        try:
+            _acquire_into(held, self._lock, timeout)
+            return held[0]
+        finally:
+            if held and held[0]:
+                self._lock.release()
 
     def own_block(self) -> PendingMap | None:
         """This thread's open ``lock()`` block, or None (any other thread's block is not ours)."""
@@ -715,7 +726,7 @@ def _expect(problems: list[str], what: str, kept: int, recomputed: int) -> None:
         problems.append(f"{what}: kept {kept}, recomputed {recomputed}")
 
 
-def _acquire_into(held: list[bool], lock: threading.Lock, timeout: float) -> None:
+def _acquire_into(held: list[bool], lock: threading.Lock | threading.RLock, timeout: float) -> None:
     """``lock.acquire()`` within ``timeout`` seconds (< 0: for ever, 0: no wait), its answer
     appended to ``held``.
 

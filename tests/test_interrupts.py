@@ -51,6 +51,7 @@ import pytest
 import pendingledger
 from pendingledger import (
     Decision,
+    DenyReason,
     LedgerStats,
     LockTimeout,
     PendingEntryLedger,
@@ -1337,3 +1338,74 @@ def test_an_interrupt_while_a_large_amount_is_converted_raises_in_the_caller() -
         check=False,
     )
     assert (child.returncode, child.stdout.strip()) == (0, "survived 3000"), child.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ a handler that decides
+
+
+def _frames_named(thread_id: int, name: str) -> int:
+    """How many frames on ``thread_id``'s stack run a function called ``name``."""
+    frame = sys._current_frames().get(thread_id)
+    count = 0
+    while frame is not None:
+        count += frame.f_code.co_name == name
+        frame = frame.f_back
+    return count
+
+
+def _until(condition: Callable[[], bool], within: float) -> bool:
+    """Whether ``condition`` came true within ``within`` seconds (a bound on a hang, polled)."""
+    idle = threading.Event()
+    for _ in range(int(within * 1000)):
+        if condition():
+            return True
+        idle.wait(0.001)
+    return condition()
+
+
+@pytest.mark.skipif(
+    pendingledger.COMPILED, reason="seeing where the thread waits takes the pure build's frames"
+)
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs signal.pthread_kill")
+@pytest.mark.timeout(60, method="thread")
+@pytest.mark.parametrize("turn", ["re-entrant", "plain (broken)"])
+def test_a_signal_handler_decides_while_its_thread_waits_for_the_lock(turn: str) -> None:
+    """The main thread waits for a ``lock()`` block another thread holds, and so holds the
+    waiters' turn; a signal handler on it then decides on the same ledger. The handler's
+    decision must wait for the lock, not for the turn its own thread holds: it is admitted once
+    the block ends. The block ends only once that decision is seen waiting on the lock itself
+    (or has given up), so the broken variant, a plain ``Lock`` for the turn, is denied
+    ``LOCK_TIMEOUT`` every time."""
+    ledger = PendingEntryLedger(TTL)
+    gate = PortfolioGate(ledger, PortfolioLimits())
+    if turn != "re-entrant":
+        ledger.core._turn = threading.Lock()  # type: ignore[assignment]
+    main = threading.get_ident()
+    inside = threading.Event()
+    nested: list[Decision] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        nested.append(gate.try_enter("NESTED", 1, timeout=2.0))
+
+    def hold() -> None:
+        with ledger.lock():
+            inside.set()
+            if _until(lambda: _frames_named(main, "_lock_free_within") == 1, 30):
+                signal.pthread_kill(main, signal.SIGUSR1)
+                _until(lambda: bool(nested) or _frames_named(main, "_lock_free_within") == 2, 30)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    holder = threading.Thread(target=hold, name="holder", daemon=True)
+    try:
+        holder.start()
+        assert inside.wait(30)
+        outer = gate.try_enter("OUTER", 1, timeout=40.0)
+    finally:
+        holder.join(30)
+        signal.signal(signal.SIGUSR1, previous)
+    assert outer, outer
+    assert len(nested) == 1
+    if turn == "re-entrant":
+        assert nested[0], nested[0]
+    else:
+        assert nested[0].reason is DenyReason.LOCK_TIMEOUT, nested[0]
