@@ -1285,6 +1285,115 @@ def test_an_interrupt_at_any_function_entry_leaves_the_lock_free() -> None:
         assert torn == []
 
 
+# ---------------------------------------------------------------------------- a wait for the lock
+
+
+def turn_left_held(ledger: PendingEntryLedger) -> bool:
+    """Whether a thread waiting for the lock can no longer get its turn (the waiters' turn is
+    re-entrant, so only another thread can tell that this one left it held): a probe thread
+    waits at most 5 s for the lock, which is free."""
+    answer: list[bool] = []
+    probe = threading.Thread(target=lambda: answer.append(ledger.core.wait_free(5.0)))
+    probe.start()
+    probe.join(30)
+    return answer != [True]
+
+
+def behind_a_block(ledger: PendingEntryLedger, call: Callable[[], object]) -> None:
+    """``call()`` while another thread holds a ``lock()`` block, which ends after it."""
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def hold() -> None:
+        with ledger.lock():
+            inside.set()
+            leave.wait(30)
+
+    holder = threading.Thread(target=hold, name="holder", daemon=True)
+    holder.start()
+    try:
+        assert inside.wait(30)
+        call()
+    finally:
+        leave.set()
+        holder.join(30)
+
+
+def waiting_decision(gate: PortfolioGate) -> Callable[[], object]:
+    """A decision that will find the lock held, wait for it and give up after 0.05 s."""
+    return lambda: gate.try_enter("S3", 2, timeout=0.05)
+
+
+def waiting_entries() -> int:
+    """How many Python functions start in a decision that waits behind a block and gives up."""
+    ledger, gate, _, _ = fresh_setup()
+    entries = 0
+
+    def tracer(frame: FrameType, event: str, arg: object) -> None:
+        nonlocal entries
+        entries += event == "call"
+
+    behind_a_block(ledger, lambda: run_traced(tracer, waiting_decision(gate)))
+    return entries
+
+
+def interrupt_waiting_at_entry(k: int, it: Interrupter) -> str | None:
+    """Raise the real ``SIGALRM`` as the ``k``-th Python function of a waiting decision starts;
+    what is wrong afterwards, or None."""
+    ledger, gate, _, _ = fresh_setup()
+    outstanding = ledger.stats().outstanding
+    seen = 0
+    landed = "nowhere"
+
+    def tracer(frame: FrameType, event: str, arg: object) -> None:
+        nonlocal seen, landed
+        if event == "call":
+            if seen == k:
+                landed = site_of(frame)
+                it.armed = True
+                signal.raise_signal(signal.SIGALRM)
+            seen += 1
+
+    def decide() -> None:
+        with contextlib.suppress(Interrupt):
+            run_traced(tracer, waiting_decision(gate))
+
+    behind_a_block(ledger, decide)
+    it.armed = False
+    if ledger.locked() or turn_left_held(ledger):
+        return f"interrupted entering {landed}: a lock left held"
+    if ledger.audit() or ledger.stats().outstanding != outstanding:
+        return f"interrupted entering {landed}: {ledger.audit()}, {ledger.stats()}"
+    return None
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_an_interrupt_at_any_function_entry_of_a_wait_leaves_both_locks_free() -> None:
+    """A decision that finds the lock held by another thread's ``lock()`` block waits for it,
+    holding the waiters' turn, and gives up after 0.05 s. The interrupt is raised at each Python
+    function entry in turn: afterwards the lock is free, the turn can be had from another
+    thread, the decision reserved nothing and the books audit clean."""
+    entries = waiting_entries()
+    with interrupter(0) as it:
+        problems = [interrupt_waiting_at_entry(k, it) for k in range(entries)]
+    assert entries >= 2
+    assert [p for p in problems if p] == []
+
+
+@pytest.mark.timeout(60, method="thread")
+def test_the_turn_check_catches_a_turn_left_held_by_this_thread() -> None:
+    """The check's own test: the waiters' turn taken by this thread (as a leak would leave it)
+    is reported held, though this thread could take it again; once released, it is free."""
+    ledger = PendingEntryLedger(TTL)
+    turn = ledger.core._turn  # the fault injected: the turn taken and never given back
+    turn.acquire()
+    try:
+        assert turn_left_held(ledger)
+    finally:
+        turn.release()
+    assert not turn_left_held(ledger)
+
+
 # ---------------------------------------------------------------------------- large amounts
 
 LARGE_AMOUNT_CHILD = """
