@@ -1204,17 +1204,33 @@ ACTIONS: dict[str, Action] = {
 }
 
 
+class EntryInterrupt:
+    """A tracer that counts Python function entries and, given an ``Interrupter``, raises the
+    real ``SIGALRM`` as the ``k``-th starts, which is where CPython itself runs a pending signal
+    handler (the handler raises into that frame); ``landed`` says where."""
+
+    def __init__(self, k: int = -1, it: Interrupter | None = None) -> None:
+        self.k = k
+        self.it = it
+        self.seen = 0
+        self.landed = "nowhere"
+
+    def __call__(self, frame: FrameType, event: str, arg: object) -> None:
+        if event != "call":
+            return
+        if self.seen == self.k and self.it is not None:
+            self.landed = site_of(frame)
+            self.it.armed = True
+            signal.raise_signal(signal.SIGALRM)
+        self.seen += 1
+
+
 def function_entries(action: Action) -> int:
     """How many Python functions start while ``action`` runs (on a fresh setup)."""
     ledger, gate, _, res = fresh_setup()
-    entries = 0
-
-    def tracer(frame: FrameType, event: str, arg: object) -> None:
-        nonlocal entries
-        entries += event == "call"
-
-    run_traced(tracer, lambda: action(ledger, gate, res))
-    return entries
+    counter = EntryInterrupt()
+    run_traced(counter, lambda: action(ledger, gate, res))
+    return counter.seen
 
 
 def run_traced(
@@ -1237,23 +1253,12 @@ def interrupt_at_entry(action: Action, k: int, it: Interrupter) -> tuple[str, bo
     which is where CPython itself runs a pending signal handler. Where it landed, whether the
     lock was left held, and the audit's findings."""
     ledger, gate, _, res = fresh_setup()
-    seen = 0
-    landed = "nowhere"
-
-    def tracer(frame: FrameType, event: str, arg: object) -> None:
-        nonlocal seen, landed
-        if event == "call":
-            if seen == k:
-                landed = site_of(frame)
-                it.armed = True
-                signal.raise_signal(signal.SIGALRM)  # the handler raises into this frame
-            seen += 1
-
+    tracer = EntryInterrupt(k, it)
     with contextlib.suppress(Interrupt):
         run_traced(tracer, lambda: action(ledger, gate, res))
     it.armed = False
     leaked = lock_left_held(ledger)
-    return landed, leaked, [] if leaked else books_broken(ledger)
+    return tracer.landed, leaked, [] if leaked else books_broken(ledger)
 
 
 @pytest.mark.timeout(60, method="thread")
@@ -1327,14 +1332,9 @@ def waiting_decision(gate: PortfolioGate) -> Callable[[], object]:
 def waiting_entries() -> int:
     """How many Python functions start in a decision that waits behind a block and gives up."""
     ledger, gate, _, _ = fresh_setup()
-    entries = 0
-
-    def tracer(frame: FrameType, event: str, arg: object) -> None:
-        nonlocal entries
-        entries += event == "call"
-
-    behind_a_block(ledger, lambda: run_traced(tracer, waiting_decision(gate)))
-    return entries
+    counter = EntryInterrupt()
+    behind_a_block(ledger, lambda: run_traced(counter, waiting_decision(gate)))
+    return counter.seen
 
 
 def interrupt_waiting_at_entry(k: int, it: Interrupter) -> str | None:
@@ -1342,17 +1342,7 @@ def interrupt_waiting_at_entry(k: int, it: Interrupter) -> str | None:
     what is wrong afterwards, or None."""
     ledger, gate, _, _ = fresh_setup()
     outstanding = ledger.stats().outstanding
-    seen = 0
-    landed = "nowhere"
-
-    def tracer(frame: FrameType, event: str, arg: object) -> None:
-        nonlocal seen, landed
-        if event == "call":
-            if seen == k:
-                landed = site_of(frame)
-                it.armed = True
-                signal.raise_signal(signal.SIGALRM)
-            seen += 1
+    tracer = EntryInterrupt(k, it)
 
     def decide() -> None:
         with contextlib.suppress(Interrupt):
@@ -1361,9 +1351,9 @@ def interrupt_waiting_at_entry(k: int, it: Interrupter) -> str | None:
     behind_a_block(ledger, decide)
     it.armed = False
     if ledger.locked() or turn_left_held(ledger):
-        return f"interrupted entering {landed}: a lock left held"
+        return f"interrupted entering {tracer.landed}: a lock left held"
     if ledger.audit() or ledger.stats().outstanding != outstanding:
-        return f"interrupted entering {landed}: {ledger.audit()}, {ledger.stats()}"
+        return f"interrupted entering {tracer.landed}: {ledger.audit()}, {ledger.stats()}"
     return None
 
 
