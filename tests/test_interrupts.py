@@ -1484,7 +1484,9 @@ def test_a_signal_handler_decides_while_its_thread_waits_for_the_lock(turn: str)
     nested: list[Decision] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        nested.append(gate.try_enter("NESTED", 1, timeout=2.0))
+        # Long enough for the holder to see it waiting on any loaded machine; the broken
+        # variant waits all of it.
+        nested.append(gate.try_enter("NESTED", 1, timeout=10.0))
 
     def hold() -> None:
         with ledger.lock():
