@@ -40,6 +40,11 @@ them (the rest count until a later acquisition sweeps them: over-blocking, the s
 a caller's positions reads it before reading them and commits only if it is unchanged: the fill
 router puts a fill in its cache *before* it releases the reservation, so a position missing from
 the snapshot means its release came after the epoch was read, and the decision reads again.
+What the epoch cannot see is a position that closed after the read: the snapshot then counts too
+much, the safe side for every sum, but the symbol is no longer open, and another entry may have
+taken its slot meanwhile. So a symbol open only in the snapshot (not reserved) is decided as one
+that needs a slot beside the others: adding to it is admitted while the open symbols are within
+the limit, and denied past it (where the owned book, read under the lock, would admit).
 """
 
 from __future__ import annotations
@@ -1040,15 +1045,22 @@ class GateCore:
     def _rule_on_snapshot_locked(
         self, res: Reservation, limits: UnitLimits, snapshot: Snapshot
     ) -> int:
-        """The rules' answer with a caller's positions, read before the lock."""
+        """The rules' answer with a caller's positions, read before the lock.
+
+        A symbol open in the read and not reserved may have closed since, and its slot been
+        taken by another entry: it is decided as if it had, needing a slot beside the others
+        (module notes)."""
         ledger = self.ledger
         entry = ledger._symbols.get(res._symbol)
         open_ = snapshot.open
+        count = len(open_) + len(ledger._symbols) - ledger._overlap_locked(open_)
+        if entry is None and snapshot.holds:
+            count -= 1
         return rules.first_failing_rule(
             limits,
             self._halted,
-            len(open_) + len(ledger._symbols) - ledger._overlap_locked(open_),
-            entry is not None or snapshot.holds,
+            count,
+            entry is not None,
             snapshot.gross + ledger._reserved,
             snapshot.held + (0 if entry is None else entry.units),
             res._units,

@@ -11,7 +11,9 @@ Where positions come from:
   read under the lock from running totals: the fastest way, and the same API as the Redis gate;
 * a caller's **mapping**, or a zero-argument **callable** returning one, is read *before* the
   lock (``pendingledger._positions``), and the decision commits only if no reservation ended or
-  shrank meanwhile; otherwise it reads again (a callable is then called again).
+  shrank meanwhile; otherwise it reads again (a callable is then called again). A symbol open in
+  the read but not reserved may have closed since: it needs a slot of its own
+  (``pendingledger._core`` explains both).
 """
 
 from __future__ import annotations

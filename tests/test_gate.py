@@ -415,14 +415,19 @@ def test_reserved_symbol_that_is_open_is_counted_once(gate: PortfolioGate) -> No
 def test_zero_positions_limit_allows_no_new_position(
     gate: PortfolioGate, ledger: PendingEntryLedger
 ) -> None:
-    """With ``max_concurrent_positions=0`` only symbols already open or reserved pass."""
+    """With ``max_concurrent_positions=0`` only symbols already open or reserved pass (open in
+    the owned book: a caller's read cannot vouch that a symbol is still open, see
+    ``test_a_callers_book_over_the_position_limit_denies_adding_to_an_open_one``)."""
     with ledger.lock() as pending:
         pending.reserve("RRR", 1)  # reserved before the limit went to zero
     gate.limits = limits(positions=0)
     assert gate.try_enter("NEW", 1, NO_POSITIONS).reason is DenyReason.MAX_CONCURRENT_POSITIONS
     assert gate.try_enter("NEW", 1, {"OPEN": 1}).reason is DenyReason.MAX_CONCURRENT_POSITIONS
-    assert gate.try_enter("OPEN", 1, {"OPEN": 1})  # already open
+    assert gate.try_enter("OPEN", 1, {"OPEN": 1}).reason is DenyReason.MAX_CONCURRENT_POSITIONS
     assert gate.try_enter("RRR", 1, NO_POSITIONS)  # already reserved
+    assert gate.try_enter("RRR", 1, {"RRR": 1})  # open and reserved
+    gate.set_position("OPEN", 1)
+    assert gate.try_enter("OPEN", 1)  # already open in the owned book
 
 
 def test_a_position_with_zero_exposure_is_open(gate: PortfolioGate) -> None:
@@ -832,6 +837,66 @@ def test_a_read_gone_stale_is_read_again_and_the_second_read_decides(
     assert gate.try_enter("BBB", 1, reads[0])
 
 
+@pytest.mark.parametrize("where", ["in the callable", "on another thread"])
+def test_a_position_closed_after_the_read_lends_no_slot(
+    gate: PortfolioGate, ledger: PendingEntryLedger, where: str
+) -> None:
+    """The race the epoch check cannot see (found by the stress suite): the read shows XXX open,
+    four symbols in all at a limit of four. Before the commit the router closes XXX (no
+    reservation ends, so the epoch stays) and another entry takes the slot XXX left. Taking the
+    read's word that XXX is open, the gate would add to it without a slot: a fifth symbol."""
+    gate.limits = limits(positions=4)
+    cache: Book = {"AAA": 1, "BBB": 1, "CCC": 1, "XXX": 1}
+    others: list[Decision] = []
+
+    def close_and_take_the_slot() -> None:
+        del cache["XXX"]  # the router closes XXX...
+        others.append(gate.try_enter("DDD", 1, cache))  # ...and DDD takes its slot
+
+    def positions() -> Book:
+        read = dict(cache)
+        if not others:
+            if where == "in the callable":
+                close_and_take_the_slot()
+            else:
+                assert call_in_thread(close_and_take_the_slot) is None
+        return read
+
+    assert gate.try_enter("XXX", 1, positions) is denied(DenyReason.MAX_CONCURRENT_POSITIONS)
+    assert others[0].admitted
+    assert _reserved_symbols(ledger) == ["DDD"]
+    # The truth at the commit: three open and DDD reserved. XXX would be a fifth symbol.
+    assert len(set(cache) | {"DDD", "XXX"}) == 5
+    assert gate.try_enter("XXX", 1, cache) is denied(DenyReason.MAX_CONCURRENT_POSITIONS)
+    # What this test rules out: the read taken at its word (XXX open, five symbols counted).
+    unit = rules.unit_limits(gate.limits)
+    assert rules.first_failing_rule(unit, False, 5, True, 5 * SCALE, SCALE, SCALE) == rules.ADMIT
+
+
+def test_adding_to_an_open_position_at_the_limit_is_admitted(gate: PortfolioGate) -> None:
+    """The other side of the rule above: a read showing the symbol open and the open symbols
+    within the limit admits an addition to it, reserved or not (nothing can take a slot the
+    symbol holds by a reservation)."""
+    gate.limits = limits(positions=2)
+    assert gate.try_enter("AAA", 1, {"AAA": 1, "BBB": 1})
+    assert gate.try_enter("BBB", 1, {"AAA": 1, "BBB": 1})  # AAA reserved now: still 2 symbols
+    assert gate.try_enter("AAA", 1, {"AAA": 1, "BBB": 1, "CCC": 1})  # over, but AAA reserved
+
+
+def test_a_callers_book_over_the_position_limit_denies_adding_to_an_open_one(
+    gate: PortfolioGate,
+) -> None:
+    """With more symbols open than the limit (say the limit was lowered), a caller's read cannot
+    tell an open symbol from one closed since the read, so an addition to it is denied (fail
+    closed). The owned book, read under the lock, knows: there the addition is admitted."""
+    gate.limits = limits(positions=2)
+    over: Book = {"AAA": 1, "BBB": 1, "CCC": 1}
+    assert gate.try_enter("AAA", 1, over) is denied(DenyReason.MAX_CONCURRENT_POSITIONS)
+    for symbol, exposure in over.items():
+        gate.set_position(symbol, exposure)
+    assert gate.try_enter("AAA", 1)
+
+
 def _reserved_symbols(ledger: PendingEntryLedger) -> list[str]:
     with ledger.lock() as pending:
         return list(pending)
@@ -1200,18 +1265,24 @@ class Model:
     def symbol_gross(self, symbol: str) -> int:
         return sum(n for s, n, _ in self.orders.values() if s == symbol)
 
-    def decide(self, symbol: str, notional: Number, positions: Mapping[str, Number]) -> int:
+    def decide(
+        self, symbol: str, notional: Number, positions: Mapping[str, Number], *, owned: bool
+    ) -> int:
+        """``owned``: ``positions`` is the gate's own book, read under the lock. A caller's read
+        cannot vouch that a symbol in it is still open, so there only a reservation does."""
         exposures = {s: abs(model_units(v, True)) for s, v in positions.items()}
         reserved = self.reserved_symbols()
         unit_limits = rules.unit_limits(self.limits)
         assert (unit_limits.max_positions, unit_limits.max_gross, unit_limits.max_symbol) == (
             model_limits(self.limits)
         )
+        vouched = (set(exposures) if owned else set()) | reserved
+        others = (set(exposures) | reserved) - ({symbol} - vouched)
         code = rules.first_failing_rule(
             unit_limits,
             self.halted,
-            len(set(exposures) | reserved),
-            symbol in exposures or symbol in reserved,
+            len(others),
+            symbol in vouched,
             sum(exposures.values()) + self.gross(),
             exposures.get(symbol, 0) + self.symbol_gross(symbol),
             model_units(notional, True),
@@ -1280,7 +1351,7 @@ def test_gate_and_ledger_match_the_reference_model(seed: int) -> None:
             order_id = f"g{step}" if rng.random() < 0.7 else None  # None: the ledger names it
             how = rng.randrange(4)
             if how == 0:  # the gate's own position book
-                expected = model.decide(symbol, notional, owned_book)
+                expected = model.decide(symbol, notional, owned_book, owned=True)
                 decision = gate.try_enter(symbol, notional, order_id=order_id)
             else:  # positions passed in: a mapping, a callable, one that ends a reservation
                 positions: Book = {
@@ -1292,7 +1363,7 @@ def test_gate_and_ledger_match_the_reference_model(seed: int) -> None:
                 if victim is not None and ends:
                     del model.orders[victim]  # it ends before the read that decides
                     model.released += 1
-                expected = model.decide(symbol, notional, positions)
+                expected = model.decide(symbol, notional, positions, owned=False)
                 calls: list[int] = []
 
                 def source(

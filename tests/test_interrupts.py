@@ -268,14 +268,17 @@ class Model:
     def decide(
         self, limits: PortfolioLimits, symbol: str, notional: int, base: Mapping[str, Number] | None
     ) -> int:
-        """The outcome code of an entry: the figures of the model, the rules of the library."""
+        """The outcome code of an entry: the figures of the model, the rules of the library.
+        A caller's ``base``, read before the lock, cannot vouch that a symbol is still open."""
         held = {s: abs(to_units(v)) for s, v in (self.book if base is None else base).items()}
         reserved = {e.symbol for e in self.entries.values()}
+        vouched = (set(held) if base is None else set()) | reserved
+        others = (set(held) | reserved) - ({symbol} - vouched)
         return first_failing_rule(
             unit_limits(limits),
             self.halted,
-            len(set(held) | reserved),
-            symbol in held or symbol in reserved,
+            len(others),
+            symbol in vouched,
             sum(held.values()) + sum(e.units for e in self.entries.values()),
             held.get(symbol, 0) + self.reserved(symbol),
             notional,
