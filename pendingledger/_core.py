@@ -4,8 +4,9 @@ This is the only module that reads or writes that state. ``LedgerCore._lock`` (a
 ``threading.Lock``) must be held whenever any of the following is read in a way that must be
 consistent, and whenever it is changed:
 
-* a ``LedgerCore``'s reservations (``_queue`` by sequence number, ``_orders`` by caller's order
-  id, ``_symbols`` per symbol with its reserved total), totals, counters, owned position book
+* a ``LedgerCore``'s reservations (``_index``, keyed by the caller's order id, or by the sequence
+  number when the ledger names the order), ``_symbols`` (each reserved symbol's total), totals,
+  counters, owned position book
   (``_book``), the thread in a ``lock()`` block (``_owner``, ``_block``) and ``_epoch``;
 * a ``GateCore``'s halt flag and decision counters;
 * a ``Reservation``'s remaining ``_units``, ``_state`` and ``_reserved_at``.
@@ -30,11 +31,14 @@ Interpreted, every acquisition (of either lock) still releases it whatever is ra
 code can help.
 
 Expiry: the TTL is fixed per ledger and stamps never go backwards (clamped to ``_last_stamp``),
-so deadlines are in sequence order, which ``_queue`` keeps (a dict keeps insertion order). A sweep
+so deadlines are in sequence order, which ``_index`` keeps (a dict keeps insertion order). A sweep
 takes reservations oldest first and stops at the first not yet due, or after ``SWEEP_LIMIT`` of
 them (the rest count until a later acquisition sweeps them: over-blocking, the safe side).
 ``_next_expiry`` is a lower bound on every deadline to come; only a sweep moves it. Decisions,
 ``lock()`` blocks and writes to the owned book sweep; ending a reservation does not need to.
+
+Every outstanding reservation holds at least one unit (a reduction to nothing ends it), so a
+symbol is in ``_symbols`` exactly while it has reservations, and its total is never 0 there.
 
 ``_epoch`` counts every change that gives room back (a reservation ends or shrinks). A decision on
 a caller's positions reads it before reading them and commits only if it is unchanged: the fill
@@ -229,16 +233,6 @@ _STATES: Final = tuple(ReservationState)
 _STATE_NAMES: Final = tuple(state.value for state in ReservationState)
 
 
-class _SymbolEntry:
-    """How many reservations are outstanding on one symbol, and their reserved total."""
-
-    __slots__ = ("count", "units")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.units = 0
-
-
 class _Position:
     """One symbol of the owned position book: its exposure in units and as it was given."""
 
@@ -291,15 +285,14 @@ class LedgerCore:
         "_epoch",
         "_expired",
         "_id_prefix",
+        "_index",
         "_kinds",
         "_last_stamp",
         "_lock",
         "_next_expiry",
         "_on_expire",
         "_open",
-        "_orders",
         "_owner",
-        "_queue",
         "_released",
         "_reserved",
         "_seq",
@@ -324,9 +317,9 @@ class LedgerCore:
         self._block: PendingMap | None = None  # that thread's view
         # 64 random bits per ledger: a generated id names nothing in another process or run.
         self._id_prefix = f"pl-{secrets.token_hex(8)}-"
-        self._queue: dict[int, Reservation] = {}
-        self._orders: dict[str, Reservation] = {}
-        self._symbols: dict[str, _SymbolEntry] = {}
+        # In stamp order: a caller's id (str) or the ledger's sequence number (int) as the key.
+        self._index: dict[str | int, Reservation] = {}
+        self._symbols: dict[str, int] = {}  # units reserved per symbol, only symbols reserved
         self._reserved = 0  # units reserved in all
         self._book: dict[str, _Position] = {}
         self._book_gross = 0  # sum of the book's |exposure| units
@@ -538,7 +531,7 @@ class LedgerCore:
             return None
         ttl = self.ttl
         expired: list[Reservation] = []
-        for res in self._queue.values():
+        for res in self._index.values():
             deadline = res._reserved_at + ttl
             if deadline > now:
                 self._next_expiry = deadline
@@ -578,10 +571,7 @@ class LedgerCore:
 
     def _find_locked(self, order_id: str, seq: int) -> Reservation | None:
         """The outstanding reservation of ``order_id`` (``seq`` from ``generated_seq``)."""
-        if seq < 0:
-            return self._orders.get(order_id)
-        res = self._queue.get(seq)
-        return res if res is not None and not res._order_id else None
+        return self._index.get(order_id if seq < 0 else seq)
 
     def insert_locked(self, res: Reservation, now: float) -> None:
         """Make ``res`` outstanding, stamped ``now`` (never before the last stamp)."""
@@ -595,29 +585,22 @@ class LedgerCore:
     def _link_locked(self, res: Reservation) -> None:
         """Add an active ``res`` (seq and stamp set) to every index and total."""
         symbol = res._symbol
-        self._queue[res._seq] = res
-        if res._order_id:
-            self._orders[res._order_id] = res
-        entry = self._symbols.get(symbol)
-        if entry is None:
-            entry = self._symbols[symbol] = _SymbolEntry()
-            if symbol not in self._book:
-                self._open += 1
-        entry.count += 1
-        entry.units += res._units
+        self._index[res._order_id or res._seq] = res
+        held = self._symbols.get(symbol, 0)
+        if not held and symbol not in self._book:
+            self._open += 1
+        self._symbols[symbol] = held + res._units
         self._reserved += res._units
         res._state = ACTIVE
 
     def _end_locked(self, res: Reservation, state: int) -> None:
         """Remove an active ``res`` from every index and total; it ends as ``state``."""
         symbol = res._symbol
-        del self._queue[res._seq]
-        if res._order_id:
-            del self._orders[res._order_id]
-        entry = self._symbols[symbol]
-        entry.count -= 1
-        entry.units -= res._units
-        if not entry.count:
+        del self._index[res._order_id or res._seq]
+        left = self._symbols[symbol] - res._units
+        if left:
+            self._symbols[symbol] = left
+        else:
             del self._symbols[symbol]
             if symbol not in self._book:
                 self._open -= 1
@@ -645,7 +628,7 @@ class LedgerCore:
             return res._units
         units = res._units - remaining
         res._units = remaining
-        self._symbols[res._symbol].units -= units
+        self._symbols[res._symbol] -= units
         self._reserved -= units
         self._epoch += 1
         return units
@@ -656,7 +639,7 @@ class LedgerCore:
         operations)."""
         if symbol not in self._symbols:
             return []
-        return [res for res in self._queue.values() if res._symbol == symbol]
+        return [res for res in self._index.values() if res._symbol == symbol]
 
     def _release_symbol_locked(self, symbol: str) -> bool:
         members = self.on_symbol_locked(symbol)
@@ -684,11 +667,10 @@ class LedgerCore:
         return True
 
     def _counts_locked(self) -> tuple[int, int, int, int, int]:
-        return (len(self._queue), self._reserved, self._kinds, self._released, self._expired)
+        return (len(self._index), self._reserved, self._kinds, self._released, self._expired)
 
     def reserved_on_locked(self, symbol: str) -> int:
-        entry = self._symbols.get(symbol)
-        return 0 if entry is None else entry.units
+        return self._symbols.get(symbol, 0)
 
     def _overlap_locked(self, open_: dict[str, object]) -> int:
         """How many reserved symbols are in ``open_`` (walks the smaller of the two)."""
@@ -707,19 +689,20 @@ class LedgerCore:
     def _audit_locked(self) -> list[str]:
         problems: list[str] = []
         units: dict[str, int] = {}
-        counts: dict[str, int] = {}
-        for res in self._queue.values():
+        last = -1
+        for key, res in self._index.items():
             units[res._symbol] = units.get(res._symbol, 0) + res._units
-            counts[res._symbol] = counts.get(res._symbol, 0) + 1
-            if res._state != ACTIVE:
-                problems.append(f"queued reservation {res!r} is not active")
-        for symbol, entry in self._symbols.items():
-            _expect(problems, f"{symbol!r} reserved", entry.units, units.get(symbol, 0))
-            _expect(problems, f"{symbol!r} reservations", entry.count, counts.get(symbol, 0))
+            if res._state != ACTIVE or res._units <= 0:
+                problems.append(f"indexed reservation {res!r} is not active with units left")
+            if key != (res._order_id or res._seq):
+                problems.append(f"reservation {res!r} is indexed as {key!r}")
+            if res._seq <= last:
+                problems.append(f"reservation {res!r} is out of stamp order")
+            last = res._seq
+        for symbol, kept in self._symbols.items():
+            _expect(problems, f"{symbol!r} reserved", kept, units.get(symbol, 0))
         _expect(problems, "symbols reserved", len(self._symbols), len(units))
         _expect(problems, "reserved", self._reserved, sum(units.values()))
-        with_ids = sum(1 for res in self._queue.values() if res._order_id)
-        _expect(problems, "order ids", len(self._orders), with_ids)
         magnitudes = sum(position.magnitude for position in self._book.values())
         _expect(problems, "book gross", self._book_gross, magnitudes)
         _expect(problems, "symbols open", self._open, len(set(self._book) | set(units)))
@@ -729,6 +712,10 @@ class LedgerCore:
 def _expect(problems: list[str], what: str, kept: int, recomputed: int) -> None:
     if kept != recomputed:
         problems.append(f"{what}: kept {kept}, recomputed {recomputed}")
+
+
+def _seq_of(res: Reservation) -> int:
+    return res._seq
 
 
 def _acquire_into(held: list[bool], lock: threading.Lock | threading.RLock, timeout: float) -> None:
@@ -789,7 +776,7 @@ class PendingMap:
 
     def __len__(self) -> int:
         """Number of outstanding reservations (not symbols)."""
-        return len(self._live()._queue)
+        return len(self._live()._index)
 
     def __iter__(self) -> Iterator[str]:
         """The symbols with outstanding reservations (a snapshot)."""
@@ -820,7 +807,7 @@ class PendingMap:
         name = _units.check_symbol(symbol)
         units = _units.notional_units("notional", notional)
         oid = core.check_new_order_id(order_id)
-        if oid and oid in core._orders:
+        if oid and oid in core._index:
             raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
         res = Reservation(core, name, oid, notional, units)
         core.insert_locked(res, self._now)  # the block's time: the clock is not read under it
@@ -883,12 +870,13 @@ class PendingMap:
                 restored = True
             else:
                 res._units += undo.units
-                core._symbols[res._symbol].units += undo.units
+                core._symbols[res._symbol] += undo.units
                 core._reserved += undo.units
         self._journal.clear()
         core._kinds = self._kinds_before
-        if restored:  # restored ones went to the end: put the queue back in deadline order
-            core._queue = dict(sorted(core._queue.items()))
+        if restored:  # restored ones went to the end: put the index back in stamp order
+            ordered = sorted(core._index.values(), key=_seq_of)
+            core._index = {res._order_id or res._seq: res for res in ordered}
 
 
 class LockBlock:
@@ -1016,7 +1004,7 @@ class GateCore:
         ledger = self.ledger
         if snapshot is not None and snapshot.epoch != ledger._epoch and not self._halted:
             return RETRY
-        if res._order_id and res._order_id in ledger._orders:
+        if res._order_id and res._order_id in ledger._index:
             return DUPLICATE
         if snapshot is None:
             code = self._rule_on_book_locked(res, limits)
@@ -1030,15 +1018,15 @@ class GateCore:
     def _rule_on_book_locked(self, res: Reservation, limits: UnitLimits) -> int:
         """The rules' answer with the owned book's running totals (no walk of anything)."""
         ledger = self.ledger
-        entry = ledger._symbols.get(res._symbol)
+        reserved = ledger._symbols.get(res._symbol, 0)
         position = ledger._book.get(res._symbol)
         return rules.first_failing_rule(
             limits,
             self._halted,
             ledger._open,
-            entry is not None or position is not None,
+            reserved > 0 or position is not None,
             ledger._book_gross + ledger._reserved,
-            (0 if position is None else position.magnitude) + (0 if entry is None else entry.units),
+            (0 if position is None else position.magnitude) + reserved,
             res._units,
         )
 
@@ -1051,18 +1039,18 @@ class GateCore:
         taken by another entry: it is decided as if it had, needing a slot beside the others
         (module notes)."""
         ledger = self.ledger
-        entry = ledger._symbols.get(res._symbol)
+        reserved = ledger._symbols.get(res._symbol, 0)
         open_ = snapshot.open
         count = len(open_) + len(ledger._symbols) - ledger._overlap_locked(open_)
-        if entry is None and snapshot.holds:
+        if not reserved and snapshot.holds:
             count -= 1
         return rules.first_failing_rule(
             limits,
             self._halted,
             count,
-            entry is not None,
+            reserved > 0,
             snapshot.gross + ledger._reserved,
-            snapshot.held + (0 if entry is None else entry.units),
+            snapshot.held + reserved,
             res._units,
         )
 
