@@ -693,6 +693,32 @@ CONTENTION_LABELS = {
 }
 
 
+@dataclass
+class _Windows:
+    """Each run's (subject, threads) windows: one per round, the order rotated per round, so a
+    thread count's windows sit close in time to the others'."""
+
+    rates: dict[tuple[str, int], list[float]]
+    cpu_rates: dict[tuple[str, int], list[float]]
+    denials: dict[tuple[str, int], int]
+    latencies: dict[tuple[str, int], list[int]]
+
+    @classmethod
+    def measure(cls, runs: Sequence[tuple[str, int]], mode: Mode) -> _Windows:
+        windows = cls({}, {}, dict.fromkeys(runs, 0), {})
+        for run in runs:
+            windows.rates[run], windows.cpu_rates[run], windows.latencies[run] = [], [], []
+        for r in range(mode.contention_rounds):
+            k = r % len(runs)
+            for run in [*runs[k:], *runs[:k]]:
+                rate, cpu_rate, denied, latencies = _run_window(run[0], run[1], mode.window_s)
+                windows.rates[run].append(rate)
+                windows.cpu_rates[run].append(cpu_rate)
+                windows.denials[run] += denied
+                windows.latencies[run].extend(latencies)
+        return windows
+
+
 def bench_contention(mode: Mode, results: Results) -> None:
     _title(
         results,
@@ -703,18 +729,13 @@ def bench_contention(mode: Mode, results: Results) -> None:
     # measured close in time to its 1-thread window.
     runs = [(kind, n) for kind in ("own", "dict8", "floor", "unshared") for n in mode.threads]
     runs += [("port", n) for n in mode.port_threads]
-    rates: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
-    cpu_rates: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
-    denials: dict[tuple[str, int], int] = dict.fromkeys(runs, 0)
-    lats: dict[tuple[str, int], list[int]] = {run: [] for run in runs}
-    for r in range(mode.contention_rounds):
-        k = r % len(runs)
-        for run in [*runs[k:], *runs[:k]]:
-            rate, cpu_rate, denied, latencies = _run_window(run[0], run[1], mode.window_s)
-            rates[run].append(rate)
-            cpu_rates[run].append(cpu_rate)
-            denials[run] += denied
-            lats[run].extend(latencies)
+    windows = _Windows.measure(runs, mode)
+    rates, cpu_rates, denials, lats = (
+        windows.rates,
+        windows.cpu_rates,
+        windows.denials,
+        windows.latencies,
+    )
 
     most = max(mode.threads)
     rows = []
@@ -807,17 +828,11 @@ def _pinned_scaling(mode: Mode, most: int) -> dict[str, _Scaling]:
     with the process on one CPU (the one it ran on first), rounds interleaved as above."""
     cpu = _pin_to_one_cpu()
     runs = [(kind, n) for kind in ("own", "dict8", "unshared") for n in (1, most)]
-    rates: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
-    cpu_rates: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
     try:
-        for r in range(mode.contention_rounds):
-            k = r % len(runs)
-            for run in [*runs[k:], *runs[:k]]:
-                rate, cpu_rate, _, _ = _run_window(run[0], run[1], mode.window_s)
-                rates[run].append(rate)
-                cpu_rates[run].append(cpu_rate)
+        windows = _Windows.measure(runs, mode)
     finally:
         _unpin(cpu)
+    rates, cpu_rates = windows.rates, windows.cpu_rates
     scaling: dict[str, _Scaling] = {}
     for kind in ("own", "dict8", "unshared"):
         share = max(rates[(kind, 1)]) / max(cpu_rates[(kind, 1)])
