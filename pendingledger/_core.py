@@ -60,6 +60,7 @@ the limit, and denied past it (where the owned book, read under the lock, would 
 from __future__ import annotations
 
 import enum
+import importlib.machinery
 import logging
 import secrets
 import threading
@@ -97,7 +98,9 @@ _ENDED: Final = 1
 _REDUCED: Final = 2
 
 _INF: Final = float("inf")
-_COMPILED: Final = not (__file__ or "").endswith(".py")  # see _acquire_into
+# Said only of a C extension module: a sourceless .pyc install is interpreted, and must take the
+# interrupt-safe forms (see _acquire_into).
+_COMPILED: Final = (__file__ or "").endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
 _SEQ_DIGITS: Final = 19  # a sequence number fits a machine word
 _get_ident: Final = threading.get_ident
 
@@ -715,9 +718,11 @@ class LedgerCore:
             if res._seq <= last:
                 problems.append(f"reservation {res!r} is out of stamp order")
             last = res._seq
-        for symbol, kept in self._symbols.items():
-            _expect(problems, f"{symbol!r} reserved", kept, units.get(symbol, 0))
-        _expect(problems, "symbols reserved", len(self._symbols), len(units))
+        # Every key of both (a total is kept only while positive), not just the kept ones.
+        for symbol in sorted(self._symbols.keys() | units.keys()):
+            kept, recomputed = self._symbols.get(symbol, 0), units.get(symbol, 0)
+            if kept != recomputed or kept <= 0:
+                problems.append(f"{symbol!r} reserved: kept {kept}, recomputed {recomputed}")
         _expect(problems, "reserved", self._reserved, sum(units.values()))
         magnitudes = sum(position.magnitude for position in self._book.values())
         _expect(problems, "book gross", self._book_gross, magnitudes)

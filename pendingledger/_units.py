@@ -119,7 +119,8 @@ def notional_units(name: str, value: object) -> int:
 def reduction_units(name: str, value: object) -> tuple[int, int]:
     """A partial fill (finite, > 0) in units, rounded down and rounded up (see ``after_fill``)."""
     up = notional_units(name, value)
-    return units(name, value, False), up
+    # min(): an odd Real may convert differently twice; down > up would leave a negative remainder.
+    return min(units(name, value, False), up), up
 
 
 def after_fill(reserved: int, down: int, up: int) -> int:

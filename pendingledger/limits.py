@@ -23,10 +23,11 @@ class PortfolioLimits:
     """The portfolio-wide limits a gate enforces. ``None`` means no limit.
 
     ``max_concurrent_positions=0`` means no new position may open (entries on symbols already open
-    or already reserved still pass this rule). Exposure limits compare with ``>``: an entry that
-    lands exactly on the limit is admitted. Limits are validated here, once, so a gate never
-    meets a NaN or negative limit at decision time; exposure limits count in units of ``1e-9``
-    rounded down (``pendingledger._units``).
+    in the gate's own book, or already reserved, still pass this rule; a caller's positions, read
+    before the lock, cannot vouch that a symbol is still open). Exposure limits compare with
+    ``>``: an entry that lands exactly on the limit is admitted. Limits are validated here, once,
+    so a gate never meets a NaN or negative limit at decision time; exposure limits count in
+    units of ``1e-9`` rounded down (``pendingledger._units``).
     """
 
     max_concurrent_positions: int | None = None

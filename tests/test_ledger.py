@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import random
 import re
 import threading
@@ -1313,6 +1314,31 @@ def test_reduce_over_fill_ends_it_as_filled(ledger: PendingEntryLedger) -> None:
     stats = ledger.stats()
     assert (stats.outstanding, stats.gross_notional, stats.released) == (1, 5, 1)
     assert keep.active
+
+
+class _Drifting:
+    """A Real whose float() is 1e-9 once and 90.0 after: a reduction converts it twice (rounded
+    up, then down), and must not take off more than the rounded-up amount."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __float__(self) -> float:
+        self.calls += 1
+        return 1e-9 if self.calls == 1 else 90.0
+
+
+numbers.Real.register(_Drifting)
+
+
+def test_a_reduction_that_converts_differently_twice_never_goes_negative(
+    ledger: PendingEntryLedger,
+) -> None:
+    res = reserve(ledger, "AAA", 50)
+    assert res.reduce(_Drifting()) is True
+    assert res.active and 0 < res.notional <= 50  # one unit off at most: never below zero
+    assert ledger.audit() == []
+    assert float(ledger.stats().gross_notional) == float(res.notional)
 
 
 def test_confirm_fill_ends_the_reservation_as_filled(ledger: PendingEntryLedger) -> None:

@@ -387,6 +387,15 @@ def trace_operations(rounds: int) -> Trace:
     return trace
 
 
+@pytest.mark.timeout(10)
+def test_the_core_takes_its_compiled_forms_only_when_compiled() -> None:
+    """The core's plain acquires before a ``try`` are safe only in a C extension; a sourceless
+    ``.pyc`` install is interpreted and must take the interrupt-safe forms."""
+    from pendingledger import _core
+
+    assert _core._COMPILED is pendingledger.COMPILED
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(not pendingledger.COMPILED, reason="the compiled build's property")
 def test_compiled_no_python_bytecode_runs_under_the_lock() -> None:
