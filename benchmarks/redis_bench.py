@@ -92,7 +92,7 @@ def _make_gate(backend: str, url: str, namespace: str) -> Any:
         return PortfolioGate(PendingEntryLedger(ttl=60.0), LIMITS)
     from pendingledger.redis import RedisGate
 
-    return RedisGate.from_url(url, LIMITS, ttl=60.0, namespace=namespace, socket_timeout=5)
+    return RedisGate.from_url(url, LIMITS, ttl=60.0, namespace=namespace, timeout=5)
 
 
 def _cycles(gate: Any, seconds: float, index: int, latencies: list[float] | None) -> int:

@@ -55,7 +55,7 @@ def run(
     counts: Counter[str] = Counter()
     errors: list[str] = []
     lock = threading.Lock()
-    gate = RedisGate.from_url(url, limits, ttl=ttl, namespace=namespace, socket_timeout=10)
+    gate = RedisGate.from_url(url, limits, ttl=ttl, namespace=namespace, timeout=10)
     gate.sweep()  # loads the script and opens a connection before the race starts
     enter: Callable[[RedisGate, str, Any], Decision] = (
         broken_try_enter if broken else RedisGate.try_enter

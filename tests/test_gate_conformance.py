@@ -580,8 +580,7 @@ def test_lua_names_only_reasons_the_client_maps() -> None:
     from pendingledger.redis import SCRIPT
     from pendingledger.redis._gate import DENIALS
 
-    named = set(re.findall(r"reason = '(\w+)'", SCRIPT))
-    named |= set(re.findall(r"\{'D', '(\w+)'\}", SCRIPT))
+    named = set(re.findall(r"deny\('(\w+)'\)", SCRIPT))
     assert named == {
         "halted",
         "max_concurrent_positions",

@@ -3,7 +3,7 @@
 The script's now is the server's ``TIME`` plus a per-namespace offset kept in Redis; tests move
 it instead of sleeping. These tests pin what the rest of the Redis suite relies on: advancing
 expires a reservation exactly at ``reserved_at + ttl`` (the in-process ledger's rule), a refused
-step changes nothing, each namespace has its own clock, and a decision stays one ``EVALSHA``.
+step changes nothing, each namespace has its own clock, and a decision stays one ``FCALL``.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def test_a_bad_step_is_refused_and_changes_nothing(
     assert gate.try_enter("BBB", 1).reason is R.MAX_CONCURRENT_POSITIONS
 
 
-def test_a_step_past_the_clocks_range_is_refused_by_the_script(client: Any) -> None:
+def test_a_step_past_the_clocks_range_is_refused_by_the_server(client: Any) -> None:
     gate = new_gate(client, ttl=1, frozen=True)
     r = res(gate.try_enter("AAA", 1))
     step = 10**9  # seconds: accepted alone, but the third one would pass 2**52 us (year 2112)
@@ -189,7 +189,7 @@ def test_the_clock_moves_only_where_the_test_operations_are_on(client: Any) -> N
     before = gate.snapshot()
     for step, freeze in ((1_000_000, "0"), (0, "1"), (3_600_000_000, "1")):
         with pytest.raises(redis.ResponseError, match="test operations are off"):
-            gate._script(keys=gate.keys, args=("clock", step, freeze))  # any client can send it
+            gate.server.call("clock", step, freeze)  # any client can send it
     assert gate.snapshot().meta == before.meta  # refused with nothing written
     assert r.active
     assert gate.try_enter("BBB", 1).reason is R.MAX_CONCURRENT_POSITIONS
@@ -198,7 +198,7 @@ def test_the_clock_moves_only_where_the_test_operations_are_on(client: Any) -> N
 
     enable_test_ops(client, namespace=gate.namespace)
     assert gate.snapshot().meta["testing"] == "1"
-    gate._script(keys=gate.keys, args=("clock", 1_000_000, "0"))
+    gate.server.call("clock", 1_000_000, "0")
     assert not is_active(r)
     gate.restore({})
     assert gate.snapshot().meta["testing"] == "1"  # restore keeps it
@@ -266,12 +266,12 @@ def test_the_target_names_one_namespace(client: Any) -> None:
 
 def test_a_decision_after_advancing_is_still_one_evalsha(client: Any, server: RedisServer) -> None:
     gate = new_gate(client, Limits(max_concurrent_positions=1), ttl=5)
-    assert gate.try_enter("WARM", 1)  # loads the script, opens the connection
+    assert gate.try_enter("WARM", 1)  # loads the library, opens the connection
     advance_server_clock(gate, 5)  # WARM is due
     with CommandLog(server.url) as log:
         assert gate.try_enter("AAA", 1)  # sweeps WARM, then admits
         assert gate.try_enter("BBB", 1).reason is R.MAX_CONCURRENT_POSITIONS
-    assert log.commands == ["EVALSHA"] * 2
+    assert log.commands == ["FCALL"] * 2
     assert gate.stats().expired == 1
 
 
@@ -285,5 +285,5 @@ def test_the_clock_adds_no_command_inside_a_decision(client: Any, server: RedisS
         with CommandLog(server.url) as log:
             assert gate.try_enter("AAA", 1)  # the same work in both: nothing to sweep
         logs.append(log)
-    assert logs[0].commands == logs[1].commands == ["EVALSHA"]
+    assert logs[0].commands == logs[1].commands == ["FCALL"]
     assert logs[0].lua_commands == logs[1].lua_commands > 0

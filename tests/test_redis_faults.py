@@ -23,6 +23,7 @@ from redis.backoff import AbstractBackoff, NoBackoff  # noqa: E402
 from redis.retry import Retry  # noqa: E402
 
 from pendingledger.redis import RedisGate, StoreUnavailable  # noqa: E402
+from pendingledger.redis._library import ServerCode  # noqa: E402
 from pendingledger.redis.testing import advance_server_clock  # noqa: E402
 
 pytestmark = pytest.mark.redis
@@ -33,7 +34,7 @@ Limits = PortfolioLimits
 def test_server_killed_mid_race(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with running_server(tmp_path) as srv:
         limits = Limits(max_concurrent_positions=4, max_gross_exposure=1_000)
-        gate = RedisGate.from_url(srv.url, limits, ttl=30, namespace="race", socket_timeout=0.2)
+        gate = RedisGate.from_url(srv.url, limits, ttl=30, namespace="race", timeout=0.2)
         gate.restore({})
         results: list[tuple[float, Decision]] = []
         progress = threading.Condition()  # notified at each decision recorded in `results`
@@ -117,47 +118,34 @@ def test_restarted_empty_the_marker_trips_until_restore(tmp_path: Path) -> None:
         gate.client.close()
 
 
-def test_restarted_with_its_data_reloads_the_script(tmp_path: Path) -> None:
+def test_restarted_with_all_its_data_the_book_stays_trusted(tmp_path: Path) -> None:
+    """A restart that loses nothing (AOF, fsync always) keeps the book and the library: the
+    fencing mark is where the clients left it, so nothing needs restoring."""
     with running_server(tmp_path, persistent=True) as srv:
-        ns = "persist"
-        trusting = RedisGate.from_url(
-            srv.url,
-            Limits(max_concurrent_positions=1),
-            ttl=30,
-            namespace=ns,
-            trust_persistence=True,
+        gate = RedisGate.from_url(
+            srv.url, Limits(max_concurrent_positions=1), ttl=30, namespace="p"
         )
-        default = RedisGate.from_url(
-            srv.url, Limits(max_concurrent_positions=1), ttl=30, namespace=ns
-        )
-        trusting.restore({})
-        assert trusting.try_enter("AAA", 1)
-        srv.restart()  # the AOF brings the data back; the script cache starts empty
-        admin = redis.Redis.from_url(srv.url)
-        assert admin.script_exists(trusting._script.sha) == [False]
-        decisions = [trusting.try_enter("BBB", 1) for _ in range(2)]
+        gate.restore({})
+        assert gate.try_enter("AAA", 1)
+        srv.restart()
+        decisions = [gate.try_enter("BBB", 1) for _ in range(2)]
         assert decisions[-1].reason is R.MAX_CONCURRENT_POSITIONS  # AAA's reservation survived
-        assert trusting.try_enter("AAA", 1)
-        assert admin.script_exists(trusting._script.sha) == [True]
-        # the default gate trusts a book only on the server run that restored it
-        assert default.try_enter("AAA", 1).reason is R.BOOK_NOT_RESTORED
-        default.restore({}, only_if_missing=True)
-        assert default.try_enter("AAA", 1)
-        for c in (admin, trusting.client, default.client):
-            c.close()
+        assert gate.try_enter("AAA", 1)
+        assert gate.audit() == []
+        gate.client.close()
 
 
-def test_script_flush_between_two_decisions(tmp_path: Path) -> None:
+def test_function_flush_between_two_decisions(tmp_path: Path) -> None:
     with running_server(tmp_path) as srv:
         gate = RedisGate.from_url(
             srv.url, Limits(max_concurrent_positions=2), ttl=30, namespace="f"
         )
         gate.restore({})
         assert gate.try_enter("AAA", 1)
-        gate.client.script_flush()
+        gate.client.function_flush()
         with CommandLog(srv.url) as log:
             assert gate.try_enter("BBB", 1)
-        assert log.commands == ["EVALSHA", "SCRIPT", "EVALSHA"]  # NOSCRIPT, SCRIPT LOAD, again
+        assert log.commands == ["FCALL", "FUNCTION", "FCALL"]  # not found, LOAD, again
         assert gate.try_enter("CCC", 1).reason is R.MAX_CONCURRENT_POSITIONS
         gate.client.close()
 
@@ -167,7 +155,7 @@ def test_a_client_timeout_denies_and_a_late_reservation_only_over_blocks(
 ) -> None:
     with running_server(tmp_path) as srv:
         gate = RedisGate.from_url(
-            srv.url, Limits(max_gross_exposure=100), ttl=30, namespace="t", socket_timeout=0.1
+            srv.url, Limits(max_gross_exposure=100), ttl=30, namespace="t", timeout=0.1
         )
         gate.restore({})
         assert gate.try_enter("WARM", 1)
@@ -232,18 +220,14 @@ def test_an_unexpected_reply_is_a_denial(tmp_path: Path, caplog: pytest.LogCaptu
         gate = RedisGate.from_url(srv.url, Limits(), ttl=30, namespace="odd")
         gate.restore({})
 
-        class Garbage:
-            sha = "0" * 40
+        def garbage(self: ServerCode, op: str, *args: Any) -> list[Any]:
+            return [b"?"]
 
-            def __call__(self, **kwargs: Any) -> Any:
-                return [b"?"]
-
-        real = gate._script
-        gate._script = Garbage()  # type: ignore[assignment]
-        with caplog.at_level(logging.WARNING, logger="pendingledger.redis"):
-            assert gate.try_enter("AAA", 1).reason is R.BACKEND_UNAVAILABLE
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ServerCode, "call", garbage)
+            with caplog.at_level(logging.WARNING, logger="pendingledger.redis"):
+                assert gate.try_enter("AAA", 1).reason is R.BACKEND_UNAVAILABLE
         assert "unexpected reply" in caplog.text
-        gate._script = real
         assert gate.stats().denied[R.BACKEND_UNAVAILABLE] == 1
         gate.client.close()
 
@@ -311,7 +295,7 @@ def test_a_retry_after_a_lost_reply_gets_the_first_answer(tmp_path: Path) -> Non
             return gate
 
         def gone(order_id: str) -> Callable[[], bool]:
-            return lambda: not admin.hexists(keys[5], order_id)
+            return lambda: not admin.hexists(keys[3], order_id)
 
         # Each call's handle is made (and its connection opened) before the server stalls.
         fill = retrying_gate("confirm_fill", gone("fill"))
@@ -326,7 +310,7 @@ def test_a_retry_after_a_lost_reply_gets_the_first_answer(tmp_path: Path) -> Non
         assert sym.try_enter("SYM", 1, order_id="sym")
         close = retrying_gate("close_position", lambda: not admin.hexists(keys[1], "CLOSE"))
         close.positions()
-        pos = retrying_gate("set_position", lambda: admin.hget(keys[1], "POS") == b"7000000000")
+        pos = retrying_gate("set_position", lambda: admin.hget(keys[1], "POS") == b"7000000000a")
         pos.positions()
         # another process writes POS after the first attempt, before the retry arrives
         gates["set_position"][1].then = lambda: admin_gate.set_position("POS", 9)

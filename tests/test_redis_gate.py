@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 import uuid
+import warnings
 from collections.abc import Callable
 from decimal import Decimal
 from fractions import Fraction
@@ -58,12 +58,12 @@ def res(decision: Decision) -> RedisReservation:
 
 def test_each_decision_is_exactly_one_command(client: Any, server: RedisServer) -> None:
     gate = new_gate(client, Limits(max_concurrent_positions=1))
-    assert gate.try_enter("WARM", 1)  # loads the script, opens the connection
+    assert gate.try_enter("WARM", 1)  # loads the library, opens the connection
     with CommandLog(server.url) as log:
         admitted = [gate.try_enter("WARM", 1) for _ in range(20)]
         denied = [gate.try_enter(f"S{i}", 1) for i in range(30)]
     assert all(admitted) and not any(denied)
-    assert log.commands == ["EVALSHA"] * 50
+    assert log.commands == ["FCALL"] * 50
     assert log.lua_commands > 0
 
 
@@ -78,7 +78,7 @@ def test_releases_and_book_writes_are_one_command_each(client: Any, server: Redi
         gate.set_position("CCC", 5)
         assert gate.close_position("CCC")
         assert gate.confirm_fill(res(gate.try_enter("DDD", 1)).order_id, 1)
-    assert log.commands == ["EVALSHA"] * 7
+    assert log.commands == ["FCALL"] * 7
 
 
 # ---------------------------------------------------------------------------- keys
@@ -433,12 +433,12 @@ def test_a_restore_that_overflows_changes_nothing(client: Any) -> None:
 def test_a_restore_that_fails_part_way_leaves_the_namespace_unrestored(client: Any) -> None:
     gate = new_gate(client, Limits(max_symbol_exposure=100))
     gate.restore({"AAA": 100}, [("BBB", 100, "open-1")])
-    client.delete(gate.keys[8])
-    client.set(gate.keys[8], "not a hash")  # the stats key: the restore's last write fails
+    client.delete(gate.keys[5])
+    client.set(gate.keys[5], "not a hash")  # the stats key: a write after the book's fails
     with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
         gate.restore({"CCC": 1}, [("DDD", 1, "open-2")])
     assert gate.book_restored() is False  # no marker vouches for the half-written book
-    client.delete(gate.keys[8])
+    client.delete(gate.keys[5])
     for symbol in ("AAA", "BBB", "CCC", "DDD"):
         assert gate.try_enter(symbol, 1).reason is R.BOOK_NOT_RESTORED
 
@@ -479,11 +479,11 @@ def test_an_old_handle_never_touches_a_reused_order_id(client: Any) -> None:
 
 def test_a_retried_request_is_answered_not_repeated(client: Any) -> None:
     gate = new_gate(client)
-    args = ("enter", "AAA", 5_000, "retry-1", "tok", 10_000_000, "", "", "", "0", "")
-    first = gate._script(keys=gate.keys, args=args)
-    again = gate._script(keys=gate.keys, args=args)  # what a client retry after a lost reply sends
+    args = ("AAA", 5_000, "retry-1", "tok", "10000000|||", 0, "")
+    first = gate.server.call("enter", *args)
+    again = gate.server.call("enter", *args)  # what a client retry after a lost reply sends
     assert first == again
-    other = gate._script(keys=gate.keys, args=(*args[:4], "other-token", *args[5:]))
+    other = gate.server.call("enter", *args[:3], "other-token", *args[4:])
     assert other == [b"X"]
     assert len(gate.snapshot().orders) == 1
     assert gate.stats().admitted == 1
@@ -496,20 +496,20 @@ def test_a_repeated_call_token_is_answered_not_repeated(client: Any) -> None:
     c = res(gate.try_enter("CCC", 1, order_id="c"))
     assert gate.try_enter("DDD", 1, order_id="d")
 
-    def twice(*args: Any) -> Any:
-        first = gate._script(keys=gate.keys, args=args)
-        again = gate._script(keys=gate.keys, args=args)  # a client retry after a lost reply
+    def twice(op: str, *args: Any) -> Any:
+        first = gate.server.call(op, *args)
+        again = gate.server.call(op, *args)  # a client retry after a lost reply
         assert again == first, args
         return first
 
-    assert twice("fill", a.order_id, 1_000_000_000, "", "t1") == [b"F", b"AAA"]
-    assert twice("release_order", "b", "", "t2") == 1
-    assert twice("reduce", c.order_id, c.token, 0, "t3") == [b"E"]
-    assert twice("release_symbol", "DDD", "t4") == 1
-    assert twice("close_position", "AAA", "t5") == 1
-    assert twice("set_position", "EEE", 5, "t6") == 0
-    assert twice("set_position", "EEE", 6, "t7") == 1
-    assert twice("fill", "nothing", 1, "", "t8") == [b"N"]
+    assert twice("fill", "t1", a.order_id, "1000000000a", "", "", "") == [b"F", b"AAA"]
+    assert twice("release_order", "t2", "b", "") == [b"1"]
+    assert twice("reduce", "t3", c.order_id, c.token, 1, 1_000_000_000) == [b"E"]
+    assert twice("release_symbol", "t4", "DDD") == [b"1"]
+    assert twice("close_position", "t5", "AAA") == [b"1"]
+    assert twice("set_position", "t6", "EEE", "5a") == [b"0"]
+    assert twice("set_position", "t7", "EEE", "6a") == [b"1"]
+    assert twice("fill", "t8", "nothing", "1a", "", "", "") == [b"N"]
     stats = gate.stats()
     assert (stats.admitted, stats.filled, stats.released, stats.outstanding) == (4, 2, 2, 0)
     assert gate.snapshot().positions == {"EEE": 6}
@@ -520,33 +520,33 @@ def test_answers_kept_for_retries_are_forgotten_after_five_minutes(client: Any) 
     gate = RedisGate(client, Limits(), ttl=60, namespace=uuid.uuid4().hex[:12])
     freeze_server_clock(gate)
     gate.restore({})
-    calls, expiry = gate.keys[9], gate.keys[10]
+    calls, expiry = gate.keys[6], gate.keys[7]
     assert gate.try_enter("AAA", 1)  # a decision keeps no answer (its reservation is its record)
-    assert client.hlen(calls) == 0
+    assert client.hlen(calls) == 1  # the sentinel
     gate.set_position("AAA", 1)
     assert gate.close_position("AAA")
-    assert client.hlen(calls) == client.zcard(expiry) == 2
+    assert client.hlen(calls) - 1 == client.zcard(expiry) - 1 == 2
     advance_server_clock(gate, 299.999999)
     gate.sweep()
-    assert client.hlen(calls) == 2
+    assert client.hlen(calls) - 1 == 2
     advance_server_clock(gate, 0.000001)
     gate.sweep()
-    assert client.hlen(calls) == client.zcard(expiry) == 0
+    assert client.hlen(calls) - 1 == client.zcard(expiry) - 1 == 0
 
 
 def test_the_broken_gates_enter_modes_need_the_test_operations_on(client: Any) -> None:
     gate = new_gate(client, Limits(max_concurrent_positions=1))
     assert gate.try_enter("AAA", 1)
-    args = ("enter", "BBB", 1, "b", "tok", 10_000_000, "1", "", "", "0")
+    args = ("BBB", 1, "b", "tok", "10000000|1||", 0)
     for mode in ("check", "force", "other"):
         with pytest.raises(redis.ResponseError, match="test operations are off"):
-            gate._script(keys=gate.keys, args=(*args, mode))  # any client can send it: refused
+            gate.server.call("enter", *args, mode)  # any client can send it: refused
     assert "b" not in gate.snapshot().orders
     assert gate.stats().denied[R.MAX_CONCURRENT_POSITIONS] == 0  # nothing written
     enable_test_ops(gate)
-    assert gate._script(keys=gate.keys, args=(*args, "force"))[0] == b"A"
-    with pytest.raises(redis.ResponseError, match="refused"):
-        gate._script(keys=gate.keys, args=(*args[:3], "c", *args[4:], "other"))
+    assert gate.server.call("enter", *args, "force")[0] == b"A"
+    with pytest.raises(redis.ResponseError, match="test operations are off"):
+        gate.server.call("enter", "CCC", 1, "c", "tok", "10000000|1||", 0, "other")
 
 
 def test_check_then_reserve_lets_an_entry_in_between_take_the_room(client: Any) -> None:
@@ -600,19 +600,22 @@ def test_audit_finds_a_corrupted_total(client: Any) -> None:
     gate = new_gate(client, Limits(max_gross_exposure=10))
     assert gate.try_enter("AAA", 5)
     assert gate.audit(gate.limits) == []
-    client.hset(gate.keys[2], "res_gross", "1")
+    client.hset(gate.keys[0], "res_gross", "1")
     problems = gate.audit()
     assert any("res_gross" in p for p in problems)
 
 
-def test_a_client_without_timeout_is_warned_about(
-    client: Any, server: RedisServer, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_client_without_timeout_is_warned_about(server: RedisServer) -> None:
     bare = redis.Redis.from_url(server.url)
-    with caplog.at_level(logging.WARNING, logger="pendingledger.redis"):
+    with pytest.warns(RuntimeWarning, match="no socket_timeout") as caught:
         RedisGate(bare, Limits(), ttl=1, namespace="warn")
-    assert "socket_timeout" in caplog.text
+    assert len(caught) == 1
     bare.close()
+    timed = redis.Redis.from_url(server.url, socket_timeout=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RedisGate(timed, Limits(), ttl=1, namespace="warn")
+    timed.close()
 
 
 def test_the_core_never_imports_redis() -> None:
@@ -628,4 +631,4 @@ def test_the_script_ships_with_the_package() -> None:
     from importlib import resources
 
     text = resources.files("pendingledger.redis").joinpath("gate.lua").read_text()
-    assert "op == 'enter'" in text
+    assert text.startswith("#!lua name=pendingledger_@VERSION@")

@@ -59,7 +59,7 @@ def race(server: RedisServer, *, broken: bool, ops: int) -> tuple[Outcome, Redis
     import redis_stress_worker
 
     namespace = f"stress-{uuid.uuid4().hex[:8]}"
-    gate = RedisGate.from_url(server.url, LIMITS, ttl=TTL, namespace=namespace, socket_timeout=10)
+    gate = RedisGate.from_url(server.url, LIMITS, ttl=TTL, namespace=namespace, timeout=10)
     gate.restore({})
     if broken:
         enable_test_ops(gate)  # the broken gate's 'check' and 'force' are test operations

@@ -1,8 +1,9 @@
 """pendingledger.redis: the portfolio gate shared by processes and hosts through one Redis.
 
 Install with the extra ``pendingledger[redis]`` (the ``redis`` client, version 5 or later). The core
-package never imports this module. ``RedisGate`` makes the same decisions as ``PortfolioGate``, each
-in one atomic server-side script call, with the position book and the reservations in Redis.
+package never imports this module. ``RedisGate`` makes the same decisions as ``PortfolioGate``,
+each in one atomic call of its server code (a Redis Functions library), with the position book
+and the reservations in Redis.
 Tests move the server's clock of a namespace with ``pendingledger.redis.testing`` (not imported
 here: it is for tests only). Amounts count as in process, in units of ``10**-9``
 (``pendingledger._units``; ``SCALE``, ``SCALE_DIGITS`` and ``MAX_AMOUNT`` are re-exported here).
@@ -13,6 +14,7 @@ from pendingledger._units import MAX_AMOUNT, SCALE, SCALE_DIGITS
 from ._audit import OrderRecord, Snapshot, audit
 from ._gate import (
     SCRIPT,
+    BookNotRestored,
     OpenOrder,
     RedisGate,
     RedisGateStats,
@@ -25,6 +27,7 @@ __all__ = [
     "SCALE",
     "SCALE_DIGITS",
     "SCRIPT",
+    "BookNotRestored",
     "OpenOrder",
     "OrderRecord",
     "RedisGate",

@@ -27,17 +27,6 @@ def amount_of(units: int) -> Decimal:
     return value
 
 
-def index_member(symbol: str, order_id: str) -> str:
-    """The member of the script's symbol index for one reservation (gate.lua's ``member``).
-
-    A NUL separates the symbol from the order id, and the symbol is escaped to hold no NUL
-    (character 1 becomes 1 1, character 0 becomes 1 2), so that one symbol's members never fall
-    in another's range, whatever characters symbols and order ids hold.
-    """
-    escaped = symbol.replace("\1", "\1\1").replace("\0", "\1\2")
-    return f"{escaped}\0{order_id}"
-
-
 def _s(value: object) -> str:
     """A reply item as text (redis-py returns bytes unless decode_responses is set)."""
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -62,50 +51,48 @@ class OrderRecord:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything in one namespace at one instant (taken by one script call). ``now_us`` is that
-    instant on the script's clock: the server's ``TIME`` plus the namespace's test clock."""
+    """Everything in one namespace at one instant (taken by one server call). ``now_us`` is
+    that instant on the server code's clock: the server's ``TIME`` plus the namespace's test
+    clock. ``positions`` are signed units; ``totals`` the counts and sums kept in ``meta``;
+    ``sentinels`` names each key whose sentinel (``gate.lua``, "Eviction") is missing."""
 
     now_us: int
     meta: Mapping[str, str]
     positions: Mapping[str, int]
     totals: Mapping[str, int]
     symbol_reserved: Mapping[str, int]
-    symbol_counts: Mapping[str, int]
     orders: Mapping[str, OrderRecord]
     expiry: Mapping[str, int]
-    by_symbol: frozenset[str]
     stats: Mapping[str, int] = field(default_factory=dict)
+    sentinels_missing: tuple[str, ...] = ()
 
     @classmethod
     def from_reply(cls, reply: Sequence[Any]) -> Snapshot:
         now_us = int(_s(reply[0]))
         meta = _pairs(reply[1])
-        positions = {k: int(v) for k, v in _pairs(reply[2]).items()}
-        totals = {k: int(v) for k, v in _pairs(reply[3]).items()}
-        symbol_reserved = {k: int(v) for k, v in _pairs(reply[4]).items()}
-        symbol_counts = {k: int(v) for k, v in _pairs(reply[5]).items()}
-        flat_exp = [_s(v) for v in reply[7]]
-        expiry = {k: int(float(v)) for k, v in zip(flat_exp[0::2], flat_exp[1::2], strict=True)}
+        pos, rsym, ords = _pairs(reply[2]), _pairs(reply[3]), _pairs(reply[4])
+        flat_exp = [_s(v) for v in reply[5]]
+        exp = dict(zip(flat_exp[0::2], flat_exp[1::2], strict=True))
+        missing = [name for name, held in (("pos", pos), ("rsym", rsym), ("orders", ords),
+                                           ("exp", exp)) if "" not in held]  # fmt: skip
+        if int(reply[7]) != 2:
+            missing.append("calls")
+        positions = {k: int(v[:-1]) for k, v in pos.items() if k}
+        totals = {k: int(meta.get(k) or 0) for k in _TOTALS}
+        symbol_reserved = {k: int(v) for k, v in rsym.items() if k}
+        expiry = {k: int(float(v)) for k, v in exp.items() if k}
         orders: dict[str, OrderRecord] = {}
-        for order_id, rec in _pairs(reply[6]).items():
-            units, token, at, symbol = rec.split("|", 3)
-            orders[order_id] = OrderRecord(
-                order_id, symbol, int(units), token, int(at), expiry.get(order_id)
-            )
-        by_symbol = frozenset(_s(v) for v in reply[8])
-        stats = {k: int(v) for k, v in _pairs(reply[9]).items()}
+        for order_id, rec in ords.items():
+            if order_id:
+                units, token, at, symbol = rec.split("|", 3)
+                orders[order_id] = OrderRecord(
+                    order_id, symbol, int(units), token, int(at), expiry.get(order_id)
+                )
+        stats = {k: int(v) for k, v in _pairs(reply[6]).items()}
         return cls(
-            now_us,
-            meta,
-            positions,
-            totals,
-            symbol_reserved,
-            symbol_counts,
-            orders,
-            expiry,
-            by_symbol,
-            stats,
-        )
+            now_us, meta, positions, totals, symbol_reserved, orders, expiry, stats,
+            tuple(missing),
+        )  # fmt: skip
 
     @property
     def reserved_gross_units(self) -> int:
@@ -124,57 +111,56 @@ class Snapshot:
         return set(self.positions) | set(self.symbol_reserved)
 
 
+_TOTALS = ("npos", "pos_gross", "res_gross", "res_syms", "res_open", "nres")
+
+
 def audit(snap: Snapshot, limits: PortfolioLimits | None = None) -> list[str]:
     """Every inconsistency in ``snap`` (and every limit it exceeds, when ``limits`` is given)."""
     problems = _order_problems(snap)
     problems += _total_problems(snap)
+    if snap.meta.get("gen") and snap.sentinels_missing:
+        problems.append(f"restored, but the sentinels of {snap.sentinels_missing} are missing")
     if snap.stats.get("corrupt", 0):
-        problems.append(f"the script counted {snap.stats['corrupt']} bookkeeping error(s)")
+        problems.append(f"the server code counted {snap.stats['corrupt']} bookkeeping error(s)")
     if limits is not None:
         problems += breaches(snap, limits)
     return problems
 
 
 def _order_problems(snap: Snapshot) -> list[str]:
-    """Each order record against the expiry and symbol indexes."""
+    """Each order record against the expiry index."""
     problems: list[str] = []
     for rec in snap.orders.values():
         if rec.units <= 0:
             problems.append(f"order {rec.order_id!r} holds {rec.units} units")
         if rec.expires_at_us is None:
             problems.append(f"order {rec.order_id!r} has no expiry entry")
-        if index_member(rec.symbol, rec.order_id) not in snap.by_symbol:
-            problems.append(f"order {rec.order_id!r} missing from the symbol index")
     problems += [
         f"expiry entry {order_id!r} has no order"
         for order_id in snap.expiry
         if order_id not in snap.orders
     ]
-    if len(snap.by_symbol) != len(snap.orders):
-        problems.append(
-            f"symbol index has {len(snap.by_symbol)} entries for {len(snap.orders)} orders"
-        )
     return problems
 
 
 def _total_problems(snap: Snapshot) -> list[str]:
     """Every incremental total against the same total recomputed from the records."""
     per_sym: dict[str, int] = {}
-    per_count: dict[str, int] = {}
     for rec in snap.orders.values():
         per_sym[rec.symbol] = per_sym.get(rec.symbol, 0) + rec.units
-        per_count[rec.symbol] = per_count.get(rec.symbol, 0) + 1
     problems: list[str] = []
     if per_sym != dict(snap.symbol_reserved):
         problems.append(f"per-symbol reserved {dict(snap.symbol_reserved)} != recomputed {per_sym}")
-    if per_count != dict(snap.symbol_counts):
-        problems.append(f"per-symbol counts {dict(snap.symbol_counts)} != recomputed {per_count}")
     recomputed = {
-        "res_gross": sum(per_sym.values()),
+        "npos": len(snap.positions),
         "pos_gross": sum(abs(v) for v in snap.positions.values()),
+        "res_gross": sum(per_sym.values()),
         "res_syms": len(per_sym),
         "res_open": sum(1 for s in per_sym if s in snap.positions),
+        "nres": len(snap.orders),
     }
+    if not snap.meta.get("gen"):
+        return problems  # an unrestored namespace keeps no totals
     for name, value in recomputed.items():
         kept = snap.totals.get(name, 0)
         if kept != value:

@@ -1,18 +1,23 @@
 """``RedisGate``: the portfolio gate with its book and reservations in Redis.
 
-Every operation is one ``EVALSHA`` of ``gate.lua`` (loaded with ``register_script``, which reloads
-the script on ``NOSCRIPT``), so a decision is made and, when admitted, reserved atomically in the
-server in one round trip, whatever number of processes and hosts share the namespace.
+Every operation is one ``FCALL`` into the gate's Redis Functions library (``gate.lua``, loaded
+once per server and reloaded when missing: ``_library``), so a decision is made and, when
+admitted, reserved atomically in the server in one round trip, whatever number of processes and
+hosts share the namespace.
 
 Failure policy (the gate fails closed):
 
 * ``try_enter`` never raises for a store problem: connection refused, timeout, a read-only replica,
-  a script error all give the shared denied ``Decision`` with ``DenyReason.BACKEND_UNAVAILABLE``
+  a server error all give the shared denied ``Decision`` with ``DenyReason.BACKEND_UNAVAILABLE``
   and a log record on ``logging.getLogger("pendingledger.redis")``. If the request did reach the
   server and only the reply was lost, the reservation it made expires after the TTL: the gate
   over-blocks until then, the safe direction.
-* Releases (``release``, ``release_order``, ``Reservation.release()``, ``reduce``) return
-  ``False`` and log instead of raising: a lost release only over-blocks until the TTL.
+* A book the server cannot vouch for (never restored, a key evicted, the fencing mark behind what
+  this client saw: see ``gate.lua``) denies every decision with ``BOOK_NOT_RESTORED`` until
+  ``restore``; writes to such a book raise ``BookNotRestored`` and write nothing.
+* Releases (``release``, ``release_order``, ``Reservation.release()``, ``reduce``,
+  ``reduce_order``) return ``False`` and log instead of raising: a lost release only over-blocks
+  until the TTL.
 * Writes to the book (``set_position``, ``close_position``, ``confirm_fill``, ``restore``,
   ``halt``, ``resume``) raise ``StoreUnavailable``: a lost position update would make the gate
   under-count, so the caller must know (retry, or halt trading).
@@ -24,15 +29,15 @@ The retry gets the first attempt's answer instead of running the call again:
 * ``try_enter`` sends a random token stored with the reservation it makes: a repeat with the same
   order id and token is answered from it, never reserved twice. (If the first attempt was
   *denied*, the retry decides again, and ``stats()`` counts both decisions.)
-* ``confirm_fill``, ``release``, ``release_order``, ``Reservation.release()``,
+* ``confirm_fill``, ``release``, ``release_order``, ``reduce_order``, ``Reservation.release()``,
   ``Reservation.reduce()``, ``set_position`` and ``close_position`` send a random token per call;
-  the script keeps each call's answer under it for 5 minutes of the server's clock (swept like
-  expired reservations), and a repeat within that time gets that answer without running again.
-  So a fill that landed is reported as landed, a release that ended a reservation returns True,
-  and a position write is never applied again over a later one.
+  the server keeps each call's answer under it for 5 minutes of the server's clock, and a repeat
+  within that time gets that answer without running again. So a fill that landed is reported as
+  landed, a release that ended a reservation returns True, and a position write is never applied
+  again over a later one.
 * ``restore`` sends a new generation each call and answers a repeat that finds it in the marker.
 * ``halt`` and ``resume`` set and clear a flag (repeating changes nothing); ``wipe`` repeated
-  reports 0 keys; reads, ``sweep`` and ``stats`` simply run again.
+  reports 0 keys; reads simply run again.
 
 Not covered: a retry arriving more than 5 minutes after the call ran (redis-py retries at once),
 and calling a method again yourself after it raised or returned False: that is a new call with a
@@ -48,47 +53,51 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
-from importlib import resources
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 from redis.typing import EncodableT
 
 from pendingledger import _units, rules
 from pendingledger.errors import LedgerError
 from pendingledger.limits import Decision, DenyReason, PortfolioLimits, denied
-from pendingledger.redis._audit import Snapshot, _pairs, _s, amount_of, audit
+from pendingledger.redis._audit import Snapshot, _pairs, _s
+from pendingledger.redis._audit import audit as audit_snapshot
+from pendingledger.redis._library import LIBRARY, ServerCode
 from pendingledger.stats import GateStats
 
 if TYPE_CHECKING:
     from pendingledger.protocols import Gate
 
 __all__ = [
+    "BookNotRestored",
     "OpenOrder",
     "RedisGate",
     "RedisGateStats",
     "RedisReservation",
     "StoreUnavailable",
+    "enter",
+    "micros",
+    "namespace_keys",
 ]
 
 logger = logging.getLogger("pendingledger.redis")
 
 Number = _units.Number
 
-SCRIPT: Final = resources.files(__package__).joinpath("gate.lua").read_text(encoding="utf-8")
-"""The Lua source of every gate operation (package data ``pendingledger/redis/gate.lua``)."""
+SCRIPT: Final = LIBRARY
+"""The server code of every gate operation: the Functions library ``gate.lua`` as loaded."""
 
-KEY_NAMES: Final = (
-    "meta", "pos", "tot", "rsym", "rcnt", "orders", "exp", "bysym", "stats", "calls", "callexp",
-)  # fmt: skip
+KEY_NAMES: Final = ("meta", "pos", "rsym", "orders", "exp", "stats", "calls", "callexp")
 _UNAVAILABLE: Final = denied(DenyReason.BACKEND_UNAVAILABLE)
-# The script names a reason by its value; a name it sends that is not a DenyReason is a KeyError,
+# The server names a reason by its value; a name it sends that is not a DenyReason is a KeyError,
 # which try_enter turns into BACKEND_UNAVAILABLE (fail closed).
 DENIALS: Final = {reason.value: denied(reason) for reason in DenyReason}
 _LOG_EVERY: Final = 5.0  # seconds between repeated warnings about the same outage
@@ -102,6 +111,11 @@ class StoreUnavailable(LedgerError, ConnectionError):
     """
 
 
+class BookNotRestored(StoreUnavailable):
+    """The book in Redis cannot be trusted (never restored, a key evicted, or the server went
+    back in its history: see the README, "Fencing"): nothing was written. Call ``restore``."""
+
+
 class OpenOrder(NamedTuple):
     """An order already at the exchange, handed to ``RedisGate.restore`` to be reserved again."""
 
@@ -112,17 +126,18 @@ class OpenOrder(NamedTuple):
 
 @dataclass(frozen=True)
 class RedisGateStats(GateStats):
-    """Counts for the whole namespace (every process sharing it), read in one script call.
+    """Counts for the whole namespace (every process sharing it), read in one server call.
 
     ``admitted`` and ``denied`` as in ``GateStats``; ``denied[BACKEND_UNAVAILABLE]`` is this gate
-    object's own count (the store cannot count the decisions it never saw). ``released``,
+    object's own count (the store cannot count the decisions it never saw). ``gross_notional``
+    is what is reserved, in the kind of amounts reserved (``_units.to_number``). ``released``,
     ``filled`` and ``expired`` count how reservations ended; ``restored`` those made by
-    ``restore``; ``corrupt`` bookkeeping errors the script found (always 0 unless the keys were
-    edited by hand).
+    ``restore``; ``corrupt`` bookkeeping errors the server code found (always 0 unless the keys
+    were edited by hand).
     """
 
     outstanding: int
-    gross_notional: Decimal
+    gross_notional: Number
     released: int
     filled: int
     expired: int
@@ -137,8 +152,8 @@ def _unencodable(exc: UnicodeError) -> ValueError:
     return ValueError(f"symbols and order ids must be encodable by the Redis client: {exc}")
 
 
-def _namespace_keys(namespace: object) -> tuple[str, ...]:
-    """The keys of ``namespace`` (checked: a non-empty str without braces), in script order."""
+def namespace_keys(namespace: object) -> tuple[str, ...]:
+    """The keys of ``namespace`` (checked: a non-empty str without braces), in server order."""
     if not isinstance(namespace, str):
         raise TypeError(f"namespace must be a str, got {namespace!r}")
     if not namespace or "{" in namespace or "}" in namespace:
@@ -146,7 +161,7 @@ def _namespace_keys(namespace: object) -> tuple[str, ...]:
     return tuple(f"pendingledger:{{{namespace}}}:{name}" for name in KEY_NAMES)
 
 
-def _micros(seconds: float) -> int:
+def micros(seconds: float) -> int:
     """Whole microseconds for ``seconds``, rounded up (TTLs, and the test clock's steps: the
     same rounding, so advancing the test clock by ``ttl`` always reaches a TTL's end)."""
     return math.ceil(seconds * 1_000_000)
@@ -154,6 +169,36 @@ def _micros(seconds: float) -> int:
 
 def _token() -> str:
     return os.urandom(8).hex()
+
+
+def _seconds(name: str, value: object, *, zero: bool = False) -> float:
+    """A finite number of seconds (> 0, or >= 0 with ``zero``), checked."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        bound = ">= 0" if zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound} seconds, got {value!r}")
+    return float(value)
+
+
+def _position_value(name: str, exposure: object) -> str:
+    """A position as stored: signed units, then the letter of its kind (``_units.kind_of``)."""
+    units = _units.units(name, exposure, True)
+    return f"{units}{chr(97 + _units.kind_of(exposure))}"
+
+
+def _position_of(value: str) -> Number:
+    """A stored position in the kind of amount it was set with."""
+    return _units.to_number(int(value[:-1]), ord(value[-1]) - 97)
+
+
+def _socket_timeout(client: Any) -> object:
+    """The client's socket timeout, or None when it has none."""
+    if isinstance(client, RedisCluster):
+        kwargs = client.nodes_manager.connection_kwargs
+    else:
+        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+    return kwargs.get("socket_timeout") if isinstance(kwargs, dict) else None
 
 
 class _LogThrottle:
@@ -195,73 +240,85 @@ class _LogThrottle:
 class RedisGate:
     """Portfolio limits enforced across processes and hosts, with the book in one Redis.
 
-    ``client`` is a ``redis.Redis`` (or ``redis.cluster.RedisCluster``): give it a socket timeout
-    (``from_url`` does) so a hung server denies quickly instead of blocking a trading thread.
-    ``ttl`` (seconds) is how long a reservation lives if nothing ends it, measured by the server's
-    clock (``TIME``, read inside the script; never the client's). Tests move that clock for one
-    namespace with ``pendingledger.redis.testing`` instead of sleeping. ``namespace`` names one
-    book: every process that shares limits uses the same one. All its keys are
-    ``pendingledger:{<namespace>}:<name>``: the ``{namespace}`` hash tag puts them in one Redis
-    Cluster slot, so the scripts never meet ``CROSSSLOT``.
+    ``client`` is a ``redis.Redis`` or a ``redis.cluster.RedisCluster``: give it a socket timeout
+    (``from_url`` does; a client without one gets a warning) so a hung server denies quickly
+    instead of blocking a trading thread. ``ttl`` (seconds) is how long a reservation lives if
+    nothing ends it, measured by the server's clock (``TIME``, read inside the server code; never
+    the client's). Tests move that clock for one namespace with ``pendingledger.redis.testing``
+    instead of sleeping. ``namespace`` names one book: every process that shares limits uses the
+    same one. All its keys are ``pendingledger:{<namespace>}:<name>``: the ``{namespace}`` hash
+    tag puts them in one Redis Cluster slot.
 
     Decisions match ``PortfolioGate`` (same ``Decision``, ``DenyReason``, rule order and limit
-    semantics: ``rules.first_failing_rule``, which the conformance suite holds the script to);
-    amounts count in units of ``10**-9`` exactly as in process (``pendingledger._units``), and
-    symbols and order ids are non-empty ``str``.
-    A new or wiped namespace denies with ``BOOK_NOT_RESTORED`` until ``restore()`` is called.
-    By default the book is also trusted only on the server run that restored it (the server's
-    ``run_id``): after a restart or a failover the gate denies until ``restore()``, because a
-    snapshot reloaded from disk or an asynchronously replicated copy may miss recent writes. Pass
-    ``trust_persistence=True`` if the server fsyncs every write and failover is synchronous.
+    semantics: ``rules.first_failing_rule``, which the conformance suite holds the server code
+    to); amounts count in units of ``10**-9`` exactly as in process (``pendingledger._units``),
+    and symbols and order ids are non-empty ``str``. A new or wiped namespace denies with
+    ``BOOK_NOT_RESTORED`` until ``restore()`` is called, and so does a book the server can no
+    longer vouch for: a key evicted, or the server behind the fencing mark this client saw (it
+    lost writes: a failover, a fail-back, a restart from an old snapshot).
+
+    ``min_replicas`` (default 0): an admission is answered only once that many replicas have it
+    (``WAIT``, pipelined in the same round trip, for at most ``replica_timeout`` seconds); if
+    fewer confirm, its reservation is released and the decision denied with
+    ``BACKEND_UNAVAILABLE``. Needs a ``redis.Redis`` client (a cluster client cannot pipeline
+    ``WAIT`` to the namespace's node).
     """
 
     __slots__ = (
         "_client",
+        "_code",
+        "_config",
         "_keys",
-        "_limit_args",
+        "_limits",
         "_log",
+        "_min_replicas",
         "_namespace",
-        "_script",
-        "_trust",
         "_ttl",
         "_ttl_us",
         "_unavailable",
         "_unavailable_lock",
+        "_wait_ms",
     )
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         limits: PortfolioLimits,
         *,
         ttl: float,
         namespace: str,
-        trust_persistence: bool = False,
+        min_replicas: int = 0,
+        replica_timeout: float = 0.1,
     ) -> None:
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-            raise TypeError(f"ttl must be a number of seconds, got {ttl!r}")
-        if not math.isfinite(ttl) or ttl <= 0:
-            raise ValueError(f"ttl must be finite and > 0 seconds, got {ttl!r}")
-        keys = _namespace_keys(namespace)
+        self._ttl = _seconds("ttl", ttl)
+        keys = namespace_keys(namespace)
+        if isinstance(min_replicas, bool) or not isinstance(min_replicas, int):
+            raise TypeError(f"min_replicas must be an int, got {min_replicas!r}")
+        if min_replicas < 0:
+            raise ValueError(f"min_replicas must be >= 0, got {min_replicas!r}")
+        wait = _seconds("replica_timeout", replica_timeout)
+        if min_replicas and isinstance(client, RedisCluster):
+            raise ValueError("min_replicas needs a redis.Redis client, got a RedisCluster")
+        # Never 0: a zero TTL would expire a reservation in the step that makes it; WAIT 0 is
+        # "wait forever".
+        self._ttl_us = max(1, micros(self._ttl))
+        self._wait_ms = max(1, math.ceil(wait * 1000))
+        self._min_replicas = min_replicas
         self._client = client
-        self._ttl = float(ttl)
-        # Never 0: a zero TTL would expire a reservation in the step that makes it.
-        self._ttl_us = max(1, _micros(self._ttl))
         self._namespace = namespace
         self._keys = keys
-        self._limit_args = _encode_limits(limits)
-        self._trust = "1" if trust_persistence else "0"
-        self._script = client.register_script(SCRIPT)
+        self._limits, self._config = self._encode(limits)
+        self._code = ServerCode(client, keys)
         self._log = _LogThrottle()
         self._unavailable = 0
         self._unavailable_lock = threading.Lock()
-        pool = getattr(client, "connection_pool", None)
-        kwargs = getattr(pool, "connection_kwargs", None)
-        if isinstance(kwargs, dict) and kwargs.get("socket_timeout") is None:
-            logger.warning(
-                "RedisGate(namespace=%r): the client has no socket_timeout, so a hung server "
-                "blocks try_enter instead of denying; set one (RedisGate.from_url does)",
-                namespace,
+        if _socket_timeout(client) is None:
+            warnings.warn(
+                f"RedisGate(namespace={namespace!r}): the client has no socket_timeout, so a "
+                "hung server blocks try_enter instead of denying; set one "
+                "(RedisGate.from_url(..., timeout=) does)",
+                RuntimeWarning,
+                stacklevel=2,
             )
 
     @classmethod
@@ -272,31 +329,60 @@ class RedisGate:
         *,
         ttl: float,
         namespace: str,
-        socket_timeout: float = 0.5,
+        timeout: float = 0.5,
         retries: int = 1,
-        trust_persistence: bool = False,
+        cluster: bool = False,
+        min_replicas: int = 0,
+        replica_timeout: float = 0.1,
         **client_kwargs: Any,
     ) -> RedisGate:
         """A gate on a new client for ``url`` with settings that fail closed quickly.
 
-        ``socket_timeout`` bounds each command (and the connect); ``retries`` immediate retries
-        follow a connection error or timeout (what a retry answers: see the module docstring).
+        ``timeout`` (seconds) bounds each command and each connect; ``retries`` immediate
+        retries follow a connection error or timeout (what a retry answers: see the module
+        docstring). ``cluster=True`` makes a ``RedisCluster`` client, which tries one node once
+        per call (no retries across the cluster: a stopped node denies within ``timeout``).
         """
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), retries),
-            **client_kwargs,
-        )
+        seconds = _seconds("timeout", timeout)
+        client: redis.Redis | RedisCluster
+        if cluster:
+            client = RedisCluster.from_url(
+                url,
+                socket_timeout=seconds,
+                socket_connect_timeout=seconds,
+                retry=Retry(NoBackoff(), 0),
+                cluster_error_retry_attempts=0,
+                **client_kwargs,
+            )
+        else:
+            client = redis.Redis.from_url(
+                url,
+                socket_timeout=seconds,
+                socket_connect_timeout=seconds,
+                retry=Retry(NoBackoff(), retries),
+                **client_kwargs,
+            )
         return cls(
-            client, limits, ttl=ttl, namespace=namespace, trust_persistence=trust_persistence
+            client,
+            limits,
+            ttl=ttl,
+            namespace=namespace,
+            min_replicas=min_replicas,
+            replica_timeout=replica_timeout,
         )
+
+    def _encode(self, limits: object) -> tuple[PortfolioLimits, str]:
+        """``limits`` and the decision's config argument: "ttl_us|max_pos|max_gross|max_sym"
+        in units (``rules.unit_limits``), '' for a limit not set."""
+        unit = rules.unit_limits(limits)
+        parts = [unit.max_positions, unit.max_gross, unit.max_symbol]
+        encoded = ["" if value == rules.NO_LIMIT else str(value) for value in parts]
+        return unit.source, "|".join([str(self._ttl_us), *encoded])
 
     # ------------------------------------------------------------------ properties
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> redis.Redis | RedisCluster:
         return self._client
 
     @property
@@ -309,18 +395,28 @@ class RedisGate:
         return self._keys
 
     @property
+    def server(self) -> ServerCode:
+        """The calls into the server library (for ``pendingledger.redis.testing`` and
+        diagnostics): its ``mark`` is the highest fencing mark this gate object has seen."""
+        return self._code
+
+    @property
     def ttl(self) -> float:
         return self._ttl
+
+    @property
+    def min_replicas(self) -> int:
+        return self._min_replicas
 
     @property
     def limits(self) -> PortfolioLimits:
         """The limits this gate object applies (per process: they travel with each decision).
         Assign a new ``PortfolioLimits`` at any time; each decision uses one consistent set."""
-        return self._limit_args[0]
+        return self._limits
 
     @limits.setter
     def limits(self, limits: PortfolioLimits) -> None:
-        self._limit_args = _encode_limits(limits)
+        self._limits, self._config = self._encode(limits)
 
     # ------------------------------------------------------------------ decisions
 
@@ -333,7 +429,7 @@ class RedisGate:
         order_id: str | None = None,
     ) -> Decision:
         """Check the limits against the book and reservations in Redis and, if they pass,
-        reserve ``notional`` on ``symbol``: one atomic script call, one round trip.
+        reserve ``notional`` on ``symbol``: one atomic server call, one round trip.
 
         ``positions`` must be left out: the position book lives in Redis (``set_position``,
         ``confirm_fill``). Bad arguments raise ``ValueError``/``TypeError`` before anything is
@@ -347,35 +443,17 @@ class RedisGate:
                 "RedisGate keeps the position book in Redis: call try_enter without positions "
                 f"and keep the book with set_position()/confirm_fill(), got positions={positions!r}"
             )
-        name = _units.check_symbol(symbol)
-        units = _units.notional_units("notional", notional)
-        oid = uuid.uuid4().hex if order_id is None else _units.check_order_id(order_id)
-        token = _token()
-        _, max_pos, max_gross, max_sym = self._limit_args
-        args = (
-            "enter", name, units, oid, token, self._ttl_us,
-            max_pos, max_gross, max_sym, self._trust, "",
-        )  # fmt: skip
-        try:
-            reply = self._script(keys=self._keys, args=args)
-            status = _s(reply[0])
-            if status == "A":
-                res = RedisReservation._new(
-                    self, name, oid, notional, units,
-                    token=token, reserved_us=int(_s(reply[1])),
-                    expires_us=int(float(_s(reply[2]))),
-                )  # fmt: skip
-                decision = Decision(None, res)
-            elif status == "D":
-                decision = DENIALS[_s(reply[1])]
-            elif status != "X":
-                raise ValueError(f"unexpected reply from the gate script: {reply!r}")
-        except Exception as exc:
-            return self._unavailable_decision(f"try_enter({name!r}, order_id={oid!r})", exc)
-        if status == "X":
-            raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
-        self._log.ok()
+        decision = enter(self, symbol, notional, order_id, "")
+        assert decision is not None  # None only answers the test mode 'check'
         return decision
+
+    def _admitted(self, name: str, oid: str, notional: Number, units: int, token: str,
+                  reply: Sequence[Any]) -> Decision:  # fmt: skip
+        res = RedisReservation._new(
+            self, name, oid, notional, units,
+            token=token, reserved_us=int(_s(reply[1])), expires_us=int(float(_s(reply[2]))),
+        )  # fmt: skip
+        return Decision(None, res)
 
     def _unavailable_decision(self, what: str, exc: Exception) -> Decision:
         """The shared ``BACKEND_UNAVAILABLE`` decision for a call the store did not confirm
@@ -387,29 +465,68 @@ class RedisGate:
         self._log.failed(what, exc)
         return _UNAVAILABLE
 
+    def _replicated(self, args: Sequence[EncodableT]) -> list[Any]:
+        """``enter`` and ``WAIT`` in one round trip; an admission fewer replicas confirmed is
+        released again and raises (the caller denies)."""
+        for attempt in (0, 1):
+            pipe = self._client.pipeline(transaction=False)
+            self._code.queue(pipe, "enter", *args)
+            pipe.execute_command("WAIT", self._min_replicas, self._wait_ms)
+            reply, acks = pipe.execute(raise_on_error=False)
+            if isinstance(reply, redis.ResponseError):
+                if attempt == 0 and "function not found" in str(reply).lower():
+                    self._code.load()
+                    continue
+                raise reply
+            break
+        answer = self._code.answer(reply)
+        if _s(answer[0]) == "A" and (isinstance(acks, Exception) or acks < self._min_replicas):
+            # args: symbol, units, order_id, token, ...
+            self._release_call("release_order", "release_order", args[2], args[3])
+            raise redis.ConnectionError(
+                f"{acks!r} replica(s) confirmed the admission within {self._wait_ms} ms, "
+                f"{self._min_replicas} required: released"
+            )
+        return answer
+
     # ------------------------------------------------------------------ releases
 
     def release(self, symbol: str) -> bool:
         """Drop every reservation on ``symbol``. True if any was dropped; False (logged) if the
         store cannot be reached: the reservations then expire after the TTL."""
         name = _units.check_symbol(symbol)
-        reply = self._release_call("release", ("release_symbol", name, _token()))
-        return bool(reply)
+        reply = self._release_call("release", "release_symbol", name)
+        return reply is not None and int(reply[0]) > 0
 
     def release_order(self, order_id: str) -> bool:
         """Drop the reservation of ``order_id``. True if it was outstanding (see ``release``)."""
         oid = _units.check_order_id(order_id)
-        return bool(self._release_call("release_order", ("release_order", oid, "", _token())))
+        reply = self._release_call("release_order", "release_order", oid, "")
+        return reply is not None and int(reply[0]) == 1
 
-    def _release_call(self, what: str, args: Sequence[EncodableT]) -> int:
+    def reduce_order(self, order_id: str, amount: Number) -> bool:
+        """Shrink the reservation of ``order_id`` by ``amount`` (a partial fill: finite, > 0),
+        as ``Reservation.reduce`` does; at zero it ends as filled. True if it was outstanding;
+        False if not, or (logged) if the store cannot be reached."""
+        oid = _units.check_order_id(order_id)
+        down, up = _units.reduction_units("amount", amount)
+        reply = self._release_call("reduce_order", "reduce", oid, "", down, up)
+        return reply is not None and _s(reply[0]) != "G"
+
+    def _release_call(self, what: str, op: str, *args: EncodableT) -> list[Any] | None:
+        """A call that ends or shrinks reservations: its answer, or None (logged) if the store
+        did not confirm it or the book is not restored."""
         try:
-            reply = int(self._script(keys=self._keys, args=args))
+            reply = self._code.call(op, _token(), *args)
         except Exception as exc:
             if isinstance(exc, UnicodeError):
                 raise _unencodable(exc) from exc
-            self._log.failed(f"{what}({args[1]!r})", exc)
-            return 0
+            self._log.failed(f"{what}({args[0]!r})", exc)
+            return None
         self._log.ok()
+        if _s(reply[0]) == "D":
+            logger.warning("%s(%r): not done: the book is not restored", what, args[0])
+            return None
         return reply
 
     # ------------------------------------------------------------------ the position book
@@ -417,34 +534,45 @@ class RedisGate:
     def set_position(self, symbol: str, exposure: Number) -> None:
         """Record ``symbol``'s position exposure (its absolute value counts; a symbol set is
         open, even at exposure 0, until ``close_position``). Raises ``StoreUnavailable`` if the
-        store cannot confirm it."""
+        store cannot confirm it, ``BookNotRestored`` (nothing written) if the book is not in
+        place."""
         name = _units.check_symbol(symbol)
-        units = _units.units("exposure", exposure, True)
-        self._write("set_position", ("set_position", name, units, _token()))
+        value = _position_value("exposure", exposure)
+        self._write("set_position", ("set_position", _token(), name, value))
 
     def close_position(self, symbol: str) -> bool:
         """Remove ``symbol`` from the book. True if it was open."""
         name = _units.check_symbol(symbol)
-        return bool(self._write("close_position", ("close_position", name, _token())))
+        reply = self._write("close_position", ("close_position", _token(), name))
+        return _s(reply[0]) == "1"
 
     def confirm_fill(
-        self, order_id: str, position_exposure: Number, *, symbol: str | None = None
+        self,
+        order_id: str,
+        position_exposure: Number,
+        *,
+        symbol: str | None = None,
+        filled: Number | None = None,
     ) -> bool:
         """The fill of ``order_id`` landed: set its symbol's position to ``position_exposure``
-        (the whole position after the fill) and end the reservation, in one atomic step.
+        (the whole position after the fill) and end the reservation, in one atomic step; with
+        ``filled`` (a partial fill: finite, > 0) reduce it by that amount instead, as
+        ``reduce_order`` does (it ends as filled when nothing stays).
 
-        Returns True if a reservation was ended. If it had already ended (expired, released),
-        the position is still recorded when ``symbol`` is given, and False is returned; without
-        ``symbol`` nothing is written (the gate cannot tell which symbol to book), False is
-        returned and a warning logged: pass ``symbol`` so a late fill is never lost. A
-        ``symbol`` different from the reservation's raises ``ValueError`` and writes nothing.
+        Returns True if a reservation was outstanding. If it had already ended (expired,
+        released), the position is still recorded when ``symbol`` is given, and False is
+        returned; without ``symbol`` nothing is written (the gate cannot tell which symbol to
+        book), False is returned and a warning logged: pass ``symbol`` so a late fill is never
+        lost. A ``symbol`` different from the reservation's raises ``ValueError`` and writes
+        nothing.
         """
         oid = _units.check_order_id(order_id)
         sym = "" if symbol is None else _units.check_symbol(symbol)
-        units = _units.units("position_exposure", position_exposure, True)
-        reply = self._write("confirm_fill", ("fill", oid, units, sym, _token()))
+        value = _position_value("position_exposure", position_exposure)
+        down, up = ("", "") if filled is None else _units.reduction_units("filled", filled)
+        reply = self._write("confirm_fill", ("fill", _token(), oid, value, sym, down, up))
         status = _s(reply[0])
-        if status == "F":
+        if status in ("F", "R"):
             return True
         if status == "P":
             return False
@@ -459,9 +587,10 @@ class RedisGate:
         )
         return False
 
-    def _write(self, what: str, args: Sequence[EncodableT]) -> Any:
+    def _write(self, what: str, args: Sequence[EncodableT]) -> list[Any]:
+        op, *rest = args
         try:
-            reply = self._script(keys=self._keys, args=args)
+            reply = self._code.call(str(op), *rest)
         except redis.ResponseError as exc:
             if "amount overflow" in str(exc):
                 raise ValueError(f"{what}: {exc}") from exc
@@ -473,6 +602,12 @@ class RedisGate:
         except UnicodeError as exc:
             raise _unencodable(exc) from exc
         self._log.ok()
+        if reply and _s(reply[0]) == "D":
+            raise BookNotRestored(
+                f"{what} not recorded: the book in namespace {self._namespace!r} is not "
+                "restored (never restored, a key evicted, or the server lost writes): "
+                "call restore()"
+            )
         return reply
 
     def restore(
@@ -495,15 +630,13 @@ class RedisGate:
         if not isinstance(positions, Mapping):
             raise TypeError(f"positions must be a mapping of symbol to exposure, got {positions!r}")
         args: list[EncodableT] = ["restore", "1" if only_if_missing else "0", uuid.uuid4().hex,
-                              self._ttl_us, self._trust, len(positions)]  # fmt: skip
+                                  self._ttl_us, len(positions)]  # fmt: skip
         for symbol, exposure in positions.items():
-            args += [
-                _units.check_symbol(symbol),
-                _units.units(f"positions[{symbol!r}]", exposure, True),
-            ]
+            name = _units.check_symbol(symbol)
+            args += [name, _position_value(f"positions[{symbol!r}]", exposure)]
         pending = _open_orders(open_orders)
-        for order_id, symbol, _, units, token in pending:
-            args += [order_id, symbol, units, token]
+        for order_id, symbol, notional, units, token in pending:
+            args += [order_id, symbol, units, token, _units.kind_of(notional)]
         reply = self._write("restore", args)
         if _s(reply[0]) == "S":
             return None
@@ -517,13 +650,14 @@ class RedisGate:
         ]
 
     def positions(self) -> dict[str, Number]:
-        """The position book in Redis: symbol -> exposure as stored (a ``Decimal``, exact to
-        ``10**-9``, its magnitude rounded up when it was set)."""
+        """The position book in Redis: symbol -> exposure, in the kind of amount it was set
+        with (exact to ``10**-9``, its magnitude rounded up when it was set)."""
         try:
             raw = self._client.hgetall(self._keys[1])
         except redis.RedisError as exc:
             raise StoreUnavailable(f"position book not readable: {exc}") from exc
-        return {_s(k): amount_of(int(_s(v))) for k, v in raw.items()}
+        book = {_s(k): _s(v) for k, v in raw.items()}
+        return {k: _position_of(v) for k, v in book.items() if k}
 
     def wipe(self) -> int:
         """Delete every key of the namespace (book, reservations, marker, halt flag, stats), as
@@ -535,8 +669,14 @@ class RedisGate:
             raise StoreUnavailable(f"wipe not done: {exc}") from exc
 
     def book_restored(self) -> bool:
-        """True if the namespace's book is in place (decisions are not ``BOOK_NOT_RESTORED``)."""
-        return bool(self._write("book_restored", ("marker", self._trust)))
+        """True if the namespace's book is in place (decisions are not ``BOOK_NOT_RESTORED``).
+        A book found untrustworthy (a key evicted, the server behind this client's fencing mark)
+        has its marker withdrawn by this call, as by a decision."""
+        try:
+            reply = self._code.call("marker")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"marker not readable: {exc}") from exc
+        return _s(reply[0]) == "1"
 
     # ------------------------------------------------------------------ halt
 
@@ -564,21 +704,24 @@ class RedisGate:
     # ------------------------------------------------------------------ inspection
 
     def snapshot(self) -> Snapshot:
-        """Everything in the namespace, read atomically (one script call)."""
-        return Snapshot.from_reply(self._write("snapshot", ("snapshot",)))
+        """Everything in the namespace, read atomically (one server call)."""
+        try:
+            return Snapshot.from_reply(self._code.call("snapshot"))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"snapshot not readable: {exc}") from exc
 
     def audit(self, limits: PortfolioLimits | None = None) -> list[str]:
         """Recompute every total from the raw records and list the differences (and, with
         ``limits``, every limit the current state exceeds). Empty means consistent."""
-        return audit(self.snapshot(), limits)
+        return audit_snapshot(self.snapshot(), limits)
 
     def sweep(self) -> int:
         """Drop expired reservations now (every operation does this anyway); return how many."""
-        return int(self._write("sweep", ("sweep",)))
+        return int(self._write("sweep", ("sweep",))[0])
 
     def stats(self) -> RedisGateStats:
         """Namespace-wide counts, read atomically after dropping expired reservations (one
-        script call that returns the counters only, not the book)."""
+        server call that returns the counters only, not the book)."""
         reply = self._write("stats", ("stats",))
         st = {k: int(v) for k, v in _pairs(reply[0]).items()}
         denied = dict.fromkeys(DenyReason, 0)
@@ -589,7 +732,7 @@ class RedisGate:
             admitted=st.get("admitted", 0),
             denied=MappingProxyType(denied),
             outstanding=int(reply[1]),
-            gross_notional=amount_of(int(_s(reply[2]))),
+            gross_notional=_units.to_number(int(_s(reply[2])), int(reply[3])),
             released=st.get("released", 0),
             filled=st.get("filled", 0),
             expired=st.get("expired", 0),
@@ -609,15 +752,38 @@ if TYPE_CHECKING:  # mypy proves RedisGate offers the whole backend-neutral surf
         return gate
 
 
-def _encode_limits(limits: object) -> tuple[PortfolioLimits, str, str, str]:
-    """``limits`` as the script's arguments: in units (``rules.unit_limits``), '' for none."""
-    unit = rules.unit_limits(limits)
-    return (unit.source, _limit_arg(unit.max_positions), _limit_arg(unit.max_gross),
-            _limit_arg(unit.max_symbol))  # fmt: skip
-
-
-def _limit_arg(value: int) -> str:
-    return "" if value == rules.NO_LIMIT else str(value)
+def enter(
+    gate: RedisGate, symbol: str, notional: Number, order_id: str | None, mode: str
+) -> Decision | None:
+    """``gate.try_enter`` (``mode`` ''), or one half of the test suite's broken gate
+    (``pendingledger.redis.testing.check_then_reserve``): 'check' decides and reserves nothing
+    (None when it passes), 'force' reserves unchecked."""
+    name = _units.check_symbol(symbol)
+    units = _units.notional_units("notional", notional)
+    oid = uuid.uuid4().hex if order_id is None else _units.check_order_id(order_id)
+    token = _token()
+    args = (name, units, oid, token, gate._config, _units.kind_of(notional), mode)
+    try:
+        reply = gate._replicated(args) if gate._min_replicas else gate._code.call("enter", *args)
+        status = _s(reply[0])
+        if status == "A":
+            decision = gate._admitted(name, oid, notional, units, token, reply)
+        elif status == "D":
+            decision = DENIALS[_s(reply[1])]
+        elif status == "C":
+            return None
+        elif status != "X":
+            raise ValueError(f"unexpected reply from the server code: {reply!r}")
+    except redis.ResponseError as exc:
+        if mode and "test operations are off" in str(exc):
+            raise
+        return gate._unavailable_decision(f"try_enter({name!r}, order_id={oid!r})", exc)
+    except Exception as exc:
+        return gate._unavailable_decision(f"try_enter({name!r}, order_id={oid!r})", exc)
+    if status == "X":
+        raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
+    gate._log.ok()
+    return decision
 
 
 def _open_orders(
@@ -753,7 +919,7 @@ class RedisReservation:
             return False
         gate = self._gate
         try:
-            reply = gate._script(keys=gate._keys, args=("status", self._order_id, self._token))
+            reply = gate._code.call("status", self._order_id, self._token)
         except Exception as exc:
             gate._log.failed(f"Reservation({self._order_id!r}).active", exc)
             return True
@@ -764,47 +930,39 @@ class RedisReservation:
         outstanding; False if it had ended, or (logged) if the store cannot be reached."""
         if self._ended:
             return False
-        gate = self._gate
-        done = gate._release_call(
-            "Reservation.release", ("release_order", self._order_id, self._token, _token())
+        reply = self._gate._release_call(
+            "Reservation.release", "release_order", self._order_id, self._token
         )
+        done = reply is not None and int(reply[0]) == 1
         if done:
             self._ended = True
-        return bool(done)
+        return done
 
     def reduce(self, amount: Number) -> bool:
         """Shrink the remaining notional by ``amount`` (a partial fill); at zero (or below) the
         reservation ends as filled. True if it was outstanding. ``amount`` must be a finite
         number > 0.
 
-        Counted as in process (``pendingledger._units.after_fill``): a fill of the whole
-        notional ends the reservation; a smaller one, rounded down, is taken off the units
-        reserved, so what stays is never less than what is still unfilled. Returns False
-        (logged) if the store cannot be reached.
+        Counted as in process (``pendingledger._units.after_fill``, which the server code
+        applies to what is reserved there): a fill of the whole notional ends the reservation;
+        a smaller one, rounded down, is taken off the units reserved, so what stays is never
+        less than what is still unfilled. Returns False (logged) if the store cannot be reached.
         """
         down, up = _units.reduction_units("amount", amount)
         with self._lock:
             if self._ended:
                 return False
-            remaining = _units.after_fill(self._units, down, up)
-            gate = self._gate
-            try:
-                reply = gate._script(
-                    keys=gate._keys,
-                    args=("reduce", self._order_id, self._token, remaining, _token()),
-                )
-                status = _s(reply[0])
-            except Exception as exc:
-                gate._log.failed(f"Reservation({self._order_id!r}).reduce", exc)
+            reply = self._gate._release_call(
+                f"Reservation({self._order_id!r}).reduce", "reduce", self._order_id,
+                self._token, down, up,
+            )  # fmt: skip
+            if reply is None:
                 return False
-            gate._log.ok()
-            if status == "G":
-                self._ended = True
-                return False
-            if status == "E":
+            status = _s(reply[0])
+            if status in ("G", "E"):
                 self._ended = True  # it keeps the amount it held when it ended
-            else:
-                self._units = remaining
+                return status == "E"
+            self._units = int(_s(reply[1]))
             return True
 
     def __repr__(self) -> str:

@@ -1,9 +1,10 @@
 """Test helpers for the Redis gate: a namespace's server-side test clock, moved instead of slept.
 
-``RedisGate`` takes time from the server (``TIME``, read inside its script), never from a client,
-so a test cannot hand it a ``ManualClock``. Instead each namespace can have a test clock, kept in
-Redis beside its book (fields of its ``meta`` hash, under the same ``{namespace}`` hash tag). The
-script's now is ``TIME`` plus the clock's offset, read in the same script call as everything else,
+``RedisGate`` takes time from the server (``TIME``, read inside its server code), never from a
+client, so a test cannot hand it a ``ManualClock``. Instead each namespace can have a test clock,
+kept in Redis beside its book (fields of its ``meta`` hash, under the same ``{namespace}`` hash
+tag). The server code's now is ``TIME`` plus the clock's offset, read in the same call as
+everything else,
 and ``advance_server_clock`` grows the offset: a TTL is tested by moving the server's time for
 every process sharing the namespace, never by sleeping::
 
@@ -24,7 +25,7 @@ For tests only (and the race demo's deliberately broken gate, ``pendingledger.si
 never calls this module, and in production the fields are absent (now is the server's ``TIME``).
 Moving the clock of a live namespace expires its reservations early, and the broken gates of the
 stress tests and the race demo reserve without checking (``check_then_reserve``: ``enter`` modes
-``check`` and ``force``), so the gate's script refuses both unless the namespace's test
+``check`` and ``force``), so the gate's server code refuses both unless the namespace's test
 operations are on: ``enable_test_ops`` turns them on (a field ``testing`` in the namespace's
 ``meta`` hash, kept by ``restore``, deleted by ``wipe``), and ``advance_server_clock`` and
 ``freeze_server_clock`` call it themselves. This module is the only public way to turn them on;
@@ -33,24 +34,14 @@ never do it on a namespace that trades.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
-from typing import Any
 
 import redis
 
 from pendingledger import _units
-from pendingledger.limits import Decision, DenyReason, denied
-from pendingledger.redis._audit import _s
-from pendingledger.redis._gate import (
-    DENIALS,
-    SCRIPT,
-    RedisGate,
-    RedisReservation,
-    StoreUnavailable,
-    _micros,
-    _namespace_keys,
-)
+from pendingledger.limits import Decision
+from pendingledger.redis._gate import RedisGate, StoreUnavailable, enter, micros, namespace_keys
+from pendingledger.redis._library import ServerCode
 from pendingledger.testing import _finite_seconds
 
 __all__ = [
@@ -97,7 +88,7 @@ def advance_server_clock(
     clock past 2^52 microseconds (year 2112); a non-number raises ``TypeError``.
     """
     step = _finite_seconds("seconds", seconds, allow_negative=False)
-    step_us = _micros(step)
+    step_us = micros(step)
     if step_us >= _MAX_STEP_US:
         raise ValueError(f"seconds must be below 2**52 microseconds (~142 years), got {seconds!r}")
     return _clock(target, namespace, step_us, freeze=False) / 1_000_000
@@ -128,30 +119,28 @@ def _target(
             raise ValueError(
                 f"namespace={namespace!r} but the gate's namespace is {target.namespace!r}"
             )
-        return target.client, target.keys
+        return target.client, target.keys  # type: ignore[return-value]
     if namespace is None:
         raise TypeError("namespace is required when target is a Redis client, not a RedisGate")
-    return target, _namespace_keys(namespace)
+    return target, namespace_keys(namespace)
 
 
 def _clock(
     target: RedisGate | redis.Redis, namespace: str | None, step_us: int, *, freeze: bool
 ) -> int:
     client, keys = _target(target, namespace)
-    script: Any = (
-        target._script if isinstance(target, RedisGate) else client.register_script(SCRIPT)
-    )
+    code = target.server if isinstance(target, RedisGate) else ServerCode(client, keys)
     if step_us or freeze:  # moving or freezing the clock needs the test operations on
         enable_test_ops(target, namespace=namespace)
     try:
-        reply = script(keys=keys, args=("clock", step_us, "1" if freeze else "0"))
+        reply = code.call("clock", step_us, "1" if freeze else "0")
     except redis.ResponseError as exc:
         if "clock overflow" in str(exc):
             raise ValueError(f"test clock not moved: {exc}") from exc
         raise StoreUnavailable(f"test clock not moved: {exc}") from exc
     except redis.RedisError as exc:
         raise StoreUnavailable(f"test clock not moved: {exc}") from exc
-    return int(reply)
+    return int(reply[0])
 
 
 def check_then_reserve(
@@ -164,38 +153,18 @@ def check_then_reserve(
 ) -> Decision:
     """The check-then-act bug on Redis, for the tests and the race demo that must catch it.
 
-    The gate's own script checks the limits in one call (``enter`` mode ``check``, which
+    The gate's own server code checks the limits in one call (``enter`` mode ``check``, which
     reserves nothing) and reserves without checking in a second (mode ``force``); ``between``
     runs in the gap, where another entry can take the room the check saw. Both modes are test
-    operations: with them off the script's refusal is raised (``redis.ResponseError``).
-    Arguments are checked as ``RedisGate.try_enter`` checks them; a connection error or timeout
-    denies with ``BACKEND_UNAVAILABLE`` (uncounted). Never use it on a namespace that trades.
+    operations: with them off the server's refusal is raised (``redis.ResponseError``).
+    Arguments are checked as ``RedisGate.try_enter`` checks them; a store failure denies with
+    ``BACKEND_UNAVAILABLE``. Never use it on a namespace that trades.
     """
-    name = _units.check_symbol(symbol)
-    units = _units.notional_units("notional", notional)
-    oid = uuid.uuid4().hex if order_id is None else _units.check_order_id(order_id)
-    token = uuid.uuid4().hex[:16]
-    _, max_pos, max_gross, max_sym = gate._limit_args
-    args: list[Any] = [
-        "enter", name, units, oid, token, gate._ttl_us, max_pos, max_gross, max_sym, gate._trust,
-    ]  # fmt: skip
-    try:
-        reply = gate._script(keys=gate.keys, args=[*args, "check"])
-        if _s(reply[0]) == "C":
-            if between is not None:
-                between()
-            reply = gate._script(keys=gate.keys, args=[*args, "force"])
-    except (redis.ConnectionError, redis.TimeoutError):
-        return denied(DenyReason.BACKEND_UNAVAILABLE)
-    status = _s(reply[0])
-    if status == "D":
-        return DENIALS[_s(reply[1])]
-    if status == "X":
-        raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
-    if status != "A":
-        raise ValueError(f"unexpected reply from the gate script: {reply!r}")
-    res = RedisReservation._new(
-        gate, name, oid, notional, units, token=token,
-        reserved_us=int(_s(reply[1])), expires_us=int(float(_s(reply[2]))),
-    )  # fmt: skip
-    return Decision(None, res)
+    checked = enter(gate, symbol, notional, order_id, "check")
+    if checked is not None:
+        return checked
+    if between is not None:
+        between()
+    decision = enter(gate, symbol, notional, order_id, "force")
+    assert decision is not None
+    return decision

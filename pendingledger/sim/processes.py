@@ -172,7 +172,7 @@ class ProcessRace:
         namespace = f"race-{uuid.uuid4().hex}"
         gate = RedisGate.from_url(
             self.redis_url, limits, ttl=config.ttl, namespace=namespace,
-            socket_timeout=SOCKET_TIMEOUT,
+            timeout=SOCKET_TIMEOUT,
         )  # fmt: skip
         ctx = multiprocessing.get_context("spawn")
         out: Any = ctx.Queue()

@@ -42,7 +42,7 @@ import redis
 from pendingledger import _units, rules
 from pendingledger.limits import Decision, Number, PortfolioLimits
 from pendingledger.protocols import ReservationHandle
-from pendingledger.redis import SCALE, SCRIPT, RedisGate, RedisReservation, Snapshot, audit
+from pendingledger.redis import SCALE, RedisGate, RedisReservation, Snapshot, audit
 from pendingledger.redis.testing import check_then_reserve
 from pendingledger.sim.broken import GAP
 from pendingledger.sim.config import LIMIT_KINDS
@@ -98,7 +98,7 @@ class SharedReading:
 class SharedAudit:
     """Reads one namespace atomically and checks it against ``limits``.
 
-    One round trip per reading: the gate script's ``snapshot`` and the overlap marks in one
+    One round trip per reading: the gate's server ``snapshot`` and the overlap marks in one
     ``MULTI``/``EXEC``. Reservations past their expiry are left out (the gate no longer counts
     them; the next operation sweeps them).
     """
@@ -108,20 +108,19 @@ class SharedAudit:
         self._client = gate.client
         self._keys = gate.keys
         self._overlap = overlap_key(gate.namespace)
-        self._sha = gate.client.register_script(SCRIPT).sha
         self._limits = rules.unit_limits(limits)
 
     def read(self) -> SharedReading:
         try:
             reply, marks = self._read()
-        except redis.exceptions.NoScriptError:
-            self._gate.sweep()  # the gate's call reloads the script
+        except redis.ResponseError:
+            self._gate.server.load()  # the library was missing (a restart): load it, once
             reply, marks = self._read()
-        return self._count(Snapshot.from_reply(reply), marks)
+        return self._count(Snapshot.from_reply(self._gate.server.answer(reply)), marks)
 
     def _read(self) -> tuple[Any, dict[Any, Any]]:
         pipe = self._client.pipeline(transaction=True)
-        pipe.evalsha(self._sha, len(self._keys), *self._keys, "snapshot")
+        self._gate.server.queue(pipe, "snapshot")
         pipe.hgetall(self._overlap)
         reply, marks = pipe.execute()
         return reply, marks
@@ -323,11 +322,26 @@ class SharedGate:
         return Decision(reservation=tracked)
 
     def confirm_fill(
-        self, order_id: str, position_exposure: Number, *, symbol: str | None = None
+        self,
+        order_id: str,
+        position_exposure: Number,
+        *,
+        symbol: str | None = None,
+        filled: Number | None = None,
     ) -> bool:
-        done = self._gate.confirm_fill(order_id, position_exposure, symbol=symbol)
-        self._ended(order_id, done)
+        done = self._gate.confirm_fill(order_id, position_exposure, symbol=symbol, filled=filled)
+        self._ended(order_id, done and (filled is None or not self._still_active(order_id)))
         return done
+
+    def reduce_order(self, order_id: str, amount: Number) -> bool:
+        done = self._gate.reduce_order(order_id, amount)
+        self._ended(order_id, done and not self._still_active(order_id))
+        return done
+
+    def _still_active(self, order_id: str) -> bool:
+        """After a partial fill: whether the reservation stayed (a reading of the server)."""
+        tracked = self.tracked.get(order_id)
+        return tracked is not None and tracked.inner.active
 
     def release_order(self, order_id: str) -> bool:
         done = self._gate.release_order(order_id)
@@ -410,11 +424,11 @@ class RedisBackend:
         broken: bool,
     ) -> None:
         self._redis_gate = RedisGate.from_url(
-            url, limits, ttl=ttl, namespace=namespace, socket_timeout=SOCKET_TIMEOUT
+            url, limits, ttl=ttl, namespace=namespace, timeout=SOCKET_TIMEOUT
         )
         self._gate: SharedGate | None = None
         try:
-            self._redis_gate.sweep()  # connects and loads the script before the race
+            self._redis_gate.sweep()  # connects and loads the library before the race
             self._audit = SharedAudit(self._redis_gate, limits)
             self._gate = SharedGate(self._redis_gate, self._audit, broken=broken)
         except BaseException:
