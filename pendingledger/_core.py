@@ -231,7 +231,8 @@ class ReservationState(enum.StrEnum):
     RELEASED = "released"
     """Released by ``release()``, ``release_order()`` or ``release(symbol)``."""
     FILLED = "filled"
-    """Filled: by ``confirm_fill``, or reduced to zero by partial fills."""
+    """Filled: by ``confirm_fill``, or reduced to zero by partial fills (``reduce``,
+    ``reduce_order``, ``confirm_fill(filled=)``)."""
     EXPIRED = "expired"
     """Its TTL ran out before anything ended it."""
     ROLLED_BACK = "rolled_back"
@@ -407,6 +408,16 @@ class LedgerCore:
         with self._lock:
             return self._reduce_locked(res, down, up, kind) >= 0
 
+    def reduce_order(self, order_id: str, down: int, up: int, kind: int) -> bool:
+        """``reduce`` for the outstanding reservation of ``order_id``; False if there is none."""
+        block = self.own_block()
+        if block is not None:
+            return block.reduce_order_locked(order_id, down, up, kind)
+        seq = self.generated_seq(order_id)
+        with self._lock:
+            res = self._find_locked(order_id, seq)
+            return res is not None and self._reduce_locked(res, down, up, kind) >= 0
+
     def expire_if_due(self, res: Reservation) -> None:
         """Expire ``res`` now if its deadline has passed (unless this thread is in a block)."""
         if self._owner == _get_ident():
@@ -514,8 +525,12 @@ class LedgerCore:
         self.fire_expired(expired)
         return done
 
-    def confirm_fill(self, order_id: str, units: int, value: object, symbol: str) -> bool:
-        """Set the order's symbol's position and end its reservation as filled, in one step.
+    def confirm_fill(
+        self, order_id: str, units: int, value: object, symbol: str, fill: tuple[int, int, int]
+    ) -> bool:
+        """Set the order's symbol's position and end its reservation as filled, in one step;
+        with a ``fill`` (``(down, up, kind)`` as for ``reduce``; ``up`` 0: none) reduce it by
+        that instead, in the same step.
 
         With no outstanding reservation, the position is still set when ``symbol`` is given.
         """
@@ -527,7 +542,7 @@ class LedgerCore:
             elsewhere = res is not None and bool(symbol) and symbol != res._symbol
             if res is not None and not elsewhere:
                 self._set_position_locked(res._symbol, units, value)
-                self._end_counted_locked(res, FILLED)
+                self._fill_locked(res, fill)
             elif res is None and symbol:
                 self._set_position_locked(symbol, units, value)
             expired = self._sweep_locked(now)
@@ -651,6 +666,14 @@ class LedgerCore:
         self._reserved -= units
         self._epoch += 1
         return units
+
+    def _fill_locked(self, res: Reservation, fill: tuple[int, int, int]) -> None:
+        """End an active ``res`` as filled, or reduce it by ``fill`` if one is given."""
+        down, up, kind = fill
+        if up:
+            self._reduce_locked(res, down, up, kind)
+        else:
+            self._end_counted_locked(res, FILLED)
 
     def on_symbol_locked(self, symbol: str) -> list[Reservation]:
         """The reservations outstanding on ``symbol``: a walk of all of them, as dropping every
@@ -869,6 +892,12 @@ class PendingMap:
         else:
             self._journal.append(_Undo(_REDUCED, res, removed))
         return True
+
+    def reduce_order_locked(self, order_id: str, down: int, up: int, kind: int) -> bool:
+        """Reduce the reservation of ``order_id`` (an exact str) through this block."""
+        core = self._live()
+        res = core._find_locked(order_id, core.generated_seq(order_id))
+        return res is not None and self.reduce_locked(res, down, up, kind)
 
     def close_locked(self, failed: bool) -> list[Reservation] | None:
         """End the block (lock held): undo it if it ``failed``; what its entry expired."""

@@ -129,21 +129,44 @@ class PortfolioGate:
         return core.close_position(name)
 
     def confirm_fill(
-        self, order_id: object, position_exposure: object, *, symbol: object = None
+        self,
+        order_id: object,
+        position_exposure: object,
+        *,
+        symbol: object = None,
+        filled: object = None,
     ) -> bool:
         """Record a fill: set its symbol's position to ``position_exposure`` and end the order's
         reservation, in one step under the lock (the safe hand-off, with no gap at all).
 
-        Returns True if the reservation was outstanding (it ends as FILLED). If it already ended
-        (expired, released), the position is still recorded when ``symbol`` is given, so a late
-        fill is never lost; without ``symbol`` nothing changes and False is returned.
+        With ``filled`` (a finite amount > 0, for a partial fill) the reservation is reduced by
+        it instead, as ``reduce_order`` does (it ends as FILLED once nothing remains), in that
+        same step: no decision sees the position without the reduction, nor the other way round.
+
+        Returns True if the reservation was outstanding. If it already ended (expired,
+        released), the position is still recorded when ``symbol`` is given, so a late fill is
+        never lost; without ``symbol`` nothing changes and False is returned. A ``symbol`` that
+        is not the reservation's raises ``ValueError`` and records nothing.
         """
         oid = _units.check_order_id(order_id)
         name = "" if symbol is None else _units.check_symbol(symbol)
         units = _units.units("position_exposure", position_exposure, True)
+        fill = _NO_FILL if filled is None else _fill_of("filled", filled)
         core = self._ledger.core
         core.refuse_reentry("confirm_fill()")
-        return core.confirm_fill(oid, units, position_exposure, name)
+        return core.confirm_fill(oid, units, position_exposure, name, fill)
+
+    def reduce_order(self, order_id: object, amount: object) -> bool:
+        """Reduce the reservation of ``order_id`` by ``amount`` (a partial fill), as
+        ``Reservation.reduce`` does: an ``amount`` at least what remains ends it as FILLED.
+
+        For a fill router that keeps order ids, not ``Reservation`` objects. Returns True if the
+        reservation was outstanding, False if not (ended, or never made). ``amount`` must be a
+        finite number > 0. Inside this thread's ``lock()`` block it acts through that block.
+        """
+        oid = _units.check_order_id(order_id)
+        down, up, kind = _fill_of("amount", amount)
+        return self._ledger.core.reduce_order(oid, down, up, kind)
 
     def positions(self) -> dict[str, _units.Number]:
         """A snapshot of the owned book: symbol -> exposure as it was set."""
@@ -231,6 +254,16 @@ class PortfolioGate:
                     continue
             self._core.count_timeout()
             return rules.LOCK_TIMEOUT
+
+
+_NO_FILL: Final = (0, 0, 0)  # confirm_fill without filled=: the reservation ends whole
+
+
+def _fill_of(name: str, amount: object) -> tuple[int, int, int]:
+    """A partial fill as ``(down, up, kind)`` for the core, all read before its lock (the kind
+    check may run a caller's ABC code)."""
+    down, up = _units.reduction_units(name, amount)
+    return down, up, _units.kind_of(amount)
 
 
 if TYPE_CHECKING:  # mypy proves PortfolioGate offers the whole backend-neutral surface.

@@ -84,8 +84,15 @@ class Gate(Protocol):
     def close_position(self, symbol: str) -> bool: ...
 
     def confirm_fill(
-        self, order_id: str, position_exposure: Number, *, symbol: str | None = None
+        self,
+        order_id: str,
+        position_exposure: Number,
+        *,
+        symbol: str | None = None,
+        filled: Number | None = None,
     ) -> bool: ...
+
+    def reduce_order(self, order_id: str, amount: Number) -> bool: ...
 
     def positions(self) -> dict[str, Number]: ...
 

@@ -68,9 +68,17 @@ class BrokenGate:
         return self._book.close_position(symbol)
 
     def confirm_fill(
-        self, order_id: str, position_exposure: Number, *, symbol: str | None = None
+        self,
+        order_id: str,
+        position_exposure: Number,
+        *,
+        symbol: str | None = None,
+        filled: Number | None = None,
     ) -> bool:
-        return self._book.confirm_fill(order_id, position_exposure, symbol=symbol)
+        return self._book.confirm_fill(order_id, position_exposure, symbol=symbol, filled=filled)
+
+    def reduce_order(self, order_id: str, amount: Number) -> bool:
+        return self._book.reduce_order(order_id, amount)
 
     def positions(self) -> dict[str, Number]:
         return self._book.positions()
