@@ -295,7 +295,7 @@ def test_a_retry_after_a_lost_reply_gets_the_first_answer(tmp_path: Path) -> Non
             return gate
 
         def gone(order_id: str) -> Callable[[], bool]:
-            return lambda: not admin.hexists(keys[3], order_id)
+            return lambda: admin.hget(keys[0], f"o:{order_id}") in (None, b"~")
 
         # Each call's handle is made (and its connection opened) before the server stalls.
         fill = retrying_gate("confirm_fill", gone("fill"))
@@ -308,14 +308,14 @@ def test_a_retry_after_a_lost_reply_gets_the_first_answer(tmp_path: Path) -> Non
         red_handle = red.try_enter("RED", 2, order_id="red").reservation
         sym = retrying_gate("release", gone("sym"))
         assert sym.try_enter("SYM", 1, order_id="sym")
-        close = retrying_gate("close_position", lambda: not admin.hexists(keys[1], "CLOSE"))
+        close = retrying_gate("close_position", lambda: not admin.hexists(keys[0], "p:CLOSE"))
         close.positions()
-        pos = retrying_gate("set_position", lambda: admin.hget(keys[1], "POS") == b"7000000000a")
+        pos = retrying_gate("set_position", lambda: admin.hget(keys[0], "p:POS") == b"7000000000")
         pos.positions()
         # another process writes POS after the first attempt, before the retry arrives
         gates["set_position"][1].then = lambda: admin_gate.set_position("POS", 9)
         restore = retrying_gate(
-            "restore", lambda: admin.hexists(fresh_keys[0], "gen"), namespace=fresh
+            "restore", lambda: admin.hexists(fresh_keys[0], "state"), namespace=fresh
         )
         restore.positions()
         assert rel_handle is not None and red_handle is not None

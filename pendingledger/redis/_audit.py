@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 from pendingledger import _units, rules
 from pendingledger.limits import PortfolioLimits
@@ -49,12 +49,23 @@ class OrderRecord:
     expires_at_us: int | None
 
 
+STATE: Final = ("gen", "epoch", "hw", "npos", "pos_gross_w", "pos_gross_f", "res_gross_w",
+                "res_gross_f", "res_syms", "res_open", "nres", "kinds", "next_due", "forget_due",
+                "admitted", "released", "filled", "expired", "restored", "corrupt",
+                "restored_at")  # fmt: skip
+"""The fields packed in the book's ``state`` (gate.lua's STATE, in its order)."""
+
+_TOTALS: Final = ("npos", "pos_gross", "res_gross", "res_syms", "res_open", "nres")
+_COUNTS: Final = ("admitted", "released", "filled", "expired", "restored", "corrupt")
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything in one namespace at one instant (taken by one server call). ``now_us`` is
     that instant on the server code's clock: the server's ``TIME`` plus the namespace's test
-    clock. ``positions`` are signed units; ``totals`` the counts and sums kept in ``meta``;
-    ``sentinels`` names each key whose sentinel (``gate.lua``, "Eviction") is missing."""
+    clock. ``meta`` is the unpacked ``state`` and ``ctl`` (gate.lua); ``positions`` are signed
+    units; ``totals`` the sums and counts ``state`` keeps; ``stats`` its counts and the denials;
+    ``sentinels_missing`` names each zset whose sentinel is gone (evicted)."""
 
     now_us: int
     meta: Mapping[str, str]
@@ -68,31 +79,38 @@ class Snapshot:
 
     @classmethod
     def from_reply(cls, reply: Sequence[Any]) -> Snapshot:
-        now_us = int(_s(reply[0]))
-        meta = _pairs(reply[1])
-        pos, rsym, ords = _pairs(reply[2]), _pairs(reply[3]), _pairs(reply[4])
-        flat_exp = [_s(v) for v in reply[5]]
-        exp = dict(zip(flat_exp[0::2], flat_exp[1::2], strict=True))
-        missing = [name for name, held in (("pos", pos), ("rsym", rsym), ("orders", ords),
-                                           ("exp", exp)) if "" not in held]  # fmt: skip
-        if int(reply[7]) != 2:
-            missing.append("calls")
-        positions = {k: int(v[:-1]) for k, v in pos.items() if k}
-        totals = {k: int(meta.get(k) or 0) for k in _TOTALS}
-        symbol_reserved = {k: int(v) for k, v in rsym.items() if k}
-        expiry = {k: int(float(v)) for k, v in exp.items() if k}
+        book = _pairs(reply[1])
+        expiry_z, forget_z = _zset(reply[2]), _zset(reply[3])
+        missing = tuple(name for name, z in (("expiry", expiry_z), ("forget", forget_z))
+                        if "" not in z)  # fmt: skip
+        values = book.get("state", "").split("|", len(STATE) - 1) if "state" in book else []
+        meta = {name: value for name, value in zip(STATE, values, strict=False) if value}
+        ctl = book.get("ctl", "").split("|")
+        for name, value in zip(("halted", "testing", "clock_us", "clock_frozen_us"), ctl,
+                               strict=False):  # fmt: skip
+            if value and value != "0":
+                meta[name] = value
+        for total in ("pos_gross", "res_gross"):
+            whole, part = int(meta.get(f"{total}_w") or 0), int(meta.get(f"{total}_f") or 0)
+            meta[total] = str(whole * 10**9 + part)
+        totals = {name: int(meta.get(name) or 0) for name in _TOTALS}
+        stats = {name: int(meta.get(name) or 0) for name in _COUNTS}
+        stats |= {f"denied:{k[2:]}": int(v) for k, v in book.items() if k.startswith("d:")}
+        positions = {
+            k[2:]: -int(v) if book.get(f"k:{k[2:]}", "+").startswith("-") else int(v)
+            for k, v in book.items()
+            if k.startswith("p:")
+        }
+        reserved = {k[2:]: int(v) for k, v in book.items() if k.startswith("r:") and int(v)}
+        expiry = {k[2:]: v for k, v in expiry_z.items() if k}
         orders: dict[str, OrderRecord] = {}
-        for order_id, rec in ords.items():
-            if order_id:
-                units, token, at, symbol = rec.split("|", 3)
-                orders[order_id] = OrderRecord(
-                    order_id, symbol, int(units), token, int(at), expiry.get(order_id)
-                )
-        stats = {k: int(v) for k, v in _pairs(reply[6]).items()}
-        return cls(
-            now_us, meta, positions, totals, symbol_reserved, orders, expiry, stats,
-            tuple(missing),
-        )  # fmt: skip
+        for name, rec in book.items():
+            if name.startswith("o:") and rec != "~":
+                units, token, at, _, symbol = rec.split("|", 4)
+                oid = name[2:]
+                orders[oid] = OrderRecord(oid, symbol, int(units), token, int(at), expiry.get(oid))
+        return cls(int(_s(reply[0])), meta, positions, totals, reserved, orders, expiry, stats,
+                   missing)  # fmt: skip
 
     @property
     def reserved_gross_units(self) -> int:
@@ -111,7 +129,13 @@ class Snapshot:
         return set(self.positions) | set(self.symbol_reserved)
 
 
-_TOTALS = ("npos", "pos_gross", "res_gross", "res_syms", "res_open", "nres")
+def _zset(flat: Sequence[Any]) -> dict[str, int]:
+    items = [_s(v) for v in flat]
+    return {k: _score(v) for k, v in zip(items[0::2], items[1::2], strict=True)}
+
+
+def _score(value: str) -> int:
+    return -1 if value == "-inf" else int(float(value))
 
 
 def audit(snap: Snapshot, limits: PortfolioLimits | None = None) -> list[str]:

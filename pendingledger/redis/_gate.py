@@ -86,6 +86,7 @@ __all__ = [
     "enter",
     "micros",
     "namespace_keys",
+    "position_of",
 ]
 
 logger = logging.getLogger("pendingledger.redis")
@@ -95,7 +96,7 @@ Number = _units.Number
 SCRIPT: Final = LIBRARY
 """The server code of every gate operation: the Functions library ``gate.lua`` as loaded."""
 
-KEY_NAMES: Final = ("meta", "pos", "rsym", "orders", "exp", "stats", "calls", "callexp")
+KEY_NAMES: Final = ("book", "expiry", "forget")
 _UNAVAILABLE: Final = denied(DenyReason.BACKEND_UNAVAILABLE)
 # The server names a reason by its value; a name it sends that is not a DenyReason is a KeyError,
 # which try_enter turns into BACKEND_UNAVAILABLE (fail closed).
@@ -181,15 +182,17 @@ def _seconds(name: str, value: object, *, zero: bool = False) -> float:
     return float(value)
 
 
-def _position_value(name: str, exposure: object) -> str:
-    """A position as stored: signed units, then the letter of its kind (``_units.kind_of``)."""
+def _position_value(name: str, exposure: object) -> tuple[int, str]:
+    """A position as stored: its magnitude in units, and a code of its sign and the letter of
+    its kind (``_units.kind_of``)."""
     units = _units.units(name, exposure, True)
-    return f"{units}{chr(97 + _units.kind_of(exposure))}"
+    return abs(units), f"{'-' if units < 0 else '+'}{chr(97 + _units.kind_of(exposure))}"
 
 
-def _position_of(value: str) -> Number:
-    """A stored position in the kind of amount it was set with."""
-    return _units.to_number(int(value[:-1]), ord(value[-1]) - 97)
+def position_of(units: str, code: str) -> Number:
+    """A stored position (``p:`` units and ``k:`` code) in the kind of amount it was set with."""
+    n = int(units)
+    return _units.to_number(-n if code.startswith("-") else n, ord(code[-1]) - 97)
 
 
 def _socket_timeout(client: Any) -> object:
@@ -482,7 +485,7 @@ class RedisGate:
         answer = self._code.answer(reply)
         if _s(answer[0]) == "A" and (isinstance(acks, Exception) or acks < self._min_replicas):
             # args: symbol, units, order_id, token, ...
-            self._release_call("release_order", "release_order", args[2], args[3])
+            self._release_call("release_order", "release_order", args[2], args[3], args[0])
             raise redis.ConnectionError(
                 f"{acks!r} replica(s) confirmed the admission within {self._wait_ms} ms, "
                 f"{self._min_replicas} required: released"
@@ -501,7 +504,7 @@ class RedisGate:
     def release_order(self, order_id: str) -> bool:
         """Drop the reservation of ``order_id``. True if it was outstanding (see ``release``)."""
         oid = _units.check_order_id(order_id)
-        reply = self._release_call("release_order", "release_order", oid, "")
+        reply = self._release_call("release_order", "release_order", oid, "", "")
         return reply is not None and int(reply[0]) == 1
 
     def reduce_order(self, order_id: str, amount: Number) -> bool:
@@ -510,7 +513,7 @@ class RedisGate:
         False if not, or (logged) if the store cannot be reached."""
         oid = _units.check_order_id(order_id)
         down, up = _units.reduction_units("amount", amount)
-        reply = self._release_call("reduce_order", "reduce", oid, "", down, up)
+        reply = self._release_call("reduce_order", "reduce", oid, "", down, up, "")
         return reply is not None and _s(reply[0]) != "G"
 
     def _release_call(self, what: str, op: str, *args: EncodableT) -> list[Any] | None:
@@ -537,8 +540,8 @@ class RedisGate:
         store cannot confirm it, ``BookNotRestored`` (nothing written) if the book is not in
         place."""
         name = _units.check_symbol(symbol)
-        value = _position_value("exposure", exposure)
-        self._write("set_position", ("set_position", _token(), name, value))
+        units, code = _position_value("exposure", exposure)
+        self._write("set_position", ("set_position", _token(), name, units, code))
 
     def close_position(self, symbol: str) -> bool:
         """Remove ``symbol`` from the book. True if it was open."""
@@ -568,9 +571,9 @@ class RedisGate:
         """
         oid = _units.check_order_id(order_id)
         sym = "" if symbol is None else _units.check_symbol(symbol)
-        value = _position_value("position_exposure", position_exposure)
+        units, code = _position_value("position_exposure", position_exposure)
         down, up = ("", "") if filled is None else _units.reduction_units("filled", filled)
-        reply = self._write("confirm_fill", ("fill", _token(), oid, value, sym, down, up))
+        reply = self._write("confirm_fill", ("fill", _token(), oid, units, code, sym, down, up))
         status = _s(reply[0])
         if status in ("F", "R"):
             return True
@@ -633,7 +636,7 @@ class RedisGate:
                                   self._ttl_us, len(positions)]  # fmt: skip
         for symbol, exposure in positions.items():
             name = _units.check_symbol(symbol)
-            args += [name, _position_value(f"positions[{symbol!r}]", exposure)]
+            args += [name, *_position_value(f"positions[{symbol!r}]", exposure)]
         pending = _open_orders(open_orders)
         for order_id, symbol, notional, units, token in pending:
             args += [order_id, symbol, units, token, _units.kind_of(notional)]
@@ -653,11 +656,15 @@ class RedisGate:
         """The position book in Redis: symbol -> exposure, in the kind of amount it was set
         with (exact to ``10**-9``, its magnitude rounded up when it was set)."""
         try:
-            raw = self._client.hgetall(self._keys[1])
+            raw = self._client.hgetall(self._keys[0])
         except redis.RedisError as exc:
             raise StoreUnavailable(f"position book not readable: {exc}") from exc
         book = {_s(k): _s(v) for k, v in raw.items()}
-        return {k: _position_of(v) for k, v in book.items() if k}
+        return {
+            k[2:]: position_of(v, book.get(f"k:{k[2:]}", "+a"))
+            for k, v in book.items()
+            if k.startswith("p:")
+        }
 
     def wipe(self) -> int:
         """Delete every key of the namespace (book, reservations, marker, halt flag, stats), as
@@ -681,25 +688,20 @@ class RedisGate:
     # ------------------------------------------------------------------ halt
 
     def halt(self) -> None:
-        """Deny every entry in the namespace (all processes) with ``HALTED`` until ``resume()``."""
-        try:
-            self._client.hset(self._keys[0], "halted", "1")
-        except redis.RedisError as exc:
-            raise StoreUnavailable(f"halt not recorded: {exc}") from exc
+        """Deny every entry in the namespace (all processes) with ``HALTED`` until ``resume()``.
+        Works on any namespace, restored or not."""
+        self._write("halt", ("control", "halted", "1"))
 
     def resume(self) -> None:
-        try:
-            self._client.hdel(self._keys[0], "halted")
-        except redis.RedisError as exc:
-            raise StoreUnavailable(f"resume not recorded: {exc}") from exc
+        self._write("resume", ("control", "halted", "0"))
 
     @property
     def halted(self) -> bool:
         try:
-            value = self._client.hget(self._keys[0], "halted")
+            value = self._client.hget(self._keys[0], "ctl")
         except redis.RedisError as exc:
             raise StoreUnavailable(f"halt flag not readable: {exc}") from exc
-        return value is not None and _s(value) == "1"
+        return value is not None and _s(value).startswith("1")
 
     # ------------------------------------------------------------------ inspection
 
@@ -931,7 +933,7 @@ class RedisReservation:
         if self._ended:
             return False
         reply = self._gate._release_call(
-            "Reservation.release", "release_order", self._order_id, self._token
+            "Reservation.release", "release_order", self._order_id, self._token, self._symbol
         )
         done = reply is not None and int(reply[0]) == 1
         if done:
@@ -954,7 +956,7 @@ class RedisReservation:
                 return False
             reply = self._gate._release_call(
                 f"Reservation({self._order_id!r}).reduce", "reduce", self._order_id,
-                self._token, down, up,
+                self._token, down, up, self._symbol,
             )  # fmt: skip
             if reply is None:
                 return False

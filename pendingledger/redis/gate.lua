@@ -2,95 +2,93 @@
 -- pendingledger: the Redis gate's server code, one Redis Functions library.
 --
 -- Loaded once per server (FUNCTION LOAD; the client reloads it when FCALL finds it missing), so
--- a call runs only its own operation: the helpers below are defined at load, not per call. The
--- library and its functions carry the code's version (@VERSION@, a digest of this file), so
--- clients of different versions sharing a server never run each other's code. Every operation is
--- one function, called with FCALL and the namespace's 8 keys; each runs atomically in the
--- server: a decision reads the book and the reservations and, when it admits, reserves in the
--- same step, in one round trip.
+-- a call runs only its own operation. The library and its functions carry the code's version
+-- (@VERSION@, a digest of this file), so clients of different versions sharing a server never
+-- run each other's code. Every operation is one function, called with FCALL and the namespace's
+-- 3 keys, and runs atomically in the server: a decision reads the book and the reservations
+-- and, when it admits, reserves in the same step, in one round trip.
+--
+-- The cost of a call is mostly the number of commands it sends (each redis.call costs a few
+-- microseconds whatever it does), so a call reads every field it needs with one HMGET, keeps
+-- what it changes in the tables below, and writes it back with one command per key (finish).
+-- A decision is TIME, HMGET, HSET and ZADD; a release TIME, HMGET, HSET, ZREM and ZADD.
 --
 -- Keys (all under one hash tag {ns}, so Redis Cluster keeps them in one slot):
---   KEYS[1] meta    hash  gen (restore generation: the marker), layout (of the keys: '2'),
---                         restored_at, halted, testing; the mark
---                         (epoch, hw: see Fencing); the totals npos (open positions),
---                         pos_gross, res_gross (units), res_syms (symbols reserved), res_open
---                         (of those, open), nres (reservations), kinds (amount kinds reserved);
---                         clock_us, clock_frozen_us (the test clock: see Time)
---   KEYS[2] pos     hash  symbol -> signed position exposure in units, then its kind letter
---   KEYS[3] rsym    hash  symbol -> units reserved on it (present iff > 0)
---   KEYS[4] orders  hash  order_id -> "units|token|reserved_at_us|symbol"
---   KEYS[5] exp     zset  order_id scored by expiry (microseconds, on the clock of Time below)
---   KEYS[6] stats   hash  admitted, denied:<reason>, released, filled, expired, restored, corrupt
---   KEYS[7] calls   hash  call token -> the answer that call got (see Retries)
---   KEYS[8] callexp zset  call token scored by when its answer is forgotten (microseconds)
---
--- Eviction: every key but stats holds a sentinel (field or member '', which no symbol, order id
--- or token can be; in the zsets scored +inf, after every expiry), written by restore. A key that
--- is missing was evicted (or deleted): every call checks all of them with one EXISTS, and a
--- missing one withdraws the marker, so the namespace denies with book_not_restored until
--- restore. Nothing writes a book key before that check, so no key is recreated without its
--- sentinel. stats carries none: losing it loses counts, never a limit.
---
--- Fencing: meta's mark (epoch, hw) only grows along one replication history. hw counts the calls
--- that changed the book; restore starts a new epoch (the server's clock in microseconds, and
--- always above the old epoch and the caller's), with hw 0. Every reply carries the mark, and
--- every client keeps the highest it has seen and sends it with each call (ARGV[1], ARGV[2]). A
--- server whose mark is behind a client's has lost writes that client saw (a failover to a
--- replica that had not received them, a resync from another primary, a restart from an old
--- snapshot): the call withdraws the marker, and every process is denied until restore.
+--   KEYS[1] book    hash  state: the marker, the fencing mark, the totals and the counts, packed
+--                           in one field (STATE below; gen '' = not restored)
+--                         ctl: "halted|testing|clock_us|clock_frozen_us" (absent: all off)
+--                         p:<symbol>  the position's exposure in units (its magnitude)
+--                         k:<symbol>  its sign ('+' or '-') and the letter of its kind
+--                         r:<symbol>  units reserved on the symbol ('0' or absent: none)
+--                         o:<order_id>  "units|token|reserved_at_us|expiry_us|symbol", or '~'
+--                           once ended (kept for CALL_MEMO_US, see Retries)
+--                         c:<call_token>  the answer that call got (see Retries)
+--                         d:<reason>  decisions denied with that reason
+--   KEYS[2] expiry  zset  o:<order_id> of each outstanding reservation, scored by its expiry
+--   KEYS[3] forget  zset  o:<order_id> of ended ones and c:<call_token>, scored by when they go
+--   Both zsets hold the sentinel member '' at score -inf (see Eviction).
 --
 -- Amounts: exact non-negative integers of units (1 unit = 10^-9 of the account currency) kept as
 -- decimal strings. Lua numbers are doubles, exact only up to 2^53, so a value is handled as two
 -- limbs (w, f) = (value div 10^9, value mod 10^9); w must stay below 2^53. The client refuses
 -- single amounts of 10^15 or more; a total that would pass 2^53 raises an error before the
--- operation writes anything of its own. No float is ever summed here.
+-- operation writes anything (writes happen only in finish). No float is ever summed here.
 --
 -- Time comes from the server (TIME), never from a client: "now" is TIME in microseconds plus the
--- namespace's test clock, two fields of `meta` that only pendingledger.redis.testing writes
--- (refused unless that module has set meta's `testing` field) and that are absent in production:
---   clock_us          microseconds added to TIME; only grows (a client sends steps, not times)
---   clock_frozen_us   if present, the TIME reading the clock was frozen at
--- A reservation expires through its score in `exp`, swept at the start of every operation that
--- writes, at a cost of O(expired). It is expired from the instant now >= reserved_at + ttl, as in
--- the in-process ledger. No key gets a TTL.
+-- namespace's test clock (ctl's clock_us, and clock_frozen_us: the TIME reading the clock was
+-- frozen at), which only pendingledger.redis.testing writes and only where ctl's `testing` flag
+-- is on; absent in production. A reservation is expired from the instant now >= its expiry, as
+-- in the in-process ledger: state's next_due is a lower bound of the earliest expiry, and a call
+-- that finds now past it sweeps `expiry` (O(expired)). Ended records and kept answers are swept
+-- from `forget` at most once a second (FORGET_EVERY_US), in one batch. No key gets a TTL.
 --
 -- Retries: a client that loses a reply (a timeout) may send the same call again. 'enter' carries
 -- a token stored with the reservation it makes and answers a repeat from it. Every other call that
--- writes carries a random per-call token: its answer is kept under that token in `calls` for
--- CALL_MEMO_US, and a repeat gets that answer without running again. 'restore' is recognised by
--- its generation (new for each call) in the marker.
+-- writes carries a random per-call token: its answer is kept in c:<token> for CALL_MEMO_US, and a
+-- repeat gets that answer without running again. 'restore' is recognised by its generation.
 --
--- Replies: every function returns {epoch, hw, ...} (the mark after the call, then its answer).
+-- Fencing: state's mark (epoch, hw) only grows along one replication history. hw counts the
+-- calls that changed the book; restore starts a new epoch (the server's clock in microseconds,
+-- always above the old epoch and the caller's) with hw 0. Every reply carries the mark, and every
+-- client keeps the highest it has seen and sends it with each call (ARGV[1], ARGV[2]). A server
+-- whose mark is behind a client's has lost writes that client saw (a failover to a replica that
+-- had not received them, a resync from another primary, a restart from an old snapshot): the
+-- call withdraws the marker, and every process is denied until restore.
+--
+-- Eviction: a key that is missing was evicted (or deleted). `book` holds the marker itself, so
+-- without it nothing is restored; each zset holds the sentinel '' at -inf, which the sweep of
+-- that zset always reads first: a sweep that does not find it withdraws the marker. Until the
+-- sweep, a lost `expiry` only keeps reservations longer (over-blocking), a lost `forget` only
+-- keeps answers longer. The ACL needs no @dangerous command (see the README).
+--
+-- Replies: every function returns {epoch, hw, ...}: the mark after the call, then its answer.
 
 local B = 1000000000
 local MAXW = 9007199254740991 -- 2^53 - 1
-local SWEEP_MAX = 1000 -- expired reservations dropped per call (the rest at the next calls)
+local SWEEP_MAX = 1000 -- expired reservations (or forgotten entries) dropped per sweep
 local CALL_MEMO_US = 300000000 -- 5 minutes: how long a call's answer is kept for its retries
-local CALLS_SWEEP_EVERY = 16 -- kept answers are swept by one write in 16 (each keeps at most one)
+local FORGET_EVERY_US = 1000000 -- `forget` is swept at most once a second of the server's clock
 local CLOCK_MAX = 4503599627370496 -- 2^52 us (year 2112): the test clock stops short of it
 
-local K_META, K_POS, K_RSYM, K_ORD, K_EXP, K_STATS, K_CALLS, K_CALLEXP
-
-local function bind(keys)
-  K_META, K_POS, K_RSYM, K_ORD = keys[1], keys[2], keys[3], keys[4]
-  K_EXP, K_STATS, K_CALLS, K_CALLEXP = keys[5], keys[6], keys[7], keys[8]
-end
+local K_BOOK, K_EXPIRY, K_FORGET
 
 -- ------------------------------------------------------------------ amounts as two limbs
 
--- "units" (optionally signed, optionally followed by a kind letter) -> w, f of its magnitude
+-- "units" -> w, f. A value below 10^15 is exact as a double: one tonumber, and the limbs by
+-- arithmetic (VM operations, not function calls: a call's cost is mostly its function calls).
 local function split(s)
-  if not s or s == '' then return 0, 0 end
-  local a, n = 1, #s
-  if string.byte(s, 1) == 45 then a = 2 end -- '-'
-  if string.byte(s, n) > 57 then n = n - 1 end -- a kind letter
-  if n - a < 9 then return 0, tonumber(string.sub(s, a, n)) end
-  return tonumber(string.sub(s, a, n - 9)), tonumber(string.sub(s, n - 8, n))
+  if not s then return 0, 0 end
+  if #s < 16 then
+    local n = tonumber(s)
+    local f = n % B
+    return (n - f) / B, f
+  end
+  return tonumber(string.sub(s, 1, -10)), tonumber(string.sub(s, -9))
 end
 
 local function fmt(w, f)
   if w == 0 then return string.format('%d', f) end
-  return string.format('%.0f%09d', w, f)
+  return string.format('%d%09d', w, f)
 end
 
 local function add(aw, af, bw, bf)
@@ -113,181 +111,335 @@ local function gt(aw, af, bw, bf)
   return af > bf
 end
 
+local function zero(w, f)
+  return w == 0 and f == 0
+end
+
 -- an integral double as a decimal string (tostring() would print only 14 digits)
 local function int(x)
-  return string.format('%.0f', x)
+  return string.format('%d', x)
 end
 
-local function time_us()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-
--- "units|token|reserved_at_us|symbol" -> units, token, reserved_at, symbol
+-- "units|token|reserved_at_us|expiry_us|symbol" -> units, token, reserved_at, expiry, symbol
 local function parse_rec(rec)
-  local a = string.find(rec, '|', 1, true)
-  local b = string.find(rec, '|', a + 1, true)
-  local c = string.find(rec, '|', b + 1, true)
-  return string.sub(rec, 1, a - 1), string.sub(rec, a + 1, b - 1),
-    string.sub(rec, b + 1, c - 1), string.sub(rec, c + 1)
+  return string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
 end
 
--- ------------------------------------------------------------------ the namespace's state
+local function live(rec)
+  return rec and rec ~= '~'
+end
 
--- S: meta as read at the start of a call, changed in place by the helpers, written back once by
--- finish() (one HSET) if the book changed. One call runs at a time, so one table serves all.
-local S = {}
-local FIELDS = {'gen', 'epoch', 'hw', 'halted', 'testing', 'clock_us', 'clock_frozen_us',
-  'npos', 'pos_gross', 'res_gross', 'res_syms', 'res_open', 'nres', 'kinds', 'restored_at',
-  'layout'}
-local LAYOUT = '2' -- meta's `layout`: a book written by an older layout is not restored
+-- ------------------------------------------------------------------ one call's state
+--
+-- S: the book's state field, unpacked at the start of a call and changed in place. F: every
+-- book field read in this call (false: absent), kept current by set(). The rest collect the
+-- writes that finish() sends, one command per key. One call runs at a time, so these tables
+-- are shared by all calls and reset by begin().
 
-local function load()
-  local m = redis.call('HMGET', K_META, unpack(FIELDS))
-  S.gen, S.epoch, S.hw, S.halted, S.testing = m[1], tonumber(m[2]) or 0, tonumber(m[3]) or 0,
-    m[4] == '1', m[5] == '1'
-  S.off, S.frozen = tonumber(m[6]) or 0, tonumber(m[7])
-  S.npos = tonumber(m[8]) or 0
-  S.pw, S.pf = split(m[9])
-  S.rw, S.rf = split(m[10])
-  S.rsyms, S.ropen, S.nres = tonumber(m[11]) or 0, tonumber(m[12]) or 0, tonumber(m[13]) or 0
-  S.kinds, S.restored_at = tonumber(m[14]) or 0, m[15]
-  if m[16] ~= LAYOUT then S.gen = false end
+-- state: "gen|epoch|hw|npos|pos_gross_w|pos_gross_f|res_gross_w|res_gross_f|res_syms|res_open|
+-- nres|kinds|next_due|forget_due|admitted|released|filled|expired|restored|corrupt|restored_at"
+local STATE_PATTERN = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|' ..
+  '([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|' ..
+  '([^|]*)|(.*)$'
+local STATE_FORMAT = '%s|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%s'
+local NEVER = CLOCK_MAX -- next_due when nothing is reserved: the clock never gets there
+local EMPTY = '|0|0|0|0|0|0|0|0|0|0|0|' .. NEVER .. '|0|0|0|0|0|0|0|'
+
+local S, F, CTL = {}, {}, {}
+local HSET, HDEL, XADD, XREM, FADD, FREM
+
+-- string.match gives strings; `+ 0` makes numbers of the ones compared (Lua converts the others
+-- itself in arithmetic). A VM operation, where tonumber would be a function call.
+local function unpack_state(s)
+  local t = S
+  t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres,
+    t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.expired,
+    t.restored, t.corrupt, t.restored_at = string.match(s or EMPTY, STATE_PATTERN)
+  t.epoch, t.hw, t.next_due, t.forget_due = t.epoch + 0, t.hw + 0, t.next_due + 0,
+    t.forget_due + 0
+  t.pw, t.pf, t.rw, t.rf = t.pw + 0, t.pf + 0, t.rw + 0, t.rf + 0
+  t.npos, t.res_syms, t.res_open, t.kinds = t.npos + 0, t.res_syms + 0, t.res_open + 0,
+    t.kinds + 0
+end
+
+local function pack_state()
+  local t = S
+  return string.format(STATE_FORMAT, t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf,
+    t.res_syms, t.res_open, t.nres, t.kinds, t.next_due, t.forget_due, t.admitted, t.released,
+    t.filled, t.expired, t.restored, t.corrupt, t.restored_at)
+end
+
+-- ctl: "halted|testing|clock_us|clock_frozen_us"; absent in production (all off).
+local function unpack_ctl(s)
+  if not s then
+    CTL.halted, CTL.testing, CTL.off, CTL.frozen = false, false, 0, nil
+    return
+  end
+  local halted, testing, off, frozen = string.match(s, '^(%d)|(%d)|(%d+)|(%d*)$')
+  CTL.halted, CTL.testing, CTL.off, CTL.frozen = halted == '1', testing == '1', off + 0,
+    tonumber(frozen)
+end
+
+local function pack_ctl()
+  local frozen = ''
+  if CTL.frozen then frozen = int(CTL.frozen) end
+  return (CTL.halted and '1' or '0') .. '|' .. (CTL.testing and '1' or '0') .. '|' ..
+    int(CTL.off) .. '|' .. frozen
+end
+
+-- Start a call: bind the keys, read state, ctl and `names` (book fields) with one HMGET.
+local function begin(keys, names)
+  K_BOOK, K_EXPIRY, K_FORGET = keys[1], keys[2], keys[3]
+  F, HSET, HDEL, XADD, XREM, FADD, FREM = {}, {}, {}, {}, {}, {}, {}
+  local got = redis.call('HMGET', K_BOOK, 'state', 'ctl', unpack(names))
+  unpack_state(got[1])
+  unpack_ctl(got[2])
+  for i = 1, #names do F[names[i]] = got[i + 2] end
   S.dirty = false
 end
 
+-- Read the fields of `names` this call has not read yet (one HMGET, or none).
+local function ensure(names)
+  local missing = {}
+  for i = 1, #names do
+    if F[names[i]] == nil then missing[#missing + 1] = names[i] end
+  end
+  if #missing == 0 then return end
+  local got = redis.call('HMGET', K_BOOK, unpack(missing))
+  for i = 1, #missing do F[missing[i]] = got[i] end
+end
+
+local function set(name, value)
+  F[name] = value
+  HSET[#HSET + 1] = name
+  HSET[#HSET + 1] = value
+end
+
+local function delete(name)
+  F[name] = false
+  HDEL[#HDEL + 1] = name
+end
+
 local function now_us()
-  return (S.frozen or time_us()) + S.off
+  if CTL.frozen then return CTL.frozen + CTL.off end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2]) + CTL.off
 end
 
-local function corrupt()
-  redis.call('HINCRBY', K_STATS, 'corrupt', 1)
-end
-
--- The answer of a call: the mark first, after writing meta back if the book changed.
+-- Send this call's writes and return its answer after the mark. The indexes go first and the
+-- book (with state, the marker) last: if a write fails part-way, an index entry without its
+-- record is harmless (the sweep counts it as corrupt), and a record left without its expiry
+-- only over-blocks. In each key removals go first, so a member dropped and added again in one
+-- call ends added.
 local function finish(...)
   if S.dirty then
     S.hw = S.hw + 1
-    redis.call('HSET', K_META, 'hw', int(S.hw), 'npos', S.npos, 'pos_gross', fmt(S.pw, S.pf),
-      'res_gross', fmt(S.rw, S.rf), 'res_syms', S.rsyms, 'res_open', S.ropen, 'nres', S.nres,
-      'kinds', S.kinds)
+    set('state', pack_state())
   end
+  if #XREM > 0 then redis.call('ZREM', K_EXPIRY, unpack(XREM)) end
+  if #XADD > 0 then redis.call('ZADD', K_EXPIRY, unpack(XADD)) end
+  if #FREM > 0 then redis.call('ZREM', K_FORGET, unpack(FREM)) end
+  if #FADD > 0 then redis.call('ZADD', K_FORGET, unpack(FADD)) end
+  if #HDEL > 0 then redis.call('HDEL', K_BOOK, unpack(HDEL)) end
+  if #HSET > 0 then redis.call('HSET', K_BOOK, unpack(HSET)) end
   return {int(S.epoch), int(S.hw), ...}
 end
 
 -- Withdraw the marker: every process is denied with book_not_restored until restore.
 local function withdraw()
-  redis.call('HDEL', K_META, 'gen')
-  S.gen = false
+  S.gen = ''
+  S.dirty = true
 end
 
--- True if the book can be trusted for this call: restored, every key present (nothing evicted),
--- and the mark not behind the caller's (ARGV[1], ARGV[2]). Else the marker is withdrawn.
+-- True if the book can be trusted for this call: restored, and its mark not behind the
+-- caller's (ARGV[1], ARGV[2]); a mark behind withdraws the marker.
 local function usable(args)
-  if not S.gen then return false end
+  if S.gen == '' then return false end
   local ce, ch = tonumber(args[1]) or 0, tonumber(args[2]) or 0
   if S.epoch < ce or (S.epoch == ce and S.hw < ch) then
-    withdraw()
-    return false
-  end
-  if redis.call('EXISTS', K_POS, K_RSYM, K_ORD, K_EXP, K_CALLS, K_CALLEXP) ~= 6 then
     withdraw()
     return false
   end
   return true
 end
 
+local function forget_later(name, now)
+  FADD[#FADD + 1] = int(now + CALL_MEMO_US)
+  FADD[#FADD + 1] = name
+end
+
 -- ------------------------------------------------------------------ book keeping
 
--- Add a reservation. `rs` is the symbol's reserved units as read by the caller in this call.
--- The sums are formed (and may raise on overflow) before anything is written.
-local function insert(id, sym, units, token, at, expiry, sym_open, rs, kind)
-  local uw, uf = split(units)
-  local sw, sf = split(rs)
-  sw, sf = add(sw, sf, uw, uf)
-  S.rw, S.rf = add(S.rw, S.rf, uw, uf)
-  redis.call('HSET', K_ORD, id, units .. '|' .. token .. '|' .. at .. '|' .. sym)
-  redis.call('ZADD', K_EXP, expiry, id)
-  redis.call('HSET', K_RSYM, sym, fmt(sw, sf))
-  if not rs then
-    S.rsyms = S.rsyms + 1
-    if sym_open then S.ropen = S.ropen + 1 end
-  end
-  S.nres = S.nres + 1
-  S.kinds = bit.bor(S.kinds, kind)
+local function count(name)
+  S[name] = S[name] + 1
   S.dirty = true
 end
 
--- Take `dw, df` units off the reservation of `sym` (its record already rewritten or deleted).
+-- Take `dw, df` units off the reservations of `sym` (F holds r:sym and p:sym).
 local function unreserve(sym, dw, df)
-  local rw, rf = split(redis.call('HGET', K_RSYM, sym))
+  local rw, rf = split(F['r:' .. sym])
   local sw, sf, bad = sub(rw, rf, dw, df)
   local bad2
   S.rw, S.rf, bad2 = sub(S.rw, S.rf, dw, df)
-  if sw == 0 and sf == 0 then
-    redis.call('HDEL', K_RSYM, sym)
-    S.rsyms = S.rsyms - 1
-    if redis.call('HEXISTS', K_POS, sym) == 1 then S.ropen = S.ropen - 1 end
-  else
-    redis.call('HSET', K_RSYM, sym, fmt(sw, sf))
+  if zero(sw, sf) then
+    S.res_syms = S.res_syms - 1
+    if F['p:' .. sym] then S.res_open = S.res_open - 1 end
   end
-  if bad or bad2 then corrupt() end
+  set('r:' .. sym, fmt(sw, sf))
+  if bad or bad2 then count('corrupt') end
   S.dirty = true
 end
 
--- End a reservation; `counter` is the stats field that counts how it ended.
-local function drop(id, rec, counter)
-  local units, _, _, sym = parse_rec(rec)
-  redis.call('HDEL', K_ORD, id)
-  redis.call('ZREM', K_EXP, id)
+-- End the reservation `id` (record `rec`; F holds its r: and p: fields) as `counter` says.
+-- Released and filled ones leave '~' for CALL_MEMO_US (a record a retry can find); expired ones
+-- go at once.
+local function drop(id, rec, counter, now)
+  local units, _, _, _, sym = parse_rec(rec)
+  local name = 'o:' .. id
+  if counter == 'expired' then
+    delete(name)
+  else
+    set(name, '~')
+    forget_later(name, now)
+    XREM[#XREM + 1] = name
+  end
   local uw, uf = split(units)
   unreserve(sym, uw, uf)
   S.nres = S.nres - 1
-  redis.call('HINCRBY', K_STATS, counter, 1)
+  count(counter)
 end
 
+-- Reserve: `rs` and `pos` are F's r:sym and p:sym.
+local function insert(id, sym, units, token, now, expiry, kind)
+  local uw, uf = split(units)
+  local rs = F['r:' .. sym]
+  local sw, sf = split(rs)
+  local was_zero = zero(sw, sf)
+  sw, sf = add(sw, sf, uw, uf)
+  S.rw, S.rf = add(S.rw, S.rf, uw, uf)
+  local name = 'o:' .. id
+  set(name, units .. '|' .. token .. '|' .. int(now) .. '|' .. int(expiry) .. '|' .. sym)
+  set('r:' .. sym, fmt(sw, sf))
+  XADD[#XADD + 1] = int(expiry)
+  XADD[#XADD + 1] = name
+  if was_zero then
+    S.res_syms = S.res_syms + 1
+    if F['p:' .. sym] then S.res_open = S.res_open + 1 end
+  end
+  S.nres = S.nres + 1
+  S.kinds = bit.bor(S.kinds, kind)
+  if expiry < S.next_due then S.next_due = expiry end
+  count('admitted')
+end
+
+-- The first due entries of zset `key` (after its sentinel), or nil if the sentinel is gone.
+local function due(key, now)
+  local got = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, SWEEP_MAX + 1)
+  if got[1] ~= '' then return nil end
+  table.remove(got, 1)
+  return got
+end
+
+-- Expire every reservation due by `now` (state's next_due is past). Returns how many.
 local function sweep(now)
-  local due = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', now, 'LIMIT', 0, SWEEP_MAX)
-  for i = 1, #due do
-    local rec = redis.call('HGET', K_ORD, due[i])
-    if rec then
-      drop(due[i], rec, 'expired')
-    else
-      redis.call('ZREM', K_EXP, due[i])
-      corrupt()
+  local names = due(K_EXPIRY, now)
+  if not names then
+    withdraw()
+    return 0
+  end
+  ensure(names)
+  local syms = {}
+  for _, name in ipairs(names) do
+    local rec = F[name]
+    if live(rec) then
+      local _, _, _, _, sym = parse_rec(rec)
+      syms[#syms + 1] = 'r:' .. sym
+      syms[#syms + 1] = 'p:' .. sym
     end
   end
-  return #due
+  ensure(syms)
+  local n = 0
+  for _, name in ipairs(names) do
+    local rec = F[name]
+    XREM[#XREM + 1] = name
+    if live(rec) then
+      drop(string.sub(name, 3), rec, 'expired', now)
+      n = n + 1
+    elseif not rec then
+      count('corrupt')
+    end
+  end
+  if #names < SWEEP_MAX then
+    local after = redis.call('ZRANGEBYSCORE', K_EXPIRY, '(' .. int(now), '+inf', 'WITHSCORES',
+      'LIMIT', 0, 1)
+    S.next_due = tonumber(after[2]) or NEVER
+  else
+    S.next_due = now -- more are due: the next call goes on
+  end
+  S.dirty = true
+  return n
 end
 
--- Set a position ("signed units" and a kind letter); raises (overflow) before writing anything.
-local function set_pos(sym, value)
-  local old = redis.call('HGET', K_POS, sym)
+-- Drop the ended records and kept answers whose time is up (at most once a second).
+local function sweep_forget(now, always)
+  if now < S.forget_due and not always then return end
+  local names = due(K_FORGET, now)
+  if not names then
+    withdraw()
+    return
+  end
+  ensure(names)
+  for _, name in ipairs(names) do
+    -- an order id reused since it ended holds a live record: that one stays
+    if not live(F[name]) or string.sub(name, 1, 2) == 'c:' then delete(name) end
+    FREM[#FREM + 1] = name
+  end
+  S.forget_due = now + FORGET_EVERY_US
+  if #names >= SWEEP_MAX then S.forget_due = now end
+  S.dirty = true
+end
+
+-- The sweeps a writing call starts with, once the book is known to be usable.
+local function sweeps(now)
+  if now >= S.next_due then sweep(now) end
+  sweep_forget(now, false)
+end
+
+-- Set a position ("signed units" and a kind letter; F holds p:sym and r:sym). Raises
+-- (overflow) before anything is written.
+local function set_pos(sym, value, code)
+  local name = 'p:' .. sym
+  set('k:' .. sym, code)
+  local old = F[name]
   local ow, of = split(old)
   local nw, nf = split(value)
   local bad
   local pw, pf = add(S.pw, S.pf, nw, nf)
   S.pw, S.pf, bad = sub(pw, pf, ow, of)
-  redis.call('HSET', K_POS, sym, value)
+  set(name, value)
   if not old then
     S.npos = S.npos + 1
-    if redis.call('HEXISTS', K_RSYM, sym) == 1 then S.ropen = S.ropen + 1 end
+    local rw, rf = split(F['r:' .. sym])
+    if not zero(rw, rf) then S.res_open = S.res_open + 1 end
   end
-  if bad then corrupt() end
+  if bad then count('corrupt') end
   S.dirty = true
   return old ~= false
 end
 
 local function close_pos(sym)
-  local old = redis.call('HGET', K_POS, sym)
+  local name = 'p:' .. sym
+  local old = F[name]
   if not old then return false end
   local ow, of = split(old)
   local bad
   S.pw, S.pf, bad = sub(S.pw, S.pf, ow, of)
-  redis.call('HDEL', K_POS, sym)
+  delete(name)
+  delete('k:' .. sym)
   S.npos = S.npos - 1
-  if redis.call('HEXISTS', K_RSYM, sym) == 1 then S.ropen = S.ropen - 1 end
-  if bad then corrupt() end
+  local rw, rf = split(F['r:' .. sym])
+  if not zero(rw, rf) then S.res_open = S.res_open - 1 end
+  if bad then count('corrupt') end
   S.dirty = true
   return true
 end
@@ -304,82 +456,22 @@ end
 
 -- Reduce the reservation `id` (record `rec`) by a fill of `down` to `up` units; returns 'E'
 -- (ended, as filled) or 'R' and the units that stay.
-local function reduce_rec(id, rec, down, up)
-  local units, t, at, sym = parse_rec(rec)
+local function reduce_rec(id, rec, down, up, now)
+  local units, t, at, expiry, sym = parse_rec(rec)
   local nw, nf = after_fill(units, down, up)
-  if nw == 0 and nf == 0 then
-    drop(id, rec, 'filled')
+  if zero(nw, nf) then
+    drop(id, rec, 'filled', now)
     return 'E'
   end
   local want = fmt(nw, nf)
   local uw, uf = split(units)
   local dw, df = sub(uw, uf, nw, nf)
-  redis.call('HSET', K_ORD, id, want .. '|' .. t .. '|' .. at .. '|' .. sym)
+  set('o:' .. id, want .. '|' .. t .. '|' .. at .. '|' .. expiry .. '|' .. sym)
   unreserve(sym, dw, df)
   return 'R', want
 end
 
--- ------------------------------------------------------------------ answers kept for retries
-
--- The answer kept for call token `tk`, or nil. Answers are encoded as their items joined by '|'
--- (every item is a letter, a number or a symbol; a symbol is always the last item).
-local function replayed(tk)
-  if tk == '' then return nil end
-  local enc = redis.call('HGET', K_CALLS, tk)
-  if not enc then return nil end
-  local bar = string.find(enc, '|', 1, true)
-  if not bar then return {enc} end
-  return {string.sub(enc, 1, bar - 1), string.sub(enc, bar + 1)}
-end
-
--- Keep `a` (and `b`) as the answer of call token `tk`.
-local function remember(tk, now, a, b)
-  if tk ~= '' then
-    local enc = a
-    if b ~= nil then enc = a .. '|' .. b end
-    redis.call('HSET', K_CALLS, tk, enc)
-    redis.call('ZADD', K_CALLEXP, int(now + CALL_MEMO_US), tk)
-  end
-end
-
-local function sweep_calls(now)
-  local due = redis.call('ZRANGEBYSCORE', K_CALLEXP, '-inf', now, 'LIMIT', 0, SWEEP_MAX)
-  if #due > 0 then
-    redis.call('HDEL', K_CALLS, unpack(due))
-    redis.call('ZREM', K_CALLEXP, unpack(due))
-  end
-end
-
--- The start of a writing operation with call token `tk`: nil and now if it may run (the book
--- is usable; expired reservations swept), else the reply to give: the kept answer of a retry,
--- or {'D'} (book not restored).
-local function begin(keys, args, tk)
-  bind(keys)
-  load()
-  local again = replayed(tk)
-  if again then return finish(unpack(again)) end
-  if not usable(args) then return finish('D') end
-  local now = now_us()
-  sweep(now)
-  if S.hw % CALLS_SWEEP_EVERY == 0 then sweep_calls(now) end
-  return nil, now
-end
-
--- Run `op` as a writing operation with call token args[3]: its one or two results are the
--- answer, kept for a retry of the same call.
-local function kept(op)
-  return function(keys, args)
-    local tk = args[3]
-    local reply, now = begin(keys, args, tk)
-    if reply then return reply end
-    local a, b = op(args)
-    a = tostring(a) -- as a retry gets it back
-    remember(tk, now, a, b)
-    return finish(a, b)
-  end
-end
-
--- ------------------------------------------------------------------ operations
+-- ------------------------------------------------------------------ writing operations
 
 local function refused()
   return redis.error_reply('pendingledger: test operations are off in this namespace ' ..
@@ -390,40 +482,41 @@ end
 --   config: "ttl_us|max_pos|max_gross|max_sym" (a limit '' when none); kind: the amount's kind
 --   bit. mode: '' (check and reserve), 'check' (check only: the first half of the deliberately
 --   broken gates of the stress suite and the race demo) or 'force' (reserve unchecked: the
---   second half); both test operations, refused unless meta's `testing` field is '1'.
+--   second half); both test operations, refused unless ctl's `testing` flag is on.
 -- -> {'A', reserved_at_us, expiry_us} | {'D', reason} | {'X'} (order_id held by another call)
 --    | {'C'} (mode 'check' passed)
 local function enter(keys, args)
-  bind(keys)
-  load()
   local sym, units, id, token = args[3], args[4], args[5], args[6]
   local ttl, max_pos, max_gross, max_sym = string.match(args[7], '^(%d+)|(%d*)|(%d*)|(%d*)$')
   local mode = args[9] or ''
-  if mode ~= '' and not (S.testing and (mode == 'check' or mode == 'force')) then
+  begin(keys, {'p:' .. sym, 'r:' .. sym, 'o:' .. id})
+  if mode ~= '' and not (CTL.testing and (mode == 'check' or mode == 'force')) then
     return refused()
   end
   local function deny(reason)
-    if mode ~= 'check' then redis.call('HINCRBY', K_STATS, 'denied:' .. reason, 1) end
+    if mode ~= 'check' then redis.call('HINCRBY', K_BOOK, 'd:' .. reason, 1) end
     return finish('D', reason)
   end
   if not usable(args) then return deny('book_not_restored') end
   local now = now_us()
-  sweep(now)
-  local rec = redis.call('HGET', K_ORD, id)
-  if rec then
-    local _, t, at = parse_rec(rec)
+  sweeps(now)
+  if S.gen == '' then return deny('book_not_restored') end -- a sweep found a key evicted
+  local rec = F['o:' .. id]
+  if live(rec) then
+    local _, t, at, expiry = parse_rec(rec)
     if t == token then -- the same call, sent again by a client retry after a lost reply
-      return finish('A', at, redis.call('ZSCORE', K_EXP, id))
+      return finish('A', at, expiry)
     end
     return finish('X')
   end
-  local pos = redis.call('HGET', K_POS, sym)
-  local rs = redis.call('HGET', K_RSYM, sym)
-  if S.halted then return deny('halted') end
+  local pos, rs = F['p:' .. sym], F['r:' .. sym]
+  if CTL.halted then return deny('halted') end
   if mode ~= 'force' then
     local uw, uf = split(units)
-    if max_pos ~= '' and not pos and not rs
-        and S.npos + S.rsyms - S.ropen >= tonumber(max_pos) then
+    local rw, rf = split(rs)
+    local reserved = not zero(rw, rf)
+    if max_pos ~= '' and not pos and not reserved
+        and S.npos + S.res_syms - S.res_open >= tonumber(max_pos) then
       return deny('max_concurrent_positions')
     end
     if max_gross ~= '' then
@@ -434,47 +527,92 @@ local function enter(keys, args)
     end
     if max_sym ~= '' then
       local pw, pf = split(pos)
-      local sw, sf = split(rs)
-      pw, pf = add(pw, pf, sw, sf)
+      pw, pf = add(pw, pf, rw, rf)
       pw, pf = add(pw, pf, uw, uf)
       local lw, lf = split(max_sym)
       if gt(pw, pf, lw, lf) then return deny('max_symbol_exposure') end
     end
   end
   if mode == 'check' then return finish('C') end
-  local at, expiry = int(now), int(now + tonumber(ttl))
-  insert(id, sym, units, token, at, expiry, pos ~= false, rs, tonumber(args[8]) or 0)
-  redis.call('HINCRBY', K_STATS, 'admitted', 1)
-  return finish('A', at, expiry)
+  insert(id, sym, units, token, now, now + tonumber(ttl), tonumber(args[8]) or 0)
+  return finish('A', int(now), int(now + tonumber(ttl)))
 end
 
--- release_order epoch hw call_token order_id token -> {1} | {0}
---   token: the reservation's ('' = whichever reservation has that id).
-local function release_order(args)
-  local id, token = args[4], args[5]
-  local rec = redis.call('HGET', K_ORD, id)
-  if not rec then return 0 end
-  if token ~= '' then
-    local _, t = parse_rec(rec)
-    if t ~= token then return 0 end
+-- A writing operation with call token args[3]: `read` names the book fields `op` needs (read
+-- in the call's one HMGET with the kept answer c:<token>); `op(args, now)` returns the answer
+-- (one or two items), which is kept for a retry of the same call. {'D'}: book not restored.
+local function kept(read, op)
+  return function(keys, args)
+    local memo = 'c:' .. args[3]
+    local names = read(args)
+    names[#names + 1] = memo
+    begin(keys, names)
+    local again = F[memo]
+    if again then
+      local bar = string.find(again, '|', 1, true)
+      if not bar then return finish(again) end
+      return finish(string.sub(again, 1, bar - 1), string.sub(again, bar + 1))
+    end
+    if not usable(args) then return finish('D') end
+    local now = now_us()
+    sweeps(now)
+    if S.gen == '' then return finish('D') end
+    local a, b = op(args, now)
+    a = tostring(a) -- as a retry gets it back
+    local enc = a
+    if b ~= nil then enc = a .. '|' .. b end
+    set(memo, enc)
+    forget_later(memo, now)
+    return finish(a, b)
   end
-  drop(id, rec, 'released')
+end
+
+-- The fields of order args[4], and of symbol args[6] when the caller names it ('' if not).
+local function order_fields(args, at)
+  local names = {'o:' .. args[4]}
+  local sym = args[at]
+  if sym and sym ~= '' then
+    names[2] = 'r:' .. sym
+    names[3] = 'p:' .. sym
+  end
+  return names
+end
+
+-- The record of order `id` if it is live and (unless `token` is '') holds `token`, with the
+-- fields of its symbol read.
+local function find(id, token)
+  local rec = F['o:' .. id]
+  if not live(rec) then return nil end
+  local _, t, _, _, sym = parse_rec(rec)
+  if token ~= '' and t ~= token then return nil end
+  ensure({'r:' .. sym, 'p:' .. sym})
+  return rec
+end
+
+-- release_order epoch hw call_token order_id token symbol -> {1} | {0}
+--   token: the reservation's ('' = whichever reservation has that id); symbol: its symbol if the
+--   caller knows it (read in the first HMGET), else ''.
+local function release_order(args, now)
+  local rec = find(args[4], args[5])
+  if not rec then return 0 end
+  drop(args[4], rec, 'released', now)
   return 1
 end
 
 -- release_symbol epoch hw call_token symbol -> {number of reservations dropped}
---   A walk of every reservation: dropping all of a symbol's is rare, and an index by symbol
---   would cost every reservation two more writes.
-local function release_symbol(args)
+--   A walk of every record: dropping all of a symbol's reservations is rare, and an index by
+--   symbol would cost every reservation two more writes.
+local function release_symbol(args, now)
   local sym = args[4]
-  local all = redis.call('HGETALL', K_ORD)
+  ensure({'r:' .. sym, 'p:' .. sym})
+  local all = redis.call('HGETALL', K_BOOK)
   local n = 0
   for i = 1, #all, 2 do
-    local id, rec = all[i], all[i + 1]
-    if id ~= '' then
-      local _, _, _, rsym = parse_rec(rec)
+    local name, rec = all[i], all[i + 1]
+    if string.sub(name, 1, 2) == 'o:' and live(rec) then
+      local _, _, _, _, rsym = parse_rec(rec)
       if rsym == sym then
-        drop(id, rec, 'released')
+        drop(string.sub(name, 3), rec, 'released', now)
         n = n + 1
       end
     end
@@ -482,23 +620,19 @@ local function release_symbol(args)
   return n
 end
 
--- reduce epoch hw call_token order_id token down up
+-- reduce epoch hw call_token order_id token down up symbol
 --   A partial fill of `down` to `up` units (_units.reduction_units); token '' = whichever
 --   reservation has that id. -> {'R', remaining} | {'E'} (ended now, as filled) | {'G'} (gone)
-local function reduce(args)
-  local id, token = args[4], args[5]
-  local rec = redis.call('HGET', K_ORD, id)
+local function reduce(args, now)
+  local rec = find(args[4], args[5])
   if not rec then return 'G' end
-  if token ~= '' then
-    local _, t = parse_rec(rec)
-    if t ~= token then return 'G' end
-  end
-  return reduce_rec(id, rec, args[6], args[7])
+  return reduce_rec(args[4], rec, args[6], args[7], now)
 end
 
--- set_position epoch hw call_token symbol value -> {1} if it was open before, else {0}
+-- set_position epoch hw call_token symbol units code -> {1} if it was open before, else {0}
+--   units: the exposure's magnitude; code: its sign ('+' or '-') and its kind letter
 local function set_position(args)
-  if set_pos(args[4], args[5]) then return 1 end
+  if set_pos(args[4], args[5], args[6]) then return 1 end
   return 0
 end
 
@@ -508,57 +642,46 @@ local function close_position(args)
   return 0
 end
 
--- fill epoch hw call_token order_id value symbol down up
+local function symbol_fields(args)
+  return {'p:' .. args[4], 'r:' .. args[4]}
+end
+
+-- fill epoch hw call_token order_id units code symbol down up
 --   Sets the position to `value` and, for the reservation with that id, ends it (down and up
 --   '') or reduces it by a fill of `down` to `up` units, in one step.
 -- -> {'F', symbol} (reservation ended) | {'R', symbol} (reduced) | {'P', symbol} (no
 --    reservation; position set from the given symbol) | {'N'} (no reservation and no symbol:
 --    nothing written) | {'M', actual_symbol} (a different symbol: nothing written)
-local function fill(args)
-  local id, value, sym, down, up = args[4], args[5], args[6], args[7], args[8]
-  local rec = redis.call('HGET', K_ORD, id)
+local function fill(args, now)
+  local id, value, code, sym, down, up = args[4], args[5], args[6], args[7], args[8], args[9]
+  local rec = find(id, '')
   if not rec then
     if sym == '' then return 'N' end
-    set_pos(sym, value)
+    ensure({'p:' .. sym, 'r:' .. sym})
+    set_pos(sym, value, code)
     return 'P', sym
   end
-  local _, _, _, rsym = parse_rec(rec)
+  local _, _, _, _, rsym = parse_rec(rec)
   if sym ~= '' and sym ~= rsym then return 'M', rsym end
-  set_pos(rsym, value)
+  set_pos(rsym, value, code)
   if up == '' then
-    drop(id, rec, 'filled')
+    drop(id, rec, 'filled', now)
     return 'F', rsym
   end
-  if reduce_rec(id, rec, down, up) == 'E' then return 'F', rsym end
+  if reduce_rec(id, rec, down, up, now) == 'E' then return 'F', rsym end
   return 'R', rsym
 end
 
--- status epoch hw order_id token -> {'A', units} | {'G'}  (read-only: an overdue one is gone)
-local function status(keys, args)
-  bind(keys)
-  load()
-  local rec = redis.call('HGET', K_ORD, args[3])
-  if not rec then return finish('G') end
-  local units, t = parse_rec(rec)
-  if args[4] ~= '' and t ~= args[4] then return finish('G') end
-  local score = tonumber(redis.call('ZSCORE', K_EXP, args[3]))
-  if score and score <= now_us() then return finish('G') end
-  return finish('A', units)
-end
-
--- restore epoch hw only_if_missing gen ttl_us n_pos [symbol value]*n_pos
+-- restore epoch hw only_if_missing gen ttl_us n_pos [symbol units code]*n_pos
 --   [order_id symbol units token kind]*
---   Replaces the book and the reservations (keeps `halted`, the test clock and the stats),
---   writes every sentinel and the marker, and starts a new epoch of the mark. Every total is
---   formed (and an overflow raised) before the first write; the first write then withdraws the
---   marker, so a restore that still fails part-way leaves the namespace unrestored, never a
---   partial book that the old marker vouches for. A retry of a restore that already ran finds
---   its generation in the marker and gets the first answer.
+--   Replaces the book and the reservations (keeps ctl, the counts and the denials), writes the
+--   sentinels and the marker, and starts a new epoch of the mark. Every total is formed (and an
+--   overflow raised) before the first write. A retry of a restore that already ran finds its
+--   generation in the marker and gets the first answer.
 -- -> {'R', now_us} | {'S'} (only_if_missing and the book is in place: nothing written)
 local function restore(keys, args)
-  bind(keys)
-  load()
-  if S.gen and S.gen == args[4] then return finish('R', S.restored_at) end
+  begin(keys, {})
+  if S.gen ~= '' and S.gen == args[4] then return finish('R', S.restored_at) end
   if args[3] == '1' and usable(args) then return finish('S') end
   local now = now_us()
   local at, expiry = int(now), int(now + tonumber(args[5]))
@@ -570,7 +693,7 @@ local function restore(keys, args)
     local w, f = split(args[i + 1])
     pw, pf = add(pw, pf, w, f)
     open[args[i]] = true
-    i = i + 2
+    i = i + 3
   end
   local first_order = i
   local per, syms, ids = {}, {}, {}
@@ -596,70 +719,109 @@ local function restore(keys, args)
   for _, sym in ipairs(syms) do
     if open[sym] then res_open = res_open + 1 end
   end
-  -- The first write withdraws the marker.
-  redis.call('HDEL', K_META, 'gen', 'restored_at')
-  redis.call('DEL', K_POS, K_RSYM, K_ORD, K_EXP, K_CALLS, K_CALLEXP)
-  redis.call('HSET', K_POS, '', '')
-  redis.call('HSET', K_RSYM, '', '')
-  redis.call('HSET', K_ORD, '', '')
-  redis.call('ZADD', K_EXP, '+inf', '')
-  redis.call('HSET', K_CALLS, '', '')
-  redis.call('ZADD', K_CALLEXP, '+inf', '')
+  -- Keep ctl and the denial counts; everything else is replaced.
+  local all = redis.call('HGETALL', K_BOOK)
+  for j = 1, #all, 2 do
+    local name = all[j]
+    if name == 'ctl' or string.sub(name, 1, 2) == 'd:' then set(name, all[j + 1]) end
+  end
+  redis.call('DEL', K_BOOK, K_EXPIRY, K_FORGET)
+  XADD[1], XADD[2] = '-inf', ''
+  FADD[1], FADD[2] = '-inf', ''
   i = 7
   for _ = 1, npos do
-    redis.call('HSET', K_POS, args[i], args[i + 1])
-    i = i + 2
+    set('p:' .. args[i], args[i + 1])
+    set('k:' .. args[i], args[i + 2])
+    i = i + 3
   end
   i = first_order
   while i <= #args do
-    local id, sym = args[i], args[i + 1]
-    redis.call('HSET', K_ORD, id, args[i + 2] .. '|' .. args[i + 3] .. '|' .. at .. '|' .. sym)
-    redis.call('ZADD', K_EXP, expiry, id)
+    local name = 'o:' .. args[i]
+    set(name, args[i + 2] .. '|' .. args[i + 3] .. '|' .. at .. '|' .. expiry .. '|' ..
+      args[i + 1])
+    XADD[#XADD + 1] = expiry
+    XADD[#XADD + 1] = name
     i = i + 5
   end
   for _, sym in ipairs(syms) do
     local t = per[sym]
-    redis.call('HSET', K_RSYM, sym, fmt(t[1], t[2]))
+    set('r:' .. sym, fmt(t[1], t[2]))
   end
-  if norders > 0 then redis.call('HINCRBY', K_STATS, 'restored', norders) end
-  S.epoch = math.max(S.epoch + 1, (tonumber(args[1]) or 0) + 1, time_us())
-  S.hw = 0
+  local epoch = now_us() - CTL.off -- the server's own clock, not the test clock's offset
+  for _, floor in ipairs({S.epoch + 1, (tonumber(args[1]) or 0) + 1}) do
+    if floor > epoch then epoch = floor end
+  end
+  S.epoch = epoch
+  S.hw = -1 -- finish() counts this write: the new epoch starts at 0
+  S.gen, S.restored_at = args[4], at
   S.npos, S.pw, S.pf, S.rw, S.rf = npos, pw, pf, gw, gf
-  S.rsyms, S.ropen, S.nres, S.kinds = #syms, res_open, norders, kinds
-  redis.call('HSET', K_META, 'gen', args[4], 'layout', LAYOUT, 'restored_at', at,
-    'epoch', int(S.epoch), 'hw', 0,
-    'npos', npos, 'pos_gross', fmt(pw, pf), 'res_gross', fmt(gw, gf), 'res_syms', #syms,
-    'res_open', res_open, 'nres', norders, 'kinds', kinds)
+  S.res_syms, S.res_open, S.nres, S.kinds = #syms, res_open, norders, kinds
+  S.next_due = NEVER
+  if norders > 0 then S.next_due = tonumber(expiry) end
+  S.forget_due = now + FORGET_EVERY_US
+  S.restored = S.restored + norders
+  S.dirty = true
   return finish('R', at)
 end
 
--- marker epoch hw -> {1} if the book is in place (restored, nothing evicted, the mark not
---   behind the caller's), else {0}. Withdraws the marker when it finds the book untrustworthy.
+-- marker epoch hw -> {1} if the book is in place (restored, the mark not behind the caller's),
+--   else {0}. Withdraws the marker when the mark is behind.
 local function marker(keys, args)
-  bind(keys)
-  load()
+  begin(keys, {})
   if usable(args) then return finish(1) end
   return finish(0)
 end
 
--- sweep epoch hw -> {number of expired reservations dropped}
+-- sweep epoch hw -> {number of expired reservations dropped}; both zsets swept now, whatever
+--   next_due and forget_due say (their sentinels checked).
 local function sweep_op(keys, args)
-  bind(keys)
-  load()
+  begin(keys, {})
   if not usable(args) then return finish(0) end
   local now = now_us()
-  sweep_calls(now)
-  return finish(sweep(now))
+  local n = sweep(now)
+  sweep_forget(now, true)
+  return finish(n)
 end
 
--- stats epoch hw -> {stats hash as a flat list, outstanding reservations, reserved gross units,
---   kinds}. Sweeps first when the book is usable, so a reservation past its expiry counts as
---   expired, never as outstanding (as in the in-process ledger).
+-- stats epoch hw -> {counts as a flat list, outstanding reservations, reserved gross units,
+--   kinds}. Sweeps first when the book is usable and a reservation is due, so a reservation past
+--   its expiry counts as expired, never as outstanding (as in the in-process ledger).
 local function stats(keys, args)
-  bind(keys)
-  load()
-  if usable(args) then sweep(now_us()) end
-  return finish(redis.call('HGETALL', K_STATS), S.nres, fmt(S.rw, S.rf), S.kinds)
+  begin(keys, {})
+  if usable(args) then
+    local now = now_us()
+    if now >= S.next_due then sweep(now) end
+  end
+  local counts = {}
+  for _, name in ipairs({'admitted', 'released', 'filled', 'expired', 'restored', 'corrupt'}) do
+    counts[#counts + 1] = name
+    counts[#counts + 1] = int(S[name])
+  end
+  local all = redis.call('HGETALL', K_BOOK)
+  for j = 1, #all, 2 do
+    if string.sub(all[j], 1, 2) == 'd:' then
+      counts[#counts + 1] = 'denied:' .. string.sub(all[j], 3)
+      counts[#counts + 1] = all[j + 1]
+    end
+  end
+  return finish(counts, int(S.nres), fmt(S.rw, S.rf), int(S.kinds))
+end
+
+-- control epoch hw flag value -> {'1'}: sets ctl's `halted` (any client: RedisGate.halt and
+--   resume) or `testing` (pendingledger.redis.testing) flag to value '1' or '0'. Works on any
+--   namespace, restored or not, and changes nothing else.
+local function control(keys, args)
+  begin(keys, {})
+  local flag, on = args[3], args[4] == '1'
+  if flag == 'halted' then
+    CTL.halted = on
+  elseif flag == 'testing' then
+    CTL.testing = on
+  else
+    return redis.error_reply('pendingledger: unknown flag ' .. tostring(flag))
+  end
+  set('ctl', pack_ctl())
+  return finish('1')
 end
 
 -- clock epoch hw step_us freeze -> {now_us after the step}
@@ -667,40 +829,52 @@ end
 --   now forward by step_us (whole microseconds >= 0) for every later call in the namespace; an
 --   expiry it passes is swept by the next call. freeze '1' first stops TIME at its current
 --   reading. A step that would bring now to 2^52 us is refused with nothing written. Moving or
---   freezing is refused unless meta's `testing` field is '1'; a step of 0 only reads the clock.
+--   freezing is refused unless ctl's `testing` flag is on; a step of 0 only reads the clock.
 local function clock(keys, args)
-  bind(keys)
-  load()
+  begin(keys, {})
   local step, freeze = args[3], args[4] == '1'
   if step ~= '0' and not string.match(step, '^[1-9]%d*$') then
     return redis.error_reply('pendingledger: clock step must be whole microseconds >= 0')
   end
-  if (step ~= '0' or freeze) and not S.testing then return refused() end
-  local frozen = S.frozen
-  if freeze and not frozen then frozen = time_us() end
-  local now = (frozen or time_us()) + S.off + tonumber(step)
+  if (step ~= '0' or freeze) and not CTL.testing then return refused() end
+  local before = CTL.frozen
+  if freeze and not CTL.frozen then
+    local t = redis.call('TIME')
+    CTL.frozen = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+  local now = now_us() + tonumber(step)
   if now >= CLOCK_MAX then
     return redis.error_reply('pendingledger: clock overflow: the test clock would pass 2^52 us')
   end
-  if step ~= '0' then redis.call('HINCRBY', K_META, 'clock_us', step) end
-  if frozen ~= S.frozen then redis.call('HSET', K_META, 'clock_frozen_us', int(frozen)) end
+  if step ~= '0' or CTL.frozen ~= before then
+    CTL.off = CTL.off + tonumber(step)
+    set('ctl', pack_ctl())
+  end
   return finish(int(now))
 end
 
--- snapshot epoch hw -> {now_us, meta, pos, rsym, orders, exp, stats} (flat lists), read-only,
---   in one consistent view (for audits and tests); the sentinels are left in.
+-- ------------------------------------------------------------------ reading operations
+
+-- status epoch hw order_id token -> {'A', units} | {'G'}  (an overdue one is gone)
+local function status(keys, args)
+  begin(keys, {'o:' .. args[3]})
+  local rec = F['o:' .. args[3]]
+  if not live(rec) then return finish('G') end
+  local units, t, _, expiry = parse_rec(rec)
+  if args[4] ~= '' and t ~= args[4] then return finish('G') end
+  if tonumber(expiry) <= now_us() then return finish('G') end
+  return finish('A', units)
+end
+
+-- snapshot epoch hw -> {now_us, book, expiry, forget} (flat lists, sentinels included), in one
+--   consistent view (for audits and tests).
 local function snapshot(keys, args)
-  bind(keys)
-  load()
+  begin(keys, {})
   return finish(
     int(now_us()),
-    redis.call('HGETALL', K_META),
-    redis.call('HGETALL', K_POS),
-    redis.call('HGETALL', K_RSYM),
-    redis.call('HGETALL', K_ORD),
-    redis.call('ZRANGE', K_EXP, 0, -1, 'WITHSCORES'),
-    redis.call('HGETALL', K_STATS),
-    redis.call('EXISTS', K_CALLS, K_CALLEXP))
+    redis.call('HGETALL', K_BOOK),
+    redis.call('ZRANGE', K_EXPIRY, 0, -1, 'WITHSCORES'),
+    redis.call('ZRANGE', K_FORGET, 0, -1, 'WITHSCORES'))
 end
 
 -- ------------------------------------------------------------------ registration
@@ -711,17 +885,20 @@ local function register(name, fn, read_only)
   redis.register_function{function_name = 'pl@VERSION@_' .. name, callback = fn, flags = flags}
 end
 
+local function none() return {} end
+
 register('enter', enter)
-register('release_order', kept(release_order))
-register('release_symbol', kept(release_symbol))
-register('reduce', kept(reduce))
-register('set_position', kept(set_position))
-register('close_position', kept(close_position))
-register('fill', kept(fill))
-register('status', status, true)
+register('release_order', kept(function(args) return order_fields(args, 6) end, release_order))
+register('release_symbol', kept(none, release_symbol))
+register('reduce', kept(function(args) return order_fields(args, 8) end, reduce))
+register('set_position', kept(symbol_fields, set_position))
+register('close_position', kept(symbol_fields, close_position))
+register('fill', kept(function(args) return order_fields(args, 7) end, fill))
 register('restore', restore)
 register('marker', marker)
 register('sweep', sweep_op)
 register('stats', stats)
+register('control', control)
 register('clock', clock)
+register('status', status, true)
 register('snapshot', snapshot, true)
