@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 import uuid
@@ -25,7 +26,7 @@ from pendingledger.redis import (  # noqa: E402
     RedisGate,
     RedisReservation,
 )
-from pendingledger.redis._audit import STATE  # noqa: E402
+from pendingledger.redis._audit import STATE_FORMAT, unpack_state  # noqa: E402
 from pendingledger.redis.testing import (  # noqa: E402
     advance_server_clock,
     check_then_reserve,
@@ -593,9 +594,9 @@ def test_audit_finds_a_corrupted_total(client: Any) -> None:
     gate = new_gate(client, Limits(max_gross_exposure=10))
     assert gate.try_enter("AAA", 5)
     assert gate.audit(gate.limits) == []
-    state = client.hget(gate.keys[0], "state").decode().split("|")
-    state[STATE.index("res_gross_f")] = "1"  # the reserved gross: 1 unit instead of 5 * 10**9
-    client.hset(gate.keys[0], "state", "|".join(state))
+    state = unpack_state(client.hget(gate.keys[0], "state"))
+    state["res_gross_w"], state["res_gross_f"] = 0, 1  # 1 unit reserved instead of 5 * 10**9
+    client.hset(gate.keys[0], "state", struct.pack(STATE_FORMAT, *state.values()))
     problems = gate.audit()
     assert any("res_gross" in p for p in problems)
 

@@ -9,6 +9,7 @@ also checks that the state is within them.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -17,7 +18,7 @@ from typing import Any, Final
 from pendingledger import _units, rules
 from pendingledger.limits import PortfolioLimits
 
-__all__ = ["OrderRecord", "Snapshot", "audit"]
+__all__ = ["STATE", "OrderRecord", "Snapshot", "audit", "unpack_state"]
 
 
 def amount_of(units: int) -> Decimal:
@@ -52,8 +53,16 @@ class OrderRecord:
 STATE: Final = ("gen", "epoch", "hw", "npos", "pos_gross_w", "pos_gross_f", "res_gross_w",
                 "res_gross_f", "res_syms", "res_open", "nres", "kinds", "next_due", "forget_due",
                 "admitted", "released", "filled", "expired", "restored", "corrupt",
-                "restored_at")  # fmt: skip
-"""The fields packed in the book's ``state`` (gate.lua's STATE, in its order)."""
+                "restored_at", "halted", "testing", "clock_us", "clock_frozen_us")  # fmt: skip
+"""The fields of the book's ``state``, 25 little-endian doubles (gate.lua's STATE_FORMAT)."""
+
+STATE_FORMAT: Final = "<25d"
+
+
+def unpack_state(raw: bytes) -> dict[str, int]:
+    """The book's ``state`` field, as read by a client without ``decode_responses``."""
+    return {name: int(v) for name, v in zip(STATE, struct.unpack(STATE_FORMAT, raw), strict=True)}
+
 
 _TOTALS: Final = ("npos", "pos_gross", "res_gross", "res_syms", "res_open", "nres")
 _COUNTS: Final = ("admitted", "released", "filled", "expired", "restored", "corrupt")
@@ -79,20 +88,14 @@ class Snapshot:
 
     @classmethod
     def from_reply(cls, reply: Sequence[Any]) -> Snapshot:
-        book = _pairs(reply[1])
-        expiry_z, forget_z = _zset(reply[2]), _zset(reply[3])
+        state = {name: int(v) for name, v in zip(STATE, reply[1], strict=True)}
+        book = _pairs(reply[2])
+        expiry_z, forget_z = _zset(reply[3]), _zset(reply[4])
         missing = tuple(name for name, z in (("expiry", expiry_z), ("forget", forget_z))
                         if "" not in z)  # fmt: skip
-        values = book.get("state", "").split("|", len(STATE) - 1) if "state" in book else []
-        meta = {name: value for name, value in zip(STATE, values, strict=False) if value}
-        ctl = book.get("ctl", "").split("|")
-        for name, value in zip(("halted", "testing", "clock_us", "clock_frozen_us"), ctl,
-                               strict=False):  # fmt: skip
-            if value and value != "0":
-                meta[name] = value
+        meta = {name: str(value) for name, value in state.items() if value}
         for total in ("pos_gross", "res_gross"):
-            whole, part = int(meta.get(f"{total}_w") or 0), int(meta.get(f"{total}_f") or 0)
-            meta[total] = str(whole * 10**9 + part)
+            meta[total] = str(state[f"{total}_w"] * 10**9 + state[f"{total}_f"])
         totals = {name: int(meta.get(name) or 0) for name in _TOTALS}
         stats = {name: int(meta.get(name) or 0) for name in _COUNTS}
         stats |= {f"denied:{k[2:]}": int(v) for k, v in book.items() if k.startswith("d:")}

@@ -632,7 +632,8 @@ class RedisGate:
         """
         if not isinstance(positions, Mapping):
             raise TypeError(f"positions must be a mapping of symbol to exposure, got {positions!r}")
-        args: list[EncodableT] = ["restore", "1" if only_if_missing else "0", uuid.uuid4().hex,
+        generation = uuid.uuid4().int >> 75 or 1  # 53 bits: exact in the server code's doubles
+        args: list[EncodableT] = ["restore", "1" if only_if_missing else "0", generation,
                                   self._ttl_us, len(positions)]  # fmt: skip
         for symbol, exposure in positions.items():
             name = _units.check_symbol(symbol)
@@ -656,10 +657,10 @@ class RedisGate:
         """The position book in Redis: symbol -> exposure, in the kind of amount it was set
         with (exact to ``10**-9``, its magnitude rounded up when it was set)."""
         try:
-            raw = self._client.hgetall(self._keys[0])
+            reply = self._code.call("positions")
         except redis.RedisError as exc:
             raise StoreUnavailable(f"position book not readable: {exc}") from exc
-        book = {_s(k): _s(v) for k, v in raw.items()}
+        book = _pairs(reply[1])
         return {
             k[2:]: position_of(v, book.get(f"k:{k[2:]}", "+a"))
             for k, v in book.items()
@@ -698,10 +699,10 @@ class RedisGate:
     @property
     def halted(self) -> bool:
         try:
-            value = self._client.hget(self._keys[0], "ctl")
+            reply = self._code.call("positions")
         except redis.RedisError as exc:
             raise StoreUnavailable(f"halt flag not readable: {exc}") from exc
-        return value is not None and _s(value).startswith("1")
+        return int(reply[0]) == 1
 
     # ------------------------------------------------------------------ inspection
 

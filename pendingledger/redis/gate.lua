@@ -14,9 +14,9 @@
 -- A decision is TIME, HMGET, HSET and ZADD; a release TIME, HMGET, HSET, ZREM and ZADD.
 --
 -- Keys (all under one hash tag {ns}, so Redis Cluster keeps them in one slot):
---   KEYS[1] book    hash  state: the marker, the fencing mark, the totals and the counts, packed
---                           in one field (STATE below; gen '' = not restored)
---                         ctl: "halted|testing|clock_us|clock_frozen_us" (absent: all off)
+--   KEYS[1] book    hash  state: the marker, the fencing mark, the totals, the counts, the halt
+--                           and test flags and the test clock, packed in one field (STATE_FORMAT
+--                           below; gen 0 = not restored)
 --                         p:<symbol>  the position's exposure in units (its magnitude)
 --                         k:<symbol>  its sign ('+' or '-') and the letter of its kind
 --                         r:<symbol>  units reserved on the symbol ('0' or absent: none)
@@ -35,8 +35,8 @@
 -- operation writes anything (writes happen only in finish). No float is ever summed here.
 --
 -- Time comes from the server (TIME), never from a client: "now" is TIME in microseconds plus the
--- namespace's test clock (ctl's clock_us, and clock_frozen_us: the TIME reading the clock was
--- frozen at), which only pendingledger.redis.testing writes and only where ctl's `testing` flag
+-- namespace's test clock (state's clock_us, and clock_frozen_us: the TIME reading the clock was
+-- frozen at), which only pendingledger.redis.testing writes and only where state's `testing` flag
 -- is on; absent in production. A reservation is expired from the instant now >= its expiry, as
 -- in the in-process ledger: state's next_due is a lower bound of the earliest expiry, and a call
 -- that finds now past it sweeps `expiry` (O(expired)). Ended records and kept answers are swept
@@ -136,65 +136,47 @@ end
 -- writes that finish() sends, one command per key. One call runs at a time, so these tables
 -- are shared by all calls and reset by begin().
 
--- state: "gen|epoch|hw|npos|pos_gross_w|pos_gross_f|res_gross_w|res_gross_f|res_syms|res_open|
--- nres|kinds|next_due|forget_due|admitted|released|filled|expired|restored|corrupt|restored_at"
-local STATE_PATTERN = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|' ..
-  '([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|' ..
-  '([^|]*)|(.*)$'
-local STATE_FORMAT = '%s|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%d|%s'
+-- state: 25 little-endian doubles (struct; every value is an integer below 2^53, so exact):
+local STATE_FORMAT = '<ddddddddddddddddddddddddd'
+--   gen epoch hw npos pos_gross_w pos_gross_f res_gross_w res_gross_f res_syms res_open nres
+--   kinds next_due forget_due admitted released filled expired restored corrupt restored_at
+--   halted testing clock_us clock_frozen_us
+-- gen 0: not restored. halted, testing: 0 or 1. clock_frozen_us 0: not frozen.
 local NEVER = CLOCK_MAX -- next_due when nothing is reserved: the clock never gets there
-local EMPTY = '|0|0|0|0|0|0|0|0|0|0|0|' .. NEVER .. '|0|0|0|0|0|0|0|'
 
-local S, F, CTL = {}, {}, {}
+local S, F = {}, {}
 local HSET, HDEL, XADD, XREM, FADD, FREM
 
--- string.match gives strings; `+ 0` makes numbers of the ones compared (Lua converts the others
--- itself in arithmetic). A VM operation, where tonumber would be a function call.
 local function unpack_state(s)
   local t = S
+  if not s then
+    t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres,
+      t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.expired,
+      t.restored, t.corrupt, t.restored_at, t.halted, t.testing, t.off, t.frozen =
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NEVER, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+    return
+  end
   t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres,
     t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.expired,
-    t.restored, t.corrupt, t.restored_at = string.match(s or EMPTY, STATE_PATTERN)
-  t.epoch, t.hw, t.next_due, t.forget_due = t.epoch + 0, t.hw + 0, t.next_due + 0,
-    t.forget_due + 0
-  t.pw, t.pf, t.rw, t.rf = t.pw + 0, t.pf + 0, t.rw + 0, t.rf + 0
-  t.npos, t.res_syms, t.res_open, t.kinds = t.npos + 0, t.res_syms + 0, t.res_open + 0,
-    t.kinds + 0
+    t.restored, t.corrupt, t.restored_at, t.halted, t.testing, t.off, t.frozen =
+    struct.unpack(STATE_FORMAT, s)
 end
 
 local function pack_state()
   local t = S
-  return string.format(STATE_FORMAT, t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf,
+  return struct.pack(STATE_FORMAT, t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf,
     t.res_syms, t.res_open, t.nres, t.kinds, t.next_due, t.forget_due, t.admitted, t.released,
-    t.filled, t.expired, t.restored, t.corrupt, t.restored_at)
+    t.filled, t.expired, t.restored, t.corrupt, t.restored_at, t.halted, t.testing, t.off,
+    t.frozen)
 end
 
--- ctl: "halted|testing|clock_us|clock_frozen_us"; absent in production (all off).
-local function unpack_ctl(s)
-  if not s then
-    CTL.halted, CTL.testing, CTL.off, CTL.frozen = false, false, 0, nil
-    return
-  end
-  local halted, testing, off, frozen = string.match(s, '^(%d)|(%d)|(%d+)|(%d*)$')
-  CTL.halted, CTL.testing, CTL.off, CTL.frozen = halted == '1', testing == '1', off + 0,
-    tonumber(frozen)
-end
-
-local function pack_ctl()
-  local frozen = ''
-  if CTL.frozen then frozen = int(CTL.frozen) end
-  return (CTL.halted and '1' or '0') .. '|' .. (CTL.testing and '1' or '0') .. '|' ..
-    int(CTL.off) .. '|' .. frozen
-end
-
--- Start a call: bind the keys, read state, ctl and `names` (book fields) with one HMGET.
+-- Start a call: bind the keys, read state and `names` (book fields) with one HMGET.
 local function begin(keys, names)
   K_BOOK, K_EXPIRY, K_FORGET = keys[1], keys[2], keys[3]
   F, HSET, HDEL, XADD, XREM, FADD, FREM = {}, {}, {}, {}, {}, {}, {}
-  local got = redis.call('HMGET', K_BOOK, 'state', 'ctl', unpack(names))
+  local got = redis.call('HMGET', K_BOOK, 'state', unpack(names))
   unpack_state(got[1])
-  unpack_ctl(got[2])
-  for i = 1, #names do F[names[i]] = got[i + 2] end
+  for i = 1, #names do F[names[i]] = got[i + 1] end
   S.dirty = false
 end
 
@@ -221,9 +203,9 @@ local function delete(name)
 end
 
 local function now_us()
-  if CTL.frozen then return CTL.frozen + CTL.off end
+  if S.frozen ~= 0 then return S.frozen + S.off end
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2]) + CTL.off
+  return tonumber(t[1]) * 1000000 + tonumber(t[2]) + S.off
 end
 
 -- Send this call's writes and return its answer after the mark. The indexes go first and the
@@ -242,19 +224,19 @@ local function finish(...)
   if #FADD > 0 then redis.call('ZADD', K_FORGET, unpack(FADD)) end
   if #HDEL > 0 then redis.call('HDEL', K_BOOK, unpack(HDEL)) end
   if #HSET > 0 then redis.call('HSET', K_BOOK, unpack(HSET)) end
-  return {int(S.epoch), int(S.hw), ...}
+  return {S.epoch, S.hw, ...}
 end
 
 -- Withdraw the marker: every process is denied with book_not_restored until restore.
 local function withdraw()
-  S.gen = ''
+  S.gen = 0
   S.dirty = true
 end
 
 -- True if the book can be trusted for this call: restored, and its mark not behind the
 -- caller's (ARGV[1], ARGV[2]); a mark behind withdraws the marker.
 local function usable(args)
-  if S.gen == '' then return false end
+  if S.gen == 0 then return false end
   local ce, ch = tonumber(args[1]) or 0, tonumber(args[2]) or 0
   if S.epoch < ce or (S.epoch == ce and S.hw < ch) then
     withdraw()
@@ -264,8 +246,23 @@ local function usable(args)
 end
 
 local function forget_later(name, now)
-  FADD[#FADD + 1] = int(now + CALL_MEMO_US)
+  FADD[#FADD + 1] = now + CALL_MEMO_US
   FADD[#FADD + 1] = name
+end
+
+-- The book's fields but state (binary: no client reads it, so a client that decodes replies
+-- never meets it), as a flat list; with `prefix`, only the fields that start with it.
+local function book_fields(prefix)
+  local all = redis.call('HGETALL', K_BOOK)
+  local out = {}
+  for j = 1, #all, 2 do
+    local name = all[j]
+    if name ~= 'state' and (not prefix or string.sub(name, 1, 2) == prefix) then
+      out[#out + 1] = name
+      out[#out + 1] = all[j + 1]
+    end
+  end
+  return out
 end
 
 -- ------------------------------------------------------------------ book keeping
@@ -318,9 +315,9 @@ local function insert(id, sym, units, token, now, expiry, kind)
   sw, sf = add(sw, sf, uw, uf)
   S.rw, S.rf = add(S.rw, S.rf, uw, uf)
   local name = 'o:' .. id
-  set(name, units .. '|' .. token .. '|' .. int(now) .. '|' .. int(expiry) .. '|' .. sym)
+  set(name, units .. '|' .. token .. string.format('|%d|%d|', now, expiry) .. sym)
   set('r:' .. sym, fmt(sw, sf))
-  XADD[#XADD + 1] = int(expiry)
+  XADD[#XADD + 1] = expiry
   XADD[#XADD + 1] = name
   if was_zero then
     S.res_syms = S.res_syms + 1
@@ -482,7 +479,7 @@ end
 --   config: "ttl_us|max_pos|max_gross|max_sym" (a limit '' when none); kind: the amount's kind
 --   bit. mode: '' (check and reserve), 'check' (check only: the first half of the deliberately
 --   broken gates of the stress suite and the race demo) or 'force' (reserve unchecked: the
---   second half); both test operations, refused unless ctl's `testing` flag is on.
+--   second half); both test operations, refused unless state's `testing` flag is on.
 -- -> {'A', reserved_at_us, expiry_us} | {'D', reason} | {'X'} (order_id held by another call)
 --    | {'C'} (mode 'check' passed)
 local function enter(keys, args)
@@ -490,7 +487,7 @@ local function enter(keys, args)
   local ttl, max_pos, max_gross, max_sym = string.match(args[7], '^(%d+)|(%d*)|(%d*)|(%d*)$')
   local mode = args[9] or ''
   begin(keys, {'p:' .. sym, 'r:' .. sym, 'o:' .. id})
-  if mode ~= '' and not (CTL.testing and (mode == 'check' or mode == 'force')) then
+  if mode ~= '' and not (S.testing == 1 and (mode == 'check' or mode == 'force')) then
     return refused()
   end
   local function deny(reason)
@@ -500,17 +497,17 @@ local function enter(keys, args)
   if not usable(args) then return deny('book_not_restored') end
   local now = now_us()
   sweeps(now)
-  if S.gen == '' then return deny('book_not_restored') end -- a sweep found a key evicted
+  if S.gen == 0 then return deny('book_not_restored') end -- a sweep found a key evicted
   local rec = F['o:' .. id]
   if live(rec) then
     local _, t, at, expiry = parse_rec(rec)
     if t == token then -- the same call, sent again by a client retry after a lost reply
-      return finish('A', at, expiry)
+      return finish('A', at + 0, expiry + 0)
     end
     return finish('X')
   end
   local pos, rs = F['p:' .. sym], F['r:' .. sym]
-  if CTL.halted then return deny('halted') end
+  if S.halted == 1 then return deny('halted') end
   if mode ~= 'force' then
     local uw, uf = split(units)
     local rw, rf = split(rs)
@@ -534,8 +531,8 @@ local function enter(keys, args)
     end
   end
   if mode == 'check' then return finish('C') end
-  insert(id, sym, units, token, now, now + tonumber(ttl), tonumber(args[8]) or 0)
-  return finish('A', int(now), int(now + tonumber(ttl)))
+  insert(id, sym, units, token, now, now + ttl, args[8] + 0)
+  return finish('A', now, now + ttl)
 end
 
 -- A writing operation with call token args[3]: `read` names the book fields `op` needs (read
@@ -556,7 +553,7 @@ local function kept(read, op)
     if not usable(args) then return finish('D') end
     local now = now_us()
     sweeps(now)
-    if S.gen == '' then return finish('D') end
+    if S.gen == 0 then return finish('D') end
     local a, b = op(args, now)
     a = tostring(a) -- as a retry gets it back
     local enc = a
@@ -605,11 +602,11 @@ end
 local function release_symbol(args, now)
   local sym = args[4]
   ensure({'r:' .. sym, 'p:' .. sym})
-  local all = redis.call('HGETALL', K_BOOK)
+  local all = book_fields('o:')
   local n = 0
   for i = 1, #all, 2 do
     local name, rec = all[i], all[i + 1]
-    if string.sub(name, 1, 2) == 'o:' and live(rec) then
+    if live(rec) then
       local _, _, _, _, rsym = parse_rec(rec)
       if rsym == sym then
         drop(string.sub(name, 3), rec, 'released', now)
@@ -674,17 +671,18 @@ end
 
 -- restore epoch hw only_if_missing gen ttl_us n_pos [symbol units code]*n_pos
 --   [order_id symbol units token kind]*
---   Replaces the book and the reservations (keeps ctl, the counts and the denials), writes the
---   sentinels and the marker, and starts a new epoch of the mark. Every total is formed (and an
---   overflow raised) before the first write. A retry of a restore that already ran finds its
---   generation in the marker and gets the first answer.
+--   Replaces the book and the reservations (keeps the flags, the test clock, the counts and the
+--   denials), writes the sentinels and the marker, and starts a new epoch of the mark. Every
+--   total is formed (and an overflow raised) before the first write. A retry of a restore that
+--   already ran finds its generation in the marker and gets the first answer.
 -- -> {'R', now_us} | {'S'} (only_if_missing and the book is in place: nothing written)
 local function restore(keys, args)
   begin(keys, {})
-  if S.gen ~= '' and S.gen == args[4] then return finish('R', S.restored_at) end
+  local gen = tonumber(args[4])
+  if S.gen ~= 0 and S.gen == gen then return finish('R', S.restored_at) end
   if args[3] == '1' and usable(args) then return finish('S') end
   local now = now_us()
-  local at, expiry = int(now), int(now + tonumber(args[5]))
+  local at, expiry = now, now + tonumber(args[5])
   local npos = tonumber(args[6])
   local pw, pf = 0, 0
   local open = {}
@@ -719,12 +717,9 @@ local function restore(keys, args)
   for _, sym in ipairs(syms) do
     if open[sym] then res_open = res_open + 1 end
   end
-  -- Keep ctl and the denial counts; everything else is replaced.
-  local all = redis.call('HGETALL', K_BOOK)
-  for j = 1, #all, 2 do
-    local name = all[j]
-    if name == 'ctl' or string.sub(name, 1, 2) == 'd:' then set(name, all[j + 1]) end
-  end
+  -- Keep the denial counts; everything else is replaced (state's flags and clock stay in S).
+  local denials = book_fields('d:')
+  for j = 1, #denials, 2 do set(denials[j], denials[j + 1]) end
   redis.call('DEL', K_BOOK, K_EXPIRY, K_FORGET)
   XADD[1], XADD[2] = '-inf', ''
   FADD[1], FADD[2] = '-inf', ''
@@ -737,7 +732,7 @@ local function restore(keys, args)
   i = first_order
   while i <= #args do
     local name = 'o:' .. args[i]
-    set(name, args[i + 2] .. '|' .. args[i + 3] .. '|' .. at .. '|' .. expiry .. '|' ..
+    set(name, args[i + 2] .. '|' .. args[i + 3] .. string.format('|%d|%d|', at, expiry) ..
       args[i + 1])
     XADD[#XADD + 1] = expiry
     XADD[#XADD + 1] = name
@@ -747,13 +742,13 @@ local function restore(keys, args)
     local t = per[sym]
     set('r:' .. sym, fmt(t[1], t[2]))
   end
-  local epoch = now_us() - CTL.off -- the server's own clock, not the test clock's offset
+  local epoch = now_us() - S.off -- the server's own clock, not the test clock's offset
   for _, floor in ipairs({S.epoch + 1, (tonumber(args[1]) or 0) + 1}) do
     if floor > epoch then epoch = floor end
   end
   S.epoch = epoch
   S.hw = -1 -- finish() counts this write: the new epoch starts at 0
-  S.gen, S.restored_at = args[4], at
+  S.gen, S.restored_at = gen, at
   S.npos, S.pw, S.pf, S.rw, S.rf = npos, pw, pf, gw, gf
   S.res_syms, S.res_open, S.nres, S.kinds = #syms, res_open, norders, kinds
   S.next_due = NEVER
@@ -795,32 +790,27 @@ local function stats(keys, args)
   local counts = {}
   for _, name in ipairs({'admitted', 'released', 'filled', 'expired', 'restored', 'corrupt'}) do
     counts[#counts + 1] = name
-    counts[#counts + 1] = int(S[name])
+    counts[#counts + 1] = S[name]
   end
-  local all = redis.call('HGETALL', K_BOOK)
-  for j = 1, #all, 2 do
-    if string.sub(all[j], 1, 2) == 'd:' then
-      counts[#counts + 1] = 'denied:' .. string.sub(all[j], 3)
-      counts[#counts + 1] = all[j + 1]
-    end
+  local denials = book_fields('d:')
+  for j = 1, #denials, 2 do
+    counts[#counts + 1] = 'denied:' .. string.sub(denials[j], 3)
+    counts[#counts + 1] = denials[j + 1]
   end
-  return finish(counts, int(S.nres), fmt(S.rw, S.rf), int(S.kinds))
+  return finish(counts, S.nres, fmt(S.rw, S.rf), S.kinds)
 end
 
--- control epoch hw flag value -> {'1'}: sets ctl's `halted` (any client: RedisGate.halt and
+-- control epoch hw flag value -> {'1'}: sets state's `halted` (any client: RedisGate.halt and
 --   resume) or `testing` (pendingledger.redis.testing) flag to value '1' or '0'. Works on any
 --   namespace, restored or not, and changes nothing else.
 local function control(keys, args)
   begin(keys, {})
   local flag, on = args[3], args[4] == '1'
-  if flag == 'halted' then
-    CTL.halted = on
-  elseif flag == 'testing' then
-    CTL.testing = on
-  else
+  if flag ~= 'halted' and flag ~= 'testing' then
     return redis.error_reply('pendingledger: unknown flag ' .. tostring(flag))
   end
-  set('ctl', pack_ctl())
+  S[flag] = on and 1 or 0
+  set('state', pack_state()) -- not a change of the book: the mark stays
   return finish('1')
 end
 
@@ -829,28 +819,28 @@ end
 --   now forward by step_us (whole microseconds >= 0) for every later call in the namespace; an
 --   expiry it passes is swept by the next call. freeze '1' first stops TIME at its current
 --   reading. A step that would bring now to 2^52 us is refused with nothing written. Moving or
---   freezing is refused unless ctl's `testing` flag is on; a step of 0 only reads the clock.
+--   freezing is refused unless state's `testing` flag is on; a step of 0 only reads the clock.
 local function clock(keys, args)
   begin(keys, {})
   local step, freeze = args[3], args[4] == '1'
   if step ~= '0' and not string.match(step, '^[1-9]%d*$') then
     return redis.error_reply('pendingledger: clock step must be whole microseconds >= 0')
   end
-  if (step ~= '0' or freeze) and not CTL.testing then return refused() end
-  local before = CTL.frozen
-  if freeze and not CTL.frozen then
+  if (step ~= '0' or freeze) and S.testing ~= 1 then return refused() end
+  local before = S.frozen
+  if freeze and S.frozen == 0 then
     local t = redis.call('TIME')
-    CTL.frozen = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    S.frozen = tonumber(t[1]) * 1000000 + tonumber(t[2])
   end
   local now = now_us() + tonumber(step)
   if now >= CLOCK_MAX then
     return redis.error_reply('pendingledger: clock overflow: the test clock would pass 2^52 us')
   end
-  if step ~= '0' or CTL.frozen ~= before then
-    CTL.off = CTL.off + tonumber(step)
-    set('ctl', pack_ctl())
+  if step ~= '0' or S.frozen ~= before then
+    S.off = S.off + tonumber(step)
+    set('state', pack_state())
   end
-  return finish(int(now))
+  return finish(now)
 end
 
 -- ------------------------------------------------------------------ reading operations
@@ -866,15 +856,27 @@ local function status(keys, args)
   return finish('A', units)
 end
 
--- snapshot epoch hw -> {now_us, book, expiry, forget} (flat lists, sentinels included), in one
---   consistent view (for audits and tests).
+-- snapshot epoch hw -> {now_us, state (its 25 numbers in STATE_FORMAT's order), book fields,
+--   expiry, forget} (flat lists, sentinels included), in one consistent view (for audits).
 local function snapshot(keys, args)
   begin(keys, {})
-  return finish(
-    int(now_us()),
-    redis.call('HGETALL', K_BOOK),
+  local t = S
+  return finish(now_us(),
+    {t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres,
+      t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.expired, t.restored,
+      t.corrupt, t.restored_at, t.halted, t.testing, t.off, t.frozen},
+    book_fields(nil),
     redis.call('ZRANGE', K_EXPIRY, 0, -1, 'WITHSCORES'),
     redis.call('ZRANGE', K_FORGET, 0, -1, 'WITHSCORES'))
+end
+
+-- positions epoch hw -> {halted, p: and k: fields as a flat list}
+local function positions(keys, args)
+  begin(keys, {})
+  local out = book_fields('p:')
+  local codes = book_fields('k:')
+  for j = 1, #codes do out[#out + 1] = codes[j] end
+  return finish(S.halted, out)
 end
 
 -- ------------------------------------------------------------------ registration
@@ -902,3 +904,4 @@ register('control', control)
 register('clock', clock)
 register('status', status, true)
 register('snapshot', snapshot, true)
+register('positions', positions, true)
