@@ -354,6 +354,77 @@ def test_positions_reads_the_book(h: Harness) -> None:
     assert g.positions() == {"AAA": -600, "BBB": Decimal("0.5")}
 
 
+def test_positions_come_back_in_the_kind_given(h: Harness) -> None:
+    """A bot that keeps floats gets floats back (``current + 2500.0`` must work), and so on for
+    every kind, exact to 10**-9 units."""
+    g = h.gate()
+    book = {"F": 2500.25, "I": -7, "D": Decimal("0.125"), "Q": Fraction(1, 4), "Z": 0.0}
+    for symbol, exposure in book.items():
+        g.set_position(symbol, exposure)
+    got = g.positions()
+    assert got == book
+    assert {s: type(v) for s, v in got.items()} == {s: type(v) for s, v in book.items()}
+    assert got["F"] + 2500.0 == 5000.25
+    assert g.confirm_fill(res_of(g.try_enter("F", 1.5)).order_id, 2501.75) is True
+    assert g.positions()["F"] == 2501.75 and isinstance(g.positions()["F"], float)
+
+
+def test_reduce_order_shrinks_by_order_id_then_ends(h: Harness) -> None:
+    g = h.gate(Limits(max_gross_exposure=100))
+    res = res_of(g.try_enter("AAA", 100, order_id="r-1"))
+    assert g.reduce_order("r-1", 30) is True
+    assert g.try_enter("BBB", 31).reason is R.MAX_GROSS_EXPOSURE  # 70 still reserved
+    assert g.try_enter("BBB", 30)
+    assert res.active
+    assert g.reduce_order("r-1", 70) is True  # the rest: it ends, as filled
+    assert not res.active
+    assert g.reduce_order("r-1", 1) is False
+    assert g.reduce_order("never-made", 1) is False
+    assert g.try_enter("CCC", 70)
+
+
+def test_reduce_order_counts_as_the_handle_does(h: Harness) -> None:
+    g = h.gate()
+    by_handle = res_of(g.try_enter("AAA", 1, order_id="a"))
+    assert g.try_enter("BBB", 1, order_id="b")
+    for part in (Fraction(1, 3), Fraction(1, 3)):
+        assert by_handle.reduce(part)
+        assert g.reduce_order("b", part)
+    assert reservation_counts(g)[:2] == (2, 2 * Fraction(333_333_334, 10**9))
+    assert by_handle.reduce(Fraction(1, 3)) and g.reduce_order("b", Fraction(1, 3))
+    assert reservation_counts(g)[0] == 0
+
+
+def test_a_partial_fill_books_the_position_and_the_reduction_together(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=1, max_gross_exposure=100))
+    res = res_of(g.try_enter("AAA", 100, order_id="p-1"))
+    assert g.confirm_fill("p-1", 40, filled=40) is True
+    assert res.active
+    assert g.positions() == {"AAA": 40}
+    assert reservation_counts(g)[:2] == (1, 60)  # 40 open + 60 reserved: still 100 in all
+    assert g.try_enter("AAA", 1).reason is R.MAX_GROSS_EXPOSURE
+    assert g.confirm_fill("p-1", 100, filled=60) is True  # the rest: the reservation ends
+    assert not res.active
+    assert g.positions() == {"AAA": 100}
+    assert reservation_counts(g)[:2] == (0, 0)
+    assert g.confirm_fill("p-1", 100, filled=1) is False  # nothing outstanding any more
+
+
+@pytest.mark.parametrize("amount", [0, -1, math.nan, math.inf, Decimal("NaN"), True, "5"])
+def test_bad_fill_amounts_change_nothing(h: Harness, amount: object) -> None:
+    g = h.gate(Limits(max_gross_exposure=100))
+    res = res_of(g.try_enter("AAA", 100, order_id="x-1"))
+    with pytest.raises((ValueError, TypeError), match="amount"):
+        g.reduce_order("x-1", amount)  # type: ignore[arg-type]
+    with pytest.raises((ValueError, TypeError), match="filled"):
+        g.confirm_fill("x-1", 50, filled=amount)  # type: ignore[arg-type]
+    assert res.active and res.notional == 100
+    assert g.positions() == {}
+    assert g.try_enter("BBB", 1).reason is R.MAX_GROSS_EXPOSURE
+    with pytest.raises((ValueError, TypeError), match="order_id"):
+        g.reduce_order("", 1)
+
+
 # ---------------------------------------------------------------------------- stats
 
 
