@@ -267,6 +267,11 @@ def test_bad_input_sends_nothing_to_redis(client: Any, server: RedisServer) -> N
         lambda: gate.confirm_fill("x", float("nan")),
         lambda: gate.release(""),
         lambda: gate.restore({"AAA": "1"}),  # type: ignore[dict-item]
+        lambda: gate.reduce_order("x", 0),
+        lambda: gate.reduce_order("", 1),
+        lambda: gate.confirm_fill("x", 1, filled=float("nan")),
+        lambda: gate.confirm_fill("x", 1, filled=-1),
+        lambda: gate.reduce_order("x", Decimal("NaN")),
     ]
     with CommandLog(server.url) as log:
         for call in bad_calls:
