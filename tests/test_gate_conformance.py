@@ -651,7 +651,8 @@ def test_lua_names_only_reasons_the_client_maps() -> None:
     from pendingledger.redis import SCRIPT
     from pendingledger.redis._gate import DENIALS
 
-    named = set(re.findall(r"deny\('(\w+)'\)", SCRIPT))
+    named = set(re.findall(r"deny\(mode, '(\w+)'\)", SCRIPT))
+    named |= set(re.findall(r"return '(max_\w+)'", SCRIPT))
     assert named == {
         "halted",
         "max_concurrent_positions",

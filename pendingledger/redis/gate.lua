@@ -74,12 +74,12 @@ local K_BOOK, K_EXPIRY, K_FORGET
 
 -- ------------------------------------------------------------------ amounts as two limbs
 
--- "units" -> w, f. A value below 10^15 is exact as a double: one tonumber, and the limbs by
--- arithmetic (VM operations, not function calls: a call's cost is mostly its function calls).
+-- "units" -> w, f. A value below 10^15 is exact as a double: Lua converts it itself, and the
+-- limbs come by arithmetic (VM operations, not function calls, which cost most of a call).
 local function split(s)
   if not s then return 0, 0 end
   if #s < 16 then
-    local n = tonumber(s)
+    local n = s + 0
     local f = n % B
     return (n - f) / B, f
   end
@@ -205,7 +205,7 @@ end
 local function now_us()
   if S.frozen ~= 0 then return S.frozen + S.off end
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2]) + S.off
+  return t[1] * 1000000 + t[2] + S.off -- Lua converts the strings itself: no function call
 end
 
 -- Send this call's writes and return its answer after the mark. The indexes go first and the
@@ -237,7 +237,7 @@ end
 -- caller's (ARGV[1], ARGV[2]); a mark behind withdraws the marker.
 local function usable(args)
   if S.gen == 0 then return false end
-  local ce, ch = tonumber(args[1]) or 0, tonumber(args[2]) or 0
+  local ce, ch = args[1] + 0, args[2] + 0
   if S.epoch < ce or (S.epoch == ce and S.hw < ch) then
     withdraw()
     return false
@@ -287,11 +287,10 @@ local function unreserve(sym, dw, df)
   S.dirty = true
 end
 
--- End the reservation `id` (record `rec`; F holds its r: and p: fields) as `counter` says.
--- Released and filled ones leave '~' for CALL_MEMO_US (a record a retry can find); expired ones
--- go at once.
-local function drop(id, rec, counter, now)
-  local units, _, _, _, sym = parse_rec(rec)
+-- End the reservation `id` (its record's `units` and `sym`; F holds its r: and p: fields) as
+-- `counter` says. Released and filled ones leave '~' for CALL_MEMO_US (a record a retry can
+-- find); expired ones go at once.
+local function drop(id, units, sym, counter, now)
   local name = 'o:' .. id
   if counter == 'expired' then
     delete(name)
@@ -345,25 +344,26 @@ local function sweep(now)
     return 0
   end
   ensure(names)
-  local syms = {}
-  for _, name in ipairs(names) do
-    local rec = F[name]
+  local syms, parsed = {}, {}
+  for i = 1, #names do
+    local rec = F[names[i]]
     if live(rec) then
-      local _, _, _, _, sym = parse_rec(rec)
+      local units, _, _, _, sym = parse_rec(rec)
+      parsed[i] = {units, sym}
       syms[#syms + 1] = 'r:' .. sym
       syms[#syms + 1] = 'p:' .. sym
+    elseif not rec then
+      count('corrupt')
     end
   end
   ensure(syms)
   local n = 0
-  for _, name in ipairs(names) do
-    local rec = F[name]
-    XREM[#XREM + 1] = name
-    if live(rec) then
-      drop(string.sub(name, 3), rec, 'expired', now)
+  for i = 1, #names do
+    XREM[#XREM + 1] = names[i]
+    local p = parsed[i]
+    if p then
+      drop(string.sub(names[i], 3), p[1], p[2], 'expired', now)
       n = n + 1
-    elseif not rec then
-      count('corrupt')
     end
   end
   if #names < SWEEP_MAX then
@@ -457,7 +457,7 @@ local function reduce_rec(id, rec, down, up, now)
   local units, t, at, expiry, sym = parse_rec(rec)
   local nw, nf = after_fill(units, down, up)
   if zero(nw, nf) then
-    drop(id, rec, 'filled', now)
+    drop(id, units, sym, 'filled', now)
     return 'E'
   end
   local want = fmt(nw, nf)
@@ -475,6 +475,49 @@ local function refused()
     '(only pendingledger.redis.testing turns them on, for tests)')
 end
 
+-- A decision's config parsed once per distinct string (a gate sends the same one with every
+-- decision until its limits change): {ttl, max_pos or false, and each exposure limit as limbs
+-- (false: none)}. A pure function of the string, so keeping it between calls is safe.
+local CONFIGS, NCONFIGS = {}, 0
+local function config(s)
+  local c = CONFIGS[s]
+  if c then return c end
+  local ttl, max_pos, max_gross, max_sym = string.match(s, '^(%d+)|(%d*)|(%d*)|(%d*)$')
+  c = {ttl + 0, max_pos ~= '' and max_pos + 0, false, 0, false, 0}
+  if max_gross ~= '' then c[3], c[4] = split(max_gross) end
+  if max_sym ~= '' then c[5], c[6] = split(max_sym) end
+  if NCONFIGS >= 64 then CONFIGS, NCONFIGS = {}, 0 end
+  CONFIGS[s], NCONFIGS = c, NCONFIGS + 1
+  return c
+end
+
+local function deny(mode, reason)
+  if mode ~= 'check' then redis.call('HINCRBY', K_BOOK, 'd:' .. reason, 1) end
+  return finish('D', reason)
+end
+
+-- The first rule `units` on `sym` fails (rules.first_failing_rule, which the conformance suite
+-- holds this to), or nil. `pos` and `rs`: the symbol's position and reserved units.
+local function failing_rule(c, units, pos, rs)
+  local uw, uf = split(units)
+  local rw, rf = split(rs)
+  if c[2] and not pos and zero(rw, rf) and S.npos + S.res_syms - S.res_open >= c[2] then
+    return 'max_concurrent_positions'
+  end
+  if c[3] then
+    local gw, gf = add(S.pw, S.pf, S.rw, S.rf)
+    gw, gf = add(gw, gf, uw, uf)
+    if gt(gw, gf, c[3], c[4]) then return 'max_gross_exposure' end
+  end
+  if c[5] then
+    local pw, pf = split(pos)
+    pw, pf = add(pw, pf, rw, rf)
+    pw, pf = add(pw, pf, uw, uf)
+    if gt(pw, pf, c[5], c[6]) then return 'max_symbol_exposure' end
+  end
+  return nil
+end
+
 -- enter epoch hw symbol units order_id token config kind [mode]
 --   config: "ttl_us|max_pos|max_gross|max_sym" (a limit '' when none); kind: the amount's kind
 --   bit. mode: '' (check and reserve), 'check' (check only: the first half of the deliberately
@@ -484,20 +527,16 @@ end
 --    | {'C'} (mode 'check' passed)
 local function enter(keys, args)
   local sym, units, id, token = args[3], args[4], args[5], args[6]
-  local ttl, max_pos, max_gross, max_sym = string.match(args[7], '^(%d+)|(%d*)|(%d*)|(%d*)$')
+  local c = config(args[7])
   local mode = args[9] or ''
   begin(keys, {'p:' .. sym, 'r:' .. sym, 'o:' .. id})
   if mode ~= '' and not (S.testing == 1 and (mode == 'check' or mode == 'force')) then
     return refused()
   end
-  local function deny(reason)
-    if mode ~= 'check' then redis.call('HINCRBY', K_BOOK, 'd:' .. reason, 1) end
-    return finish('D', reason)
-  end
-  if not usable(args) then return deny('book_not_restored') end
+  if not usable(args) then return deny(mode, 'book_not_restored') end
   local now = now_us()
   sweeps(now)
-  if S.gen == 0 then return deny('book_not_restored') end -- a sweep found a key evicted
+  if S.gen == 0 then return deny(mode, 'book_not_restored') end -- a sweep found a key evicted
   local rec = F['o:' .. id]
   if live(rec) then
     local _, t, at, expiry = parse_rec(rec)
@@ -507,32 +546,15 @@ local function enter(keys, args)
     return finish('X')
   end
   local pos, rs = F['p:' .. sym], F['r:' .. sym]
-  if S.halted == 1 then return deny('halted') end
+  if S.halted == 1 then return deny(mode, 'halted') end
   if mode ~= 'force' then
-    local uw, uf = split(units)
-    local rw, rf = split(rs)
-    local reserved = not zero(rw, rf)
-    if max_pos ~= '' and not pos and not reserved
-        and S.npos + S.res_syms - S.res_open >= tonumber(max_pos) then
-      return deny('max_concurrent_positions')
-    end
-    if max_gross ~= '' then
-      local gw, gf = add(S.pw, S.pf, S.rw, S.rf)
-      gw, gf = add(gw, gf, uw, uf)
-      local lw, lf = split(max_gross)
-      if gt(gw, gf, lw, lf) then return deny('max_gross_exposure') end
-    end
-    if max_sym ~= '' then
-      local pw, pf = split(pos)
-      pw, pf = add(pw, pf, rw, rf)
-      pw, pf = add(pw, pf, uw, uf)
-      local lw, lf = split(max_sym)
-      if gt(pw, pf, lw, lf) then return deny('max_symbol_exposure') end
-    end
+    local reason = failing_rule(c, units, pos, rs)
+    if reason then return deny(mode, reason) end
   end
   if mode == 'check' then return finish('C') end
-  insert(id, sym, units, token, now, now + ttl, args[8] + 0)
-  return finish('A', now, now + ttl)
+  local expiry = now + c[1]
+  insert(id, sym, units, token, now, expiry, args[8] + 0)
+  return finish('A', now, expiry)
 end
 
 -- A writing operation with call token args[3]: `read` names the book fields `op` needs (read
@@ -575,24 +597,24 @@ local function order_fields(args, at)
   return names
 end
 
--- The record of order `id` if it is live and (unless `token` is '') holds `token`, with the
--- fields of its symbol read.
+-- The record of order `id` if it is live and (unless `token` is '') holds `token`, and its
+-- units and symbol, with the fields of its symbol read.
 local function find(id, token)
   local rec = F['o:' .. id]
   if not live(rec) then return nil end
-  local _, t, _, _, sym = parse_rec(rec)
+  local units, t, _, _, sym = parse_rec(rec)
   if token ~= '' and t ~= token then return nil end
   ensure({'r:' .. sym, 'p:' .. sym})
-  return rec
+  return rec, units, sym
 end
 
 -- release_order epoch hw call_token order_id token symbol -> {1} | {0}
 --   token: the reservation's ('' = whichever reservation has that id); symbol: its symbol if the
 --   caller knows it (read in the first HMGET), else ''.
 local function release_order(args, now)
-  local rec = find(args[4], args[5])
+  local rec, units, sym = find(args[4], args[5])
   if not rec then return 0 end
-  drop(args[4], rec, 'released', now)
+  drop(args[4], units, sym, 'released', now)
   return 1
 end
 
@@ -607,9 +629,9 @@ local function release_symbol(args, now)
   for i = 1, #all, 2 do
     local name, rec = all[i], all[i + 1]
     if live(rec) then
-      local _, _, _, _, rsym = parse_rec(rec)
+      local units, _, _, _, rsym = parse_rec(rec)
       if rsym == sym then
-        drop(string.sub(name, 3), rec, 'released', now)
+        drop(string.sub(name, 3), units, sym, 'released', now)
         n = n + 1
       end
     end
@@ -651,18 +673,17 @@ end
 --    nothing written) | {'M', actual_symbol} (a different symbol: nothing written)
 local function fill(args, now)
   local id, value, code, sym, down, up = args[4], args[5], args[6], args[7], args[8], args[9]
-  local rec = find(id, '')
+  local rec, units, rsym = find(id, '')
   if not rec then
     if sym == '' then return 'N' end
     ensure({'p:' .. sym, 'r:' .. sym})
     set_pos(sym, value, code)
     return 'P', sym
   end
-  local _, _, _, _, rsym = parse_rec(rec)
   if sym ~= '' and sym ~= rsym then return 'M', rsym end
   set_pos(rsym, value, code)
   if up == '' then
-    drop(id, rec, 'filled', now)
+    drop(id, units, rsym, 'filled', now)
     return 'F', rsym
   end
   if reduce_rec(id, rec, down, up, now) == 'E' then return 'F', rsym end
