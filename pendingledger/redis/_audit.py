@@ -53,10 +53,12 @@ class OrderRecord:
 STATE: Final = ("gen", "epoch", "hw", "npos", "pos_gross_w", "pos_gross_f", "res_gross_w",
                 "res_gross_f", "res_syms", "res_open", "nres", "kinds", "next_due", "forget_due",
                 "admitted", "released", "filled", "expired", "restored", "corrupt",
-                "restored_at", "halted", "testing", "clock_us", "clock_frozen_us")  # fmt: skip
-"""The fields of the book's ``state``, 25 little-endian doubles (gate.lua's STATE_FORMAT)."""
+                "restored_at", "halted", "testing", "clock_us", "clock_frozen_us",
+                "d_book_not_restored", "d_halted", "d_max_concurrent_positions",
+                "d_max_gross_exposure", "d_max_symbol_exposure")  # fmt: skip
+"""The fields of the book's ``state``, 30 little-endian doubles (gate.lua's STATE_FORMAT)."""
 
-STATE_FORMAT: Final = "<25d"
+STATE_FORMAT: Final = "<30d"
 
 
 def unpack_state(raw: bytes) -> dict[str, int]:
@@ -98,7 +100,7 @@ class Snapshot:
             meta[total] = str(state[f"{total}_w"] * 10**9 + state[f"{total}_f"])
         totals = {name: int(meta.get(name) or 0) for name in _TOTALS}
         stats = {name: int(meta.get(name) or 0) for name in _COUNTS}
-        stats |= {f"denied:{k[2:]}": int(v) for k, v in book.items() if k.startswith("d:")}
+        stats |= {f"denied:{k[2:]}": v for k, v in state.items() if k.startswith("d_")}
         positions = {
             k[2:]: -int(v) if book.get(f"k:{k[2:]}", "+").startswith("-") else int(v)
             for k, v in book.items()

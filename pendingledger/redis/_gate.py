@@ -31,7 +31,7 @@ The retry gets the first attempt's answer instead of running the call again:
   *denied*, the retry decides again, and ``stats()`` counts both decisions.)
 * ``confirm_fill``, ``release``, ``release_order``, ``reduce_order``, ``Reservation.release()``,
   ``Reservation.reduce()``, ``set_position`` and ``close_position`` send a random token per call;
-  the server keeps each call's answer under it for 5 minutes of the server's clock, and a repeat
+  the server keeps each call's answer under it for a minute of the server's clock, and a repeat
   within that time gets that answer without running again. So a fill that landed is reported as
   landed, a release that ended a reservation returns True, and a position write is never applied
   again over a later one.
@@ -39,7 +39,7 @@ The retry gets the first attempt's answer instead of running the call again:
 * ``halt`` and ``resume`` set and clear a flag (repeating changes nothing); ``wipe`` repeated
   reports 0 keys; reads simply run again.
 
-Not covered: a retry arriving more than 5 minutes after the call ran (redis-py retries at once),
+Not covered: a retry arriving more than a minute after the call ran (redis-py retries at once),
 and calling a method again yourself after it raised or returned False: that is a new call with a
 new token. Call ``confirm_fill`` with ``symbol=`` so that such a second call still records the
 position.

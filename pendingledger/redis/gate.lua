@@ -23,7 +23,6 @@
 --                         o:<order_id>  "units|token|reserved_at_us|expiry_us|symbol", or '~'
 --                           once ended (kept for CALL_MEMO_US, see Retries)
 --                         c:<call_token>  the answer that call got (see Retries)
---                         d:<reason>  decisions denied with that reason
 --   KEYS[2] expiry  zset  o:<order_id> of each outstanding reservation, scored by its expiry
 --   KEYS[3] forget  zset  o:<order_id> of ended ones and c:<call_token>, scored by when they go
 --   Both zsets hold the sentinel member '' at score -inf (see Eviction).
@@ -66,7 +65,10 @@
 local B = 1000000000
 local MAXW = 9007199254740991 -- 2^53 - 1
 local SWEEP_MAX = 1000 -- expired reservations (or forgotten entries) dropped per sweep
-local CALL_MEMO_US = 300000000 -- 5 minutes: how long a call's answer is kept for its retries
+-- How long a call's answer is kept for its retries: a minute, far beyond a client's retry (at
+-- once, or after a backoff), and short enough that the book's ended records and kept answers
+-- (one each per release or fill) stay a small part of it.
+local CALL_MEMO_US = 60000000
 local FORGET_EVERY_US = 1000000 -- `forget` is swept at most once a second of the server's clock
 local CLOCK_MAX = 4503599627370496 -- 2^52 us (year 2112): the test clock stops short of it
 
@@ -136,11 +138,12 @@ end
 -- writes that finish() sends, one command per key. One call runs at a time, so these tables
 -- are shared by all calls and reset by begin().
 
--- state: 25 little-endian doubles (struct; every value is an integer below 2^53, so exact):
-local STATE_FORMAT = '<ddddddddddddddddddddddddd'
+-- state: 30 little-endian doubles (struct; every value is an integer below 2^53, so exact):
+local STATE_FORMAT = '<dddddddddddddddddddddddddddddd'
 --   gen epoch hw npos pos_gross_w pos_gross_f res_gross_w res_gross_f res_syms res_open nres
 --   kinds next_due forget_due admitted released filled expired restored corrupt restored_at
---   halted testing clock_us clock_frozen_us
+--   halted testing clock_us clock_frozen_us, then the denials by reason: d_book_not_restored
+--   d_halted d_max_concurrent_positions d_max_gross_exposure d_max_symbol_exposure
 -- gen 0: not restored. halted, testing: 0 or 1. clock_frozen_us 0: not frozen.
 local NEVER = CLOCK_MAX -- next_due when nothing is reserved: the clock never gets there
 
@@ -152,14 +155,17 @@ local function unpack_state(s)
   if not s then
     t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres,
       t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.expired,
-      t.restored, t.corrupt, t.restored_at, t.halted, t.testing, t.off, t.frozen =
-      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NEVER, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+      t.restored, t.corrupt, t.restored_at, t.halted, t.testing, t.off, t.frozen,
+      t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions, t.d_max_gross_exposure,
+      t.d_max_symbol_exposure =
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NEVER, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
     return
   end
   t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres,
     t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.expired,
-    t.restored, t.corrupt, t.restored_at, t.halted, t.testing, t.off, t.frozen =
-    struct.unpack(STATE_FORMAT, s)
+    t.restored, t.corrupt, t.restored_at, t.halted, t.testing, t.off, t.frozen,
+    t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions, t.d_max_gross_exposure,
+    t.d_max_symbol_exposure = struct.unpack(STATE_FORMAT, s)
 end
 
 local function pack_state()
@@ -167,7 +173,8 @@ local function pack_state()
   return struct.pack(STATE_FORMAT, t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf,
     t.res_syms, t.res_open, t.nres, t.kinds, t.next_due, t.forget_due, t.admitted, t.released,
     t.filled, t.expired, t.restored, t.corrupt, t.restored_at, t.halted, t.testing, t.off,
-    t.frozen)
+    t.frozen, t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions,
+    t.d_max_gross_exposure, t.d_max_symbol_exposure)
 end
 
 -- Start a call: bind the keys, read state and `names` (book fields) with one HMGET.
@@ -177,7 +184,7 @@ local function begin(keys, names)
   local got = redis.call('HMGET', K_BOOK, 'state', unpack(names))
   unpack_state(got[1])
   for i = 1, #names do F[names[i]] = got[i + 1] end
-  S.dirty = false
+  S.dirty, S.counted = false, false
 end
 
 -- Read the fields of `names` this call has not read yet (one HMGET, or none).
@@ -216,6 +223,8 @@ end
 local function finish(...)
   if S.dirty then
     S.hw = S.hw + 1
+    set('state', pack_state())
+  elseif S.counted then -- only a count changed, not the book: the mark stays
     set('state', pack_state())
   end
   if #XREM > 0 then redis.call('ZREM', K_EXPIRY, unpack(XREM)) end
@@ -492,7 +501,11 @@ local function config(s)
 end
 
 local function deny(mode, reason)
-  if mode ~= 'check' then redis.call('HINCRBY', K_BOOK, 'd:' .. reason, 1) end
+  if mode ~= 'check' then
+    local name = 'd_' .. reason
+    S[name] = S[name] + 1
+    S.counted = true
+  end
   return finish('D', reason)
 end
 
@@ -738,9 +751,7 @@ local function restore(keys, args)
   for _, sym in ipairs(syms) do
     if open[sym] then res_open = res_open + 1 end
   end
-  -- Keep the denial counts; everything else is replaced (state's flags and clock stay in S).
-  local denials = book_fields('d:')
-  for j = 1, #denials, 2 do set(denials[j], denials[j + 1]) end
+  -- Everything is replaced but state's counts, flags and test clock, which stay in S.
   redis.call('DEL', K_BOOK, K_EXPIRY, K_FORGET)
   XADD[1], XADD[2] = '-inf', ''
   FADD[1], FADD[2] = '-inf', ''
@@ -813,10 +824,10 @@ local function stats(keys, args)
     counts[#counts + 1] = name
     counts[#counts + 1] = S[name]
   end
-  local denials = book_fields('d:')
-  for j = 1, #denials, 2 do
-    counts[#counts + 1] = 'denied:' .. string.sub(denials[j], 3)
-    counts[#counts + 1] = denials[j + 1]
+  for _, reason in ipairs({'book_not_restored', 'halted', 'max_concurrent_positions',
+      'max_gross_exposure', 'max_symbol_exposure'}) do
+    counts[#counts + 1] = 'denied:' .. reason
+    counts[#counts + 1] = S['d_' .. reason]
   end
   return finish(counts, S.nres, fmt(S.rw, S.rf), S.kinds)
 end
@@ -885,7 +896,9 @@ local function snapshot(keys, args)
   return finish(now_us(),
     {t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres,
       t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.expired, t.restored,
-      t.corrupt, t.restored_at, t.halted, t.testing, t.off, t.frozen},
+      t.corrupt, t.restored_at, t.halted, t.testing, t.off, t.frozen, t.d_book_not_restored,
+      t.d_halted, t.d_max_concurrent_positions, t.d_max_gross_exposure,
+      t.d_max_symbol_exposure},
     book_fields(nil),
     redis.call('ZRANGE', K_EXPIRY, 0, -1, 'WITHSCORES'),
     redis.call('ZRANGE', K_FORGET, 0, -1, 'WITHSCORES'))
