@@ -22,6 +22,7 @@ from pendingledger.testing import ManualClock
 redis = pytest.importorskip("redis")
 
 from pendingledger.redis import (  # noqa: E402
+    BookNotRestored,
     OpenOrder,
     RedisGate,
     RedisReservation,
@@ -355,6 +356,30 @@ def test_a_new_namespace_denies_until_restored(client: Any) -> None:
     assert gate.restore({}) == []
     assert gate.book_restored() is True
     assert gate.try_enter("AAA", 1)
+
+
+def test_writes_to_a_book_not_restored_are_refused_and_write_nothing(client: Any) -> None:
+    """A position written to a book nobody vouches for would be trusted by the restore that
+    does not replace it (only_if_missing) or lost by one that does: refused, loudly."""
+    gate = RedisGate(client, Limits(max_concurrent_positions=1), ttl=10, namespace=uuid.uuid4().hex)
+    writes: list[Callable[[], object]] = [
+        lambda: gate.set_position("AAA", 5),
+        lambda: gate.close_position("AAA"),
+        lambda: gate.confirm_fill("o-1", 5, symbol="AAA"),
+        lambda: gate.confirm_fill("o-1", 5, symbol="AAA", filled=1),
+    ]
+    for write in writes:
+        with pytest.raises(BookNotRestored, match="not restored"):
+            write()
+    assert gate.release_order("o-1") is False  # a release fails soft: it only over-blocks
+    assert gate.reduce_order("o-1", 1) is False
+    assert gate.release("AAA") is False
+    gate.halt()  # a halt always lands, restored or not
+    assert gate.halted
+    gate.resume()
+    assert gate.positions() == {}
+    assert gate.book_restored() is False
+    assert gate.try_enter("AAA", 1).reason is R.BOOK_NOT_RESTORED
 
 
 def test_wipe_deletes_the_namespace(client: Any) -> None:
