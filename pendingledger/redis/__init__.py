@@ -1,6 +1,6 @@
 """pendingledger.redis: the portfolio gate shared by processes and hosts through one Redis.
 
-Install with the extra ``pendingledger[redis]`` (the ``redis`` client, version 5 or later). The core
+Install with the extra ``pendingledger[redis]`` (the ``redis`` client, version 6 or later). The core
 package never imports this module. ``RedisGate`` makes the same decisions as ``PortfolioGate``,
 each in one atomic call of its server code (a Redis Functions library), with the position book
 and the reservations in Redis.

@@ -55,10 +55,10 @@ STATE: Final = ("gen", "epoch", "hw", "npos", "pos_gross_w", "pos_gross_f", "res
                 "admitted", "released", "filled", "expired", "restored", "corrupt",
                 "restored_at", "halted", "testing", "clock_us", "clock_frozen_us",
                 "d_book_not_restored", "d_halted", "d_max_concurrent_positions",
-                "d_max_gross_exposure", "d_max_symbol_exposure")  # fmt: skip
-"""The fields of the book's ``state``, 30 little-endian doubles (gate.lua's STATE_FORMAT)."""
+                "d_max_gross_exposure", "d_max_symbol_exposure", "tag")  # fmt: skip
+"""The fields of the book's ``state``, 31 little-endian doubles (gate.lua's STATE_FORMAT)."""
 
-STATE_FORMAT: Final = "<30d"
+STATE_FORMAT: Final = "<31d"
 
 
 def unpack_state(raw: bytes) -> dict[str, int]:

@@ -353,8 +353,7 @@ class RedisGate:
                 url,
                 socket_timeout=seconds,
                 socket_connect_timeout=seconds,
-                retry=Retry(NoBackoff(), 0),
-                cluster_error_retry_attempts=0,
+                retry=Retry(NoBackoff(), 0),  # redis-py >= 6: the cluster's retries too
                 **client_kwargs,
             )
         else:
@@ -485,7 +484,7 @@ class RedisGate:
         answer = self._code.answer(reply)
         if _s(answer[0]) == "A" and (isinstance(acks, Exception) or acks < self._min_replicas):
             # args: symbol, units, order_id, token, ...
-            self._release_call("release_order", "release_order", args[2], args[3], args[0])
+            self._release_call("release_order", "release_order", args[2], args[3], args[0], "1")
             raise redis.ConnectionError(
                 f"{acks!r} replica(s) confirmed the admission within {self._wait_ms} ms, "
                 f"{self._min_replicas} required: released"

@@ -6,9 +6,10 @@ its text, so clients of two versions sharing a server each run their own code. A
 ``FUNCTION FLUSH``, a new replica promoted before it got the library), the library is loaded
 and the call sent again, so the caller never sees it.
 
-``Mark`` keeps the highest fencing mark (epoch, hw) a gate object has seen (``gate.lua``,
-"Fencing"): every call sends it and every reply brings the server's, so a server that went back
-in its history is noticed by every client that saw the lost writes.
+``Mark`` keeps the highest fencing mark (epoch, hw, tag) a gate object has seen (``gate.lua``,
+"Fencing"): every call sends it and every reply brings the server's, so a server that lost
+writes a client saw (it went back in its history, or on along another one) is noticed by that
+client's next call, while the server still keeps the tag of the client's point.
 """
 
 from __future__ import annotations
@@ -43,22 +44,24 @@ def _missing(exc: redis.ResponseError) -> bool:
 
 
 class Mark:
-    """The highest fencing mark seen, as ``(epoch, hw)``: only ever goes up."""
+    """The highest fencing mark seen, as ``(epoch, hw, tag)``, ordered by ``(epoch, hw)``: only
+    ever goes up (the tag is the one the server reported with that ``(epoch, hw)``)."""
 
     __slots__ = ("_lock", "_mark")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._mark = (0, 0)
+        self._mark = (0, 0, 0)
 
-    def args(self) -> tuple[int, int]:
+    def args(self) -> tuple[int, int, int]:
         return self._mark
 
-    def saw(self, epoch: object, hw: object) -> None:
-        seen = (int(epoch), int(hw))  # type: ignore[call-overload]
-        if seen > self._mark:
+    def saw(self, epoch: object, hw: object, tag: object) -> None:
+        seen = (int(epoch), int(hw), int(tag))  # type: ignore[call-overload]
+        if seen[:2] > self._mark[:2]:
             with self._lock:
-                self._mark = max(self._mark, seen)
+                if seen[:2] > self._mark[:2]:
+                    self._mark = seen
 
 
 class ServerCode:
@@ -73,8 +76,7 @@ class ServerCode:
 
     def call(self, op: str, *args: EncodableT) -> list[Any]:
         """``FCALL`` of ``op`` with the mark and ``args``; the answer, after the mark."""
-        epoch, hw = self.mark.args()
-        command = (function_name(op), len(self._keys), *self._keys, epoch, hw, *args)
+        command = (function_name(op), len(self._keys), *self._keys, *self.mark.args(), *args)
         try:
             reply = self._client.fcall(*command)
         except redis.ResponseError as exc:
@@ -86,13 +88,12 @@ class ServerCode:
 
     def answer(self, reply: Sequence[Any]) -> list[Any]:
         """A reply's answer, after taking in its mark."""
-        self.mark.saw(reply[0], reply[1])
-        return list(reply[2:])
+        self.mark.saw(reply[0], reply[1], reply[2])
+        return list(reply[3:])
 
     def queue(self, pipe: Any, op: str, *args: EncodableT) -> None:
         """Add the ``FCALL`` of ``op`` to ``pipe`` (its reply goes through ``answer``)."""
-        epoch, hw = self.mark.args()
-        pipe.fcall(function_name(op), len(self._keys), *self._keys, epoch, hw, *args)
+        pipe.fcall(function_name(op), len(self._keys), *self._keys, *self.mark.args(), *args)
 
     def load(self) -> None:
         """Load the library on the server that holds the namespace (a no-op if it is there)."""

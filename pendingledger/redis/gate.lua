@@ -46,13 +46,17 @@
 -- writes carries a random per-call token: its answer is kept in c:<token> for CALL_MEMO_US, and a
 -- repeat gets that answer without running again. 'restore' is recognised by its generation.
 --
--- Fencing: state's mark (epoch, hw) only grows along one replication history. hw counts the
--- calls that changed the book; restore starts a new epoch (the server's clock in microseconds,
--- always above the old epoch and the caller's) with hw 0. Every reply carries the mark, and every
--- client keeps the highest it has seen and sends it with each call (ARGV[1], ARGV[2]). A server
--- whose mark is behind a client's has lost writes that client saw (a failover to a replica that
--- had not received them, a resync from another primary, a restart from an old snapshot): the
--- call withdraws the marker, and every process is denied until restore.
+-- Fencing: state's mark (epoch, hw, tag) names a point of one replication history. hw counts
+-- the calls that changed the book, and each such call leaves a tag, drawn from its random token
+-- (or its time), in state and in the ring h:<hw mod RING>; restore starts a new epoch (the
+-- server's clock in microseconds, always above the old epoch and the caller's) with hw 0. Every
+-- reply carries the mark, and every client keeps the highest it has seen and sends it with each
+-- call. A server whose mark is behind a client's has lost writes that client saw (a failover to a
+-- replica that had not received them, a resync from another primary, a restart from an old
+-- snapshot); one that is level or ahead but holds another tag at the client's hw went on along
+-- another history after losing them (other processes wrote as many times since). Either way the
+-- call withdraws the marker, and every process is denied until restore. Beyond RING writes past
+-- the client's hw the tag is no longer kept, and only "behind" can be seen.
 --
 -- Eviction: a key that is missing was evicted (or deleted). `book` holds the marker itself, so
 -- without it nothing is restored; each zset holds the sentinel '' at -inf, which the sweep of
@@ -60,7 +64,9 @@
 -- sweep, a lost `expiry` only keeps reservations longer (over-blocking), a lost `forget` only
 -- keeps answers longer. The ACL needs no @dangerous command (see the README).
 --
--- Replies: every function returns {epoch, hw, ...}: the mark after the call, then its answer.
+-- Arguments and replies: every function's first three arguments are the caller's mark (epoch,
+-- hw, tag; "mark" in the operations' descriptions below), and it returns {epoch, hw, tag, ...}:
+-- the mark after the call, then its answer.
 
 local B = 1000000000
 local MAXW = 9007199254740991 -- 2^53 - 1
@@ -71,6 +77,7 @@ local SWEEP_MAX = 1000 -- expired reservations (or forgotten entries) dropped pe
 local CALL_MEMO_US = 60000000
 local FORGET_EVERY_US = 1000000 -- `forget` is swept at most once a second of the server's clock
 local CLOCK_MAX = 4503599627370496 -- 2^52 us (year 2112): the test clock stops short of it
+local RING = 1024 -- writes whose fencing tags the book keeps (fields h:0 .. h:1023)
 
 local K_BOOK, K_EXPIRY, K_FORGET
 
@@ -138,12 +145,13 @@ end
 -- writes that finish() sends, one command per key. One call runs at a time, so these tables
 -- are shared by all calls and reset by begin().
 
--- state: 30 little-endian doubles (struct; every value is an integer below 2^53, so exact):
-local STATE_FORMAT = '<dddddddddddddddddddddddddddddd'
+-- state: 31 little-endian doubles (struct; every value is an integer below 2^53, so exact):
+local STATE_FORMAT = '<ddddddddddddddddddddddddddddddd'
 --   gen epoch hw npos pos_gross_w pos_gross_f res_gross_w res_gross_f res_syms res_open nres
 --   kinds next_due forget_due admitted released filled expired restored corrupt restored_at
 --   halted testing clock_us clock_frozen_us, then the denials by reason: d_book_not_restored
---   d_halted d_max_concurrent_positions d_max_gross_exposure d_max_symbol_exposure
+--   d_halted d_max_concurrent_positions d_max_gross_exposure d_max_symbol_exposure, tag (the
+--   fencing tag of the write that made hw: see Fencing)
 -- gen 0: not restored. halted, testing: 0 or 1. clock_frozen_us 0: not frozen.
 local NEVER = CLOCK_MAX -- next_due when nothing is reserved: the clock never gets there
 
@@ -157,15 +165,16 @@ local function unpack_state(s)
       t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.expired,
       t.restored, t.corrupt, t.restored_at, t.halted, t.testing, t.off, t.frozen,
       t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions, t.d_max_gross_exposure,
-      t.d_max_symbol_exposure =
-      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NEVER, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+      t.d_max_symbol_exposure, t.tag =
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NEVER, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+      0
     return
   end
   t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres,
     t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.expired,
     t.restored, t.corrupt, t.restored_at, t.halted, t.testing, t.off, t.frozen,
     t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions, t.d_max_gross_exposure,
-    t.d_max_symbol_exposure = struct.unpack(STATE_FORMAT, s)
+    t.d_max_symbol_exposure, t.tag = struct.unpack(STATE_FORMAT, s)
 end
 
 local function pack_state()
@@ -174,17 +183,19 @@ local function pack_state()
     t.res_syms, t.res_open, t.nres, t.kinds, t.next_due, t.forget_due, t.admitted, t.released,
     t.filled, t.expired, t.restored, t.corrupt, t.restored_at, t.halted, t.testing, t.off,
     t.frozen, t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions,
-    t.d_max_gross_exposure, t.d_max_symbol_exposure)
+    t.d_max_gross_exposure, t.d_max_symbol_exposure, t.tag)
 end
 
--- Start a call: bind the keys, read state and `names` (book fields) with one HMGET.
-local function begin(keys, names)
+-- Start a call: bind the keys, read state, the fencing tag kept for the caller's hw and `names`
+-- (book fields) with one HMGET.
+local function begin(keys, args, names)
   K_BOOK, K_EXPIRY, K_FORGET = keys[1], keys[2], keys[3]
   F, HSET, HDEL, XADD, XREM, FADD, FREM = {}, {}, {}, {}, {}, {}, {}
-  local got = redis.call('HMGET', K_BOOK, 'state', unpack(names))
+  local got = redis.call('HMGET', K_BOOK, 'state', 'h:' .. (args[2] % RING), unpack(names))
   unpack_state(got[1])
-  for i = 1, #names do F[names[i]] = got[i + 1] end
-  S.dirty, S.counted = false, false
+  S.ring_tag = got[2]
+  for i = 1, #names do F[names[i]] = got[i + 2] end
+  S.dirty, S.counted, S.call_tag = false, false, nil
 end
 
 -- Read the fields of `names` this call has not read yet (one HMGET, or none).
@@ -223,6 +234,8 @@ end
 local function finish(...)
   if S.dirty then
     S.hw = S.hw + 1
+    S.tag = S.call_tag or now_us() -- a write without a token of its own: its time
+    set('h:' .. (S.hw % RING), S.tag)
     set('state', pack_state())
   elseif S.counted then -- only a count changed, not the book: the mark stays
     set('state', pack_state())
@@ -233,7 +246,7 @@ local function finish(...)
   if #FADD > 0 then redis.call('ZADD', K_FORGET, unpack(FADD)) end
   if #HDEL > 0 then redis.call('HDEL', K_BOOK, unpack(HDEL)) end
   if #HSET > 0 then redis.call('HSET', K_BOOK, unpack(HSET)) end
-  return {S.epoch, S.hw, ...}
+  return {S.epoch, S.hw, S.tag, ...}
 end
 
 -- Withdraw the marker: every process is denied with book_not_restored until restore.
@@ -242,8 +255,9 @@ local function withdraw()
   S.dirty = true
 end
 
--- True if the book can be trusted for this call: restored, and its mark not behind the
--- caller's (ARGV[1], ARGV[2]); a mark behind withdraws the marker.
+-- True if the book can be trusted for this call: restored, and on the history the caller saw
+-- (its mark: ARGV[1..3] = epoch, hw, tag): not behind it, and holding the caller's tag at the
+-- caller's hw while the ring still keeps it. Else the marker is withdrawn.
 local function usable(args)
   if S.gen == 0 then return false end
   local ce, ch = args[1] + 0, args[2] + 0
@@ -251,7 +265,20 @@ local function usable(args)
     withdraw()
     return false
   end
+  if S.epoch == ce and ch > 0 then
+    local kept_tag
+    if S.hw == ch then kept_tag = S.tag elseif S.hw - ch < RING then kept_tag = S.ring_tag end
+    if kept_tag and kept_tag + 0 ~= args[3] + 0 then
+      withdraw()
+      return false
+    end
+  end
   return true
+end
+
+-- The fencing tag of a write from the caller's random token (hex): its first 52 bits.
+local function tag_of(token)
+  return tonumber(string.sub(token, 1, 13), 16)
 end
 
 local function forget_later(name, now)
@@ -531,7 +558,7 @@ local function failing_rule(c, units, pos, rs)
   return nil
 end
 
--- enter epoch hw symbol units order_id token config kind [mode]
+-- enter mark symbol units order_id token config kind [mode]
 --   config: "ttl_us|max_pos|max_gross|max_sym" (a limit '' when none); kind: the amount's kind
 --   bit. mode: '' (check and reserve), 'check' (check only: the first half of the deliberately
 --   broken gates of the stress suite and the race demo) or 'force' (reserve unchecked: the
@@ -539,10 +566,10 @@ end
 -- -> {'A', reserved_at_us, expiry_us} | {'D', reason} | {'X'} (order_id held by another call)
 --    | {'C'} (mode 'check' passed)
 local function enter(keys, args)
-  local sym, units, id, token = args[3], args[4], args[5], args[6]
-  local c = config(args[7])
-  local mode = args[9] or ''
-  begin(keys, {'p:' .. sym, 'r:' .. sym, 'o:' .. id})
+  local sym, units, id, token = args[4], args[5], args[6], args[7]
+  local c = config(args[8])
+  local mode = args[10] or ''
+  begin(keys, args, {'p:' .. sym, 'r:' .. sym, 'o:' .. id})
   if mode ~= '' and not (S.testing == 1 and (mode == 'check' or mode == 'force')) then
     return refused()
   end
@@ -565,20 +592,21 @@ local function enter(keys, args)
     if reason then return deny(mode, reason) end
   end
   if mode == 'check' then return finish('C') end
+  S.call_tag = tag_of(token)
   local expiry = now + c[1]
-  insert(id, sym, units, token, now, expiry, args[8] + 0)
+  insert(id, sym, units, token, now, expiry, args[9] + 0)
   return finish('A', now, expiry)
 end
 
--- A writing operation with call token args[3]: `read` names the book fields `op` needs (read
+-- A writing operation with call token args[4]: `read` names the book fields `op` needs (read
 -- in the call's one HMGET with the kept answer c:<token>); `op(args, now)` returns the answer
 -- (one or two items), which is kept for a retry of the same call. {'D'}: book not restored.
 local function kept(read, op)
   return function(keys, args)
-    local memo = 'c:' .. args[3]
+    local memo = 'c:' .. args[4]
     local names = read(args)
     names[#names + 1] = memo
-    begin(keys, names)
+    begin(keys, args, names)
     local again = F[memo]
     if again then
       local bar = string.find(again, '|', 1, true)
@@ -587,6 +615,7 @@ local function kept(read, op)
     end
     if not usable(args) then return finish('D') end
     local now = now_us()
+    S.call_tag = tag_of(args[4])
     sweeps(now)
     if S.gen == 0 then return finish('D') end
     local a, b = op(args, now)
@@ -599,9 +628,9 @@ local function kept(read, op)
   end
 end
 
--- The fields of order args[4], and of symbol args[6] when the caller names it ('' if not).
+-- The fields of order args[5], and of symbol args[7] when the caller names it ('' if not).
 local function order_fields(args, at)
-  local names = {'o:' .. args[4]}
+  local names = {'o:' .. args[5]}
   local sym = args[at]
   if sym and sym ~= '' then
     names[2] = 'r:' .. sym
@@ -621,21 +650,25 @@ local function find(id, token)
   return rec, units, sym
 end
 
--- release_order epoch hw call_token order_id token symbol -> {1} | {0}
+-- release_order mark call_token order_id token symbol [unconfirmed] -> {1} | {0}
 --   token: the reservation's ('' = whichever reservation has that id); symbol: its symbol if the
---   caller knows it (read in the first HMGET), else ''.
+--   caller knows it (read in the first HMGET), else ''. unconfirmed '1': the admission being
+--   released was never confirmed by enough replicas (min_replicas), so it is uncounted.
 local function release_order(args, now)
-  local rec, units, sym = find(args[4], args[5])
+  local rec, units, sym = find(args[5], args[6])
   if not rec then return 0 end
-  drop(args[4], units, sym, 'released', now)
+  drop(args[5], units, sym, 'released', now)
+  if args[8] == '1' then -- an admission no replica confirmed (min_replicas): it counts nowhere
+    S.admitted, S.released = S.admitted - 1, S.released - 1
+  end
   return 1
 end
 
--- release_symbol epoch hw call_token symbol -> {number of reservations dropped}
+-- release_symbol mark call_token symbol -> {number of reservations dropped}
 --   A walk of every record: dropping all of a symbol's reservations is rare, and an index by
 --   symbol would cost every reservation two more writes.
 local function release_symbol(args, now)
-  local sym = args[4]
+  local sym = args[5]
   ensure({'r:' .. sym, 'p:' .. sym})
   local all = book_fields('o:')
   local n = 0
@@ -652,40 +685,40 @@ local function release_symbol(args, now)
   return n
 end
 
--- reduce epoch hw call_token order_id token down up symbol
+-- reduce mark call_token order_id token down up symbol
 --   A partial fill of `down` to `up` units (_units.reduction_units); token '' = whichever
 --   reservation has that id. -> {'R', remaining} | {'E'} (ended now, as filled) | {'G'} (gone)
 local function reduce(args, now)
-  local rec = find(args[4], args[5])
+  local rec = find(args[5], args[6])
   if not rec then return 'G' end
-  return reduce_rec(args[4], rec, args[6], args[7], now)
+  return reduce_rec(args[5], rec, args[7], args[8], now)
 end
 
--- set_position epoch hw call_token symbol units code -> {1} if it was open before, else {0}
+-- set_position mark call_token symbol units code -> {1} if it was open before, else {0}
 --   units: the exposure's magnitude; code: its sign ('+' or '-') and its kind letter
 local function set_position(args)
-  if set_pos(args[4], args[5], args[6]) then return 1 end
+  if set_pos(args[5], args[6], args[7]) then return 1 end
   return 0
 end
 
--- close_position epoch hw call_token symbol -> {1} if it was open, else {0}
+-- close_position mark call_token symbol -> {1} if it was open, else {0}
 local function close_position(args)
-  if close_pos(args[4]) then return 1 end
+  if close_pos(args[5]) then return 1 end
   return 0
 end
 
 local function symbol_fields(args)
-  return {'p:' .. args[4], 'r:' .. args[4]}
+  return {'p:' .. args[5], 'r:' .. args[5]}
 end
 
--- fill epoch hw call_token order_id units code symbol down up
+-- fill mark call_token order_id units code symbol down up
 --   Sets the position to `value` and, for the reservation with that id, ends it (down and up
 --   '') or reduces it by a fill of `down` to `up` units, in one step.
 -- -> {'F', symbol} (reservation ended) | {'R', symbol} (reduced) | {'P', symbol} (no
 --    reservation; position set from the given symbol) | {'N'} (no reservation and no symbol:
 --    nothing written) | {'M', actual_symbol} (a different symbol: nothing written)
 local function fill(args, now)
-  local id, value, code, sym, down, up = args[4], args[5], args[6], args[7], args[8], args[9]
+  local id, value, code, sym, down, up = args[5], args[6], args[7], args[8], args[9], args[10]
   local rec, units, rsym = find(id, '')
   if not rec then
     if sym == '' then return 'N' end
@@ -703,7 +736,7 @@ local function fill(args, now)
   return 'R', rsym
 end
 
--- restore epoch hw only_if_missing gen ttl_us n_pos [symbol units code]*n_pos
+-- restore mark only_if_missing gen ttl_us n_pos [symbol units code]*n_pos
 --   [order_id symbol units token kind]*
 --   Replaces the book and the reservations (keeps the flags, the test clock, the counts and the
 --   denials), writes the sentinels and the marker, and starts a new epoch of the mark. Every
@@ -711,16 +744,16 @@ end
 --   already ran finds its generation in the marker and gets the first answer.
 -- -> {'R', now_us} | {'S'} (only_if_missing and the book is in place: nothing written)
 local function restore(keys, args)
-  begin(keys, {})
-  local gen = tonumber(args[4])
+  begin(keys, args, {})
+  local gen = tonumber(args[5])
   if S.gen ~= 0 and S.gen == gen then return finish('R', S.restored_at) end
-  if args[3] == '1' and usable(args) then return finish('S') end
+  if args[4] == '1' and usable(args) then return finish('S') end
   local now = now_us()
-  local at, expiry = now, now + tonumber(args[5])
-  local npos = tonumber(args[6])
+  local at, expiry = now, now + tonumber(args[6])
+  local npos = tonumber(args[7])
   local pw, pf = 0, 0
   local open = {}
-  local i = 7
+  local i = 8
   for _ = 1, npos do
     local w, f = split(args[i + 1])
     pw, pf = add(pw, pf, w, f)
@@ -755,7 +788,7 @@ local function restore(keys, args)
   redis.call('DEL', K_BOOK, K_EXPIRY, K_FORGET)
   XADD[1], XADD[2] = '-inf', ''
   FADD[1], FADD[2] = '-inf', ''
-  i = 7
+  i = 8
   for _ = 1, npos do
     set('p:' .. args[i], args[i + 1])
     set('k:' .. args[i], args[i + 2])
@@ -780,7 +813,7 @@ local function restore(keys, args)
   end
   S.epoch = epoch
   S.hw = -1 -- finish() counts this write: the new epoch starts at 0
-  S.gen, S.restored_at = gen, at
+  S.gen, S.restored_at, S.call_tag = gen, at, gen
   S.npos, S.pw, S.pf, S.rw, S.rf = npos, pw, pf, gw, gf
   S.res_syms, S.res_open, S.nres, S.kinds = #syms, res_open, norders, kinds
   S.next_due = NEVER
@@ -791,18 +824,18 @@ local function restore(keys, args)
   return finish('R', at)
 end
 
--- marker epoch hw -> {1} if the book is in place (restored, the mark not behind the caller's),
+-- marker mark -> {1} if the book is in place (restored, the mark not behind the caller's),
 --   else {0}. Withdraws the marker when the mark is behind.
 local function marker(keys, args)
-  begin(keys, {})
+  begin(keys, args, {})
   if usable(args) then return finish(1) end
   return finish(0)
 end
 
--- sweep epoch hw -> {number of expired reservations dropped}; both zsets swept now, whatever
+-- sweep mark -> {number of expired reservations dropped}; both zsets swept now, whatever
 --   next_due and forget_due say (their sentinels checked).
 local function sweep_op(keys, args)
-  begin(keys, {})
+  begin(keys, args, {})
   if not usable(args) then return finish(0) end
   local now = now_us()
   local n = sweep(now)
@@ -810,11 +843,11 @@ local function sweep_op(keys, args)
   return finish(n)
 end
 
--- stats epoch hw -> {counts as a flat list, outstanding reservations, reserved gross units,
+-- stats mark -> {counts as a flat list, outstanding reservations, reserved gross units,
 --   kinds}. Sweeps first when the book is usable and a reservation is due, so a reservation past
 --   its expiry counts as expired, never as outstanding (as in the in-process ledger).
 local function stats(keys, args)
-  begin(keys, {})
+  begin(keys, args, {})
   if usable(args) then
     local now = now_us()
     if now >= S.next_due then sweep(now) end
@@ -832,12 +865,12 @@ local function stats(keys, args)
   return finish(counts, S.nres, fmt(S.rw, S.rf), S.kinds)
 end
 
--- control epoch hw flag value -> {'1'}: sets state's `halted` (any client: RedisGate.halt and
+-- control mark flag value -> {'1'}: sets state's `halted` (any client: RedisGate.halt and
 --   resume) or `testing` (pendingledger.redis.testing) flag to value '1' or '0'. Works on any
 --   namespace, restored or not, and changes nothing else.
 local function control(keys, args)
-  begin(keys, {})
-  local flag, on = args[3], args[4] == '1'
+  begin(keys, args, {})
+  local flag, on = args[4], args[5] == '1'
   if flag ~= 'halted' and flag ~= 'testing' then
     return redis.error_reply('pendingledger: unknown flag ' .. tostring(flag))
   end
@@ -846,15 +879,15 @@ local function control(keys, args)
   return finish('1')
 end
 
--- clock epoch hw step_us freeze -> {now_us after the step}
+-- clock mark step_us freeze -> {now_us after the step}
 --   The namespace's test clock (pendingledger.redis.testing; nothing else sends this). Moves
 --   now forward by step_us (whole microseconds >= 0) for every later call in the namespace; an
 --   expiry it passes is swept by the next call. freeze '1' first stops TIME at its current
 --   reading. A step that would bring now to 2^52 us is refused with nothing written. Moving or
 --   freezing is refused unless state's `testing` flag is on; a step of 0 only reads the clock.
 local function clock(keys, args)
-  begin(keys, {})
-  local step, freeze = args[3], args[4] == '1'
+  begin(keys, args, {})
+  local step, freeze = args[4], args[5] == '1'
   if step ~= '0' and not string.match(step, '^[1-9]%d*$') then
     return redis.error_reply('pendingledger: clock step must be whole microseconds >= 0')
   end
@@ -877,36 +910,36 @@ end
 
 -- ------------------------------------------------------------------ reading operations
 
--- status epoch hw order_id token -> {'A', units} | {'G'}  (an overdue one is gone)
+-- status mark order_id token -> {'A', units} | {'G'}  (an overdue one is gone)
 local function status(keys, args)
-  begin(keys, {'o:' .. args[3]})
-  local rec = F['o:' .. args[3]]
+  begin(keys, args, {'o:' .. args[4]})
+  local rec = F['o:' .. args[4]]
   if not live(rec) then return finish('G') end
   local units, t, _, expiry = parse_rec(rec)
-  if args[4] ~= '' and t ~= args[4] then return finish('G') end
+  if args[5] ~= '' and t ~= args[5] then return finish('G') end
   if tonumber(expiry) <= now_us() then return finish('G') end
   return finish('A', units)
 end
 
--- snapshot epoch hw -> {now_us, state (its 25 numbers in STATE_FORMAT's order), book fields,
+-- snapshot mark -> {now_us, state (its 31 numbers in STATE_FORMAT's order), book fields,
 --   expiry, forget} (flat lists, sentinels included), in one consistent view (for audits).
 local function snapshot(keys, args)
-  begin(keys, {})
+  begin(keys, args, {})
   local t = S
   return finish(now_us(),
     {t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres,
       t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.expired, t.restored,
       t.corrupt, t.restored_at, t.halted, t.testing, t.off, t.frozen, t.d_book_not_restored,
       t.d_halted, t.d_max_concurrent_positions, t.d_max_gross_exposure,
-      t.d_max_symbol_exposure},
+      t.d_max_symbol_exposure, t.tag},
     book_fields(nil),
     redis.call('ZRANGE', K_EXPIRY, 0, -1, 'WITHSCORES'),
     redis.call('ZRANGE', K_FORGET, 0, -1, 'WITHSCORES'))
 end
 
--- positions epoch hw -> {halted, p: and k: fields as a flat list}
+-- positions mark -> {halted, p: and k: fields as a flat list}
 local function positions(keys, args)
-  begin(keys, {})
+  begin(keys, args, {})
   local out = book_fields('p:')
   local codes = book_fields('k:')
   for j = 1, #codes do out[#out + 1] = codes[j] end
@@ -924,12 +957,12 @@ end
 local function none() return {} end
 
 register('enter', enter)
-register('release_order', kept(function(args) return order_fields(args, 6) end, release_order))
+register('release_order', kept(function(args) return order_fields(args, 7) end, release_order))
 register('release_symbol', kept(none, release_symbol))
-register('reduce', kept(function(args) return order_fields(args, 8) end, reduce))
+register('reduce', kept(function(args) return order_fields(args, 9) end, reduce))
 register('set_position', kept(symbol_fields, set_position))
 register('close_position', kept(symbol_fields, close_position))
-register('fill', kept(function(args) return order_fields(args, 7) end, fill))
+register('fill', kept(function(args) return order_fields(args, 8) end, fill))
 register('restore', restore)
 register('marker', marker)
 register('sweep', sweep_op)
