@@ -3,6 +3,10 @@
 The ACL documented in the README, for a namespace ``<ns>`` (one key pattern per namespace)::
 
     ACL SETUSER pl_gate on >secret resetkeys ~pendingledger:{<ns>}:* resetchannels +@all -@dangerous
+        -function|flush -function|delete -function|restore
+
+(``FUNCTION FLUSH``, ``DELETE`` and ``RESTORE`` are ``@write @scripting``, not ``@dangerous``:
+without the last three rules the user could drop other applications' libraries.)
 
 It also covers ``min_replicas`` (``WAIT`` is ``@slow @connection``, not ``@dangerous``).
 
@@ -71,7 +75,10 @@ LIMITS = PortfolioLimits(
 TTL = 30.0
 PASSWORD = "secret"
 
-README_ACL = "on >secret resetkeys ~pendingledger:{{{ns}}}:* resetchannels +@all -@dangerous"
+README_ACL = (
+    "on >secret resetkeys ~pendingledger:{{{ns}}}:* resetchannels +@all -@dangerous"
+    " -function|flush -function|delete -function|restore"
+)
 """The README's ACL (``ACL SETUSER <user> ...``), ``{ns}`` the namespace."""
 
 COMMANDS = (
