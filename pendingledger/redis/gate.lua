@@ -23,6 +23,8 @@
 --                         o:<order_id>  "units|token|reserved_at_us|expiry_us|symbol", or '~'
 --                           once ended (kept for CALL_MEMO_US, see Retries)
 --                         c:<call_token>  the answer that call got (see Retries)
+--                         h:<n>  the fencing tag of the change that made hw n, n mod RING
+--                           (see Fencing)
 --   KEYS[2] expiry  zset  o:<order_id> of each outstanding reservation, scored by its expiry
 --   KEYS[3] forget  zset  o:<order_id> of ended ones and c:<call_token>, scored by when they go
 --   Both zsets hold the sentinel member '' at score -inf (see Eviction).
