@@ -158,7 +158,24 @@ local STATE_FORMAT = '<ddddddddddddddddddddddddddddddd'
 local NEVER = CLOCK_MAX -- next_due when nothing is reserved: the clock never gets there
 
 local S, F = {}, {}
-local HSET, HDEL, XADD, XREM, FADD, FREM
+-- The writes a call collects for finish(), one list per command; each list counts its items in
+-- `n` and is reused by the next call (begin sets n back to 0), so a call allocates none.
+local HSET, HDEL, XADD, XREM, FADD, FREM = {n = 0}, {n = 0}, {n = 0}, {n = 0}, {n = 0}, {n = 0}
+
+local function push(list, a, b)
+  local n = list.n
+  list[n + 1] = a
+  if b == nil then
+    list.n = n + 1
+  else
+    list[n + 2] = b
+    list.n = n + 2
+  end
+end
+
+local function flush(command, key, list)
+  if list.n > 0 then redis.call(command, key, unpack(list, 1, list.n)) end
+end
 
 local function unpack_state(s)
   local t = S
@@ -192,7 +209,8 @@ end
 -- (book fields) with one HMGET.
 local function begin(keys, args, names)
   K_BOOK, K_EXPIRY, K_FORGET = keys[1], keys[2], keys[3]
-  F, HSET, HDEL, XADD, XREM, FADD, FREM = {}, {}, {}, {}, {}, {}, {}
+  F = {}
+  HSET.n, HDEL.n, XADD.n, XREM.n, FADD.n, FREM.n = 0, 0, 0, 0, 0, 0
   local got = redis.call('HMGET', K_BOOK, 'state', 'h:' .. (args[2] % RING), unpack(names))
   unpack_state(got[1])
   S.ring_tag = got[2]
@@ -213,13 +231,12 @@ end
 
 local function set(name, value)
   F[name] = value
-  HSET[#HSET + 1] = name
-  HSET[#HSET + 1] = value
+  push(HSET, name, value)
 end
 
 local function delete(name)
   F[name] = false
-  HDEL[#HDEL + 1] = name
+  push(HDEL, name)
 end
 
 local function now_us()
@@ -242,12 +259,12 @@ local function finish(...)
   elseif S.counted then -- only a count changed, not the book: the mark stays
     set('state', pack_state())
   end
-  if #XREM > 0 then redis.call('ZREM', K_EXPIRY, unpack(XREM)) end
-  if #XADD > 0 then redis.call('ZADD', K_EXPIRY, unpack(XADD)) end
-  if #FREM > 0 then redis.call('ZREM', K_FORGET, unpack(FREM)) end
-  if #FADD > 0 then redis.call('ZADD', K_FORGET, unpack(FADD)) end
-  if #HDEL > 0 then redis.call('HDEL', K_BOOK, unpack(HDEL)) end
-  if #HSET > 0 then redis.call('HSET', K_BOOK, unpack(HSET)) end
+  flush('ZREM', K_EXPIRY, XREM)
+  flush('ZADD', K_EXPIRY, XADD)
+  flush('ZREM', K_FORGET, FREM)
+  flush('ZADD', K_FORGET, FADD)
+  flush('HDEL', K_BOOK, HDEL)
+  flush('HSET', K_BOOK, HSET)
   return {S.epoch, S.hw, S.tag, ...}
 end
 
@@ -284,8 +301,7 @@ local function tag_of(token)
 end
 
 local function forget_later(name, now)
-  FADD[#FADD + 1] = now + CALL_MEMO_US
-  FADD[#FADD + 1] = name
+  push(FADD, now + CALL_MEMO_US, name)
 end
 
 -- The book's fields but state (binary: no client reads it, so a client that decodes replies
@@ -335,7 +351,7 @@ local function drop(id, units, sym, counter, now)
   else
     set(name, '~')
     forget_later(name, now)
-    XREM[#XREM + 1] = name
+    push(XREM, name)
   end
   local uw, uf = split(units)
   unreserve(sym, uw, uf)
@@ -354,8 +370,7 @@ local function insert(id, sym, units, token, now, expiry, kind)
   local name = 'o:' .. id
   set(name, units .. '|' .. token .. string.format('|%d|%d|', now, expiry) .. sym)
   set('r:' .. sym, fmt(sw, sf))
-  XADD[#XADD + 1] = expiry
-  XADD[#XADD + 1] = name
+  push(XADD, expiry, name)
   if was_zero then
     S.res_syms = S.res_syms + 1
     if F['p:' .. sym] then S.res_open = S.res_open + 1 end
@@ -397,7 +412,7 @@ local function sweep(now)
   ensure(syms)
   local n = 0
   for i = 1, #names do
-    XREM[#XREM + 1] = names[i]
+    push(XREM, names[i])
     local p = parsed[i]
     if p then
       drop(string.sub(names[i], 3), p[1], p[2], 'expired', now)
@@ -427,7 +442,7 @@ local function sweep_forget(now, always)
   for _, name in ipairs(names) do
     -- an order id reused since it ended holds a live record: that one stays
     if not live(F[name]) or string.sub(name, 1, 2) == 'c:' then delete(name) end
-    FREM[#FREM + 1] = name
+    push(FREM, name)
   end
   S.forget_due = now + FORGET_EVERY_US
   if #names >= SWEEP_MAX then S.forget_due = now end
@@ -788,8 +803,8 @@ local function restore(keys, args)
   end
   -- Everything is replaced but state's counts, flags and test clock, which stay in S.
   redis.call('DEL', K_BOOK, K_EXPIRY, K_FORGET)
-  XADD[1], XADD[2] = '-inf', ''
-  FADD[1], FADD[2] = '-inf', ''
+  push(XADD, '-inf', '')
+  push(FADD, '-inf', '')
   i = 8
   for _ = 1, npos do
     set('p:' .. args[i], args[i + 1])
@@ -801,8 +816,7 @@ local function restore(keys, args)
     local name = 'o:' .. args[i]
     set(name, args[i + 2] .. '|' .. args[i + 3] .. string.format('|%d|%d|', at, expiry) ..
       args[i + 1])
-    XADD[#XADD + 1] = expiry
-    XADD[#XADD + 1] = name
+    push(XADD, expiry, name)
     i = i + 5
   end
   for _, sym in ipairs(syms) do
