@@ -382,6 +382,42 @@ def test_writes_to_a_book_not_restored_are_refused_and_write_nothing(client: Any
     assert gate.try_enter("AAA", 1).reason is R.BOOK_NOT_RESTORED
 
 
+def test_a_halt_a_failover_lost_is_fenced(client: Any) -> None:
+    """halt() is a change of the book like any other: if the server loses it (here its state is
+    put back as it was before, as a failover to a replica that never got it would), the halting
+    process's next call finds the server behind its mark and fences the namespace."""
+    gate = new_gate(client, Limits(max_concurrent_positions=4))
+    assert gate.try_enter("AAA", 1)
+    before = client.hget(gate.keys[0], "state")
+    gate.halt()
+    client.hset(gate.keys[0], "state", before)  # the halt is lost
+    assert gate.try_enter("BBB", 1).reason is R.BOOK_NOT_RESTORED
+    fresh = RedisGate(client, gate.limits, ttl=60, namespace=gate.namespace)
+    assert fresh.try_enter("BBB", 1).reason is R.BOOK_NOT_RESTORED  # fenced for everyone
+
+
+def test_a_big_restore_and_a_symbols_thousands_of_reservations(client: Any) -> None:
+    """One command per write list would pass Lua's unpack limit (about 8,000 values) part-way
+    through a call's writes: a restore of 2,100 positions, a release of 2,050 reservations."""
+    gate = new_gate(client, ttl=600)
+    gate.halt()
+    assert gate.restore({f"S{i}": 1 for i in range(2_100)}) == []
+    assert gate.halted  # the restore kept the flag
+    assert len(gate.positions()) == 2_100
+    gate.resume()
+    for i in range(2_050):
+        assert gate.try_enter("ONE", 1, order_id=f"o{i}")
+    assert gate.release("ONE") is True
+    assert gate.stats().outstanding == 0
+    assert gate.audit() == []
+
+
+@pytest.mark.parametrize("ttl", [365 * 86_400 + 1, 1e20])
+def test_a_ttl_past_a_year_is_refused(client: Any, ttl: float) -> None:
+    with pytest.raises(ValueError, match="ttl"):
+        RedisGate(client, Limits(), ttl=ttl, namespace="t")
+
+
 def test_wipe_deletes_the_namespace(client: Any) -> None:
     gate = new_gate(client)
     assert gate.try_enter("AAA", 1)

@@ -74,7 +74,7 @@ _COUNTS: Final = ("admitted", "released", "filled", "expired", "restored", "corr
 class Snapshot:
     """Everything in one namespace at one instant (taken by one server call). ``now_us`` is
     that instant on the server code's clock: the server's ``TIME`` plus the namespace's test
-    clock. ``meta`` is the unpacked ``state`` and ``ctl`` (gate.lua); ``positions`` are signed
+    clock. ``meta`` is the unpacked ``state`` (gate.lua); ``positions`` are signed
     units; ``totals`` the sums and counts ``state`` keeps; ``stats`` its counts and the denials;
     ``sentinels_missing`` names each zset whose sentinel is gone (evicted)."""
 

@@ -102,6 +102,9 @@ _UNAVAILABLE: Final = denied(DenyReason.BACKEND_UNAVAILABLE)
 # which try_enter turns into BACKEND_UNAVAILABLE (fail closed).
 DENIALS: Final = {reason.value: denied(reason) for reason in DenyReason}
 _LOG_EVERY: Final = 5.0  # seconds between repeated warnings about the same outage
+MAX_TTL: Final = 365 * 86_400.0
+"""The longest ``ttl`` (seconds): the server code's clock counts microseconds in doubles, exact
+below 2^52 (year 2112), and a reservation's expiry must stay there."""
 
 
 class StoreUnavailable(LedgerError, ConnectionError):
@@ -294,6 +297,8 @@ class RedisGate:
         replica_timeout: float = 0.1,
     ) -> None:
         self._ttl = _seconds("ttl", ttl)
+        if self._ttl > MAX_TTL:
+            raise ValueError(f"ttl must be at most {MAX_TTL:g} seconds (a year), got {ttl!r}")
         keys = namespace_keys(namespace)
         if isinstance(min_replicas, bool) or not isinstance(min_replicas, int):
             raise TypeError(f"min_replicas must be an int, got {min_replicas!r}")
@@ -690,10 +695,10 @@ class RedisGate:
     def halt(self) -> None:
         """Deny every entry in the namespace (all processes) with ``HALTED`` until ``resume()``.
         Works on any namespace, restored or not."""
-        self._write("halt", ("control", "halted", "1"))
+        self._write("halt", ("control", "halted", "1", _token()))
 
     def resume(self) -> None:
-        self._write("resume", ("control", "halted", "0"))
+        self._write("resume", ("control", "halted", "0", _token()))
 
     @property
     def halted(self) -> bool:

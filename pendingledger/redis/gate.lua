@@ -173,8 +173,17 @@ local function push(list, a, b)
   end
 end
 
+-- One command per list, in chunks: Lua's unpack stops near 8,000 values (a restore of a big
+-- book, a release of a symbol's thousands of reservations), and a chunk's even size keeps
+-- field/value and score/member pairs whole.
+local CHUNK = 1000
 local function flush(command, key, list)
-  if list.n > 0 then redis.call(command, key, unpack(list, 1, list.n)) end
+  local n = list.n
+  for first = 1, n, CHUNK do
+    local last = first + CHUNK - 1
+    if last > n then last = n end
+    redis.call(command, key, unpack(list, first, last))
+  end
 end
 
 local function unpack_state(s)
@@ -881,17 +890,21 @@ local function stats(keys, args)
   return finish(counts, S.nres, fmt(S.rw, S.rf), S.kinds)
 end
 
--- control mark flag value -> {'1'}: sets state's `halted` (any client: RedisGate.halt and
---   resume) or `testing` (pendingledger.redis.testing) flag to value '1' or '0'. Works on any
---   namespace, restored or not, and changes nothing else.
+-- control mark flag value call_token -> {'1'}: sets state's `halted` (any client: RedisGate.halt
+--   and resume) or `testing` (pendingledger.redis.testing) flag to value '1' or '0'. Works on
+--   any namespace, restored or not, and changes nothing else; it moves the mark like a change.
 local function control(keys, args)
   begin(keys, args, {})
   local flag, on = args[4], args[5] == '1'
   if flag ~= 'halted' and flag ~= 'testing' then
     return redis.error_reply('pendingledger: unknown flag ' .. tostring(flag))
   end
-  S[flag] = on and 1 or 0
-  set('state', pack_state()) -- not a change of the book: the mark stays
+  local value = on and 1 or 0
+  if S[flag] == value then return finish('1') end -- already so: nothing changes
+  S[flag] = value
+  -- A change like any other: a halt a failover lost leaves the halting client's mark ahead.
+  S.call_tag = tag_of(args[6])
+  S.dirty = true
   return finish('1')
 end
 

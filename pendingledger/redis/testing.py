@@ -2,7 +2,7 @@
 
 ``RedisGate`` takes time from the server (``TIME``, read inside its server code), never from a
 client, so a test cannot hand it a ``ManualClock``. Instead each namespace can have a test clock,
-kept in Redis beside its book (the ``ctl`` field of its ``book`` hash, under the same
+kept in Redis beside its book (in the ``state`` field of its ``book`` hash, under the same
 ``{namespace}`` hash tag). The server code's now is ``TIME`` plus the clock's offset, read in the
 same call as everything else, and ``advance_server_clock`` grows the offset: a TTL is tested by
 moving the server's time for every process sharing the namespace, never by sleeping::
@@ -26,13 +26,14 @@ Moving the clock of a live namespace expires its reservations early, and the bro
 stress tests and the race demo reserve without checking (``check_then_reserve``: ``enter`` modes
 ``check`` and ``force``), so the gate's server code refuses both unless the namespace's test
 operations are on: ``enable_test_ops`` turns them on (a flag ``testing`` in the namespace's
-``ctl`` field, kept by ``restore``, deleted by ``wipe``), and ``advance_server_clock`` and
+``state`` field, kept by ``restore``, deleted by ``wipe``), and ``advance_server_clock`` and
 ``freeze_server_clock`` call it themselves. This module is the only public way to turn them on;
 never do it on a namespace that trades.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import redis
@@ -60,13 +61,13 @@ def enable_test_ops(target: RedisGate | redis.Redis, *, namespace: str | None = 
     ``force``. For tests and demos only: never on a namespace that trades.
 
     ``target`` is a ``RedisGate`` (its namespace) or a ``redis.Redis`` client with ``namespace``
-    given. Sets the flag ``testing`` of the namespace's ``ctl`` field; ``RedisGate.restore``
+    given. Sets the flag ``testing`` of the namespace's ``state`` field; ``RedisGate.restore``
     keeps it, ``RedisGate.wipe`` deletes it. Raises ``StoreUnavailable`` if Redis cannot confirm.
     """
     client, keys = _target(target, namespace)
     code = target.server if isinstance(target, RedisGate) else ServerCode(client, keys)
     try:
-        code.call("control", "testing", "1")
+        code.call("control", "testing", "1", os.urandom(8).hex())
     except redis.RedisError as exc:
         raise StoreUnavailable(f"test operations not turned on: {exc}") from exc
 
