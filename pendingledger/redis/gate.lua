@@ -20,7 +20,7 @@
 --                         p:<symbol>  the position's exposure in units (its magnitude)
 --                         k:<symbol>  its sign ('+' or '-') and the letter of its kind
 --                         r:<symbol>  units reserved on the symbol ('0' or absent: none)
---                         o:<order_id>  "units|token|reserved_at_us|expiry_us|symbol", or '~'
+--                         o:<order_id>  "units|token|reserved_at_us|ttl_us|symbol", or '~'
 --                           once ended (kept for CALL_MEMO_US, see Retries)
 --                         c:<call_token>  the answer that call got (see Retries)
 --                         h:<n>  the fencing tag of the change that made hw n, n mod RING
@@ -83,6 +83,11 @@ local RING = 1024 -- writes whose fencing tags the book keeps (fields h:0 .. h:1
 
 local K_BOOK, K_EXPIRY, K_FORGET
 
+-- The ring's field names, made once: a number turned into a string costs a sprintf, and the
+-- ring is read and written by nearly every call.
+local RING_NAMES = {}
+for i = 0, RING - 1 do RING_NAMES[i] = 'h:' .. i end
+
 -- ------------------------------------------------------------------ amounts as two limbs
 
 -- "units" -> w, f. A value below 10^15 is exact as a double: Lua converts it itself, and the
@@ -98,7 +103,10 @@ local function split(s)
 end
 
 local function fmt(w, f)
-  if w == 0 then return string.format('%d', f) end
+  if w == 0 then
+    if f == 0 then return '0' end
+    return string.format('%d', f)
+  end
   return string.format('%d%09d', w, f)
 end
 
@@ -131,7 +139,7 @@ local function int(x)
   return string.format('%d', x)
 end
 
--- "units|token|reserved_at_us|expiry_us|symbol" -> units, token, reserved_at, expiry, symbol
+-- "units|token|reserved_at_us|ttl_us|symbol" -> units, token, reserved_at, ttl, symbol
 local function parse_rec(rec)
   return string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
 end
@@ -179,6 +187,7 @@ end
 local CHUNK = 1000
 local function flush(command, key, list)
   local n = list.n
+  if n == 0 then return end
   for first = 1, n, CHUNK do
     local last = first + CHUNK - 1
     if last > n then last = n end
@@ -214,16 +223,52 @@ local function pack_state()
     t.d_max_gross_exposure, t.d_max_symbol_exposure, t.tag)
 end
 
--- Start a call: bind the keys, read state, the fencing tag kept for the caller's hw and `names`
--- (book fields) with one HMGET.
-local function begin(keys, args, names)
+-- The state field each book had after the last call that wrote it here, and S as it was then:
+-- a call that reads the same bytes back (the common case: nothing else writes the book) needs
+-- no unpack. A pure cache: equal bytes mean equal values, and a call that fails part-way has
+-- already dropped its book's entry (begin), so S is unpacked again.
+local PACKED, STATES, NSTATES = {}, {}, 0
+
+local function load_state(raw)
+  if raw and PACKED[K_BOOK] == raw then
+    S = STATES[K_BOOK]
+  else
+    if NSTATES >= 64 then PACKED, STATES, NSTATES = {}, {}, 0 end
+    if not STATES[K_BOOK] then NSTATES = NSTATES + 1 end
+    S = {}
+    STATES[K_BOOK] = S
+    unpack_state(raw)
+  end
+  PACKED[K_BOOK] = nil
+end
+
+-- Start a call: bind the keys, read state, the fencing tag kept for the caller's hw and up to
+-- four book fields (a, b, c, d: names or nil) with one HMGET. F is built by one constructor,
+-- sized for what the call reads (a table grown key by key would be rebuilt on the way).
+local function begin(keys, args, a, b, c, d)
   K_BOOK, K_EXPIRY, K_FORGET = keys[1], keys[2], keys[3]
-  F = {}
   HSET.n, HDEL.n, XADD.n, XREM.n, FADD.n, FREM.n = 0, 0, 0, 0, 0, 0
-  local got = redis.call('HMGET', K_BOOK, 'state', 'h:' .. (args[2] % RING), unpack(names))
-  unpack_state(got[1])
+  local ring = RING_NAMES[args[2] % RING]
+  local got
+  if d then
+    got = redis.call('HMGET', K_BOOK, 'state', ring, a, b, c, d)
+    F = {[a] = got[3] or false, [b] = got[4] or false, [c] = got[5] or false,
+      [d] = got[6] or false}
+  elseif c then
+    got = redis.call('HMGET', K_BOOK, 'state', ring, a, b, c)
+    F = {[a] = got[3] or false, [b] = got[4] or false, [c] = got[5] or false}
+  elseif b then
+    got = redis.call('HMGET', K_BOOK, 'state', ring, a, b)
+    F = {[a] = got[3] or false, [b] = got[4] or false}
+  elseif a then
+    got = redis.call('HMGET', K_BOOK, 'state', ring, a)
+    F = {[a] = got[3] or false}
+  else
+    got = redis.call('HMGET', K_BOOK, 'state', ring)
+    F = {}
+  end
+  load_state(got[1])
   S.ring_tag = got[2]
-  for i = 1, #names do F[names[i]] = got[i + 2] end
   S.dirty, S.counted, S.call_tag = false, false, nil
 end
 
@@ -248,10 +293,23 @@ local function delete(name)
   push(HDEL, name)
 end
 
+local TIME_NOW -- the last TIME reply
 local function now_us()
   if S.frozen ~= 0 then return S.frozen + S.off end
   local t = redis.call('TIME')
+  TIME_NOW = t
   return t[1] * 1000000 + t[2] + S.off -- Lua converts the strings itself: no function call
+end
+
+-- `now` (from now_us) as a decimal string. Without the test clock it is TIME's own two strings,
+-- joined: string.format, a sprintf, costs more than the rest of a decision's bookkeeping.
+local USEC_PAD = {'00000', '0000', '000', '00', '0', ''}
+local function stamp(now)
+  local t = TIME_NOW
+  if S.off == 0 and S.frozen == 0 and t and t[1] * 1000000 + t[2] == now then
+    return t[1] .. USEC_PAD[#t[2]] .. t[2]
+  end
+  return string.format('%d', now)
 end
 
 -- Send this call's writes and return its answer after the mark. The indexes go first and the
@@ -263,10 +321,12 @@ local function finish(...)
   if S.dirty then
     S.hw = S.hw + 1
     S.tag = S.call_tag or now_us() -- a write without a token of its own: its time
-    set('h:' .. (S.hw % RING), S.tag)
-    set('state', pack_state())
-  elseif S.counted then -- only a count changed, not the book: the mark stays
-    set('state', pack_state())
+    push(HSET, RING_NAMES[S.hw % RING], S.tag)
+  end
+  if S.dirty or S.counted then -- (only a count changed: the mark stays)
+    local raw = pack_state()
+    push(HSET, 'state', raw)
+    PACKED[K_BOOK] = raw
   end
   flush('ZREM', K_EXPIRY, XREM)
   flush('ZADD', K_EXPIRY, XADD)
@@ -369,7 +429,7 @@ local function drop(id, units, sym, counter, now)
 end
 
 -- Reserve: `rs` and `pos` are F's r:sym and p:sym.
-local function insert(id, sym, units, token, now, expiry, kind)
+local function insert(id, sym, units, token, now, ttl, kind)
   local uw, uf = split(units)
   local rs = F['r:' .. sym]
   local sw, sf = split(rs)
@@ -377,8 +437,9 @@ local function insert(id, sym, units, token, now, expiry, kind)
   sw, sf = add(sw, sf, uw, uf)
   S.rw, S.rf = add(S.rw, S.rf, uw, uf)
   local name = 'o:' .. id
-  set(name, units .. '|' .. token .. string.format('|%d|%d|', now, expiry) .. sym)
-  set('r:' .. sym, fmt(sw, sf))
+  local expiry = now + ttl
+  set(name, units .. '|' .. token .. '|' .. stamp(now) .. '|' .. ttl .. '|' .. sym)
+  if was_zero then set('r:' .. sym, units) else set('r:' .. sym, fmt(sw, sf)) end
   push(XADD, expiry, name)
   if was_zero then
     S.res_syms = S.res_syms + 1
@@ -516,7 +577,7 @@ end
 -- Reduce the reservation `id` (record `rec`) by a fill of `down` to `up` units; returns 'E'
 -- (ended, as filled) or 'R' and the units that stay.
 local function reduce_rec(id, rec, down, up, now)
-  local units, t, at, expiry, sym = parse_rec(rec)
+  local units, t, at, ttl, sym = parse_rec(rec)
   local nw, nf = after_fill(units, down, up)
   if zero(nw, nf) then
     drop(id, units, sym, 'filled', now)
@@ -525,7 +586,7 @@ local function reduce_rec(id, rec, down, up, now)
   local want = fmt(nw, nf)
   local uw, uf = split(units)
   local dw, df = sub(uw, uf, nw, nf)
-  set('o:' .. id, want .. '|' .. t .. '|' .. at .. '|' .. expiry .. '|' .. sym)
+  set('o:' .. id, want .. '|' .. t .. '|' .. at .. '|' .. ttl .. '|' .. sym)
   unreserve(sym, dw, df)
   return 'R', want
 end
@@ -539,13 +600,13 @@ end
 
 -- A decision's config parsed once per distinct string (a gate sends the same one with every
 -- decision until its limits change): {ttl, max_pos or false, and each exposure limit as limbs
--- (false: none)}. A pure function of the string, so keeping it between calls is safe.
+-- (false: none), then ttl as the string it came as}. A pure function of the string, so keeping it between calls is safe.
 local CONFIGS, NCONFIGS = {}, 0
 local function config(s)
   local c = CONFIGS[s]
   if c then return c end
   local ttl, max_pos, max_gross, max_sym = string.match(s, '^(%d+)|(%d*)|(%d*)|(%d*)$')
-  c = {ttl + 0, max_pos ~= '' and max_pos + 0, false, 0, false, 0}
+  c = {ttl + 0, max_pos ~= '' and max_pos + 0, false, 0, false, 0, ttl}
   if max_gross ~= '' then c[3], c[4] = split(max_gross) end
   if max_sym ~= '' then c[5], c[6] = split(max_sym) end
   if NCONFIGS >= 64 then CONFIGS, NCONFIGS = {}, 0 end
@@ -595,7 +656,7 @@ local function enter(keys, args)
   local sym, units, id, token = args[4], args[5], args[6], args[7]
   local c = config(args[8])
   local mode = args[10] or ''
-  begin(keys, args, {'p:' .. sym, 'r:' .. sym, 'o:' .. id})
+  begin(keys, args, 'p:' .. sym, 'r:' .. sym, 'o:' .. id)
   if mode ~= '' and not (S.testing == 1 and (mode == 'check' or mode == 'force')) then
     return refused()
   end
@@ -605,9 +666,9 @@ local function enter(keys, args)
   if S.gen == 0 then return deny(mode, 'book_not_restored') end -- a sweep found a key evicted
   local rec = F['o:' .. id]
   if live(rec) then
-    local _, t, at, expiry = parse_rec(rec)
+    local _, t, at, ttl = parse_rec(rec)
     if t == token then -- the same call, sent again by a client retry after a lost reply
-      return finish('A', at + 0, expiry + 0)
+      return finish('A', at + 0, at + ttl)
     end
     return finish('X')
   end
@@ -619,20 +680,17 @@ local function enter(keys, args)
   end
   if mode == 'check' then return finish('C') end
   S.call_tag = tag_of(token)
-  local expiry = now + c[1]
-  insert(id, sym, units, token, now, expiry, args[9] + 0)
-  return finish('A', now, expiry)
+  insert(id, sym, units, token, now, c[7], args[9] + 0)
+  return finish('A', now, now + c[1])
 end
 
--- A writing operation with call token args[4]: `read` names the book fields `op` needs (read
--- in the call's one HMGET with the kept answer c:<token>); `op(args, now)` returns the answer
+-- A writing operation with call token args[4]: `read` returns the names of the book fields `op`
+-- needs, at most three (read in the call's one HMGET with the kept answer c:<token>); `op(args, now)` returns the answer
 -- (one or two items), which is kept for a retry of the same call. {'D'}: book not restored.
 local function kept(read, op)
   return function(keys, args)
     local memo = 'c:' .. args[4]
-    local names = read(args)
-    names[#names + 1] = memo
-    begin(keys, args, names)
+    begin(keys, args, memo, read(args))
     local again = F[memo]
     if again then
       local bar = string.find(again, '|', 1, true)
@@ -645,7 +703,7 @@ local function kept(read, op)
     sweeps(now)
     if S.gen == 0 then return finish('D') end
     local a, b = op(args, now)
-    a = tostring(a) -- as a retry gets it back
+    if type(a) ~= 'string' then a = tostring(a) end -- as a retry gets it back
     local enc = a
     if b ~= nil then enc = a .. '|' .. b end
     set(memo, enc)
@@ -656,13 +714,9 @@ end
 
 -- The fields of order args[5], and of symbol args[7] when the caller names it ('' if not).
 local function order_fields(args, at)
-  local names = {'o:' .. args[5]}
   local sym = args[at]
-  if sym and sym ~= '' then
-    names[2] = 'r:' .. sym
-    names[3] = 'p:' .. sym
-  end
-  return names
+  if sym and sym ~= '' then return 'o:' .. args[5], 'r:' .. sym, 'p:' .. sym end
+  return 'o:' .. args[5]
 end
 
 -- The record of order `id` if it is live and (unless `token` is '') holds `token`, and its
@@ -682,12 +736,12 @@ end
 --   released was never confirmed by enough replicas (min_replicas), so it is uncounted.
 local function release_order(args, now)
   local rec, units, sym = find(args[5], args[6])
-  if not rec then return 0 end
+  if not rec then return '0' end
   drop(args[5], units, sym, 'released', now)
   if args[8] == '1' then -- an admission no replica confirmed (min_replicas): it counts nowhere
     S.admitted, S.released = S.admitted - 1, S.released - 1
   end
-  return 1
+  return '1'
 end
 
 -- release_symbol mark call_token symbol -> {number of reservations dropped}
@@ -723,18 +777,18 @@ end
 -- set_position mark call_token symbol units code -> {1} if it was open before, else {0}
 --   units: the exposure's magnitude; code: its sign ('+' or '-') and its kind letter
 local function set_position(args)
-  if set_pos(args[5], args[6], args[7]) then return 1 end
-  return 0
+  if set_pos(args[5], args[6], args[7]) then return '1' end
+  return '0'
 end
 
 -- close_position mark call_token symbol -> {1} if it was open, else {0}
 local function close_position(args)
-  if close_pos(args[5]) then return 1 end
-  return 0
+  if close_pos(args[5]) then return '1' end
+  return '0'
 end
 
 local function symbol_fields(args)
-  return {'p:' .. args[5], 'r:' .. args[5]}
+  return 'p:' .. args[5], 'r:' .. args[5]
 end
 
 -- fill mark call_token order_id units code symbol down up
@@ -770,12 +824,12 @@ end
 --   already ran finds its generation in the marker and gets the first answer.
 -- -> {'R', now_us} | {'S'} (only_if_missing and the book is in place: nothing written)
 local function restore(keys, args)
-  begin(keys, args, {})
+  begin(keys, args)
   local gen = tonumber(args[5])
   if S.gen ~= 0 and S.gen == gen then return finish('R', S.restored_at) end
   if args[4] == '1' and usable(args) then return finish('S') end
   local now = now_us()
-  local at, expiry = now, now + tonumber(args[6])
+  local at, expiry, at_s = now, now + tonumber(args[6]), stamp(now)
   local npos = tonumber(args[7])
   local pw, pf = 0, 0
   local open = {}
@@ -823,7 +877,7 @@ local function restore(keys, args)
   i = first_order
   while i <= #args do
     local name = 'o:' .. args[i]
-    set(name, args[i + 2] .. '|' .. args[i + 3] .. string.format('|%d|%d|', at, expiry) ..
+    set(name, args[i + 2] .. '|' .. args[i + 3] .. '|' .. at_s .. '|' .. args[6] .. '|' ..
       args[i + 1])
     push(XADD, expiry, name)
     i = i + 5
@@ -852,7 +906,7 @@ end
 -- marker mark -> {1} if the book is in place (restored, the mark not behind the caller's),
 --   else {0}. Withdraws the marker when the mark is behind.
 local function marker(keys, args)
-  begin(keys, args, {})
+  begin(keys, args)
   if usable(args) then return finish(1) end
   return finish(0)
 end
@@ -860,7 +914,7 @@ end
 -- sweep mark -> {number of expired reservations dropped}; both zsets swept now, whatever
 --   next_due and forget_due say (their sentinels checked).
 local function sweep_op(keys, args)
-  begin(keys, args, {})
+  begin(keys, args)
   if not usable(args) then return finish(0) end
   local now = now_us()
   local n = sweep(now)
@@ -872,7 +926,7 @@ end
 --   kinds}. Sweeps first when the book is usable and a reservation is due, so a reservation past
 --   its expiry counts as expired, never as outstanding (as in the in-process ledger).
 local function stats(keys, args)
-  begin(keys, args, {})
+  begin(keys, args)
   if usable(args) then
     local now = now_us()
     if now >= S.next_due then sweep(now) end
@@ -894,7 +948,7 @@ end
 --   and resume) or `testing` (pendingledger.redis.testing) flag to value '1' or '0'. Works on
 --   any namespace, restored or not, and changes nothing else; it moves the mark like a change.
 local function control(keys, args)
-  begin(keys, args, {})
+  begin(keys, args)
   local flag, on = args[4], args[5] == '1'
   if flag ~= 'halted' and flag ~= 'testing' then
     return redis.error_reply('pendingledger: unknown flag ' .. tostring(flag))
@@ -915,7 +969,7 @@ end
 --   reading. A step that would bring now to 2^52 us is refused with nothing written. Moving or
 --   freezing is refused unless state's `testing` flag is on; a step of 0 only reads the clock.
 local function clock(keys, args)
-  begin(keys, args, {})
+  begin(keys, args)
   local step, freeze = args[4], args[5] == '1'
   if step ~= '0' and not string.match(step, '^[1-9]%d*$') then
     return redis.error_reply('pendingledger: clock step must be whole microseconds >= 0')
@@ -941,19 +995,19 @@ end
 
 -- status mark order_id token -> {'A', units} | {'G'}  (an overdue one is gone)
 local function status(keys, args)
-  begin(keys, args, {'o:' .. args[4]})
+  begin(keys, args, 'o:' .. args[4])
   local rec = F['o:' .. args[4]]
   if not live(rec) then return finish('G') end
-  local units, t, _, expiry = parse_rec(rec)
+  local units, t, at, ttl = parse_rec(rec)
   if args[5] ~= '' and t ~= args[5] then return finish('G') end
-  if tonumber(expiry) <= now_us() then return finish('G') end
+  if at + ttl <= now_us() then return finish('G') end
   return finish('A', units)
 end
 
 -- snapshot mark -> {now_us, state (its 31 numbers in STATE_FORMAT's order), book fields,
 --   expiry, forget} (flat lists, sentinels included), in one consistent view (for audits).
 local function snapshot(keys, args)
-  begin(keys, args, {})
+  begin(keys, args)
   local t = S
   return finish(now_us(),
     {t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres,
@@ -968,7 +1022,7 @@ end
 
 -- positions mark -> {halted, p: and k: fields as a flat list}
 local function positions(keys, args)
-  begin(keys, args, {})
+  begin(keys, args)
   local out = book_fields('p:')
   local codes = book_fields('k:')
   for j = 1, #codes do out[#out + 1] = codes[j] end
@@ -983,7 +1037,7 @@ local function register(name, fn, read_only)
   redis.register_function{function_name = 'pl@VERSION@_' .. name, callback = fn, flags = flags}
 end
 
-local function none() return {} end
+local function none() end
 
 register('enter', enter)
 register('release_order', kept(function(args) return order_fields(args, 7) end, release_order))
