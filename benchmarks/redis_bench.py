@@ -31,8 +31,14 @@ check-and-reserve: two ``FCALL``.
    of every command clients sent.
 
 1 and 2 are measured together, in interleaved rounds (gate, floor, trivial, 15 HINCRBY, gate,
-...), and reported as medians: the machine's speed drifts, and a round's figures share it. A
-target missed prints MISS; the exit status is 0 whatever the figures.
+...), and reported as medians: the machine's speed drifts, and a round's figures share it. With
+a server of its own, the server figures of those rounds are taken with the server and this
+process on one CPU (their affinities are put back after): the server then runs each call on
+the core the client just left, as a busy server would, instead of waking an idle core for every
+call, whose cold caches doubled and scattered the per-call figures on a 2-CPU VM (measured:
+median 84 against 53 us per decision, the same code, minutes apart). Wall times (2) and
+throughput (3) are measured as deployed, unpinned. A target
+missed prints MISS; the exit status is 0 whatever the figures.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -121,7 +127,7 @@ def verdict(ok: bool) -> str:
 
 
 @contextmanager
-def own_server() -> Iterator[str]:
+def own_server() -> Iterator[tuple[str, int | None]]:
     binary = shutil.which("redis-server")
     if binary is None:
         sys.exit("redis-server not found: apt-get install redis-server, or pass --redis-url")
@@ -148,7 +154,7 @@ def own_server() -> Iterator[str]:
             if time.monotonic() > deadline or proc.poll() is not None:
                 sys.exit("redis-server did not start")
             time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://127.0.0.1:{port}/0", proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -156,8 +162,26 @@ def own_server() -> Iterator[str]:
 
 
 @contextmanager
-def _given(url: str) -> Iterator[str]:
-    yield url
+def _given(url: str) -> Iterator[tuple[str, int | None]]:
+    yield url, None
+
+
+@contextmanager
+def one_cpu(server_pid: int | None) -> Iterator[int | None]:
+    """The server (if it is ours) and this process on one CPU while the block runs: the CPU
+    both end on, or None when nothing is pinned."""
+    if server_pid is None or not hasattr(os, "sched_setaffinity"):
+        yield None
+        return
+    mine, theirs = os.sched_getaffinity(0), os.sched_getaffinity(server_pid)
+    cpu = min(mine & theirs or mine)
+    os.sched_setaffinity(server_pid, {cpu})
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, mine)
+        os.sched_setaffinity(server_pid, theirs)
 
 
 # ---------------------------------------------------------------------------- server figures
@@ -314,9 +338,16 @@ def timed(cycle: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
-def per_cycle(url: str, admin: Any, rounds: int, n: int) -> dict[str, Any]:
+def per_cycle(
+    url: str,
+    admin: Any,
+    rounds: int,
+    n: int,
+    pinned: Callable[[], AbstractContextManager[int | None]],
+) -> dict[str, Any]:
     """Targets 1 and 2: the gate and the baselines in interleaved rounds. Server and CPU
-    figures: each subject's ``n`` cycles in a row (commandstats cannot tell functions apart).
+    figures: each subject's ``n`` cycles in a row (commandstats cannot tell functions apart),
+    inside ``pinned()``; wall times as deployed, unpinned.
     Wall time: the subjects' cycles taken in turn (gate, floor, trivial, gate, ...), each timed:
     the machine's speed at each moment falls on all of them, and a round gives the median of
     each."""
@@ -335,7 +366,8 @@ def per_cycle(url: str, admin: Any, rounds: int, n: int) -> dict[str, Any]:
     for cycle in cycles.values():  # connect, load the gate's library, warm the server up
         for _ in range(200):
             cycle()
-    samples = interleaved({k: partial(sample, admin, c, n) for k, c in cycles.items()}, rounds)
+    with pinned() as cpu:
+        samples = interleaved({k: partial(sample, admin, c, n) for k, c in cycles.items()}, rounds)
     in_turn = {k: partial(timed, cycles[k]) for k in ("gate", "floor", "trivial")}
     walls = [
         {k: statistics.median(v) * 1e6 for k, v in interleaved(in_turn, n).items()}
@@ -373,7 +405,7 @@ def per_cycle(url: str, admin: Any, rounds: int, n: int) -> dict[str, Any]:
         "wall gate/trivial": wall("gate", "trivial"),
         "wall floor/trivial": wall("floor", "trivial"),
     }
-    figures["rounds"], figures["cycles_per_round"] = rounds, n
+    figures["rounds"], figures["cycles_per_round"], figures["pinned_cpu"] = rounds, n, cpu
     figures["samples"] = {name: [asdict(s) for s in ss] for name, ss in samples.items()}
     figures["wall_rounds"] = walls
     return figures
@@ -630,6 +662,13 @@ def print_per_cycle(cyc: dict[str, Any]) -> None:
         "\nper cycle (a decision: enter + release; 15 HINCRBY: one call), medians of the rounds;"
         "\nserver µs: INFO commandstats, cmdstat_fcall usec (the wall time inside the command)"
     )
+    cpu = cyc["pinned_cpu"]
+    print(
+        "server and CPU figures unpinned (a server given by URL); wall times unpinned"
+        if cpu is None
+        else f"server and CPU figures with the server and this process on CPU {cpu}; "
+        "wall times unpinned"
+    )
     print(
         "| subject | FCALL | server µs | per FCALL | best round | server process CPU µs | "
         "client CPU µs | wall µs | commands run inside |"
@@ -789,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     build = "compiled" if pendingledger.COMPILED else "pure"
     host = machine()
     cpus = host["cpus_usable"]
-    with own_server() if args.redis_url is None else _given(args.redis_url) as url:
+    with own_server() if args.redis_url is None else _given(args.redis_url) as (url, pid):
         admin = redis.Redis.from_url(url, socket_timeout=30, decode_responses=True)
         admin.function_load(BENCH_LIBRARY, replace=True)
         version = admin.info("server")["redis_version"]
@@ -802,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         print(f"per cycle: {rounds} interleaved rounds of {cycles} cycles each", flush=True)
-        cyc = per_cycle(url, admin, rounds, cycles)
+        cyc = per_cycle(url, admin, rounds, cycles, partial(one_cpu, pid))
         print(f"throughput: {tp_rounds} round(s) of {seconds:g} s windows", flush=True)
         tp, latencies = throughput(url, admin, seconds, tp_rounds)
         trips = round_trips(url, admin, 500 if args.quick else 2000)
