@@ -287,3 +287,45 @@ def test_the_clock_adds_no_command_inside_a_decision(client: Any, server: RedisS
         logs.append(log)
     assert logs[0].commands == logs[1].commands == ["FCALL"]
     assert logs[0].lua_commands == logs[1].lua_commands > 0
+
+
+# ---------------------------------------------------------------------------- the kept state
+
+
+def test_the_state_the_server_code_keeps_between_calls_is_the_state_it_wrote(client: Any) -> None:
+    """gate.lua keeps each book's unpacked state between calls and unpacks again only when the
+    stored bytes differ, and writes a packed field only when a call flags it changed. A change
+    it did not flag would live on in that copy alone (and be lost at the next restart). After
+    every kind of change, the copy, as ``snapshot`` reports it, is what the book holds."""
+    from pendingledger.redis._audit import STATE, unpack_state
+
+    limits = Limits(max_concurrent_positions=2, max_gross_exposure=10, max_symbol_exposure=6)
+    gate = new_gate(client, limits, ttl=1.0, frozen=True)
+    enable_test_ops(gate)
+    first = res(gate.try_enter("AAA", 2))
+    steps: dict[str, Any] = {
+        "admit": lambda: gate.try_enter("AAA", 1),
+        "deny positions": lambda: gate.try_enter("BBB", 1) and gate.try_enter("CCC", 1),
+        "deny gross": lambda: gate.try_enter("DDD", 50),
+        "deny symbol": lambda: gate.try_enter("AAA", 5),
+        "halt": gate.halt,
+        "deny halted": lambda: gate.try_enter("EEE", 1),
+        "resume": gate.resume,
+        "reduce": lambda: first.reduce(1),
+        "set position": lambda: gate.set_position("BBB", 2.5),
+        "fill": lambda: gate.confirm_fill(first.order_id, 1.0),
+        "close position": lambda: gate.close_position("BBB"),
+        "release": lambda: gate.release("AAA"),
+        "reserve again": lambda: gate.try_enter("FFF", 1),
+        "expire": lambda: (advance_server_clock(gate, 1.0), gate.stats()),
+        "sweep": gate.sweep,
+        "restore": lambda: gate.restore({"GGG": 1.0}),
+    }
+    for name, step in steps.items():
+        step()
+        kept = dict(zip(STATE, gate.server.call("snapshot")[1], strict=True))
+        stored = client.hmget(gate.keys[0], ["state", "live"])
+        written = unpack_state("state", stored[0]) | unpack_state("live", stored[1])
+        assert {k: int(v) for k, v in kept.items()} == written, name
+    stats = gate.stats()
+    assert stats.expired >= 1 and stats.denied  # the steps did what their names say

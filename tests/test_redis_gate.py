@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 import subprocess
 import sys
 import uuid
@@ -27,7 +26,7 @@ from pendingledger.redis import (  # noqa: E402
     RedisGate,
     RedisReservation,
 )
-from pendingledger.redis._audit import STATE_FORMAT, unpack_state  # noqa: E402
+from pendingledger.redis._audit import pack_state, unpack_state  # noqa: E402
 from pendingledger.redis.testing import (  # noqa: E402
     advance_server_clock,
     check_then_reserve,
@@ -388,9 +387,9 @@ def test_a_halt_a_failover_lost_is_fenced(client: Any) -> None:
     process's next call finds the server behind its mark and fences the namespace."""
     gate = new_gate(client, Limits(max_concurrent_positions=4))
     assert gate.try_enter("AAA", 1)
-    before = client.hget(gate.keys[0], "state")
+    before = client.hmget(gate.keys[0], ["state", "live"])
     gate.halt()
-    client.hset(gate.keys[0], "state", before)  # the halt is lost
+    client.hset(gate.keys[0], mapping=dict(zip(["state", "live"], before, strict=True)))  # lost
     assert gate.try_enter("BBB", 1).reason is R.BOOK_NOT_RESTORED
     fresh = RedisGate(client, gate.limits, ttl=60, namespace=gate.namespace)
     assert fresh.try_enter("BBB", 1).reason is R.BOOK_NOT_RESTORED  # fenced for everyone
@@ -660,9 +659,9 @@ def test_audit_finds_a_corrupted_total(client: Any) -> None:
     gate = new_gate(client, Limits(max_gross_exposure=10))
     assert gate.try_enter("AAA", 5)
     assert gate.audit(gate.limits) == []
-    state = unpack_state(client.hget(gate.keys[0], "state"))
-    state["res_gross_w"], state["res_gross_f"] = 0, 1  # 1 unit reserved instead of 5 * 10**9
-    client.hset(gate.keys[0], "state", struct.pack(STATE_FORMAT, *state.values()))
+    live = unpack_state("live", client.hget(gate.keys[0], "live"))
+    live["res_gross_w"], live["res_gross_f"] = 0, 1  # 1 unit reserved instead of 5 * 10**9
+    client.hset(gate.keys[0], "live", pack_state("live", live))
     problems = gate.audit()
     assert any("res_gross" in p for p in problems)
 

@@ -18,7 +18,7 @@ from typing import Any, Final
 from pendingledger import _units, rules
 from pendingledger.limits import PortfolioLimits
 
-__all__ = ["STATE", "OrderRecord", "Snapshot", "audit", "unpack_state"]
+__all__ = ["PACKED", "STATE", "OrderRecord", "Snapshot", "audit", "pack_state", "unpack_state"]
 
 
 def amount_of(units: int) -> Decimal:
@@ -56,14 +56,32 @@ STATE: Final = ("gen", "epoch", "hw", "npos", "pos_gross_w", "pos_gross_f", "res
                 "restored_at", "halted", "testing", "clock_us", "clock_frozen_us",
                 "d_book_not_restored", "d_halted", "d_max_concurrent_positions",
                 "d_max_gross_exposure", "d_max_symbol_exposure", "tag")  # fmt: skip
-"""The fields of the book's ``state``, 31 little-endian doubles (gate.lua's STATE_FORMAT)."""
+"""The book's state as ``snapshot`` sends it: these 31 numbers, in this order."""
 
-STATE_FORMAT: Final = "<31d"
+PACKED: Final = {
+    "state": ("gen", "epoch", "restored_at", "halted", "testing", "clock_us", "clock_frozen_us",
+              "expired", "restored", "corrupt", "d_book_not_restored", "d_halted",
+              "d_max_concurrent_positions", "d_max_gross_exposure", "d_max_symbol_exposure"),
+    "live": ("hw", "tag", "npos", "pos_gross_w", "pos_gross_f", "res_gross_w", "res_gross_f",
+             "res_syms", "res_open", "nres", "kinds", "next_due", "forget_due", "admitted",
+             "released", "filled"),
+}  # fmt: skip
+"""The two book fields the state is packed in, each as little-endian doubles with these names
+(gate.lua's STATE_FORMAT and LIVE_FORMAT)."""
 
 
-def unpack_state(raw: bytes) -> dict[str, int]:
-    """The book's ``state`` field, as read by a client without ``decode_responses``."""
-    return {name: int(v) for name, v in zip(STATE, struct.unpack(STATE_FORMAT, raw), strict=True)}
+def unpack_state(field: str, raw: bytes) -> dict[str, int]:
+    """The book's packed ``field`` (``state`` or ``live``), as read by a client without
+    ``decode_responses``."""
+    names = PACKED[field]
+    values = struct.unpack(f"<{len(names)}d", raw)
+    return {name: int(v) for name, v in zip(names, values, strict=True)}
+
+
+def pack_state(field: str, values: dict[str, int]) -> bytes:
+    """``values`` (all of ``field``'s names) packed as the book's ``field``, for tests that
+    corrupt a book on purpose."""
+    return struct.pack(f"<{len(PACKED[field])}d", *(values[name] for name in PACKED[field]))
 
 
 _TOTALS: Final = ("npos", "pos_gross", "res_gross", "res_syms", "res_open", "nres")

@@ -14,9 +14,10 @@
 -- A decision is TIME, HMGET, HSET and ZADD; a release TIME, HMGET, HSET, ZREM and ZADD.
 --
 -- Keys (all under one hash tag {ns}, so Redis Cluster keeps them in one slot):
---   KEYS[1] book    hash  state: the marker, the fencing mark, the totals, the counts, the halt
---                           and test flags and the test clock, packed in one field (STATE_FORMAT
---                           below; gen 0 = not restored)
+--   KEYS[1] book    hash  state: the marker, the epoch, the halt and test flags, the test clock
+--                           and the counts a decision rarely changes; live: the rest of the
+--                           fencing mark, the totals and the common counts (both packed, see
+--                           STATE_FORMAT and LIVE_FORMAT below; gen 0 = not restored)
 --                         p:<symbol>  the position's exposure in units (its magnitude)
 --                         k:<symbol>  its sign ('+' or '-') and the letter of its kind
 --                         r:<symbol>  units reserved on the symbol ('0' or absent: none)
@@ -150,19 +151,22 @@ end
 
 -- ------------------------------------------------------------------ one call's state
 --
--- S: the book's state field, unpacked at the start of a call and changed in place. F: every
+-- S: the book's state and live fields, unpacked at the start of a call and changed in place. F: every
 -- book field read in this call (false: absent), kept current by set(). The rest collect the
 -- writes that finish() sends, one command per key. One call runs at a time, so these tables
 -- are shared by all calls and reset by begin().
 
--- state: 31 little-endian doubles (struct; every value is an integer below 2^53, so exact):
-local STATE_FORMAT = '<ddddddddddddddddddddddddddddddd'
---   gen epoch hw npos pos_gross_w pos_gross_f res_gross_w res_gross_f res_syms res_open nres
---   kinds next_due forget_due admitted released filled expired restored corrupt restored_at
---   halted testing clock_us clock_frozen_us, then the denials by reason: d_book_not_restored
---   d_halted d_max_concurrent_positions d_max_gross_exposure d_max_symbol_exposure, tag (the
---   fencing tag of the write that made hw: see Fencing)
+-- Little-endian doubles (struct; every value is an integer below 2^53, so exact), in two fields
+-- so that a decision and a release pack only what they change (packing costs per field):
+-- state, 15: gen epoch restored_at halted testing clock_us clock_frozen_us expired restored
+--   corrupt, then the denials by reason: d_book_not_restored d_halted d_max_concurrent_positions
+--   d_max_gross_exposure d_max_symbol_exposure
+-- live, 16: hw tag (the fencing tag of the write that made hw: see Fencing) npos pos_gross_w
+--   pos_gross_f res_gross_w res_gross_f res_syms res_open nres kinds next_due forget_due admitted
+--   released filled
 -- gen 0: not restored. halted, testing: 0 or 1. clock_frozen_us 0: not frozen.
+local STATE_FORMAT = '<ddddddddddddddd'
+local LIVE_FORMAT = '<dddddddddddddddd'
 local NEVER = CLOCK_MAX -- next_due when nothing is reserved: the clock never gets there
 
 local S, F = {}, {}
@@ -195,51 +199,59 @@ local function flush(command, key, list)
   end
 end
 
-local function unpack_state(s)
+local function unpack_state(cold, hot)
   local t = S
-  if not s then
-    t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres,
-      t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.expired,
-      t.restored, t.corrupt, t.restored_at, t.halted, t.testing, t.off, t.frozen,
-      t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions, t.d_max_gross_exposure,
-      t.d_max_symbol_exposure, t.tag =
-      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NEVER, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-      0
-    return
+  if cold then
+    t.gen, t.epoch, t.restored_at, t.halted, t.testing, t.off, t.frozen, t.expired, t.restored,
+      t.corrupt, t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions,
+      t.d_max_gross_exposure, t.d_max_symbol_exposure = struct.unpack(STATE_FORMAT, cold)
+  else
+    t.gen, t.epoch, t.restored_at, t.halted, t.testing, t.off, t.frozen, t.expired, t.restored,
+      t.corrupt, t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions,
+      t.d_max_gross_exposure, t.d_max_symbol_exposure = 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
   end
-  t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres,
-    t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.expired,
-    t.restored, t.corrupt, t.restored_at, t.halted, t.testing, t.off, t.frozen,
-    t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions, t.d_max_gross_exposure,
-    t.d_max_symbol_exposure, t.tag = struct.unpack(STATE_FORMAT, s)
+  if hot then
+    t.hw, t.tag, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres, t.kinds,
+      t.next_due, t.forget_due, t.admitted, t.released, t.filled = struct.unpack(LIVE_FORMAT, hot)
+  else
+    t.hw, t.tag, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres, t.kinds,
+      t.next_due, t.forget_due, t.admitted, t.released, t.filled =
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NEVER, 0, 0, 0, 0
+  end
 end
 
 local function pack_state()
   local t = S
-  return struct.pack(STATE_FORMAT, t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf,
-    t.res_syms, t.res_open, t.nres, t.kinds, t.next_due, t.forget_due, t.admitted, t.released,
-    t.filled, t.expired, t.restored, t.corrupt, t.restored_at, t.halted, t.testing, t.off,
-    t.frozen, t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions,
-    t.d_max_gross_exposure, t.d_max_symbol_exposure, t.tag)
+  return struct.pack(STATE_FORMAT, t.gen, t.epoch, t.restored_at, t.halted, t.testing, t.off,
+    t.frozen, t.expired, t.restored, t.corrupt, t.d_book_not_restored, t.d_halted,
+    t.d_max_concurrent_positions, t.d_max_gross_exposure, t.d_max_symbol_exposure)
 end
 
--- The state field each book had after the last call that wrote it here, and S as it was then:
--- a call that reads the same bytes back (the common case: nothing else writes the book) needs
--- no unpack. A pure cache: equal bytes mean equal values, and a call that fails part-way has
--- already dropped its book's entry (begin), so S is unpacked again.
-local PACKED, STATES, NSTATES = {}, {}, 0
+local function pack_live()
+  local t = S
+  return struct.pack(LIVE_FORMAT, t.hw, t.tag, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms,
+    t.res_open, t.nres, t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled)
+end
 
-local function load_state(raw)
-  if raw and PACKED[K_BOOK] == raw then
+-- The state and live fields each book had after the last call here that read or wrote them, and
+-- S as it was then: a call that reads the same bytes back (the common case: nothing else writes
+-- the book) needs no unpack. A pure cache: equal bytes mean equal values, and a call that fails
+-- part-way has already dropped its book's entry (load_state), so S is unpacked again.
+local COLD, HOT, STATES, NSTATES = {}, {}, {}, 0
+local READ_COLD, READ_HOT -- the fields as this call read them
+
+local function load_state(cold, hot)
+  READ_COLD, READ_HOT = cold, hot
+  if cold and hot and COLD[K_BOOK] == cold and HOT[K_BOOK] == hot then
     S = STATES[K_BOOK]
   else
-    if NSTATES >= 64 then PACKED, STATES, NSTATES = {}, {}, 0 end
+    if NSTATES >= 64 then COLD, HOT, STATES, NSTATES = {}, {}, {}, 0 end
     if not STATES[K_BOOK] then NSTATES = NSTATES + 1 end
     S = {}
     STATES[K_BOOK] = S
-    unpack_state(raw)
+    unpack_state(cold, hot)
   end
-  PACKED[K_BOOK] = nil
+  COLD[K_BOOK], HOT[K_BOOK] = nil, nil
 end
 
 -- Start a call: bind the keys, read state, the fencing tag kept for the caller's hw and up to
@@ -251,25 +263,25 @@ local function begin(keys, args, a, b, c, d)
   local ring = RING_NAMES[args[2] % RING]
   local got
   if d then
-    got = redis.call('HMGET', K_BOOK, 'state', ring, a, b, c, d)
-    F = {[a] = got[3] or false, [b] = got[4] or false, [c] = got[5] or false,
-      [d] = got[6] or false}
+    got = redis.call('HMGET', K_BOOK, 'state', 'live', ring, a, b, c, d)
+    F = {[a] = got[4] or false, [b] = got[5] or false, [c] = got[6] or false,
+      [d] = got[7] or false}
   elseif c then
-    got = redis.call('HMGET', K_BOOK, 'state', ring, a, b, c)
-    F = {[a] = got[3] or false, [b] = got[4] or false, [c] = got[5] or false}
+    got = redis.call('HMGET', K_BOOK, 'state', 'live', ring, a, b, c)
+    F = {[a] = got[4] or false, [b] = got[5] or false, [c] = got[6] or false}
   elseif b then
-    got = redis.call('HMGET', K_BOOK, 'state', ring, a, b)
-    F = {[a] = got[3] or false, [b] = got[4] or false}
+    got = redis.call('HMGET', K_BOOK, 'state', 'live', ring, a, b)
+    F = {[a] = got[4] or false, [b] = got[5] or false}
   elseif a then
-    got = redis.call('HMGET', K_BOOK, 'state', ring, a)
-    F = {[a] = got[3] or false}
+    got = redis.call('HMGET', K_BOOK, 'state', 'live', ring, a)
+    F = {[a] = got[4] or false}
   else
-    got = redis.call('HMGET', K_BOOK, 'state', ring)
+    got = redis.call('HMGET', K_BOOK, 'state', 'live', ring)
     F = {}
   end
-  load_state(got[1])
-  S.ring_tag = got[2]
-  S.dirty, S.counted, S.call_tag = false, false, nil
+  load_state(got[1], got[2])
+  S.ring_tag = got[3]
+  S.dirty, S.cold, S.call_tag = false, false, nil
 end
 
 -- Read the fields of `names` this call has not read yet (one HMGET, or none).
@@ -318,16 +330,19 @@ end
 -- only over-blocks. In each key removals go first, so a member dropped and added again in one
 -- call ends added.
 local function finish(...)
+  local cold, hot = READ_COLD, READ_HOT
   if S.dirty then
     S.hw = S.hw + 1
     S.tag = S.call_tag or now_us() -- a write without a token of its own: its time
     push(HSET, RING_NAMES[S.hw % RING], S.tag)
+    hot = pack_live()
+    push(HSET, 'live', hot)
   end
-  if S.dirty or S.counted then -- (only a count changed: the mark stays)
-    local raw = pack_state()
-    push(HSET, 'state', raw)
-    PACKED[K_BOOK] = raw
+  if S.cold then -- a field of state changed (a denial's count changes only that: the mark stays)
+    cold = pack_state()
+    push(HSET, 'state', cold)
   end
+  COLD[K_BOOK], HOT[K_BOOK] = cold, hot
   flush('ZREM', K_EXPIRY, XREM)
   flush('ZADD', K_EXPIRY, XADD)
   flush('ZREM', K_FORGET, FREM)
@@ -340,7 +355,7 @@ end
 -- Withdraw the marker: every process is denied with book_not_restored until restore.
 local function withdraw()
   S.gen = 0
-  S.dirty = true
+  S.dirty, S.cold = true, true
 end
 
 -- True if the book can be trusted for this call: restored, and on the history the caller saw
@@ -373,14 +388,15 @@ local function forget_later(name, now)
   push(FADD, now + CALL_MEMO_US, name)
 end
 
--- The book's fields but state (binary: no client reads it, so a client that decodes replies
--- never meets it), as a flat list; with `prefix`, only the fields that start with it.
+-- The book's fields but state and live (binary: no client reads them, so a client that decodes
+-- replies never meets them), as a flat list; with `prefix`, only the fields that start with it.
 local function book_fields(prefix)
   local all = redis.call('HGETALL', K_BOOK)
   local out = {}
   for j = 1, #all, 2 do
     local name = all[j]
-    if name ~= 'state' and (not prefix or string.sub(name, 1, 2) == prefix) then
+    if name ~= 'state' and name ~= 'live' and (not prefix or string.sub(name, 1, 2) == prefix)
+    then
       out[#out + 1] = name
       out[#out + 1] = all[j + 1]
     end
@@ -390,9 +406,11 @@ end
 
 -- ------------------------------------------------------------------ book keeping
 
+local IN_STATE = {expired = true, restored = true, corrupt = true} -- counts kept in state, not live
 local function count(name)
   S[name] = S[name] + 1
   S.dirty = true
+  if IN_STATE[name] then S.cold = true end
 end
 
 -- Take `dw, df` units off the reservations of `sym` (F holds r:sym and p:sym).
@@ -618,7 +636,7 @@ local function deny(mode, reason)
   if mode ~= 'check' then
     local name = 'd_' .. reason
     S[name] = S[name] + 1
-    S.counted = true
+    S.cold = true
   end
   return finish('D', reason)
 end
@@ -899,7 +917,7 @@ local function restore(keys, args)
   if norders > 0 then S.next_due = tonumber(expiry) end
   S.forget_due = now + FORGET_EVERY_US
   S.restored = S.restored + norders
-  S.dirty = true
+  S.dirty, S.cold = true, true
   return finish('R', at)
 end
 
@@ -958,7 +976,7 @@ local function control(keys, args)
   S[flag] = value
   -- A change like any other: a halt a failover lost leaves the halting client's mark ahead.
   S.call_tag = tag_of(args[6])
-  S.dirty = true
+  S.dirty, S.cold = true, true
   return finish('1')
 end
 
@@ -986,7 +1004,7 @@ local function clock(keys, args)
   end
   if step ~= '0' or S.frozen ~= before then
     S.off = S.off + tonumber(step)
-    set('state', pack_state())
+    S.cold = true
   end
   return finish(now)
 end
