@@ -693,3 +693,36 @@ def test_the_script_ships_with_the_package() -> None:
 
     text = resources.files("pendingledger.redis").joinpath("gate.lua").read_text()
     assert text.startswith("#!lua name=pendingledger_@VERSION@")
+
+
+# ---------------------------------------------------------------------------- a call sent again
+
+
+def _answer(reply: list[Any]) -> list[str]:
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in reply]
+
+
+@pytest.mark.parametrize("op", ["release_order", "fill"])
+def test_a_call_sent_again_gets_its_first_answer_even_after_the_id_is_used_again(
+    client: Any, op: str
+) -> None:
+    """A client that lost a reply sends the same call (its call token) again. A call that ended
+    a reservation keeps its answer in the record's tombstone; when the order id is used again
+    before the retry comes, the answer moves to c:<call_token>. Either way the retry gets the
+    first answer and does not run: it must not end the new reservation of that id."""
+    gate = new_gate(client, Limits(max_concurrent_positions=4))
+    assert gate.try_enter("AAA", 1, order_id="o1")
+    args = {
+        "release_order": ("o1", "", ""),  # release_order(order_id): by id, symbol unknown
+        "fill": ("o1", 1_000_000_000, "+f", "", "", ""),  # confirm_fill(order_id, 1.0)
+    }[op]
+    call = (op, "call-token-1", *args)
+    first = _answer(gate.server.call(*call))
+    assert first[0] in ("1", "F"), first
+    assert _answer(gate.server.call(*call)) == first  # from the tombstone
+    again = res(gate.try_enter("AAA", 1, order_id="o1"))  # the same id, a new reservation
+    assert _answer(gate.server.call(*call)) == first  # from c:<call_token>
+    assert again.active
+    stats = gate.stats()
+    assert (stats.released, stats.filled) == ((1, 0) if op == "release_order" else (0, 1))
+    assert gate.audit(gate.limits) == []

@@ -128,7 +128,7 @@ class Snapshot:
         expiry = {k[2:]: v for k, v in expiry_z.items() if k}
         orders: dict[str, OrderRecord] = {}
         for name, rec in book.items():
-            if name.startswith("o:") and rec != "~":
+            if name.startswith("o:") and not rec.startswith("~"):  # ~: a tombstone
                 units, token, at, _, symbol = rec.split("|", 4)
                 oid = name[2:]
                 orders[oid] = OrderRecord(oid, symbol, int(units), token, int(at), expiry.get(oid))

@@ -21,8 +21,9 @@
 --                         p:<symbol>  the position's exposure in units (its magnitude)
 --                         k:<symbol>  its sign ('+' or '-') and the letter of its kind
 --                         r:<symbol>  units reserved on the symbol ('0' or absent: none)
---                         o:<order_id>  "units|token|reserved_at_us|ttl_us|symbol", or '~'
---                           once ended (kept for CALL_MEMO_US, see Retries)
+--                         o:<order_id>  "units|token|reserved_at_us|ttl_us|symbol", or once
+--                           ended a tombstone, '~' or '~<call_token>|<answer>' (kept for
+--                           CALL_MEMO_US, see Retries)
 --                         c:<call_token>  the answer that call got (see Retries)
 --                         h:<n>  the fencing tag of the change that made hw n, n mod RING
 --                           (see Fencing)
@@ -46,8 +47,9 @@
 --
 -- Retries: a client that loses a reply (a timeout) may send the same call again. 'enter' carries
 -- a token stored with the reservation it makes and answers a repeat from it. Every other call that
--- writes carries a random per-call token: its answer is kept in c:<token> for CALL_MEMO_US, and a
--- repeat gets that answer without running again. 'restore' is recognised by its generation.
+-- writes carries a random per-call token: its answer is kept for CALL_MEMO_US, in c:<token> or,
+-- when the call ended a reservation, in that record's tombstone (see kept), and a repeat gets
+-- that answer without running again. 'restore' is recognised by its generation.
 --
 -- Fencing: state's mark (epoch, hw, tag) names a point of one replication history. hw counts
 -- the calls that changed the book, and each such call leaves a tag, drawn from its random token
@@ -145,8 +147,10 @@ local function parse_rec(rec)
   return string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
 end
 
+local TILDE = 126 -- string.byte('~'): a tombstone's first byte
+
 local function live(rec)
-  return rec and rec ~= '~'
+  return rec and string.byte(rec) ~= TILDE
 end
 
 -- ------------------------------------------------------------------ one call's state
@@ -429,14 +433,14 @@ local function unreserve(sym, dw, df)
 end
 
 -- End the reservation `id` (its record's `units` and `sym`; F holds its r: and p: fields) as
--- `counter` says. Released and filled ones leave '~' for CALL_MEMO_US (a record a retry can
--- find); expired ones go at once.
-local function drop(id, units, sym, counter, now)
+-- `counter` says. Released and filled ones leave a tombstone for CALL_MEMO_US: `tomb` (the
+-- answer of the call that ended it: see kept) or '~'; expired ones go at once.
+local function drop(id, units, sym, counter, now, tomb)
   local name = 'o:' .. id
   if counter == 'expired' then
     delete(name)
   else
-    set(name, '~')
+    set(name, tomb or '~')
     forget_later(name, now)
     push(XREM, name)
   end
@@ -467,6 +471,17 @@ local function insert(id, sym, units, token, now, ttl, kind)
   S.kinds = bit.bor(S.kinds, kind)
   if expiry < S.next_due then S.next_due = expiry end
   count('admitted')
+end
+
+-- A tombstone '~<call_token>|<answer>' about to be overwritten by a new reservation of the same
+-- order id: its answer moves to c:<call_token>, so a retry of the call that ended the old
+-- reservation still gets it (and does not run again, on the new one).
+local function keep_answer(rec, now)
+  local bar = string.find(rec, '|', 2, true)
+  if not bar then return end
+  local memo = 'c:' .. string.sub(rec, 2, bar - 1)
+  set(memo, string.sub(rec, bar + 1))
+  forget_later(memo, now)
 end
 
 -- The first due entries of zset `key` (after its sentinel), or nil if the sentinel is gone.
@@ -593,12 +608,12 @@ local function after_fill(units, down, up)
 end
 
 -- Reduce the reservation `id` (record `rec`) by a fill of `down` to `up` units; returns 'E'
--- (ended, as filled) or 'R' and the units that stay.
-local function reduce_rec(id, rec, down, up, now)
+-- (ended, as filled, leaving `tomb`) or 'R' and the units that stay.
+local function reduce_rec(id, rec, down, up, now, tomb)
   local units, t, at, ttl, sym = parse_rec(rec)
   local nw, nf = after_fill(units, down, up)
   if zero(nw, nf) then
-    drop(id, units, sym, 'filled', now)
+    drop(id, units, sym, 'filled', now, tomb)
     return 'E'
   end
   local want = fmt(nw, nf)
@@ -698,18 +713,35 @@ local function enter(keys, args)
   end
   if mode == 'check' then return finish('C') end
   S.call_tag = tag_of(token)
+  if rec and #rec > 1 then keep_answer(rec, now) end -- the id is used again: see kept()
   insert(id, sym, units, token, now, c[7], args[9] + 0)
   return finish('A', now, now + c[1])
 end
 
 -- A writing operation with call token args[4]: `read` returns the names of the book fields `op`
--- needs, at most three (read in the call's one HMGET with the kept answer c:<token>); `op(args, now)` returns the answer
--- (one or two items), which is kept for a retry of the same call. {'D'}: book not restored.
-local function kept(read, op)
+-- needs, at most three (read in the call's one HMGET with the kept answer c:<token>);
+-- `op(args, now)` returns the answer (one or two items), which is kept for a retry of the same
+-- call, and true as a third result when it ended the reservation of order args[5] and left its
+-- answer in the record's tombstone, '~<call_token>|<answer>' (tombstone()), which costs no field
+-- and no `forget` entry of its own; `by_order` says args[5] is an order id whose record `read`
+-- names. {'D'}: book not restored.
+local function tombstone(args, answer)
+  return '~' .. args[4] .. '|' .. answer
+end
+
+local function answer_in(rec, token)
+  if not rec or string.byte(rec) ~= TILDE then return nil end
+  local head = '~' .. token .. '|'
+  if string.sub(rec, 1, #head) ~= head then return nil end
+  return string.sub(rec, #head + 1)
+end
+
+local function kept(read, op, by_order)
   return function(keys, args)
     local memo = 'c:' .. args[4]
     begin(keys, args, memo, read(args))
-    local again = F[memo]
+    local record = by_order and 'o:' .. args[5]
+    local again = F[memo] or (record and answer_in(F[record], args[4]))
     if again then
       local bar = string.find(again, '|', 1, true)
       if not bar then return finish(again) end
@@ -720,12 +752,14 @@ local function kept(read, op)
     S.call_tag = tag_of(args[4])
     sweeps(now)
     if S.gen == 0 then return finish('D') end
-    local a, b = op(args, now)
-    if type(a) ~= 'string' then a = tostring(a) end -- as a retry gets it back
-    local enc = a
-    if b ~= nil then enc = a .. '|' .. b end
-    set(memo, enc)
-    forget_later(memo, now)
+    local a, b, in_tombstone = op(args, now)
+    if not in_tombstone then
+      if type(a) ~= 'string' then a = tostring(a) end -- as a retry gets it back
+      local enc = a
+      if b ~= nil then enc = a .. '|' .. b end
+      set(memo, enc)
+      forget_later(memo, now)
+    end
     return finish(a, b)
   end
 end
@@ -755,11 +789,11 @@ end
 local function release_order(args, now)
   local rec, units, sym = find(args[5], args[6])
   if not rec then return '0' end
-  drop(args[5], units, sym, 'released', now)
+  drop(args[5], units, sym, 'released', now, tombstone(args, '1'))
   if args[8] == '1' then -- an admission no replica confirmed (min_replicas): it counts nowhere
     S.admitted, S.released = S.admitted - 1, S.released - 1
   end
-  return '1'
+  return '1', nil, true
 end
 
 -- release_symbol mark call_token symbol -> {number of reservations dropped}
@@ -789,7 +823,8 @@ end
 local function reduce(args, now)
   local rec = find(args[5], args[6])
   if not rec then return 'G' end
-  return reduce_rec(args[5], rec, args[7], args[8], now)
+  local a, b = reduce_rec(args[5], rec, args[7], args[8], now, tombstone(args, 'E'))
+  return a, b, a == 'E'
 end
 
 -- set_position mark call_token symbol units code -> {1} if it was open before, else {0}
@@ -826,11 +861,12 @@ local function fill(args, now)
   end
   if sym ~= '' and sym ~= rsym then return 'M', rsym end
   set_pos(rsym, value, code)
+  local tomb = tombstone(args, 'F|' .. rsym)
   if up == '' then
-    drop(id, units, rsym, 'filled', now)
-    return 'F', rsym
+    drop(id, units, rsym, 'filled', now, tomb)
+    return 'F', rsym, true
   end
-  if reduce_rec(id, rec, down, up, now) == 'E' then return 'F', rsym end
+  if reduce_rec(id, rec, down, up, now, tomb) == 'E' then return 'F', rsym, true end
   return 'R', rsym
 end
 
@@ -1058,12 +1094,13 @@ end
 local function none() end
 
 register('enter', enter)
-register('release_order', kept(function(args) return order_fields(args, 7) end, release_order))
+register('release_order', kept(function(args) return order_fields(args, 7) end, release_order,
+  true))
 register('release_symbol', kept(none, release_symbol))
-register('reduce', kept(function(args) return order_fields(args, 9) end, reduce))
+register('reduce', kept(function(args) return order_fields(args, 9) end, reduce, true))
 register('set_position', kept(symbol_fields, set_position))
 register('close_position', kept(symbol_fields, close_position))
-register('fill', kept(function(args) return order_fields(args, 8) end, fill))
+register('fill', kept(function(args) return order_fields(args, 8) end, fill, true))
 register('restore', restore)
 register('marker', marker)
 register('sweep', sweep_op)
