@@ -726,3 +726,25 @@ def test_a_call_sent_again_gets_its_first_answer_even_after_the_id_is_used_again
     stats = gate.stats()
     assert (stats.released, stats.filled) == ((1, 0) if op == "release_order" else (0, 1))
     assert gate.audit(gate.limits) == []
+
+
+@pytest.mark.parametrize("layout", ["older layout", "older size", "live missing"])
+def test_a_book_in_another_layout_is_not_restored(client: Any, layout: str) -> None:
+    """A book written by another version of gate.lua (its state in another layout or size) is
+    never read as this one: every decision is denied until restore rewrites it."""
+    gate = new_gate(client, Limits(max_concurrent_positions=4))
+    assert gate.try_enter("AAA", 1)
+    book = gate.keys[0]
+    if layout == "older layout":
+        state = unpack_state("state", client.hget(book, "state"))
+        client.hset(book, "state", pack_state("state", state | {"layout": 1}))
+    elif layout == "older size":
+        client.hset(book, "state", client.hget(book, "state") + bytes(8))
+    else:
+        client.hdel(book, "live")
+    fresh = RedisGate(client, gate.limits, ttl=60, namespace=gate.namespace)
+    assert fresh.try_enter("BBB", 1).reason is R.BOOK_NOT_RESTORED
+    assert gate.try_enter("BBB", 1).reason is R.BOOK_NOT_RESTORED
+    gate.restore({})
+    assert gate.try_enter("BBB", 1)
+    assert gate.audit(gate.limits) == []

@@ -59,15 +59,16 @@ STATE: Final = ("gen", "epoch", "hw", "npos", "pos_gross_w", "pos_gross_f", "res
 """The book's state as ``snapshot`` sends it: these 31 numbers, in this order."""
 
 PACKED: Final = {
-    "state": ("gen", "epoch", "restored_at", "halted", "testing", "clock_us", "clock_frozen_us",
-              "expired", "restored", "corrupt", "d_book_not_restored", "d_halted",
-              "d_max_concurrent_positions", "d_max_gross_exposure", "d_max_symbol_exposure"),
+    "state": ("layout", "gen", "epoch", "restored_at", "halted", "testing", "clock_us",
+              "clock_frozen_us", "expired", "restored", "corrupt", "d_book_not_restored",
+              "d_halted", "d_max_concurrent_positions", "d_max_gross_exposure",
+              "d_max_symbol_exposure"),
     "live": ("hw", "tag", "npos", "pos_gross_w", "pos_gross_f", "res_gross_w", "res_gross_f",
              "res_syms", "res_open", "nres", "kinds", "next_due", "forget_due", "admitted",
              "released", "filled"),
 }  # fmt: skip
 """The two book fields the state is packed in, each as little-endian doubles with these names
-(gate.lua's STATE_FORMAT and LIVE_FORMAT)."""
+(gate.lua's STATE_FORMAT and LIVE_FORMAT); ``layout`` is gate.lua's LAYOUT."""
 
 
 def unpack_state(field: str, raw: bytes) -> dict[str, int]:

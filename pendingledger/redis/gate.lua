@@ -162,15 +162,19 @@ end
 
 -- Little-endian doubles (struct; every value is an integer below 2^53, so exact), in two fields
 -- so that a decision and a release pack only what they change (packing costs per field):
--- state, 15: gen epoch restored_at halted testing clock_us clock_frozen_us expired restored
---   corrupt, then the denials by reason: d_book_not_restored d_halted d_max_concurrent_positions
---   d_max_gross_exposure d_max_symbol_exposure
+-- state, 16: layout (LAYOUT) gen epoch restored_at halted testing clock_us clock_frozen_us
+--   expired restored corrupt, then the denials by reason: d_book_not_restored d_halted
+--   d_max_concurrent_positions d_max_gross_exposure d_max_symbol_exposure
 -- live, 16: hw tag (the fencing tag of the write that made hw: see Fencing) npos pos_gross_w
 --   pos_gross_f res_gross_w res_gross_f res_syms res_open nres kinds next_due forget_due admitted
 --   released filled
 -- gen 0: not restored. halted, testing: 0 or 1. clock_frozen_us 0: not frozen.
-local STATE_FORMAT = '<ddddddddddddddd'
+-- A book whose state has another size or layout was written by another version of this code
+-- (another layout of the book, its records and its indexes): it is not restored, so every
+-- decision is denied until restore rewrites it in this layout.
+local STATE_FORMAT = '<dddddddddddddddd'
 local LIVE_FORMAT = '<dddddddddddddddd'
+local LAYOUT, STATE_SIZE, LIVE_SIZE = 2, 128, 128
 local NEVER = CLOCK_MAX -- next_due when nothing is reserved: the clock never gets there
 
 local S, F = {}, {}
@@ -205,29 +209,32 @@ end
 
 local function unpack_state(cold, hot)
   local t = S
-  if cold then
-    t.gen, t.epoch, t.restored_at, t.halted, t.testing, t.off, t.frozen, t.expired, t.restored,
-      t.corrupt, t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions,
+  local layout
+  if cold and #cold == STATE_SIZE then
+    layout, t.gen, t.epoch, t.restored_at, t.halted, t.testing, t.off, t.frozen, t.expired,
+      t.restored, t.corrupt, t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions,
       t.d_max_gross_exposure, t.d_max_symbol_exposure = struct.unpack(STATE_FORMAT, cold)
-  else
+  end
+  if layout ~= LAYOUT then
     t.gen, t.epoch, t.restored_at, t.halted, t.testing, t.off, t.frozen, t.expired, t.restored,
       t.corrupt, t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions,
       t.d_max_gross_exposure, t.d_max_symbol_exposure = 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
   end
-  if hot then
+  if hot and #hot == LIVE_SIZE then
     t.hw, t.tag, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres, t.kinds,
       t.next_due, t.forget_due, t.admitted, t.released, t.filled = struct.unpack(LIVE_FORMAT, hot)
   else
     t.hw, t.tag, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres, t.kinds,
       t.next_due, t.forget_due, t.admitted, t.released, t.filled =
       0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NEVER, 0, 0, 0, 0
+    t.gen = 0 -- the totals are gone: not restored
   end
 end
 
 local function pack_state()
   local t = S
-  return struct.pack(STATE_FORMAT, t.gen, t.epoch, t.restored_at, t.halted, t.testing, t.off,
-    t.frozen, t.expired, t.restored, t.corrupt, t.d_book_not_restored, t.d_halted,
+  return struct.pack(STATE_FORMAT, LAYOUT, t.gen, t.epoch, t.restored_at, t.halted, t.testing,
+    t.off, t.frozen, t.expired, t.restored, t.corrupt, t.d_book_not_restored, t.d_halted,
     t.d_max_concurrent_positions, t.d_max_gross_exposure, t.d_max_symbol_exposure)
 end
 
