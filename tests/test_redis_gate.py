@@ -712,16 +712,16 @@ def test_a_call_sent_again_gets_its_first_answer_even_after_the_id_is_used_again
     first answer and does not run: it must not end the new reservation of that id."""
     gate = new_gate(client, Limits(max_concurrent_positions=4))
     assert gate.try_enter("AAA", 1, order_id="o1")
-    args = {
+    args: tuple[str | int, ...] = {
         "release_order": ("o1", "", ""),  # release_order(order_id): by id, symbol unknown
         "fill": ("o1", 1_000_000_000, "+f", "", "", ""),  # confirm_fill(order_id, 1.0)
     }[op]
-    call = (op, "call-token-1", *args)
-    first = _answer(gate.server.call(*call))
+    call = ("call-token-1", *args)
+    first = _answer(gate.server.call(op, *call))
     assert first[0] in ("1", "F"), first
-    assert _answer(gate.server.call(*call)) == first  # from the tombstone
+    assert _answer(gate.server.call(op, *call)) == first  # from the tombstone
     again = res(gate.try_enter("AAA", 1, order_id="o1"))  # the same id, a new reservation
-    assert _answer(gate.server.call(*call)) == first  # from c:<call_token>
+    assert _answer(gate.server.call(op, *call)) == first  # from c:<call_token>
     assert again.active
     stats = gate.stats()
     assert (stats.released, stats.filled) == ((1, 0) if op == "release_order" else (0, 1))

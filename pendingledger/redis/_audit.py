@@ -56,33 +56,40 @@ STATE: Final = ("gen", "epoch", "hw", "npos", "pos_gross_w", "pos_gross_f", "res
                 "restored_at", "halted", "testing", "clock_us", "clock_frozen_us",
                 "d_book_not_restored", "d_halted", "d_max_concurrent_positions",
                 "d_max_gross_exposure", "d_max_symbol_exposure", "tag")  # fmt: skip
-"""The book's state as ``snapshot`` sends it: these 31 numbers, in this order."""
+"""The book's state as ``snapshot`` sends it, in this order: 30 numbers, then the fencing tag (a
+string)."""
 
 PACKED: Final = {
     "state": ("layout", "gen", "epoch", "restored_at", "halted", "testing", "clock_us",
               "clock_frozen_us", "expired", "restored", "corrupt", "d_book_not_restored",
               "d_halted", "d_max_concurrent_positions", "d_max_gross_exposure",
               "d_max_symbol_exposure"),
-    "live": ("hw", "tag", "npos", "pos_gross_w", "pos_gross_f", "res_gross_w", "res_gross_f",
+    "live": ("hw", "npos", "pos_gross_w", "pos_gross_f", "res_gross_w", "res_gross_f",
              "res_syms", "res_open", "nres", "kinds", "next_due", "forget_due", "admitted",
-             "released", "filled"),
+             "released", "filled", "tag"),
 }  # fmt: skip
-"""The two book fields the state is packed in, each as little-endian doubles with these names
-(gate.lua's STATE_FORMAT and LIVE_FORMAT); ``layout`` is gate.lua's LAYOUT."""
+"""The two book fields the state is packed in, little-endian doubles with these names but the
+fencing tag, 16 characters (gate.lua's STATE_FORMAT and LIVE_FORMAT); ``layout`` is gate.lua's
+LAYOUT."""
+
+_FORMATS: Final = {"state": "<16d", "live": "<15d16s"}
 
 
-def unpack_state(field: str, raw: bytes) -> dict[str, int]:
+def unpack_state(field: str, raw: bytes) -> dict[str, int | str]:
     """The book's packed ``field`` (``state`` or ``live``), as read by a client without
-    ``decode_responses``."""
-    names = PACKED[field]
-    values = struct.unpack(f"<{len(names)}d", raw)
-    return {name: int(v) for name, v in zip(names, values, strict=True)}
+    ``decode_responses``: numbers as int, the tag as str."""
+    values = struct.unpack(_FORMATS[field], raw)
+    return {
+        name: v.decode() if isinstance(v, bytes) else int(v)
+        for name, v in zip(PACKED[field], values, strict=True)
+    }
 
 
-def pack_state(field: str, values: dict[str, int]) -> bytes:
+def pack_state(field: str, values: dict[str, int | str]) -> bytes:
     """``values`` (all of ``field``'s names) packed as the book's ``field``, for tests that
     corrupt a book on purpose."""
-    return struct.pack(f"<{len(PACKED[field])}d", *(values[name] for name in PACKED[field]))
+    items = (values[name] for name in PACKED[field])
+    return struct.pack(_FORMATS[field], *(v.encode() if isinstance(v, str) else v for v in items))
 
 
 _TOTALS: Final = ("npos", "pos_gross", "res_gross", "res_syms", "res_open", "nres")
@@ -109,12 +116,14 @@ class Snapshot:
 
     @classmethod
     def from_reply(cls, reply: Sequence[Any]) -> Snapshot:
-        state = {name: int(v) for name, v in zip(STATE, reply[1], strict=True)}
+        *numbers, tag = reply[1]
+        state = {name: int(v) for name, v in zip(STATE[:-1], numbers, strict=True)}
         book = _pairs(reply[2])
         expiry_z, forget_z = _zset(reply[3]), _zset(reply[4])
         missing = tuple(name for name, z in (("expiry", expiry_z), ("forget", forget_z))
                         if "" not in z)  # fmt: skip
         meta = {name: str(value) for name, value in state.items() if value}
+        meta["tag"] = _s(tag)
         for total in ("pos_gross", "res_gross"):
             meta[total] = str(state[f"{total}_w"] * 10**9 + state[f"{total}_f"])
         totals = {name: int(meta.get(name) or 0) for name in _TOTALS}

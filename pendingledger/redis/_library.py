@@ -51,13 +51,15 @@ class Mark:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._mark = (0, 0, 0)
+        self._mark: tuple[int, int, str] = (0, 0, "0")
 
-    def args(self) -> tuple[int, int, int]:
+    def args(self) -> tuple[int, int, str]:
         return self._mark
 
     def saw(self, epoch: object, hw: object, tag: object) -> None:
-        seen = (int(epoch), int(hw), int(tag))  # type: ignore[call-overload]
+        """Take in a reply's mark (``tag``: the server's string, as bytes or str)."""
+        text = tag.decode() if isinstance(tag, bytes) else str(tag)
+        seen = (int(epoch), int(hw), text)  # type: ignore[call-overload]
         if seen[:2] > self._mark[:2]:
             with self._lock:
                 if seen[:2] > self._mark[:2]:

@@ -52,8 +52,8 @@
 -- that answer without running again. 'restore' is recognised by its generation.
 --
 -- Fencing: state's mark (epoch, hw, tag) names a point of one replication history. hw counts
--- the calls that changed the book, and each such call leaves a tag, drawn from its random token
--- (or its time), in state and in the ring h:<hw mod RING>; restore starts a new epoch (the
+-- the calls that changed the book, and each such call leaves a tag, its random token itself (or
+-- its time or the restore's generation, in hex), in live and in the ring h:<hw mod RING>; restore starts a new epoch (the
 -- server's clock in microseconds, always above the old epoch and the caller's) with hw 0. Every
 -- reply carries the mark, and every client keeps the highest it has seen and sends it with each
 -- call. A server whose mark is behind a client's has lost writes that client saw (a failover to a
@@ -165,16 +165,24 @@ end
 -- state, 16: layout (LAYOUT) gen epoch restored_at halted testing clock_us clock_frozen_us
 --   expired restored corrupt, then the denials by reason: d_book_not_restored d_halted
 --   d_max_concurrent_positions d_max_gross_exposure d_max_symbol_exposure
--- live, 16: hw tag (the fencing tag of the write that made hw: see Fencing) npos pos_gross_w
---   pos_gross_f res_gross_w res_gross_f res_syms res_open nres kinds next_due forget_due admitted
---   released filled
+-- live, 15 doubles and a string: hw npos pos_gross_w pos_gross_f res_gross_w res_gross_f
+--   res_syms res_open nres kinds next_due forget_due admitted released filled, then tag (the
+--   fencing tag of the write that made hw, TAG_SIZE characters: see Fencing)
 -- gen 0: not restored. halted, testing: 0 or 1. clock_frozen_us 0: not frozen.
 -- A book whose state has another size or layout was written by another version of this code
 -- (another layout of the book, its records and its indexes): it is not restored, so every
 -- decision is denied until restore rewrites it in this layout.
 local STATE_FORMAT = '<dddddddddddddddd'
-local LIVE_FORMAT = '<dddddddddddddddd'
-local LAYOUT, STATE_SIZE, LIVE_SIZE = 2, 128, 128
+local LIVE_FORMAT = '<dddddddddddddddc16'
+local LAYOUT, STATE_SIZE, LIVE_SIZE, TAG_SIZE = 2, 128, 136, 16
+local NO_TAG = '0000000000000000'
+
+-- The fencing tag of a write: the caller's random token itself (16 hex digits from the client:
+-- no conversion), any other string cut or padded to TAG_SIZE.
+local function tag_of(token)
+  if #token == TAG_SIZE then return token end
+  return string.sub(token .. NO_TAG, 1, TAG_SIZE)
+end
 local NEVER = CLOCK_MAX -- next_due when nothing is reserved: the clock never gets there
 
 local S, F = {}, {}
@@ -221,12 +229,12 @@ local function unpack_state(cold, hot)
       t.d_max_gross_exposure, t.d_max_symbol_exposure = 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
   end
   if hot and #hot == LIVE_SIZE then
-    t.hw, t.tag, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres, t.kinds,
-      t.next_due, t.forget_due, t.admitted, t.released, t.filled = struct.unpack(LIVE_FORMAT, hot)
+    t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres, t.kinds, t.next_due,
+      t.forget_due, t.admitted, t.released, t.filled, t.tag = struct.unpack(LIVE_FORMAT, hot)
   else
-    t.hw, t.tag, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres, t.kinds,
-      t.next_due, t.forget_due, t.admitted, t.released, t.filled =
-      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NEVER, 0, 0, 0, 0
+    t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres, t.kinds, t.next_due,
+      t.forget_due, t.admitted, t.released, t.filled, t.tag =
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NEVER, 0, 0, 0, 0, NO_TAG
     t.gen = 0 -- the totals are gone: not restored
   end
 end
@@ -240,8 +248,8 @@ end
 
 local function pack_live()
   local t = S
-  return struct.pack(LIVE_FORMAT, t.hw, t.tag, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms,
-    t.res_open, t.nres, t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled)
+  return struct.pack(LIVE_FORMAT, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open,
+    t.nres, t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.tag)
 end
 
 -- The state and live fields each book had after the last call here that read or wrote them, and
@@ -344,7 +352,7 @@ local function finish(...)
   local cold, hot = READ_COLD, READ_HOT
   if S.dirty then
     S.hw = S.hw + 1
-    S.tag = S.call_tag or now_us() -- a write without a token of its own: its time
+    S.tag = S.call_tag or tag_of(string.format('%016x', now_us())) -- no token: its time
     push(HSET, RING_NAMES[S.hw % RING], S.tag)
     hot = pack_live()
     push(HSET, 'live', hot)
@@ -382,7 +390,7 @@ local function usable(args)
   if S.epoch == ce and ch > 0 then
     local kept_tag
     if S.hw == ch then kept_tag = S.tag elseif S.hw - ch < RING then kept_tag = S.ring_tag end
-    if kept_tag and kept_tag + 0 ~= args[3] + 0 then
+    if kept_tag and kept_tag ~= args[3] then
       withdraw()
       return false
     end
@@ -390,10 +398,6 @@ local function usable(args)
   return true
 end
 
--- The fencing tag of a write from the caller's random token (hex): its first 52 bits.
-local function tag_of(token)
-  return tonumber(string.sub(token, 1, 13), 16)
-end
 
 local function forget_later(name, now)
   push(FADD, now + CALL_MEMO_US, name)
@@ -953,7 +957,7 @@ local function restore(keys, args)
   end
   S.epoch = epoch
   S.hw = -1 -- finish() counts this write: the new epoch starts at 0
-  S.gen, S.restored_at, S.call_tag = gen, at, gen
+  S.gen, S.restored_at, S.call_tag = gen, at, tag_of(string.format('%016x', gen))
   S.npos, S.pw, S.pf, S.rw, S.rf = npos, pw, pf, gw, gf
   S.res_syms, S.res_open, S.nres, S.kinds = #syms, res_open, norders, kinds
   S.next_due = NEVER
