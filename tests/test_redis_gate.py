@@ -748,3 +748,17 @@ def test_a_book_in_another_layout_is_not_restored(client: Any, layout: str) -> N
     gate.restore({})
     assert gate.try_enter("BBB", 1)
     assert gate.audit(gate.limits) == []
+
+
+def test_a_records_times_are_the_decisions_own(client: Any) -> None:
+    """The record keeps reserved_at as TIME's two strings joined (no sprintf on the decision
+    path), its microseconds zero-padded to six digits; the expiry index keeps the number the
+    server computed. They must agree to the microsecond (TIME's microseconds are below 100000,
+    so shorter and padded, about one try in ten)."""
+    gate = new_gate(client, Limits(), ttl=2.5)
+    for k in range(300):
+        r = res(gate.try_enter("AAA", 1, order_id=f"t{k}"))
+        record = gate.snapshot().orders[r.order_id]
+        assert record.expires_at_us == record.reserved_at_us + 2_500_000, (k, record)
+        assert abs(record.reserved_at_us - r.reserved_at * 1_000_000) < 2, (k, record)
+        assert r.release()

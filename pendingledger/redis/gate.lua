@@ -324,20 +324,21 @@ local function delete(name)
   push(HDEL, name)
 end
 
-local TIME_NOW -- the last TIME reply
+local TIME_NOW, TIME_US -- the last TIME reply, and it in microseconds
 local function now_us()
   if S.frozen ~= 0 then return S.frozen + S.off end
   local t = redis.call('TIME')
-  TIME_NOW = t
-  return t[1] * 1000000 + t[2] + S.off -- Lua converts the strings itself: no function call
+  local us = t[1] * 1000000 + t[2] -- Lua converts the strings itself: no function call
+  TIME_NOW, TIME_US = t, us
+  return us + S.off
 end
 
 -- `now` (from now_us) as a decimal string. Without the test clock it is TIME's own two strings,
 -- joined: string.format, a sprintf, costs more than the rest of a decision's bookkeeping.
 local USEC_PAD = {'00000', '0000', '000', '00', '0', ''}
 local function stamp(now)
-  local t = TIME_NOW
-  if S.off == 0 and S.frozen == 0 and t and t[1] * 1000000 + t[2] == now then
+  if S.off == 0 and S.frozen == 0 and TIME_US == now then
+    local t = TIME_NOW
     return t[1] .. USEC_PAD[#t[2]] .. t[2]
   end
   return string.format('%d', now)
