@@ -330,3 +330,20 @@ def test_the_state_the_server_code_keeps_between_calls_is_the_state_it_wrote(cli
         assert {k: v.decode() if k == "tag" else int(v) for k, v in kept.items()} == written, name
     stats = gate.stats()
     assert stats.expired >= 1 and stats.denied  # the steps did what their names say
+
+
+def test_releasing_a_symbol_whose_reservation_just_expired_counts_it_once(client: Any) -> None:
+    """release(symbol) runs after the call's sweep: a reservation that sweep expires is gone
+    for it, though its record is still in the book until the call's writes. Dropping it a
+    second time counted it twice and took the reserved-symbol count below zero, and the gate
+    then admitted a position past the limit (found by review; the old code did it too)."""
+    gate = new_gate(client, Limits(max_concurrent_positions=1), ttl=1.0, frozen=True)
+    enable_test_ops(gate)
+    assert gate.try_enter("AAA", 1)
+    advance_server_clock(gate, 1.0)  # due, not swept yet
+    assert gate.release("AAA") is False  # nothing outstanding: it expired
+    assert gate.try_enter("BBB", 1)
+    assert gate.try_enter("CCC", 1).reason is R.MAX_CONCURRENT_POSITIONS
+    stats = gate.stats()
+    assert (stats.expired, stats.released, stats.corrupt) == (1, 0, 0)
+    assert gate.audit(gate.limits) == []

@@ -733,7 +733,7 @@ def test_a_book_in_another_layout_is_not_restored(client: Any, layout: str) -> N
     """A book written by another version of gate.lua (its state in another layout or size) is
     never read as this one: every decision is denied until restore rewrites it."""
     gate = new_gate(client, Limits(max_concurrent_positions=4))
-    assert gate.try_enter("AAA", 1)
+    held = res(gate.try_enter("AAA", 1))
     book = gate.keys[0]
     if layout == "older layout":
         state = unpack_state("state", client.hget(book, "state"))
@@ -745,6 +745,7 @@ def test_a_book_in_another_layout_is_not_restored(client: Any, layout: str) -> N
     fresh = RedisGate(client, gate.limits, ttl=60, namespace=gate.namespace)
     assert fresh.try_enter("BBB", 1).reason is R.BOOK_NOT_RESTORED
     assert gate.try_enter("BBB", 1).reason is R.BOOK_NOT_RESTORED
+    assert held.active is False  # its record is not read in another layout's terms either
     gate.restore({})
     assert gate.try_enter("BBB", 1)
     assert gate.audit(gate.limits) == []

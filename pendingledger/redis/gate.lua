@@ -730,17 +730,12 @@ local function enter(keys, args)
   return finish('A', now, now + c[1])
 end
 
--- A writing operation with call token args[4]: `read` returns the names of the book fields `op`
--- needs, at most three (read in the call's one HMGET with the kept answer c:<token>);
--- `op(args, now)` returns the answer (one or two items), which is kept for a retry of the same
--- call, and true as a third result when it ended the reservation of order args[5] and left its
--- answer in the record's tombstone, '~<call_token>|<answer>' (tombstone()), which costs no field
--- and no `forget` entry of its own; `by_order` says args[5] is an order id whose record `read`
--- names. {'D'}: book not restored.
+-- The tombstone a call (call token args[4]) leaves in the record it ends, with its answer.
 local function tombstone(args, answer)
   return '~' .. args[4] .. '|' .. answer
 end
 
+-- The answer the call `token` left in tombstone `rec`, or nil.
 local function answer_in(rec, token)
   if not rec or string.byte(rec) ~= TILDE then return nil end
   local head = '~' .. token .. '|'
@@ -748,6 +743,13 @@ local function answer_in(rec, token)
   return string.sub(rec, #head + 1)
 end
 
+-- A writing operation with call token args[4]: `read` returns the names of the book fields `op`
+-- needs, at most three (read in the call's one HMGET with the kept answer c:<token>);
+-- `op(args, now)` returns the answer (one or two items), which is kept for a retry of the same
+-- call, and true as a third result when it ended the reservation of order args[5] and left its
+-- answer in the record's tombstone, '~<call_token>|<answer>' (tombstone()), which costs no field
+-- and no `forget` entry of its own; `by_order` says args[5] is an order id whose record `read`
+-- names. {'D'}: book not restored.
 local function kept(read, op, by_order)
   return function(keys, args)
     local memo = 'c:' .. args[4]
@@ -817,7 +819,11 @@ local function release_symbol(args, now)
   local all = book_fields('o:')
   local n = 0
   for i = 1, #all, 2 do
-    local name, rec = all[i], all[i + 1]
+    local name = all[i]
+    -- this call's own view first: the sweep before may have expired (deleted) a record that
+    -- HGETALL, which runs before the call's writes, still returns
+    local rec = F[name]
+    if rec == nil then rec = all[i + 1] end
     if live(rec) then
       local units, _, _, _, rsym = parse_rec(rec)
       if rsym == sym then
@@ -1063,14 +1069,14 @@ end
 local function status(keys, args)
   begin(keys, args, 'o:' .. args[4])
   local rec = F['o:' .. args[4]]
-  if not live(rec) then return finish('G') end
+  if S.gen == 0 or not live(rec) then return finish('G') end -- (a book of another layout too)
   local units, t, at, ttl = parse_rec(rec)
   if args[5] ~= '' and t ~= args[5] then return finish('G') end
   if at + ttl <= now_us() then return finish('G') end
   return finish('A', units)
 end
 
--- snapshot mark -> {now_us, state (its 31 numbers in STATE_FORMAT's order), book fields,
+-- snapshot mark -> {now_us, state (30 numbers, then the tag: _audit.STATE's order), book fields,
 --   expiry, forget} (flat lists, sentinels included), in one consistent view (for audits).
 local function snapshot(keys, args)
   begin(keys, args)
