@@ -11,7 +11,9 @@
 -- The cost of a call is mostly the number of commands it sends (each redis.call costs a few
 -- microseconds whatever it does), so a call reads every field it needs with one HMGET, keeps
 -- what it changes in the tables below, and writes it back with one command per key (finish).
--- A decision is TIME, HMGET, HSET and ZADD; a release TIME, HMGET, HSET, ZREM and ZADD.
+-- A decision is TIME, HMGET, HSET and ZADD; a release TIME, HMGET, HSET, ZREM and ZADD. After
+-- the commands, what costs most is turning numbers into strings (a sprintf each) and packing
+-- state: the hot paths do neither more than they must (see stamp, RING_NAMES, the two fields).
 --
 -- Keys (all under one hash tag {ns}, so Redis Cluster keeps them in one slot):
 --   KEYS[1] book    hash  state: the marker, the epoch, the halt and test flags, the test clock
@@ -53,8 +55,9 @@
 --
 -- Fencing: state's mark (epoch, hw, tag) names a point of one replication history. hw counts
 -- the calls that changed the book, and each such call leaves a tag, its random token itself (or
--- its time or the restore's generation, in hex), in live and in the ring h:<hw mod RING>; restore starts a new epoch (the
--- server's clock in microseconds, always above the old epoch and the caller's) with hw 0. Every
+-- its time or the restore's generation, in hex), in live and in the ring h:<hw mod RING>;
+-- restore starts a new epoch (the server's clock in microseconds, always above the old epoch
+-- and the caller's) with hw 0. Every
 -- reply carries the mark, and every client keeps the highest it has seen and sends it with each
 -- call. A server whose mark is behind a client's has lost writes that client saw (a failover to a
 -- replica that had not received them, a resync from another primary, a restart from an old
@@ -155,10 +158,10 @@ end
 
 -- ------------------------------------------------------------------ one call's state
 --
--- S: the book's state and live fields, unpacked at the start of a call and changed in place. F: every
--- book field read in this call (false: absent), kept current by set(). The rest collect the
--- writes that finish() sends, one command per key. One call runs at a time, so these tables
--- are shared by all calls and reset by begin().
+-- S: the book's state and live fields, unpacked at the start of a call and changed in place.
+-- F: every book field read in this call (false: absent), kept current by set(). The rest
+-- collect the writes that finish() sends, one command per key. One call runs at a time, so
+-- these tables are shared by all calls and reset by begin().
 
 -- Little-endian doubles (struct; every value is an integer below 2^53, so exact), in two fields
 -- so that a decision and a release pack only what they change (packing costs per field):
@@ -399,7 +402,6 @@ local function usable(args)
   return true
 end
 
-
 local function forget_later(name, now)
   push(FADD, now + CALL_MEMO_US, name)
 end
@@ -422,7 +424,7 @@ end
 
 -- ------------------------------------------------------------------ book keeping
 
-local IN_STATE = {expired = true, restored = true, corrupt = true} -- counts kept in state, not live
+local IN_STATE = {expired = true, restored = true, corrupt = true} -- counts in state, not live
 local function count(name)
   S[name] = S[name] + 1
   S.dirty = true
@@ -645,7 +647,8 @@ end
 
 -- A decision's config parsed once per distinct string (a gate sends the same one with every
 -- decision until its limits change): {ttl, max_pos or false, and each exposure limit as limbs
--- (false: none), then ttl as the string it came as}. A pure function of the string, so keeping it between calls is safe.
+-- (false: none), then ttl as the string it came as}. A pure function of the string, so
+-- keeping it between calls is safe.
 local CONFIGS, NCONFIGS = {}, 0
 local function config(s)
   local c = CONFIGS[s]
