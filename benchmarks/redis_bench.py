@@ -81,31 +81,32 @@ TARGET_WALL_RATIO = 1.75  # gate cycle / two trivial FCALL
 TARGET_SCALING = 3.0  # 4 processes / 1 process, 1 thread each
 
 # The benchmark's own Functions library. `floor_enter` and `floor_release` issue the commands of
-# the gate's `enter` and `release_order` (gate.lua: HMGET of state, the fencing tag h:, p: r: o:;
-# TIME; HSET of o: r: h: state; ZADD expiry. HMGET of state h: o: r: p: c:; TIME; HSET of o: r:
-# c: h: state; ZREM expiry; ZADD forget of o: and c:) with values of about the same sizes, take
-# the same arguments (the caller's mark first: epoch, hw, tag) and answer as many items; nothing
-# else. The commandstats of a round check that the numbers of commands match; the fields and
-# members per command follow gate.lua by hand.
+# the gate's `enter` and `release_order` (gate.lua: HMGET of state, live, the fencing tag h:, p:
+# r: o:; TIME; HSET of o: r: h: live; ZADD expiry. HMGET of state, live, h:, c:, o:, r:, p:;
+# TIME; HSET of the tombstone o:, r: h: live; ZREM expiry; ZADD forget of o:) with values of
+# about the same sizes, take the same arguments (the caller's mark first: epoch, hw, tag) and
+# answer as many items; nothing else. The commandstats of a round check that the numbers of
+# commands match; the fields and members per command follow gate.lua by hand.
 BENCH_LIBRARY = """#!lua name=plbench
-local STATE = '@STATE@' -- as long as the gate's state field (31 doubles)
+local LIVE = '@LIVE@' -- as long as its live field (15 doubles and a 16-byte tag)
 local function trivial(keys, args) return 1 end
 local function floor_enter(keys, args)
   local sym, o, h = args[4], 'o:' .. args[6], 'h:' .. args[2]
-  redis.call('HMGET', keys[1], 'state', h, 'p:' .. sym, 'r:' .. sym, o)
+  redis.call('HMGET', keys[1], 'state', 'live', h, 'p:' .. sym, 'r:' .. sym, o)
   local t = redis.call('TIME')
   redis.call('HSET', keys[1], o, args[5] .. '|' .. args[7] .. '|' .. t[1] .. t[2] .. '|' ..
-    t[1] .. t[2] .. '|' .. sym, 'r:' .. sym, args[5], h, args[3], 'state', STATE)
+    '60000000|' .. sym, 'r:' .. sym, args[5], h, args[3], 'live', LIVE)
   redis.call('ZADD', keys[2], t[1] .. t[2], o)
   return {1, 1, 1, 'A', 1, 1}
 end
 local function floor_release(keys, args)
   local c, o, sym, h = 'c:' .. args[4], 'o:' .. args[5], args[7], 'h:' .. args[2]
-  redis.call('HMGET', keys[1], 'state', h, o, 'r:' .. sym, 'p:' .. sym, c)
+  redis.call('HMGET', keys[1], 'state', 'live', h, c, o, 'r:' .. sym, 'p:' .. sym)
   local t = redis.call('TIME')
-  redis.call('HSET', keys[1], o, '~', 'r:' .. sym, '0', c, '1', h, args[3], 'state', STATE)
+  redis.call('HSET', keys[1], o, '~' .. args[4] .. '|1', 'r:' .. sym, '0', h, args[3], 'live',
+    LIVE)
   redis.call('ZREM', keys[2], o)
-  redis.call('ZADD', keys[3], t[1], o, t[1], c)
+  redis.call('ZADD', keys[3], t[1] .. t[2], o)
   return {1, 1, 1, 1}
 end
 local function hincrby15(keys, args)
@@ -116,7 +117,8 @@ redis.register_function('plbench_trivial', trivial)
 redis.register_function('plbench_floor_enter', floor_enter)
 redis.register_function('plbench_floor_release', floor_release)
 redis.register_function('plbench_hincrby15', hincrby15)
-""".replace("@STATE@", "s" * 248)
+""".replace("@LIVE@", "l" * 136)
+STATE_BYTES = b"s" * 128  # as long as the gate's state field (16 doubles)
 
 
 def verdict(ok: bool) -> str:
@@ -357,6 +359,7 @@ def per_cycle(
     gate = RedisGate.from_url(url, LIMITS, ttl=60.0, namespace=ns, timeout=TIMEOUT)
     gate.restore({})
     client, keys = new_client(url), bench_keys(ns)
+    client.hset(keys[0], "state", STATE_BYTES)  # the floor reads it, as the gate reads its own
     cycles = {
         "gate": gate_cycle(gate),
         "floor": floor_cycle(client, keys),
