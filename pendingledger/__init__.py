@@ -16,6 +16,7 @@ from .ledger import PendingEntryLedger, PendingMap, Reservation, ReservationStat
 from .limits import PortfolioLimits
 from .protocols import Gate, ReservationHandle
 from .stats import GateStats, LedgerStats
+from .trading import Latch, Side, TradingState
 
 __all__ = [
     "COMPILED",
@@ -23,6 +24,7 @@ __all__ = [
     "DenyReason",
     "Gate",
     "GateStats",
+    "Latch",
     "LedgerError",
     "LedgerStats",
     "LockTimeout",
@@ -35,7 +37,9 @@ __all__ = [
     "Reservation",
     "ReservationHandle",
     "ReservationState",
+    "Side",
     "StaleViewError",
+    "TradingState",
 ]
 
 __version__ = "0.1.0"

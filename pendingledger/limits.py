@@ -28,16 +28,28 @@ class PortfolioLimits:
     ``>``: an entry that lands exactly on the limit is admitted. Limits are validated here, once,
     so a gate never meets a NaN or negative limit at decision time; exposure limits count in
     units of ``1e-9`` rounded down (``pendingledger._units``).
+
+    Exposures are worst cases (``pendingledger.rules``): a symbol's is what it would be if its
+    pending orders of one direction all filled, and ``max_net_exposure`` bounds the same figure
+    over the whole book. A limit only denies an order that would raise its figure, so a reducing
+    order passes however full the gate is. ``max_daily_loss`` and ``max_drawdown`` (amounts
+    > 0) arm the gate's loss latch (``PortfolioGate.record_pnl`` and ``set_equity``).
     """
 
     max_concurrent_positions: int | None = None
     max_gross_exposure: Number | None = None
     max_symbol_exposure: Number | None = None
+    max_net_exposure: Number | None = None
+    max_daily_loss: Number | None = None
+    max_drawdown: Number | None = None
 
     def __post_init__(self) -> None:
         _check_count("max_concurrent_positions", self.max_concurrent_positions)
         _check_amount_limit("max_gross_exposure", self.max_gross_exposure)
         _check_amount_limit("max_symbol_exposure", self.max_symbol_exposure)
+        _check_amount_limit("max_net_exposure", self.max_net_exposure)
+        _check_loss_limit("max_daily_loss", self.max_daily_loss)
+        _check_loss_limit("max_drawdown", self.max_drawdown)
 
 
 def _check_count(name: str, count: object) -> None:
@@ -52,3 +64,9 @@ def _check_count(name: str, count: object) -> None:
 def _check_amount_limit(name: str, value: object) -> None:
     if value is not None:
         _units.limit_units(name, value)
+
+
+def _check_loss_limit(name: str, value: object) -> None:
+    # 0 would latch at the first P&L of the day: a loss limit is a positive amount.
+    if value is not None and _units.limit_units(name, value) <= 0:
+        raise ValueError(f"{name} must be > 0 (or None), got {value!r}")

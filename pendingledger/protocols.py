@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from .gate import GateStats
     from .limits import Decision, PortfolioLimits
+    from .trading import Latch, Side, TradingState
 
 __all__ = ["Gate", "ReservationHandle"]
 
@@ -66,6 +67,12 @@ class Gate(Protocol):
     @property
     def halted(self) -> bool: ...
 
+    @property
+    def state(self) -> TradingState: ...
+
+    @property
+    def latch(self) -> Latch | None: ...
+
     def try_enter(
         self,
         symbol: str,
@@ -73,6 +80,7 @@ class Gate(Protocol):
         positions: None = None,
         *,
         order_id: str | None = None,
+        side: Side | str | None = None,
     ) -> Decision: ...
 
     def release(self, symbol: str) -> bool: ...
@@ -98,6 +106,12 @@ class Gate(Protocol):
 
     def halt(self) -> None: ...
 
+    def reduce_only(self) -> None: ...
+
     def resume(self) -> None: ...
+
+    def record_pnl(self, amount: Number) -> None: ...
+
+    def set_equity(self, equity: Number) -> None: ...
 
     def stats(self) -> GateStats: ...

@@ -1,13 +1,26 @@
-"""The limit rules, written once: ``first_failing_rule``.
+"""The limit rules, written once: ``worst_case`` and ``first_failing_rule``.
 
-Every gate decides with this function: the in-process gate under its ledger lock, the broken
+Every gate decides with these functions: the in-process gate under its ledger lock, the broken
 demonstration gate, the tests' reference model and the benchmarks' straightforward port. The
 Redis server code (``pendingledger/redis/gate.lua``) is the one copy, and the conformance suite
 holds it to this one.
 
-Figures and limits are integers of units (``pendingledger._units``). Outcome codes are small
-ints, not ``DenyReason`` members, because hashing an Enum runs Python code; ``REASONS`` (in
-``decision``) maps a code to its reason.
+Figures and limits are integers of units (``pendingledger._units``), positions signed (long > 0,
+short < 0). Outcome, side and state codes are small ints, not Enum members, because hashing an
+Enum runs Python code; ``REASONS`` (in ``decision``) maps an outcome code to its reason, and
+``SIDES``/``STATES`` (in ``trading``) map the others.
+
+The figures the limits bound, over symbols s with position p, and pending buys b, sells s and
+orders of unknown side u:
+
+* a symbol's **worst case** ``max(|p + b + u|, |p - s - u|)``: its exposure if the pending orders
+  of one direction all filled (with no side given anywhere: ``|p| + u``, the side-blind figure);
+* **gross**: the sum of the worst cases; **concurrent positions**: symbols open or reserved;
+* **net**: ``max(|P + B + U|, |P - S - U|)`` over the sums of all symbols.
+
+The one rule: a limit denies an order only if admitting it would *raise* the figure that limit
+bounds *and* the raised figure would exceed the limit. An order that raises no figure (a sell
+that reduces a long) is admitted however full the gate is; in ``REDUCING`` only such orders are.
 """
 
 from __future__ import annotations
@@ -18,23 +31,54 @@ from typing import Final
 from . import _units
 from .limits import PortfolioLimits
 
-__all__ = ["UnitLimits", "first_failing_rule", "unit_limits"]
+__all__ = [
+    "UnitLimits",
+    "first_failing_rule",
+    "loss_to_latch",
+    "next_reset",
+    "unit_limits",
+    "worst_case",
+]
 
 ADMIT: Final = 0
 HALTED: Final = 1
-MAX_CONCURRENT_POSITIONS: Final = 2
-MAX_GROSS_EXPOSURE: Final = 3
-MAX_SYMBOL_EXPOSURE: Final = 4
-BACKEND_UNAVAILABLE: Final = 5
-BOOK_NOT_RESTORED: Final = 6
-LOCK_TIMEOUT: Final = 7
+REDUCING_ONLY: Final = 2
+MAX_CONCURRENT_POSITIONS: Final = 3
+MAX_GROSS_EXPOSURE: Final = 4
+MAX_SYMBOL_EXPOSURE: Final = 5
+MAX_NET_EXPOSURE: Final = 6
+BACKEND_UNAVAILABLE: Final = 7
+BOOK_NOT_RESTORED: Final = 8
+LOCK_TIMEOUT: Final = 9
 NO_LIMIT: Final = -1
+
+# Side codes (trading.SIDES) and trading state codes (trading.STATES).
+UNKNOWN_SIDE: Final = 0
+BUY: Final = 1
+SELL: Final = 2
+ACTIVE: Final = 0
+REDUCING: Final = 1
+HALTED_STATE: Final = 2
+# Why the loss latch fires (LATCH_REASONS names them).
+NO_LATCH: Final = 0
+DAILY_LOSS: Final = 1
+DRAWDOWN: Final = 2
+LATCH_REASONS: Final = ("", "max_daily_loss", "max_drawdown")
+DAY_SECONDS: Final = 86400
 
 
 class UnitLimits:
     """A ``PortfolioLimits`` in units, as the rules read it; ``NO_LIMIT`` where none is set."""
 
-    __slots__ = ("max_gross", "max_positions", "max_symbol", "source")
+    __slots__ = (
+        "max_daily_loss",
+        "max_drawdown",
+        "max_gross",
+        "max_net",
+        "max_positions",
+        "max_symbol",
+        "source",
+    )
 
     def __init__(self, source: PortfolioLimits) -> None:
         self.source = source
@@ -43,6 +87,9 @@ class UnitLimits:
         self.max_positions: int = NO_LIMIT if count is None else operator.index(count)
         self.max_gross: int = _limit("max_gross_exposure", source.max_gross_exposure)
         self.max_symbol: int = _limit("max_symbol_exposure", source.max_symbol_exposure)
+        self.max_net: int = _limit("max_net_exposure", source.max_net_exposure)
+        self.max_daily_loss: int = _limit("max_daily_loss", source.max_daily_loss)
+        self.max_drawdown: int = _limit("max_drawdown", source.max_drawdown)
 
 
 def unit_limits(limits: object) -> UnitLimits:
@@ -52,36 +99,79 @@ def unit_limits(limits: object) -> UnitLimits:
     return UnitLimits(limits)
 
 
+def worst_case(position: int, buys: int, sells: int, unknown: int) -> int:
+    """``max(|position + buys + unknown|, |position - sells - unknown|)``: the exposure if the
+    pending orders of one direction all filled (per symbol, or over the sums: the net figure)."""
+    up = position + buys + unknown
+    down = position - sells - unknown
+    if up < 0:
+        up = -up
+    if down < 0:
+        down = -down
+    return up if up > down else down
+
+
 def first_failing_rule(
     limits: UnitLimits,
-    halted: bool,
+    state: int,
     open_count: int,
     symbol_open: bool,
     gross: int,
-    symbol_exposure: int,
-    notional: int,
+    before: int,
+    after: int,
+    net_before: int,
+    net_after: int,
 ) -> int:
-    """The first rule an entry of ``notional`` units fails, or ``ADMIT``. In ``DenyReason`` order:
+    """The first rule an order fails, or ``ADMIT``; in ``DenyReason`` order:
 
-    1. ``HALTED`` while the gate is halted.
-    2. ``MAX_CONCURRENT_POSITIONS``: the symbol is neither open nor reserved (``symbol_open``)
-       and the symbols open or reserved (``open_count``) already reach the limit.
-    3. ``MAX_GROSS_EXPOSURE``: open exposure plus reserved notional (``gross``) plus this entry
-       would exceed the limit.
-    4. ``MAX_SYMBOL_EXPOSURE``: the symbol's exposure plus its reserved notional
-       (``symbol_exposure``) plus this entry would exceed the limit.
+    1. ``HALTED`` in the ``HALTED`` state.
+    2. ``REDUCING_ONLY`` in the ``REDUCING`` state, for an order that raises any figure: it
+       opens a symbol (not ``symbol_open``: neither open nor reserved), raises the symbol's
+       worst case (``before`` to ``after``) or the net figure (``net_before`` to
+       ``net_after``).
+    3. ``MAX_CONCURRENT_POSITIONS``: the order opens a symbol and the symbols open or reserved
+       (``open_count``) already reach the limit.
+    4. ``MAX_GROSS_EXPOSURE``: the order raises the symbol's worst case, and ``gross`` (the sum
+       of the worst cases before the order) with the symbol's raised would exceed the limit.
+    5. ``MAX_SYMBOL_EXPOSURE``: the order raises the symbol's worst case past the limit.
+    6. ``MAX_NET_EXPOSURE``: the order raises the net figure past the limit.
 
-    An entry that lands exactly on a limit is admitted.
+    A figure that lands exactly on its limit is admitted.
     """
-    if halted:
+    if state == HALTED_STATE:
         return HALTED
+    raises = after > before
+    if state == REDUCING and (not symbol_open or raises or net_after > net_before):
+        return REDUCING_ONLY
     if not symbol_open and NO_LIMIT < limits.max_positions <= open_count:
         return MAX_CONCURRENT_POSITIONS
-    if limits.max_gross > NO_LIMIT and gross + notional > limits.max_gross:
-        return MAX_GROSS_EXPOSURE
-    if limits.max_symbol > NO_LIMIT and symbol_exposure + notional > limits.max_symbol:
-        return MAX_SYMBOL_EXPOSURE
+    if raises:
+        if limits.max_gross > NO_LIMIT and gross - before + after > limits.max_gross:
+            return MAX_GROSS_EXPOSURE
+        if limits.max_symbol > NO_LIMIT and after > limits.max_symbol:
+            return MAX_SYMBOL_EXPOSURE
+    if limits.max_net > NO_LIMIT and net_before < net_after and net_after > limits.max_net:
+        return MAX_NET_EXPOSURE
     return ADMIT
+
+
+def loss_to_latch(limits: UnitLimits, day_pnl: int, drawdown: int) -> int:
+    """Why the loss latch fires, or ``NO_LATCH``: the day's realized P&L (``day_pnl``, signed
+    units) has reached ``-max_daily_loss``, or equity has fallen ``max_drawdown`` below its peak
+    (``drawdown``, units >= 0). Reaching a limit exactly latches."""
+    if limits.max_daily_loss > NO_LIMIT and -day_pnl >= limits.max_daily_loss:
+        return DAILY_LOSS
+    if limits.max_drawdown > NO_LIMIT and drawdown >= limits.max_drawdown:
+        return DRAWDOWN
+    return NO_LATCH
+
+
+def next_reset(now: float, offset: float) -> float:
+    """The first daily reset after ``now`` (wall-clock seconds since the epoch; a reset exactly
+    at ``now`` is the day's start, not its end), for resets ``offset`` seconds after midnight UTC
+    (POSIX time has no leap seconds, so every UTC day is ``DAY_SECONDS`` long)."""
+    days = (now - offset) // DAY_SECONDS
+    return offset + (days + 1) * DAY_SECONDS
 
 
 def _limit(name: str, value: object) -> int:

@@ -9,6 +9,7 @@ from decimal import Decimal
 from fractions import Fraction
 
 from .decision import DenyReason
+from .trading import Latch, TradingState
 
 __all__ = ["GateStats", "LedgerStats"]
 
@@ -30,10 +31,13 @@ class LedgerStats:
 
 @dataclass(frozen=True)
 class GateStats:
-    """Running counts of a gate's decisions (a snapshot; ``denied`` is read-only)."""
+    """Running counts of a gate's decisions (a snapshot; ``denied`` is read-only), with the
+    trading state and the loss latch as they were when it was taken."""
 
     admitted: int
     denied: Mapping[DenyReason, int]
+    state: TradingState = TradingState.ACTIVE
+    latch: Latch | None = None
 
     @property
     def decisions(self) -> int:
