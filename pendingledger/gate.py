@@ -328,7 +328,8 @@ class PortfolioGate:
         while True:
             snapshot = None
             if positions is not None:
-                snapshot = read_positions(positions, res.symbol, ledger.epoch)
+                epoch = ledger.epoch  # before the sided symbols: see LedgerCore.epoch
+                snapshot = read_positions(positions, res.symbol, epoch, ledger.sided_symbols())
             # The wall clock only matters to a latch, which it may clear (a new day).
             wall = read_clock(self._wall_clock) if core.latched else -_INF
             code = core.try_decide(res, limits, ledger.now(), wall, snapshot)

@@ -65,6 +65,10 @@ def side_code(side: object) -> int:
     """``side`` (a ``Side``, ``"buy"``/``"sell"`` or ``None``) as a ``rules`` side code."""
     if side is None:
         return 0
+    if side is Side.BUY:
+        return 1
+    if side is Side.SELL:
+        return 2
     if isinstance(side, str):
         value = str.__str__(side)  # a str subclass's own methods never run
         if value == "buy":

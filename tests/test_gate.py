@@ -1661,3 +1661,24 @@ def test_public_api_typing_with_str_symbols(
     if status not in (0, 1):  # not a type error: mypy itself did not run (xfail won't hide it)
         raise RuntimeError(f"mypy exited {status}: {stdout}{stderr}")
     assert status == 0, stdout + stderr
+
+
+def test_a_symbol_sided_after_the_read_began_is_read_again() -> None:
+    """A caller's positions are turned into units before the lock only for the symbols that had
+    pending buys or sells then. A symbol that gains one meanwhile (here: in the callable itself)
+    makes the decision read again, so its worst case is taken with its real position: the
+    reducing sell on AAA adds nothing to gross, and BBB fits. Taking AAA's position as 0
+    instead would count the sell in full (14,000) and deny."""
+    gate = PortfolioGate(PendingEntryLedger(60, clock=ManualClock()), limits(gross=11_000))
+    cache = {"AAA": 10_000}
+    calls: list[int] = []
+
+    def positions() -> dict[str, int]:
+        calls.append(1)
+        if len(calls) == 1:  # another order, decided while this one reads
+            assert gate.try_enter("AAA", 4_000, cache, side=Side.SELL)
+        return cache
+
+    assert gate.try_enter("BBB", 1_000, positions)
+    assert len(calls) == 2
+    assert gate.try_enter("BBB", 1, cache).reason is DenyReason.MAX_GROSS_EXPOSURE
