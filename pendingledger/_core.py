@@ -1461,7 +1461,9 @@ class GateCore:
         return self._operator
 
     def _start_day_locked(self, wall: float) -> None:
-        """Roll to ``wall``'s day, or start the first one."""
+        """Roll to ``wall``'s day, or start the first one (-inf: no reading, nothing moves)."""
+        if wall == -_INF:
+            return
         if self._day_end == _INF:
             self._day_end = rules.next_reset(wall, self._reset_offset)
         else:

@@ -1682,3 +1682,29 @@ def test_a_symbol_sided_after_the_read_began_is_read_again() -> None:
     assert gate.try_enter("BBB", 1_000, positions)
     assert len(calls) == 2
     assert gate.try_enter("BBB", 1, cache).reason is DenyReason.MAX_GROSS_EXPOSURE
+
+
+def test_a_loss_recorded_while_the_wall_clock_fails_still_latches() -> None:
+    """Fail closed: the amount counts and may latch; the clock's error is raised after."""
+    readings: list[float] = []
+
+    def wall() -> float:
+        if not readings:
+            raise OSError("no time")
+        return readings[-1]
+
+    gate = PortfolioGate(
+        PendingEntryLedger(60, clock=ManualClock()),
+        PortfolioLimits(max_daily_loss=100),
+        wall_clock=wall,
+    )
+    with pytest.raises(OSError, match="no time"):
+        gate.record_pnl(-100)
+    with pytest.raises(OSError, match="no time"):
+        gate.try_enter("AAA", 1)  # latched, and no time to see whether a new day began
+    readings.append(1_000.0)
+    latch = gate.latch
+    assert latch is not None and latch.at == -math.inf and latch.until == math.inf
+    assert gate.try_enter("AAA", 1).reason is DenyReason.REDUCING_ONLY
+    gate.resume()
+    assert gate.try_enter("AAA", 1)
