@@ -1240,7 +1240,10 @@ class GateCore:
             self._peak = self._equity
 
     def trading(self, wall: float) -> tuple[int, LatchRecord | None]:
-        """The effective state and the latch at wall time ``wall`` (-inf: not read)."""
+        """The effective state and the latch at wall time ``wall`` (-inf: not read); inside
+        this thread's ``lock()`` block, as the block sees them (no new day starts there)."""
+        if self.ledger.own_block() is not None:
+            return self._state_locked(), self._latch
         with self.ledger._lock:
             self._roll_locked(wall)
             return self._state_locked(), self._latch

@@ -183,7 +183,6 @@ class PortfolioGate:
     def stats(self) -> GateStats:
         """Counts of admitted and denied decisions (every ``DenyReason`` is a key), with the
         trading state and the latch as of the same moment."""
-        self._ledger.core.refuse_reentry("stats()")
         if self._core.tracking:
             self._trading()  # the day may have ended: roll first
         counts, state, latch = self._core.counts()
@@ -197,8 +196,9 @@ class PortfolioGate:
 
     def _trading(self) -> tuple[int, LatchRecord | None]:
         core = self._core
-        self._ledger.core.refuse_reentry("the trading state")
-        wall = read_clock(self._wall_clock) if core.tracking else -_INF
+        wall = _NO_TIME
+        if core.tracking and self._ledger.core.own_block() is None:
+            wall = read_clock(self._wall_clock)
         return core.trading(wall)
 
     # ------------------------------------------------------------------ the owned position book

@@ -34,6 +34,7 @@ from pendingledger import (
     ReservationHandle,
     ReservationState,
     Side,
+    TradingState,
     rules,
 )
 from pendingledger.gate import MAX_READS
@@ -1708,3 +1709,19 @@ def test_a_loss_recorded_while_the_wall_clock_fails_still_latches() -> None:
     assert gate.try_enter("AAA", 1).reason is DenyReason.REDUCING_ONLY
     gate.resume()
     assert gate.try_enter("AAA", 1)
+
+
+def test_the_state_and_stats_read_inside_a_lock_block() -> None:
+    """As ``halted`` always could: no re-entry error, and no wall clock read under the lock."""
+
+    def wall() -> float:
+        assert not ledger.core.locked(), "the wall clock ran under the ledger lock"
+        return 0.0
+
+    ledger = PendingEntryLedger(60, clock=ManualClock())
+    gate = PortfolioGate(ledger, PortfolioLimits(max_daily_loss=1), wall_clock=wall)
+    gate.record_pnl(-1)
+    with ledger.lock():
+        assert gate.state is TradingState.REDUCING and not gate.halted
+        assert gate.latch is not None
+        assert gate.stats().state is TradingState.REDUCING
