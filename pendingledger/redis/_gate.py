@@ -128,7 +128,7 @@ class OpenOrder(NamedTuple):
     order_id: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RedisGateStats(GateStats):
     """Counts for the whole namespace (every process sharing it), read in one server call.
 
