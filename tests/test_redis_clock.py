@@ -297,7 +297,7 @@ def test_the_state_the_server_code_keeps_between_calls_is_the_state_it_wrote(cli
     stored bytes differ, and writes a packed field only when a call flags it changed. A change
     it did not flag would live on in that copy alone (and be lost at the next restart). After
     every kind of change, the copy, as ``snapshot`` reports it, is what the book holds."""
-    from pendingledger.redis._audit import STATE, unpack_state
+    from pendingledger.redis._audit import LAYOUT, STATE, unpack_state
 
     limits = Limits(max_concurrent_positions=2, max_gross_exposure=10, max_symbol_exposure=6)
     gate = new_gate(client, limits, ttl=1.0, frozen=True)
@@ -326,7 +326,7 @@ def test_the_state_the_server_code_keeps_between_calls_is_the_state_it_wrote(cli
         kept = dict(zip(STATE, gate.server.call("snapshot")[1], strict=True))
         stored = client.hmget(gate.keys[0], ["state", "live"])
         written = unpack_state("state", stored[0]) | unpack_state("live", stored[1])
-        assert written.pop("layout") == 2, name
+        assert written.pop("layout") == LAYOUT, name
         assert {k: v.decode() if k == "tag" else int(v) for k, v in kept.items()} == written, name
     stats = gate.stats()
     assert stats.expired >= 1 and stats.denied  # the steps did what their names say

@@ -47,6 +47,7 @@ position.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -72,6 +73,7 @@ from pendingledger.redis._audit import Snapshot, _pairs, _s
 from pendingledger.redis._audit import audit as audit_snapshot
 from pendingledger.redis._library import LIBRARY, ServerCode
 from pendingledger.stats import GateStats
+from pendingledger.trading import STATES, Latch, Side, TradingState
 
 if TYPE_CHECKING:
     from pendingledger.protocols import Gate
@@ -121,11 +123,22 @@ class BookNotRestored(StoreUnavailable):
 
 
 class OpenOrder(NamedTuple):
-    """An order already at the exchange, handed to ``RedisGate.restore`` to be reserved again."""
+    """An order already at the exchange, handed to ``RedisGate.restore`` to be reserved again
+    (``side``: ``Side.BUY``, ``Side.SELL``, ``"buy"``, ``"sell"`` or None, as in ``try_enter``)."""
 
     symbol: str
     notional: Number
     order_id: str | None = None
+    side: Side | str | None = None
+
+
+OpenOrderLike = (
+    OpenOrder
+    | tuple[str, Number]
+    | tuple[str, Number, str | None]
+    | tuple[str, Number, str | None, Side | str | None]
+)
+"""What ``restore`` takes for an open order: an ``OpenOrder`` or a tuple of its fields."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,6 +203,57 @@ def _position_value(name: str, exposure: object) -> tuple[int, str]:
     its kind (``_units.kind_of``)."""
     units = _units.units(name, exposure, True)
     return abs(units), f"{'-' if units < 0 else '+'}{chr(97 + _units.kind_of(exposure))}"
+
+
+_SIDE_CODES: Final = {"buy": str(rules.BUY), "sell": str(rules.SELL)}
+_LOSS_STATES: Final = {"reducing": rules.REDUCING, "halted": rules.HALTED_STATE}
+
+
+def side_code(side: object) -> str:
+    """``side`` (``try_enter``'s) as the server code's side code: '0' (not given), '1', '2'."""
+    if side is None:
+        return str(rules.UNKNOWN_SIDE)
+    if not isinstance(side, str):
+        raise TypeError(f"side must be Side.BUY, Side.SELL, 'buy', 'sell' or None, got {side!r}")
+    code = _SIDE_CODES.get(str.__str__(side))  # a plain str copy: no caller __hash__ runs
+    if code is None:
+        raise ValueError(f"side must be Side.BUY, Side.SELL, 'buy', 'sell' or None, got {side!r}")
+    return code
+
+
+def _on_loss(value: object) -> int:
+    """``on_loss`` (``TradingState.REDUCING`` or ``HALTED``) as its state code."""
+    if not isinstance(value, str):
+        raise TypeError(f"on_loss must be a TradingState, got {value!r}")
+    code = _LOSS_STATES.get(str.__str__(value))  # a plain str copy, as for side
+    if code is None:
+        raise ValueError(f"on_loss must be TradingState.REDUCING or HALTED, got {value!r}")
+    return code
+
+
+def _reset_offset_us(value: object) -> int:
+    """``daily_reset`` (a naive or UTC ``datetime.time``) in microseconds after midnight UTC."""
+    if not isinstance(value, datetime.time):
+        raise TypeError(f"daily_reset must be a datetime.time (UTC), got {value!r}")
+    offset = value.utcoffset()
+    if offset is not None and offset != datetime.timedelta(0):
+        raise TypeError(f"daily_reset must be a naive or UTC datetime.time, got {value!r}")
+    return ((value.hour * 60 + value.minute) * 60 + value.second) * 1_000_000 + value.microsecond
+
+
+def _latch_of(reply: Sequence[Any]) -> Latch | None:
+    """The server code's latch reply (see ``trading`` in gate.lua), or None when empty."""
+    if not reply:
+        return None
+    state, reason, limit, limit_kinds, value, value_kinds, at, until = reply
+    return Latch(
+        state=STATES[int(state)],
+        reason=rules.LATCH_REASONS[int(reason)],
+        limit=_units.to_number(int(_s(limit)), int(limit_kinds)),
+        value=_units.to_number(int(_s(value)), int(value_kinds)),
+        at=int(_s(at)) / 1_000_000,
+        until=int(_s(until)) / 1_000_000,
+    )
 
 
 def position_of(units: str, code: str) -> Number:
@@ -277,8 +341,11 @@ class RedisGate:
         "_keys",
         "_limits",
         "_log",
+        "_loss_config",
         "_min_replicas",
         "_namespace",
+        "_on_loss",
+        "_reset_us",
         "_ttl",
         "_ttl_us",
         "_unavailable",
@@ -295,7 +362,11 @@ class RedisGate:
         namespace: str,
         min_replicas: int = 0,
         replica_timeout: float = 0.1,
+        on_loss: TradingState = TradingState.REDUCING,
+        daily_reset: datetime.time = datetime.time(0, 0),
     ) -> None:
+        self._on_loss = _on_loss(on_loss)
+        self._reset_us = _reset_offset_us(daily_reset)
         self._ttl = _seconds("ttl", ttl)
         if self._ttl > MAX_TTL:
             raise ValueError(f"ttl must be at most {MAX_TTL:g} seconds (a year), got {ttl!r}")
@@ -315,7 +386,7 @@ class RedisGate:
         self._client = client
         self._namespace = namespace
         self._keys = keys
-        self._limits, self._config = self._encode(limits)
+        self._limits, self._config, self._loss_config = self._encode(limits)
         self._code = ServerCode(client, keys)
         self._log = _LogThrottle()
         self._unavailable = 0
@@ -342,6 +413,8 @@ class RedisGate:
         cluster: bool = False,
         min_replicas: int = 0,
         replica_timeout: float = 0.1,
+        on_loss: TradingState = TradingState.REDUCING,
+        daily_reset: datetime.time = datetime.time(0, 0),
         **client_kwargs: Any,
     ) -> RedisGate:
         """A gate on a new client for ``url`` with settings that fail closed quickly.
@@ -376,15 +449,28 @@ class RedisGate:
             namespace=namespace,
             min_replicas=min_replicas,
             replica_timeout=replica_timeout,
+            on_loss=on_loss,
+            daily_reset=daily_reset,
         )
 
-    def _encode(self, limits: object) -> tuple[PortfolioLimits, str]:
-        """``limits`` and the decision's config argument: "ttl_us|max_pos|max_gross|max_sym"
-        in units (``rules.unit_limits``), '' for a limit not set."""
+    def _encode(self, limits: object) -> tuple[PortfolioLimits, str, str]:
+        """``limits``, the decision's config argument "ttl_us|max_pos|max_gross|max_sym|max_net"
+        and the loss calls' "max_daily_loss|max_drawdown|kind|kind|on_loss|reset_us", limits in
+        units (``rules.unit_limits``), '' for a limit not set."""
         unit = rules.unit_limits(limits)
-        parts = [unit.max_positions, unit.max_gross, unit.max_symbol]
+        parts = [unit.max_positions, unit.max_gross, unit.max_symbol, unit.max_net]
         encoded = ["" if value == rules.NO_LIMIT else str(value) for value in parts]
-        return unit.source, "|".join([str(self._ttl_us), *encoded])
+        source = unit.source
+        loss = [
+            "" if value == rules.NO_LIMIT else str(value)
+            for value in (unit.max_daily_loss, unit.max_drawdown)
+        ]
+        kinds = [
+            str(0 if value is None else _units.kind_of(value))
+            for value in (source.max_daily_loss, source.max_drawdown)
+        ]
+        loss_config = "|".join([*loss, *kinds, str(self._on_loss), str(self._reset_us)])
+        return source, "|".join([str(self._ttl_us), *encoded]), loss_config
 
     # ------------------------------------------------------------------ properties
 
@@ -423,7 +509,7 @@ class RedisGate:
 
     @limits.setter
     def limits(self, limits: PortfolioLimits) -> None:
-        self._limits, self._config = self._encode(limits)
+        self._limits, self._config, self._loss_config = self._encode(limits)
 
     # ------------------------------------------------------------------ decisions
 
@@ -434,9 +520,11 @@ class RedisGate:
         positions: None = None,
         *,
         order_id: str | None = None,
+        side: Side | str | None = None,
     ) -> Decision:
         """Check the limits against the book and reservations in Redis and, if they pass,
-        reserve ``notional`` on ``symbol``: one atomic server call, one round trip.
+        reserve ``notional`` on ``symbol`` under ``side`` (``Side.BUY``, ``Side.SELL``, "buy",
+        "sell", or None: not known): one atomic server call, one round trip.
 
         ``positions`` must be left out: the position book lives in Redis (``set_position``,
         ``confirm_fill``). Bad arguments raise ``ValueError``/``TypeError`` before anything is
@@ -450,7 +538,7 @@ class RedisGate:
                 "RedisGate keeps the position book in Redis: call try_enter without positions "
                 f"and keep the book with set_position()/confirm_fill(), got positions={positions!r}"
             )
-        decision = enter(self, symbol, notional, order_id, "")
+        decision = enter(self, symbol, notional, order_id, "", side)
         assert decision is not None  # None only answers the test mode 'check'
         return decision
 
@@ -620,7 +708,7 @@ class RedisGate:
     def restore(
         self,
         positions: Mapping[str, Number],
-        open_orders: Iterable[OpenOrder | tuple[str, Number] | tuple[str, Number, str | None]] = (),
+        open_orders: Iterable[OpenOrderLike] = (),
         *,
         only_if_missing: bool = False,
     ) -> list[RedisReservation] | None:
@@ -643,8 +731,8 @@ class RedisGate:
             name = _units.check_symbol(symbol)
             args += [name, *_position_value(f"positions[{symbol!r}]", exposure)]
         pending = _open_orders(open_orders)
-        for order_id, symbol, notional, units, token in pending:
-            args += [order_id, symbol, units, token, _units.kind_of(notional)]
+        for order_id, symbol, notional, units, token, side in pending:
+            args += [order_id, symbol, units, token, _units.kind_of(notional), side]
         reply = self._write("restore", args)
         if _s(reply[0]) == "S":
             return None
@@ -654,7 +742,7 @@ class RedisGate:
             RedisReservation._new(
                 self, symbol, oid, notional, units, token=token, reserved_us=now, expires_us=expires
             )
-            for oid, symbol, notional, units, token in pending
+            for oid, symbol, notional, units, token, _ in pending
         ]
 
     def positions(self) -> dict[str, Number]:
@@ -690,23 +778,63 @@ class RedisGate:
             raise StoreUnavailable(f"marker not readable: {exc}") from exc
         return _s(reply[0]) == "1"
 
-    # ------------------------------------------------------------------ halt
+    # ------------------------------------------------------------------ trading state, latch
 
     def halt(self) -> None:
         """Deny every entry in the namespace (all processes) with ``HALTED`` until ``resume()``.
         Works on any namespace, restored or not."""
-        self._write("halt", ("control", "halted", "1", _token()))
+        self._control("halt", rules.HALTED_STATE)
+
+    def reduce_only(self) -> None:
+        """Admit only orders that raise no figure (``REDUCING_ONLY`` for the others), in the
+        whole namespace, until ``resume()``. Works on any namespace, restored or not."""
+        self._control("reduce_only", rules.REDUCING)
 
     def resume(self) -> None:
-        self._write("resume", ("control", "halted", "0", _token()))
+        """Back to ``ACTIVE``: clears the loss latch too and starts a new measuring period (the
+        day's P&L 0, the peak the last equity set)."""
+        self._control("resume", rules.ACTIVE)
+
+    def _control(self, what: str, state: int) -> None:
+        self._write(what, ("control", "state", state, _token()))
+
+    def record_pnl(self, amount: Number) -> None:
+        """Add ``amount`` (finite, signed: a loss is negative) to the day's realized P&L in the
+        namespace, and latch into ``on_loss`` if it reaches ``-limits.max_daily_loss``: one
+        server call, after which no decision in any process is admitted on the old state.
+        Works on any namespace, restored or not. Raises ``StoreUnavailable`` if the store cannot
+        confirm it (a retry after a lost reply is answered, never counted twice)."""
+        units = _units.units("amount", amount, False)
+        self._loss_call("record_pnl", units, amount)
+
+    def set_equity(self, equity: Number) -> None:
+        """Record the account's ``equity`` (finite, signed) and latch into ``on_loss`` if it
+        falls ``limits.max_drawdown`` below its peak since the last reset (or ``resume()``)."""
+        units = _units.units("equity", equity, False)
+        self._loss_call("set_equity", units, equity)
+
+    def _loss_call(self, op: str, units: int, amount: Number) -> None:
+        self._write(op, (op, _token(), units, _units.kind_of(amount), self._loss_config))
+
+    def _trading(self) -> list[Any]:
+        try:
+            return self._code.call("trading")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"trading state not readable: {exc}") from exc
+
+    @property
+    def state(self) -> TradingState:
+        """The namespace's trading state: the operator's or the loss latch's, the stricter."""
+        return STATES[int(self._trading()[0])]
 
     @property
     def halted(self) -> bool:
-        try:
-            reply = self._code.call("positions")
-        except redis.RedisError as exc:
-            raise StoreUnavailable(f"halt flag not readable: {exc}") from exc
-        return int(reply[0]) == 1
+        return self.state is TradingState.HALTED
+
+    @property
+    def latch(self) -> Latch | None:
+        """The loss latch in force in the namespace (None if none, or past its daily reset)."""
+        return _latch_of(self._trading()[2])
 
     # ------------------------------------------------------------------ inspection
 
@@ -738,6 +866,8 @@ class RedisGate:
         return RedisGateStats(
             admitted=st.get("admitted", 0),
             denied=MappingProxyType(denied),
+            state=STATES[int(reply[4])],
+            latch=_latch_of(reply[6]),
             outstanding=int(reply[1]),
             gross_notional=_units.to_number(int(_s(reply[2])), int(reply[3])),
             released=st.get("released", 0),
@@ -760,16 +890,22 @@ if TYPE_CHECKING:  # mypy proves RedisGate offers the whole backend-neutral surf
 
 
 def enter(
-    gate: RedisGate, symbol: str, notional: Number, order_id: str | None, mode: str
+    gate: RedisGate,
+    symbol: str,
+    notional: Number,
+    order_id: str | None,
+    mode: str,
+    side: object = None,
 ) -> Decision | None:
     """``gate.try_enter`` (``mode`` ''), or one half of the test suite's broken gate
     (``pendingledger.redis.testing.check_then_reserve``): 'check' decides and reserves nothing
     (None when it passes), 'force' reserves unchecked."""
     name = _units.check_symbol(symbol)
     units = _units.notional_units("notional", notional)
+    code = side_code(side)
     oid = uuid.uuid4().hex if order_id is None else _units.check_order_id(order_id)
     token = _token()
-    args = (name, units, oid, token, gate._config, _units.kind_of(notional), mode)
+    args = (name, units, oid, token, gate._config, _units.kind_of(notional), mode, code)
     try:
         reply = gate._replicated(args) if gate._min_replicas else gate._code.call("enter", *args)
         status = _s(reply[0])
@@ -794,10 +930,11 @@ def enter(
 
 
 def _open_orders(
-    open_orders: Iterable[OpenOrder | tuple[str, Number] | tuple[str, Number, str | None]],
-) -> list[tuple[str, str, Number, int, str]]:
-    """``restore``'s open orders, checked: ``(order_id, symbol, notional, units, token)`` each."""
-    pending: list[tuple[str, str, Number, int, str]] = []
+    open_orders: Iterable[OpenOrderLike],
+) -> list[tuple[str, str, Number, int, str, str]]:
+    """``restore``'s open orders, checked: ``(order_id, symbol, notional, units, token, side
+    code)`` each."""
+    pending: list[tuple[str, str, Number, int, str, str]] = []
     seen: set[str] = set()
     for index, item in enumerate(open_orders):
         order = OpenOrder(*item)
@@ -806,12 +943,13 @@ def _open_orders(
             units = _units.notional_units("notional", order.notional)
             oid = order.order_id
             order_id = uuid.uuid4().hex if oid is None else _units.check_order_id(oid)
+            side = side_code(order.side)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"open_orders[{index}]: {exc}") from None
         if order_id in seen:
             raise ValueError(f"order_id {order_id!r} appears twice in open_orders")
         seen.add(order_id)
-        pending.append((order_id, symbol, order.notional, units, _token()))
+        pending.append((order_id, symbol, order.notional, units, _token(), side))
     return pending
 
 
