@@ -159,8 +159,8 @@ class Snapshot:
             if k.startswith("p:")
         }
         reserved = {k[2:]: int(v) for k, v in book.items() if k.startswith("r:") and int(v)}
-        buys = {k[2:]: int(v) for k, v in book.items() if k.startswith("b:")}
-        sells = {k[2:]: int(v) for k, v in book.items() if k.startswith("s:")}
+        buys = {k[2:]: int(v) for k, v in book.items() if k.startswith("b:") and int(v)}
+        sells = {k[2:]: int(v) for k, v in book.items() if k.startswith("s:") and int(v)}
         expiry = {k[2:]: v for k, v in expiry_z.items() if k}
         orders: dict[str, OrderRecord] = {}
         for name, rec in book.items():

@@ -11,8 +11,8 @@
 -- The cost of a call is mostly the number of commands it sends (each redis.call costs a few
 -- microseconds whatever it does), so a call reads every field it needs with one HMGET, keeps
 -- what it changes in the tables below, and writes it back with one command per key (finish).
--- A decision is TIME, HMGET, HSET and ZADD (an order with a side adds one HSET field, an order
--- that ends a side's last pending one HDEL); a release TIME, HMGET, HSET, ZREM and ZADD. After
+-- A decision is TIME, HMGET, HSET and ZADD (an order with a side sets one field more); a
+-- release TIME, HMGET, HSET, ZREM and ZADD. After
 -- the commands, what costs most is turning numbers into strings (a sprintf each) and packing
 -- state: the hot paths do neither more than they must (see stamp, RING_NAMES, the two fields).
 --
@@ -26,7 +26,8 @@
 --                         k:<symbol>  its sign ('+' or '-') and the letter of its kind
 --                         r:<symbol>  units reserved on the symbol, every side ('0' or absent:
 --                           none)
---                         b:<symbol>, s:<symbol>  of them, the pending buys', sells' (absent: 0)
+--                         b:<symbol>, s:<symbol>  of them, the pending buys', sells' ('0' or
+--                           absent: none)
 --                         o:<order_id>  "units|token|reserved_at_us|ttl_us|side|symbol", or once
 --                           ended a tombstone, '~' or '~<call_token>|<answer>' (kept for
 --                           CALL_MEMO_US, see Retries)
@@ -543,7 +544,9 @@ local function side_pending(sym, side, dw, df, take)
     tw, tf = add(tw, tf, dw, df)
   end
   if side == '1' then S.bw, S.bf = tw, tf else S.sw, S.sf = tw, tf end
-  if zero(w, f) then delete(name) else set(name, fmt(w, f)) end
+  -- '0' rather than deleted, as r: is: a field set and then deleted in one call would come back
+  -- (finish sends HDEL before HSET)
+  set(name, fmt(w, f))
   if bad or bad2 then count('corrupt') end
 end
 
