@@ -318,6 +318,9 @@ def test_the_daily_loss_latches_every_process_until_the_reset(client: Any) -> No
     assert other.try_enter("BBB", 1, side="buy").reason is R.REDUCING_ONLY
     assert other.try_enter("AAA", 10, side="sell")  # reducing: admitted
     assert other.stats().latch == latch and other.stats().state is TradingState.REDUCING
+    gate.record_pnl(-50)  # the first latch is kept: its value stays the one that latched
+    gate.set_equity(1)
+    assert latch_of(gate) == latch
     gate.record_pnl(+500)  # a latch holds till the reset, whatever comes after
     assert latch_of(gate) == latch
     until_us = round(latch.until * 1e6)
