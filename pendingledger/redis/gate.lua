@@ -550,9 +550,25 @@ local function side_pending(sym, side, dw, df, take)
   if bad or bad2 then count('corrupt') end
 end
 
+local function none_of(v) return not v or v == '0' end
+
+-- True if `sym` has no pending buys or sells: its worst case is then |p| + u, side-blind, and
+-- moves by exactly what an order of unknown side adds or takes off (no worst() to work out).
+local function side_blind(sym)
+  return none_of(F['b:' .. sym]) and none_of(F['s:' .. sym])
+end
+
 -- Take `dw, df` units of side `side` off the reservations of `sym` (F holds its fields).
 local function unreserve(sym, dw, df, side)
-  local ow, of = sym_worst(sym)
+  local blind = side == '0' and side_blind(sym)
+  local ow, of
+  if blind then
+    local gw, gf, bad = sub(S.gw, S.gf, dw, df)
+    S.gw, S.gf = gw, gf
+    if bad then count('corrupt') end
+  else
+    ow, of = sym_worst(sym)
+  end
   local rw, rf = split(F['r:' .. sym])
   local sw, sf, bad = sub(rw, rf, dw, df)
   local bad2
@@ -562,8 +578,10 @@ local function unreserve(sym, dw, df, side)
     if F['p:' .. sym] then S.res_open = S.res_open - 1 end
   end
   set('r:' .. sym, fmt(sw, sf))
-  side_pending(sym, side, dw, df, true)
-  regross(sym, ow, of)
+  if not blind then
+    side_pending(sym, side, dw, df, true)
+    regross(sym, ow, of)
+  end
   if bad or bad2 then count('corrupt') end
   S.dirty = true
 end
@@ -902,11 +920,18 @@ local function enter(keys, args)
   end
   local state = trading_state(now)
   if state == HALTED_STATE then return deny(mode, 'halted') end
-  local pw, pf = spos(sym)
-  local bw, bf, sw, sf, uw, uf = pending(sym)
-  local ow, of = worst(pw, pf, bw, bf, sw, sf, uw, uf)
   local dw, df = split(units)
-  local aw, af = worst(pw, pf, with_order(side, dw, df, bw, bf, sw, sf, uw, uf))
+  local ow, of, aw, af
+  if side == '0' and side_blind(sym) then
+    local pw, pf = sabs(spos(sym))
+    ow, of = add(pw, pf, split(F[r]))
+    aw, af = add(ow, of, dw, df)
+  else
+    local pw, pf = spos(sym)
+    local bw, bf, sw, sf, uw, uf = pending(sym)
+    ow, of = worst(pw, pf, bw, bf, sw, sf, uw, uf)
+    aw, af = worst(pw, pf, with_order(side, dw, df, bw, bf, sw, sf, uw, uf))
+  end
   if mode ~= 'force' then
     local open = F[p] or not zero(split(F[r]))
     if state == REDUCING then
