@@ -18,9 +18,12 @@ from ._core import Snapshot
 __all__: list[str] = []
 
 
-def read_positions(positions: object, symbol: str, epoch: int) -> Snapshot:
+def read_positions(
+    positions: object, symbol: str, epoch: int, sided: tuple[str, ...] | list[str]
+) -> Snapshot:
     """``positions`` (a mapping, or a zero-argument callable returning one) as a ``Snapshot`` for
-    a decision on ``symbol``."""
+    a decision on ``symbol``; ``sided`` names the symbols with pending buys or sells, read just
+    before (their positions are turned into units here, for the decision's worst cases)."""
     if type(positions) is dict:
         book: Mapping[object, object] = positions
     else:
@@ -28,6 +31,7 @@ def read_positions(positions: object, symbol: str, epoch: int) -> Snapshot:
     # A copy first: another thread may change the caller's dict while it is walked.
     open_: dict[object, object] = dict(book)
     gross = 0
+    net = 0
     plain = True
     for key, value in open_.items():
         try:
@@ -36,12 +40,19 @@ def read_positions(positions: object, symbol: str, epoch: int) -> Snapshot:
         except (TypeError, ValueError):
             raise _bad_entry(key, value) from None
         gross += -units if units < 0 else units
+        net += units
     if not plain:  # keys the lock may hash must be exact str
         open_ = {_symbol_key(key): value for key, value in open_.items()}
     keys = cast("dict[str, object]", open_)  # every key is an exact str by now
     value = keys.get(symbol)
-    held = 0 if value is None else abs(_units.units("positions", value, True))
-    return Snapshot(epoch, keys, gross, symbol in keys, held)
+    held = 0 if value is None else _units.units("positions", value, True)
+    units_of: dict[str, int] | None = None
+    if sided:
+        units_of = {}
+        for name in sided:
+            if name in keys:
+                units_of[name] = _units.units("positions", keys[name], True)
+    return Snapshot(epoch, keys, gross, net, value is not None, held, units_of)
 
 
 def _symbol_key(key: object) -> str:

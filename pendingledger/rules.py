@@ -37,6 +37,7 @@ __all__ = [
     "loss_to_latch",
     "next_reset",
     "unit_limits",
+    "uses_net",
     "worst_case",
 ]
 
@@ -71,6 +72,7 @@ class UnitLimits:
     """A ``PortfolioLimits`` in units, as the rules read it; ``NO_LIMIT`` where none is set."""
 
     __slots__ = (
+        "loss_kinds",
         "max_daily_loss",
         "max_drawdown",
         "max_gross",
@@ -90,6 +92,8 @@ class UnitLimits:
         self.max_net: int = _limit("max_net_exposure", source.max_net_exposure)
         self.max_daily_loss: int = _limit("max_daily_loss", source.max_daily_loss)
         self.max_drawdown: int = _limit("max_drawdown", source.max_drawdown)
+        # The kinds of amount the loss limits were given in: a latch reports them so.
+        self.loss_kinds: int = _kind(source.max_daily_loss) | _kind(source.max_drawdown)
 
 
 def unit_limits(limits: object) -> UnitLimits:
@@ -111,7 +115,7 @@ def worst_case(position: int, buys: int, sells: int, unknown: int) -> int:
     return up if up > down else down
 
 
-def first_failing_rule(
+def first_failing_rule(  # noqa: PLR0911 - one return per rule, in DenyReason order
     limits: UnitLimits,
     state: int,
     open_count: int,
@@ -155,6 +159,12 @@ def first_failing_rule(
     return ADMIT
 
 
+def uses_net(limits: UnitLimits, state: int) -> bool:
+    """Whether ``first_failing_rule`` reads ``net_before`` and ``net_after``: only when the net
+    limit is set or the state is ``REDUCING`` (a gate may pass 0 for both otherwise)."""
+    return limits.max_net > NO_LIMIT or state == REDUCING
+
+
 def loss_to_latch(limits: UnitLimits, day_pnl: int, drawdown: int) -> int:
     """Why the loss latch fires, or ``NO_LATCH``: the day's realized P&L (``day_pnl``, signed
     units) has reached ``-max_daily_loss``, or equity has fallen ``max_drawdown`` below its peak
@@ -172,6 +182,10 @@ def next_reset(now: float, offset: float) -> float:
     (POSIX time has no leap seconds, so every UTC day is ``DAY_SECONDS`` long)."""
     days = (now - offset) // DAY_SECONDS
     return offset + (days + 1) * DAY_SECONDS
+
+
+def _kind(value: object) -> int:
+    return 0 if value is None else _units.kind_of(value)
 
 
 def _limit(name: str, value: object) -> int:
