@@ -413,7 +413,7 @@ def test_a_loss_call_works_on_any_namespace_and_moves_the_mark(client: Any) -> N
         ({"on_loss": 2}, TypeError),
         ({"daily_reset": "00:00"}, TypeError),
         ({"daily_reset": datetime.time(1, tzinfo=datetime.timezone(datetime.timedelta(hours=1)))},
-         TypeError),
+         ValueError),
     ],
 )  # fmt: skip
 def test_bad_loss_settings_are_refused(client: Any, kwargs: dict[str, Any], error: type) -> None:

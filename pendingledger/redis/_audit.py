@@ -62,10 +62,9 @@ class OrderRecord:
     """The side code (``rules.BUY``, ``rules.SELL``, ``rules.UNKNOWN_SIDE``)."""
 
 
-_LOSS: Final = ("reset_off_us", "day_end", "pnl_w", "pnl_f", "pnl_kinds", "eq_set", "eq_w", "eq_f",
-                "eq_kinds", "peak_w", "peak_f", "l_state", "l_reason", "l_limit_w", "l_limit_f",
-                "l_limit_kinds", "l_value_w", "l_value_f", "l_value_kinds", "l_at",
-                "l_until")  # fmt: skip
+_LOSS: Final = ("reset_off_us", "day_end", "pnl_w", "pnl_f", "eq_set", "eq_w", "eq_f", "peak_w",
+                "peak_f", "loss_kinds", "l_state", "l_reason", "l_limit_w", "l_limit_f",
+                "l_value_w", "l_value_f", "l_kinds", "l_at", "l_until")  # fmt: skip
 _DENIALS: Final = ("d_book_not_restored", "d_halted", "d_reducing_only",
                    "d_max_concurrent_positions", "d_max_gross_exposure", "d_max_symbol_exposure",
                    "d_max_net_exposure")  # fmt: skip

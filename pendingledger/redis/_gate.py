@@ -73,7 +73,16 @@ from pendingledger.redis._audit import Snapshot, _pairs, _s
 from pendingledger.redis._audit import audit as audit_snapshot
 from pendingledger.redis._library import LIBRARY, ServerCode
 from pendingledger.stats import GateStats
-from pendingledger.trading import STATES, Latch, Side, TradingState
+from pendingledger.trading import (
+    SIDES,
+    STATES,
+    Latch,
+    Side,
+    TradingState,
+    loss_state_code,
+    reset_offset,
+    side_code,
+)
 
 if TYPE_CHECKING:
     from pendingledger.protocols import Gate
@@ -205,52 +214,22 @@ def _position_value(name: str, exposure: object) -> tuple[int, str]:
     return abs(units), f"{'-' if units < 0 else '+'}{chr(97 + _units.kind_of(exposure))}"
 
 
-_SIDE_CODES: Final = {"buy": str(rules.BUY), "sell": str(rules.SELL)}
-_LOSS_STATES: Final = {"reducing": rules.REDUCING, "halted": rules.HALTED_STATE}
-
-
-def side_code(side: object) -> str:
-    """``side`` (``try_enter``'s) as the server code's side code: '0' (not given), '1', '2'."""
-    if side is None:
-        return str(rules.UNKNOWN_SIDE)
-    if not isinstance(side, str):
-        raise TypeError(f"side must be Side.BUY, Side.SELL, 'buy', 'sell' or None, got {side!r}")
-    code = _SIDE_CODES.get(str.__str__(side))  # a plain str copy: no caller __hash__ runs
-    if code is None:
-        raise ValueError(f"side must be Side.BUY, Side.SELL, 'buy', 'sell' or None, got {side!r}")
-    return code
-
-
-def _on_loss(value: object) -> int:
-    """``on_loss`` (``TradingState.REDUCING`` or ``HALTED``) as its state code."""
-    if not isinstance(value, str):
-        raise TypeError(f"on_loss must be a TradingState, got {value!r}")
-    code = _LOSS_STATES.get(str.__str__(value))  # a plain str copy, as for side
-    if code is None:
-        raise ValueError(f"on_loss must be TradingState.REDUCING or HALTED, got {value!r}")
-    return code
-
-
-def _reset_offset_us(value: object) -> int:
-    """``daily_reset`` (a naive or UTC ``datetime.time``) in microseconds after midnight UTC."""
-    if not isinstance(value, datetime.time):
-        raise TypeError(f"daily_reset must be a datetime.time (UTC), got {value!r}")
-    offset = value.utcoffset()
-    if offset is not None and offset != datetime.timedelta(0):
-        raise TypeError(f"daily_reset must be a naive or UTC datetime.time, got {value!r}")
-    return ((value.hour * 60 + value.minute) * 60 + value.second) * 1_000_000 + value.microsecond
+def _reset_offset_us(daily_reset: object) -> int:
+    """``daily_reset`` (``trading.reset_offset``'s checks) in whole microseconds after midnight
+    UTC, as the server code's clock counts."""
+    return round(reset_offset(daily_reset) * 1_000_000)
 
 
 def _latch_of(reply: Sequence[Any]) -> Latch | None:
     """The server code's latch reply (see ``trading`` in gate.lua), or None when empty."""
     if not reply:
         return None
-    state, reason, limit, limit_kinds, value, value_kinds, at, until = reply
+    state, reason, limit, value, kinds, at, until = reply
     return Latch(
         state=STATES[int(state)],
         reason=rules.LATCH_REASONS[int(reason)],
-        limit=_units.to_number(int(_s(limit)), int(limit_kinds)),
-        value=_units.to_number(int(_s(value)), int(value_kinds)),
+        limit=_units.to_number(int(_s(limit)), int(kinds)),
+        value=_units.to_number(int(_s(value)), int(kinds)),
         at=int(_s(at)) / 1_000_000,
         until=int(_s(until)) / 1_000_000,
     )
@@ -365,7 +344,7 @@ class RedisGate:
         on_loss: TradingState = TradingState.REDUCING,
         daily_reset: datetime.time = datetime.time(0, 0),
     ) -> None:
-        self._on_loss = _on_loss(on_loss)
+        self._on_loss = loss_state_code(on_loss)
         self._reset_us = _reset_offset_us(daily_reset)
         self._ttl = _seconds("ttl", ttl)
         if self._ttl > MAX_TTL:
@@ -455,22 +434,18 @@ class RedisGate:
 
     def _encode(self, limits: object) -> tuple[PortfolioLimits, str, str]:
         """``limits``, the decision's config argument "ttl_us|max_pos|max_gross|max_sym|max_net"
-        and the loss calls' "max_daily_loss|max_drawdown|kind|kind|on_loss|reset_us", limits in
-        units (``rules.unit_limits``), '' for a limit not set."""
+        and the loss calls' "max_daily_loss|max_drawdown|kinds|on_loss|reset_us", limits in
+        units (``rules.unit_limits``), '' for a limit not set; kinds those the loss limits were
+        given in."""
         unit = rules.unit_limits(limits)
         parts = [unit.max_positions, unit.max_gross, unit.max_symbol, unit.max_net]
         encoded = ["" if value == rules.NO_LIMIT else str(value) for value in parts]
-        source = unit.source
         loss = [
             "" if value == rules.NO_LIMIT else str(value)
             for value in (unit.max_daily_loss, unit.max_drawdown)
         ]
-        kinds = [
-            str(0 if value is None else _units.kind_of(value))
-            for value in (source.max_daily_loss, source.max_drawdown)
-        ]
-        loss_config = "|".join([*loss, *kinds, str(self._on_loss), str(self._reset_us)])
-        return source, "|".join([str(self._ttl_us), *encoded]), loss_config
+        loss_config = "|".join([*loss, *map(str, (unit.loss_kinds, self._on_loss, self._reset_us))])
+        return unit.source, "|".join([str(self._ttl_us), *encoded]), loss_config
 
     # ------------------------------------------------------------------ properties
 
@@ -543,10 +518,10 @@ class RedisGate:
         return decision
 
     def _admitted(self, name: str, oid: str, notional: Number, units: int, token: str,
-                  reply: Sequence[Any]) -> Decision:  # fmt: skip
+                  side: int, reply: Sequence[Any]) -> Decision:  # fmt: skip
         res = RedisReservation._new(
-            self, name, oid, notional, units,
-            token=token, reserved_us=int(_s(reply[1])), expires_us=int(float(_s(reply[2]))),
+            self, name, oid, notional, units, token=token, side=side,
+            reserved_us=int(_s(reply[1])), expires_us=int(float(_s(reply[2]))),
         )  # fmt: skip
         return Decision(None, res)
 
@@ -732,7 +707,7 @@ class RedisGate:
             args += [name, *_position_value(f"positions[{symbol!r}]", exposure)]
         pending = _open_orders(open_orders)
         for order_id, symbol, notional, units, token, side in pending:
-            args += [order_id, symbol, units, token, _units.kind_of(notional), side]
+            args += [order_id, symbol, units, token, _units.kind_of(notional), str(side)]
         reply = self._write("restore", args)
         if _s(reply[0]) == "S":
             return None
@@ -740,9 +715,17 @@ class RedisGate:
         expires = now + self._ttl_us
         return [
             RedisReservation._new(
-                self, symbol, oid, notional, units, token=token, reserved_us=now, expires_us=expires
+                self,
+                symbol,
+                oid,
+                notional,
+                units,
+                token=token,
+                side=side,
+                reserved_us=now,
+                expires_us=expires,
             )
-            for oid, symbol, notional, units, token, _ in pending
+            for oid, symbol, notional, units, token, side in pending
         ]
 
     def positions(self) -> dict[str, Number]:
@@ -905,12 +888,12 @@ def enter(
     code = side_code(side)
     oid = uuid.uuid4().hex if order_id is None else _units.check_order_id(order_id)
     token = _token()
-    args = (name, units, oid, token, gate._config, _units.kind_of(notional), mode, code)
+    args = (name, units, oid, token, gate._config, _units.kind_of(notional), mode, str(code))
     try:
         reply = gate._replicated(args) if gate._min_replicas else gate._code.call("enter", *args)
         status = _s(reply[0])
         if status == "A":
-            decision = gate._admitted(name, oid, notional, units, token, reply)
+            decision = gate._admitted(name, oid, notional, units, token, code, reply)
         elif status == "D":
             decision = DENIALS[_s(reply[1])]
         elif status == "C":
@@ -931,10 +914,10 @@ def enter(
 
 def _open_orders(
     open_orders: Iterable[OpenOrderLike],
-) -> list[tuple[str, str, Number, int, str, str]]:
+) -> list[tuple[str, str, Number, int, str, int]]:
     """``restore``'s open orders, checked: ``(order_id, symbol, notional, units, token, side
     code)`` each."""
-    pending: list[tuple[str, str, Number, int, str, str]] = []
+    pending: list[tuple[str, str, Number, int, str, int]] = []
     seen: set[str] = set()
     for index, item in enumerate(open_orders):
         order = OpenOrder(*item)
@@ -973,6 +956,7 @@ class RedisReservation:
         "_lock",
         "_order_id",
         "_reserved_us",
+        "_side",
         "_symbol",
         "_token",
         "_units",
@@ -986,6 +970,7 @@ class RedisReservation:
     _units: int
     _token: str
     _reserved_us: int
+    _side: int
     _expires_us: int
     _ended: bool
     _lock: threading.Lock
@@ -1003,10 +988,12 @@ class RedisReservation:
         units: int,
         *,
         token: str,
+        side: int,
         reserved_us: int,
         expires_us: int,
     ) -> RedisReservation:
         self = object.__new__(cls)
+        self._side = side
         self._gate = gate
         self._symbol = symbol
         self._order_id = order_id
@@ -1027,6 +1014,11 @@ class RedisReservation:
     @property
     def order_id(self) -> str:
         return self._order_id
+
+    @property
+    def side(self) -> Side | None:
+        """The order's side as ``try_enter`` (or ``restore``) was given it; None: not given."""
+        return SIDES[self._side]
 
     @property
     def token(self) -> str:

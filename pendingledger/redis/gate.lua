@@ -227,7 +227,7 @@ end
 
 -- Little-endian doubles (struct; every value is an integer below 2^53, so exact), in two fields
 -- so that a decision and a release pack only what they change (packing costs per field):
--- state, STATE_NAMES (39): the layout (LAYOUT), the marker, the flags, the test clock, the rare
+-- state, STATE_NAMES (37): the layout (LAYOUT), the marker, the flags, the test clock, the rare
 --   counts and the denials by reason, then the loss latch's bookkeeping (see record_pnl)
 -- live, LIVE_NAMES' 23 doubles and a string: the fencing mark's hw, the totals and the common
 --   counts, then tag (the fencing tag of the write that made hw, TAG_SIZE characters: see
@@ -243,11 +243,11 @@ end
 local STATE_NAMES = {'layout', 'gen', 'epoch', 'restored_at', 'op', 'testing', 'off', 'frozen',
   'expired', 'restored', 'corrupt', 'd_book_not_restored', 'd_halted', 'd_reducing_only',
   'd_max_concurrent_positions', 'd_max_gross_exposure', 'd_max_symbol_exposure',
-  'd_max_net_exposure', 'reset_off', 'day_end', 'pnl_w', 'pnl_f', 'pnl_kinds', 'eq_set', 'eq_w',
-  'eq_f', 'eq_kinds', 'peak_w', 'peak_f', 'l_state', 'l_reason', 'l_limit_w', 'l_limit_f',
-  'l_limit_kinds', 'l_value_w', 'l_value_f', 'l_value_kinds', 'l_at', 'l_until'}
+  'd_max_net_exposure', 'reset_off', 'day_end', 'pnl_w', 'pnl_f', 'eq_set', 'eq_w', 'eq_f',
+  'peak_w', 'peak_f', 'loss_kinds', 'l_state', 'l_reason', 'l_limit_w', 'l_limit_f', 'l_value_w',
+  'l_value_f', 'l_kinds', 'l_at', 'l_until'}
 -- (written out: the string library is not there while the library loads)
-local STATE_FORMAT = '<' .. 'dddddddddd' .. 'dddddddddd' .. 'dddddddddd' .. 'ddddddddd'
+local STATE_FORMAT = '<' .. 'dddddddddd' .. 'dddddddddd' .. 'dddddddddd' .. 'ddddddd'
 local LIVE_FORMAT = '<' .. 'dddddddddd' .. 'dddddddddd' .. 'ddd' .. 'c16'
 local LAYOUT, STATE_SIZE, LIVE_SIZE, TAG_SIZE = 3, 8 * #STATE_NAMES, 8 * 23 + 16, 16
 local NO_TAG = '0000000000000000'
@@ -1244,10 +1244,11 @@ end
 -- ------------------------------------------------------------------ the loss latch
 --
 -- state keeps the day's realized P&L (pnl, floor limbs), the last equity set (eq; eq_set 0:
--- none this period), its peak since the period began (peak: set exactly when eq_set is), the
--- day's end (day_end, server us; 0 until the first loss call) and the latch (l_*: l_state 0 =
--- none; its reason, limit and value as rules names them, its time and its until). The limits,
--- on_loss and the daily reset's offset come with each loss call, from the calling gate.
+-- none yet), its peak since the period began (peak: set exactly when eq_set is), the day's end
+-- (day_end, server us; 0 until the first loss call), the kinds of every loss amount recorded
+-- (sticky, as in process) and the latch (l_*: l_state 0 = none; its reason, limit and value as
+-- rules names them, the kinds they read back in, its time and its until). The limits, their
+-- kinds, on_loss and the daily reset's offset come with each loss call, from the calling gate.
 
 local DAY_US = 86400000000
 
@@ -1258,10 +1259,10 @@ end
 
 -- A new measuring period: no P&L, the peak is the last equity, no latch.
 local function new_period()
-  S.pnl_w, S.pnl_f, S.pnl_kinds = 0, 0, 0
+  S.pnl_w, S.pnl_f = 0, 0
   S.peak_w, S.peak_f = S.eq_w, S.eq_f
-  S.l_state, S.l_reason, S.l_limit_w, S.l_limit_f, S.l_limit_kinds = 0, 0, 0, 0, 0
-  S.l_value_w, S.l_value_f, S.l_value_kinds, S.l_at, S.l_until = 0, 0, 0, 0, 0
+  S.l_state, S.l_reason, S.l_limit_w, S.l_limit_f = 0, 0, 0, 0
+  S.l_value_w, S.l_value_f, S.l_kinds, S.l_at, S.l_until = 0, 0, 0, 0, 0
 end
 
 -- The daily roll before a loss call (a decision needs none: trading_state ignores a latch past
@@ -1276,19 +1277,19 @@ local function roll(now, off)
   end
 end
 
--- "max_daily_loss|max_drawdown|kind of the one|of the other|on_loss|reset offset us" (limits in
--- units, '' when none) -> a table, or an error (nothing written).
+-- "max_daily_loss|max_drawdown|their kinds|on_loss|reset offset us" (limits in units, '' when
+-- none) -> a table, or an error (nothing written).
 local function loss_config(s)
-  local ml, md, mlk, mdk, on_loss, off =
-    string.match(s, '^(%d*)|(%d*)|(%d+)|(%d+)|([12])|(%d+)$')
+  local ml, md, kinds, on_loss, off = string.match(s, '^(%d*)|(%d*)|(%d+)|([12])|(%d+)$')
   if not off then return error('pendingledger: bad loss config') end
-  return {ml ~= '' and ml, md ~= '' and md, mlk + 0, mdk + 0, on_loss + 0, off + 0}
+  return {ml ~= '' and ml, md ~= '' and md, kinds + 0, on_loss + 0, off + 0}
 end
 
-local function latch(lc, now, reason, limit, limit_kinds, vw, vf, value_kinds)
-  S.l_state, S.l_reason = lc[5], reason
+local function latch(lc, now, reason, limit, vw, vf)
+  S.l_state, S.l_reason = lc[4], reason
   S.l_limit_w, S.l_limit_f = split(limit)
-  S.l_limit_kinds, S.l_value_w, S.l_value_f, S.l_value_kinds = limit_kinds, vw, vf, value_kinds
+  S.l_value_w, S.l_value_f = vw, vf
+  S.l_kinds = bit.bor(S.loss_kinds, lc[3])
   S.l_at, S.l_until = now, S.day_end
 end
 
@@ -1298,14 +1299,14 @@ local function check_latch(lc, now)
   if lc[1] then
     local lw, lf = split(lc[1])
     if not gt(lw, lf, negate(S.pnl_w, S.pnl_f)) then
-      return latch(lc, now, 1, lc[1], lc[3], S.pnl_w, S.pnl_f, S.pnl_kinds)
+      return latch(lc, now, 1, lc[1], S.pnl_w, S.pnl_f)
     end
   end
   if lc[2] then
     local dw, df = 0, 0
     if S.eq_set == 1 then dw, df = sadd(S.peak_w, S.peak_f, negate(S.eq_w, S.eq_f)) end
     local lw, lf = split(lc[2])
-    if not gt(lw, lf, dw, df) then return latch(lc, now, 2, lc[2], lc[4], dw, df, S.eq_kinds) end
+    if not gt(lw, lf, dw, df) then return latch(lc, now, 2, lc[2], dw, df) end
   end
 end
 
@@ -1321,9 +1322,9 @@ end
 --   Adds the signed `amount` (units, rounded toward -infinity) to the day's realized P&L.
 local function record_pnl(args, now)
   local lc = loss_config(args[7])
-  roll(now, lc[6])
+  roll(now, lc[5])
   S.pnl_w, S.pnl_f = sadd(S.pnl_w, S.pnl_f, ssplit(args[5]))
-  S.pnl_kinds = bit.bor(S.pnl_kinds, args[6] + 0)
+  S.loss_kinds = bit.bor(S.loss_kinds, args[6] + 0)
   return loss_changed(lc, now)
 end
 
@@ -1331,21 +1332,21 @@ end
 --   The account's equity (signed units); its peak since the period began rises with it.
 local function set_equity(args, now)
   local lc = loss_config(args[7])
-  roll(now, lc[6])
+  roll(now, lc[5])
   local w, f = ssplit(args[5])
-  S.eq_w, S.eq_f, S.eq_kinds = w, f, bit.bor(S.eq_kinds, args[6] + 0)
+  S.eq_w, S.eq_f, S.loss_kinds = w, f, bit.bor(S.loss_kinds, args[6] + 0)
   if S.eq_set == 0 or gt(w, f, S.peak_w, S.peak_f) then S.peak_w, S.peak_f = w, f end
   S.eq_set = 1
   return loss_changed(lc, now)
 end
 
 -- The trading state at `now` and the latch in force, for a reply: {state, op} and {} or
--- {latch state, reason, limit units, its kinds, value units, its kinds, at us, until us}.
+-- {latch state, reason, limit units, value units, their kinds, at us, until us}.
 local function trading_reply(now)
   local l = {}
   if S.l_state ~= 0 and now < S.l_until then
-    l = {S.l_state, S.l_reason, fmt(S.l_limit_w, S.l_limit_f), S.l_limit_kinds,
-      sfmt(S.l_value_w, S.l_value_f), S.l_value_kinds, int(S.l_at), int(S.l_until)}
+    l = {S.l_state, S.l_reason, fmt(S.l_limit_w, S.l_limit_f), sfmt(S.l_value_w, S.l_value_f),
+      S.l_kinds, int(S.l_at), int(S.l_until)}
   end
   return trading_state(now), S.op, l
 end
