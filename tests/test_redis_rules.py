@@ -128,6 +128,19 @@ def test_reducing_admits_only_orders_that_raise_no_figure(client: Any) -> None:
     assert (stats.denied[R.REDUCING_ONLY], stats.denied[R.HALTED]) == (3, 1)
 
 
+def test_an_order_of_unknown_side_beside_pending_sells_counts_them(client: Any) -> None:
+    """With sells pending a symbol's worst case is no longer |p| + u: the side-blind shortcut
+    must not be taken (it would count the sells on top of a long they reduce)."""
+    gate = new_gate(client, Limits(max_symbol_exposure=15))
+    gate.set_position("AAA", 10)
+    assert gate.try_enter("AAA", 10, side="sell")  # worst case max(10, 0)
+    unknown = res(gate.try_enter("AAA", 5))  # max(15, 5): on the limit
+    assert gate.try_enter("AAA", 1).reason is R.MAX_SYMBOL_EXPOSURE
+    assert unknown.release()
+    assert gate.audit(gate.limits) == []
+    assert gate.snapshot().gross() == 10
+
+
 def test_a_decision_with_a_side_is_one_fcall(client: Any, server: RedisServer) -> None:
     gate = new_gate(client, Limits(max_net_exposure=100, max_gross_exposure=100))
     assert gate.try_enter("WARM", 1, side="buy")
@@ -245,7 +258,7 @@ def test_every_change_keeps_the_figures_the_rule_function_decides_on(
             notional = rng.randint(1, 12)
             code = {None: 0, Side.BUY: 1, Side.SELL: 2}[side]
             expected = model.decide(sym, notional * U, code)
-            decision = gate.try_enter(sym, notional, side=side)
+            decision = gate.try_enter(sym, notional, side=side, order_id=f"o{step}")
             assert decision.reason is expected, (step, op, sym, notional, side)
             if decision:
                 handle = res(decision)
