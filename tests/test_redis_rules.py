@@ -442,3 +442,13 @@ def test_a_bad_loss_amount_is_refused_and_changes_nothing(client: Any, amount: A
         with pytest.raises((ValueError, TypeError)):
             call(amount)
     assert gate.snapshot().meta == before
+
+
+def test_a_retried_resume_does_not_start_the_period_again(client: Any) -> None:
+    gate = new_gate(client, Limits(max_daily_loss=100))
+    token = uuid.uuid4().hex[:16]
+    assert gate.server.call("control", "state", rules.ACTIVE, token)[0] == b"1"
+    gate.record_pnl(-60)  # another process records a loss between the two attempts
+    gate.server.call("control", "state", rules.ACTIVE, token)  # the retry of the resume
+    gate.record_pnl(-40)
+    assert latch_of(gate) is not None  # -100: the -60 was not erased by the retry

@@ -19,8 +19,11 @@ Failure policy (the gate fails closed):
   ``reduce_order``) return ``False`` and log instead of raising: a lost release only over-blocks
   until the TTL.
 * Writes to the book (``set_position``, ``close_position``, ``confirm_fill``, ``restore``,
-  ``halt``, ``resume``) raise ``StoreUnavailable``: a lost position update would make the gate
-  under-count, so the caller must know (retry, or halt trading).
+  ``halt``, ``reduce_only``, ``resume``, ``record_pnl``, ``set_equity``) raise
+  ``StoreUnavailable``: a lost position update would make the gate under-count, a lost loss
+  keep it trading, so the caller must know (retry, or halt trading). The trading state and the
+  loss latch (the day's P&L, the equity's peak, the daily reset) live in the namespace: every
+  process decides on the same ones, and they survive ``restore`` (``wipe`` deletes them).
 
 Client retries (redis-py's ``retry``; ``from_url`` sets one immediate retry) resend a call after
 a connection error or a timeout, when the first attempt may have run and only its reply been lost.
@@ -30,14 +33,16 @@ The retry gets the first attempt's answer instead of running the call again:
   order id and token is answered from it, never reserved twice. (If the first attempt was
   *denied*, the retry decides again, and ``stats()`` counts both decisions.)
 * ``confirm_fill``, ``release``, ``release_order``, ``reduce_order``, ``Reservation.release()``,
-  ``Reservation.reduce()``, ``set_position`` and ``close_position`` send a random token per call;
+  ``Reservation.reduce()``, ``set_position``, ``close_position``, ``record_pnl`` and
+  ``set_equity`` send a random token per call;
   the server keeps each call's answer under it for a minute of the server's clock, and a repeat
   within that time gets that answer without running again. So a fill that landed is reported as
   landed, a release that ended a reservation returns True, and a position write is never applied
   again over a later one.
 * ``restore`` sends a new generation each call and answers a repeat that finds it in the marker.
-* ``halt`` and ``resume`` set and clear a flag (repeating changes nothing); ``wipe`` repeated
-  reports 0 keys; reads simply run again.
+* ``halt`` and ``reduce_only`` set the operator's state (repeating them changes nothing);
+  ``resume`` sends a token too, so a repeat does not start the measuring period again (and
+  erase a loss recorded in between); ``wipe`` repeated reports 0 keys; reads simply run again.
 
 Not covered: a retry arriving more than a minute after the call ran (redis-py retries at once),
 and calling a method again yourself after it raised or returned False: that is a new call with a

@@ -1383,9 +1383,12 @@ end
 --   'state', value rules' code: any client: RedisGate.halt, reduce_only, resume; '0', resume,
 --   also clears the loss latch and starts a new measuring period) or the `testing` flag
 --   (pendingledger.redis.testing; value '1' or '0'). Works on any namespace, restored or not,
---   and changes nothing else; it moves the mark like a change.
+--   and changes nothing else; it moves the mark like a change. A repeat of a resume (its call
+--   token kept, as kept() does) is answered without starting the period again.
 local function control(keys, args)
-  begin(keys, args)
+  local memo = 'c:' .. args[6]
+  begin(keys, args, memo)
+  if F[memo] then return finish('1') end
   local flag, value = args[4], tonumber(args[5])
   if flag == 'state' then
     if value ~= ACTIVE and value ~= REDUCING and value ~= HALTED_STATE then
@@ -1393,6 +1396,9 @@ local function control(keys, args)
     end
     if value == ACTIVE then
       new_period()
+      local now = now_us()
+      set(memo, '1')
+      forget_later(memo, now)
     elseif S.op == value then
       return finish('1') -- already so: nothing changes
     end
