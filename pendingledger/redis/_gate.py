@@ -697,7 +697,9 @@ class RedisGate:
         Call it at start-up with the positions and open orders from the exchange (an empty book
         for a fresh deployment: ``restore({})``), and whenever decisions are denied with
         ``BOOK_NOT_RESTORED``. Every open order is reserved again, unchecked (it is already at
-        the exchange), with a fresh TTL. The halt flag and the stats are kept. With
+        the exchange), with a fresh TTL, under its side if it has one (``OpenOrder.side``, or a
+        tuple's fourth item). The trading state, the loss latch and its day, and the stats are
+        kept. With
         ``only_if_missing`` nothing is written if the book is in place (several processes may
         start together: the first restores, the others return None). Returns the reservations
         made for ``open_orders``. Raises ``StoreUnavailable`` if the store cannot confirm it.
