@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import random
+import threading
 import uuid
 from typing import Any
 
@@ -452,3 +453,40 @@ def test_a_retried_resume_does_not_start_the_period_again(client: Any) -> None:
     gate.server.call("control", "state", rules.ACTIVE, token)  # the retry of the resume
     gate.record_pnl(-40)
     assert latch_of(gate) is not None  # -100: the -60 was not erased by the retry
+
+
+def test_no_entry_is_admitted_after_the_latching_call_returns(server: RedisServer) -> None:
+    """Threads (each with its own client, as processes would have) enter while another records
+    the loss that latches: every decision that began after record_pnl returned is denied."""
+    clients = [redis.Redis.from_url(server.url, socket_timeout=5) for _ in range(5)]
+    gate = new_gate(clients[0], Limits(max_daily_loss=100))
+    latched = threading.Event()
+    late: list[Decision] = []
+    errors: list[BaseException] = []
+
+    def enter(client: Any, worker: int) -> None:
+        mine = RedisGate(client, gate.limits, ttl=gate.ttl, namespace=gate.namespace)
+        after_latch = 0
+        try:
+            for k in range(20_000):  # a bound, not a timing: each worker stops 50 after it
+                after = latched.is_set()  # read before the call begins
+                decision = mine.try_enter(f"S{worker}-{k}", 1, side="buy")
+                if after:
+                    late.append(decision)
+                    after_latch += 1
+                    if after_latch == 50:
+                        return
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=enter, args=(c, i)) for i, c in enumerate(clients[1:])]
+    for t in threads:
+        t.start()
+    gate.record_pnl(-100)
+    latched.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert late and all(d.reason is R.REDUCING_ONLY for d in late)
+    for c in clients:
+        c.close()
