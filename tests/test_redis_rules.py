@@ -490,3 +490,15 @@ def test_no_entry_is_admitted_after_the_latching_call_returns(server: RedisServe
     assert late and all(d.reason is R.REDUCING_ONLY for d in late)
     for c in clients:
         c.close()
+
+
+def test_the_broken_gate_checks_and_reserves_under_the_side(client: Any) -> None:
+    from pendingledger.redis.testing import check_then_reserve, enable_test_ops
+
+    gate = new_gate(client, Limits(max_symbol_exposure=10))
+    enable_test_ops(gate)
+    gate.set_position("AAA", -10)
+    assert check_then_reserve(gate, "AAA", 10, side="buy")  # reduces the short: passes
+    assert check_then_reserve(gate, "AAA", 1, side="sell").reason is R.MAX_SYMBOL_EXPOSURE
+    assert [o.side for o in gate.snapshot().orders.values()] == [rules.BUY]
+    assert gate.audit(gate.limits) == []
