@@ -12,9 +12,16 @@
 -- microseconds whatever it does), so a call reads every field it needs with one HMGET, keeps
 -- what it changes in the tables below, and writes it back with one command per key (finish).
 -- A decision is TIME, HMGET, HSET and ZADD (an order with a side sets one field more); a
--- release TIME, HMGET, HSET, ZREM and ZADD. After
--- the commands, what costs most is turning numbers into strings (a sprintf each) and packing
--- state: the hot paths do neither more than they must (see stamp, RING_NAMES, the two fields).
+-- release TIME, HMGET, HSET, ZREM and ZADD. After the commands, what costs most is turning
+-- numbers into strings (a sprintf each) and packing state: the hot paths do neither more than
+-- they must (see stamp, RING_NAMES, the two fields), and an order of unknown side on a symbol
+-- with no pending buys or sells skips the worst-case arithmetic (see side_blind).
+--
+-- Decisions: rules.first_failing_rule over the figures this code keeps (rules.worst_case per
+-- symbol from p:/k:, r:, b: and s:; their sum and the net figure from live's totals), in the
+-- trading state of the moment: the operator's (control) or the loss latch's while it holds, the
+-- stricter. The latch, the day's P&L and the equity's peak are in state (see record_pnl), so
+-- every process sees one latch and one daily reset, on this code's clock.
 --
 -- Keys (all under one hash tag {ns}, so Redis Cluster keeps them in one slot):
 --   KEYS[1] book    hash  state: the marker, the epoch, the operator's trading state, the test
@@ -38,9 +45,10 @@
 --   KEYS[3] forget  zset  o:<order_id> of ended ones and c:<call_token>, scored by when they go
 --   Both zsets hold the sentinel member '' at score -inf (see Eviction).
 --
--- Amounts: exact non-negative integers of units (1 unit = 10^-9 of the account currency) kept as
--- decimal strings. Lua numbers are doubles, exact only up to 2^53, so a value is handled as two
--- limbs (w, f) = (value div 10^9, value mod 10^9); w must stay below 2^53. The client refuses
+-- Amounts: exact integers of units (1 unit = 10^-9 of the account currency) kept as decimal
+-- strings. Lua numbers are doubles, exact only up to 2^53, so a value is handled as two limbs
+-- (w, f) = (value div 10^9, value mod 10^9), the floor for a signed one (see negate); |w| must
+-- stay below 2^53. The client refuses
 -- single amounts of 10^15 or more; a total that would pass 2^53 raises an error before the
 -- operation writes anything (writes happen only in finish). No float is ever summed here.
 --
@@ -56,7 +64,8 @@
 -- a token stored with the reservation it makes and answers a repeat from it. Every other call that
 -- writes carries a random per-call token: its answer is kept for CALL_MEMO_US, in c:<token> or,
 -- when the call ended a reservation, in that record's tombstone (see kept), and a repeat gets
--- that answer without running again. 'restore' is recognised by its generation.
+-- that answer without running again ('control' keeps only a resume's, the one call of it that
+-- is not the same done twice). 'restore' is recognised by its generation.
 --
 -- Fencing: state's mark (epoch, hw, tag) names a point of one replication history. hw counts
 -- the calls that changed the book, and each such call leaves a tag, its random token itself (or
