@@ -81,27 +81,30 @@ TARGET_WALL_RATIO = 1.75  # gate cycle / two trivial FCALL
 TARGET_SCALING = 3.0  # 4 processes / 1 process, 1 thread each
 
 # The benchmark's own Functions library. `floor_enter` and `floor_release` issue the commands of
-# the gate's `enter` and `release_order` (gate.lua: HMGET of state, live, the fencing tag h:, p:
-# r: o:; TIME; HSET of o: r: h: live; ZADD expiry. HMGET of state, live, h:, c:, o:, r:, p:;
-# TIME; HSET of the tombstone o:, r: h: live; ZREM expiry; ZADD forget of o:) with values of
+# the gate's `enter` and `release_order` of an order of unknown side (gate.lua: HMGET of state,
+# live, the fencing tag h:, p: r: o: k: b: s:; TIME; HSET of o: r: h: live; ZADD expiry. HMGET
+# of state, live, h:, c:, o:, p: r: k: b: s:; TIME; HSET of the tombstone o:, r: h: live; ZREM
+# expiry; ZADD forget of o:) with values of
 # about the same sizes, take the same arguments (the caller's mark first: epoch, hw, tag) and
 # answer as many items; nothing else. The commandstats of a round check that the numbers of
 # commands match; the fields and members per command follow gate.lua by hand.
 BENCH_LIBRARY = """#!lua name=plbench
-local LIVE = '@LIVE@' -- as long as its live field (15 doubles and a 16-byte tag)
+local LIVE = '@LIVE@' -- as long as its live field (23 doubles and a 16-byte tag)
 local function trivial(keys, args) return 1 end
 local function floor_enter(keys, args)
   local sym, o, h = args[4], 'o:' .. args[6], 'h:' .. args[2]
-  redis.call('HMGET', keys[1], 'state', 'live', h, 'p:' .. sym, 'r:' .. sym, o)
+  redis.call('HMGET', keys[1], 'state', 'live', h, 'p:' .. sym, 'r:' .. sym, o, 'k:' .. sym,
+    'b:' .. sym, 's:' .. sym)
   local t = redis.call('TIME')
   redis.call('HSET', keys[1], o, args[5] .. '|' .. args[7] .. '|' .. t[1] .. t[2] .. '|' ..
-    '60000000|' .. sym, 'r:' .. sym, args[5], h, args[3], 'live', LIVE)
+    '60000000|0|' .. sym, 'r:' .. sym, args[5], h, args[3], 'live', LIVE)
   redis.call('ZADD', keys[2], t[1] .. t[2], o)
   return {1, 1, 1, 'A', 1, 1}
 end
 local function floor_release(keys, args)
   local c, o, sym, h = 'c:' .. args[4], 'o:' .. args[5], args[7], 'h:' .. args[2]
-  redis.call('HMGET', keys[1], 'state', 'live', h, c, o, 'r:' .. sym, 'p:' .. sym)
+  redis.call('HMGET', keys[1], 'state', 'live', h, c, o, 'p:' .. sym, 'r:' .. sym, 'k:' .. sym,
+    'b:' .. sym, 's:' .. sym)
   local t = redis.call('TIME')
   redis.call('HSET', keys[1], o, '~' .. args[4] .. '|1', 'r:' .. sym, '0', h, args[3], 'live',
     LIVE)
@@ -117,8 +120,8 @@ redis.register_function('plbench_trivial', trivial)
 redis.register_function('plbench_floor_enter', floor_enter)
 redis.register_function('plbench_floor_release', floor_release)
 redis.register_function('plbench_hincrby15', hincrby15)
-""".replace("@LIVE@", "l" * 136)
-STATE_BYTES = b"s" * 128  # as long as the gate's state field (16 doubles)
+""".replace("@LIVE@", "l" * 200)
+STATE_BYTES = b"s" * 296  # as long as the gate's state field (37 doubles)
 
 
 def verdict(ok: bool) -> str:
@@ -233,7 +236,7 @@ def new_client(url: str) -> Any:
 
 
 Keys = tuple[str, str, str]
-CONFIG = "60000000|1000|1000000000000000000000|100000000000000000000"  # enter's, for LIMITS
+CONFIG = "60000000|1000|1000000000000000000000|100000000000000000000|"  # enter's, for LIMITS
 SUBJECTS = {
     "gate": "gate: decision + release",
     "floor": "floor: the same commands",
@@ -268,7 +271,7 @@ def floor_cycle(client: Any, keys: Keys) -> Callable[[], None]:
     def cycle() -> None:
         k = next(counter)
         sym, oid, token = SYMBOLS[k % 64], f"floor-{k}", uuid.uuid4().hex
-        enter = (1, 1, 123456789, sym, "100000000000", oid, token, CONFIG, 1, "")
+        enter = (1, 1, 123456789, sym, "100000000000", oid, token, CONFIG, 1, "", "0")
         release = (1, 1, 123456789, uuid.uuid4().hex, oid, token, sym)
         client.fcall("plbench_floor_enter", 3, *keys, *enter)
         client.fcall("plbench_floor_release", 3, *keys, *release)
@@ -279,7 +282,7 @@ def floor_cycle(client: Any, keys: Keys) -> Callable[[], None]:
 def trivial_cycle(client: Any, keys: Keys) -> Callable[[], None]:
     """Two ``return 1`` calls: one with ``enter``'s arguments, one with ``release_order``'s."""
     token = "t" * 32
-    enter = (1, 1, 123456789, "SYM000", "100000000000", "order-0", token, CONFIG, 1, "")
+    enter = (1, 1, 123456789, "SYM000", "100000000000", "order-0", token, CONFIG, 1, "", "0")
     release = (1, 1, 123456789, token, "order-0", token, "SYM000")
 
     def cycle() -> None:

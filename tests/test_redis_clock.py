@@ -21,7 +21,7 @@ from pendingledger.testing import ManualClock
 
 redis = pytest.importorskip("redis")
 
-from pendingledger.redis import RedisGate, RedisReservation  # noqa: E402
+from pendingledger.redis import OpenOrder, RedisGate, RedisReservation  # noqa: E402
 from pendingledger.redis.testing import (  # noqa: E402
     advance_server_clock,
     enable_test_ops,
@@ -297,14 +297,34 @@ def test_the_state_the_server_code_keeps_between_calls_is_the_state_it_wrote(cli
     stored bytes differ, and writes a packed field only when a call flags it changed. A change
     it did not flag would live on in that copy alone (and be lost at the next restart). After
     every kind of change, the copy, as ``snapshot`` reports it, is what the book holds."""
-    from pendingledger.redis._audit import STATE, unpack_state
+    from pendingledger.redis._audit import LAYOUT, STATE, unpack_state
 
-    limits = Limits(max_concurrent_positions=2, max_gross_exposure=10, max_symbol_exposure=6)
+    limits = Limits(
+        max_concurrent_positions=2,
+        max_gross_exposure=10,
+        max_symbol_exposure=6,
+        max_net_exposure=8,
+        max_daily_loss=5,
+        max_drawdown=3,
+    )
     gate = new_gate(client, limits, ttl=1.0, frozen=True)
     enable_test_ops(gate)
     first = res(gate.try_enter("AAA", 2))
     steps: dict[str, Any] = {
         "admit": lambda: gate.try_enter("AAA", 1),
+        "admit a buy": lambda: gate.try_enter("AAA", 1, side="buy"),
+        "admit a sell": lambda: gate.try_enter("AAA", 1, side="sell"),
+        "deny net": lambda: gate.try_enter("BBB", 5, side="sell"),  # net 9
+        "reduce only": gate.reduce_only,
+        "deny reducing": lambda: gate.try_enter("AAA", 1, side="buy"),
+        "admit reducing": lambda: gate.try_enter("AAA", 1, side="sell"),
+        "record pnl": lambda: gate.record_pnl(-2),
+        "set equity": lambda: gate.set_equity(10),
+        "latch on drawdown": lambda: gate.set_equity(7),
+        "latch kept": lambda: gate.record_pnl(-5),
+        "resume with a latch": gate.resume,
+        "the day rolls": lambda: advance_server_clock(gate, 86_400.0),
+        "a loss the next day": lambda: gate.record_pnl(-1),
         "deny positions": lambda: gate.try_enter("BBB", 1) and gate.try_enter("CCC", 1),
         "deny gross": lambda: gate.try_enter("DDD", 50),
         "deny symbol": lambda: gate.try_enter("AAA", 5),
@@ -320,16 +340,22 @@ def test_the_state_the_server_code_keeps_between_calls_is_the_state_it_wrote(cli
         "expire": lambda: (advance_server_clock(gate, 1.0), gate.stats()),
         "sweep": gate.sweep,
         "restore": lambda: gate.restore({"GGG": 1.0}),
+        "restore with sides": lambda: gate.restore(
+            {"GGG": -1.0}, [OpenOrder("GGG", 2, "g", "buy"), OpenOrder("HHH", 1, "h", "sell")]
+        ),
+        "release a side": lambda: gate.release_order("h"),
     }
     for name, step in steps.items():
         step()
         kept = dict(zip(STATE, gate.server.call("snapshot")[1], strict=True))
         stored = client.hmget(gate.keys[0], ["state", "live"])
         written = unpack_state("state", stored[0]) | unpack_state("live", stored[1])
-        assert written.pop("layout") == 2, name
+        assert written.pop("layout") == LAYOUT, name
         assert {k: v.decode() if k == "tag" else int(v) for k, v in kept.items()} == written, name
+        assert gate.audit() == [], name
     stats = gate.stats()
     assert stats.expired >= 1 and stats.denied  # the steps did what their names say
+    assert stats.denied[R.MAX_NET_EXPOSURE] and stats.denied[R.REDUCING_ONLY]
 
 
 def test_releasing_a_symbol_whose_reservation_just_expired_counts_it_once(client: Any) -> None:

@@ -18,7 +18,17 @@ from typing import Any, Final
 from pendingledger import _units, rules
 from pendingledger.limits import PortfolioLimits
 
-__all__ = ["PACKED", "STATE", "OrderRecord", "Snapshot", "audit", "pack_state", "unpack_state"]
+__all__ = [
+    "LAYOUT",
+    "PACKED",
+    "STATE",
+    "Figures",
+    "OrderRecord",
+    "Snapshot",
+    "audit",
+    "pack_state",
+    "unpack_state",
+]
 
 
 def amount_of(units: int) -> Decimal:
@@ -48,31 +58,41 @@ class OrderRecord:
     token: str
     reserved_at_us: int
     expires_at_us: int | None
+    side: int = rules.UNKNOWN_SIDE
+    """The side code (``rules.BUY``, ``rules.SELL``, ``rules.UNKNOWN_SIDE``)."""
 
+
+_LOSS: Final = ("reset_off_us", "day_end", "pnl_w", "pnl_f", "eq_set", "eq_w", "eq_f", "peak_w",
+                "peak_f", "loss_kinds", "l_state", "l_reason", "l_limit_w", "l_limit_f",
+                "l_value_w", "l_value_f", "l_kinds", "l_at", "l_until")  # fmt: skip
+_DENIALS: Final = ("d_book_not_restored", "d_halted", "d_reducing_only",
+                   "d_max_concurrent_positions", "d_max_gross_exposure", "d_max_symbol_exposure",
+                   "d_max_net_exposure")  # fmt: skip
+_NEW_TOTALS: Final = ("wc_gross_w", "wc_gross_f", "net_pos_w", "net_pos_f", "buys_w", "buys_f",
+                      "sells_w", "sells_f")  # fmt: skip
 
 STATE: Final = ("gen", "epoch", "hw", "npos", "pos_gross_w", "pos_gross_f", "res_gross_w",
                 "res_gross_f", "res_syms", "res_open", "nres", "kinds", "next_due", "forget_due",
                 "admitted", "released", "filled", "expired", "restored", "corrupt",
-                "restored_at", "halted", "testing", "clock_us", "clock_frozen_us",
-                "d_book_not_restored", "d_halted", "d_max_concurrent_positions",
-                "d_max_gross_exposure", "d_max_symbol_exposure", "tag")  # fmt: skip
-"""The book's state as ``snapshot`` sends it, in this order: 30 numbers, then the fencing tag (a
-string)."""
+                "restored_at", "op", "testing", "clock_us", "clock_frozen_us", *_DENIALS,
+                *_NEW_TOTALS, *_LOSS, "tag")  # fmt: skip
+"""The book's state as ``snapshot`` sends it, in this order: numbers, then the fencing tag (a
+string). ``op`` is the operator's trading state code; amounts in two limbs (``w * 10**9 + f``;
+signed ones, ``net_pos``, ``pnl``, ``eq``, ``peak`` and ``l_value``, with ``w`` the floor)."""
 
 PACKED: Final = {
-    "state": ("layout", "gen", "epoch", "restored_at", "halted", "testing", "clock_us",
-              "clock_frozen_us", "expired", "restored", "corrupt", "d_book_not_restored",
-              "d_halted", "d_max_concurrent_positions", "d_max_gross_exposure",
-              "d_max_symbol_exposure"),
+    "state": ("layout", "gen", "epoch", "restored_at", "op", "testing", "clock_us",
+              "clock_frozen_us", "expired", "restored", "corrupt", *_DENIALS, *_LOSS),
     "live": ("hw", "npos", "pos_gross_w", "pos_gross_f", "res_gross_w", "res_gross_f",
              "res_syms", "res_open", "nres", "kinds", "next_due", "forget_due", "admitted",
-             "released", "filled", "tag"),
+             "released", "filled", *_NEW_TOTALS, "tag"),
 }  # fmt: skip
 """The two book fields the state is packed in, little-endian doubles with these names but the
-fencing tag, 16 characters (gate.lua's STATE_FORMAT and LIVE_FORMAT); ``layout`` is gate.lua's
+fencing tag, 16 characters (gate.lua's STATE_NAMES and LIVE_FORMAT); ``layout`` is gate.lua's
 LAYOUT."""
 
-_FORMATS: Final = {"state": "<16d", "live": "<15d16s"}
+LAYOUT: Final = 3
+_FORMATS: Final = {"state": f"<{len(PACKED['state'])}d", "live": f"<{len(PACKED['live']) - 1}d16s"}
 
 
 def unpack_state(field: str, raw: bytes) -> dict[str, int | str]:
@@ -92,7 +112,8 @@ def pack_state(field: str, values: dict[str, int | str]) -> bytes:
     return struct.pack(_FORMATS[field], *(v.encode() if isinstance(v, str) else v for v in items))
 
 
-_TOTALS: Final = ("npos", "pos_gross", "res_gross", "res_syms", "res_open", "nres")
+_TOTALS: Final = ("npos", "pos_gross", "res_gross", "res_syms", "res_open", "nres", "wc_gross",
+                 "net_pos", "buys", "sells")  # fmt: skip
 _COUNTS: Final = ("admitted", "released", "filled", "expired", "restored", "corrupt")
 
 
@@ -113,6 +134,8 @@ class Snapshot:
     expiry: Mapping[str, int]
     stats: Mapping[str, int] = field(default_factory=dict)
     sentinels_missing: tuple[str, ...] = ()
+    symbol_buys: Mapping[str, int] = field(default_factory=dict)
+    symbol_sells: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_reply(cls, reply: Sequence[Any]) -> Snapshot:
@@ -124,7 +147,7 @@ class Snapshot:
                         if "" not in z)  # fmt: skip
         meta = {name: str(value) for name, value in state.items() if value}
         meta["tag"] = _s(tag)
-        for total in ("pos_gross", "res_gross"):
+        for total in ("pos_gross", "res_gross", "wc_gross", "net_pos", "buys", "sells"):
             meta[total] = str(state[f"{total}_w"] * 10**9 + state[f"{total}_f"])
         totals = {name: int(meta.get(name) or 0) for name in _TOTALS}
         stats = {name: int(meta.get(name) or 0) for name in _COUNTS}
@@ -135,15 +158,18 @@ class Snapshot:
             if k.startswith("p:")
         }
         reserved = {k[2:]: int(v) for k, v in book.items() if k.startswith("r:") and int(v)}
+        buys = {k[2:]: int(v) for k, v in book.items() if k.startswith("b:") and int(v)}
+        sells = {k[2:]: int(v) for k, v in book.items() if k.startswith("s:") and int(v)}
         expiry = {k[2:]: v for k, v in expiry_z.items() if k}
         orders: dict[str, OrderRecord] = {}
         for name, rec in book.items():
             if name.startswith("o:") and not rec.startswith("~"):  # ~: a tombstone
-                units, token, at, _, symbol = rec.split("|", 4)
+                units, token, at, _, side, symbol = rec.split("|", 5)
                 oid = name[2:]
-                orders[oid] = OrderRecord(oid, symbol, int(units), token, int(at), expiry.get(oid))
+                orders[oid] = OrderRecord(oid, symbol, int(units), token, int(at), expiry.get(oid),
+                                          int(side))  # fmt: skip
         return cls(int(_s(reply[0])), meta, positions, totals, reserved, orders, expiry, stats,
-                   missing)  # fmt: skip
+                   missing, buys, sells)  # fmt: skip
 
     @property
     def reserved_gross_units(self) -> int:
@@ -154,8 +180,13 @@ class Snapshot:
         return self.totals.get("pos_gross", 0)
 
     def gross(self) -> Decimal:
-        """Open exposure plus reserved notional, as an exact Decimal."""
-        return amount_of(self.position_gross_units + self.reserved_gross_units)
+        """The sum of the symbols' worst cases (open exposure plus reserved notional when no
+        side is given), as an exact Decimal, as the gate keeps it."""
+        return amount_of(self.totals.get("wc_gross", 0))
+
+    def figures(self) -> Figures:
+        """The figures the limits bound, recomputed from the records (not the kept totals)."""
+        return _figures(self)
 
     def busy_symbols(self) -> set[str]:
         """Symbols that hold a concurrency slot: open or reserved."""
@@ -202,12 +233,15 @@ def _order_problems(snap: Snapshot) -> list[str]:
 
 def _total_problems(snap: Snapshot) -> list[str]:
     """Every incremental total against the same total recomputed from the records."""
-    per_sym: dict[str, int] = {}
-    for rec in snap.orders.values():
-        per_sym[rec.symbol] = per_sym.get(rec.symbol, 0) + rec.units
+    fig = _figures(snap)
+    per_sym = {s: sum(sides) for s, sides in fig.pending.items()}
     problems: list[str] = []
     if per_sym != dict(snap.symbol_reserved):
         problems.append(f"per-symbol reserved {dict(snap.symbol_reserved)} != recomputed {per_sym}")
+    for name, kept_sides, code in (("buys", snap.symbol_buys, 1), ("sells", snap.symbol_sells, 2)):
+        side_sums = {s: sides[code] for s, sides in fig.pending.items() if sides[code]}
+        if side_sums != dict(kept_sides):
+            problems.append(f"per-symbol {name} {dict(kept_sides)} != recomputed {side_sums}")
     recomputed = {
         "npos": len(snap.positions),
         "pos_gross": sum(abs(v) for v in snap.positions.values()),
@@ -215,6 +249,10 @@ def _total_problems(snap: Snapshot) -> list[str]:
         "res_syms": len(per_sym),
         "res_open": sum(1 for s in per_sym if s in snap.positions),
         "nres": len(snap.orders),
+        "wc_gross": fig.gross,
+        "net_pos": sum(snap.positions.values()),
+        "buys": sum(sides[1] for sides in fig.pending.values()),
+        "sells": sum(sides[2] for sides in fig.pending.values()),
     }
     if not snap.meta.get("gen"):
         return problems  # an unrestored namespace keeps no totals
@@ -236,10 +274,8 @@ def breaches(snap: Snapshot, limits: PortfolioLimits) -> list[str]:
                 f"{len(busy)} symbols open or reserved > max_concurrent_positions "
                 f"{unit.max_positions}: {sorted(busy)}"
             )
-    exposure: dict[str, int] = {s: abs(v) for s, v in snap.positions.items()}
-    for rec in snap.orders.values():
-        exposure[rec.symbol] = exposure.get(rec.symbol, 0) + rec.units
-    gross = sum(exposure.values())
+    fig = _figures(snap)
+    exposure, gross = fig.symbols, fig.gross
     if unit.max_gross != rules.NO_LIMIT and gross > unit.max_gross:
         found.append(f"gross {gross} units > max_gross_exposure {unit.max_gross} units")
     if unit.max_symbol != rules.NO_LIMIT:
@@ -248,4 +284,34 @@ def breaches(snap: Snapshot, limits: PortfolioLimits) -> list[str]:
             for symbol, units in sorted(exposure.items())
             if units > unit.max_symbol
         ]
+    if unit.max_net != rules.NO_LIMIT and fig.net > unit.max_net:
+        found.append(f"net {fig.net} units > max_net_exposure {unit.max_net} units")
     return found
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What the limits bound, in units: ``symbols`` each symbol's worst case
+    (``rules.worst_case``), ``gross`` their sum, ``net`` the worst case over the sums;
+    ``pending`` each reserved symbol's pending units by side code (unknown, buy, sell)."""
+
+    symbols: Mapping[str, int]
+    gross: int
+    net: int
+    pending: Mapping[str, tuple[int, int, int]]
+
+
+def _figures(snap: Snapshot) -> Figures:
+    pending: dict[str, list[int]] = {}
+    for rec in snap.orders.values():
+        pending.setdefault(rec.symbol, [0, 0, 0])[rec.side] += rec.units
+    symbols: dict[str, int] = {}
+    totals = [0, 0, 0]
+    for symbol in set(snap.positions) | set(pending):
+        u, b, s = pending.get(symbol, (0, 0, 0))
+        symbols[symbol] = rules.worst_case(snap.positions.get(symbol, 0), b, s, u)
+        totals = [totals[0] + u, totals[1] + b, totals[2] + s]
+    u, b, s = totals
+    net = rules.worst_case(sum(snap.positions.values()), b, s, u)
+    sides = {k: (v[0], v[1], v[2]) for k, v in pending.items()}
+    return Figures(symbols, sum(symbols.values()), net, sides)

@@ -19,8 +19,11 @@ Failure policy (the gate fails closed):
   ``reduce_order``) return ``False`` and log instead of raising: a lost release only over-blocks
   until the TTL.
 * Writes to the book (``set_position``, ``close_position``, ``confirm_fill``, ``restore``,
-  ``halt``, ``resume``) raise ``StoreUnavailable``: a lost position update would make the gate
-  under-count, so the caller must know (retry, or halt trading).
+  ``halt``, ``reduce_only``, ``resume``, ``record_pnl``, ``set_equity``) raise
+  ``StoreUnavailable``: a lost position update would make the gate under-count, a lost loss
+  keep it trading, so the caller must know (retry, or halt trading). The trading state and the
+  loss latch (the day's P&L, the equity's peak, the daily reset) live in the namespace: every
+  process decides on the same ones, and they survive ``restore`` (``wipe`` deletes them).
 
 Client retries (redis-py's ``retry``; ``from_url`` sets one immediate retry) resend a call after
 a connection error or a timeout, when the first attempt may have run and only its reply been lost.
@@ -30,14 +33,16 @@ The retry gets the first attempt's answer instead of running the call again:
   order id and token is answered from it, never reserved twice. (If the first attempt was
   *denied*, the retry decides again, and ``stats()`` counts both decisions.)
 * ``confirm_fill``, ``release``, ``release_order``, ``reduce_order``, ``Reservation.release()``,
-  ``Reservation.reduce()``, ``set_position`` and ``close_position`` send a random token per call;
+  ``Reservation.reduce()``, ``set_position``, ``close_position``, ``record_pnl`` and
+  ``set_equity`` send a random token per call;
   the server keeps each call's answer under it for a minute of the server's clock, and a repeat
   within that time gets that answer without running again. So a fill that landed is reported as
   landed, a release that ended a reservation returns True, and a position write is never applied
   again over a later one.
 * ``restore`` sends a new generation each call and answers a repeat that finds it in the marker.
-* ``halt`` and ``resume`` set and clear a flag (repeating changes nothing); ``wipe`` repeated
-  reports 0 keys; reads simply run again.
+* ``halt`` and ``reduce_only`` set the operator's state (repeating them changes nothing);
+  ``resume`` sends a token too, so a repeat does not start the measuring period again (and
+  erase a loss recorded in between); ``wipe`` repeated reports 0 keys; reads simply run again.
 
 Not covered: a retry arriving more than a minute after the call ran (redis-py retries at once),
 and calling a method again yourself after it raised or returned False: that is a new call with a
@@ -47,6 +52,7 @@ position.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -72,6 +78,16 @@ from pendingledger.redis._audit import Snapshot, _pairs, _s
 from pendingledger.redis._audit import audit as audit_snapshot
 from pendingledger.redis._library import LIBRARY, ServerCode
 from pendingledger.stats import GateStats
+from pendingledger.trading import (
+    SIDES,
+    STATES,
+    Latch,
+    Side,
+    TradingState,
+    loss_state_code,
+    reset_offset,
+    side_code,
+)
 
 if TYPE_CHECKING:
     from pendingledger.protocols import Gate
@@ -121,14 +137,25 @@ class BookNotRestored(StoreUnavailable):
 
 
 class OpenOrder(NamedTuple):
-    """An order already at the exchange, handed to ``RedisGate.restore`` to be reserved again."""
+    """An order already at the exchange, handed to ``RedisGate.restore`` to be reserved again
+    (``side``: ``Side.BUY``, ``Side.SELL``, ``"buy"``, ``"sell"`` or None, as in ``try_enter``)."""
 
     symbol: str
     notional: Number
     order_id: str | None = None
+    side: Side | str | None = None
 
 
-@dataclass(frozen=True)
+OpenOrderLike = (
+    OpenOrder
+    | tuple[str, Number]
+    | tuple[str, Number, str | None]
+    | tuple[str, Number, str | None, Side | str | None]
+)
+"""What ``restore`` takes for an open order: an ``OpenOrder`` or a tuple of its fields."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class RedisGateStats(GateStats):
     """Counts for the whole namespace (every process sharing it), read in one server call.
 
@@ -190,6 +217,27 @@ def _position_value(name: str, exposure: object) -> tuple[int, str]:
     its kind (``_units.kind_of``)."""
     units = _units.units(name, exposure, True)
     return abs(units), f"{'-' if units < 0 else '+'}{chr(97 + _units.kind_of(exposure))}"
+
+
+def _reset_offset_us(daily_reset: object) -> int:
+    """``daily_reset`` (``trading.reset_offset``'s checks) in whole microseconds after midnight
+    UTC, as the server code's clock counts."""
+    return round(reset_offset(daily_reset) * 1_000_000)
+
+
+def _latch_of(reply: Sequence[Any]) -> Latch | None:
+    """The server code's latch reply (see ``trading`` in gate.lua), or None when empty."""
+    if not reply:
+        return None
+    state, reason, limit, value, kinds, at, until = reply
+    return Latch(
+        state=STATES[int(state)],
+        reason=rules.LATCH_REASONS[int(reason)],
+        limit=_units.to_number(int(_s(limit)), int(kinds)),
+        value=_units.to_number(int(_s(value)), int(kinds)),
+        at=int(_s(at)) / 1_000_000,
+        until=int(_s(until)) / 1_000_000,
+    )
 
 
 def position_of(units: str, code: str) -> Number:
@@ -277,8 +325,11 @@ class RedisGate:
         "_keys",
         "_limits",
         "_log",
+        "_loss_config",
         "_min_replicas",
         "_namespace",
+        "_on_loss",
+        "_reset_us",
         "_ttl",
         "_ttl_us",
         "_unavailable",
@@ -295,7 +346,11 @@ class RedisGate:
         namespace: str,
         min_replicas: int = 0,
         replica_timeout: float = 0.1,
+        on_loss: TradingState = TradingState.REDUCING,
+        daily_reset: datetime.time = datetime.time(0, 0),
     ) -> None:
+        self._on_loss = loss_state_code(on_loss)
+        self._reset_us = _reset_offset_us(daily_reset)
         self._ttl = _seconds("ttl", ttl)
         if self._ttl > MAX_TTL:
             raise ValueError(f"ttl must be at most {MAX_TTL:g} seconds (a year), got {ttl!r}")
@@ -315,7 +370,7 @@ class RedisGate:
         self._client = client
         self._namespace = namespace
         self._keys = keys
-        self._limits, self._config = self._encode(limits)
+        self._limits, self._config, self._loss_config = self._encode(limits)
         self._code = ServerCode(client, keys)
         self._log = _LogThrottle()
         self._unavailable = 0
@@ -342,6 +397,8 @@ class RedisGate:
         cluster: bool = False,
         min_replicas: int = 0,
         replica_timeout: float = 0.1,
+        on_loss: TradingState = TradingState.REDUCING,
+        daily_reset: datetime.time = datetime.time(0, 0),
         **client_kwargs: Any,
     ) -> RedisGate:
         """A gate on a new client for ``url`` with settings that fail closed quickly.
@@ -376,15 +433,24 @@ class RedisGate:
             namespace=namespace,
             min_replicas=min_replicas,
             replica_timeout=replica_timeout,
+            on_loss=on_loss,
+            daily_reset=daily_reset,
         )
 
-    def _encode(self, limits: object) -> tuple[PortfolioLimits, str]:
-        """``limits`` and the decision's config argument: "ttl_us|max_pos|max_gross|max_sym"
-        in units (``rules.unit_limits``), '' for a limit not set."""
+    def _encode(self, limits: object) -> tuple[PortfolioLimits, str, str]:
+        """``limits``, the decision's config argument "ttl_us|max_pos|max_gross|max_sym|max_net"
+        and the loss calls' "max_daily_loss|max_drawdown|kinds|on_loss|reset_us", limits in
+        units (``rules.unit_limits``), '' for a limit not set; kinds those the loss limits were
+        given in."""
         unit = rules.unit_limits(limits)
-        parts = [unit.max_positions, unit.max_gross, unit.max_symbol]
+        parts = [unit.max_positions, unit.max_gross, unit.max_symbol, unit.max_net]
         encoded = ["" if value == rules.NO_LIMIT else str(value) for value in parts]
-        return unit.source, "|".join([str(self._ttl_us), *encoded])
+        loss = [
+            "" if value == rules.NO_LIMIT else str(value)
+            for value in (unit.max_daily_loss, unit.max_drawdown)
+        ]
+        loss_config = "|".join([*loss, *map(str, (unit.loss_kinds, self._on_loss, self._reset_us))])
+        return unit.source, "|".join([str(self._ttl_us), *encoded]), loss_config
 
     # ------------------------------------------------------------------ properties
 
@@ -423,7 +489,7 @@ class RedisGate:
 
     @limits.setter
     def limits(self, limits: PortfolioLimits) -> None:
-        self._limits, self._config = self._encode(limits)
+        self._limits, self._config, self._loss_config = self._encode(limits)
 
     # ------------------------------------------------------------------ decisions
 
@@ -434,9 +500,11 @@ class RedisGate:
         positions: None = None,
         *,
         order_id: str | None = None,
+        side: Side | str | None = None,
     ) -> Decision:
         """Check the limits against the book and reservations in Redis and, if they pass,
-        reserve ``notional`` on ``symbol``: one atomic server call, one round trip.
+        reserve ``notional`` on ``symbol`` under ``side`` (``Side.BUY``, ``Side.SELL``, "buy",
+        "sell", or None: not known): one atomic server call, one round trip.
 
         ``positions`` must be left out: the position book lives in Redis (``set_position``,
         ``confirm_fill``). Bad arguments raise ``ValueError``/``TypeError`` before anything is
@@ -450,15 +518,15 @@ class RedisGate:
                 "RedisGate keeps the position book in Redis: call try_enter without positions "
                 f"and keep the book with set_position()/confirm_fill(), got positions={positions!r}"
             )
-        decision = enter(self, symbol, notional, order_id, "")
+        decision = enter(self, symbol, notional, order_id, "", side)
         assert decision is not None  # None only answers the test mode 'check'
         return decision
 
     def _admitted(self, name: str, oid: str, notional: Number, units: int, token: str,
-                  reply: Sequence[Any]) -> Decision:  # fmt: skip
+                  side: int, reply: Sequence[Any]) -> Decision:  # fmt: skip
         res = RedisReservation._new(
-            self, name, oid, notional, units,
-            token=token, reserved_us=int(_s(reply[1])), expires_us=int(float(_s(reply[2]))),
+            self, name, oid, notional, units, token=token, side=side,
+            reserved_us=int(_s(reply[1])), expires_us=int(float(_s(reply[2]))),
         )  # fmt: skip
         return Decision(None, res)
 
@@ -620,7 +688,7 @@ class RedisGate:
     def restore(
         self,
         positions: Mapping[str, Number],
-        open_orders: Iterable[OpenOrder | tuple[str, Number] | tuple[str, Number, str | None]] = (),
+        open_orders: Iterable[OpenOrderLike] = (),
         *,
         only_if_missing: bool = False,
     ) -> list[RedisReservation] | None:
@@ -629,7 +697,9 @@ class RedisGate:
         Call it at start-up with the positions and open orders from the exchange (an empty book
         for a fresh deployment: ``restore({})``), and whenever decisions are denied with
         ``BOOK_NOT_RESTORED``. Every open order is reserved again, unchecked (it is already at
-        the exchange), with a fresh TTL. The halt flag and the stats are kept. With
+        the exchange), with a fresh TTL, under its side if it has one (``OpenOrder.side``, or a
+        tuple's fourth item). The trading state, the loss latch and its day, and the stats are
+        kept. With
         ``only_if_missing`` nothing is written if the book is in place (several processes may
         start together: the first restores, the others return None). Returns the reservations
         made for ``open_orders``. Raises ``StoreUnavailable`` if the store cannot confirm it.
@@ -643,8 +713,8 @@ class RedisGate:
             name = _units.check_symbol(symbol)
             args += [name, *_position_value(f"positions[{symbol!r}]", exposure)]
         pending = _open_orders(open_orders)
-        for order_id, symbol, notional, units, token in pending:
-            args += [order_id, symbol, units, token, _units.kind_of(notional)]
+        for order_id, symbol, notional, units, token, side in pending:
+            args += [order_id, symbol, units, token, _units.kind_of(notional), str(side)]
         reply = self._write("restore", args)
         if _s(reply[0]) == "S":
             return None
@@ -652,9 +722,17 @@ class RedisGate:
         expires = now + self._ttl_us
         return [
             RedisReservation._new(
-                self, symbol, oid, notional, units, token=token, reserved_us=now, expires_us=expires
+                self,
+                symbol,
+                oid,
+                notional,
+                units,
+                token=token,
+                side=side,
+                reserved_us=now,
+                expires_us=expires,
             )
-            for oid, symbol, notional, units, token in pending
+            for oid, symbol, notional, units, token, side in pending
         ]
 
     def positions(self) -> dict[str, Number]:
@@ -690,23 +768,63 @@ class RedisGate:
             raise StoreUnavailable(f"marker not readable: {exc}") from exc
         return _s(reply[0]) == "1"
 
-    # ------------------------------------------------------------------ halt
+    # ------------------------------------------------------------------ trading state, latch
 
     def halt(self) -> None:
         """Deny every entry in the namespace (all processes) with ``HALTED`` until ``resume()``.
         Works on any namespace, restored or not."""
-        self._write("halt", ("control", "halted", "1", _token()))
+        self._control("halt", rules.HALTED_STATE)
+
+    def reduce_only(self) -> None:
+        """Admit only orders that raise no figure (``REDUCING_ONLY`` for the others), in the
+        whole namespace, until ``resume()``. Works on any namespace, restored or not."""
+        self._control("reduce_only", rules.REDUCING)
 
     def resume(self) -> None:
-        self._write("resume", ("control", "halted", "0", _token()))
+        """Back to ``ACTIVE``: clears the loss latch too and starts a new measuring period (the
+        day's P&L 0, the peak the last equity set)."""
+        self._control("resume", rules.ACTIVE)
+
+    def _control(self, what: str, state: int) -> None:
+        self._write(what, ("control", "state", state, _token()))
+
+    def record_pnl(self, amount: Number) -> None:
+        """Add ``amount`` (finite, signed: a loss is negative) to the day's realized P&L in the
+        namespace, and latch into ``on_loss`` if it reaches ``-limits.max_daily_loss``: one
+        server call, after which no decision in any process is admitted on the old state.
+        Works on any namespace, restored or not. Raises ``StoreUnavailable`` if the store cannot
+        confirm it (a retry after a lost reply is answered, never counted twice)."""
+        units = _units.units("amount", amount, False)
+        self._loss_call("record_pnl", units, amount)
+
+    def set_equity(self, equity: Number) -> None:
+        """Record the account's ``equity`` (finite, signed) and latch into ``on_loss`` if it
+        falls ``limits.max_drawdown`` below its peak since the last reset (or ``resume()``)."""
+        units = _units.units("equity", equity, False)
+        self._loss_call("set_equity", units, equity)
+
+    def _loss_call(self, op: str, units: int, amount: Number) -> None:
+        self._write(op, (op, _token(), units, _units.kind_of(amount), self._loss_config))
+
+    def _trading(self) -> list[Any]:
+        try:
+            return self._code.call("trading")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"trading state not readable: {exc}") from exc
+
+    @property
+    def state(self) -> TradingState:
+        """The namespace's trading state: the operator's or the loss latch's, the stricter."""
+        return STATES[int(self._trading()[0])]
 
     @property
     def halted(self) -> bool:
-        try:
-            reply = self._code.call("positions")
-        except redis.RedisError as exc:
-            raise StoreUnavailable(f"halt flag not readable: {exc}") from exc
-        return int(reply[0]) == 1
+        return self.state is TradingState.HALTED
+
+    @property
+    def latch(self) -> Latch | None:
+        """The loss latch in force in the namespace (None if none, or past its daily reset)."""
+        return _latch_of(self._trading()[2])
 
     # ------------------------------------------------------------------ inspection
 
@@ -738,6 +856,8 @@ class RedisGate:
         return RedisGateStats(
             admitted=st.get("admitted", 0),
             denied=MappingProxyType(denied),
+            state=STATES[int(reply[4])],
+            latch=_latch_of(reply[6]),
             outstanding=int(reply[1]),
             gross_notional=_units.to_number(int(_s(reply[2])), int(reply[3])),
             released=st.get("released", 0),
@@ -760,21 +880,27 @@ if TYPE_CHECKING:  # mypy proves RedisGate offers the whole backend-neutral surf
 
 
 def enter(
-    gate: RedisGate, symbol: str, notional: Number, order_id: str | None, mode: str
+    gate: RedisGate,
+    symbol: str,
+    notional: Number,
+    order_id: str | None,
+    mode: str,
+    side: object = None,
 ) -> Decision | None:
     """``gate.try_enter`` (``mode`` ''), or one half of the test suite's broken gate
     (``pendingledger.redis.testing.check_then_reserve``): 'check' decides and reserves nothing
     (None when it passes), 'force' reserves unchecked."""
     name = _units.check_symbol(symbol)
     units = _units.notional_units("notional", notional)
+    code = side_code(side)
     oid = uuid.uuid4().hex if order_id is None else _units.check_order_id(order_id)
     token = _token()
-    args = (name, units, oid, token, gate._config, _units.kind_of(notional), mode)
+    args = (name, units, oid, token, gate._config, _units.kind_of(notional), mode, str(code))
     try:
         reply = gate._replicated(args) if gate._min_replicas else gate._code.call("enter", *args)
         status = _s(reply[0])
         if status == "A":
-            decision = gate._admitted(name, oid, notional, units, token, reply)
+            decision = gate._admitted(name, oid, notional, units, token, code, reply)
         elif status == "D":
             decision = DENIALS[_s(reply[1])]
         elif status == "C":
@@ -794,10 +920,11 @@ def enter(
 
 
 def _open_orders(
-    open_orders: Iterable[OpenOrder | tuple[str, Number] | tuple[str, Number, str | None]],
-) -> list[tuple[str, str, Number, int, str]]:
-    """``restore``'s open orders, checked: ``(order_id, symbol, notional, units, token)`` each."""
-    pending: list[tuple[str, str, Number, int, str]] = []
+    open_orders: Iterable[OpenOrderLike],
+) -> list[tuple[str, str, Number, int, str, int]]:
+    """``restore``'s open orders, checked: ``(order_id, symbol, notional, units, token, side
+    code)`` each."""
+    pending: list[tuple[str, str, Number, int, str, int]] = []
     seen: set[str] = set()
     for index, item in enumerate(open_orders):
         order = OpenOrder(*item)
@@ -806,12 +933,13 @@ def _open_orders(
             units = _units.notional_units("notional", order.notional)
             oid = order.order_id
             order_id = uuid.uuid4().hex if oid is None else _units.check_order_id(oid)
+            side = side_code(order.side)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"open_orders[{index}]: {exc}") from None
         if order_id in seen:
             raise ValueError(f"order_id {order_id!r} appears twice in open_orders")
         seen.add(order_id)
-        pending.append((order_id, symbol, order.notional, units, _token()))
+        pending.append((order_id, symbol, order.notional, units, _token(), side))
     return pending
 
 
@@ -835,6 +963,7 @@ class RedisReservation:
         "_lock",
         "_order_id",
         "_reserved_us",
+        "_side",
         "_symbol",
         "_token",
         "_units",
@@ -848,6 +977,7 @@ class RedisReservation:
     _units: int
     _token: str
     _reserved_us: int
+    _side: int
     _expires_us: int
     _ended: bool
     _lock: threading.Lock
@@ -865,10 +995,12 @@ class RedisReservation:
         units: int,
         *,
         token: str,
+        side: int,
         reserved_us: int,
         expires_us: int,
     ) -> RedisReservation:
         self = object.__new__(cls)
+        self._side = side
         self._gate = gate
         self._symbol = symbol
         self._order_id = order_id
@@ -889,6 +1021,11 @@ class RedisReservation:
     @property
     def order_id(self) -> str:
         return self._order_id
+
+    @property
+    def side(self) -> Side | None:
+        """The order's side as ``try_enter`` (or ``restore``) was given it; None: not given."""
+        return SIDES[self._side]
 
     @property
     def token(self) -> str:

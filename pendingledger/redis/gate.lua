@@ -11,19 +11,31 @@
 -- The cost of a call is mostly the number of commands it sends (each redis.call costs a few
 -- microseconds whatever it does), so a call reads every field it needs with one HMGET, keeps
 -- what it changes in the tables below, and writes it back with one command per key (finish).
--- A decision is TIME, HMGET, HSET and ZADD; a release TIME, HMGET, HSET, ZREM and ZADD. After
--- the commands, what costs most is turning numbers into strings (a sprintf each) and packing
--- state: the hot paths do neither more than they must (see stamp, RING_NAMES, the two fields).
+-- A decision is TIME, HMGET, HSET and ZADD (an order with a side sets one field more); a
+-- release TIME, HMGET, HSET, ZREM and ZADD. After the commands, what costs most is turning
+-- numbers into strings (a sprintf each) and packing state: the hot paths do neither more than
+-- they must (see stamp, RING_NAMES, the two fields), and an order of unknown side on a symbol
+-- with no pending buys or sells skips the worst-case arithmetic (see side_blind).
+--
+-- Decisions: rules.first_failing_rule over the figures this code keeps (rules.worst_case per
+-- symbol from p:/k:, r:, b: and s:; their sum and the net figure from live's totals), in the
+-- trading state of the moment: the operator's (control) or the loss latch's while it holds, the
+-- stricter. The latch, the day's P&L and the equity's peak are in state (see record_pnl), so
+-- every process sees one latch and one daily reset, on this code's clock.
 --
 -- Keys (all under one hash tag {ns}, so Redis Cluster keeps them in one slot):
---   KEYS[1] book    hash  state: the marker, the epoch, the halt and test flags, the test clock
---                           and the counts a decision rarely changes; live: the rest of the
---                           fencing mark, the totals and the common counts (both packed, see
---                           STATE_FORMAT and LIVE_FORMAT below; gen 0 = not restored)
+--   KEYS[1] book    hash  state: the marker, the epoch, the operator's trading state, the test
+--                           flag, the test clock, the counts a decision rarely changes and the
+--                           loss latch's bookkeeping; live: the rest of the fencing mark, the
+--                           totals and the common counts (both packed, see STATE_NAMES and
+--                           LIVE_FORMAT below; gen 0 = not restored)
 --                         p:<symbol>  the position's exposure in units (its magnitude)
 --                         k:<symbol>  its sign ('+' or '-') and the letter of its kind
---                         r:<symbol>  units reserved on the symbol ('0' or absent: none)
---                         o:<order_id>  "units|token|reserved_at_us|ttl_us|symbol", or once
+--                         r:<symbol>  units reserved on the symbol, every side ('0' or absent:
+--                           none)
+--                         b:<symbol>, s:<symbol>  of them, the pending buys', sells' ('0' or
+--                           absent: none)
+--                         o:<order_id>  "units|token|reserved_at_us|ttl_us|side|symbol", or once
 --                           ended a tombstone, '~' or '~<call_token>|<answer>' (kept for
 --                           CALL_MEMO_US, see Retries)
 --                         c:<call_token>  the answer that call got (see Retries)
@@ -33,9 +45,10 @@
 --   KEYS[3] forget  zset  o:<order_id> of ended ones and c:<call_token>, scored by when they go
 --   Both zsets hold the sentinel member '' at score -inf (see Eviction).
 --
--- Amounts: exact non-negative integers of units (1 unit = 10^-9 of the account currency) kept as
--- decimal strings. Lua numbers are doubles, exact only up to 2^53, so a value is handled as two
--- limbs (w, f) = (value div 10^9, value mod 10^9); w must stay below 2^53. The client refuses
+-- Amounts: exact integers of units (1 unit = 10^-9 of the account currency) kept as decimal
+-- strings. Lua numbers are doubles, exact only up to 2^53, so a value is handled as two limbs
+-- (w, f) = (value div 10^9, value mod 10^9), the floor for a signed one (see negate); |w| must
+-- stay below 2^53. The client refuses
 -- single amounts of 10^15 or more; a total that would pass 2^53 raises an error before the
 -- operation writes anything (writes happen only in finish). No float is ever summed here.
 --
@@ -51,7 +64,8 @@
 -- a token stored with the reservation it makes and answers a repeat from it. Every other call that
 -- writes carries a random per-call token: its answer is kept for CALL_MEMO_US, in c:<token> or,
 -- when the call ended a reservation, in that record's tombstone (see kept), and a repeat gets
--- that answer without running again. 'restore' is recognised by its generation.
+-- that answer without running again ('control' keeps only a resume's, the one call of it that
+-- is not the same done twice). 'restore' is recognised by its generation.
 --
 -- Fencing: state's mark (epoch, hw, tag) names a point of one replication history. hw counts
 -- the calls that changed the book, and each such call leaves a tag, its random token itself (or
@@ -145,9 +159,66 @@ local function int(x)
   return string.format('%d', x)
 end
 
--- "units|token|reserved_at_us|ttl_us|symbol" -> units, token, reserved_at, ttl, symbol
+-- Signed amounts (positions, their sum, P&L, equity) are floor limbs: w = floor(v / 10^9) (any
+-- sign), f = v mod 10^9 in [0, 10^9). add and gt work on them unchanged; sadd does not clamp.
+local function negate(w, f)
+  if f == 0 then return -w, 0 end
+  return -w - 1, B - f
+end
+
+local function sadd(aw, af, bw, bf)
+  local w, f = aw + bw, af + bf
+  if f >= B then f = f - B; w = w + 1 end
+  if w > MAXW or w < -MAXW then
+    return error('pendingledger: amount overflow (total >= 2^53 units)')
+  end
+  return w, f
+end
+
+local function sabs(w, f)
+  if w < 0 then return negate(w, f) end
+  return w, f
+end
+
+local MINUS = 45 -- string.byte('-')
+
+-- "[-]units" -> floor limbs (split's arithmetic is exact for a negative below 10^15 too)
+local function ssplit(s)
+  if s and #s >= 16 and string.byte(s) == MINUS then
+    return negate(split(string.sub(s, 2)))
+  end
+  return split(s)
+end
+
+local function sfmt(w, f)
+  if w < 0 then return '-' .. fmt(negate(w, f)) end
+  return fmt(w, f)
+end
+
+-- rules.worst_case: max(|p + b + u|, |p - s - u|), p signed (floor limbs), the rest >= 0.
+-- With no buys or sells it is |p| + u, the side-blind figure, at the cost of one add.
+local function worst(pw, pf, bw, bf, sw, sf, uw, uf)
+  if bw == 0 and bf == 0 and sw == 0 and sf == 0 then
+    local aw, af = sabs(pw, pf)
+    return add(aw, af, uw, uf)
+  end
+  local xw, xf = add(bw, bf, uw, uf)
+  local upw, upf = sabs(sadd(pw, pf, xw, xf))
+  xw, xf = add(sw, sf, uw, uf)
+  local dnw, dnf = sabs(sadd(pw, pf, negate(xw, xf)))
+  if gt(dnw, dnf, upw, upf) then return dnw, dnf end
+  return upw, upf
+end
+
+-- "units|token|reserved_at_us|ttl_us|side|symbol" -> units, token, reserved_at, ttl, side,
+-- symbol. side: rules' code ('0' unknown, '1' buy, '2' sell); the symbol last: it may hold '|'.
 local function parse_rec(rec)
-  return string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  return string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+end
+
+-- The book fields of symbol `sym`: position, its sign and kind, reserved, pending buys, sells.
+local function sym_fields(sym)
+  return 'p:' .. sym, 'r:' .. sym, 'k:' .. sym, 'b:' .. sym, 's:' .. sym
 end
 
 local TILDE = 126 -- string.byte('~'): a tombstone's first byte
@@ -165,19 +236,29 @@ end
 
 -- Little-endian doubles (struct; every value is an integer below 2^53, so exact), in two fields
 -- so that a decision and a release pack only what they change (packing costs per field):
--- state, 16: layout (LAYOUT) gen epoch restored_at halted testing clock_us clock_frozen_us
---   expired restored corrupt, then the denials by reason: d_book_not_restored d_halted
---   d_max_concurrent_positions d_max_gross_exposure d_max_symbol_exposure
--- live, 15 doubles and a string: hw npos pos_gross_w pos_gross_f res_gross_w res_gross_f
---   res_syms res_open nres kinds next_due forget_due admitted released filled, then tag (the
---   fencing tag of the write that made hw, TAG_SIZE characters: see Fencing)
--- gen 0: not restored. halted, testing: 0 or 1. clock_frozen_us 0: not frozen.
+-- state, STATE_NAMES (37): the layout (LAYOUT), the marker, the flags, the test clock, the rare
+--   counts and the denials by reason, then the loss latch's bookkeeping (see record_pnl)
+-- live, LIVE_NAMES' 23 doubles and a string: the fencing mark's hw, the totals and the common
+--   counts, then tag (the fencing tag of the write that made hw, TAG_SIZE characters: see
+--   Fencing). The totals: pos_gross = sum of |position|, res_gross = sum of what is reserved
+--   (every side), wc_gross = sum of the symbols' worst cases (rules.worst_case), net_pos = sum
+--   of the signed positions (floor limbs), buys and sells = the pending buys and sells (a
+--   symbol's pending of unknown side is r: less b: less s:).
+-- gen 0: not restored. op: the operator's trading state (rules' code: 0 active, 1 reducing,
+-- 2 halted). testing: 0 or 1. clock_frozen_us 0: not frozen. day_end 0: no loss call yet.
 -- A book whose state has another size or layout was written by another version of this code
 -- (another layout of the book, its records and its indexes): it is not restored, so every
 -- decision is denied until restore rewrites it in this layout.
-local STATE_FORMAT = '<dddddddddddddddd'
-local LIVE_FORMAT = '<dddddddddddddddc16'
-local LAYOUT, STATE_SIZE, LIVE_SIZE, TAG_SIZE = 2, 128, 136, 16
+local STATE_NAMES = {'layout', 'gen', 'epoch', 'restored_at', 'op', 'testing', 'off', 'frozen',
+  'expired', 'restored', 'corrupt', 'd_book_not_restored', 'd_halted', 'd_reducing_only',
+  'd_max_concurrent_positions', 'd_max_gross_exposure', 'd_max_symbol_exposure',
+  'd_max_net_exposure', 'reset_off', 'day_end', 'pnl_w', 'pnl_f', 'eq_set', 'eq_w', 'eq_f',
+  'peak_w', 'peak_f', 'loss_kinds', 'l_state', 'l_reason', 'l_limit_w', 'l_limit_f', 'l_value_w',
+  'l_value_f', 'l_kinds', 'l_at', 'l_until'}
+-- (written out: the string library is not there while the library loads)
+local STATE_FORMAT = '<' .. 'dddddddddd' .. 'dddddddddd' .. 'dddddddddd' .. 'ddddddd'
+local LIVE_FORMAT = '<' .. 'dddddddddd' .. 'dddddddddd' .. 'ddd' .. 'c16'
+local LAYOUT, STATE_SIZE, LIVE_SIZE, TAG_SIZE = 3, 8 * #STATE_NAMES, 8 * 23 + 16, 16
 local NO_TAG = '0000000000000000'
 
 -- The fencing tag of a write: the caller's random token itself (16 hex digits from the client:
@@ -220,39 +301,34 @@ end
 
 local function unpack_state(cold, hot)
   local t = S
-  local layout
-  if cold and #cold == STATE_SIZE then
-    layout, t.gen, t.epoch, t.restored_at, t.halted, t.testing, t.off, t.frozen, t.expired,
-      t.restored, t.corrupt, t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions,
-      t.d_max_gross_exposure, t.d_max_symbol_exposure = struct.unpack(STATE_FORMAT, cold)
-  end
-  if layout ~= LAYOUT then
-    t.gen, t.epoch, t.restored_at, t.halted, t.testing, t.off, t.frozen, t.expired, t.restored,
-      t.corrupt, t.d_book_not_restored, t.d_halted, t.d_max_concurrent_positions,
-      t.d_max_gross_exposure, t.d_max_symbol_exposure = 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
-  end
+  local values
+  if cold and #cold == STATE_SIZE then values = {struct.unpack(STATE_FORMAT, cold)} end
+  if not values or values[1] ~= LAYOUT then values = {} end
+  for i = 2, #STATE_NAMES do t[STATE_NAMES[i]] = values[i] or 0 end
   if hot and #hot == LIVE_SIZE then
     t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres, t.kinds, t.next_due,
-      t.forget_due, t.admitted, t.released, t.filled, t.tag = struct.unpack(LIVE_FORMAT, hot)
+      t.forget_due, t.admitted, t.released, t.filled, t.gw, t.gf, t.qw, t.qf, t.bw, t.bf, t.sw,
+      t.sf, t.tag = struct.unpack(LIVE_FORMAT, hot)
   else
     t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres, t.kinds, t.next_due,
-      t.forget_due, t.admitted, t.released, t.filled, t.tag =
-      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NEVER, 0, 0, 0, 0, NO_TAG
+      t.forget_due, t.admitted, t.released, t.filled, t.gw, t.gf, t.qw, t.qf, t.bw, t.bf, t.sw,
+      t.sf, t.tag = 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NEVER, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NO_TAG
     t.gen = 0 -- the totals are gone: not restored
   end
 end
 
+local PACKED = {LAYOUT}
 local function pack_state()
   local t = S
-  return struct.pack(STATE_FORMAT, LAYOUT, t.gen, t.epoch, t.restored_at, t.halted, t.testing,
-    t.off, t.frozen, t.expired, t.restored, t.corrupt, t.d_book_not_restored, t.d_halted,
-    t.d_max_concurrent_positions, t.d_max_gross_exposure, t.d_max_symbol_exposure)
+  for i = 2, #STATE_NAMES do PACKED[i] = t[STATE_NAMES[i]] end
+  return struct.pack(STATE_FORMAT, unpack(PACKED))
 end
 
 local function pack_live()
   local t = S
   return struct.pack(LIVE_FORMAT, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open,
-    t.nres, t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.tag)
+    t.nres, t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.gw, t.gf, t.qw,
+    t.qf, t.bw, t.bf, t.sw, t.sf, t.tag)
 end
 
 -- The state and live fields each book had after the last call here that read or wrote them, and
@@ -276,31 +352,23 @@ local function load_state(cold, hot)
   COLD[K_BOOK], HOT[K_BOOK] = nil, nil
 end
 
--- Start a call: bind the keys, read state, the fencing tag kept for the caller's hw and up to
--- four book fields (a, b, c, d: names or nil) with one HMGET. F is built by one constructor,
--- sized for what the call reads (a table grown key by key would be rebuilt on the way).
-local function begin(keys, args, a, b, c, d)
+-- Start a call: bind the keys, read state, the fencing tag kept for the caller's hw and the
+-- book fields named in `...` (up to 8 names, no nil) with one HMGET.
+local function begin(keys, args, ...)
   K_BOOK, K_EXPIRY, K_FORGET = keys[1], keys[2], keys[3]
   HSET.n, HDEL.n, XADD.n, XREM.n, FADD.n, FREM.n = 0, 0, 0, 0, 0, 0
   local ring = RING_NAMES[args[2] % RING]
-  local got
-  if d then
-    got = redis.call('HMGET', K_BOOK, 'state', 'live', ring, a, b, c, d)
-    F = {[a] = got[4] or false, [b] = got[5] or false, [c] = got[6] or false,
-      [d] = got[7] or false}
-  elseif c then
-    got = redis.call('HMGET', K_BOOK, 'state', 'live', ring, a, b, c)
-    F = {[a] = got[4] or false, [b] = got[5] or false, [c] = got[6] or false}
-  elseif b then
-    got = redis.call('HMGET', K_BOOK, 'state', 'live', ring, a, b)
-    F = {[a] = got[4] or false, [b] = got[5] or false}
-  elseif a then
-    got = redis.call('HMGET', K_BOOK, 'state', 'live', ring, a)
-    F = {[a] = got[4] or false}
-  else
-    got = redis.call('HMGET', K_BOOK, 'state', 'live', ring)
-    F = {}
-  end
+  local got = redis.call('HMGET', K_BOOK, 'state', 'live', ring, ...)
+  local a, b, c, d, e, f, g, h = ...
+  F = {}
+  if a then F[a] = got[4] or false end
+  if b then F[b] = got[5] or false end
+  if c then F[c] = got[6] or false end
+  if d then F[d] = got[7] or false end
+  if e then F[e] = got[8] or false end
+  if f then F[f] = got[9] or false end
+  if g then F[g] = got[10] or false end
+  if h then F[h] = got[11] or false end
   load_state(got[1], got[2])
   S.ring_tag = got[3]
   S.dirty, S.cold, S.call_tag = false, false, nil
@@ -431,8 +499,85 @@ local function count(name)
   if IN_STATE[name] then S.cold = true end
 end
 
--- Take `dw, df` units off the reservations of `sym` (F holds r:sym and p:sym).
-local function unreserve(sym, dw, df)
+-- The signed position of `sym` (F holds its p: and k:), as floor limbs.
+local function spos(sym)
+  local m = F['p:' .. sym]
+  if not m then return 0, 0 end
+  local w, f = split(m)
+  if string.byte(F['k:' .. sym] or '+') == MINUS then return negate(w, f) end
+  return w, f
+end
+
+-- The pending buys, sells and orders of unknown side of `sym` (F holds its r:, b:, s:).
+local function pending(sym)
+  local rw, rf = split(F['r:' .. sym])
+  local bw, bf = split(F['b:' .. sym])
+  local sw, sf = split(F['s:' .. sym])
+  local uw, uf, bad = sub(rw, rf, bw, bf)
+  local bad2
+  uw, uf, bad2 = sub(uw, uf, sw, sf)
+  if bad or bad2 then count('corrupt') end
+  return bw, bf, sw, sf, uw, uf
+end
+
+local function sym_worst(sym)
+  local pw, pf = spos(sym)
+  return worst(pw, pf, pending(sym))
+end
+
+-- After a change to `sym`, whose worst case was `ow, of` before it: wc_gross follows.
+local function regross(sym, ow, of)
+  local nw, nf = sym_worst(sym)
+  local gw, gf, bad = sub(S.gw, S.gf, ow, of)
+  S.gw, S.gf = add(gw, gf, nw, nf)
+  if bad then count('corrupt') end
+end
+
+local SIDE_FIELD = {['1'] = 'b:', ['2'] = 's:'} -- where a side's pending is kept ('0': in r: only)
+
+-- Add `dw, df` units to the pending of side `side` on `sym` (b: or s:, and the buys or sells
+-- total), or with `take` take them off. Nothing for side '0'.
+local function side_pending(sym, side, dw, df, take)
+  local prefix = SIDE_FIELD[side]
+  if not prefix then return end
+  local name = prefix .. sym
+  local w, f = split(F[name])
+  local tw, tf = S.sw, S.sf
+  if side == '1' then tw, tf = S.bw, S.bf end
+  local bad, bad2
+  if take then
+    w, f, bad = sub(w, f, dw, df)
+    tw, tf, bad2 = sub(tw, tf, dw, df)
+  else
+    w, f = add(w, f, dw, df)
+    tw, tf = add(tw, tf, dw, df)
+  end
+  if side == '1' then S.bw, S.bf = tw, tf else S.sw, S.sf = tw, tf end
+  -- '0' rather than deleted, as r: is: a field set and then deleted in one call would come back
+  -- (finish sends HDEL before HSET)
+  set(name, fmt(w, f))
+  if bad or bad2 then count('corrupt') end
+end
+
+local function none_of(v) return not v or v == '0' end
+
+-- True if `sym` has no pending buys or sells: its worst case is then |p| + u, side-blind, and
+-- moves by exactly what an order of unknown side adds or takes off (no worst() to work out).
+local function side_blind(sym)
+  return none_of(F['b:' .. sym]) and none_of(F['s:' .. sym])
+end
+
+-- Take `dw, df` units of side `side` off the reservations of `sym` (F holds its fields).
+local function unreserve(sym, dw, df, side)
+  local blind = side == '0' and side_blind(sym)
+  local ow, of
+  if blind then
+    local gw, gf, bad = sub(S.gw, S.gf, dw, df)
+    S.gw, S.gf = gw, gf
+    if bad then count('corrupt') end
+  else
+    ow, of = sym_worst(sym)
+  end
   local rw, rf = split(F['r:' .. sym])
   local sw, sf, bad = sub(rw, rf, dw, df)
   local bad2
@@ -442,14 +587,18 @@ local function unreserve(sym, dw, df)
     if F['p:' .. sym] then S.res_open = S.res_open - 1 end
   end
   set('r:' .. sym, fmt(sw, sf))
+  if not blind then
+    side_pending(sym, side, dw, df, true)
+    regross(sym, ow, of)
+  end
   if bad or bad2 then count('corrupt') end
   S.dirty = true
 end
 
--- End the reservation `id` (its record's `units` and `sym`; F holds its r: and p: fields) as
--- `counter` says. Released and filled ones leave a tombstone for CALL_MEMO_US: `tomb` (the
--- answer of the call that ended it: see kept) or '~'; expired ones go at once.
-local function drop(id, units, sym, counter, now, tomb)
+-- End the reservation `id` (its record's `units`, `side` and `sym`; F holds the symbol's
+-- fields) as `counter` says. Released and filled ones leave a tombstone for CALL_MEMO_US: `tomb`
+-- (the answer of the call that ended it: see kept) or '~'; expired ones go at once.
+local function drop(id, units, side, sym, counter, now, tomb)
   local name = 'o:' .. id
   if counter == 'expired' then
     delete(name)
@@ -459,23 +608,26 @@ local function drop(id, units, sym, counter, now, tomb)
     push(XREM, name)
   end
   local uw, uf = split(units)
-  unreserve(sym, uw, uf)
+  unreserve(sym, uw, uf, side)
   S.nres = S.nres - 1
   count(counter)
 end
 
--- Reserve: `rs` and `pos` are F's r:sym and p:sym.
-local function insert(id, sym, units, token, now, ttl, kind)
+-- Reserve `units` of side `side` on `sym` (F holds its fields), whose worst case that raises by
+-- `dgw, dgf` (the decision worked it out).
+local function insert(id, sym, units, token, now, ttl, kind, side, dgw, dgf)
   local uw, uf = split(units)
   local rs = F['r:' .. sym]
   local sw, sf = split(rs)
   local was_zero = zero(sw, sf)
   sw, sf = add(sw, sf, uw, uf)
   S.rw, S.rf = add(S.rw, S.rf, uw, uf)
+  S.gw, S.gf = add(S.gw, S.gf, dgw, dgf)
   local name = 'o:' .. id
   local expiry = now + ttl
-  set(name, units .. '|' .. token .. '|' .. stamp(now) .. '|' .. ttl .. '|' .. sym)
+  set(name, units .. '|' .. token .. '|' .. stamp(now) .. '|' .. ttl .. '|' .. side .. '|' .. sym)
   if was_zero then set('r:' .. sym, units) else set('r:' .. sym, fmt(sw, sf)) end
+  side_pending(sym, side, uw, uf, false)
   push(XADD, expiry, name)
   if was_zero then
     S.res_syms = S.res_syms + 1
@@ -518,10 +670,11 @@ local function sweep(now)
   for i = 1, #names do
     local rec = F[names[i]]
     if live(rec) then
-      local units, _, _, _, sym = parse_rec(rec)
-      parsed[i] = {units, sym}
-      syms[#syms + 1] = 'r:' .. sym
-      syms[#syms + 1] = 'p:' .. sym
+      local units, _, _, _, side, sym = parse_rec(rec)
+      parsed[i] = {units, side, sym}
+      local p, r, k, b, sl = sym_fields(sym)
+      local n = #syms
+      syms[n + 1], syms[n + 2], syms[n + 3], syms[n + 4], syms[n + 5] = p, r, k, b, sl
     elseif not rec then
       count('corrupt')
     end
@@ -532,7 +685,7 @@ local function sweep(now)
     push(XREM, names[i])
     local p = parsed[i]
     if p then
-      drop(string.sub(names[i], 3), p[1], p[2], 'expired', now)
+      drop(string.sub(names[i], 3), p[1], p[2], p[3], 'expired', now)
       n = n + 1
     end
   end
@@ -572,10 +725,12 @@ local function sweeps(now)
   sweep_forget(now, false)
 end
 
--- Set a position ("signed units" and a kind letter; F holds p:sym and r:sym). Raises
--- (overflow) before anything is written.
+-- Set a position (its magnitude in units, and its sign and kind letter; F holds the symbol's
+-- fields). Raises (overflow) before anything is written.
 local function set_pos(sym, value, code)
   local name = 'p:' .. sym
+  local gw, gf = sym_worst(sym)
+  local qw, qf = sadd(S.qw, S.qf, negate(spos(sym)))
   set('k:' .. sym, code)
   local old = F[name]
   local ow, of = split(old)
@@ -584,6 +739,8 @@ local function set_pos(sym, value, code)
   local pw, pf = add(S.pw, S.pf, nw, nf)
   S.pw, S.pf, bad = sub(pw, pf, ow, of)
   set(name, value)
+  S.qw, S.qf = sadd(qw, qf, spos(sym))
+  regross(sym, gw, gf)
   if not old then
     S.npos = S.npos + 1
     local rw, rf = split(F['r:' .. sym])
@@ -598,11 +755,14 @@ local function close_pos(sym)
   local name = 'p:' .. sym
   local old = F[name]
   if not old then return false end
+  local gw, gf = sym_worst(sym)
+  S.qw, S.qf = sadd(S.qw, S.qf, negate(spos(sym)))
   local ow, of = split(old)
   local bad
   S.pw, S.pf, bad = sub(S.pw, S.pf, ow, of)
   delete(name)
   delete('k:' .. sym)
+  regross(sym, gw, gf)
   S.npos = S.npos - 1
   local rw, rf = split(F['r:' .. sym])
   if not zero(rw, rf) then S.res_open = S.res_open - 1 end
@@ -624,17 +784,17 @@ end
 -- Reduce the reservation `id` (record `rec`) by a fill of `down` to `up` units; returns 'E'
 -- (ended, as filled, leaving `tomb`) or 'R' and the units that stay.
 local function reduce_rec(id, rec, down, up, now, tomb)
-  local units, t, at, ttl, sym = parse_rec(rec)
+  local units, t, at, ttl, side, sym = parse_rec(rec)
   local nw, nf = after_fill(units, down, up)
   if zero(nw, nf) then
-    drop(id, units, sym, 'filled', now, tomb)
+    drop(id, units, side, sym, 'filled', now, tomb)
     return 'E'
   end
   local want = fmt(nw, nf)
   local uw, uf = split(units)
   local dw, df = sub(uw, uf, nw, nf)
-  set('o:' .. id, want .. '|' .. t .. '|' .. at .. '|' .. ttl .. '|' .. sym)
-  unreserve(sym, dw, df)
+  set('o:' .. id, want .. '|' .. t .. '|' .. at .. '|' .. ttl .. '|' .. side .. '|' .. sym)
+  unreserve(sym, dw, df, side)
   return 'R', want
 end
 
@@ -646,17 +806,23 @@ local function refused()
 end
 
 -- A decision's config parsed once per distinct string (a gate sends the same one with every
--- decision until its limits change): {ttl, max_pos or false, and each exposure limit as limbs
--- (false: none), then ttl as the string it came as}. A pure function of the string, so
--- keeping it between calls is safe.
+-- decision until its limits change): {ttl, max_pos or false, the gross and symbol limits as
+-- limbs (false: none), ttl as the string it came as, the net limit as limbs}. A pure function
+-- of the string, so keeping it between calls is safe.
 local CONFIGS, NCONFIGS = {}, 0
 local function config(s)
   local c = CONFIGS[s]
   if c then return c end
-  local ttl, max_pos, max_gross, max_sym = string.match(s, '^(%d+)|(%d*)|(%d*)|(%d*)$')
-  c = {ttl + 0, max_pos ~= '' and max_pos + 0, false, 0, false, 0, ttl}
+  local ttl, max_pos, max_gross, max_sym, max_net =
+    string.match(s, '^(%d+)|(%d*)|(%d*)|(%d*)|(%d*)$')
+  if not ttl then -- no net limit field: a config as sent before there was one
+    ttl, max_pos, max_gross, max_sym = string.match(s, '^(%d+)|(%d*)|(%d*)|(%d*)$')
+    max_net = ''
+  end
+  c = {ttl + 0, max_pos ~= '' and max_pos + 0, false, 0, false, 0, ttl, false, 0}
   if max_gross ~= '' then c[3], c[4] = split(max_gross) end
   if max_sym ~= '' then c[5], c[6] = split(max_sym) end
+  if max_net ~= '' then c[8], c[9] = split(max_net) end
   if NCONFIGS >= 64 then CONFIGS, NCONFIGS = {}, 0 end
   CONFIGS[s], NCONFIGS = c, NCONFIGS + 1
   return c
@@ -671,40 +837,81 @@ local function deny(mode, reason)
   return finish('D', reason)
 end
 
--- The first rule `units` on `sym` fails (rules.first_failing_rule, which the conformance suite
--- holds this to), or nil. `pos` and `rs`: the symbol's position and reserved units.
-local function failing_rule(c, units, pos, rs)
-  local uw, uf = split(units)
-  local rw, rf = split(rs)
-  if c[2] and not pos and zero(rw, rf) and S.npos + S.res_syms - S.res_open >= c[2] then
+-- rules' trading state codes
+local ACTIVE, REDUCING, HALTED_STATE = 0, 1, 2
+
+-- The trading state at `now`: the operator's, or the loss latch's while it holds, the stricter.
+-- A latch holds until its `until` (the day's end when it fired): past it, it is as good as
+-- cleared by the daily roll, which the next loss call makes (see roll).
+local function trading_state(now)
+  local st = S.op
+  if S.l_state > st and now < S.l_until then st = S.l_state end
+  return st
+end
+
+-- `w, f` with `dw, df` units added under side `side` (b, s, u: the pending of each side).
+local function with_order(side, dw, df, bw, bf, sw, sf, uw, uf)
+  if side == '1' then
+    bw, bf = add(bw, bf, dw, df)
+  elseif side == '2' then
+    sw, sf = add(sw, sf, dw, df)
+  else
+    uw, uf = add(uw, uf, dw, df)
+  end
+  return bw, bf, sw, sf, uw, uf
+end
+
+-- The net figure before and after an order of `dw, df` units of side `side`: rules.worst_case
+-- over the sums (the signed positions', the buys', the sells', the unknown side's).
+local function net_figures(side, dw, df)
+  local uw, uf = sub(S.rw, S.rf, S.bw, S.bf)
+  uw, uf = sub(uw, uf, S.sw, S.sf)
+  local bw, bf, sw, sf = S.bw, S.bf, S.sw, S.sf
+  local nw, nf = worst(S.qw, S.qf, bw, bf, sw, sf, uw, uf)
+  local aw, af = worst(S.qw, S.qf, with_order(side, dw, df, bw, bf, sw, sf, uw, uf))
+  return nw, nf, aw, af
+end
+
+-- The first limit an order fails (rules.first_failing_rule after the trading states, which
+-- the conformance suite holds this to), or nil: `open` says the symbol is open or reserved,
+-- `ow, of` and `aw, af` are its worst case before and after the order.
+local function failing_rule(c, open, ow, of, aw, af, side, dw, df)
+  if c[2] and not open and S.npos + S.res_syms - S.res_open >= c[2] then
     return 'max_concurrent_positions'
   end
-  if c[3] then
-    local gw, gf = add(S.pw, S.pf, S.rw, S.rf)
-    gw, gf = add(gw, gf, uw, uf)
-    if gt(gw, gf, c[3], c[4]) then return 'max_gross_exposure' end
+  if gt(aw, af, ow, of) then
+    if c[3] then
+      local gw, gf = sub(S.gw, S.gf, ow, of)
+      gw, gf = add(gw, gf, aw, af)
+      if gt(gw, gf, c[3], c[4]) then return 'max_gross_exposure' end
+    end
+    if c[5] and gt(aw, af, c[5], c[6]) then return 'max_symbol_exposure' end
   end
-  if c[5] then
-    local pw, pf = split(pos)
-    pw, pf = add(pw, pf, rw, rf)
-    pw, pf = add(pw, pf, uw, uf)
-    if gt(pw, pf, c[5], c[6]) then return 'max_symbol_exposure' end
+  if c[8] then
+    local nw, nf, naw, naf = net_figures(side, dw, df)
+    if gt(naw, naf, nw, nf) and gt(naw, naf, c[8], c[9]) then return 'max_net_exposure' end
   end
   return nil
 end
 
--- enter mark symbol units order_id token config kind [mode]
---   config: "ttl_us|max_pos|max_gross|max_sym" (a limit '' when none); kind: the amount's kind
---   bit. mode: '' (check and reserve), 'check' (check only: the first half of the deliberately
---   broken gates of the stress suite and the race demo) or 'force' (reserve unchecked: the
---   second half); both test operations, refused unless state's `testing` flag is on.
+local SIDES = {['0'] = true, ['1'] = true, ['2'] = true}
+
+-- enter mark symbol units order_id token config kind [mode [side]]
+--   config: "ttl_us|max_pos|max_gross|max_sym[|max_net]" (a limit '' when none); kind: the
+--   amount's kind bit. mode: '' (check and reserve), 'check' (check only: the first half of the
+--   deliberately broken gates of the stress suite and the race demo) or 'force' (reserve
+--   unchecked but for the halt: the second half); both test operations, refused unless
+--   state's `testing` flag is on. side: rules' side code ('0', the default: not known; '1' buy,
+--   '2' sell).
 -- -> {'A', reserved_at_us, expiry_us} | {'D', reason} | {'X'} (order_id held by another call)
 --    | {'C'} (mode 'check' passed)
 local function enter(keys, args)
   local sym, units, id, token = args[4], args[5], args[6], args[7]
   local c = config(args[8])
-  local mode = args[10] or ''
-  begin(keys, args, 'p:' .. sym, 'r:' .. sym, 'o:' .. id)
+  local mode, side = args[10] or '', args[11] or '0'
+  if not SIDES[side] then return redis.error_reply('pendingledger: bad side code') end
+  local p, r, k, b, sl = sym_fields(sym)
+  begin(keys, args, p, r, 'o:' .. id, k, b, sl)
   if mode ~= '' and not (S.testing == 1 and (mode == 'check' or mode == 'force')) then
     return refused()
   end
@@ -720,16 +927,37 @@ local function enter(keys, args)
     end
     return finish('X')
   end
-  local pos, rs = F['p:' .. sym], F['r:' .. sym]
-  if S.halted == 1 then return deny(mode, 'halted') end
+  local state = trading_state(now)
+  if state == HALTED_STATE then return deny(mode, 'halted') end
+  local dw, df = split(units)
+  local ow, of, aw, af
+  if side == '0' and side_blind(sym) then
+    local pw, pf = sabs(spos(sym))
+    ow, of = add(pw, pf, split(F[r]))
+    aw, af = add(ow, of, dw, df)
+  else
+    local pw, pf = spos(sym)
+    local bw, bf, sw, sf, uw, uf = pending(sym)
+    ow, of = worst(pw, pf, bw, bf, sw, sf, uw, uf)
+    aw, af = worst(pw, pf, with_order(side, dw, df, bw, bf, sw, sf, uw, uf))
+  end
   if mode ~= 'force' then
-    local reason = failing_rule(c, units, pos, rs)
+    local open = F[p] or not zero(split(F[r]))
+    if state == REDUCING then
+      local raises = not open or gt(aw, af, ow, of)
+      if not raises then
+        local nw, nf, naw, naf = net_figures(side, dw, df)
+        raises = gt(naw, naf, nw, nf)
+      end
+      if raises then return deny(mode, 'reducing_only') end
+    end
+    local reason = failing_rule(c, open, ow, of, aw, af, side, dw, df)
     if reason then return deny(mode, reason) end
   end
   if mode == 'check' then return finish('C') end
   S.call_tag = tag_of(token)
   if rec and #rec > 1 then keep_answer(rec, now) end -- the id is used again: see kept()
-  insert(id, sym, units, token, now, c[7], args[9] + 0)
+  insert(id, sym, units, token, now, c[7], args[9] + 0, side, sub(aw, af, ow, of))
   return finish('A', now, now + c[1])
 end
 
@@ -747,13 +975,14 @@ local function answer_in(rec, token)
 end
 
 -- A writing operation with call token args[4]: `read` returns the names of the book fields `op`
--- needs, at most three (read in the call's one HMGET with the kept answer c:<token>);
+-- needs, at most seven (read in the call's one HMGET with the kept answer c:<token>);
 -- `op(args, now)` returns the answer (one or two items), which is kept for a retry of the same
 -- call, and true as a third result when it ended the reservation of order args[5] and left its
 -- answer in the record's tombstone, '~<call_token>|<answer>' (tombstone()), which costs no field
 -- and no `forget` entry of its own; `by_order` says args[5] is an order id whose record `read`
--- names. {'D'}: book not restored.
-local function kept(read, op, by_order)
+-- names. {'D'}: book not restored, unless `anywhere` (the loss calls, which like halt work on
+-- any namespace: the latch must not wait for a restore).
+local function kept(read, op, by_order, anywhere)
   return function(keys, args)
     local memo = 'c:' .. args[4]
     begin(keys, args, memo, read(args))
@@ -764,11 +993,12 @@ local function kept(read, op, by_order)
       if not bar then return finish(again) end
       return finish(string.sub(again, 1, bar - 1), string.sub(again, bar + 1))
     end
-    if not usable(args) then return finish('D') end
+    local ok = usable(args)
+    if not ok and not anywhere then return finish('D') end
     local now = now_us()
     S.call_tag = tag_of(args[4])
-    sweeps(now)
-    if S.gen == 0 then return finish('D') end
+    if ok then sweeps(now) end
+    if S.gen == 0 and not anywhere then return finish('D') end
     local a, b, in_tombstone = op(args, now)
     if not in_tombstone then
       if type(a) ~= 'string' then a = tostring(a) end -- as a retry gets it back
@@ -781,22 +1011,22 @@ local function kept(read, op, by_order)
   end
 end
 
--- The fields of order args[5], and of symbol args[7] when the caller names it ('' if not).
+-- The fields of order args[5], and of symbol args[at] when the caller names it ('' if not).
 local function order_fields(args, at)
   local sym = args[at]
-  if sym and sym ~= '' then return 'o:' .. args[5], 'r:' .. sym, 'p:' .. sym end
+  if sym and sym ~= '' then return 'o:' .. args[5], sym_fields(sym) end
   return 'o:' .. args[5]
 end
 
 -- The record of order `id` if it is live and (unless `token` is '') holds `token`, and its
--- units and symbol, with the fields of its symbol read.
+-- units, symbol and side, with the fields of its symbol read.
 local function find(id, token)
   local rec = F['o:' .. id]
   if not live(rec) then return nil end
-  local units, t, _, _, sym = parse_rec(rec)
+  local units, t, _, _, side, sym = parse_rec(rec)
   if token ~= '' and t ~= token then return nil end
-  ensure({'r:' .. sym, 'p:' .. sym})
-  return rec, units, sym
+  ensure({sym_fields(sym)})
+  return rec, units, sym, side
 end
 
 -- release_order mark call_token order_id token symbol [unconfirmed] -> {1} | {0}
@@ -804,9 +1034,9 @@ end
 --   caller knows it (read in the first HMGET), else ''. unconfirmed '1': the admission being
 --   released was never confirmed by enough replicas (min_replicas), so it is uncounted.
 local function release_order(args, now)
-  local rec, units, sym = find(args[5], args[6])
+  local rec, units, sym, side = find(args[5], args[6])
   if not rec then return '0' end
-  drop(args[5], units, sym, 'released', now, tombstone(args, '1'))
+  drop(args[5], units, side, sym, 'released', now, tombstone(args, '1'))
   if args[8] == '1' then -- an admission no replica confirmed (min_replicas): it counts nowhere
     S.admitted, S.released = S.admitted - 1, S.released - 1
   end
@@ -818,7 +1048,7 @@ end
 --   symbol would cost every reservation two more writes.
 local function release_symbol(args, now)
   local sym = args[5]
-  ensure({'r:' .. sym, 'p:' .. sym})
+  ensure({sym_fields(sym)})
   local all = book_fields('o:')
   local n = 0
   for i = 1, #all, 2 do
@@ -828,9 +1058,9 @@ local function release_symbol(args, now)
     local rec = F[name]
     if rec == nil then rec = all[i + 1] end
     if live(rec) then
-      local units, _, _, _, rsym = parse_rec(rec)
+      local units, _, _, _, side, rsym = parse_rec(rec)
       if rsym == sym then
-        drop(string.sub(name, 3), units, sym, 'released', now)
+        drop(string.sub(name, 3), units, side, sym, 'released', now)
         n = n + 1
       end
     end
@@ -862,7 +1092,7 @@ local function close_position(args)
 end
 
 local function symbol_fields(args)
-  return 'p:' .. args[5], 'r:' .. args[5]
+  return sym_fields(args[5])
 end
 
 -- fill mark call_token order_id units code symbol down up
@@ -873,10 +1103,10 @@ end
 --    nothing written) | {'M', actual_symbol} (a different symbol: nothing written)
 local function fill(args, now)
   local id, value, code, sym, down, up = args[5], args[6], args[7], args[8], args[9], args[10]
-  local rec, units, rsym = find(id, '')
+  local rec, units, rsym, side = find(id, '')
   if not rec then
     if sym == '' then return 'N' end
-    ensure({'p:' .. sym, 'r:' .. sym})
+    ensure({sym_fields(sym)})
     set_pos(sym, value, code)
     return 'P', sym
   end
@@ -884,7 +1114,7 @@ local function fill(args, now)
   set_pos(rsym, value, code)
   local tomb = tombstone(args, 'F|' .. rsym)
   if up == '' then
-    drop(id, units, rsym, 'filled', now, tomb)
+    drop(id, units, side, rsym, 'filled', now, tomb)
     return 'F', rsym, true
   end
   if reduce_rec(id, rec, down, up, now, tomb) == 'E' then return 'F', rsym, true end
@@ -892,11 +1122,12 @@ local function fill(args, now)
 end
 
 -- restore mark only_if_missing gen ttl_us n_pos [symbol units code]*n_pos
---   [order_id symbol units token kind]*
---   Replaces the book and the reservations (keeps the flags, the test clock, the counts and the
---   denials), writes the sentinels and the marker, and starts a new epoch of the mark. Every
---   total is formed (and an overflow raised) before the first write. A retry of a restore that
---   already ran finds its generation in the marker and gets the first answer.
+--   [order_id symbol units token kind side]*
+--   Replaces the book and the reservations (keeps the flags, the trading state and the loss
+--   latch, the test clock, the counts and the denials), writes the sentinels and the marker,
+--   and starts a new epoch of the mark. Every total is formed (and an overflow raised) before
+--   the first write. A retry of a restore that already ran finds its generation in the marker
+--   and gets the first answer.
 -- -> {'R', now_us} | {'S'} (only_if_missing and the book is in place: nothing written)
 local function restore(keys, args)
   begin(keys, args)
@@ -906,40 +1137,59 @@ local function restore(keys, args)
   local now = now_us()
   local at, expiry, at_s = now, now + tonumber(args[6]), stamp(now)
   local npos = tonumber(args[7])
-  local pw, pf = 0, 0
-  local open = {}
+  local pw, pf, qw, qf = 0, 0, 0, 0
+  local signed = {} -- symbol -> its signed position as floor limbs
   local i = 8
   for _ = 1, npos do
     local w, f = split(args[i + 1])
     pw, pf = add(pw, pf, w, f)
-    open[args[i]] = true
+    if string.byte(args[i + 2]) == MINUS then w, f = negate(w, f) end
+    qw, qf = sadd(qw, qf, w, f)
+    signed[args[i]] = {w, f}
     i = i + 3
   end
   local first_order = i
+  -- symbol -> {reserved, buys, sells} as limbs
   local per, syms, ids = {}, {}, {}
-  local gw, gf, kinds, norders = 0, 0, 0, 0
+  local rw, rf, bw, bf, sw, sf, kinds, norders = 0, 0, 0, 0, 0, 0, 0, 0
   while i <= #args do
-    local id, sym = args[i], args[i + 1]
+    local id, sym, side = args[i], args[i + 1], args[i + 5]
     if ids[id] then return redis.error_reply('pendingledger: order_id twice in restore') end
+    if not SIDES[side] then return redis.error_reply('pendingledger: bad side code') end
     ids[id] = true
     local w, f = split(args[i + 2])
     local t = per[sym]
     if not t then
-      t = {0, 0}
+      t = {0, 0, 0, 0, 0, 0}
       per[sym] = t
       syms[#syms + 1] = sym
     end
     t[1], t[2] = add(t[1], t[2], w, f)
-    gw, gf = add(gw, gf, w, f)
+    rw, rf = add(rw, rf, w, f)
+    if side == '1' then
+      t[3], t[4] = add(t[3], t[4], w, f)
+      bw, bf = add(bw, bf, w, f)
+    elseif side == '2' then
+      t[5], t[6] = add(t[5], t[6], w, f)
+      sw, sf = add(sw, sf, w, f)
+    end
     kinds = bit.bor(kinds, tonumber(args[i + 4]))
     norders = norders + 1
-    i = i + 5
+    i = i + 6
   end
-  local res_open = 0
+  -- the sum of the worst cases: the reserved symbols', then the other open ones' |position|
+  local gw, gf, res_open = 0, 0, 0
   for _, sym in ipairs(syms) do
-    if open[sym] then res_open = res_open + 1 end
+    local t, pos = per[sym], signed[sym] or {0, 0}
+    if signed[sym] then res_open = res_open + 1 end
+    local uw, uf = sub(t[1], t[2], t[3], t[4])
+    uw, uf = sub(uw, uf, t[5], t[6])
+    gw, gf = add(gw, gf, worst(pos[1], pos[2], t[3], t[4], t[5], t[6], uw, uf))
   end
-  -- Everything is replaced but state's counts, flags and test clock, which stay in S.
+  for sym, pos in pairs(signed) do
+    if not per[sym] then gw, gf = add(gw, gf, sabs(pos[1], pos[2])) end
+  end
+  -- Everything is replaced but state (counts, flags, trading state, latch, test clock), in S.
   redis.call('DEL', K_BOOK, K_EXPIRY, K_FORGET)
   push(XADD, '-inf', '')
   push(FADD, '-inf', '')
@@ -953,13 +1203,15 @@ local function restore(keys, args)
   while i <= #args do
     local name = 'o:' .. args[i]
     set(name, args[i + 2] .. '|' .. args[i + 3] .. '|' .. at_s .. '|' .. args[6] .. '|' ..
-      args[i + 1])
+      args[i + 5] .. '|' .. args[i + 1])
     push(XADD, expiry, name)
-    i = i + 5
+    i = i + 6
   end
   for _, sym in ipairs(syms) do
     local t = per[sym]
     set('r:' .. sym, fmt(t[1], t[2]))
+    if not zero(t[3], t[4]) then set('b:' .. sym, fmt(t[3], t[4])) end
+    if not zero(t[5], t[6]) then set('s:' .. sym, fmt(t[5], t[6])) end
   end
   local epoch = now_us() - S.off -- the server's own clock, not the test clock's offset
   for _, floor in ipairs({S.epoch + 1, (tonumber(args[1]) or 0) + 1}) do
@@ -968,7 +1220,8 @@ local function restore(keys, args)
   S.epoch = epoch
   S.hw = -1 -- finish() counts this write: the new epoch starts at 0
   S.gen, S.restored_at, S.call_tag = gen, at, tag_of(string.format('%016x', gen))
-  S.npos, S.pw, S.pf, S.rw, S.rf = npos, pw, pf, gw, gf
+  S.npos, S.pw, S.pf, S.rw, S.rf = npos, pw, pf, rw, rf
+  S.gw, S.gf, S.qw, S.qf, S.bw, S.bf, S.sw, S.sf = gw, gf, qw, qf, bw, bf, sw, sf
   S.res_syms, S.res_open, S.nres, S.kinds = #syms, res_open, norders, kinds
   S.next_due = NEVER
   if norders > 0 then S.next_due = tonumber(expiry) end
@@ -997,40 +1250,174 @@ local function sweep_op(keys, args)
   return finish(n)
 end
 
+-- ------------------------------------------------------------------ the loss latch
+--
+-- state keeps the day's realized P&L (pnl, floor limbs), the last equity set (eq; eq_set 0:
+-- none yet), its peak since the period began (peak: set exactly when eq_set is), the day's end
+-- (day_end, server us; 0 until the first loss call), the kinds of every loss amount recorded
+-- (sticky, as in process) and the latch (l_*: l_state 0 = none; its reason, limit and value as
+-- rules names them, the kinds they read back in, its time and its until). The limits, their
+-- kinds, on_loss and the daily reset's offset come with each loss call, from the calling gate.
+
+local DAY_US = 86400000000
+
+-- rules.next_reset, in microseconds
+local function next_reset(now, off)
+  return off + (math.floor((now - off) / DAY_US) + 1) * DAY_US
+end
+
+-- A new measuring period: no P&L, the peak is the last equity, no latch.
+local function new_period()
+  S.pnl_w, S.pnl_f = 0, 0
+  S.peak_w, S.peak_f = S.eq_w, S.eq_f
+  S.l_state, S.l_reason, S.l_limit_w, S.l_limit_f = 0, 0, 0, 0
+  S.l_value_w, S.l_value_f, S.l_kinds, S.l_at, S.l_until = 0, 0, 0, 0, 0
+end
+
+-- The daily roll before a loss call (a decision needs none: trading_state ignores a latch past
+-- its until, and the P&L and peak are read only here).
+local function roll(now, off)
+  S.reset_off = off
+  if S.day_end == 0 then
+    S.day_end = next_reset(now, off)
+  elseif now >= S.day_end then
+    new_period()
+    S.day_end = next_reset(now, off)
+  end
+end
+
+-- "max_daily_loss|max_drawdown|their kinds|on_loss|reset offset us" (limits in units, '' when
+-- none) -> a table, or an error (nothing written).
+local function loss_config(s)
+  local ml, md, kinds, on_loss, off = string.match(s, '^(%d*)|(%d*)|(%d+)|([12])|(%d+)$')
+  if not off then return error('pendingledger: bad loss config') end
+  return {ml ~= '' and ml, md ~= '' and md, kinds + 0, on_loss + 0, off + 0}
+end
+
+local function latch(lc, now, reason, limit, vw, vf)
+  S.l_state, S.l_reason = lc[4], reason
+  S.l_limit_w, S.l_limit_f = split(limit)
+  S.l_value_w, S.l_value_f = vw, vf
+  S.l_kinds = bit.bor(S.loss_kinds, lc[3])
+  S.l_at, S.l_until = now, S.day_end
+end
+
+-- rules.loss_to_latch after a loss call; a latch already set is kept (the first one wins).
+local function check_latch(lc, now)
+  if S.l_state ~= 0 then return end
+  if lc[1] then
+    local lw, lf = split(lc[1])
+    if not gt(lw, lf, negate(S.pnl_w, S.pnl_f)) then
+      return latch(lc, now, 1, lc[1], S.pnl_w, S.pnl_f)
+    end
+  end
+  if lc[2] then
+    local dw, df = 0, 0
+    if S.eq_set == 1 then dw, df = sadd(S.peak_w, S.peak_f, negate(S.eq_w, S.eq_f)) end
+    local lw, lf = split(lc[2])
+    if not gt(lw, lf, dw, df) then return latch(lc, now, 2, lc[2], dw, df) end
+  end
+end
+
+-- A loss call's change: state is written and the mark moves (a latch a failover lost is
+-- fenced like a lost halt).
+local function loss_changed(lc, now)
+  check_latch(lc, now)
+  S.dirty, S.cold = true, true
+  return int(trading_state(now))
+end
+
+-- record_pnl mark call_token amount kind loss_config -> {trading state code after it}
+--   Adds the signed `amount` (units, rounded toward -infinity) to the day's realized P&L.
+local function record_pnl(args, now)
+  local lc = loss_config(args[7])
+  roll(now, lc[5])
+  S.pnl_w, S.pnl_f = sadd(S.pnl_w, S.pnl_f, ssplit(args[5]))
+  S.loss_kinds = bit.bor(S.loss_kinds, args[6] + 0)
+  return loss_changed(lc, now)
+end
+
+-- set_equity mark call_token equity kind loss_config -> {trading state code after it}
+--   The account's equity (signed units); its peak since the period began rises with it.
+local function set_equity(args, now)
+  local lc = loss_config(args[7])
+  roll(now, lc[5])
+  local w, f = ssplit(args[5])
+  S.eq_w, S.eq_f, S.loss_kinds = w, f, bit.bor(S.loss_kinds, args[6] + 0)
+  if S.eq_set == 0 or gt(w, f, S.peak_w, S.peak_f) then S.peak_w, S.peak_f = w, f end
+  S.eq_set = 1
+  return loss_changed(lc, now)
+end
+
+-- The trading state at `now` and the latch in force, for a reply: {state, op} and {} or
+-- {latch state, reason, limit units, value units, their kinds, at us, until us}.
+local function trading_reply(now)
+  local l = {}
+  if S.l_state ~= 0 and now < S.l_until then
+    l = {S.l_state, S.l_reason, fmt(S.l_limit_w, S.l_limit_f), sfmt(S.l_value_w, S.l_value_f),
+      S.l_kinds, int(S.l_at), int(S.l_until)}
+  end
+  return trading_state(now), S.op, l
+end
+
+-- trading mark -> {state, operator's state, latch ({} if none)}: read only.
+local function trading(keys, args)
+  begin(keys, args)
+  return finish(trading_reply(now_us()))
+end
+
 -- stats mark -> {counts as a flat list, outstanding reservations, reserved gross units,
---   kinds}. Sweeps first when the book is usable and a reservation is due, so a reservation past
---   its expiry counts as expired, never as outstanding (as in the in-process ledger).
+--   kinds, state, operator's state, latch (as trading)}. Sweeps first when the book is usable
+--   and a reservation is due, so a reservation past its expiry counts as expired, never as
+--   outstanding (as in the in-process ledger).
 local function stats(keys, args)
   begin(keys, args)
-  if usable(args) then
-    local now = now_us()
-    if now >= S.next_due then sweep(now) end
-  end
+  local now = now_us()
+  if usable(args) and now >= S.next_due then sweep(now) end
   local counts = {}
   for _, name in ipairs({'admitted', 'released', 'filled', 'expired', 'restored', 'corrupt'}) do
     counts[#counts + 1] = name
     counts[#counts + 1] = S[name]
   end
-  for _, reason in ipairs({'book_not_restored', 'halted', 'max_concurrent_positions',
-      'max_gross_exposure', 'max_symbol_exposure'}) do
+  for _, reason in ipairs({'book_not_restored', 'halted', 'reducing_only',
+      'max_concurrent_positions', 'max_gross_exposure', 'max_symbol_exposure',
+      'max_net_exposure'}) do
     counts[#counts + 1] = 'denied:' .. reason
     counts[#counts + 1] = S['d_' .. reason]
   end
-  return finish(counts, S.nres, fmt(S.rw, S.rf), S.kinds)
+  return finish(counts, S.nres, fmt(S.rw, S.rf), S.kinds, trading_reply(now))
 end
 
--- control mark flag value call_token -> {'1'}: sets state's `halted` (any client: RedisGate.halt
---   and resume) or `testing` (pendingledger.redis.testing) flag to value '1' or '0'. Works on
---   any namespace, restored or not, and changes nothing else; it moves the mark like a change.
+-- control mark flag value call_token -> {'1'}: sets the operator's trading state (flag
+--   'state', value rules' code: any client: RedisGate.halt, reduce_only, resume; '0', resume,
+--   also clears the loss latch and starts a new measuring period) or the `testing` flag
+--   (pendingledger.redis.testing; value '1' or '0'). Works on any namespace, restored or not,
+--   and changes nothing else; it moves the mark like a change. A repeat of a resume (its call
+--   token kept, as kept() does) is answered without starting the period again.
 local function control(keys, args)
-  begin(keys, args)
-  local flag, on = args[4], args[5] == '1'
-  if flag ~= 'halted' and flag ~= 'testing' then
+  local memo = 'c:' .. args[6]
+  begin(keys, args, memo)
+  if F[memo] then return finish('1') end
+  local flag, value = args[4], tonumber(args[5])
+  if flag == 'state' then
+    if value ~= ACTIVE and value ~= REDUCING and value ~= HALTED_STATE then
+      return redis.error_reply('pendingledger: unknown state ' .. tostring(args[5]))
+    end
+    if value == ACTIVE then
+      new_period()
+      local now = now_us()
+      set(memo, '1')
+      forget_later(memo, now)
+    elseif S.op == value then
+      return finish('1') -- already so: nothing changes
+    end
+    S.op = value
+  elseif flag == 'testing' and (value == 0 or value == 1) then
+    if S.testing == value then return finish('1') end
+    S.testing = value
+  else
     return redis.error_reply('pendingledger: unknown flag ' .. tostring(flag))
   end
-  local value = on and 1 or 0
-  if S[flag] == value then return finish('1') end -- already so: nothing changes
-  S[flag] = value
   -- A change like any other: a halt a failover lost leaves the halting client's mark ahead.
   S.call_tag = tag_of(args[6])
   S.dirty, S.cold = true, true
@@ -1079,29 +1466,34 @@ local function status(keys, args)
   return finish('A', units)
 end
 
--- snapshot mark -> {now_us, state (30 numbers, then the tag: _audit.STATE's order), book fields,
---   expiry, forget} (flat lists, sentinels included), in one consistent view (for audits).
+-- What snapshot sends of S, in _audit.STATE's order (then the tag).
+local SNAP_NAMES = {'gen', 'epoch', 'hw', 'npos', 'pw', 'pf', 'rw', 'rf', 'res_syms', 'res_open',
+  'nres', 'kinds', 'next_due', 'forget_due', 'admitted', 'released', 'filled', 'expired',
+  'restored', 'corrupt', 'restored_at', 'op', 'testing', 'off', 'frozen', 'd_book_not_restored',
+  'd_halted', 'd_reducing_only', 'd_max_concurrent_positions', 'd_max_gross_exposure',
+  'd_max_symbol_exposure', 'd_max_net_exposure', 'gw', 'gf', 'qw', 'qf', 'bw', 'bf', 'sw', 'sf'}
+for i = 19, #STATE_NAMES do SNAP_NAMES[#SNAP_NAMES + 1] = STATE_NAMES[i] end
+
+-- snapshot mark -> {now_us, state (SNAP_NAMES' numbers, then the tag: _audit.STATE's order),
+--   book fields, expiry, forget} (flat lists, sentinels included), in one consistent view (for
+--   audits).
 local function snapshot(keys, args)
   begin(keys, args)
-  local t = S
-  return finish(now_us(),
-    {t.gen, t.epoch, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres,
-      t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.expired, t.restored,
-      t.corrupt, t.restored_at, t.halted, t.testing, t.off, t.frozen, t.d_book_not_restored,
-      t.d_halted, t.d_max_concurrent_positions, t.d_max_gross_exposure,
-      t.d_max_symbol_exposure, t.tag},
-    book_fields(nil),
+  local state = {}
+  for i, name in ipairs(SNAP_NAMES) do state[i] = S[name] end
+  state[#state + 1] = S.tag
+  return finish(now_us(), state, book_fields(nil),
     redis.call('ZRANGE', K_EXPIRY, 0, -1, 'WITHSCORES'),
     redis.call('ZRANGE', K_FORGET, 0, -1, 'WITHSCORES'))
 end
 
--- positions mark -> {halted, p: and k: fields as a flat list}
+-- positions mark -> {the operator's trading state, p: and k: fields as a flat list}
 local function positions(keys, args)
   begin(keys, args)
   local out = book_fields('p:')
   local codes = book_fields('k:')
   for j = 1, #codes do out[#out + 1] = codes[j] end
-  return finish(S.halted, out)
+  return finish(S.op, out)
 end
 
 -- ------------------------------------------------------------------ registration
@@ -1122,10 +1514,13 @@ register('reduce', kept(function(args) return order_fields(args, 9) end, reduce,
 register('set_position', kept(symbol_fields, set_position))
 register('close_position', kept(symbol_fields, close_position))
 register('fill', kept(function(args) return order_fields(args, 8) end, fill, true))
+register('record_pnl', kept(none, record_pnl, false, true))
+register('set_equity', kept(none, set_equity, false, true))
 register('restore', restore)
 register('marker', marker)
 register('sweep', sweep_op)
 register('stats', stats)
+register('trading', trading, true)
 register('control', control)
 register('clock', clock)
 register('status', status, true)

@@ -43,6 +43,7 @@ from pendingledger.limits import Decision
 from pendingledger.redis._gate import RedisGate, StoreUnavailable, enter, micros, namespace_keys
 from pendingledger.redis._library import ServerCode
 from pendingledger.testing import _finite_seconds
+from pendingledger.trading import Side
 
 __all__ = [
     "advance_server_clock",
@@ -150,6 +151,7 @@ def check_then_reserve(
     notional: _units.Number,
     *,
     order_id: str | None = None,
+    side: Side | str | None = None,
     between: Callable[[], object] | None = None,
 ) -> Decision:
     """The check-then-act bug on Redis, for the tests and the race demo that must catch it.
@@ -158,14 +160,16 @@ def check_then_reserve(
     reserves nothing) and reserves without checking in a second (mode ``force``); ``between``
     runs in the gap, where another entry can take the room the check saw. Both modes are test
     operations: with them off the server's refusal is raised (``redis.ResponseError``).
-    Arguments are checked as ``RedisGate.try_enter`` checks them; a store failure denies with
+    Arguments are checked as ``RedisGate.try_enter`` checks them (``side`` too: the check
+    holds the order's figures to the rules, the trading state included, and the forced reserve
+    records it under its side); a store failure denies with
     ``BACKEND_UNAVAILABLE``. Never use it on a namespace that trades.
     """
-    checked = enter(gate, symbol, notional, order_id, "check")
+    checked = enter(gate, symbol, notional, order_id, "check", side)
     if checked is not None:
         return checked
     if between is not None:
         between()
-    decision = enter(gate, symbol, notional, order_id, "force")
+    decision = enter(gate, symbol, notional, order_id, "force", side)
     assert decision is not None
     return decision
