@@ -15,6 +15,7 @@ from pendingledger.ledger import PendingEntryLedger
 from pendingledger.limits import Decision, Number, PortfolioLimits
 from pendingledger.protocols import Gate, ReservationHandle
 from pendingledger.sim.broken import BrokenGate
+from pendingledger.trading import Side
 
 __all__ = [
     "BackendFactory",
@@ -42,6 +43,7 @@ class CacheGate(Protocol):
         positions: Positions | None = None,
         *,
         order_id: Hashable | None = None,
+        side: Side | str | None = None,
     ) -> Decision: ...
 
 
