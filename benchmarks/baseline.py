@@ -155,8 +155,9 @@ class StraightforwardGate:
             if oid in orders:
                 raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
             book = self._book if positions is None else _read(positions)
+            state = rules.HALTED_STATE if self.halted else rules.ACTIVE
             code = rules.first_failing_rule(
-                self._limits, self.halted, *_figures(book, orders, name), units
+                self._limits, state, *_figures(book, orders, name, units)
             )
             if code == rules.ADMIT:
                 orders[oid] = _Entry(name, units, ledger.now)
@@ -173,9 +174,10 @@ def _read(positions: Mapping[str, object]) -> dict[str, int]:
 
 
 def _figures(
-    book: Mapping[str, int], orders: Mapping[str, _Entry], symbol: str
-) -> tuple[int, bool, int, int]:
-    """``(open_count, symbol_open, gross, symbol_exposure)`` as the rules take them, summed."""
+    book: Mapping[str, int], orders: Mapping[str, _Entry], symbol: str, units: int
+) -> tuple[int, bool, int, int, int, int, int]:
+    """The rules' figures for an order of ``units`` (side not given), summed: ``(open_count,
+    symbol_open, gross, before, after, net_before, net_after)``."""
     open_symbols = set(book)
     reserved = 0
     reserved_here = 0
@@ -184,12 +186,17 @@ def _figures(
         reserved += entry.units
         if entry.symbol == symbol:
             reserved_here += entry.units
-    gross = sum(abs(units) for units in book.values()) + reserved
+    gross = sum(abs(position) for position in book.values()) + reserved
+    before = abs(book.get(symbol, 0)) + reserved_here
+    net = sum(book.values())
     return (
         len(open_symbols),
         symbol in open_symbols,
         gross,
-        abs(book.get(symbol, 0)) + reserved_here,
+        before,
+        before + units,
+        rules.worst_case(net, 0, 0, reserved),
+        rules.worst_case(net, 0, 0, reserved + units),
     )
 
 

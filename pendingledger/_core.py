@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Final
 from . import _units, rules
 from .errors import LedgerError, LockTimeout, ReentrantLockError, StaleViewError
 from .rules import UnitLimits
+from .trading import SIDES, Side, side_code
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -134,15 +135,23 @@ class Reservation:
         "_order_id",
         "_reserved_at",
         "_seq",
+        "_side",
         "_state",
         "_symbol",
         "_units",
     )
 
     def __init__(
-        self, core: LedgerCore, symbol: str, order_id: str, initial: object, units: int
+        self,
+        core: LedgerCore,
+        symbol: str,
+        order_id: str,
+        initial: object,
+        units: int,
+        side: int = rules.UNKNOWN_SIDE,
     ) -> None:
         self._core = core
+        self._side = side
         self._symbol = symbol
         self._order_id = order_id  # "" when the ledger names the order (see order_id)
         self._initial = initial
@@ -163,6 +172,11 @@ class Reservation:
         if self._order_id:
             return self._order_id
         return self._core.generated_id(self._seq)
+
+    @property
+    def side(self) -> Side | None:
+        """The order's side, or None when it was not given (counted in both directions)."""
+        return SIDES[self._side]
 
     @property
     def notional(self) -> _units.Number:
@@ -243,6 +257,19 @@ _STATES: Final = tuple(ReservationState)
 _STATE_NAMES: Final = tuple(state.value for state in ReservationState)
 
 
+class _Sides:
+    """The pending buys and sells of one symbol that has any (units), and its ``excess``: how
+    much less its worst case is than the side-blind ``|position| + reserved`` (see
+    ``LedgerCore._resum_locked``)."""
+
+    __slots__ = ("buys", "excess", "sells")
+
+    def __init__(self) -> None:
+        self.buys = 0
+        self.sells = 0
+        self.excess = 0
+
+
 class _Position:
     """One symbol of the owned position book: its exposure in units and as it was given."""
 
@@ -257,19 +284,27 @@ class _Position:
 class Snapshot:
     """A caller's positions read before the lock, for a decision on one symbol.
 
-    ``open`` has the open symbols (exact str), ``gross`` their exposure in units, ``holds`` and
-    ``held`` whether the decided symbol is open and its exposure; ``epoch`` is the ledger's epoch
+    ``open`` maps the open symbols (exact str) to their signed exposure in units, ``gross`` and
+    ``net`` are the sums of their magnitudes and of their signed units, ``holds`` and ``held``
+    whether the decided symbol is open and its signed exposure; ``epoch`` is the ledger's epoch
     read before the positions were (see the module notes).
     """
 
-    __slots__ = ("epoch", "gross", "held", "holds", "open")
+    __slots__ = ("epoch", "gross", "held", "holds", "net", "open")
 
     def __init__(
-        self, epoch: int, open_: dict[str, object], gross: int, holds: bool, held: int
+        self,
+        epoch: int,
+        open_: dict[str, int],
+        gross: int,
+        net: int,
+        holds: bool,
+        held: int,
     ) -> None:
         self.epoch = epoch
         self.open = open_
         self.gross = gross
+        self.net = net
         self.holds = holds
         self.held = held
 
@@ -293,7 +328,10 @@ class LedgerCore:
         "_block",
         "_book",
         "_book_gross",
+        "_book_net",
+        "_buys",
         "_epoch",
+        "_excess",
         "_expired",
         "_id_prefix",
         "_index",
@@ -307,7 +345,9 @@ class LedgerCore:
         "_release",
         "_released",
         "_reserved",
+        "_sells",
         "_seq",
+        "_sided",
         "_symbols",
         "_turn",
         "clock",
@@ -335,8 +375,13 @@ class LedgerCore:
         self._index: dict[str | int, Reservation] = {}
         self._symbols: dict[str, int] = {}  # units reserved per symbol, only symbols reserved
         self._reserved = 0  # units reserved in all
+        self._sided: dict[str, _Sides] = {}  # only symbols with pending buys or sells
+        self._buys = 0  # units of pending buys in all (the rest of _reserved: sells, unknown)
+        self._sells = 0
+        self._excess = 0  # sum of the _Sides' excess: the book's gross is short of it
         self._book: dict[str, _Position] = {}
         self._book_gross = 0  # sum of the book's |exposure| units
+        self._book_net = 0  # sum of the book's signed exposure units
         self._open = 0  # symbols open in the book or reserved (or both)
         self._kinds = 0  # every kind of amount reserved (sticky): the type sums come back in
         self._seq = 0
@@ -626,6 +671,8 @@ class LedgerCore:
         self._symbols[symbol] = held + res._units
         self._reserved += res._units
         res._state = ACTIVE
+        if res._side:
+            self._side_locked(res, res._units)
 
     def _end_locked(self, res: Reservation, state: int) -> None:
         """Remove an active ``res`` from every index and total; it ends as ``state``."""
@@ -641,6 +688,8 @@ class LedgerCore:
         self._reserved -= res._units
         res._state = state
         self._epoch += 1
+        if res._side:
+            self._side_locked(res, -res._units)
 
     def _end_counted_locked(self, res: Reservation, state: int) -> bool:
         if res._state != ACTIVE:
@@ -665,7 +714,38 @@ class LedgerCore:
         self._symbols[res._symbol] -= units
         self._reserved -= units
         self._epoch += 1
+        if res._side:
+            self._side_locked(res, -units)
         return units
+
+    def _side_locked(self, res: Reservation, units: int) -> None:
+        """Count ``units`` more (negative: fewer) of a sided ``res`` under its side, once its
+        symbol's reserved total has changed, and that symbol's worst case again."""
+        symbol = res._symbol
+        sides = self._sided.get(symbol)
+        if sides is None:
+            sides = self._sided[symbol] = _Sides()
+        if res._side == rules.BUY:
+            sides.buys += units
+            self._buys += units
+        else:
+            sides.sells += units
+            self._sells += units
+        self._resum_locked(symbol, sides)
+
+    def _resum_locked(self, symbol: str, sides: _Sides) -> None:
+        """Recompute ``symbol``'s excess: gross is kept side-blind (``_book_gross + _reserved``,
+        as with no side given) less the sum of what pending buys and sells against each other
+        or against the position do not add to a worst case."""
+        reserved = self._symbols.get(symbol, 0)
+        position = self._book.get(symbol)
+        units, magnitude = (0, 0) if position is None else (position.units, position.magnitude)
+        unknown = reserved - sides.buys - sides.sells
+        excess = magnitude + reserved - rules.worst_case(units, sides.buys, sides.sells, unknown)
+        self._excess += excess - sides.excess
+        sides.excess = excess
+        if not sides.buys and not sides.sells:
+            del self._sided[symbol]
 
     def _fill_locked(self, res: Reservation, fill: tuple[int, int, int]) -> None:
         """End an active ``res`` as filled, or reduce it by ``fill`` if one is given."""
@@ -696,16 +776,25 @@ class LedgerCore:
                 self._open += 1
         else:
             self._book_gross -= position.magnitude
+            self._book_net -= position.units
         position = self._book[symbol] = _Position(units, value)
         self._book_gross += position.magnitude
+        self._book_net += units
+        sides = self._sided.get(symbol)
+        if sides is not None:
+            self._resum_locked(symbol, sides)
 
     def _close_position_locked(self, symbol: str) -> bool:
         position = self._book.pop(symbol, None)
         if position is None:
             return False
         self._book_gross -= position.magnitude
+        self._book_net -= position.units
         if symbol not in self._symbols:
             self._open -= 1
+        sides = self._sided.get(symbol)
+        if sides is not None:
+            self._resum_locked(symbol, sides)
         return True
 
     def _counts_locked(self) -> tuple[int, int, int, int, int]:
@@ -714,7 +803,19 @@ class LedgerCore:
     def reserved_on_locked(self, symbol: str) -> int:
         return self._symbols.get(symbol, 0)
 
-    def _overlap_locked(self, open_: dict[str, object]) -> int:
+    def _excess_over_locked(self, open_: dict[str, int]) -> int:
+        """``_excess`` with the positions of ``open_`` (a caller's, read before the lock) in
+        place of the book's: a walk of the symbols with pending buys or sells."""
+        excess = 0
+        for symbol, sides in self._sided.items():
+            units = open_.get(symbol, 0)
+            reserved = self._symbols[symbol]
+            unknown = reserved - sides.buys - sides.sells
+            worst = rules.worst_case(units, sides.buys, sides.sells, unknown)
+            excess += (units if units >= 0 else -units) + reserved - worst
+        return excess
+
+    def _overlap_locked(self, open_: dict[str, int]) -> int:
         """How many reserved symbols are in ``open_`` (walks the smaller of the two)."""
         symbols = self._symbols
         found = 0
@@ -749,6 +850,8 @@ class LedgerCore:
         _expect(problems, "reserved", self._reserved, sum(units.values()))
         magnitudes = sum(position.magnitude for position in self._book.values())
         _expect(problems, "book gross", self._book_gross, magnitudes)
+        _expect(problems, "book net", self._book_net, sum(p.units for p in self._book.values()))
+        _audit_sides(self, problems)
         _expect(problems, "symbols open", self._open, len(set(self._book) | set(units)))
         return problems
 
@@ -756,6 +859,32 @@ class LedgerCore:
 def _expect(problems: list[str], what: str, kept: int, recomputed: int) -> None:
     if kept != recomputed:
         problems.append(f"{what}: kept {kept}, recomputed {recomputed}")
+
+
+def _audit_sides(core: LedgerCore, problems: list[str]) -> None:
+    """The pending buys and sells, and the excess, recomputed from the reservations."""
+    sides: dict[str, list[int]] = {}
+    for res in core._index.values():
+        if res._side:
+            entry = sides.setdefault(res._symbol, [0, 0])
+            entry[res._side - 1] += res._units
+    excess = 0
+    for symbol in sorted(core._sided.keys() | sides.keys()):
+        kept = core._sided.get(symbol)
+        buys, sells = sides.get(symbol, [0, 0])
+        if kept is None or (kept.buys, kept.sells) != (buys, sells):
+            got = None if kept is None else (kept.buys, kept.sells)
+            problems.append(f"{symbol!r} buys, sells: kept {got}, recomputed {(buys, sells)}")
+            continue
+        reserved = core._symbols.get(symbol, 0)
+        position = core._book.get(symbol)
+        units = 0 if position is None else position.units
+        worst = rules.worst_case(units, buys, sells, reserved - buys - sells)
+        _expect(problems, f"{symbol!r} excess", kept.excess, abs(units) + reserved - worst)
+        excess += kept.excess
+    _expect(problems, "excess", core._excess, excess)
+    _expect(problems, "buys", core._buys, sum(b for b, _ in sides.values()))
+    _expect(problems, "sells", core._sells, sum(s for _, s in sides.values()))
 
 
 def _seq_of(res: Reservation) -> int:
@@ -840,20 +969,24 @@ class PendingMap:
         """How many reserved symbols are not open, i.e. take a concurrency slot of their own."""
         return sum(1 for symbol in list(self._live()._symbols) if not is_open(symbol))
 
-    def reserve(self, symbol: object, notional: object, *, order_id: object = None) -> Reservation:
+    def reserve(
+        self, symbol: object, notional: object, *, order_id: object = None, side: object = None
+    ) -> Reservation:
         """Record a reservation of ``notional`` on ``symbol`` for one order.
 
         ``order_id`` is the client order id (a non-empty str); the ledger makes one if it is not
         given. An ``order_id`` already outstanding raises ``ValueError``. Reservations on one
-        symbol add up, but each keeps its own TTL and can be released alone.
+        symbol add up, but each keeps its own TTL and can be released alone. ``side`` is the
+        order's (``Side``, ``"buy"``/``"sell"``, or ``None``: unknown), as in ``try_enter``.
         """
         core = self._live()
         name = _units.check_symbol(symbol)
         units = _units.notional_units("notional", notional)
+        code = side_code(side)
         oid = core.check_new_order_id(order_id)
         if oid and oid in core._index:
             raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
-        res = Reservation(core, name, oid, notional, units)
+        res = Reservation(core, name, oid, notional, units, code)
         core.insert_locked(res, self._now)  # the block's time: the clock is not read under it
         self._journal.append(_Undo(_RESERVED, res, 0))
         return res
@@ -922,6 +1055,8 @@ class PendingMap:
                 res._units += undo.units
                 core._symbols[res._symbol] += undo.units
                 core._reserved += undo.units
+                if res._side:
+                    core._side_locked(res, undo.units)
         self._journal.clear()
         core._kinds = self._kinds_before
         if restored:  # restored ones went to the end: put the index back in stamp order
@@ -985,37 +1120,124 @@ class LockBlock:
         core.fire_expired(expired)
 
 
+class LatchRecord:
+    """The loss latch as it fired (units and wall-clock seconds; ``trading.Latch`` is the public
+    form): read-only once made, so it may be handed out of the lock."""
+
+    __slots__ = ("at", "code", "kinds", "limit", "state", "until", "value")
+
+    def __init__(
+        self, state: int, code: int, limit: int, value: int, at: float, until: float, kinds: int
+    ) -> None:
+        self.state = state
+        self.code = code
+        self.limit = limit
+        self.value = value
+        self.at = at
+        self.until = until
+        self.kinds = kinds
+
+
 class GateCore:
-    """One gate's halt flag and decision counters, on a ledger's lock."""
+    """One gate's trading state, loss latch and decision counters, on a ledger's lock.
 
-    __slots__ = ("_counts", "_halted", "_timeouts", "_timeouts_lock", "ledger")
+    The effective state is the stricter of the operator's (``halt``, ``reduce_only``,
+    ``resume``) and the latch's. The loss book (the day's realized P&L, the last equity and its
+    peak) belongs to the day that ends at ``_day_end`` (unset, +inf, until the first loss call);
+    the first call at or past it starts a new day, which clears the latch (``_roll_locked``).
+    """
 
-    def __init__(self, ledger: LedgerCore) -> None:
+    __slots__ = (
+        "_counts",
+        "_day_end",
+        "_day_pnl",
+        "_equity",
+        "_has_equity",
+        "_kinds",
+        "_latch",
+        "_on_loss",
+        "_operator",
+        "_peak",
+        "_reset_offset",
+        "_timeouts",
+        "_timeouts_lock",
+        "ledger",
+    )
+
+    def __init__(self, ledger: LedgerCore, on_loss: int, reset_offset: float) -> None:
         self.ledger = ledger
-        self._halted = False
+        self._operator = rules.ACTIVE
+        self._on_loss = on_loss
+        self._reset_offset = reset_offset
+        self._latch: LatchRecord | None = None
+        self._day_end = _INF
+        self._day_pnl = 0
+        self._equity = 0
+        self._peak = 0
+        self._has_equity = False
+        self._kinds = 0  # the kinds of the loss amounts recorded (sticky)
         self._counts = [0] * len(_REASON_SLOTS)  # by outcome code; [0] counts admissions
         # Timeouts are counted under a lock of their own: they happen when the ledger's is busy.
         self._timeouts_lock = threading.Lock()
         self._timeouts = 0
 
     @property
-    def halted(self) -> bool:
-        return self._halted
+    def latched(self) -> bool:
+        """Read without the lock on purpose: a decision that misses a latch set meanwhile finds
+        it under the lock; one that misses its clearing only stays denied (the safe side)."""
+        return self._latch is not None
 
-    def set_halted(self, halted: bool) -> None:
+    @property
+    def tracking(self) -> bool:
+        """Whether a loss call has started the day (read without the lock, as ``latched``)."""
+        return self._day_end < _INF
+
+    def set_operator(self, state: int) -> None:
         with self.ledger._lock:
-            self._halted = halted
+            self._operator = state
 
-    def counts(self) -> list[int]:
-        """Decisions by outcome code (``[0]``: admitted), a consistent snapshot."""
+    def resume(self) -> None:
+        """The operator's resume: ACTIVE, the latch cleared, a new measuring period."""
+        with self.ledger._lock:
+            self._operator = rules.ACTIVE
+            self._latch = None
+            self._day_pnl = 0
+            self._peak = self._equity
+
+    def trading(self, wall: float) -> tuple[int, LatchRecord | None]:
+        """The effective state and the latch at wall time ``wall`` (-inf: not read)."""
+        with self.ledger._lock:
+            self._roll_locked(wall)
+            return self._state_locked(), self._latch
+
+    def record_pnl(self, limits: UnitLimits, units: int, kind: int, wall: float) -> None:
+        with self.ledger._lock:
+            self._start_day_locked(wall)
+            self._day_pnl += units
+            self._kinds |= kind
+            self._check_loss_locked(limits, wall)
+
+    def set_equity(self, limits: UnitLimits, units: int, kind: int, wall: float) -> None:
+        with self.ledger._lock:
+            self._start_day_locked(wall)
+            if not self._has_equity or units > self._peak:
+                self._peak = units
+            self._equity = units
+            self._has_equity = True
+            self._kinds |= kind
+            self._check_loss_locked(limits, wall)
+
+    def counts(self) -> tuple[list[int], int, LatchRecord | None]:
+        """Decisions by outcome code (``[0]``: admitted), with the state and the latch at that
+        moment: a consistent snapshot (the state as of the last roll)."""
         if self.ledger.own_block() is not None:
-            counts = list(self._counts)
+            counts, state, latch = list(self._counts), self._state_locked(), self._latch
         else:
             with self.ledger._lock:
-                counts = list(self._counts)
+                counts, state, latch = list(self._counts), self._state_locked(), self._latch
         with self._timeouts_lock:
             counts[rules.LOCK_TIMEOUT] = self._timeouts
-        return counts
+        return counts, state, latch
 
     def count_timeout(self) -> None:
         """Count a decision denied with ``LOCK_TIMEOUT`` (without the ledger lock: it is busy)."""
@@ -1023,21 +1245,27 @@ class GateCore:
             self._timeouts += 1
 
     def try_decide(
-        self, res: Reservation, limits: UnitLimits, now: float, snapshot: Snapshot | None
+        self,
+        res: Reservation,
+        limits: UnitLimits,
+        now: float,
+        wall: float,
+        snapshot: Snapshot | None,
     ) -> int:
         """Check the rules and reserve ``res`` if they pass, in one critical section.
 
-        Returns the outcome code; ``RETRY`` if ``snapshot`` went stale; ``DUPLICATE`` if the
-        order id is outstanding already; ``BUSY``, having waited for nothing, if another thread
-        holds the lock: the caller waits for it (``LedgerCore.wait_free``), reads the clock again
-        and tries again, so no reservation is ever stamped with a reading from before a wait.
+        ``wall`` is the wall clock's reading (-inf when not read: nothing is latched). Returns
+        the outcome code; ``RETRY`` if ``snapshot`` went stale; ``DUPLICATE`` if the order id is
+        outstanding already; ``BUSY``, having waited for nothing, if another thread holds the
+        lock: the caller waits for it (``LedgerCore.wait_free``), reads the clock again and
+        tries again, so no reservation is ever stamped with a reading from before a wait.
         """
         ledger = self.ledger
         if _COMPILED:
             if not ledger._acquire(False):
                 return BUSY
             try:
-                code, expired = self._sweep_and_decide_locked(res, limits, now, snapshot)
+                code, expired = self._sweep_and_decide_locked(res, limits, now, wall, snapshot)
             finally:
                 ledger._release()
         else:
@@ -1046,7 +1274,7 @@ class GateCore:
                 _acquire_into(held, ledger._lock, 0.0)
                 if not held[0]:
                     return BUSY
-                code, expired = self._sweep_and_decide_locked(res, limits, now, snapshot)
+                code, expired = self._sweep_and_decide_locked(res, limits, now, wall, snapshot)
             finally:
                 if held and held[0]:
                     ledger._release()
@@ -1054,45 +1282,53 @@ class GateCore:
         return code
 
     def _sweep_and_decide_locked(
-        self, res: Reservation, limits: UnitLimits, now: float, snapshot: Snapshot | None
+        self,
+        res: Reservation,
+        limits: UnitLimits,
+        now: float,
+        wall: float,
+        snapshot: Snapshot | None,
     ) -> tuple[int, list[Reservation] | None]:
         expired = self.ledger._sweep_locked(now)
+        if wall >= self._day_end:
+            self._roll_locked(wall)
         return self._decide_locked(res, limits, now, snapshot), expired
 
     def _decide_locked(
         self, res: Reservation, limits: UnitLimits, now: float, snapshot: Snapshot | None
     ) -> int:
         ledger = self.ledger
-        if snapshot is not None and snapshot.epoch != ledger._epoch and not self._halted:
+        state = self._state_locked()
+        if snapshot is not None and snapshot.epoch != ledger._epoch and state != rules.HALTED_STATE:
             return RETRY
         if res._order_id and res._order_id in ledger._index:
             return DUPLICATE
         if snapshot is None:
-            code = self._rule_on_book_locked(res, limits)
+            code = self._rule_on_book_locked(res, limits, state)
         else:
-            code = self._rule_on_snapshot_locked(res, limits, snapshot)
+            code = self._rule_on_snapshot_locked(res, limits, state, snapshot)
         self._counts[code] += 1
         if code == rules.ADMIT:
             ledger.insert_locked(res, now)
         return code
 
-    def _rule_on_book_locked(self, res: Reservation, limits: UnitLimits) -> int:
+    def _rule_on_book_locked(self, res: Reservation, limits: UnitLimits, state: int) -> int:
         """The rules' answer with the owned book's running totals (no walk of anything)."""
         ledger = self.ledger
-        reserved = ledger._symbols.get(res._symbol, 0)
         position = ledger._book.get(res._symbol)
-        return rules.first_failing_rule(
+        return self._rule_locked(
+            res,
             limits,
-            self._halted,
+            state,
             ledger._open,
-            reserved > 0 or position is not None,
-            ledger._book_gross + ledger._reserved,
-            (0 if position is None else position.magnitude) + reserved,
-            res._units,
+            position is not None or res._symbol in ledger._symbols,
+            ledger._book_gross + ledger._reserved - ledger._excess,
+            0 if position is None else position.units,
+            ledger._book_net,
         )
 
     def _rule_on_snapshot_locked(
-        self, res: Reservation, limits: UnitLimits, snapshot: Snapshot
+        self, res: Reservation, limits: UnitLimits, state: int, snapshot: Snapshot
     ) -> int:
         """The rules' answer with a caller's positions, read before the lock.
 
@@ -1100,20 +1336,103 @@ class GateCore:
         taken by another entry: it is decided as if it had, needing a slot beside the others
         (module notes)."""
         ledger = self.ledger
-        reserved = ledger._symbols.get(res._symbol, 0)
+        reserved = res._symbol in ledger._symbols
         open_ = snapshot.open
         count = len(open_) + len(ledger._symbols) - ledger._overlap_locked(open_)
         if not reserved and snapshot.holds:
             count -= 1
+        excess = ledger._excess_over_locked(open_) if ledger._sided else 0
+        return self._rule_locked(
+            res,
+            limits,
+            state,
+            count,
+            reserved,
+            snapshot.gross + ledger._reserved - excess,
+            snapshot.held,
+            snapshot.net,
+        )
+
+    def _rule_locked(
+        self,
+        res: Reservation,
+        limits: UnitLimits,
+        state: int,
+        open_count: int,
+        symbol_open: bool,
+        gross: int,
+        position: int,
+        net_position: int,
+    ) -> int:
+        """``rules.first_failing_rule`` on the symbol's and the book's worst cases before and
+        after ``res``, given the symbol's signed ``position`` and the book's (``net_position``)."""
+        ledger = self.ledger
+        reserved = ledger._symbols.get(res._symbol, 0)
+        sides = ledger._sided.get(res._symbol)
+        buys, sells = (0, 0) if sides is None else (sides.buys, sides.sells)
+        unknown = reserved - buys - sells
+        units, side = res._units, res._side
+        add_buy = units if side == rules.BUY else 0
+        add_sell = units if side == rules.SELL else 0
+        add_unknown = units if side == rules.UNKNOWN_SIDE else 0
+        all_buys, all_sells = ledger._buys, ledger._sells
+        all_unknown = ledger._reserved - all_buys - all_sells
         return rules.first_failing_rule(
             limits,
-            self._halted,
-            count,
-            reserved > 0,
-            snapshot.gross + ledger._reserved,
-            snapshot.held + reserved,
-            res._units,
+            state,
+            open_count,
+            symbol_open,
+            gross,
+            rules.worst_case(position, buys, sells, unknown),
+            rules.worst_case(position, buys + add_buy, sells + add_sell, unknown + add_unknown),
+            rules.worst_case(net_position, all_buys, all_sells, all_unknown),
+            rules.worst_case(
+                net_position,
+                all_buys + add_buy,
+                all_sells + add_sell,
+                all_unknown + add_unknown,
+            ),
         )
+
+    # ---------------------------------------------------------------- the loss book (locked)
+
+    def _state_locked(self) -> int:
+        latch = self._latch
+        if latch is not None and latch.state > self._operator:
+            return latch.state
+        return self._operator
+
+    def _start_day_locked(self, wall: float) -> None:
+        """Roll to ``wall``'s day, or start the first one."""
+        if self._day_end == _INF:
+            self._day_end = rules.next_reset(wall, self._reset_offset)
+        else:
+            self._roll_locked(wall)
+
+    def _roll_locked(self, wall: float) -> None:
+        """At or past the day's end: a new day, with no P&L, the peak at the last equity and
+        no latch."""
+        if wall < self._day_end:
+            return
+        self._day_pnl = 0
+        self._peak = self._equity
+        self._latch = None
+        self._day_end = rules.next_reset(wall, self._reset_offset)
+
+    def _check_loss_locked(self, limits: UnitLimits, wall: float) -> None:
+        """Latch, if no latch is set and the loss book has reached a loss limit."""
+        if self._latch is not None:
+            return
+        drawdown = self._peak - self._equity if self._has_equity else 0
+        code = rules.loss_to_latch(limits, self._day_pnl, drawdown)
+        if code == rules.NO_LATCH:
+            return
+        if code == rules.DAILY_LOSS:
+            limit, value = limits.max_daily_loss, self._day_pnl
+        else:
+            limit, value = limits.max_drawdown, drawdown
+        kinds = self._kinds | limits.loss_kinds
+        self._latch = LatchRecord(self._on_loss, code, limit, value, wall, self._day_end, kinds)
 
 
 _REASON_SLOTS: Final = range(rules.LOCK_TIMEOUT + 1)

@@ -25,9 +25,11 @@ def read_positions(positions: object, symbol: str, epoch: int) -> Snapshot:
         book: Mapping[object, object] = positions
     else:
         book = positions if isinstance(positions, Mapping) else _call(positions)
-    # A copy first: another thread may change the caller's dict while it is walked.
+    # A copy first: another thread may change the caller's dict while it is walked. Its values
+    # become signed units in place (same keys: the copy does not grow while it is walked).
     open_: dict[object, object] = dict(book)
     gross = 0
+    net = 0
     plain = True
     for key, value in open_.items():
         try:
@@ -35,13 +37,14 @@ def read_positions(positions: object, symbol: str, epoch: int) -> Snapshot:
             units = _units.units("positions", value, True)
         except (TypeError, ValueError):
             raise _bad_entry(key, value) from None
+        open_[key] = units
         gross += -units if units < 0 else units
+        net += units
     if not plain:  # keys the lock may hash must be exact str
         open_ = {_symbol_key(key): value for key, value in open_.items()}
-    keys = cast("dict[str, object]", open_)  # every key is an exact str by now
-    value = keys.get(symbol)
-    held = 0 if value is None else abs(_units.units("positions", value, True))
-    return Snapshot(epoch, keys, gross, symbol in keys, held)
+    keys = cast("dict[str, int]", open_)  # exact str keys and int units by now
+    held = keys.get(symbol)
+    return Snapshot(epoch, keys, gross, net, held is not None, 0 if held is None else held)
 
 
 def _symbol_key(key: object) -> str:

@@ -18,19 +18,30 @@ Where positions come from:
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _units, rules
-from ._core import BUSY, DUPLICATE, RETRY, GateCore, LedgerCore, Reservation
+from ._core import (
+    BUSY,
+    DUPLICATE,
+    RETRY,
+    GateCore,
+    LatchRecord,
+    LedgerCore,
+    Reservation,
+    read_clock,
+)
 from ._positions import read_positions
 from .decision import DENIED, REASONS, Decision
 from .ledger import PendingEntryLedger, check_timeout
 from .limits import PortfolioLimits
 from .rules import UnitLimits
 from .stats import GateStats
+from .trading import STATES, Latch, TradingState, loss_state_code, reset_offset, side_code
 
 if TYPE_CHECKING:
     from .protocols import Gate
@@ -40,7 +51,7 @@ __all__ = ["GateStats", "PortfolioGate", "Positions"]
 # Keys are Any, not str: Mapping is invariant in its key type, and a cache typed with a narrower
 # or wider key must still type-check.
 Positions = Mapping[Any, _units.Number] | Callable[[], Mapping[Any, _units.Number]]
-"""Open positions: symbol -> exposure (its absolute value counts; a key present means open),
+"""Open positions: symbol -> signed exposure (long > 0, short < 0; a key present means open),
 or a zero-argument callable returning such a mapping."""
 
 MAX_READS: Final = 64
@@ -53,21 +64,38 @@ class PortfolioGate:
 
     A decision sees the open positions plus every outstanding reservation, and the entry it
     admits is reserved before any other thread can decide. The rules, first failure wins, are
-    ``pendingledger.rules.first_failing_rule``: halted, concurrent positions, gross exposure,
-    symbol exposure.
+    ``pendingledger.rules.first_failing_rule``: the trading state, concurrent positions, gross,
+    symbol and net exposure, each on worst-case figures, each denying only an order that raises
+    its figure.
+
+    The loss latch (``record_pnl``, ``set_equity``, armed by the limits' ``max_daily_loss`` and
+    ``max_drawdown``) puts the gate in ``on_loss`` (``REDUCING`` or ``HALTED``) until the next
+    ``daily_reset`` (a time of day in UTC on ``wall_clock``, seconds since the epoch) or
+    ``resume()``.
 
     Thread-safe. Several gates on one ledger share its reservations and its owned position book,
-    each with its own limits, halt flag and counters.
+    each with its own limits, trading state, loss latch and counters.
     """
 
-    __slots__ = ("_core", "_ledger", "_limits")
+    __slots__ = ("_core", "_ledger", "_limits", "_wall_clock")
 
-    def __init__(self, ledger: object, limits: object) -> None:
+    def __init__(
+        self,
+        ledger: object,
+        limits: object,
+        *,
+        on_loss: object = TradingState.REDUCING,
+        daily_reset: object = datetime.time(0, 0),
+        wall_clock: object = time.time,
+    ) -> None:
         if not isinstance(ledger, PendingEntryLedger):
             raise TypeError(f"ledger must be a PendingEntryLedger, got {ledger!r}")
+        if not callable(wall_clock):
+            raise TypeError(f"wall_clock must be a zero-argument callable, got {wall_clock!r}")
         self._ledger = ledger
         self._limits = rules.unit_limits(limits)
-        self._core = GateCore(ledger.core)
+        self._wall_clock: Callable[[], object] = wall_clock
+        self._core = GateCore(ledger.core, loss_state_code(on_loss), reset_offset(daily_reset))
 
     @property
     def ledger(self) -> PendingEntryLedger:
@@ -85,7 +113,18 @@ class PortfolioGate:
 
     @property
     def halted(self) -> bool:
-        return self._core.halted
+        """Whether the gate is ``HALTED`` (by ``halt()`` or by the loss latch)."""
+        return self.state is TradingState.HALTED
+
+    @property
+    def state(self) -> TradingState:
+        """The trading state in force: the stricter of the operator's and the loss latch's."""
+        return STATES[self._trading()[0]]
+
+    @property
+    def latch(self) -> Latch | None:
+        """Why and when the loss latch fired, while it holds; None otherwise."""
+        return _latch(self._trading()[1])
 
     def halt(self) -> None:
         """Deny every entry with ``DenyReason.HALTED`` until ``resume()``.
@@ -94,25 +133,69 @@ class PortfolioGate:
         Outstanding reservations stay and end as usual.
         """
         self._ledger.core.refuse_reentry("halt()")
-        self._core.set_halted(True)
+        self._core.set_operator(rules.HALTED_STATE)
+
+    def reduce_only(self) -> None:
+        """Admit only orders that raise no figure a limit bounds (``DenyReason.REDUCING_ONLY``
+        for the others) until ``resume()``; set under the ledger lock, as ``halt()``."""
+        self._ledger.core.refuse_reentry("reduce_only()")
+        self._core.set_operator(rules.REDUCING)
 
     def resume(self) -> None:
+        """Back to ``ACTIVE``: ends a ``halt()`` or ``reduce_only()``, and clears the loss latch
+        with its measuring period (the day's P&L starts again from 0, the peak from the last
+        equity), so the latch fires again only on new losses."""
         self._ledger.core.refuse_reentry("resume()")
-        self._core.set_halted(False)
+        self._core.resume()
+
+    def record_pnl(self, amount: object) -> None:
+        """Add ``amount`` (signed: a loss < 0) to the day's realized P&L, and latch if it has
+        reached ``-limits.max_daily_loss``, in the same critical section: no decision after
+        this returns is admitted on the old state. Call it with each fill's or close's P&L."""
+        units = _units.units("amount", amount, False)  # a loss counts at least as big
+        kind = _units.kind_of(amount)
+        self._ledger.core.refuse_reentry("record_pnl()")
+        wall = read_clock(self._wall_clock)
+        self._core.record_pnl(self._limits, units, kind, wall)
+
+    def set_equity(self, equity: object) -> None:
+        """Record the account's ``equity``, and latch if it is ``limits.max_drawdown`` or more
+        below its peak since the last reset, in the same critical section (as ``record_pnl``)."""
+        units = _units.units("equity", equity, False)
+        kind = _units.kind_of(equity)
+        self._ledger.core.refuse_reentry("set_equity()")
+        wall = read_clock(self._wall_clock)
+        self._core.set_equity(self._limits, units, kind, wall)
 
     def stats(self) -> GateStats:
-        """Counts of admitted and denied decisions (every ``DenyReason`` is a key)."""
-        counts = self._core.counts()
+        """Counts of admitted and denied decisions (every ``DenyReason`` is a key), with the
+        trading state and the latch as of the same moment."""
+        self._ledger.core.refuse_reentry("stats()")
+        if self._core.tracking:
+            self._trading()  # the day may have ended: roll first
+        counts, state, latch = self._core.counts()
         denied = {reason: counts[code] for code, reason in enumerate(REASONS) if reason}
-        return GateStats(admitted=counts[rules.ADMIT], denied=MappingProxyType(denied))
+        return GateStats(
+            admitted=counts[rules.ADMIT],
+            denied=MappingProxyType(denied),
+            state=STATES[state],
+            latch=_latch(latch),
+        )
+
+    def _trading(self) -> tuple[int, LatchRecord | None]:
+        core = self._core
+        self._ledger.core.refuse_reentry("the trading state")
+        wall = read_clock(self._wall_clock) if core.tracking else -_INF
+        return core.trading(wall)
 
     # ------------------------------------------------------------------ the owned position book
 
     def set_position(self, symbol: object, exposure: object) -> None:
         """Open ``symbol`` in the gate's own position book, or update its exposure.
 
-        Used by ``try_enter(..., positions=None)``. The absolute value counts; 0 is an open
-        position with no exposure (it still holds a concurrency slot). Updated under the ledger
+        Used by ``try_enter(..., positions=None)``. Signed: long > 0, short < 0 (the sign tells
+        a reducing order from one that adds); 0 is an open position with no exposure (it still
+        holds a concurrency slot). Updated under the ledger
         lock, so a decision sees the book and the reservations in one state.
         """
         name = _units.check_symbol(symbol)
@@ -191,6 +274,7 @@ class PortfolioGate:
         positions: object = None,
         *,
         order_id: object = None,
+        side: object = None,
         timeout: object = None,
     ) -> Decision:
         """Check the limits and, if they pass, reserve ``notional`` on ``symbol``, atomically.
@@ -198,7 +282,9 @@ class PortfolioGate:
         ``positions`` is ``None`` (the default) for the gate's own book, or a mapping of each
         open symbol to its exposure, or a zero-argument callable returning one (read before the
         lock; see the module docstring). ``order_id`` is the client order id (a non-empty str);
-        without one the ledger names the order. If the lock is not had within ``timeout``
+        without one the ledger names the order. ``side`` is ``Side.BUY``, ``Side.SELL`` (or
+        ``"buy"``/``"sell"``), or ``None``: an order of unknown side counts in both directions
+        (the worst case). If the lock is not had within ``timeout``
         seconds (``None``: wait for ever), the decision is denied with ``LOCK_TIMEOUT``.
 
         The returned ``Decision`` is truthy when admitted and then carries the ``Reservation``:
@@ -214,10 +300,11 @@ class PortfolioGate:
         units = _units.notional_units("notional", notional)
         ledger = self._ledger.core
         oid = ledger.check_new_order_id(order_id)
+        code_of_side = side_code(side)
         wait = -1.0 if timeout is None else check_timeout(timeout)
         limits = self._limits
         ledger.refuse_reentry("try_enter()")
-        res = Reservation(ledger, name, oid, notional, units)
+        res = Reservation(ledger, name, oid, notional, units, code_of_side)
         code = self._decide(positions, ledger, res, limits, wait)
         if code == rules.ADMIT:
             return Decision(None, res)
@@ -237,11 +324,14 @@ class PortfolioGate:
         goes stale (see the module docstring); ``LOCK_TIMEOUT`` past ``wait`` or ``MAX_READS``."""
         deadline = time.monotonic() + wait if wait > 0 else 0.0
         reads = 0
+        core = self._core
         while True:
             snapshot = None
             if positions is not None:
                 snapshot = read_positions(positions, res.symbol, ledger.epoch)
-            code = self._core.try_decide(res, limits, ledger.now(), snapshot)
+            # The wall clock only matters to a latch, which it may clear (a new day).
+            wall = read_clock(self._wall_clock) if core.latched else -_INF
+            code = core.try_decide(res, limits, ledger.now(), wall, snapshot)
             if code == BUSY:
                 left = wait if wait <= 0 else max(0.0, deadline - time.monotonic())
                 if ledger.wait_free(left):
@@ -256,7 +346,21 @@ class PortfolioGate:
             return rules.LOCK_TIMEOUT
 
 
+_INF: Final = float("inf")
 _NO_FILL: Final = (0, 0, 0)  # confirm_fill without filled=: the reservation ends whole
+
+
+def _latch(record: LatchRecord | None) -> Latch | None:
+    if record is None:
+        return None
+    return Latch(
+        state=STATES[record.state],
+        reason=rules.LATCH_REASONS[record.code],
+        limit=_units.to_number(record.limit, record.kinds),
+        value=_units.to_number(record.value, record.kinds),
+        at=record.at,
+        until=record.until,
+    )
 
 
 def _fill_of(name: str, amount: object) -> tuple[int, int, int]:

@@ -71,6 +71,7 @@ class UnitLimits:
     """A ``PortfolioLimits`` in units, as the rules read it; ``NO_LIMIT`` where none is set."""
 
     __slots__ = (
+        "loss_kinds",
         "max_daily_loss",
         "max_drawdown",
         "max_gross",
@@ -90,6 +91,8 @@ class UnitLimits:
         self.max_net: int = _limit("max_net_exposure", source.max_net_exposure)
         self.max_daily_loss: int = _limit("max_daily_loss", source.max_daily_loss)
         self.max_drawdown: int = _limit("max_drawdown", source.max_drawdown)
+        # The kinds of amount the loss limits were given in: a latch reports them so.
+        self.loss_kinds: int = _kind(source.max_daily_loss) | _kind(source.max_drawdown)
 
 
 def unit_limits(limits: object) -> UnitLimits:
@@ -111,7 +114,7 @@ def worst_case(position: int, buys: int, sells: int, unknown: int) -> int:
     return up if up > down else down
 
 
-def first_failing_rule(
+def first_failing_rule(  # noqa: PLR0911 - one return per rule, in DenyReason order
     limits: UnitLimits,
     state: int,
     open_count: int,
@@ -172,6 +175,10 @@ def next_reset(now: float, offset: float) -> float:
     (POSIX time has no leap seconds, so every UTC day is ``DAY_SECONDS`` long)."""
     days = (now - offset) // DAY_SECONDS
     return offset + (days + 1) * DAY_SECONDS
+
+
+def _kind(value: object) -> int:
+    return 0 if value is None else _units.kind_of(value)
 
 
 def _limit(name: str, value: object) -> int:

@@ -36,8 +36,8 @@ class GateStats:
 
     admitted: int
     denied: Mapping[DenyReason, int]
-    state: TradingState = TradingState.ACTIVE
-    latch: Latch | None = None
+    state: TradingState
+    latch: Latch | None
 
     @property
     def decisions(self) -> int:

@@ -8,13 +8,14 @@ code.
 
 from __future__ import annotations
 
+import datetime
 import enum
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 from typing import Final
 
-__all__ = ["Latch", "Side", "TradingState"]
+__all__ = ["Latch", "Side", "TradingState", "loss_state_code", "reset_offset", "side_code"]
 
 
 class Side(enum.StrEnum):
@@ -58,3 +59,39 @@ SIDES: Final[tuple[Side | None, ...]] = (None, Side.BUY, Side.SELL)
 """``SIDES[code]`` is the side of a ``pendingledger.rules`` side code (0: not given)."""
 STATES: Final[tuple[TradingState, ...]] = tuple(TradingState)
 """``STATES[code]`` is the trading state of a ``pendingledger.rules`` state code."""
+
+
+def side_code(side: object) -> int:
+    """``side`` (a ``Side``, ``"buy"``/``"sell"`` or ``None``) as a ``rules`` side code."""
+    if side is None:
+        return 0
+    if isinstance(side, str):
+        value = str.__str__(side)  # a str subclass's own methods never run
+        if value == "buy":
+            return 1
+        if value == "sell":
+            return 2
+        raise ValueError(f"side must be Side.BUY, Side.SELL, 'buy', 'sell' or None, got {side!r}")
+    raise TypeError(f"side must be Side.BUY, Side.SELL, 'buy', 'sell' or None, got {side!r}")
+
+
+def loss_state_code(on_loss: object) -> int:
+    """``on_loss`` (``TradingState.REDUCING`` or ``HALTED``) as a ``rules`` state code."""
+    if not isinstance(on_loss, str):
+        raise TypeError(f"on_loss must be TradingState.REDUCING or HALTED, got {on_loss!r}")
+    value = str.__str__(on_loss)
+    if value not in ("reducing", "halted"):
+        raise ValueError(f"on_loss must be TradingState.REDUCING or HALTED, got {on_loss!r}")
+    return 1 if value == "reducing" else 2
+
+
+def reset_offset(daily_reset: object) -> float:
+    """``daily_reset`` (a ``datetime.time`` in UTC: naive, or with a zero UTC offset) as seconds
+    after midnight UTC."""
+    if not isinstance(daily_reset, datetime.time):
+        raise TypeError(f"daily_reset must be a datetime.time (UTC), got {daily_reset!r}")
+    offset = daily_reset.utcoffset()
+    if offset is not None and offset != datetime.timedelta(0):
+        raise ValueError(f"daily_reset must be a time of day in UTC, got {daily_reset!r}")
+    t = daily_reset
+    return t.hour * 3600 + t.minute * 60 + t.second + t.microsecond / 1_000_000

@@ -33,6 +33,7 @@ from pendingledger import (
     Reservation,
     ReservationHandle,
     ReservationState,
+    Side,
     rules,
 )
 from pendingledger.gate import MAX_READS
@@ -165,9 +166,11 @@ def test_denied_decisions_are_shared_one_per_reason(gate: PortfolioGate) -> None
         assert REASONS[code] is reason
     codes = {
         rules.HALTED: DenyReason.HALTED,
+        rules.REDUCING_ONLY: DenyReason.REDUCING_ONLY,
         rules.MAX_CONCURRENT_POSITIONS: DenyReason.MAX_CONCURRENT_POSITIONS,
         rules.MAX_GROSS_EXPOSURE: DenyReason.MAX_GROSS_EXPOSURE,
         rules.MAX_SYMBOL_EXPOSURE: DenyReason.MAX_SYMBOL_EXPOSURE,
+        rules.MAX_NET_EXPOSURE: DenyReason.MAX_NET_EXPOSURE,
         rules.BACKEND_UNAVAILABLE: DenyReason.BACKEND_UNAVAILABLE,
         rules.BOOK_NOT_RESTORED: DenyReason.BOOK_NOT_RESTORED,
         rules.LOCK_TIMEOUT: DenyReason.LOCK_TIMEOUT,
@@ -870,7 +873,9 @@ def test_a_position_closed_after_the_read_lends_no_slot(
     assert gate.try_enter("XXX", 1, cache) is denied(DenyReason.MAX_CONCURRENT_POSITIONS)
     # What this test rules out: the read taken at its word (XXX open, five symbols counted).
     unit = rules.unit_limits(gate.limits)
-    assert rules.first_failing_rule(unit, False, 5, True, 5 * SCALE, SCALE, SCALE) == rules.ADMIT
+    five = 5 * SCALE
+    figures = (5, True, five, SCALE, 2 * SCALE, five, five + SCALE)
+    assert rules.first_failing_rule(unit, rules.ACTIVE, *figures) == rules.ADMIT
 
 
 def test_adding_to_an_open_position_at_the_limit_is_admitted(gate: PortfolioGate) -> None:
@@ -1058,9 +1063,11 @@ def test_gate_stats_counts_admitted_and_denied_per_reason(gate: PortfolioGate) -
     assert stats.admitted == 2
     assert dict(stats.denied) == {
         DenyReason.HALTED: 1,
+        DenyReason.REDUCING_ONLY: 0,
         DenyReason.MAX_CONCURRENT_POSITIONS: 2,
         DenyReason.MAX_GROSS_EXPOSURE: 1,
         DenyReason.MAX_SYMBOL_EXPOSURE: 1,
+        DenyReason.MAX_NET_EXPOSURE: 0,
         DenyReason.BACKEND_UNAVAILABLE: 0,
         DenyReason.BOOK_NOT_RESTORED: 0,
         DenyReason.LOCK_TIMEOUT: 0,
@@ -1239,14 +1246,16 @@ def model_limits(lim: PortfolioLimits) -> tuple[int, int, int]:
 
 class Model:
     """The contract written as naively as possible: a dict of order id -> (symbol, units,
-    stamp), its own halt flag and limits, and counts per outcome. It decides by calling
-    ``rules.first_failing_rule`` (the one copy of the rules) on figures from that state."""
+    stamp), each order's side, its own trading state and limits, and counts per outcome. It
+    decides by calling ``rules.first_failing_rule`` (the one copy of the rules) on figures
+    summed afresh from that state."""
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self.orders: dict[str, tuple[str, int, float]] = {}
+        self.sides: dict[str, int] = {}  # order id -> rules side code (kept after it ends)
         self.limits = PortfolioLimits()
-        self.halted = False
+        self.state = rules.ACTIVE
         self.reserved = self.released = self.expired = 0
         self.counts = [0] * (rules.LOCK_TIMEOUT + 1)
 
@@ -1265,12 +1274,36 @@ class Model:
     def symbol_gross(self, symbol: str) -> int:
         return sum(n for s, n, _ in self.orders.values() if s == symbol)
 
+    def pending(self, symbol: str | None, side: int) -> int:
+        """Units pending on ``symbol`` (None: on every symbol) with ``side``."""
+        return sum(
+            n
+            for oid, (s, n, _) in self.orders.items()
+            if (symbol is None or s == symbol) and self.sides.get(oid, 0) == side
+        )
+
+    def worst(self, position: int, symbol: str | None, add: tuple[int, int, int]) -> int:
+        """The worst case of ``symbol`` (None: the book's net) with ``add`` more (buys, sells,
+        unknown) pending."""
+        buys, sells, unknown = (
+            self.pending(symbol, code) + more
+            for code, more in ((rules.BUY, add[0]), (rules.SELL, add[1]), (0, add[2]))
+        )
+        return rules.worst_case(position, buys, sells, unknown)
+
     def decide(
-        self, symbol: str, notional: Number, positions: Mapping[str, Number], *, owned: bool
+        self,
+        symbol: str,
+        notional: Number,
+        positions: Mapping[str, Number],
+        *,
+        owned: bool,
+        side: int = 0,
     ) -> int:
         """``owned``: ``positions`` is the gate's own book, read under the lock. A caller's read
         cannot vouch that a symbol in it is still open, so there only a reservation does."""
-        exposures = {s: abs(model_units(v, True)) for s, v in positions.items()}
+        signed = {s: model_units(v, True) for s, v in positions.items()}
+        exposures = {s: abs(v) for s, v in signed.items()}
         reserved = self.reserved_symbols()
         unit_limits = rules.unit_limits(self.limits)
         assert (unit_limits.max_positions, unit_limits.max_gross, unit_limits.max_symbol) == (
@@ -1278,14 +1311,21 @@ class Model:
         )
         vouched = (set(exposures) if owned else set()) | reserved
         others = (set(exposures) | reserved) - ({symbol} - vouched)
+        units = model_units(notional, True)
+        add = (units if side == rules.BUY else 0, units if side == rules.SELL else 0)
+        add3 = (*add, units if side == 0 else 0)
+        none = (0, 0, 0)
+        net = sum(signed.values())
         code = rules.first_failing_rule(
             unit_limits,
-            self.halted,
+            self.state,
             len(others),
             symbol in vouched,
-            sum(exposures.values()) + self.gross(),
-            exposures.get(symbol, 0) + self.symbol_gross(symbol),
-            model_units(notional, True),
+            sum(self.worst(signed.get(s, 0), s, none) for s in set(signed) | reserved),
+            self.worst(signed.get(symbol, 0), symbol, none),
+            self.worst(signed.get(symbol, 0), symbol, add3),
+            self.worst(net, None, none),
+            self.worst(net, None, add3),
         )
         self.counts[code] += 1
         return code
@@ -1338,21 +1378,25 @@ def test_gate_and_ledger_match_the_reference_model(seed: int) -> None:
                 max_concurrent_positions=rng.choice([None, 0, 1, 2, 3, 5]),
                 max_gross_exposure=rng.choice([None, 300, 1000.5, Decimal("2500.25")]),
                 max_symbol_exposure=rng.choice([None, Fraction(1201, 3), 800]),
+                max_net_exposure=rng.choice([None, 200, Decimal("900.5")]),
             )
         elif op < 0.08:
-            model.halted = rng.random() < 0.5
-            if model.halted:
-                gate.halt()
-            else:
-                gate.resume()
+            model.state = rng.choice(
+                [rules.ACTIVE, rules.ACTIVE, rules.REDUCING, rules.HALTED_STATE]
+            )
+            {rules.ACTIVE: gate.resume, rules.REDUCING: gate.reduce_only}.get(
+                model.state, gate.halt
+            )()
         elif op < 0.45:
             symbol = rng.choice(symbols)
             notional = random_amount(rng)
             order_id = f"g{step}" if rng.random() < 0.7 else None  # None: the ledger names it
+            side = rng.choice([None, None, Side.BUY, Side.SELL, "buy", "sell"])
+            code = {None: 0, "buy": rules.BUY, "sell": rules.SELL}[side]
             how = rng.randrange(4)
             if how == 0:  # the gate's own position book
-                expected = model.decide(symbol, notional, owned_book, owned=True)
-                decision = gate.try_enter(symbol, notional, order_id=order_id)
+                expected = model.decide(symbol, notional, owned_book, owned=True, side=code)
+                decision = gate.try_enter(symbol, notional, order_id=order_id, side=side)
             else:  # positions passed in: a mapping, a callable, one that ends a reservation
                 positions: Book = {
                     s: rng.choice([random_amount(rng), -random_amount(rng), 0])
@@ -1363,7 +1407,7 @@ def test_gate_and_ledger_match_the_reference_model(seed: int) -> None:
                 if victim is not None and ends:
                     del model.orders[victim]  # it ends before the read that decides
                     model.released += 1
-                expected = model.decide(symbol, notional, positions, owned=False)
+                expected = model.decide(symbol, notional, positions, owned=False, side=code)
                 calls: list[int] = []
 
                 def source(
@@ -1377,16 +1421,19 @@ def test_gate_and_ledger_match_the_reference_model(seed: int) -> None:
                     return positions
 
                 given: Positions = positions if how == 1 else source
-                decision = gate.try_enter(symbol, notional, given, order_id=order_id)
+                decision = gate.try_enter(symbol, notional, given, order_id=order_id, side=side)
                 if how > 1:  # read once, or again when the first read went stale (unless
                     # halted: a halted gate denies whatever it read)
-                    assert len(calls) == (2 if ends and not model.halted else 1), step
+                    halted = model.state == rules.HALTED_STATE
+                    assert len(calls) == (2 if ends and not halted else 1), step
             assert decision.reason is REASONS[expected], (step, symbol, notional, gate.limits)
             if decision:
                 res = reservation_of(decision)
                 made[res.order_id] = res
                 initial[res.order_id] = notional
                 model.orders[res.order_id] = (symbol, model_units(notional, True), clock())
+                model.sides[res.order_id] = code
+                assert res.side is (None if side is None else Side(side))
                 model.reserved += 1
             else:
                 assert decision is DENIED[expected - 1]

@@ -64,7 +64,15 @@ from pendingledger import (
 )
 from pendingledger._units import SCALE, units
 from pendingledger.limits import REASONS
-from pendingledger.rules import ADMIT, LOCK_TIMEOUT, first_failing_rule, unit_limits
+from pendingledger.rules import (
+    ACTIVE,
+    ADMIT,
+    HALTED_STATE,
+    LOCK_TIMEOUT,
+    first_failing_rule,
+    unit_limits,
+    worst_case,
+)
 from pendingledger.testing import ManualClock
 
 pytestmark = pytest.mark.skipif(
@@ -270,18 +278,24 @@ class Model:
     ) -> int:
         """The outcome code of an entry: the figures of the model, the rules of the library.
         A caller's ``base``, read before the lock, cannot vouch that a symbol is still open."""
-        held = {s: abs(to_units(v)) for s, v in (self.book if base is None else base).items()}
+        signed = {s: to_units(v) for s, v in (self.book if base is None else base).items()}
+        held = {s: abs(v) for s, v in signed.items()}
         reserved = {e.symbol for e in self.entries.values()}
         vouched = (set(held) if base is None else set()) | reserved
         others = (set(held) | reserved) - ({symbol} - vouched)
+        pending = sum(e.units for e in self.entries.values())
+        before = held.get(symbol, 0) + self.reserved(symbol)  # no sides: the worst case
+        net = sum(signed.values())
         return first_failing_rule(
             unit_limits(limits),
-            self.halted,
+            HALTED_STATE if self.halted else ACTIVE,
             len(others),
             symbol in vouched,
-            sum(held.values()) + sum(e.units for e in self.entries.values()),
-            held.get(symbol, 0) + self.reserved(symbol),
-            notional,
+            sum(held.values()) + pending,
+            before,
+            before + notional,
+            worst_case(net, 0, 0, pending),
+            worst_case(net, 0, 0, pending + notional),
         )
 
 
