@@ -13,33 +13,19 @@ from pendingledger.gate import PortfolioGate, Positions
 from pendingledger.ledger import PendingEntryLedger, PendingMap
 from pendingledger.limits import REASONS, Decision, Number, PortfolioLimits, denied
 from pendingledger.stats import GateStats
-from pendingledger.trading import STATES, Latch, Side, TradingState
+from pendingledger.trading import STATES, Latch, Side, TradingState, side_code
 
 if TYPE_CHECKING:
     from pendingledger._core import Reservation
     from pendingledger.protocols import Gate
 
-__all__ = ["GAP", "BrokenGate", "side_code"]
+__all__ = ["GAP", "BrokenGate"]
 
 GAP: Final = 0.0001
 """Seconds ``BrokenGate`` spends between its check and its reservation (and the router of a
 ``release_first`` run between its release and its cache update)."""
 
 _STATE_CODES: Final = {state: code for code, state in enumerate(STATES)}
-
-
-def side_code(side: object) -> int:
-    """``side`` (``Side.BUY``/``Side.SELL``, ``"buy"``/``"sell"`` or None) as a rules side
-    code; anything else is refused, naming ``side``, as the real gates refuse it."""
-    if side is None:
-        return rules.UNKNOWN_SIDE
-    if not isinstance(side, str):
-        raise TypeError(f"side must be a Side, 'buy', 'sell' or None, got {side!r}")
-    if side == Side.BUY:
-        return rules.BUY
-    if side == Side.SELL:
-        return rules.SELL
-    raise ValueError(f"side must be a Side, 'buy', 'sell' or None, got {side!r}")
 
 
 def _sleep_the_gap() -> None:
@@ -88,8 +74,8 @@ class BrokenGate:
         self._limits = rules.unit_limits(limits)
         self._book = PortfolioGate(ledger, limits) if book is None else book
         self._between = _sleep_the_gap if between is None else between
-        # The side of each reservation this gate made (the ledger does not say): order id ->
-        # (side code, reservation). Read and pruned under the ledger lock.
+        # The side of each reservation this gate made (a PendingMap has no per-side sums to
+        # read): order id -> (side code, reservation). Read and pruned under the ledger lock.
         self._sides: dict[str, tuple[int, Reservation]] = {}
 
     # ---------------------------------------------------------------- passed on to the book
@@ -185,7 +171,7 @@ class BrokenGate:
             return denied(reason)
         self._between()  # the gap: another brain can check against the same room now
         with self._ledger.lock() as pending:  # second acquisition: act
-            reservation = pending.reserve(name, notional, order_id=order_id)
+            reservation = pending.reserve(name, notional, order_id=order_id, side=side)
             self._sides[reservation.order_id] = (code_of_side, reservation)
         return Decision(reservation=reservation)
 
