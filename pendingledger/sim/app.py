@@ -14,7 +14,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from decimal import Decimal
 from fractions import Fraction
 from typing import Final
@@ -235,7 +234,6 @@ class Simulation:
         self._cache_gate: CacheGate | None = None
         self._barrier: threading.Barrier | None = None
         self._book: Gate | None = None  # the gate, when it owns the position book
-        self._handover: Callable[[str, int], AbstractContextManager[object]] | None = None
 
     # ---------------------------------------------------------------- public
 
@@ -319,7 +317,6 @@ class Simulation:
                     f"(set_position, close_position, confirm_fill), got {gate!r}"
                 )
             self._book = gate
-            self._handover = getattr(backend, "handover", None)
             return gate, None
         if not isinstance(gate, CacheGate):
             raise TypeError(f"the simulation needs a gate with try_enter, got {gate!r}")
@@ -602,50 +599,51 @@ class Simulation:
             self._rejected += 1
             self._end(order, reservation.release(), "released")
             return
-        # A fill (whole or part): position cache first, then the reservation.
-        book = self._book
-        if book is not None and order.outcome == "fill" and not self.config.release_first:
-            # The gate's own book: position and end of reservation in one step.
-            self._apply_fill(message, tell_book=False)
-            order.done = True
-            self._filled += 1
-            position = self._cache.positions.get(order.symbol, 0)  # only this thread writes it
-            ended = book.confirm_fill(order.order_id, position, symbol=order.symbol)
-            if not position:
-                book.close_position(order.symbol)  # flat: the symbol's slot is free again
-            self._end(order, ended, "released")
-            return
+        # A fill (whole or part). The gate must never count it twice, in the position and still
+        # reserved: with sides that is not the safe direction. A buy counted twice inflates the
+        # buy side of a worst case, and a sell judged against the inflated figure raises
+        # nothing there while it raises the true one (the other side) past its limit.
         if self.config.release_first:
             self._end_fill(message)
             time.sleep(GAP)  # the gap in which the gate sees neither the order nor its position
             self._apply_fill(message)
             return
-        handover = self._handover
-        if handover is not None:  # a shared store may mark the part it briefly counts twice
-            with handover(order.symbol, message.qty):
-                self._apply_fill(message)
-                self._end_fill(message)
+        book = self._book
+        if book is not None:
+            # The gate's own book: position and reservation in one step (filled= for a part).
+            self._apply_fill(message, tell_book=False)
+            symbol = order.symbol
+            position = self._cache.positions.get(symbol, 0)  # only this thread writes it
+            part = None if order.outcome == "fill" else message.qty
+            ended = book.confirm_fill(order.order_id, position, symbol=symbol, filled=part)
+            if not position:
+                book.close_position(symbol)  # flat: the symbol's slot is free again
+            self._booked(message, ended)
             return
-        self._apply_fill(message)
-        self._end_fill(message)
+        # The app's cache: the fill goes in and the reservation shrinks under the cache's lock,
+        # which the gate's read of the positions takes too. So a decision sees the fill once:
+        # in the position (read after), or still reserved (read before; the ledger's epoch
+        # then tells it whether the reservation shrank before its own lock).
+        with self._cache.lock:
+            self._apply_fill(message, locked=True)
+            self._end_fill(message)
 
-    def _apply_fill(self, message: Message, *, tell_book: bool = True) -> None:
-        """Put a fill in the position cache (and the gate's book, in book mode), signed.
+    def _apply_fill(
+        self, message: Message, *, tell_book: bool = True, locked: bool = False
+    ) -> None:
+        """Put a fill in the position cache (and the gate's book, in book mode), signed;
+        ``locked``: the cache's lock is held already.
 
         The auditor moves the quantity from pending to the position in the same step. A
         position that comes to zero leaves the cache (and the book), so its slot is free.
         """
         order = message.order
-        cache = self._cache
         symbol = order.symbol
-        with cache.lock:
-            before = cache.positions.get(symbol, 0)
-            after = before + order.sign * message.qty
-            if after:
-                cache.positions[symbol] = after
-            else:
-                cache.positions.pop(symbol, None)
-            self._auditor.fill(order, message.qty)
+        if locked:
+            before, after = self._put_fill(message)
+        else:
+            with self._cache.lock:
+                before, after = self._put_fill(message)
         if after > 0 >= before:
             self._longs += 1
         elif after < 0 <= before:
@@ -657,17 +655,36 @@ class Simulation:
                 self._book.close_position(symbol)
         order.filled += message.qty
 
+    def _put_fill(self, message: Message) -> tuple[int, int]:
+        """The cache and the auditor take the fill (cache lock held); the position before and
+        after."""
+        order = message.order
+        positions = self._cache.positions
+        before = positions.get(order.symbol, 0)
+        after = before + order.sign * message.qty
+        if after:
+            positions[order.symbol] = after
+        else:
+            positions.pop(order.symbol, None)
+        self._auditor.fill(order, message.qty)
+        return before, after
+
     def _end_fill(self, message: Message) -> None:
         """Release (full fill) or reduce (partial fill) the order's reservation."""
+        reservation = message.order.reservation
+        if message.order.outcome == "fill":
+            self._booked(message, reservation.release())
+        else:
+            self._booked(message, reservation.reduce(message.qty))  # the last part ends it
+
+    def _booked(self, message: Message, applied: bool) -> None:
+        """Book the reservation's end or reduction by a fill (``applied``: it was active)."""
         order = message.order
-        reservation = order.reservation
         if order.outcome == "fill":
             order.done = True
             self._filled += 1
-            self._end(order, reservation.release(), "released")
-            return
-        applied = reservation.reduce(message.qty)  # the last part brings it to zero
-        if message.last:
+            self._end(order, applied, "released")
+        elif message.last:
             order.done = True
             self._partial += 1
             self._end(order, applied, "reduced")

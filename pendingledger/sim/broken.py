@@ -164,7 +164,7 @@ class BrokenGate:
         state = _STATE_CODES[self._book.state]  # read outside the lock: the latch's bug
         seen = _exposures(self._book.positions() if positions is None else positions)
         with self._ledger.lock() as pending:  # first acquisition: check
-            figures = self._figures(seen, pending, name, code_of_side, units)
+            figures = self._figures(seen, positions is None, pending, name, code_of_side, units)
         code = rules.first_failing_rule(limits, state, *figures)
         reason = REASONS[code]
         if reason is not None:
@@ -176,11 +176,19 @@ class BrokenGate:
         return Decision(reservation=reservation)
 
     def _figures(
-        self, exposures: dict[str, int], pending: PendingMap, symbol: str, side: int, units: int
+        self,
+        exposures: dict[str, int],
+        own_book: bool,
+        pending: PendingMap,
+        symbol: str,
+        side: int,
+        units: int,
     ) -> tuple[int, bool, int, int, int, int, int]:
         """``(open_count, symbol_open, gross, before, after, net_before, net_after)`` in units,
         as the rules read them: the signed ``exposures`` plus what ``pending`` holds, each
-        reservation under its side (lock held)."""
+        reservation under its side (lock held). As ``PortfolioGate`` reads them, a caller's
+        positions cannot vouch that a symbol not reserved is still open: it needs a slot of
+        its own beside the others; the gate's own book can."""
         books: dict[str, list[int]] = {s: [p, 0, 0, 0] for s, p in exposures.items()}
         for sym in pending:
             books.setdefault(sym, [0, 0, 0, 0])[3] += _units.units(
@@ -206,9 +214,16 @@ class BrokenGate:
         slot = _SLOT[side]
         here[slot] += units
         totals[slot] += units
+        open_count = len(exposures) + pending.new_slots(exposures.__contains__)
+        symbol_open = symbol in pending
+        if not symbol_open and symbol in exposures:
+            if own_book:
+                symbol_open = True
+            else:
+                open_count -= 1
         return (
-            len(exposures) + pending.new_slots(exposures.__contains__),
-            symbol in exposures or symbol in pending,
+            open_count,
+            symbol_open,
             gross,
             before,
             rules.worst_case(*here),
