@@ -109,8 +109,9 @@ def test_a_gate_that_never_latches_is_reported_as_not_latched() -> None:
 
 def test_the_result_is_json_ready() -> None:
     result = LatchRaceResult(
-        gate="x", threads=1, decisions=2, losses=1, latched=True, latch_reason="max_daily_loss",
-        latch_state="reducing", admitted_before=1, admitted_after=0, entered_after=1,
+        gate="x", threads=1, decisions=2, loss_limit=1, losses=1, latched=True,
+        latch_reason="max_daily_loss", latch_state="reducing", admitted_before=1,
+        admitted_after=0, entered_after=1,
     )  # fmt: skip
     data = result.to_dict()
     assert data["ok"] is True and data["denied_after"] == {}

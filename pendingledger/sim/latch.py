@@ -68,6 +68,8 @@ class LatchRaceResult:
     gate: str
     threads: int
     decisions: int
+    loss_limit: int
+    """``max_daily_loss``: the race records losses of 1 up to it."""
     losses: int
     """``record_pnl`` calls made until the latch fired (all of them if it never did)."""
     latched: bool
@@ -187,6 +189,7 @@ class LatchRace:
             gate=self._name,
             threads=self._threads,
             decisions=self._decisions,
+            loss_limit=self._losses,
             losses=losses,
             latched=counted is not None,
             latch_reason=None if latch is None else latch.reason,
