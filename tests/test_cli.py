@@ -14,7 +14,7 @@ import pytest
 import pendingledger
 from pendingledger import cli
 from pendingledger.sim import MemoryBackend, SimConfig
-from pendingledger.sim.latch import LatchRaceResult
+from pendingledger.sim.latch import LatchRaceResult, memory_latch_race
 
 # Short runs: the figures of the race are asserted in test_stress.py, not here.
 QUICK = ["race", "--seconds", "0.3", "--threads", "16", "--seed", "5"]
@@ -265,10 +265,9 @@ def test_race_exits_1_when_pendingledger_admits_after_its_loss_latch(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The latch race counts in the verdict: an order past pendingledger's latch is a FAIL."""
-    real = cli.memory_latch_race
 
     def broken_both(*, broken: bool) -> LatchRaceResult:
-        return real(broken=True)
+        return memory_latch_race(broken=True)
 
     monkeypatch.setattr(cli, "memory_latch_race", broken_both)
     assert cli.main([*QUICK, "--seconds", "0.1"]) == 1

@@ -62,12 +62,6 @@ class SimBackend(Protocol):
     A store that keeps time itself (a shared server's clock) cannot honour the ``clock`` it is
     given; it says so with a true ``server_clock`` attribute, and the drain then waits in real
     time (at most ``ttl`` + 1 s, calling ``sweep()``) for its lost orders to expire.
-
-    With ``book="gate"`` a backend may also offer ``handover(symbol, qty)``, a context manager
-    the router holds while it hands a partial fill over to the gate's book: ``set_position``
-    (the part is now in the position) and then ``reduce`` (and no longer reserved). In between,
-    the store counts the part twice, the safe direction for the gate; a store audited from
-    outside while the race runs can mark the part so the audit does not count it twice.
     """
 
     name: str
