@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from decimal import Decimal
 from fractions import Fraction
 from typing import Final
@@ -177,8 +178,9 @@ class Simulation:
     thread to end the race early; the run still drains and returns its figures
     (``interrupted`` is set).
 
-    ``first_brain`` numbers this run's brains from there on, for a run that is one share of a
-    larger app (one process of several racing a shared store): brain ``i`` is then brain
+    ``share``: this run is one share of a larger app (one process of several racing a shared
+    store); its own auditor then leaves the net limit to the shared readings. ``first_brain``
+    numbers this run's brains from there on, for such a share: brain ``i`` is then brain
     ``first_brain + i`` of the app, which seeds its randomness and names its orders
     (``b<brain>-<n>``), so order ids stay unique across the shares.
     """
@@ -190,11 +192,13 @@ class Simulation:
         backend: BackendFactory = memory_backend,
         clock: Callable[[], float] | None = None,
         first_brain: int = 0,
+        share: bool = False,
     ) -> None:
         if isinstance(first_brain, bool) or not isinstance(first_brain, int) or first_brain < 0:
             raise ValueError(f"first_brain must be an int >= 0, got {first_brain!r}")
         self.config = config
         self._first_brain = first_brain
+        self._share = share
         self._backend_factory = backend
         self._offset: OffsetClock | None = None
         self._clock: Callable[[], float]
@@ -215,7 +219,12 @@ class Simulation:
         self._brain_stats = [_BrainStats() for _ in range(config.threads + 1)]
         self._decision_count = itertools.count(1)
         self._cache = _PositionCache()
-        self._auditor = Auditor(self._limits)
+        # One share of a larger app sees its own symbols only: every figure but the net is then
+        # a lower bound of the whole app's, while its own net can exceed the app's (its longs
+        # without the other shares' shorts), so a share does not judge the net limit.
+        self._auditor = Auditor(
+            replace(self._limits, max_net_exposure=None) if share else self._limits
+        )
         self._accounts = Accounts()
         self._flights = Flights(self._clock) if self._manual is not None else None
         self._router_queue: queue.Queue[Message | None] = queue.Queue()
@@ -510,7 +519,12 @@ class Simulation:
                 closing.discard(symbol)
                 if not self._close(symbol) and not self._stop.is_set():
                     due(symbol, hold_low / 4, hold_high / 4)  # the gate said no: try again soon
-        # Drained: flatten whatever is still open, so the run ends flat.
+        # Drained: flatten whatever is still open, so the run ends flat. Not a share of a larger
+        # app: the other shares may still be racing, and a position dropped behind the gate's
+        # back can raise the shared net (a long gone beside their shorts); whoever made the
+        # shared store clears it.
+        if self._share:
+            return
         with self._cache.lock:
             remaining = list(self._cache.positions)
         for symbol in remaining:

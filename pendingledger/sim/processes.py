@@ -485,11 +485,8 @@ def _merge(
         sampled_breaches=sampler.breaches,
         store_problems=sampler.problems,
         max_net=config.max_net,
-        max_net_seen=max(
-            [to_amount(sampler.max_net)]
-            + [c["max_net"] for c in checks]
-            + [r.max_net_seen for r in results]
-        ),
+        # the shared readings only: one process's own net is no bound of the app's
+        max_net_seen=max([to_amount(sampler.max_net)] + [c["max_net"] for c in checks]),
         admitted_buys=total("admitted_buys"),
         admitted_sells=total("admitted_sells"),
         reducing_admitted=total("reducing_admitted"),
@@ -560,7 +557,7 @@ def _race_one_share(
                 raise _Cancelled
         return made[0]
 
-    simulation = Simulation(config, backend=backend, first_brain=first_brain)
+    simulation = Simulation(config, backend=backend, first_brain=first_brain, share=True)
     done = threading.Event()
 
     def report() -> None:
