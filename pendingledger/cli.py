@@ -4,12 +4,14 @@ Why: a new user should see the problem and the fix before reading any code. ``ra
 simulated threaded trading app of ``pendingledger.sim`` twice on the same seed, first with a
 broken gate (check under the lock, reserve in a second acquisition) and then with pendingledger's
 ``PortfolioGate``, and prints what an independent auditor saw: the broken gate lets the portfolio
-go over its limits, pendingledger never does.
+go over its limits, pendingledger never does. The app trades both sides (longs, shorts, and
+orders that reduce a position), so every figure is a worst case (``pendingledger.rules``).
 
 What callers (and scripts) may rely on:
 
 * ``main(argv)`` returns the exit status instead of exiting: 0 when the pendingledger run had no
-  breach and every reservation ended exactly once, 1 otherwise, 2 for bad options (argparse's
+  breach, every reservation ended exactly once and nothing was admitted after its loss latch,
+  1 otherwise, 2 for bad options (argparse's
   message on stderr), a ``--json`` file that cannot be written, or a race that could not run
   (Redis unreachable, a worker process failed), 130 on Ctrl-C.
 * ``--backend redis --redis-url URL`` races the same app across ``--processes`` processes on a
@@ -17,9 +19,13 @@ What callers (and scripts) may rely on:
   deleted afterwards. It needs the ``redis`` extra; nothing imports it for the memory backend.
 * The table and the one-line verdict go to stdout; the progress display goes to stderr (a live
   line when stderr is a terminal, a few plain lines otherwise).
-* ``--json PATH`` writes ``{"broken": {...}, "pendingledger": {...}, ...}``: each run's
-  figures (``SimResult.to_dict()``: at least ``decisions``, ``admitted``, ``breaches``) under
-  its own key.
+* After the two runs, a loss latch race on each gate (``pendingledger.sim.latch``): threads
+  entering while another records losses until the daily loss limit latches the gate; any order
+  admitted after the latching call returned fails pendingledger's run like a breach.
+* ``--json PATH`` writes ``{"broken": {...}, "pendingledger": {...}, "latch": {...}, ...}``:
+  each run's figures (``SimResult.to_dict()``: at least ``decisions``, ``admitted``,
+  ``breaches``) under its own key, and the latch races' (``LatchRaceResult.to_dict()``) under
+  ``latch`` (null when the backend cannot race a latch).
 """
 
 from __future__ import annotations
@@ -152,18 +158,22 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "race",
         help="race a simulated trading bot on a broken gate, then on pendingledger's gate",
         description=(
-            "Run a simulated threaded trading app (strategy threads, a simulated exchange with "
-            "rejects, partial fills and lost orders, a fill router) twice on the same seed: "
-            "first with a broken gate that checks the limits and reserves in two separate "
-            "steps, then with pendingledger's gate. An independent auditor tracks the true "
-            "exposure (open positions plus orders in flight) and counts every admission that "
-            "took it over a limit. With --backend redis the app runs across processes on a "
-            "shared Redis server, and the auditor reads the shared state."
+            "Run a simulated threaded trading app (strategy threads buying and selling, longs, "
+            "shorts and orders that reduce a position, a simulated exchange with rejects, "
+            "partial fills and lost orders, a fill router) twice on the same seed: first with "
+            "a broken gate that checks the limits and reserves in two separate steps, then with "
+            "pendingledger's gate. An independent auditor tracks the true exposure (signed "
+            "positions plus orders in flight, as worst cases) and counts every admission that "
+            "took it over a limit. Then, on each gate, threads enter while another records "
+            "losses until the daily loss limit latches it: no order may be admitted after "
+            "that. With --backend redis the app runs across processes on a shared Redis "
+            "server, and the auditor reads the shared state."
         ),
         epilog=(
-            "Exit status: 0 when the pendingledger run had no breach and every reservation "
-            "ended exactly once, 1 otherwise, 2 for bad options or a race that could not run "
-            "(Redis unreachable, a worker process failed), 130 on Ctrl-C."
+            "Exit status: 0 when the pendingledger run had no breach, every reservation "
+            "ended exactly once and nothing was admitted after its loss latch, 1 otherwise, 2 "
+            "for bad options or a race that could not run (Redis unreachable, a worker process "
+            "failed), 130 on Ctrl-C."
         ),
     )
     race.add_argument(

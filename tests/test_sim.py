@@ -112,6 +112,11 @@ class _DenyAll:
         {"max_symbol": -5},
         {"book": "ledger"},
         {"min_admitted": -1},
+        {"max_net": -1},
+        {"max_net": float("inf")},
+        {"sell_share": 1.5},
+        {"sell_share": "half"},
+        {"reduce_share": -0.1},
     ],
 )
 def test_bad_config_is_refused(changes: dict[str, Any]) -> None:
@@ -124,6 +129,8 @@ def test_limits_come_from_the_config() -> None:
     assert limits.max_concurrent_positions is None
     assert limits.max_gross_exposure == 10_000
     assert limits.max_symbol_exposure is None
+    assert limits.max_net_exposure == SimConfig().max_net == 30_000
+    assert SimConfig(max_net=None).limits().max_net_exposure is None
 
 
 @pytest.mark.timeout(20)
