@@ -209,6 +209,7 @@ def test_a_halt_in_the_gap_does_not_stop_the_broken_gate(
 # ---------------------------------------------------------------- the broken gate's figures
 
 
+@pytest.mark.timeout(60)
 def test_sequentially_the_broken_gate_decides_every_step_as_the_real_one() -> None:
     """A seeded random walk of entries with sides, signed positions, releases, fills and state
     changes: with nothing racing, the check-then-act gate's own figures give the real gate's
