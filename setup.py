@@ -18,6 +18,7 @@ from setuptools.command.build_ext import build_ext
 CORE = [
     "pendingledger/_units.py",
     "pendingledger/decision.py",
+    "pendingledger/trading.py",
     "pendingledger/rules.py",
     "pendingledger/_core.py",
     "pendingledger/_positions.py",

@@ -214,6 +214,14 @@ def floor_loop(lock: Any, book: dict[str, float], symbols: Sequence[str]) -> Non
             del book[symbol]
 
 
+def sided_loop(
+    try_enter: Callable[..., Any], orders: Sequence[tuple[str, str]], notional: object, side: object
+) -> None:
+    """``gate_loop`` on the gate's own book with ``side=`` given."""
+    for symbol, order_id in orders:
+        try_enter(symbol, notional, order_id=order_id, side=side).reservation.release()
+
+
 def gate_loop(
     try_enter: Callable[..., Any],
     orders: Sequence[tuple[str, str]],

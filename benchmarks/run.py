@@ -49,6 +49,7 @@ from baseline import (  # the path above makes this sibling module importable
     floor_worker,
     gate_loop,
     gate_worker,
+    sided_loop,
 )
 
 _ns = time.perf_counter_ns
@@ -96,6 +97,16 @@ def _subject(ttl: float = TTL, clock: Callable[[], float] = time.monotonic) -> t
 
     ledger = PendingEntryLedger(ttl, clock=clock)
     return ledger, PortfolioGate(ledger, _limits())
+
+
+def _book_subject(side: object) -> Any:
+    """A gate whose hot symbols are each long 10,000 with one order of ``side`` outstanding:
+    with a side, every decision on them keeps the buys, sells and worst case of its symbol."""
+    gate = _subject()[1]
+    for symbol in HOT:
+        gate.set_position(symbol, 10_000.0)
+        gate.try_enter(symbol, NOTIONAL, order_id=symbol + "-held", side=side)
+    return gate
 
 
 def _port() -> tuple[StraightforwardLedger, StraightforwardGate]:
@@ -452,6 +463,13 @@ def _gate_timed(
     return _Timed(label, lambda orders: gate_loop(try_enter, orders, NOTIONAL, positions, timeout))
 
 
+def _sided_timed(label: str, gate: Any, side: object) -> _Timed:
+    try_enter = gate.try_enter
+    if side is None:
+        return _Timed(label, lambda orders: gate_loop(try_enter, orders, NOTIONAL, None))
+    return _Timed(label, lambda orders: sided_loop(try_enter, orders, NOTIONAL, side))
+
+
 def _cost_row(
     item: _Timed, label: str, floor: _Timed, per_round: Sequence[dict[str, float]]
 ) -> list[str]:
@@ -467,7 +485,11 @@ def bench_decision(mode: Mode, results: Results) -> None:
     caller = _gate_timed("dict8", _subject()[1], POSITIONS)
     port_own = _gate_timed("port_own", _port()[1], None)
     port_dict = _gate_timed("port_dict8", _port()[1], POSITIONS)
-    items = [floor, own, own_timeout, caller, port_own, port_dict]
+    from pendingledger import Side
+
+    unsided = _sided_timed("book_none", _book_subject(None), None)
+    sided = _sided_timed("book_sides", _book_subject(Side.SELL), Side.BUY)
+    items = [floor, own, own_timeout, caller, port_own, port_dict, unsided, sided]
     per_round = _measure(items, mode)
     labels = {
         "floor": "floor: with lock: d[k] = 1.0, then with lock: del d[k]",
@@ -476,11 +498,15 @@ def bench_decision(mode: Mode, results: Results) -> None:
         "dict8": "pendingledger, a caller's dict of 8 positions (target <= 5x)",
         "port_own": "straightforward port, its own book",
         "port_dict8": "straightforward port, a caller's dict of 8 positions",
+        "book_none": "own book, longs each with an order outstanding, side=None",
+        "book_sides": "the same with sides: a buy beside an outstanding sell",
     }
     rows = [_cost_row(item, labels[item.label], floor, per_round) for item in items]
     headers = ["per decision + release", "min", "spread", "vs floor", "per round (middle half)"]
     _show(results, "Decision cost", headers, rows)
     timeout = Ratio.of(per_round, "own_timeout", "own")
+    sides = Ratio.of(per_round, "book_sides", "book_none")
+    _say(f"with sides vs without (own book): {sides.text(3)} (per round {sides.range(3)})")
     _say(
         f"timeout={TIMEOUT:g} vs timeout=None (own book): {timeout.text(3)} "
         f"(per round {timeout.range(3)}), "
@@ -497,8 +523,14 @@ def bench_decision(mode: Mode, results: Results) -> None:
         "spread": {item.label: _spread(item.samples) for item in items},
         "vs_floor": {label: ratio.as_dict() for label, ratio in ratios.items()},
         "timeout_vs_none": timeout.as_dict(),
+        "sides_vs_none": sides.as_dict(),
         "per_round": per_round,
     }
+    results.targets.append(
+        Target(
+            "sides", "a decision with sides vs one without", sides.value, 1.15, "max", sides.range()
+        )
+    )
     for key, label, limit in (
         ("own", "own book: decision + release vs the floor", 2.5),
         ("dict8", "caller's dict of 8: decision + release vs the floor", 5.0),

@@ -55,6 +55,16 @@ much, the safe side for every sum, but the symbol is no longer open, and another
 taken its slot meanwhile. So a symbol open only in the snapshot (not reserved) is decided as one
 that needs a slot beside the others: adding to it is admitted while the open symbols are within
 the limit, and denied past it (where the owned book, read under the lock, would admit).
+
+Sides: a symbol's worst case needs its position and its pending buys, sells and orders of unknown
+side (``rules.worst_case``). ``_symbols`` keeps each symbol's reserved total as before, and
+``_sided`` the buys and sells of only the symbols that have any, each with its ``excess``: how
+much less its worst case is than ``|position| + reserved``. So gross (the sum of worst cases) is
+``_book_gross + _reserved - _excess``, kept up to date by every change to a sided symbol
+(``_resum_locked``), and a side-blind book pays nothing for sides. A decision on a caller's
+positions takes the sided symbols' worst cases with the caller's positions, which it turns into
+units before the lock for the symbols sided when it began (``sided_symbols``); a symbol sided
+since is open in the read without its units, and the decision reads again.
 """
 
 from __future__ import annotations
@@ -258,15 +268,17 @@ _STATE_NAMES: Final = tuple(state.value for state in ReservationState)
 
 
 class _Sides:
-    """The pending buys and sells of one symbol that has any (units), and its ``excess``: how
-    much less its worst case is than the side-blind ``|position| + reserved`` (see
-    ``LedgerCore._resum_locked``)."""
+    """The pending buys and sells of one symbol that has any (units), its position in the owned
+    book (signed units, 0 when not open: kept here too, so that keeping the worst case needs no
+    book lookup) and its ``excess``: how much less its worst case is than the side-blind
+    ``|position| + reserved`` (see ``LedgerCore._resum_locked``)."""
 
-    __slots__ = ("buys", "excess", "sells")
+    __slots__ = ("buys", "excess", "position", "sells")
 
-    def __init__(self) -> None:
+    def __init__(self, position: int) -> None:
         self.buys = 0
         self.sells = 0
+        self.position = position
         self.excess = 0
 
 
@@ -284,22 +296,24 @@ class _Position:
 class Snapshot:
     """A caller's positions read before the lock, for a decision on one symbol.
 
-    ``open`` maps the open symbols (exact str) to their signed exposure in units, ``gross`` and
-    ``net`` are the sums of their magnitudes and of their signed units, ``holds`` and ``held``
-    whether the decided symbol is open and its signed exposure; ``epoch`` is the ledger's epoch
-    read before the positions were (see the module notes).
+    ``open`` has the open symbols (exact str), ``gross`` and ``net`` the sums of their exposures'
+    magnitudes and signed units, ``holds`` and ``held`` whether the decided symbol is open and
+    its signed exposure in units; ``sided`` has the units of the open symbols that had pending
+    buys or sells when it was read (None: there were none). ``epoch`` is the ledger's epoch read
+    before the positions were (see the module notes).
     """
 
-    __slots__ = ("epoch", "gross", "held", "holds", "net", "open")
+    __slots__ = ("epoch", "gross", "held", "holds", "net", "open", "sided")
 
     def __init__(
         self,
         epoch: int,
-        open_: dict[str, int],
+        open_: dict[str, object],
         gross: int,
         net: int,
         holds: bool,
         held: int,
+        sided: dict[str, int] | None,
     ) -> None:
         self.epoch = epoch
         self.open = open_
@@ -307,6 +321,7 @@ class Snapshot:
         self.net = net
         self.holds = holds
         self.held = held
+        self.sided = sided
 
 
 class _Undo:
@@ -672,7 +687,7 @@ class LedgerCore:
         self._reserved += res._units
         res._state = ACTIVE
         if res._side:
-            self._side_locked(res, res._units)
+            self._side_locked(res, res._units, held + res._units)
 
     def _end_locked(self, res: Reservation, state: int) -> None:
         """Remove an active ``res`` from every index and total; it ends as ``state``."""
@@ -689,7 +704,7 @@ class LedgerCore:
         res._state = state
         self._epoch += 1
         if res._side:
-            self._side_locked(res, -res._units)
+            self._side_locked(res, -res._units, left)
 
     def _end_counted_locked(self, res: Reservation, state: int) -> bool:
         if res._state != ACTIVE:
@@ -711,37 +726,40 @@ class LedgerCore:
             return res._units
         units = res._units - remaining
         res._units = remaining
-        self._symbols[res._symbol] -= units
+        left = self._symbols[res._symbol] - units
+        self._symbols[res._symbol] = left
         self._reserved -= units
         self._epoch += 1
         if res._side:
-            self._side_locked(res, -units)
+            self._side_locked(res, -units, left)
         return units
 
-    def _side_locked(self, res: Reservation, units: int) -> None:
+    def _side_locked(self, res: Reservation, units: int, reserved: int) -> None:
         """Count ``units`` more (negative: fewer) of a sided ``res`` under its side, once its
-        symbol's reserved total has changed, and that symbol's worst case again."""
+        symbol's reserved total has changed (to ``reserved``), and that symbol's worst case
+        again."""
         symbol = res._symbol
         sides = self._sided.get(symbol)
         if sides is None:
-            sides = self._sided[symbol] = _Sides()
+            position = self._book.get(symbol)
+            sides = self._sided[symbol] = _Sides(0 if position is None else position.units)
         if res._side == rules.BUY:
             sides.buys += units
             self._buys += units
         else:
             sides.sells += units
             self._sells += units
-        self._resum_locked(symbol, sides)
+        self._resum_locked(symbol, sides, reserved)
 
-    def _resum_locked(self, symbol: str, sides: _Sides) -> None:
-        """Recompute ``symbol``'s excess: gross is kept side-blind (``_book_gross + _reserved``,
-        as with no side given) less the sum of what pending buys and sells against each other
-        or against the position do not add to a worst case."""
-        reserved = self._symbols.get(symbol, 0)
-        position = self._book.get(symbol)
-        units, magnitude = (0, 0) if position is None else (position.units, position.magnitude)
+    def _resum_locked(self, symbol: str, sides: _Sides, reserved: int) -> None:
+        """Recompute ``symbol``'s excess (``reserved``: its reserved total): gross is kept
+        side-blind (``_book_gross + _reserved``, as with no side given) less the sum of what
+        pending buys and sells against each other or against the position do not add to a worst
+        case."""
+        units = sides.position
         unknown = reserved - sides.buys - sides.sells
-        excess = magnitude + reserved - rules.worst_case(units, sides.buys, sides.sells, unknown)
+        excess = (units if units >= 0 else -units) + reserved
+        excess -= rules.worst_case(units, sides.buys, sides.sells, unknown)
         self._excess += excess - sides.excess
         sides.excess = excess
         if not sides.buys and not sides.sells:
@@ -782,7 +800,8 @@ class LedgerCore:
         self._book_net += units
         sides = self._sided.get(symbol)
         if sides is not None:
-            self._resum_locked(symbol, sides)
+            sides.position = units
+            self._resum_locked(symbol, sides, self._symbols[symbol])
 
     def _close_position_locked(self, symbol: str) -> bool:
         position = self._book.pop(symbol, None)
@@ -794,7 +813,8 @@ class LedgerCore:
             self._open -= 1
         sides = self._sided.get(symbol)
         if sides is not None:
-            self._resum_locked(symbol, sides)
+            sides.position = 0
+            self._resum_locked(symbol, sides, self._symbols[symbol])
         return True
 
     def _counts_locked(self) -> tuple[int, int, int, int, int]:
@@ -803,19 +823,32 @@ class LedgerCore:
     def reserved_on_locked(self, symbol: str) -> int:
         return self._symbols.get(symbol, 0)
 
-    def _excess_over_locked(self, open_: dict[str, int]) -> int:
-        """``_excess`` with the positions of ``open_`` (a caller's, read before the lock) in
-        place of the book's: a walk of the symbols with pending buys or sells."""
+    def sided_symbols(self) -> tuple[str, ...] | list[str]:
+        """The symbols with pending buys or sells, read without the lock on purpose: a decision
+        on a caller's positions turns theirs into units before the lock, and one that finds a
+        symbol sided since reads again (``_excess_over_locked``)."""
+        return list(self._sided) if self._sided else ()
+
+    def _excess_over_locked(self, snapshot: Snapshot) -> int:
+        """``_excess`` with a caller's positions (read before the lock) in place of the book's: a
+        walk of the symbols with pending buys or sells; -1 if one of them is open in the read
+        but was not sided when its units were taken (the decision reads again)."""
         excess = 0
+        open_, units_of = snapshot.open, snapshot.sided
         for symbol, sides in self._sided.items():
-            units = open_.get(symbol, 0)
+            if units_of is not None and symbol in units_of:
+                units = units_of[symbol]
+            elif symbol in open_:
+                return -1
+            else:
+                units = 0
             reserved = self._symbols[symbol]
             unknown = reserved - sides.buys - sides.sells
             worst = rules.worst_case(units, sides.buys, sides.sells, unknown)
             excess += (units if units >= 0 else -units) + reserved - worst
         return excess
 
-    def _overlap_locked(self, open_: dict[str, int]) -> int:
+    def _overlap_locked(self, open_: dict[str, object]) -> int:
         """How many reserved symbols are in ``open_`` (walks the smaller of the two)."""
         symbols = self._symbols
         found = 0
@@ -879,6 +912,7 @@ def _audit_sides(core: LedgerCore, problems: list[str]) -> None:
         reserved = core._symbols.get(symbol, 0)
         position = core._book.get(symbol)
         units = 0 if position is None else position.units
+        _expect(problems, f"{symbol!r} position", kept.position, units)
         worst = rules.worst_case(units, buys, sells, reserved - buys - sells)
         _expect(problems, f"{symbol!r} excess", kept.excess, abs(units) + reserved - worst)
         excess += kept.excess
@@ -1053,10 +1087,11 @@ class PendingMap:
                 restored = True
             else:
                 res._units += undo.units
-                core._symbols[res._symbol] += undo.units
+                reserved = core._symbols[res._symbol] + undo.units
+                core._symbols[res._symbol] = reserved
                 core._reserved += undo.units
                 if res._side:
-                    core._side_locked(res, undo.units)
+                    core._side_locked(res, undo.units, reserved)
         self._journal.clear()
         core._kinds = self._kinds_before
         if restored:  # restored ones went to the end: put the index back in stamp order
@@ -1205,7 +1240,10 @@ class GateCore:
             self._peak = self._equity
 
     def trading(self, wall: float) -> tuple[int, LatchRecord | None]:
-        """The effective state and the latch at wall time ``wall`` (-inf: not read)."""
+        """The effective state and the latch at wall time ``wall`` (-inf: not read); inside
+        this thread's ``lock()`` block, as the block sees them (no new day starts there)."""
+        if self.ledger.own_block() is not None:
+            return self._state_locked(), self._latch
         with self.ledger._lock:
             self._roll_locked(wall)
             return self._state_locked(), self._latch
@@ -1307,6 +1345,8 @@ class GateCore:
             code = self._rule_on_book_locked(res, limits, state)
         else:
             code = self._rule_on_snapshot_locked(res, limits, state, snapshot)
+            if code == RETRY:
+                return RETRY
         self._counts[code] += 1
         if code == rules.ADMIT:
             ledger.insert_locked(res, now)
@@ -1316,14 +1356,16 @@ class GateCore:
         """The rules' answer with the owned book's running totals (no walk of anything)."""
         ledger = self.ledger
         position = ledger._book.get(res._symbol)
+        reserved = ledger._symbols.get(res._symbol, 0)
         return self._rule_locked(
             res,
             limits,
             state,
             ledger._open,
-            position is not None or res._symbol in ledger._symbols,
+            position is not None or reserved > 0,
             ledger._book_gross + ledger._reserved - ledger._excess,
             0 if position is None else position.units,
+            reserved,
             ledger._book_net,
         )
 
@@ -1336,20 +1378,25 @@ class GateCore:
         taken by another entry: it is decided as if it had, needing a slot beside the others
         (module notes)."""
         ledger = self.ledger
-        reserved = res._symbol in ledger._symbols
+        reserved = ledger._symbols.get(res._symbol, 0)
         open_ = snapshot.open
         count = len(open_) + len(ledger._symbols) - ledger._overlap_locked(open_)
         if not reserved and snapshot.holds:
             count -= 1
-        excess = ledger._excess_over_locked(open_) if ledger._sided else 0
+        excess = ledger._excess_over_locked(snapshot) if ledger._sided else 0
+        if excess < 0:  # a symbol sided since the read: read again, unless halted (denied)
+            if state != rules.HALTED_STATE:
+                return RETRY
+            excess = 0
         return self._rule_locked(
             res,
             limits,
             state,
             count,
-            reserved,
+            reserved > 0,
             snapshot.gross + ledger._reserved - excess,
             snapshot.held,
+            reserved,
             snapshot.net,
         )
 
@@ -1362,37 +1409,51 @@ class GateCore:
         symbol_open: bool,
         gross: int,
         position: int,
+        reserved: int,
         net_position: int,
     ) -> int:
         """``rules.first_failing_rule`` on the symbol's and the book's worst cases before and
-        after ``res``, given the symbol's signed ``position`` and the book's (``net_position``)."""
+        after ``res``, given the symbol's signed ``position`` and ``reserved`` units, and the
+        book's position (``net_position``)."""
         ledger = self.ledger
-        reserved = ledger._symbols.get(res._symbol, 0)
-        sides = ledger._sided.get(res._symbol)
-        buys, sells = (0, 0) if sides is None else (sides.buys, sides.sells)
-        unknown = reserved - buys - sells
+        sides = ledger._sided.get(res._symbol) if ledger._sided else None
         units, side = res._units, res._side
-        add_buy = units if side == rules.BUY else 0
-        add_sell = units if side == rules.SELL else 0
-        add_unknown = units if side == rules.UNKNOWN_SIDE else 0
-        all_buys, all_sells = ledger._buys, ledger._sells
-        all_unknown = ledger._reserved - all_buys - all_sells
+        if side == rules.UNKNOWN_SIDE and sides is None:
+            # Nothing sided on the symbol: its worst case is |position| + reserved, which this
+            # order of unknown side raises by all of it (rules.worst_case, summed by hand).
+            before = (position if position >= 0 else -position) + reserved
+            after = before + units
+        else:
+            buys, sells = (0, 0) if sides is None else (sides.buys, sides.sells)
+            unknown = reserved - buys - sells
+            before = rules.worst_case(position, buys, sells, unknown)
+            if side == rules.BUY:
+                after = rules.worst_case(position, buys + units, sells, unknown)
+            elif side == rules.SELL:
+                after = rules.worst_case(position, buys, sells + units, unknown)
+            else:
+                after = rules.worst_case(position, buys, sells, unknown + units)
+        net_before = net_after = 0
+        if rules.uses_net(limits, state):
+            net_before, net_after = self._net_locked(net_position, units, side)
         return rules.first_failing_rule(
-            limits,
-            state,
-            open_count,
-            symbol_open,
-            gross,
-            rules.worst_case(position, buys, sells, unknown),
-            rules.worst_case(position, buys + add_buy, sells + add_sell, unknown + add_unknown),
-            rules.worst_case(net_position, all_buys, all_sells, all_unknown),
-            rules.worst_case(
-                net_position,
-                all_buys + add_buy,
-                all_sells + add_sell,
-                all_unknown + add_unknown,
-            ),
+            limits, state, open_count, symbol_open, gross, before, after, net_before, net_after
         )
+
+    def _net_locked(self, position: int, units: int, side: int) -> tuple[int, int]:
+        """The book's net worst case before and after an order of ``units`` on ``side``."""
+        ledger = self.ledger
+        buys, sells = ledger._buys, ledger._sells
+        unknown = ledger._reserved - buys - sells
+        if side == rules.UNKNOWN_SIDE and not buys and not sells:
+            before = (position if position >= 0 else -position) + unknown  # as above
+            return before, before + units
+        before = rules.worst_case(position, buys, sells, unknown)
+        if side == rules.BUY:
+            return before, rules.worst_case(position, buys + units, sells, unknown)
+        if side == rules.SELL:
+            return before, rules.worst_case(position, buys, sells + units, unknown)
+        return before, rules.worst_case(position, buys, sells, unknown + units)
 
     # ---------------------------------------------------------------- the loss book (locked)
 
@@ -1403,7 +1464,9 @@ class GateCore:
         return self._operator
 
     def _start_day_locked(self, wall: float) -> None:
-        """Roll to ``wall``'s day, or start the first one."""
+        """Roll to ``wall``'s day, or start the first one (-inf: no reading, nothing moves)."""
+        if wall == -_INF:
+            return
         if self._day_end == _INF:
             self._day_end = rules.next_reset(wall, self._reset_offset)
         else:

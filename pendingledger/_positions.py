@@ -18,15 +18,17 @@ from ._core import Snapshot
 __all__: list[str] = []
 
 
-def read_positions(positions: object, symbol: str, epoch: int) -> Snapshot:
+def read_positions(
+    positions: object, symbol: str, epoch: int, sided: tuple[str, ...] | list[str]
+) -> Snapshot:
     """``positions`` (a mapping, or a zero-argument callable returning one) as a ``Snapshot`` for
-    a decision on ``symbol``."""
+    a decision on ``symbol``; ``sided`` names the symbols with pending buys or sells, read just
+    before (their positions are turned into units here, for the decision's worst cases)."""
     if type(positions) is dict:
         book: Mapping[object, object] = positions
     else:
         book = positions if isinstance(positions, Mapping) else _call(positions)
-    # A copy first: another thread may change the caller's dict while it is walked. Its values
-    # become signed units in place (same keys: the copy does not grow while it is walked).
+    # A copy first: another thread may change the caller's dict while it is walked.
     open_: dict[object, object] = dict(book)
     gross = 0
     net = 0
@@ -37,14 +39,20 @@ def read_positions(positions: object, symbol: str, epoch: int) -> Snapshot:
             units = _units.units("positions", value, True)
         except (TypeError, ValueError):
             raise _bad_entry(key, value) from None
-        open_[key] = units
         gross += -units if units < 0 else units
         net += units
     if not plain:  # keys the lock may hash must be exact str
         open_ = {_symbol_key(key): value for key, value in open_.items()}
-    keys = cast("dict[str, int]", open_)  # exact str keys and int units by now
-    held = keys.get(symbol)
-    return Snapshot(epoch, keys, gross, net, held is not None, 0 if held is None else held)
+    keys = cast("dict[str, object]", open_)  # every key is an exact str by now
+    value = keys.get(symbol)
+    held = 0 if value is None else _units.units("positions", value, True)
+    units_of: dict[str, int] | None = None
+    if sided:
+        units_of = {}
+        for name in sided:
+            if name in keys:
+                units_of[name] = _units.units("positions", keys[name], True)
+    return Snapshot(epoch, keys, gross, net, value is not None, held, units_of)
 
 
 def _symbol_key(key: object) -> str:

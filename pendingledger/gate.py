@@ -151,12 +151,20 @@ class PortfolioGate:
     def record_pnl(self, amount: object) -> None:
         """Add ``amount`` (signed: a loss < 0) to the day's realized P&L, and latch if it has
         reached ``-limits.max_daily_loss``, in the same critical section: no decision after
-        this returns is admitted on the old state. Call it with each fill's or close's P&L."""
+        this returns is admitted on the old state. Call it with each fill's or close's P&L.
+
+        If the wall clock fails, the amount is still counted (in the day under way; a latch it
+        fires then holds until ``resume()`` if no day has started) and the error is raised."""
         units = _units.units("amount", amount, False)  # a loss counts at least as big
         kind = _units.kind_of(amount)
         self._ledger.core.refuse_reentry("record_pnl()")
-        wall = read_clock(self._wall_clock)
-        self._core.record_pnl(self._limits, units, kind, wall)
+        limits = self._limits
+        try:
+            wall = read_clock(self._wall_clock)
+        except Exception:
+            self._core.record_pnl(limits, units, kind, _NO_TIME)  # never lose a loss
+            raise
+        self._core.record_pnl(limits, units, kind, wall)
 
     def set_equity(self, equity: object) -> None:
         """Record the account's ``equity``, and latch if it is ``limits.max_drawdown`` or more
@@ -164,13 +172,17 @@ class PortfolioGate:
         units = _units.units("equity", equity, False)
         kind = _units.kind_of(equity)
         self._ledger.core.refuse_reentry("set_equity()")
-        wall = read_clock(self._wall_clock)
-        self._core.set_equity(self._limits, units, kind, wall)
+        limits = self._limits
+        try:
+            wall = read_clock(self._wall_clock)
+        except Exception:
+            self._core.set_equity(limits, units, kind, _NO_TIME)
+            raise
+        self._core.set_equity(limits, units, kind, wall)
 
     def stats(self) -> GateStats:
         """Counts of admitted and denied decisions (every ``DenyReason`` is a key), with the
         trading state and the latch as of the same moment."""
-        self._ledger.core.refuse_reentry("stats()")
         if self._core.tracking:
             self._trading()  # the day may have ended: roll first
         counts, state, latch = self._core.counts()
@@ -184,8 +196,9 @@ class PortfolioGate:
 
     def _trading(self) -> tuple[int, LatchRecord | None]:
         core = self._core
-        self._ledger.core.refuse_reentry("the trading state")
-        wall = read_clock(self._wall_clock) if core.tracking else -_INF
+        wall = _NO_TIME
+        if core.tracking and self._ledger.core.own_block() is None:
+            wall = read_clock(self._wall_clock)
         return core.trading(wall)
 
     # ------------------------------------------------------------------ the owned position book
@@ -328,7 +341,8 @@ class PortfolioGate:
         while True:
             snapshot = None
             if positions is not None:
-                snapshot = read_positions(positions, res.symbol, ledger.epoch)
+                epoch = ledger.epoch  # before the sided symbols: see LedgerCore.epoch
+                snapshot = read_positions(positions, res.symbol, epoch, ledger.sided_symbols())
             # The wall clock only matters to a latch, which it may clear (a new day).
             wall = read_clock(self._wall_clock) if core.latched else -_INF
             code = core.try_decide(res, limits, ledger.now(), wall, snapshot)
@@ -347,6 +361,7 @@ class PortfolioGate:
 
 
 _INF: Final = float("inf")
+_NO_TIME: Final = -_INF  # the wall clock was not read (or failed): no new day begins
 _NO_FILL: Final = (0, 0, 0)  # confirm_fill without filled=: the reservation ends whole
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "loss_to_latch",
     "next_reset",
     "unit_limits",
+    "uses_net",
     "worst_case",
 ]
 
@@ -156,6 +157,12 @@ def first_failing_rule(  # noqa: PLR0911 - one return per rule, in DenyReason or
     if limits.max_net > NO_LIMIT and net_before < net_after and net_after > limits.max_net:
         return MAX_NET_EXPOSURE
     return ADMIT
+
+
+def uses_net(limits: UnitLimits, state: int) -> bool:
+    """Whether ``first_failing_rule`` reads ``net_before`` and ``net_after``: only when the net
+    limit is set or the state is ``REDUCING`` (a gate may pass 0 for both otherwise)."""
+    return limits.max_net > NO_LIMIT or state == REDUCING
 
 
 def loss_to_latch(limits: UnitLimits, day_pnl: int, drawdown: int) -> int:

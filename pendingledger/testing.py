@@ -1,20 +1,22 @@
 """Helpers for testing code that uses pendingledger, without sleeping and without lost errors.
 
 ``ManualClock`` replaces ``time.monotonic`` so TTL behaviour is tested by moving time, never by
-waiting for it (the Redis gate takes its time from the server: ``pendingledger.redis.testing``
-moves that clock instead). ``run_concurrently`` starts worker threads together behind a barrier
+waiting for it, and ``ManualWallClock`` replaces ``time.time`` for the gate's loss latch and its
+daily reset (the Redis gate takes both from the server: ``pendingledger.redis.testing`` moves
+that clock instead). ``run_concurrently`` starts worker threads together behind a barrier
 and re-raises the first exception any of them hit, so a failing assertion in a thread fails the
 test.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 import threading
 import time
 from collections.abc import Callable, Sequence
 
-__all__ = ["ManualClock", "run_concurrently"]
+__all__ = ["ManualClock", "ManualWallClock", "run_concurrently"]
 
 
 class ManualClock:
@@ -46,6 +48,38 @@ class ManualClock:
 
     def __repr__(self) -> str:
         return f"ManualClock(now={self._now!r})"
+
+
+class ManualWallClock(ManualClock):
+    """A wall clock (seconds since the Unix epoch, UTC) that only moves when told to.
+
+    Pass it as ``wall_clock=`` to ``PortfolioGate``: no test waits for midnight. ``start`` is a
+    ``datetime`` (naive ones are taken as UTC) or seconds since the epoch; by default the start
+    of 2026-01-01 UTC. ``advance_to`` moves it forward to a given moment.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, start: datetime.datetime | float = datetime.datetime(2026, 1, 1)) -> None:
+        super().__init__(_epoch_seconds("start", start))
+
+    def utc(self) -> datetime.datetime:
+        """The current reading as an aware UTC ``datetime``."""
+        return datetime.datetime.fromtimestamp(self(), datetime.UTC)
+
+    def advance_to(self, when: datetime.datetime) -> float:
+        """Move forward to ``when`` (not before the current reading) and return the reading."""
+        return self.advance(_epoch_seconds("when", when) - self())
+
+    def __repr__(self) -> str:
+        return f"ManualWallClock({self.utc().isoformat()})"
+
+
+def _epoch_seconds(name: str, value: object) -> float:
+    if isinstance(value, datetime.datetime):
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=datetime.UTC)
+        return aware.timestamp()
+    return _finite_seconds(name, value, allow_negative=True)
 
 
 def _finite_seconds(name: str, value: object, *, allow_negative: bool) -> float:

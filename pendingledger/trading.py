@@ -44,7 +44,8 @@ class Latch:
     ``reason`` is ``"max_daily_loss"`` (the day's realized P&L reached ``-limit``) or
     ``"max_drawdown"`` (equity fell ``limit`` below its peak); ``value`` is the figure that
     reached it (the day's P&L, or the drawdown), ``at`` the wall-clock time in seconds since
-    the epoch, ``until`` the daily reset that clears it.
+    the epoch (-inf if the wall clock failed then), ``until`` the daily reset that clears it
+    (inf: none, only ``resume()`` does).
     """
 
     state: TradingState
@@ -65,6 +66,10 @@ def side_code(side: object) -> int:
     """``side`` (a ``Side``, ``"buy"``/``"sell"`` or ``None``) as a ``rules`` side code."""
     if side is None:
         return 0
+    if side is Side.BUY:
+        return 1
+    if side is Side.SELL:
+        return 2
     if isinstance(side, str):
         value = str.__str__(side)  # a str subclass's own methods never run
         if value == "buy":

@@ -34,6 +34,7 @@ from pendingledger import (
     ReservationHandle,
     ReservationState,
     Side,
+    TradingState,
     rules,
 )
 from pendingledger.gate import MAX_READS
@@ -1661,3 +1662,66 @@ def test_public_api_typing_with_str_symbols(
     if status not in (0, 1):  # not a type error: mypy itself did not run (xfail won't hide it)
         raise RuntimeError(f"mypy exited {status}: {stdout}{stderr}")
     assert status == 0, stdout + stderr
+
+
+def test_a_symbol_sided_after_the_read_began_is_read_again() -> None:
+    """A caller's positions are turned into units before the lock only for the symbols that had
+    pending buys or sells then. A symbol that gains one meanwhile (here: in the callable itself)
+    makes the decision read again, so its worst case is taken with its real position: the
+    reducing sell on AAA adds nothing to gross, and BBB fits. Taking AAA's position as 0
+    instead would count the sell in full (14,000) and deny."""
+    gate = PortfolioGate(PendingEntryLedger(60, clock=ManualClock()), limits(gross=11_000))
+    cache = {"AAA": 10_000}
+    calls: list[int] = []
+
+    def positions() -> dict[str, int]:
+        calls.append(1)
+        if len(calls) == 1:  # another order, decided while this one reads
+            assert gate.try_enter("AAA", 4_000, cache, side=Side.SELL)
+        return cache
+
+    assert gate.try_enter("BBB", 1_000, positions)
+    assert len(calls) == 2
+    assert gate.try_enter("BBB", 1, cache).reason is DenyReason.MAX_GROSS_EXPOSURE
+
+
+def test_a_loss_recorded_while_the_wall_clock_fails_still_latches() -> None:
+    """Fail closed: the amount counts and may latch; the clock's error is raised after."""
+    readings: list[float] = []
+
+    def wall() -> float:
+        if not readings:
+            raise OSError("no time")
+        return readings[-1]
+
+    gate = PortfolioGate(
+        PendingEntryLedger(60, clock=ManualClock()),
+        PortfolioLimits(max_daily_loss=100),
+        wall_clock=wall,
+    )
+    with pytest.raises(OSError, match="no time"):
+        gate.record_pnl(-100)
+    with pytest.raises(OSError, match="no time"):
+        gate.try_enter("AAA", 1)  # latched, and no time to see whether a new day began
+    readings.append(1_000.0)
+    latch = gate.latch
+    assert latch is not None and latch.at == -math.inf and latch.until == math.inf
+    assert gate.try_enter("AAA", 1).reason is DenyReason.REDUCING_ONLY
+    gate.resume()
+    assert gate.try_enter("AAA", 1)
+
+
+def test_the_state_and_stats_read_inside_a_lock_block() -> None:
+    """As ``halted`` always could: no re-entry error, and no wall clock read under the lock."""
+
+    def wall() -> float:
+        assert not ledger.core.locked(), "the wall clock ran under the ledger lock"
+        return 0.0
+
+    ledger = PendingEntryLedger(60, clock=ManualClock())
+    gate = PortfolioGate(ledger, PortfolioLimits(max_daily_loss=1), wall_clock=wall)
+    gate.record_pnl(-1)
+    with ledger.lock():
+        assert gate.state is TradingState.REDUCING and not gate.halted
+        assert gate.latch is not None
+        assert gate.stats().state is TradingState.REDUCING

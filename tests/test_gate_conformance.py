@@ -11,6 +11,7 @@ when the gate is made, and ``h.advance`` moves every one the test made
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import math
 import re
@@ -25,11 +26,19 @@ from typing import Any
 import pytest
 from redis_server import RedisServer, running_server
 
-from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits, _units, rules
+from pendingledger import (
+    PendingEntryLedger,
+    PortfolioGate,
+    PortfolioLimits,
+    Side,
+    TradingState,
+    _units,
+    rules,
+)
 from pendingledger.limits import REASONS, Decision, DenyReason, denied
 from pendingledger.protocols import Gate as GateLike
 from pendingledger.protocols import ReservationHandle as ReservationLike
-from pendingledger.testing import ManualClock
+from pendingledger.testing import ManualClock, ManualWallClock
 
 Limits = PortfolioLimits
 R = DenyReason
@@ -37,13 +46,21 @@ R = DenyReason
 
 @dataclass
 class Harness:
+    """``advance`` moves every clock the gates read (monotonic and wall alike); ``wall`` reads
+    the wall clock a gate's loss latch runs on."""
+
     backend: str
-    make_gate: Callable[[PortfolioLimits, float], GateLike]
+    make_gate: Callable[..., GateLike]
     advance: Callable[[float], object]
+    wall: Callable[[GateLike], float]
     short_ttl: float
 
-    def gate(self, limits: PortfolioLimits | None = None, *, ttl: float = 60.0) -> GateLike:
-        return self.make_gate(limits or PortfolioLimits(), ttl)
+    def gate(
+        self, limits: PortfolioLimits | None = None, *, ttl: float = 60.0, **options: Any
+    ) -> GateLike:
+        """A gate on a fresh book; ``options`` are the backend's loss-latch keywords
+        (``on_loss``, ``daily_reset``)."""
+        return self.make_gate(limits or PortfolioLimits(), ttl, **options)
 
 
 @pytest.fixture(scope="module")
@@ -56,24 +73,35 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def h(request: pytest.FixtureRequest) -> Iterator[Harness]:
     if request.param == "memory":
         clock = ManualClock()
+        wall = ManualWallClock()
 
-        def make_memory(limits: PortfolioLimits, ttl: float) -> GateLike:
-            return PortfolioGate(PendingEntryLedger(ttl, clock=clock), limits)
+        def make_memory(limits: PortfolioLimits, ttl: float, **options: Any) -> GateLike:
+            ledger = PendingEntryLedger(ttl, clock=clock)
+            return PortfolioGate(ledger, limits, wall_clock=wall, **options)
 
-        yield Harness("memory", make_memory, clock.advance, 1.0)
+        def advance_memory(seconds: float) -> None:
+            clock.advance(seconds)
+            wall.advance(seconds)
+
+        yield Harness("memory", make_memory, advance_memory, lambda _: wall(), 1.0)
         return
 
     import redis
 
     from pendingledger.redis import RedisGate
-    from pendingledger.redis.testing import advance_server_clock, freeze_server_clock
+    from pendingledger.redis.testing import (
+        advance_server_clock,
+        freeze_server_clock,
+        server_clock,
+    )
 
     server: RedisServer = request.getfixturevalue("redis_server")
     client = redis.Redis.from_url(server.url, socket_timeout=5)
     gates: list[RedisGate] = []
 
-    def make_redis(limits: PortfolioLimits, ttl: float) -> GateLike:
-        gate = RedisGate(client, limits, ttl=ttl, namespace=f"t-{uuid.uuid4().hex[:12]}")
+    def make_redis(limits: PortfolioLimits, ttl: float, **options: Any) -> GateLike:
+        namespace = f"t-{uuid.uuid4().hex[:12]}"
+        gate = RedisGate(client, limits, ttl=ttl, namespace=namespace, **options)
         freeze_server_clock(gate)  # like the ManualClock: time moves only when the test says so
         gate.restore({})
         gates.append(gate)
@@ -83,7 +111,11 @@ def h(request: pytest.FixtureRequest) -> Iterator[Harness]:
         for gate in gates:
             advance_server_clock(gate, seconds)
 
-    yield Harness("redis", make_redis, advance_redis, 1.0)
+    def wall_redis(gate: GateLike) -> float:
+        assert isinstance(gate, RedisGate)
+        return server_clock(gate)
+
+    yield Harness("redis", make_redis, advance_redis, wall_redis, 1.0)
     client.close()
 
 
@@ -519,59 +551,93 @@ def test_bad_exposure_changes_nothing(h: Harness, exposure: object) -> None:
 #
 # Every backend must decide as pendingledger.rules.first_failing_rule does: the in-process gate
 # calls it, gate.lua is a port of it, and BrokenGate calls it on figures of its own. The table
-# drives each through the edges of every rule, and the expected outcome is the rule function's
-# answer on figures this test computes from the state it set up (so a backend that gathered its
-# figures wrongly, or a script that ported a rule wrongly, fails here).
+# drives each through the edges of every rule, in every trading state and for every side, and
+# the expected outcome is the rule function's answer on figures this test sums afresh from the
+# state it set up (so a backend that gathered its figures wrongly, or a script that ported a
+# rule wrongly, fails here).
 
-# The state every case starts from: exposures as set, and reservations (symbol, notional).
+# The state every case starts from: signed exposures as set, and reservations (symbol,
+# notional, side): AAA long with a pending sell, BBB short with a pending buy (both reducing).
 TABLE_POSITIONS: dict[str, Any] = {"AAA": 600, "BBB": Decimal("-300.5")}
-TABLE_RESERVED: list[tuple[str, Any]] = [("AAA", 100), ("CCC", 0.25)]
+TABLE_RESERVED: list[tuple[str, Any, Side | None]] = [
+    ("AAA", 100, None),
+    ("CCC", 0.25, None),
+    ("AAA", 250, Side.SELL),
+    ("BBB", 200, Side.BUY),
+]
 TABLE_SYMBOLS = {"AAA": "open and reserved", "BBB": "open", "CCC": "reserved", "DDD": "new"}
+TABLE_STATES = {
+    TradingState.ACTIVE: rules.ACTIVE,
+    TradingState.REDUCING: rules.REDUCING,
+    TradingState.HALTED: rules.HALTED_STATE,
+}
 
 
 @dataclass(frozen=True)
 class Figures:
-    """The rules' inputs for one entry, in units, computed from TABLE_POSITIONS/TABLE_RESERVED."""
+    """The rules' inputs for one order, in units, summed from TABLE_POSITIONS/TABLE_RESERVED."""
 
     open_count: int
     symbol_open: bool
     gross: int
-    symbol_exposure: int
-    notional: int
+    before: int
+    after: int
+    net_before: int
+    net_after: int
 
     @classmethod
-    def of(cls, symbol: str, notional: Any) -> Figures:
-        held = {s: abs(_units.units("exposure", v, True)) for s, v in TABLE_POSITIONS.items()}
-        reserved: dict[str, int] = {}
-        for s, n in TABLE_RESERVED:
-            reserved[s] = reserved.get(s, 0) + _units.notional_units("notional", n)
+    def of(cls, symbol: str, notional: Any, side: Side | None) -> Figures:
+        signed = {s: _units.units("exposure", v, True) for s, v in TABLE_POSITIONS.items()}
+        pending: dict[tuple[str, Side | None], int] = {}
+        for s, n, d in TABLE_RESERVED:
+            pending[s, d] = pending.get((s, d), 0) + _units.notional_units("notional", n)
+        units = _units.notional_units("notional", notional)
+        reserved = {s for s, _ in pending}
+
+        def sums(symbol: str | None, extra: int) -> tuple[int, int, int]:
+            def of_side(d: Side | None) -> int:
+                more = extra if d is side else 0
+                return more + sum(
+                    n for (s, e), n in pending.items() if e is d and symbol in (None, s)
+                )
+
+            return of_side(Side.BUY), of_side(Side.SELL), of_side(None)
+
+        def worst(symbol: str | None, extra: int) -> int:
+            position = sum(signed.values()) if symbol is None else signed.get(symbol, 0)
+            return rules.worst_case(position, *sums(symbol, extra))
+
+        symbols = set(signed) | reserved
         return cls(
-            open_count=len(set(held) | set(reserved)),
-            symbol_open=symbol in held or symbol in reserved,
-            gross=sum(held.values()) + sum(reserved.values()),
-            symbol_exposure=held.get(symbol, 0) + reserved.get(symbol, 0),
-            notional=_units.notional_units("notional", notional),
+            open_count=len(symbols),
+            symbol_open=symbol in symbols,
+            gross=sum(worst(s, 0) for s in symbols),
+            before=worst(symbol, 0),
+            after=worst(symbol, units),
+            net_before=worst(None, 0),
+            net_after=worst(None, units),
         )
 
-    def expected(self, limits: PortfolioLimits, halted: bool) -> DenyReason | None:
+    def expected(self, limits: PortfolioLimits, state: int) -> DenyReason | None:
         code = rules.first_failing_rule(
             rules.unit_limits(limits),
-            halted,
+            state,
             self.open_count,
             self.symbol_open,
             self.gross,
-            self.symbol_exposure,
-            self.notional,
+            self.before,
+            self.after,
+            self.net_before,
+            self.net_after,
         )
         return REASONS[code]
 
 
 def _edges(f: Figures) -> dict[str, list[tuple[str, Any]]]:
-    """Each limit unset, exactly what the entry needs (it lands on the limit), and one unit less
-    (the entry would be one unit over); for positions, full (a new symbol would be one over),
-    one slot left, and zero (only symbols open or reserved pass)."""
-    gross_at = f.gross + f.notional
-    symbol_at = f.symbol_exposure + f.notional
+    """Each limit unset, exactly what the order leaves (it lands on the limit), and one unit
+    less (it would be one unit over); for positions, full (a new symbol would be one over), one
+    slot left, and zero (only symbols open or reserved pass)."""
+    gross_at = f.gross - f.before + f.after
     return {
         "positions": [
             ("unset", None),
@@ -586,10 +652,15 @@ def _edges(f: Figures) -> dict[str, list[tuple[str, Any]]]:
         ],
         "symbol": [
             ("unset", None),
-            ("at", Fraction(symbol_at, 10**9)),
-            ("one unit over", Fraction(symbol_at - 1, 10**9)),
+            ("at", Fraction(f.after, 10**9)),
+            ("one unit over", Fraction(f.after - 1, 10**9)),
             # a limit finer than a unit rounds down: one tenth of a unit short is a unit short
-            ("a tenth of a unit over", Fraction(10 * symbol_at - 1, 10**10)),
+            ("a tenth of a unit over", Fraction(10 * f.after - 1, 10**10)),
+        ],
+        "net": [
+            ("unset", None),
+            ("at", Fraction(f.net_after, 10**9)),
+            ("one unit over", Fraction(f.net_after - 1, 10**9)),
         ],
     }
 
@@ -598,46 +669,55 @@ def _set_up_table(gate: GateLike) -> None:
     gate.limits = PortfolioLimits()
     for symbol, exposure in TABLE_POSITIONS.items():
         gate.set_position(symbol, exposure)
-    for symbol, notional in TABLE_RESERVED:
-        assert gate.try_enter(symbol, notional)
+    for symbol, notional, side in TABLE_RESERVED:
+        assert gate.try_enter(symbol, notional, side=side)
+
+
+def _set_state(gate: GateLike, state: TradingState) -> None:
+    {
+        TradingState.ACTIVE: gate.resume,
+        TradingState.REDUCING: gate.reduce_only,
+        TradingState.HALTED: gate.halt,
+    }[state]()
+    assert gate.state is state
 
 
 def drive_table(gate: GateLike) -> dict[DenyReason | None, int]:
     """Every case of the table on ``gate``: the decision must be the rule function's. Admitted
-    entries are released again, so each case starts from the same state. Returns the outcomes
+    orders are released again, so each case starts from the same state. Returns the outcomes
     seen, so a caller can check the table reached every rule."""
     _set_up_table(gate)
     seen: dict[DenyReason | None, int] = {}
-    for halted in (False, True):
-        if halted:
-            gate.halt()
+    for state, code in TABLE_STATES.items():
+        _set_state(gate, state)
         for symbol, kind in TABLE_SYMBOLS.items():
-            for notional in (50, Fraction(1, 3)):
-                figures = Figures.of(symbol, notional)
+            for notional, side in itertools.product((50, Fraction(1, 3)), (None, *Side)):
+                figures = Figures.of(symbol, notional, side)
                 edges = _edges(figures)
-                for (pn, positions), (gn, gross), (sn, per_symbol) in itertools.product(
-                    edges["positions"], edges["gross"], edges["symbol"]
+                for (pn, positions), (gn, gross), (sn, per_symbol), (nn, net) in itertools.product(
+                    edges["positions"], edges["gross"], edges["symbol"], edges["net"]
                 ):
-                    limits = PortfolioLimits(positions, gross, per_symbol)
+                    limits = PortfolioLimits(positions, gross, per_symbol, net)
                     gate.limits = limits
-                    decision = gate.try_enter(symbol, notional)
-                    want = figures.expected(limits, halted)
-                    case = f"{kind} {symbol} {notional!r}, halted={halted}, {pn}/{gn}/{sn}"
+                    decision = gate.try_enter(symbol, notional, side=side)
+                    want = figures.expected(limits, code)
+                    case = f"{kind} {symbol} {side} {notional!r}, {state}, {pn}/{gn}/{sn}/{nn}"
                     assert decision.reason is want, f"{case}: {decision!r}, want {want}"
                     if decision:
                         assert res_of(decision).release() is True, case
                     seen[want] = seen.get(want, 0) + 1
-        if halted:
-            gate.resume()
+    gate.resume()
     return seen
 
 
 ALL_OUTCOMES = {
     None,
     DenyReason.HALTED,
+    DenyReason.REDUCING_ONLY,
     DenyReason.MAX_CONCURRENT_POSITIONS,
     DenyReason.MAX_GROSS_EXPOSURE,
     DenyReason.MAX_SYMBOL_EXPOSURE,
+    DenyReason.MAX_NET_EXPOSURE,
 }
 
 
@@ -666,9 +746,11 @@ def test_lua_names_only_reasons_the_client_maps() -> None:
     named |= set(re.findall(r"return '(max_\w+)'", SCRIPT))
     assert named == {
         "halted",
+        "reducing_only",
         "max_concurrent_positions",
         "max_gross_exposure",
         "max_symbol_exposure",
+        "max_net_exposure",
         "book_not_restored",
     }
     for name in named:
@@ -687,3 +769,238 @@ def test_a_tenth_plus_two_tenths_fits_three_tenths(h: Harness) -> None:
     g.set_position("AAA", -0.1)
     assert g.try_enter("AAA", 0.2)  # |-0.1| + 0.2: on the limit
     assert g.try_enter("AAA", 1e-9).reason is R.MAX_SYMBOL_EXPOSURE
+
+
+# ---------------------------------------------------------------------------- sides and states
+
+
+def test_a_buy_that_reduces_a_short_is_admitted_and_side_none_keeps_the_old_figures(
+    h: Harness,
+) -> None:
+    """The issue's own case: a short of -8,000 under a symbol limit of 10,000."""
+    g = h.gate(Limits(max_symbol_exposure=10_000))
+    g.set_position("AAA", -8_000)
+    assert g.try_enter("AAA", 5_000).reason is R.MAX_SYMBOL_EXPOSURE  # unknown side: 13,000
+    buy = res_of(g.try_enter("AAA", 5_000, side=Side.BUY))  # worst case stays 8,000
+    assert buy.side is Side.BUY
+    assert g.try_enter("AAA", 2_001, side="sell").reason is R.MAX_SYMBOL_EXPOSURE  # -10,001
+    assert g.try_enter("AAA", 2_000, side="sell")  # lands on -10,000
+
+
+def test_a_reducing_sell_passes_a_full_gate(h: Harness) -> None:
+    g = h.gate(Limits(max_concurrent_positions=1, max_gross_exposure=10_000))
+    g.set_position("AAA", 10_000)
+    assert g.try_enter("AAA", 1, side=Side.BUY).reason is R.MAX_GROSS_EXPOSURE
+    assert g.try_enter("AAA", 4_000, side=Side.SELL)  # lowers no figure: admitted
+    assert g.try_enter("BBB", 1, side=Side.SELL).reason is R.MAX_CONCURRENT_POSITIONS
+    assert g.try_enter("AAA", 4_000).reason is R.MAX_GROSS_EXPOSURE  # unknown side adds
+
+
+def test_two_reducing_sells_cannot_both_flip_past_the_limit(h: Harness) -> None:
+    """Each sell alone flips a long of 10,000 to a short of 2,000; together to 14,000."""
+    g = h.gate(Limits(max_symbol_exposure=10_000, max_gross_exposure=10_000))
+    g.set_position("AAA", 10_000)
+    first = res_of(g.try_enter("AAA", 12_000, side=Side.SELL))
+    assert g.try_enter("AAA", 12_000, side=Side.SELL).reason is R.MAX_GROSS_EXPOSURE
+    g.limits = Limits(max_symbol_exposure=10_000)
+    assert g.try_enter("AAA", 12_000, side=Side.SELL).reason is R.MAX_SYMBOL_EXPOSURE
+    assert first.release() is True
+    assert g.try_enter("AAA", 12_000, side=Side.SELL)
+
+
+def test_net_exposure_limit(h: Harness) -> None:
+    g = h.gate(Limits(max_net_exposure=10_000))
+    g.set_position("AAA", 6_000)
+    assert g.try_enter("BBB", 4_001, side=Side.BUY).reason is R.MAX_NET_EXPOSURE
+    assert g.try_enter("BBB", 4_000, side=Side.BUY)  # lands on 10,000
+    assert g.try_enter("CCC", 1).reason is R.MAX_NET_EXPOSURE  # unknown side counts long too
+    assert g.try_enter("CCC", 9_000, side=Side.SELL)  # a short hedges: the net falls
+    g.limits = Limits(max_net_exposure=5_000)  # over the new limit already...
+    assert g.try_enter("AAA", 1, side=Side.SELL)  # ...a sell still lowers nothing: admitted
+    assert g.try_enter("AAA", 1, side=Side.BUY).reason is R.MAX_NET_EXPOSURE
+
+
+def test_reducing_state_admits_only_orders_that_raise_no_figure(h: Harness) -> None:
+    g = h.gate(Limits())
+    g.set_position("AAA", 10_000)
+    g.reduce_only()
+    assert g.state is TradingState.REDUCING and not is_halted(g)
+    assert g.try_enter("AAA", 4_000, side=Side.SELL)
+    assert g.try_enter("AAA", 1, side=Side.BUY).reason is R.REDUCING_ONLY
+    assert g.try_enter("AAA", 1).reason is R.REDUCING_ONLY  # unknown side: it might add
+    assert g.try_enter("CCC", 1, side=Side.SELL).reason is R.REDUCING_ONLY  # opens a short
+    assert g.try_enter("AAA", 16_001, side=Side.SELL).reason is R.REDUCING_ONLY  # -10,001
+    assert g.try_enter("AAA", 16_000, side=Side.SELL)  # both sells filled: -10,000, no worse
+    g.resume()
+    assert g.state is TradingState.ACTIVE
+    assert g.try_enter("CCC", 1, side=Side.SELL)
+
+
+def test_in_reducing_covering_a_short_may_still_raise_the_net(h: Harness) -> None:
+    g = h.gate(Limits())
+    g.set_position("AAA", 10_000)
+    g.set_position("BBB", -500)  # the book's net: 9,500 long
+    g.reduce_only()
+    # Covering BBB lowers BBB's worst case but raises the book's net long: a figure.
+    assert g.try_enter("BBB", 500, side=Side.BUY).reason is R.REDUCING_ONLY
+    g.set_position("AAA", 0)  # now the net is short: the same buy lowers both
+    assert g.try_enter("BBB", 500, side=Side.BUY)
+
+
+def test_halted_admits_nothing_not_even_a_reducing_order(h: Harness) -> None:
+    g = h.gate(Limits())
+    g.set_position("AAA", 10_000)
+    g.halt()
+    assert g.state is TradingState.HALTED and is_halted(g)
+    assert g.try_enter("AAA", 1, side=Side.SELL).reason is R.HALTED
+    g.reduce_only()
+    assert g.try_enter("AAA", 1, side=Side.SELL)
+
+
+def test_stats_carry_the_state_and_count_the_new_reasons(h: Harness) -> None:
+    g = h.gate(Limits(max_net_exposure=1))
+    assert g.try_enter("AAA", 2).reason is R.MAX_NET_EXPOSURE
+    g.reduce_only()
+    assert g.try_enter("AAA", 1).reason is R.REDUCING_ONLY
+    stats = g.stats()
+    assert stats.state is TradingState.REDUCING and stats.latch is None
+    assert stats.denied[R.MAX_NET_EXPOSURE] == 1 and stats.denied[R.REDUCING_ONLY] == 1
+
+
+@pytest.mark.parametrize(
+    ("side", "error"),
+    [
+        ("long", ValueError),
+        ("BUY", ValueError),
+        ("", ValueError),
+        (1, TypeError),
+        (True, TypeError),
+    ],
+)
+def test_a_bad_side_is_refused_and_changes_nothing(h: Harness, side: object, error: type) -> None:
+    g = h.gate(Limits(max_concurrent_positions=1))
+    with pytest.raises(error, match="side"):
+        g.try_enter("AAA", 1, side=side)  # type: ignore[arg-type]
+    assert g.try_enter("BBB", 1)  # nothing was reserved: the one slot is free
+    assert g.stats().decisions == 1
+
+
+# ---------------------------------------------------------------------------- the loss latch
+
+
+def next_midnight(h: Harness, gate: GateLike) -> float:
+    """Seconds from the gate's wall clock to the next midnight UTC."""
+    now = h.wall(gate)
+    return rules.next_reset(now, 0) - now
+
+
+def test_daily_loss_latches_reducing_until_the_daily_reset(h: Harness) -> None:
+    g = h.gate(Limits(max_daily_loss=1_000))
+    g.set_position("AAA", 10_000)
+    g.record_pnl(-600)
+    g.record_pnl(Decimal("-399.999999999"))
+    assert g.state is TradingState.ACTIVE and g.latch is None  # a unit short of the limit
+    g.record_pnl(Decimal("-0.000000001"))  # reaches -1,000: latches
+    latch = g.latch
+    assert latch is not None and g.state is TradingState.REDUCING
+    assert (latch.state, latch.reason, latch.limit, latch.value) == (
+        TradingState.REDUCING,
+        "max_daily_loss",
+        1_000,
+        -1_000,
+    )
+    assert latch.until == rules.next_reset(latch.at, 0)
+    assert g.stats().latch == latch
+    assert g.try_enter("BBB", 1).reason is R.REDUCING_ONLY
+    assert g.try_enter("AAA", 1_000, side=Side.SELL)  # closing out is what a latch is for
+    h.advance(next_midnight(h, g) - 1)
+    assert g.try_enter("BBB", 1).reason is R.REDUCING_ONLY
+    h.advance(1)  # midnight UTC: a new day
+    assert g.try_enter("BBB", 1)
+    assert g.state is TradingState.ACTIVE and g.latch is None
+    g.record_pnl(-999)  # the day's P&L started again from 0
+    assert g.latch is None
+
+
+def test_the_latch_can_halt_and_an_operator_can_resume(h: Harness) -> None:
+    g = h.gate(Limits(max_daily_loss=100), on_loss=TradingState.HALTED)
+    g.set_position("AAA", 10_000)
+    g.record_pnl(-150)
+    assert g.state is TradingState.HALTED and is_halted(g)
+    assert g.try_enter("AAA", 1, side=Side.SELL).reason is R.HALTED
+    g.resume()  # clears the latch and its measuring period
+    assert g.state is TradingState.ACTIVE and g.latch is None
+    g.record_pnl(-99)
+    assert g.latch is None
+    g.record_pnl(-1)
+    assert g.state is TradingState.HALTED
+
+
+def test_drawdown_is_measured_from_the_peak(h: Harness) -> None:
+    g = h.gate(Limits(max_drawdown=500))
+    for equity in (10_000, 10_400, 9_950, 10_100):  # 450 below the peak at worst
+        g.set_equity(equity)
+    assert g.latch is None
+    g.set_equity(9_900)  # 500 below 10,400
+    latch = g.latch
+    assert latch is not None
+    assert (latch.reason, latch.limit, latch.value) == ("max_drawdown", 500, 500)
+    g.set_equity(20_000)  # a recovery does not clear a latch
+    assert g.state is TradingState.REDUCING
+    h.advance(next_midnight(h, g))
+    assert g.latch is None
+    g.set_equity(19_600)  # the new day's peak is the last equity, 20,000: 400 below
+    assert g.latch is None
+
+
+def test_the_first_latch_wins_and_a_later_daily_reset_time_is_kept(h: Harness) -> None:
+    g = h.gate(Limits(max_daily_loss=100, max_drawdown=50), daily_reset=datetime.time(21, 30))
+    g.set_equity(1_000)
+    g.record_pnl(-100)
+    g.set_equity(900)
+    latch = g.latch
+    assert latch is not None and latch.reason == "max_daily_loss"
+    assert latch.until == rules.next_reset(latch.at, 21 * 3600 + 1800)
+    assert datetime.datetime.fromtimestamp(latch.until, datetime.UTC).time() == datetime.time(
+        21, 30
+    )
+
+
+@pytest.mark.parametrize("amount", [math.nan, math.inf, Decimal("NaN"), None, "5", True])
+def test_bad_loss_amounts_are_refused(h: Harness, amount: object) -> None:
+    g = h.gate(Limits(max_daily_loss=1, max_drawdown=1))
+    with pytest.raises((TypeError, ValueError), match="amount"):
+        g.record_pnl(amount)  # type: ignore[arg-type]
+    with pytest.raises((TypeError, ValueError), match="equity"):
+        g.set_equity(amount)  # type: ignore[arg-type]
+    assert g.latch is None
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"on_loss": TradingState.ACTIVE}, ValueError),
+        ({"on_loss": "stop"}, ValueError),
+        ({"on_loss": 2}, TypeError),
+        ({"daily_reset": "00:00"}, TypeError),
+        (
+            {
+                "daily_reset": datetime.time(
+                    0, 0, tzinfo=datetime.timezone(datetime.timedelta(hours=2))
+                )
+            },
+            ValueError,
+        ),
+    ],
+)
+def test_bad_latch_options_are_refused(h: Harness, options: dict[str, object], error: type) -> None:
+    name = next(iter(options))
+    with pytest.raises(error, match=name):
+        h.gate(Limits(), **options)
+
+
+@pytest.mark.parametrize("limit", [0, -1, math.nan])
+def test_loss_limits_must_be_positive(limit: object) -> None:
+    for name in ("max_daily_loss", "max_drawdown"):
+        with pytest.raises(ValueError, match=name):
+            PortfolioLimits(**{name: limit})  # type: ignore[arg-type]

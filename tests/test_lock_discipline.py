@@ -49,7 +49,9 @@ from pendingledger import (
 from pendingledger._units import Number
 from pendingledger.testing import ManualClock
 
-LIMITS = PortfolioLimits(max_concurrent_positions=50, max_gross_exposure=10_000)
+LIMITS = PortfolioLimits(
+    max_concurrent_positions=50, max_gross_exposure=10_000, max_daily_loss=1_000
+)
 
 
 @dataclass
@@ -83,6 +85,14 @@ class Clock:
 
     def __call__(self) -> float:
         self.witness.saw("clock")
+        return self.manual()
+
+
+class WallClock(Clock):
+    """The gate's wall clock, written in Python, reporting each reading."""
+
+    def __call__(self) -> float:
+        self.witness.saw("wall_clock")
         return self.manual()
 
 
@@ -255,7 +265,8 @@ def make_setup(witness: Witness) -> Setup:
 
     ledger = PendingEntryLedger(10.0, clock=clock, on_expire=on_expire)
     witness.ledgers.append(ledger)
-    return Setup(witness, clock, ledger, PortfolioGate(ledger, LIMITS), expired)
+    gate = PortfolioGate(ledger, LIMITS, wall_clock=WallClock(witness))
+    return Setup(witness, clock, ledger, gate, expired)
 
 
 def every_operation(s: Setup) -> None:
@@ -290,6 +301,13 @@ def every_operation(s: Setup) -> None:
     assert do("close_position", lambda: gate.close_position(Name("GGG")))
     assert do("release(symbol)", lambda: ledger.release(Name("DDD")))
     assert not do("release_order", lambda: ledger.release_order(Name("o-1")))
+    do("record_pnl(Real)", lambda: gate.record_pnl(real(w, -1_000.5)))  # latches
+    do("set_equity(Real)", lambda: gate.set_equity(real(w, 5_000)))
+    assert do("state", lambda: gate.state) == "reducing"
+    assert do("latch", lambda: gate.latch) is not None
+    do("try_enter(latched, side)", lambda: gate.try_enter(
+        Name("AAA"), real(w, 1), book, side=Name("sell")))  # fmt: skip
+    do("reduce_only", gate.reduce_only)
     do("halt", gate.halt)
     do("resume", gate.resume)
     late = do("try_enter(late)", lambda: gate.try_enter(
@@ -318,7 +336,7 @@ def test_caller_objects_never_run_under_the_ledger_lock() -> None:
     finally:
         Name.witness = None
     assert len(setup.expired) == 3
-    assert {"clock", "on_expire", "positions", "Real"} <= witness.ran()
+    assert {"clock", "wall_clock", "on_expire", "positions", "Real"} <= witness.ran()
     assert witness.under_lock() == []
 
 
