@@ -444,7 +444,7 @@ def _verdict(broken: SimResult, good: SimResult, latches: Latches | None = None)
             problems.append("never latched on the daily loss limit")
         elif latch_good is not None and latch_good.admitted_after:
             problems.append(
-                f"admitted {latch_good.admitted_after:,} orders after the loss latch fired "
+                f"admitted {latch_good.admitted_after:,} order(s) after the loss latch fired "
                 f"({latch_good.first_breach})"
             )
         if good.breaches or good.sampled_breaches:
@@ -467,7 +467,8 @@ def _verdict(broken: SimResult, good: SimResult, latches: Latches | None = None)
         held += " and admitted nothing after its loss latch"
     caught = ""
     if latch_broken is not None and latch_broken.admitted_after:
-        caught = f" and {latch_broken.admitted_after:,} orders past its latch"
+        n = latch_broken.admitted_after
+        caught = f" and admitted {n:,} order{'' if n == 1 else 's'} past its loss latch"
     if broken.breaches or broken.sampled_breaches:
         return (
             f"PASS: the broken gate breached the limits {broken.breaches:,} times in "
