@@ -514,7 +514,9 @@ class Simulation:
                 if symbol not in closing and self._cache.positions.get(symbol, 0):
                     due(symbol, hold_low, hold_high)
             now = time.monotonic()
-            while closes and closes[0][0] <= now:
+            # Answers first: a close is a decision and a fill, and while it runs the answers
+            # wait; an answer that waits past its order's TTL lands after the reservation ended.
+            while closes and closes[0][0] <= now and self._router_queue.empty():
                 symbol = heapq.heappop(closes)[2]
                 closing.discard(symbol)
                 if not self._close(symbol) and not self._stop.is_set():

@@ -252,10 +252,14 @@ class TrackedReservation:
     def reduce(self, amount: Number) -> bool:
         done = self.inner.reduce(amount)
         if done:
-            self._left = _units.after_fill(self._left, *_units.reduction_units("amount", amount))
-            if self._left <= 0:  # reduced to zero: the reservation ended
-                self.ended = True
+            self.reduced(amount)
         return done
+
+    def reduced(self, amount: Number) -> None:
+        """A call that was answered True took ``amount`` off: count it, as the gate does."""
+        self._left = _units.after_fill(self._left, *_units.reduction_units("amount", amount))
+        if self._left <= 0:  # reduced to zero: the reservation ended
+            self.ended = True
 
     def __repr__(self) -> str:
         return f"TrackedReservation({self.inner!r}, ended={self.ended})"
@@ -324,7 +328,12 @@ class SharedGate:
         filled: Number | None = None,
     ) -> bool:
         done = self._gate.confirm_fill(order_id, position_exposure, symbol=symbol, filled=filled)
-        self._ended(order_id, done and (filled is None or not self._still_active(order_id)))
+        if filled is None:
+            self._ended(order_id, done)
+        elif done:  # counted here, as the gate counts it: no extra round trip for a part
+            tracked = self.tracked.get(order_id)
+            if tracked is not None:
+                tracked.reduced(filled)
         return done
 
     def reduce_order(self, order_id: str, amount: Number) -> bool:
