@@ -35,6 +35,9 @@ class ReservationHandle(Protocol):
     def order_id(self) -> str: ...
 
     @property
+    def side(self) -> Side | None: ...
+
+    @property
     def notional(self) -> Number: ...
 
     @property

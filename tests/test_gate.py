@@ -1450,7 +1450,11 @@ def test_gate_and_ledger_match_the_reference_model(seed: int) -> None:
                     for j in range(rng.randint(1, 4)):
                         symbol, amount = rng.choice(symbols), random_amount(rng)
                         oid = f"b{step}.{j}"
-                        new.append(pending.reserve(symbol, amount, order_id=oid))
+                        block_side = rng.choice([None, Side.BUY, Side.SELL])
+                        new.append(pending.reserve(symbol, amount, order_id=oid, side=block_side))
+                        model.sides[oid] = {None: 0, Side.BUY: rules.BUY, Side.SELL: rules.SELL}[
+                            block_side
+                        ]
                         given_amounts[oid] = amount
                         trial[oid] = (symbol, model_units(amount, True), clock())
                         trial_reserved += 1

@@ -27,6 +27,7 @@ import pytest
 from redis_server import RedisServer, running_server
 
 from pendingledger import (
+    Latch,
     PendingEntryLedger,
     PortfolioGate,
     PortfolioLimits,
@@ -132,6 +133,14 @@ def is_active(res: ReservationLike) -> bool:
 
 def is_halted(gate: GateLike) -> bool:
     return gate.halted  # a call, so mypy does not narrow the property across halt()/resume()
+
+
+def state_of(gate: GateLike) -> TradingState:
+    return gate.state  # a call, as is_halted
+
+
+def latch_of(gate: GateLike) -> Latch | None:
+    return gate.latch  # a call, as is_halted
 
 
 # ---------------------------------------------------------------------------- the seed behaviours
@@ -679,7 +688,7 @@ def _set_state(gate: GateLike, state: TradingState) -> None:
         TradingState.REDUCING: gate.reduce_only,
         TradingState.HALTED: gate.halt,
     }[state]()
-    assert gate.state is state
+    assert state_of(gate) is state
 
 
 def drive_table(gate: GateLike) -> dict[DenyReason | None, int]:
@@ -691,7 +700,9 @@ def drive_table(gate: GateLike) -> dict[DenyReason | None, int]:
     for state, code in TABLE_STATES.items():
         _set_state(gate, state)
         for symbol, kind in TABLE_SYMBOLS.items():
-            for notional, side in itertools.product((50, Fraction(1, 3)), (None, *Side)):
+            notionals: tuple[int | Fraction, ...] = (50, Fraction(1, 3))
+            sides: tuple[Side | None, ...] = (None, *Side)
+            for notional, side in itertools.product(notionals, sides):
                 figures = Figures.of(symbol, notional, side)
                 edges = _edges(figures)
                 for (pn, positions), (gn, gross), (sn, per_symbol), (nn, net) in itertools.product(
@@ -824,7 +835,7 @@ def test_reducing_state_admits_only_orders_that_raise_no_figure(h: Harness) -> N
     g = h.gate(Limits())
     g.set_position("AAA", 10_000)
     g.reduce_only()
-    assert g.state is TradingState.REDUCING and not is_halted(g)
+    assert state_of(g) is TradingState.REDUCING and not is_halted(g)
     assert g.try_enter("AAA", 4_000, side=Side.SELL)
     assert g.try_enter("AAA", 1, side=Side.BUY).reason is R.REDUCING_ONLY
     assert g.try_enter("AAA", 1).reason is R.REDUCING_ONLY  # unknown side: it might add
@@ -832,7 +843,7 @@ def test_reducing_state_admits_only_orders_that_raise_no_figure(h: Harness) -> N
     assert g.try_enter("AAA", 16_001, side=Side.SELL).reason is R.REDUCING_ONLY  # -10,001
     assert g.try_enter("AAA", 16_000, side=Side.SELL)  # both sells filled: -10,000, no worse
     g.resume()
-    assert g.state is TradingState.ACTIVE
+    assert state_of(g) is TradingState.ACTIVE
     assert g.try_enter("CCC", 1, side=Side.SELL)
 
 
@@ -851,7 +862,7 @@ def test_halted_admits_nothing_not_even_a_reducing_order(h: Harness) -> None:
     g = h.gate(Limits())
     g.set_position("AAA", 10_000)
     g.halt()
-    assert g.state is TradingState.HALTED and is_halted(g)
+    assert state_of(g) is TradingState.HALTED and is_halted(g)
     assert g.try_enter("AAA", 1, side=Side.SELL).reason is R.HALTED
     g.reduce_only()
     assert g.try_enter("AAA", 1, side=Side.SELL)
@@ -899,10 +910,10 @@ def test_daily_loss_latches_reducing_until_the_daily_reset(h: Harness) -> None:
     g.set_position("AAA", 10_000)
     g.record_pnl(-600)
     g.record_pnl(Decimal("-399.999999999"))
-    assert g.state is TradingState.ACTIVE and g.latch is None  # a unit short of the limit
+    assert state_of(g) is TradingState.ACTIVE and latch_of(g) is None  # a unit short of the limit
     g.record_pnl(Decimal("-0.000000001"))  # reaches -1,000: latches
-    latch = g.latch
-    assert latch is not None and g.state is TradingState.REDUCING
+    latch = latch_of(g)
+    assert latch is not None and state_of(g) is TradingState.REDUCING
     assert (latch.state, latch.reason, latch.limit, latch.value) == (
         TradingState.REDUCING,
         "max_daily_loss",
@@ -917,40 +928,40 @@ def test_daily_loss_latches_reducing_until_the_daily_reset(h: Harness) -> None:
     assert g.try_enter("BBB", 1).reason is R.REDUCING_ONLY
     h.advance(1)  # midnight UTC: a new day
     assert g.try_enter("BBB", 1)
-    assert g.state is TradingState.ACTIVE and g.latch is None
+    assert state_of(g) is TradingState.ACTIVE and latch_of(g) is None
     g.record_pnl(-999)  # the day's P&L started again from 0
-    assert g.latch is None
+    assert latch_of(g) is None
 
 
 def test_the_latch_can_halt_and_an_operator_can_resume(h: Harness) -> None:
     g = h.gate(Limits(max_daily_loss=100), on_loss=TradingState.HALTED)
     g.set_position("AAA", 10_000)
     g.record_pnl(-150)
-    assert g.state is TradingState.HALTED and is_halted(g)
+    assert state_of(g) is TradingState.HALTED and is_halted(g)
     assert g.try_enter("AAA", 1, side=Side.SELL).reason is R.HALTED
     g.resume()  # clears the latch and its measuring period
-    assert g.state is TradingState.ACTIVE and g.latch is None
+    assert state_of(g) is TradingState.ACTIVE and latch_of(g) is None
     g.record_pnl(-99)
-    assert g.latch is None
+    assert latch_of(g) is None
     g.record_pnl(-1)
-    assert g.state is TradingState.HALTED
+    assert state_of(g) is TradingState.HALTED
 
 
 def test_drawdown_is_measured_from_the_peak(h: Harness) -> None:
     g = h.gate(Limits(max_drawdown=500))
     for equity in (10_000, 10_400, 9_950, 10_100):  # 450 below the peak at worst
         g.set_equity(equity)
-    assert g.latch is None
+    assert latch_of(g) is None
     g.set_equity(9_900)  # 500 below 10,400
-    latch = g.latch
+    latch = latch_of(g)
     assert latch is not None
     assert (latch.reason, latch.limit, latch.value) == ("max_drawdown", 500, 500)
     g.set_equity(20_000)  # a recovery does not clear a latch
-    assert g.state is TradingState.REDUCING
+    assert state_of(g) is TradingState.REDUCING
     h.advance(next_midnight(h, g))
-    assert g.latch is None
+    assert latch_of(g) is None
     g.set_equity(19_600)  # the new day's peak is the last equity, 20,000: 400 below
-    assert g.latch is None
+    assert latch_of(g) is None
 
 
 def test_the_first_latch_wins_and_a_later_daily_reset_time_is_kept(h: Harness) -> None:
@@ -958,7 +969,7 @@ def test_the_first_latch_wins_and_a_later_daily_reset_time_is_kept(h: Harness) -
     g.set_equity(1_000)
     g.record_pnl(-100)
     g.set_equity(900)
-    latch = g.latch
+    latch = latch_of(g)
     assert latch is not None and latch.reason == "max_daily_loss"
     assert latch.until == rules.next_reset(latch.at, 21 * 3600 + 1800)
     assert datetime.datetime.fromtimestamp(latch.until, datetime.UTC).time() == datetime.time(
@@ -973,7 +984,7 @@ def test_bad_loss_amounts_are_refused(h: Harness, amount: object) -> None:
         g.record_pnl(amount)  # type: ignore[arg-type]
     with pytest.raises((TypeError, ValueError), match="equity"):
         g.set_equity(amount)  # type: ignore[arg-type]
-    assert g.latch is None
+    assert latch_of(g) is None
 
 
 @pytest.mark.parametrize(
@@ -993,7 +1004,7 @@ def test_bad_loss_amounts_are_refused(h: Harness, amount: object) -> None:
         ),
     ],
 )
-def test_bad_latch_options_are_refused(h: Harness, options: dict[str, object], error: type) -> None:
+def test_bad_latch_options_are_refused(h: Harness, options: dict[str, Any], error: type) -> None:
     name = next(iter(options))
     with pytest.raises(error, match=name):
         h.gate(Limits(), **options)
