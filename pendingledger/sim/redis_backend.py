@@ -224,6 +224,10 @@ class TrackedReservation:
         return self.inner.order_id
 
     @property
+    def side(self) -> Side | None:
+        return self.inner.side
+
+    @property
     def notional(self) -> Number:
         return self.inner.notional
 
