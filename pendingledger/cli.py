@@ -4,12 +4,14 @@ Why: a new user should see the problem and the fix before reading any code. ``ra
 simulated threaded trading app of ``pendingledger.sim`` twice on the same seed, first with a
 broken gate (check under the lock, reserve in a second acquisition) and then with pendingledger's
 ``PortfolioGate``, and prints what an independent auditor saw: the broken gate lets the portfolio
-go over its limits, pendingledger never does.
+go over its limits, pendingledger never does. The app trades both sides (longs, shorts, and
+orders that reduce a position), so every figure is a worst case (``pendingledger.rules``).
 
 What callers (and scripts) may rely on:
 
 * ``main(argv)`` returns the exit status instead of exiting: 0 when the pendingledger run had no
-  breach and every reservation ended exactly once, 1 otherwise, 2 for bad options (argparse's
+  breach, every reservation ended exactly once and nothing was admitted after its loss latch,
+  1 otherwise, 2 for bad options (argparse's
   message on stderr), a ``--json`` file that cannot be written, or a race that could not run
   (Redis unreachable, a worker process failed), 130 on Ctrl-C.
 * ``--backend redis --redis-url URL`` races the same app across ``--processes`` processes on a
@@ -17,9 +19,13 @@ What callers (and scripts) may rely on:
   deleted afterwards. It needs the ``redis`` extra; nothing imports it for the memory backend.
 * The table and the one-line verdict go to stdout; the progress display goes to stderr (a live
   line when stderr is a terminal, a few plain lines otherwise).
-* ``--json PATH`` writes ``{"broken": {...}, "pendingledger": {...}, ...}``: each run's
-  figures (``SimResult.to_dict()``: at least ``decisions``, ``admitted``, ``breaches``) under
-  its own key.
+* After the two runs, a loss latch race on each gate (``pendingledger.sim.latch``): threads
+  entering while another records losses until the daily loss limit latches the gate; any order
+  admitted after the latching call returned fails pendingledger's run like a breach.
+* ``--json PATH`` writes ``{"broken": {...}, "pendingledger": {...}, "latch": {...}, ...}``:
+  each run's figures (``SimResult.to_dict()``: at least ``decisions``, ``admitted``,
+  ``breaches``) under its own key, and the latch races' (``LatchRaceResult.to_dict()``) under
+  ``latch`` (null when the backend cannot race a latch).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from .sim import (
     SimulationError,
 )
 from .sim import memory_backend as _memory_backend
+from .sim.latch import LatchRaceResult, memory_latch_race
 
 __all__ = ["BACKENDS", "main"]
 
@@ -151,18 +158,22 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "race",
         help="race a simulated trading bot on a broken gate, then on pendingledger's gate",
         description=(
-            "Run a simulated threaded trading app (strategy threads, a simulated exchange with "
-            "rejects, partial fills and lost orders, a fill router) twice on the same seed: "
-            "first with a broken gate that checks the limits and reserves in two separate "
-            "steps, then with pendingledger's gate. An independent auditor tracks the true "
-            "exposure (open positions plus orders in flight) and counts every admission that "
-            "took it over a limit. With --backend redis the app runs across processes on a "
-            "shared Redis server, and the auditor reads the shared state."
+            "Run a simulated threaded trading app (strategy threads buying and selling, longs, "
+            "shorts and orders that reduce a position, a simulated exchange with rejects, "
+            "partial fills and lost orders, a fill router) twice on the same seed: first with "
+            "a broken gate that checks the limits and reserves in two separate steps, then with "
+            "pendingledger's gate. An independent auditor tracks the true exposure (signed "
+            "positions plus orders in flight, as worst cases) and counts every admission that "
+            "took it over a limit. Then, on each gate, threads enter while another records "
+            "losses until the daily loss limit latches it: no order may be admitted after "
+            "that. With --backend redis the app runs across processes on a shared Redis "
+            "server, and the auditor reads the shared state."
         ),
         epilog=(
-            "Exit status: 0 when the pendingledger run had no breach and every reservation "
-            "ended exactly once, 1 otherwise, 2 for bad options or a race that could not run "
-            "(Redis unreachable, a worker process failed), 130 on Ctrl-C."
+            "Exit status: 0 when the pendingledger run had no breach, every reservation "
+            "ended exactly once and nothing was admitted after its loss latch, 1 otherwise, 2 "
+            "for bad options or a race that could not run (Redis unreachable, a worker process "
+            "failed), 130 on Ctrl-C."
         ),
     )
     race.add_argument(
@@ -218,6 +229,16 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help=(
             "Most exposure on any one symbol (open plus in flight), 'none' for no limit "
             f"(default {_DEFAULTS.max_symbol})."
+        ),
+    )
+    race.add_argument(
+        "--max-net",
+        type=_amount_limit,
+        default=_DEFAULTS.max_net,
+        metavar="X",
+        help=(
+            "Most net exposure (the worst case of the whole book's signed sum: longs and "
+            f"shorts offset), 'none' for no limit (default {_DEFAULTS.max_net})."
         ),
     )
     race.add_argument(
@@ -316,17 +337,23 @@ def _header(config: SimConfig, backend: str, processes: int) -> str:
         f"pendingledger race: {threads} x {config.seconds:g} s per gate, seed {config.seed}\n"
         f"{backend} backend; core: {core}\n"
         f"limits: positions {_num(config.max_positions)}, gross {_num(config.max_gross)}, "
-        f"symbol {_num(config.max_symbol)}"
+        f"symbol {_num(config.max_symbol)}, net {_num(config.max_net)}"
     )
 
 
-def _table(broken: SimResult, good: SimResult) -> str:
+Latches = tuple[LatchRaceResult, LatchRaceResult]
+"""The latch race's results, broken gate first."""
+
+
+def _table(broken: SimResult, good: SimResult, latches: Latches | None = None) -> str:
     rows: list[tuple[str, Callable[[SimResult], str]]] = [
         ("decisions", lambda r: _num(r.decisions)),
-        ("admitted", lambda r: _num(r.admitted)),
+        ("admitted: buys / sells", lambda r: f"{r.admitted_buys:,} / {r.admitted_sells:,}"),
+        ("  of them reducing a position", lambda r: _num(r.reducing_admitted)),
         ("denied: max concurrent positions", lambda r: _num(r.denied["max_concurrent_positions"])),
         ("denied: max gross exposure", lambda r: _num(r.denied["max_gross_exposure"])),
         ("denied: max symbol exposure", lambda r: _num(r.denied["max_symbol_exposure"])),
+        ("denied: max net exposure", lambda r: _num(r.denied.get("max_net_exposure", 0))),
     ]
     if broken.denied.get("lock_timeout") or good.denied.get("lock_timeout"):
         # The gate read the app's positions again and again while reservations kept ending.
@@ -336,7 +363,8 @@ def _table(broken: SimResult, good: SimResult) -> str:
         ("orders filled in full", lambda r: _num(r.filled)),
         ("orders filled in parts", lambda r: _num(r.partially_filled)),
         ("orders never answered, expired by TTL", lambda r: f"{r.lost:,}/{r.expired:,}"),
-        ("positions closed", lambda r: _num(r.closes)),
+        ("positions opened: long / short", lambda r: f"{r.longs_opened:,} / {r.shorts_opened:,}"),
+        ("positions closed by the router", lambda r: _num(r.closes)),
         (
             f"highest concurrent positions (limit {_num(good.max_positions)})",
             lambda r: _seen(r.max_positions_seen, r.max_positions),
@@ -348,6 +376,10 @@ def _table(broken: SimResult, good: SimResult) -> str:
         (
             f"highest symbol exposure (limit {_num(good.max_symbol)})",
             lambda r: _seen(r.max_symbol_seen, r.max_symbol),
+        ),
+        (
+            f"highest net exposure (limit {_num(good.max_net)})",
+            lambda r: _seen(r.max_net_seen, r.max_net),
         ),
         ("BREACHES", lambda r: _num(r.breaches)),
     ]
@@ -363,21 +395,58 @@ def _table(broken: SimResult, good: SimResult) -> str:
     rows.append(
         ("reservations leaked / ended twice", lambda r: f"{r.leaked:,} / {r.double_ended:,}")
     )
-    width = max(len(label) for label, _ in rows)
     cells = [(label, get(broken), get(good)) for label, get in rows]
-    col = max(14, *(len(c) for _, a, b in cells for c in (a, b)))
-    lines = [f"{'':<{width}}  {'broken gate':>{col}}  {'pendingledger':>{col}}"]
-    lines += [f"{label:<{width}}  {a:>{col}}  {b:>{col}}".rstrip() for label, a, b in cells]
+    latch_cells = [] if latches is None else _latch_cells(*latches)
+    width = max(len(label) for label, _, _ in cells + latch_cells)
+    col = max(14, *(len(c) for _, a, b in cells + latch_cells for c in (a, b)))
+
+    def line(label: str, a: str, b: str) -> str:
+        return f"{label:<{width}}  {a:>{col}}  {b:>{col}}".rstrip()
+
+    lines = [line("", "broken gate", "pendingledger")]
+    lines += [line(*cell) for cell in cells]
+    if latches is not None:
+        good_latch = latches[1]
+        lines += [
+            "",
+            f"loss latch race: {good_latch.threads} threads enter while another records "
+            f"losses up to the limit ({good_latch.loss_limit:,})",
+        ]
+        lines += [line(*cell) for cell in latch_cells]
     return "\n".join(lines)
+
+
+def _latch_cells(broken: LatchRaceResult, good: LatchRaceResult) -> list[tuple[str, str, str]]:
+    """The latch race's rows: threads entering while another records losses of 1 until the
+    daily loss limit latches the gate."""
+
+    def latched(r: LatchRaceResult) -> str:
+        return f"after {r.losses:,} losses" if r.latched else "never"
+
+    rows: list[tuple[str, Callable[[LatchRaceResult], str]]] = [
+        ("  latch fired", latched),
+        ("  decisions begun after the latch", lambda r: _num(r.entered_after)),
+        ("  ORDERS ADMITTED AFTER THE LATCH", lambda r: _num(r.admitted_after)),
+    ]
+    return [(label, get(broken), get(good)) for label, get in rows]
 
 
 def _breaches_of(kind: str) -> Callable[[SimResult], str]:
     return lambda r: _num(r.breaches_by_limit[kind])
 
 
-def _verdict(broken: SimResult, good: SimResult) -> str:
-    if not good.ok:
+def _verdict(broken: SimResult, good: SimResult, latches: Latches | None = None) -> str:
+    latch_broken, latch_good = (None, None) if latches is None else latches
+    latch_ok = latch_good is None or latch_good.ok
+    if not good.ok or not latch_ok:
         problems = []
+        if latch_good is not None and not latch_good.latched:
+            problems.append("never latched on the daily loss limit")
+        elif latch_good is not None and latch_good.admitted_after:
+            problems.append(
+                f"admitted {latch_good.admitted_after:,} order(s) after the loss latch fired "
+                f"({latch_good.first_breach})"
+            )
         if good.breaches or good.sampled_breaches:
             problems.append(f"breached the limits {good.breaches:,} times ({good.first_breach})")
         if good.sampled_breaches:
@@ -394,10 +463,16 @@ def _verdict(broken: SimResult, good: SimResult) -> str:
             )
         return f"FAIL: pendingledger {'; '.join(problems)}. Replay with --seed {good.seed}."
     held = f"pendingledger held every limit in {good.decisions:,} decisions (0 breaches)"
+    if latch_good is not None:
+        held += " and admitted nothing after its loss latch"
+    caught = ""
+    if latch_broken is not None and latch_broken.admitted_after:
+        n = latch_broken.admitted_after
+        caught = f" and admitted {n:,} order{'' if n == 1 else 's'} past its loss latch"
     if broken.breaches or broken.sampled_breaches:
         return (
             f"PASS: the broken gate breached the limits {broken.breaches:,} times in "
-            f"{broken.decisions:,} decisions; {held}."
+            f"{broken.decisions:,} decisions{caught}; {held}."
         )
     return (
         f"PASS: {held}. The broken gate happened not to breach this time; "
@@ -464,6 +539,7 @@ def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         max_positions=args.max_positions,
         max_gross=args.max_gross,
         max_symbol=args.max_symbol,
+        max_net=args.max_net,
     )
     run = _runner(args, err)
     if run is None:
@@ -471,24 +547,28 @@ def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     display = _ProgressDisplay(err)
     results: dict[str, SimResult] = {}
     started = time.monotonic()
-    for key, label in _RUNS:
-        config = dataclasses.replace(base, broken=key == "broken")
-        display.start(label, config, args.processes)
-        try:
+    label = ""
+    try:
+        for key, label in _RUNS:
+            config = dataclasses.replace(base, broken=key == "broken")
+            display.start(label, config, args.processes)
             results[key] = run(config, display.update)
-        except KeyboardInterrupt:
-            display.abort()
-            err.write("race: interrupted\n")
-            return 130
-        except _RaceFailed as exc:
-            display.abort()
-            err.write(f"race: {label}: {exc}\n")
-            return 2
-        display.done(results[key])
+            display.done(results[key])
+        label = "loss latch"
+        latches = _latch_races(args)
+    except KeyboardInterrupt:
+        display.abort()
+        err.write("race: interrupted\n")
+        return 130
+    except _RaceFailed as exc:
+        display.abort()
+        err.write(f"race: {label}: {exc}\n")
+        return 2
     broken, good = results["broken"], results["pendingledger"]
     out.write(_header(base, args.backend, args.processes) + "\n\n")
-    out.write(_table(broken, good) + "\n\n")
-    verdict = _verdict(broken, good)
+    out.write(_table(broken, good, latches) + "\n\n")
+    verdict = _verdict(broken, good, latches)
+    ok = good.ok and (latches is None or latches[1].ok)
     out.write(verdict + "\n")
     out.flush()
     if args.json is not None:
@@ -502,10 +582,14 @@ def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 "max_positions": base.max_positions,
                 "max_gross": base.max_gross,
                 "max_symbol": base.max_symbol,
+                "max_net": base.max_net,
             },
             "broken": broken.to_dict(),
             "pendingledger": good.to_dict(),
-            "ok": good.ok,
+            "latch": None
+            if latches is None
+            else {"broken": latches[0].to_dict(), "pendingledger": latches[1].to_dict()},
+            "ok": ok,
             "verdict": verdict,
             "wall_seconds": round(time.monotonic() - started, 3),
         }
@@ -516,7 +600,23 @@ def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         except OSError as exc:
             err.write(f"race: cannot write --json {args.json}: {exc.strerror or exc}\n")
             return 2
-    return 0 if good.ok else 1
+    return 0 if ok else 1
+
+
+def _latch_races(args: argparse.Namespace) -> Latches | None:
+    """The loss latch race on the broken gate, then on pendingledger's (None: the backend
+    cannot run it)."""
+    if args.backend != "redis":
+        return (memory_latch_race(broken=True), memory_latch_race(broken=False))
+    from .redis import StoreUnavailable  # noqa: PLC0415 -- the redis extra, checked already
+    from .sim.redis_backend import redis_latch_race  # noqa: PLC0415 -- needs it too
+
+    try:
+        broken = redis_latch_race(args.redis_url, broken=True)
+        good = redis_latch_race(args.redis_url, broken=False)
+    except (StoreUnavailable, SimulationError) as exc:
+        raise _RaceFailed(str(exc)) from exc
+    return None if broken is None or good is None else (broken, good)
 
 
 class _RaceFailed(Exception):

@@ -14,6 +14,7 @@ import pytest
 import pendingledger
 from pendingledger import cli
 from pendingledger.sim import MemoryBackend, SimConfig
+from pendingledger.sim.latch import LatchRaceResult, memory_latch_race
 
 # Short runs: the figures of the race are asserted in test_stress.py, not here.
 QUICK = ["race", "--seconds", "0.3", "--threads", "16", "--seed", "5"]
@@ -29,25 +30,36 @@ def test_race_prints_a_table_and_a_verdict_and_exits_0(
     out, err = capsys.readouterr()
     for row in (
         "decisions",
-        "admitted",
+        "admitted: buys / sells",
+        "of them reducing a position",
         "denied: max concurrent positions",
         "denied: max gross exposure",
         "denied: max symbol exposure",
+        "denied: max net exposure",
         "orders rejected",
         "orders filled in full",
         "expired by TTL",
+        "positions opened: long / short",
         "highest concurrent positions (limit 5)",
         "highest gross exposure (limit 50,000)",
+        "highest net exposure (limit 30,000)",
         "BREACHES",
+        "of the net limit",
+        "loss latch race: 8 threads",
+        "latch fired",
+        "ORDERS ADMITTED AFTER THE LATCH",
     ):
-        assert row in out
+        assert row in out, row
+    latch_row = next(line for line in out.splitlines() if "ADMITTED AFTER THE LATCH" in line)
+    assert latch_row.split()[-1] == "0"  # pendingledger's column
+    assert all(len(line) <= 80 for line in out.split("\n\n")[1].splitlines())
     assert "broken gate" in out and "pendingledger" in out
     assert out.rstrip().splitlines()[-1].startswith("PASS: ")
     header = out.split("\n\n")[0].splitlines()
     assert header[0] == "pendingledger race: 16 threads x 0.3 s per gate, seed 5"
     core = "compiled (mypyc)" if pendingledger.COMPILED else "pure Python"
     assert header[1] == f"memory backend; core: {core}"  # which build raced
-    assert header[2] == "limits: positions 5, gross 50,000, symbol 15,000"
+    assert header[2] == "limits: positions 5, gross 50,000, symbol 15,000, net 30,000"
     # stderr is not a terminal here: a few plain progress lines, no carriage returns.
     assert "\r" not in err
     assert "race: broken gate" in err and "race: pendingledger" in err
@@ -59,6 +71,15 @@ def test_race_prints_a_table_and_a_verdict_and_exits_0(
     assert data["broken"]["gate"] == "broken"
     assert data["pendingledger"]["breaches"] == 0
     assert data["seed"] == 5 and data["ok"] is True
+    assert data["limits"]["max_net"] == 30_000
+    # Both sides were traded.
+    assert (
+        data["pendingledger"]["admitted_sells"] > 0 and data["pendingledger"]["shorts_opened"] > 0
+    )
+    latch = data["latch"]
+    assert latch["pendingledger"]["latched"] is True and latch["pendingledger"]["ok"] is True
+    assert latch["pendingledger"]["admitted_after"] == 0
+    assert latch["broken"]["admitted_after"] > 0  # its gap is held open while the latch fires
 
 
 @pytest.mark.timeout(30)
@@ -100,6 +121,8 @@ def test_race_exits_1_when_the_gate_under_test_breaches(
         ["--max-gross", "-100"],
         ["--max-gross", "inf"],
         ["--max-symbol", "x"],
+        ["--max-net", "-1"],
+        ["--max-net", "lots"],
         ["--seed", "abc"],
         ["--backend", "carrier-pigeon"],
         ["--no-such-option"],
@@ -152,6 +175,7 @@ def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         "--max-positions",
         "--max-gross",
         "--max-symbol",
+        "--max-net",
         "--json",
         "--backend",
         "--redis-url",
@@ -179,10 +203,11 @@ def test_the_header_fits_a_terminal(config: SimConfig, backend: str, processes: 
 
 @pytest.mark.timeout(30)
 def test_limits_can_be_switched_off(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = [*QUICK, "--max-positions", "none", "--max-gross", "2e4", "--max-symbol", "none"]
+    argv = [*QUICK, "--max-positions", "none", "--max-gross", "2e4", "--max-symbol", "none",
+            "--max-net", "none"]  # fmt: skip
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "limits: positions none, gross 20,000, symbol none" in out
+    assert "limits: positions none, gross 20,000, symbol none, net none" in out
     assert "highest concurrent positions (limit none)" in out
 
 
@@ -233,3 +258,18 @@ def test_python_dash_m_runs_the_race(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert "--threads" in bad.stderr
+
+
+@pytest.mark.timeout(30)
+def test_race_exits_1_when_pendingledger_admits_after_its_loss_latch(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The latch race counts in the verdict: an order past pendingledger's latch is a FAIL."""
+
+    def broken_both(*, broken: bool) -> LatchRaceResult:
+        return memory_latch_race(broken=True)
+
+    monkeypatch.setattr(cli, "memory_latch_race", broken_both)
+    assert cli.main([*QUICK, "--seconds", "0.1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: pendingledger admitted" in out and "after the loss latch fired" in out

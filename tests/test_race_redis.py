@@ -23,15 +23,18 @@ from pathlib import Path
 import pytest
 from redis_server import RedisServer
 
-from pendingledger import PortfolioLimits, cli
+from pendingledger import PortfolioLimits, Side, cli
 from pendingledger.sim import SimConfig, SimulationError
 
 redis = pytest.importorskip("redis")
 
-from pendingledger.redis._audit import breaches  # noqa: E402
 from pendingledger.redis.testing import advance_server_clock, enable_test_ops  # noqa: E402
 from pendingledger.sim.processes import ProcessRace  # noqa: E402
-from pendingledger.sim.redis_backend import RedisBackend, SharedAudit  # noqa: E402
+from pendingledger.sim.redis_backend import (  # noqa: E402
+    RedisBackend,
+    SharedAudit,
+    redis_latch_race,
+)
 
 # A race whose orders are all answered: nothing waits for a TTL at the end.
 ANSWERED = SimConfig(seconds=30.0, threads=4, seed=3, outcome_weights=(0.2, 0.5, 0.3, 0.0))
@@ -78,6 +81,12 @@ def test_the_race_across_processes_catches_the_broken_gate_and_pendingledger_hol
     good, broken = data["pendingledger"], data["broken"]
     assert good["breaches"] == good["sampled_breaches"] == 0, good["first_breach"]
     assert broken["breaches"] > 0
+    for run in (good, broken):  # both sides traded, across the processes
+        assert run["admitted_buys"] > 0 and run["admitted_sells"] > 0
+        assert run["longs_opened"] > 0 and run["shorts_opened"] > 0
+    assert "ORDERS ADMITTED AFTER THE LATCH" in out
+    assert data["latch"]["pendingledger"]["admitted_after"] == 0
+    assert data["latch"]["broken"]["admitted_after"] > 0
     assert _keys(server) == []  # both namespaces deleted
     assert multiprocessing.active_children() == []
 
@@ -138,38 +147,55 @@ def test_an_unreachable_server_is_reported_with_status_2(
 
 @pytest.mark.redis
 @pytest.mark.timeout(30)
-def test_a_reading_counts_what_the_gate_counts_and_a_partial_fill_once(
+def test_a_reading_counts_worst_cases_by_side_and_leaves_expired_orders_out(
     server: RedisServer,
 ) -> None:
-    """The gate's own snapshot counts a partial fill twice between set_position and reduce;
-    the router's mark makes the reading count it once. Expired reservations the store has not
-    swept yet are not counted either."""
+    """A reading takes each symbol's signed position and its pending orders by side, as the
+    gate does (a sell against a long adds nothing), and leaves out reservations past their
+    TTL that the store has not swept yet. A partial fill handed over with confirm_fill(filled=)
+    is never counted twice."""
     limits = PortfolioLimits(max_concurrent_positions=2, max_gross_exposure=1_000)
     namespace = f"reading-{uuid.uuid4().hex[:8]}"
     backend = RedisBackend(server.url, namespace=namespace, limits=limits, ttl=30.0,
                            on_expire=lambda r: None, broken=False)  # fmt: skip
     gate = backend.gate.redis_gate
+    unit = 10**9
     try:
         gate.restore({})
         audit = SharedAudit(gate, limits)
-        reservation = backend.gate.try_enter("AAA", 1_000, order_id="o1").reservation
-        assert reservation is not None
-        with backend.handover("AAA", 400):
-            backend.gate.set_position("AAA", 400)
-            reading = audit.read()
-            assert reading.over == () and reading.gross == 1_000 * 10**9
-            assert breaches(gate.snapshot(), limits)  # the raw snapshot: 1,400 > 1,000
-            assert reservation.reduce(400)
-        assert audit.read().over == ()
+        assert backend.gate.try_enter("AAA", 1_000, order_id="o1", side=Side.BUY)
+        assert backend.gate.confirm_fill("o1", 400, symbol="AAA", filled=400)
+        reading = audit.read()
+        assert reading.symbols == {"AAA": 1_000 * unit} and reading.over == ()
+        assert backend.gate.try_enter("AAA", 300, order_id="o2", side=Side.SELL)  # reduces
+        reading = audit.read()
+        assert reading.symbols == {"AAA": 1_000 * unit} and reading.net == 1_000 * unit
         assert backend.gate.checks.figures()["breaches"] == 0
 
-        advance_server_clock(gate, 30)  # o1 is now past its TTL, not yet swept
-        assert "o1" in gate.snapshot().orders
+        advance_server_clock(gate, 30)  # o1 and o2 are now past their TTL, not yet swept
+        assert set(gate.snapshot().orders) == {"o1", "o2"}
         reading = audit.read()
-        assert reading.symbols == {"AAA": 400 * 10**9} and reading.positions == 1
+        assert reading.symbols == {"AAA": 400 * unit} and reading.positions == 1
     finally:
         gate.wipe()
         backend.close()
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(60)
+def test_the_latch_race_on_redis_catches_the_broken_gate_and_pendingledger_holds(
+    server: RedisServer,
+) -> None:
+    """Many threads entering one namespace while another records losses: nothing is admitted
+    after the latching call returned; the check-then-reserve variant, its gap held open while
+    the latch fires, is caught."""
+    good = redis_latch_race(server.url, broken=False)
+    broken = redis_latch_race(server.url, broken=True)
+    assert good is not None and broken is not None
+    assert good.latched and good.admitted_after == 0 and good.ok, good.first_breach
+    assert good.entered_after == 8 * 20
+    assert broken.latched and broken.admitted_after >= 1 and not broken.ok
+    assert _keys(server) == []
 
 
 @pytest.mark.redis

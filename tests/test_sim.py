@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pendingledger import Decision, DenyReason
+from pendingledger import Decision, DenyReason, Side
 from pendingledger import sim as simmod
 from pendingledger.sim import (
     MemoryBackend,
@@ -66,7 +66,7 @@ class _DenyAll:
     """Records every entry a brain asks for and denies it."""
 
     def __init__(self) -> None:
-        self.asked: list[tuple[str, int, str | None]] = []
+        self.asked: list[tuple[str, int, str | None, Side | str | None]] = []
         self._lock = threading.Lock()
 
     def try_enter(
@@ -76,10 +76,11 @@ class _DenyAll:
         positions: Callable[[], Mapping[str, int]],
         *,
         order_id: str | None = None,
+        side: Side | str | None = None,
     ) -> Decision:
         positions()
         with self._lock:
-            self.asked.append((symbol, notional, order_id))
+            self.asked.append((symbol, notional, order_id, side))
         return Decision(DenyReason.MAX_GROSS_EXPOSURE)
 
 
@@ -111,6 +112,11 @@ class _DenyAll:
         {"max_symbol": -5},
         {"book": "ledger"},
         {"min_admitted": -1},
+        {"max_net": -1},
+        {"max_net": float("inf")},
+        {"sell_share": 1.5},
+        {"sell_share": "half"},
+        {"reduce_share": -0.1},
     ],
 )
 def test_bad_config_is_refused(changes: dict[str, Any]) -> None:
@@ -123,6 +129,8 @@ def test_limits_come_from_the_config() -> None:
     assert limits.max_concurrent_positions is None
     assert limits.max_gross_exposure == 10_000
     assert limits.max_symbol_exposure is None
+    assert limits.max_net_exposure == SimConfig().max_net == 30_000
+    assert SimConfig(max_net=None).limits().max_net_exposure is None
 
 
 @pytest.mark.timeout(20)
@@ -159,15 +167,15 @@ def test_each_brain_replays_the_same_wishes_for_the_same_seed() -> None:
     the prefix both runs reached.
     """
 
-    def wishes(seed: int) -> dict[str, list[tuple[str, int]]]:
+    def wishes(seed: int) -> dict[str, list[tuple[str, int, Side | str | None]]]:
         gate = _DenyAll()
         config = SimConfig(seconds=0.3, threads=3, seed=seed, think=(0.0005, 0.001))
         Simulation(config, backend=_backend_of(gate)).run()
-        numbered: dict[str, list[tuple[int, str, int]]] = {}
-        for symbol, notional, order_id in gate.asked:
+        numbered: dict[str, list[tuple[int, str, int, Side | str | None]]] = {}
+        for symbol, notional, order_id, side in gate.asked:
             brain, n = str(order_id).split("-")
-            numbered.setdefault(brain, []).append((int(n), symbol, notional))
-        return {b: [(s, n) for _, s, n in sorted(ws)] for b, ws in numbered.items()}
+            numbered.setdefault(brain, []).append((int(n), symbol, notional, side))
+        return {b: [(s, n, d) for _, s, n, d in sorted(ws)] for b, ws in numbered.items()}
 
     first, again, other = wishes(11), wishes(11), wishes(12)
     assert set(first) == set(again) == {"b0", "b1", "b2"}
@@ -176,7 +184,10 @@ def test_each_brain_replays_the_same_wishes_for_the_same_seed() -> None:
         assert common >= 10
         assert first[brain][:common] == again[brain][:common]
         assert first[brain][:common] != other[brain][:common]
-    assert all(1_000 <= n <= 8_000 and n % 100 == 0 for ws in first.values() for _, n in ws)
+    assert all(1_000 <= n <= 8_000 and n % 100 == 0 for ws in first.values() for _, n, _ in ws)
+    # Every order says its side, and both are traded (nothing is held, so none reduces).
+    sides = {d for ws in first.values() for _, _, d in ws}
+    assert sides == {Side.BUY, Side.SELL}
 
 
 # The races below are given ten minutes; the test's timeout is what fails if they run it out

@@ -101,7 +101,7 @@ def test_sixty_four_threads_never_breach_any_limit() -> None:
     result, (backend,) = _run(STRESS, ManualClock())
 
     assert result.breaches == 0, result.first_breach
-    assert result.breaches_by_limit == {"positions": 0, "gross": 0, "symbol": 0}
+    assert result.breaches_by_limit == {"positions": 0, "gross": 0, "symbol": 0, "net": 0}
     assert result.max_positions_seen <= STRESS.max_positions  # type: ignore[operator]
     assert result.max_gross_seen <= STRESS.max_gross  # type: ignore[operator]
     assert result.max_symbol_seen <= STRESS.max_symbol  # type: ignore[operator]

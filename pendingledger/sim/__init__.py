@@ -6,17 +6,25 @@ A promise like that is only worth something if a harness that *could* catch a br
 against it. This module is that harness, shaped like the app that imports the library:
 
 * **Brains** (strategy threads, ``SimConfig.threads`` of them, started together behind a
-  ``threading.Barrier``) pick a symbol and a notional and call ``gate.try_enter``.
+  ``threading.Barrier``) pick a symbol, a notional and a side and call ``gate.try_enter`` with
+  ``side=``: buys and sells from flat (longs and shorts), and orders that reduce the position
+  held (a sell against a long, a buy against a short, at most its size).
 * A **simulated exchange** (``SimConfig.exchange_threads`` threads) answers each admitted order
   after a random latency: it rejects it, fills it in full, fills it in parts, or never answers
   (a lost order, whose reservation only the ledger's TTL can end).
-* A **fill router** thread applies fills to a position cache under the cache's own lock and only
-  then releases the reservation (the safe hand-off); on a reject it releases at once. Positions
-  close again after a random holding time, so slots free up and the race keeps going.
+* A **fill router** thread hands each fill over in one step: into the position cache (signed)
+  and off the reservation under the cache's own lock, which the gate's read of the positions
+  takes too (or ``confirm_fill`` on the gate's own book). A fill the gate could see twice, in
+  the position and still reserved, is not the safe direction with sides: it inflates one side
+  of a worst case and hides a raise on the other. On a reject it releases at once. Positions
+  are closed after a random holding time with closing orders through the gate (the opposite
+  side, the position's size), so slots free up and the race keeps going.
 * An **auditor** is told about every admitted entry, fill, reject and close, in the order they
-  become true, and independently tracks the *true* exposure: open positions plus orders that
-  can still fill. At every admitted decision it takes that true state with the admitted entry
-  added and counts a breach whenever it exceeds a limit (positions, gross, per symbol).
+  become true, and independently tracks the *true* state: signed positions plus orders that
+  can still fill, per side. At every admitted decision it takes the worst-case figures of that
+  state (``rules.worst_case``: per symbol, their sum, the net) with the admitted entry added
+  and counts a breach of each limit the admission raised past it (positions, gross, per
+  symbol, net).
 * **Reservation accounting**: every reservation must end exactly once (released by the router,
   reduced to zero by the last partial fill, or expired, seen through ``on_expire``). Leaks and
   double ends are counted.
@@ -69,6 +77,8 @@ The package, one concern per module:
 * ``auditor``: the true-exposure auditor and the reservation accounts;
 * ``clocks``: the demo's offset clock and the ``ManualClock`` driver's bookkeeping;
 * ``app``: ``Simulation`` and ``run_simulation``;
+* ``latch``: the loss latch race (``LatchRace``, ``memory_latch_race``): threads entering
+  while another records losses until the latch fires; nothing may be admitted after it;
 * ``redis_backend`` and ``processes`` (need the ``redis`` extra, not imported here): the app
   across processes on one Redis namespace, ``ProcessRace`` (``race --backend redis``).
 """

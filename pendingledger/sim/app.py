@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from dataclasses import replace
 from decimal import Decimal
 from fractions import Fraction
 from typing import Final
@@ -34,6 +34,7 @@ from pendingledger.sim.clocks import Flights, OffsetClock
 from pendingledger.sim.config import Progress, SimConfig, SimResult
 from pendingledger.sim.exchange import OUTCOMES, Exchange, Message, Order
 from pendingledger.testing import ManualClock
+from pendingledger.trading import Side
 
 __all__ = ["Simulation", "SimulationError", "run_simulation"]
 
@@ -50,12 +51,14 @@ class SimulationError(RuntimeError):
 
 
 class _BrainStats:
-    __slots__ = ("admitted", "decisions", "denied", "lost")
+    __slots__ = ("admitted", "buys", "decisions", "denied", "lost", "sells")
 
     def __init__(self) -> None:
         self.decisions = 0
         self.admitted = 0
         self.lost = 0
+        self.buys = 0
+        self.sells = 0
         self.denied: dict[DenyReason, int] = {}
 
 
@@ -75,7 +78,8 @@ class _Wish:
     """Everything a brain drew for one order, before asking the gate."""
 
     __slots__ = (
-        "delays", "duplicate", "notional", "order_id", "outcome", "parts", "pause", "symbol",
+        "delays", "duplicate", "notional", "order_id", "outcome", "parts", "pause", "reduce",
+        "side", "symbol",
     )  # fmt: skip
 
     def __init__(
@@ -88,6 +92,8 @@ class _Wish:
         duplicate: bool,
         pause: float,
         order_id: str,
+        side: Side,
+        reduce: bool,
     ) -> None:
         self.symbol = symbol
         self.notional = notional
@@ -97,12 +103,23 @@ class _Wish:
         self.duplicate = duplicate
         self.pause = pause
         self.order_id = order_id
+        self.side = side
+        self.reduce = reduce  # reduce the position held, if any (see _Wishes.next)
 
     def order(self, reservation: ReservationHandle, index: int) -> Order:
         return Order(
             self.order_id, self.symbol, self.notional, self.outcome, reservation, index,
-            self.delays, self.parts, self.duplicate,
+            self.delays, self.parts, self.duplicate, side=self.side,
         )  # fmt: skip
+
+    def against(self, position: int, lot: int) -> None:
+        """Make this wish reduce ``position`` (signed, whole lots): the opposite side, for at
+        most the position's size. The outcome's parts are cut down to the new notional."""
+        self.side = Side.SELL if position > 0 else Side.BUY
+        notional = min(self.notional, abs(position))
+        if notional != self.notional:
+            self.notional = notional
+            self.parts = _fit(self.parts, notional, lot)
 
 
 class _Wishes:
@@ -122,6 +139,8 @@ class _Wishes:
         self._latency = config.latency
         self._think = config.think
         self._duplicate_rate = config.duplicate_rate
+        self._sell_share = config.sell_share
+        self._reduce_share = config.reduce_share
 
     def next(self, n: int) -> _Wish:
         """The brain's ``n``-th wish (draws in a fixed order: the seed fixes every one)."""
@@ -140,7 +159,11 @@ class _Wishes:
         duplicate = rng.random() < self._duplicate_rate
         pause = rng.uniform(*self._think)
         order_id = f"b{self._brain}-{n}"
-        return _Wish(symbol, notional, outcome, parts, delays, duplicate, pause, order_id)
+        side = Side.SELL if rng.random() < self._sell_share else Side.BUY
+        reduce = rng.random() < self._reduce_share
+        return _Wish(
+            symbol, notional, outcome, parts, delays, duplicate, pause, order_id, side, reduce
+        )
 
 
 # --------------------------------------------------------------------------- the simulation
@@ -155,8 +178,9 @@ class Simulation:
     thread to end the race early; the run still drains and returns its figures
     (``interrupted`` is set).
 
-    ``first_brain`` numbers this run's brains from there on, for a run that is one share of a
-    larger app (one process of several racing a shared store): brain ``i`` is then brain
+    ``share``: this run is one share of a larger app (one process of several racing a shared
+    store); its own auditor then leaves the net limit to the shared readings. ``first_brain``
+    numbers this run's brains from there on, for such a share: brain ``i`` is then brain
     ``first_brain + i`` of the app, which seeds its randomness and names its orders
     (``b<brain>-<n>``), so order ids stay unique across the shares.
     """
@@ -168,11 +192,13 @@ class Simulation:
         backend: BackendFactory = memory_backend,
         clock: Callable[[], float] | None = None,
         first_brain: int = 0,
+        share: bool = False,
     ) -> None:
         if isinstance(first_brain, bool) or not isinstance(first_brain, int) or first_brain < 0:
             raise ValueError(f"first_brain must be an int >= 0, got {first_brain!r}")
         self.config = config
         self._first_brain = first_brain
+        self._share = share
         self._backend_factory = backend
         self._offset: OffsetClock | None = None
         self._clock: Callable[[], float]
@@ -189,10 +215,16 @@ class Simulation:
         self._errors: list[tuple[str, BaseException]] = []
         self._errors_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._brain_stats = [_BrainStats() for _ in range(config.threads)]
+        # One per brain, and the last one the router's (its closing orders).
+        self._brain_stats = [_BrainStats() for _ in range(config.threads + 1)]
         self._decision_count = itertools.count(1)
         self._cache = _PositionCache()
-        self._auditor = Auditor(self._limits)
+        # One share of a larger app sees its own symbols only: every figure but the net is then
+        # a lower bound of the whole app's, while its own net can exceed the app's (its longs
+        # without the other shares' shorts), so a share does not judge the net limit.
+        self._auditor = Auditor(
+            replace(self._limits, max_net_exposure=None) if share else self._limits
+        )
         self._accounts = Accounts()
         self._flights = Flights(self._clock) if self._manual is not None else None
         self._router_queue: queue.Queue[Message | None] = queue.Queue()
@@ -205,9 +237,12 @@ class Simulation:
         # router figures (router thread only)
         self._rejected = self._filled = self._partial = self._closes = self._duplicates = 0
         self._late = 0
+        self._longs = self._shorts = 0
+        self._close_seq = itertools.count()
+        self._gate: SimGate | None = None  # the router sends its closing orders through it
+        self._cache_gate: CacheGate | None = None
         self._barrier: threading.Barrier | None = None
         self._book: Gate | None = None  # the gate, when it owns the position book
-        self._handover: Callable[[str, int], AbstractContextManager[object]] | None = None
 
     # ---------------------------------------------------------------- public
 
@@ -258,6 +293,7 @@ class Simulation:
         barrier = self._barrier = threading.Barrier(config.threads + 1)
         try:
             gate, cache_gate = self._gates(backend)
+            self._gate, self._cache_gate = gate, cache_gate
             self._spawn("router", self._route)
             for shard in range(config.exchange_threads):
                 self._spawn(f"exchange-{shard}", self._exchange.run, shard)
@@ -290,7 +326,6 @@ class Simulation:
                     f"(set_position, close_position, confirm_fill), got {gate!r}"
                 )
             self._book = gate
-            self._handover = getattr(backend, "handover", None)
             return gate, None
         if not isinstance(gate, CacheGate):
             raise TypeError(f"the simulation needs a gate with try_enter, got {gate!r}")
@@ -385,6 +420,11 @@ class Simulation:
             if stop.is_set():
                 return
             wish = wishes.next(n)
+            if wish.reduce:
+                with self._cache.lock:
+                    held = self._cache.positions.get(wish.symbol, 0)
+                if held:
+                    wish.against(held, config.lot)
             order = self._enter(index, gate, cache_gate, wish, stats)
             if order is not None:
                 self._admitted(order, stats)
@@ -407,12 +447,12 @@ class Simulation:
             flights.enter(index)
         order: Order | None = None
         try:
+            symbol, notional, oid, side = wish.symbol, wish.notional, wish.order_id, wish.side
             if cache_gate is None:
-                decision = gate.try_enter(wish.symbol, wish.notional, order_id=wish.order_id)
+                decision = gate.try_enter(symbol, notional, order_id=oid, side=side)
             else:
-                decision = cache_gate.try_enter(
-                    wish.symbol, wish.notional, self._cache.snapshot, order_id=wish.order_id
-                )
+                snapshot = self._cache.snapshot
+                decision = cache_gate.try_enter(symbol, notional, snapshot, order_id=oid, side=side)
             reservation = decision.reservation
             if decision.admitted and reservation is not None:
                 order = wish.order(reservation, index)
@@ -429,6 +469,10 @@ class Simulation:
         """Book an admitted order: to the exchange and the auditor, or lost (only the TTL ends
         it)."""
         stats.admitted += 1
+        if order.side is Side.BUY:
+            stats.buys += 1
+        else:
+            stats.sells += 1
         self._orders.append(order)
         if order.outcome == "lost":
             # Never answered: it can never fill, so it is no exposure; only the
@@ -440,13 +484,20 @@ class Simulation:
             self._exchange.submit(order)
 
     def _route(self) -> None:
-        """The fill router: cache first, then release. Also closes positions after their hold."""
+        """The fill router: cache first, then release. Also closes positions after their hold,
+        with closing orders through the gate."""
         config = self.config
         rng = random.Random(config.seed + self._first_brain + config.threads)
         hold_low, hold_high = config.hold
         closes: list[tuple[float, int, str]] = []
+        closing: set[str] = set()  # symbols with a close due
         seq = itertools.count()
         get = self._router_queue.get
+
+        def due(symbol: str, low: float, high: float) -> None:
+            closing.add(symbol)
+            heapq.heappush(closes, (time.monotonic() + rng.uniform(low, high), next(seq), symbol))
+
         while True:
             timeout = 0.05
             if closes:
@@ -458,34 +509,94 @@ class Simulation:
             else:
                 if message is None:
                     break
-                if self._handle(message):
-                    due = time.monotonic() + rng.uniform(hold_low, hold_high)
-                    heapq.heappush(closes, (due, next(seq), message.order.symbol))
+                self._handle(message)
+                symbol = message.order.symbol
+                if symbol not in closing and self._cache.positions.get(symbol, 0):
+                    due(symbol, hold_low, hold_high)
             now = time.monotonic()
-            while closes and closes[0][0] <= now:
-                self._close(heapq.heappop(closes)[2])
-        # Drained: flatten whatever is still open, so the run ends flat.
+            # Answers first: a close is a decision and a fill, and while it runs the answers
+            # wait; an answer that waits past its order's TTL lands after the reservation ended.
+            while closes and closes[0][0] <= now and self._router_queue.empty():
+                symbol = heapq.heappop(closes)[2]
+                closing.discard(symbol)
+                if not self._close(symbol) and not self._stop.is_set():
+                    due(symbol, hold_low / 4, hold_high / 4)  # the gate said no: try again soon
+        # Drained: flatten whatever is still open, so the run ends flat. Not a share of a larger
+        # app: the other shares may still be racing, and a position dropped behind the gate's
+        # back can raise the shared net (a long gone beside their shorts); whoever made the
+        # shared store clears it.
+        if self._share:
+            return
         with self._cache.lock:
             remaining = list(self._cache.positions)
         for symbol in remaining:
-            self._close(symbol)
+            self._flatten(symbol)
 
-    def _close(self, symbol: str) -> None:
+    def _close(self, symbol: str) -> bool:
+        """Close ``symbol``'s position with an order through the gate (the opposite side, the
+        position's size), filled at once. False if the gate denied it (pending orders on the
+        other side would raise the worst case past a limit, or the state forbids it).
+
+        Never behind the gate's back: with sells pending past a long, setting the position to
+        zero would raise the symbol's worst case with no decision to check it.
+        """
+        held = self._cache.positions.get(symbol, 0)  # only this thread writes positions
+        if not held:
+            return True
+        index = self.config.threads  # the router's stats and flights slot
+        side = Side.SELL if held > 0 else Side.BUY
+        order_id = f"c{self._first_brain}-{next(self._close_seq)}"
+        stats = self._brain_stats[index]
+        flights = self._flights
+        if flights is not None:
+            flights.enter(index)
+        order: Order | None = None
+        try:
+            if self._cache_gate is not None:
+                decision = self._cache_gate.try_enter(
+                    symbol, abs(held), self._cache.snapshot, order_id=order_id, side=side
+                )
+            else:
+                assert self._gate is not None
+                decision = self._gate.try_enter(symbol, abs(held), order_id=order_id, side=side)
+            reservation = decision.reservation
+            if decision.admitted and reservation is not None:
+                order = Order(order_id, symbol, abs(held), "fill", reservation, index, side=side)
+        finally:
+            if flights is not None:
+                flights.leave(index, order)
+        stats.decisions += 1
+        if order is None:
+            reason = decision.reason
+            if reason is not None:
+                stats.denied[reason] = stats.denied.get(reason, 0) + 1
+            return False
+        stats.admitted += 1
+        if side is Side.BUY:
+            stats.buys += 1
+        else:
+            stats.sells += 1
+        self._orders.append(order)
+        self._auditor.admit(order)
+        self._handle(Message("fill", order, abs(held), last=True))
+        self._closes += 1
+        return True
+
+    def _flatten(self, symbol: str) -> None:
+        """After the race: drop ``symbol``'s position outright (no decision can follow)."""
         cache = self._cache
         with cache.lock:
             qty = cache.positions.pop(symbol, 0)
             if self._book is None:
-                self._auditor.remove(symbol, qty)  # atomically with the cache change
+                self._auditor.close(symbol)  # atomically with the cache change
         if self._book is not None and qty:
-            # The gate's book changes under the gate's lock, which the auditor cannot share:
-            # tell the auditor first (it may under-count for a moment, never invent a breach).
-            self._auditor.remove(symbol, qty)
+            self._auditor.close(symbol)
             self._book.close_position(symbol)
         if qty:
             self._closes += 1
 
-    def _handle(self, message: Message) -> bool:
-        """Apply one exchange message. Returns True if a position opened on its symbol."""
+    def _handle(self, message: Message) -> None:
+        """Apply one exchange message."""
         order = message.order
         reservation = order.reservation
         accounts = self._accounts
@@ -495,67 +606,101 @@ class Simulation:
             self._duplicates += 1
             if reservation.release():
                 accounts.end(order.order_id, "released-again")
-            return False
+            return
         # An answer that lands after the TTL ended the reservation is noticed by the release,
         # reduce or confirm_fill below returning False (no extra call to the store for it).
         if message.kind == "reject":
-            self._auditor.remove(order.symbol, order.notional)  # before the gate may see room
+            self._auditor.reject(order)  # before the gate may see room
             order.done = True
             self._rejected += 1
             self._end(order, reservation.release(), "released")
-            return False
-        # A fill (whole or part): position cache first, then the reservation.
-        book = self._book
-        if book is not None and order.outcome == "fill" and not self.config.release_first:
-            # The gate's own book: position and end of reservation in one step.
-            opened = self._apply_fill(message, tell_book=False)
-            order.done = True
-            self._filled += 1
-            position = self._cache.positions[order.symbol]  # only this thread writes it
-            ended = book.confirm_fill(order.order_id, position, symbol=order.symbol)
-            self._end(order, ended, "released")
-            return opened
+            return
+        # A fill (whole or part). The gate must never count it twice, in the position and still
+        # reserved: with sides that is not the safe direction. A buy counted twice inflates the
+        # buy side of a worst case, and a sell judged against the inflated figure raises
+        # nothing there while it raises the true one (the other side) past its limit.
         if self.config.release_first:
             self._end_fill(message)
             time.sleep(GAP)  # the gap in which the gate sees neither the order nor its position
-            return self._apply_fill(message)
-        handover = self._handover
-        if handover is not None:  # a shared store may mark the part it briefly counts twice
-            with handover(order.symbol, message.qty):
-                opened = self._apply_fill(message)
-                self._end_fill(message)
-            return opened
-        opened = self._apply_fill(message)
-        self._end_fill(message)
-        return opened
+            self._apply_fill(message)
+            return
+        book = self._book
+        if book is not None:
+            # The gate's own book: position and reservation in one step (filled= for a part).
+            self._apply_fill(message, tell_book=False)
+            symbol = order.symbol
+            position = self._cache.positions.get(symbol, 0)  # only this thread writes it
+            part = None if order.outcome == "fill" else message.qty
+            ended = book.confirm_fill(order.order_id, position, symbol=symbol, filled=part)
+            if not position:
+                book.close_position(symbol)  # flat: the symbol's slot is free again
+            self._booked(message, ended)
+            return
+        # The app's cache: the fill goes in and the reservation shrinks under the cache's lock,
+        # which the gate's read of the positions takes too. So a decision sees the fill once:
+        # in the position (read after), or still reserved (read before; the ledger's epoch
+        # then tells it whether the reservation shrank before its own lock).
+        with self._cache.lock:
+            self._apply_fill(message, locked=True)
+            self._end_fill(message)
 
-    def _apply_fill(self, message: Message, *, tell_book: bool = True) -> bool:
-        """Put a fill in the position cache (and the gate's book, in book mode).
+    def _apply_fill(
+        self, message: Message, *, tell_book: bool = True, locked: bool = False
+    ) -> None:
+        """Put a fill in the position cache (and the gate's book, in book mode), signed;
+        ``locked``: the cache's lock is held already.
 
-        Returns True if it opened a position. The auditor's exposure for the symbol does not
-        change: the quantity moves from in flight to the position.
+        The auditor moves the quantity from pending to the position in the same step. A
+        position that comes to zero leaves the cache (and the book), so its slot is free.
         """
         order = message.order
-        cache = self._cache
-        with cache.lock:
-            before = cache.positions.get(order.symbol, 0)
-            after = cache.positions[order.symbol] = before + message.qty
+        symbol = order.symbol
+        if locked:
+            before, after = self._put_fill(message)
+        else:
+            with self._cache.lock:
+                before, after = self._put_fill(message)
+        if after > 0 >= before:
+            self._longs += 1
+        elif after < 0 <= before:
+            self._shorts += 1
         if tell_book and self._book is not None:
-            self._book.set_position(order.symbol, after)
+            if after:
+                self._book.set_position(symbol, after)
+            else:
+                self._book.close_position(symbol)
         order.filled += message.qty
-        return before == 0
+
+    def _put_fill(self, message: Message) -> tuple[int, int]:
+        """The cache and the auditor take the fill (cache lock held); the position before and
+        after."""
+        order = message.order
+        positions = self._cache.positions
+        before = positions.get(order.symbol, 0)
+        after = before + order.sign * message.qty
+        if after:
+            positions[order.symbol] = after
+        else:
+            positions.pop(order.symbol, None)
+        self._auditor.fill(order, message.qty)
+        return before, after
 
     def _end_fill(self, message: Message) -> None:
         """Release (full fill) or reduce (partial fill) the order's reservation."""
+        reservation = message.order.reservation
+        if message.order.outcome == "fill":
+            self._booked(message, reservation.release())
+        else:
+            self._booked(message, reservation.reduce(message.qty))  # the last part ends it
+
+    def _booked(self, message: Message, applied: bool) -> None:
+        """Book the reservation's end or reduction by a fill (``applied``: it was active)."""
         order = message.order
-        reservation = order.reservation
         if order.outcome == "fill":
             order.done = True
             self._filled += 1
-            self._end(order, reservation.release(), "released")
-            return
-        applied = reservation.reduce(message.qty)  # the last part brings it to zero
-        if message.last:
+            self._end(order, applied, "released")
+        elif message.last:
             order.done = True
             self._partial += 1
             self._end(order, applied, "reduced")
@@ -627,12 +772,14 @@ class Simulation:
 
     def _figures(self, backend: SimBackend, elapsed: float) -> SimResult:
         config = self.config
-        decisions = admitted = lost = 0
+        decisions = admitted = lost = buys = sells = 0
         denied = {r.value: 0 for r in DenyReason if r not in _OTHER_BACKEND_REASONS}
         for stats in self._brain_stats:
             decisions += stats.decisions
             admitted += stats.admitted
             lost += stats.lost
+            buys += stats.buys
+            sells += stats.sells
             for reason, count in stats.denied.items():
                 denied[reason.value] = denied.get(reason.value, 0) + count
         ends = self._accounts.ends
@@ -697,6 +844,13 @@ class Simulation:
             release_first=config.release_first,
             interrupted=self._interrupted,
             notes=tuple(notes),
+            max_net=config.max_net,
+            max_net_seen=auditor.max_net,
+            admitted_buys=buys,
+            admitted_sells=sells,
+            reducing_admitted=auditor.reducing,
+            longs_opened=self._longs,
+            shorts_opened=self._shorts,
         )
 
 
@@ -718,6 +872,21 @@ def _split(rng: random.Random, notional: int, lot: int, parts: int) -> tuple[int
     cuts = sorted(rng.sample(range(1, lots), parts - 1))
     bounds = [0, *cuts, lots]
     return tuple((b - a) * lot for a, b in itertools.pairwise(bounds))
+
+
+def _fit(parts: tuple[int, ...], notional: int, lot: int) -> tuple[int, ...]:
+    """The first ``parts`` cut down to add up to ``notional`` (whole lots, each > 0)."""
+    fitted: list[int] = []
+    left = notional
+    for part in parts:
+        take = min(part, left)
+        if take < lot:
+            break
+        fitted.append(take)
+        left -= take
+    if left:
+        fitted.append(left)
+    return tuple(fitted)
 
 
 def run_simulation(

@@ -15,6 +15,7 @@ from pendingledger.ledger import PendingEntryLedger
 from pendingledger.limits import Decision, Number, PortfolioLimits
 from pendingledger.protocols import Gate, ReservationHandle
 from pendingledger.sim.broken import BrokenGate
+from pendingledger.trading import Side
 
 __all__ = [
     "BackendFactory",
@@ -42,6 +43,7 @@ class CacheGate(Protocol):
         positions: Positions | None = None,
         *,
         order_id: Hashable | None = None,
+        side: Side | str | None = None,
     ) -> Decision: ...
 
 
@@ -60,12 +62,6 @@ class SimBackend(Protocol):
     A store that keeps time itself (a shared server's clock) cannot honour the ``clock`` it is
     given; it says so with a true ``server_clock`` attribute, and the drain then waits in real
     time (at most ``ttl`` + 1 s, calling ``sweep()``) for its lost orders to expire.
-
-    With ``book="gate"`` a backend may also offer ``handover(symbol, qty)``, a context manager
-    the router holds while it hands a partial fill over to the gate's book: ``set_position``
-    (the part is now in the position) and then ``reduce`` (and no longer reserved). In between,
-    the store counts the part twice, the safe direction for the gate; a store audited from
-    outside while the race runs can mark the part so the audit does not count it twice.
     """
 
     name: str

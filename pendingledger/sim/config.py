@@ -19,7 +19,7 @@ DEFAULT_SYMBOLS: Final[tuple[str, ...]] = (
 )  # fmt: skip
 """The symbol universe the brains trade by default; earlier symbols are picked more often."""
 
-LIMIT_KINDS: Final[tuple[str, ...]] = ("positions", "gross", "symbol")
+LIMIT_KINDS: Final[tuple[str, ...]] = ("positions", "gross", "symbol", "net")
 """The keys of ``SimResult.breaches_by_limit``."""
 
 
@@ -40,8 +40,10 @@ def _check_int(name: str, value: object, *, low: int, none: str = "") -> None:
 class SimConfig:
     """Everything that shapes one simulated run. Times are seconds; amounts are ints (exact sums).
 
-    Defaults make a demo where all three limits bind: most decisions are denied, a few hundred
-    per second are admitted, and the broken gate breaches within a second.
+    Defaults make a demo where every limit binds: most decisions are denied, a few hundred
+    per second are admitted, and the broken gate breaches within a second. Brains trade both
+    sides: buys and sells from flat (longs and shorts), and orders that reduce the position
+    held (sells against a long, buys against a short), all with ``side=`` given.
     """
 
     seconds: float = 3.0
@@ -53,10 +55,17 @@ class SimConfig:
     max_positions: int | None = 5
     max_gross: int | float | None = 50_000
     max_symbol: int | float | None = 15_000
+    max_net: int | float | None = 30_000
+    """Bounds the worst case of the whole book's signed sum (``max_net_exposure``)."""
     symbols: tuple[str, ...] = DEFAULT_SYMBOLS
     notional: tuple[int, int] = (1_000, 8_000)
     """Range of entry notionals, in whole ``lot`` multiples."""
     lot: int = 100
+    sell_share: float = 0.5
+    """Share of the orders opening or adding to a position that are sells (shorts)."""
+    reduce_share: float = 0.3
+    """Share of the wishes that reduce the position held on their symbol, when there is one:
+    the opposite side, at most the position's size (two at once may still flip it)."""
     outcome_weights: tuple[float, float, float, float] = (0.15, 0.47, 0.35, 0.03)
     """Relative weights of the exchange's answers: (reject, fill in full, fill in parts, lost)."""
     latency: tuple[float, float] = (0.001, 0.010)
@@ -97,7 +106,7 @@ class SimConfig:
         _check_range("think", self.think)
         if self.book not in ("cache", "gate"):
             raise ValueError(f"book must be 'cache' or 'gate', got {self.book!r}")
-        self.limits()  # PortfolioLimits validates the three limits
+        self.limits()  # PortfolioLimits validates the limits
 
     def _check_run(self) -> None:
         """How long and how wide the run is, and when it stops."""
@@ -127,8 +136,10 @@ class SimConfig:
         weights = self.outcome_weights
         if len(weights) != 4 or any(not w >= 0 for w in weights) or not sum(weights) > 0:
             raise ValueError(f"outcome_weights must be 4 weights >= 0, not all 0, got {weights!r}")
-        if not 0 <= self.duplicate_rate <= 1:
-            raise ValueError(f"duplicate_rate must be in [0, 1], got {self.duplicate_rate!r}")
+        for name in ("duplicate_rate", "sell_share", "reduce_share"):
+            share = getattr(self, name)
+            if not (isinstance(share, (int, float)) and 0 <= share <= 1):
+                raise ValueError(f"{name} must be in [0, 1], got {share!r}")
 
     def limits(self) -> PortfolioLimits:
         """The limits the gate enforces and the auditor checks."""
@@ -136,6 +147,7 @@ class SimConfig:
             max_concurrent_positions=self.max_positions,
             max_gross_exposure=self.max_gross,
             max_symbol_exposure=self.max_symbol,
+            max_net_exposure=self.max_net,
         )
 
 
@@ -157,12 +169,14 @@ class Progress:
 class SimResult:
     """The figures of one run. ``ok`` is what a stress test asserts.
 
-    Exposure figures (``max_*_seen``) are the auditor's *true* state: open positions plus orders
-    that can still fill, including the entry just admitted. ``breaches`` counts admitted
-    decisions after which that true state exceeded at least one limit; ``breaches_by_limit``
-    counts per limit (one admission can breach several). Reservation figures: every admitted
-    order's reservation must end exactly once, so ``ended_released + ended_reduced +
-    ended_expired == admitted`` with ``leaked == double_ended == 0`` in a healthy run.
+    Exposure figures (``max_*_seen``) are the auditor's *true* state: signed open positions
+    plus orders that can still fill, as worst cases (``pendingledger.rules.worst_case``),
+    including the entry just admitted. ``breaches`` counts admitted decisions that raised a
+    figure over its limit; ``breaches_by_limit`` counts per limit (one admission can breach
+    several). ``admitted`` and ``decisions`` include the router's closing orders. Reservation
+    figures: every admitted order's reservation must end exactly once, so
+    ``ended_released + ended_reduced + ended_expired == admitted`` with
+    ``leaked == double_ended == 0`` in a healthy run.
 
     A run across several processes on a shared store (``processes`` > 1, see
     ``pendingledger.sim.processes``) merges every process's figures; its exposure figures and
@@ -213,6 +227,16 @@ class SimResult:
     samples: int = 0
     sampled_breaches: int = 0
     store_problems: int = 0
+    max_net: float | None = None
+    max_net_seen: int = 0
+    admitted_buys: int = 0
+    admitted_sells: int = 0
+    reducing_admitted: int = 0
+    """Admitted orders that raised no figure (the auditor's reading), router closes included."""
+    longs_opened: int = 0
+    """Fills that took a symbol's position from flat or short to long."""
+    shorts_opened: int = 0
+    """Fills that took a symbol's position from flat or long to short."""
 
     @property
     def ok(self) -> bool:

@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from pendingledger import rules
 from pendingledger.protocols import ReservationHandle
+from pendingledger.trading import Side
 
 __all__ = ["OUTCOMES", "Exchange", "Message", "Order"]
 
@@ -41,6 +43,16 @@ class Order:
     done: bool = False  # the router has handled the order's last message
     late: bool = False  # an answer arrived after the reservation had expired
     admitted_at: float = 0.0  # lost orders: ledger clock read after try_enter returned
+    side: Side = Side.BUY
+
+    @property
+    def sign(self) -> int:
+        """What a fill does to the signed position: +1 for a buy, -1 for a sell."""
+        return 1 if self.side is Side.BUY else -1
+
+    @property
+    def side_code(self) -> int:
+        return rules.BUY if self.side is Side.BUY else rules.SELL
 
 
 @dataclass(eq=False)

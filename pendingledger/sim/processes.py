@@ -67,7 +67,6 @@ from pendingledger.sim.redis_backend import (
     RedisBackend,
     SharedAudit,
     SharedReading,
-    overlap_key,
     to_amount,
 )
 
@@ -215,7 +214,6 @@ class ProcessRace:
             _reap(workers, stop, out, inbox, grace=config.ttl + _STOP_GRACE)
             with contextlib.suppress(Exception):
                 gate.wipe()
-                gate.client.delete(overlap_key(namespace))
             gate.client.close()
 
 
@@ -316,7 +314,7 @@ class _Sampler:
         self.first_breach: str | None = None
         self.problems = 0
         self.problem_texts: list[str] = []
-        self.max_positions = self.max_gross = self.max_symbol = 0
+        self.max_positions = self.max_gross = self.max_symbol = self.max_net = 0
         self.error: BaseException | None = None
 
     def start(self) -> None:
@@ -347,6 +345,7 @@ class _Sampler:
         self.max_positions = max(self.max_positions, reading.positions)
         self.max_gross = max(self.max_gross, reading.gross)
         self.max_symbol = max(self.max_symbol, reading.max_symbol)
+        self.max_net = max(self.max_net, reading.net)
         if reading.over:
             self.breaches += 1
             if self.first_breach is None:
@@ -485,6 +484,14 @@ def _merge(
         samples=sampler.samples,
         sampled_breaches=sampler.breaches,
         store_problems=sampler.problems,
+        max_net=config.max_net,
+        # the shared readings only: one process's own net is no bound of the app's
+        max_net_seen=max([to_amount(sampler.max_net)] + [c["max_net"] for c in checks]),
+        admitted_buys=total("admitted_buys"),
+        admitted_sells=total("admitted_sells"),
+        reducing_admitted=total("reducing_admitted"),
+        longs_opened=total("longs_opened"),
+        shorts_opened=total("shorts_opened"),
     )
 
 
@@ -550,7 +557,7 @@ def _race_one_share(
                 raise _Cancelled
         return made[0]
 
-    simulation = Simulation(config, backend=backend, first_brain=first_brain)
+    simulation = Simulation(config, backend=backend, first_brain=first_brain, share=True)
     done = threading.Event()
 
     def report() -> None:

@@ -8,9 +8,10 @@ The gate each process's brains call (``SharedGate``) is the ``RedisGate`` (or, f
 the same script split in two calls: check, then reserve without checking), with two additions:
 
 * **An admission check.** Right after each admission it reads the whole namespace (one atomic
-  ``MULTI``/``EXEC``) and checks it against the limits: positions open or reserved, gross and
-  per-symbol exposure, with the entry just admitted in it. That is the cross-process analogue of
-  the in-process auditor's check at every admission.
+  server call) and checks it against the limits: positions open or reserved, and the worst-case
+  figures (``rules.worst_case`` of each symbol's signed position and pending orders by side,
+  their sum, and the net), with the entry just admitted in it. That is the cross-process
+  analogue of the in-process auditor's check at every admission.
 * **Reservation accounting.** A ``RedisGate`` runs no ``on_expire`` callback (the TTL ends
   reservations inside the server), so the backend tells expiries apart from the ends this
   process's calls made, and reports each expiry of its own orders through ``on_expire``.
@@ -22,31 +23,29 @@ order between a process's decision and Redis: nothing is in flight from the stor
 rejected stays reserved until the router's release reaches Redis, and a lost order, which can
 never fill, stays reserved until its TTL. Both only make a reading count more than the true
 exposure, and no more than the gate itself counts; the gate never counts more than the limits
-allow without a decision. One exception is the router's hand-over of a partial fill (position
-set, then reservation reduced): the part is counted twice for a moment. The router marks it
-first (``handover``, a field in the namespace's ``sim-overlap`` hash, same hash tag), and a
-reading subtracts the marks, so it never shows a breach that is not there.
+allow without a decision. The router hands every fill over in one call (``confirm_fill``, with
+``filled=`` for a part), so no reading sees a fill twice.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
-
-import redis
 
 from pendingledger import _units, rules
 from pendingledger.limits import Decision, Number, PortfolioLimits
 from pendingledger.protocols import ReservationHandle
 from pendingledger.redis import SCALE, RedisGate, RedisReservation, Snapshot, audit
-from pendingledger.redis.testing import check_then_reserve
+from pendingledger.redis.testing import check_then_reserve, enable_test_ops
 from pendingledger.sim.broken import GAP
 from pendingledger.sim.config import LIMIT_KINDS
+from pendingledger.sim.latch import LatchRace, LatchRaceResult
 from pendingledger.stats import GateStats
+from pendingledger.trading import Latch, Side, TradingState
 
 if TYPE_CHECKING:
     from pendingledger.protocols import Gate
@@ -56,20 +55,11 @@ __all__ = [
     "SharedAudit",
     "SharedGate",
     "SharedReading",
-    "overlap_key",
+    "redis_latch_race",
 ]
 
 SOCKET_TIMEOUT: Final = 2.0
 """Seconds a sim client waits for Redis: a demo would rather wait than deny on a busy machine."""
-
-
-def overlap_key(namespace: str) -> str:
-    """The hash where routers mark partial fills counted twice for a moment (symbol -> units).
-
-    Under the namespace's hash tag, beside the gate's keys; ``RedisGate.wipe`` does not know it,
-    so whoever wipes the namespace deletes it too.
-    """
-    return f"pendingledger:{{{namespace}}}:sim-overlap"
 
 
 # --------------------------------------------------------------------------- reading the store
@@ -79,9 +69,10 @@ def overlap_key(namespace: str) -> str:
 class SharedReading:
     """The shared state at one instant, as the limits count it (amounts in Redis units).
 
-    ``positions``: symbols open or with a live reservation; ``gross``/``symbols``: positions
-    plus live reservations, less the parts marked as counted twice; ``over``: ``(limit kind,
-    description)`` for every limit the state exceeds; ``snapshot``: the raw reading.
+    ``positions``: symbols open or with a live reservation; ``symbols``: each one's worst case
+    (signed position, pending buys, sells and orders of unknown side); ``gross``: their sum;
+    ``net``: the worst case over the sums; ``over``: ``(limit kind, description)`` for every
+    limit the state exceeds; ``snapshot``: the raw reading.
     """
 
     snapshot: Snapshot
@@ -89,6 +80,7 @@ class SharedReading:
     gross: int
     symbols: dict[str, int]
     over: tuple[tuple[str, str], ...]
+    net: int = 0
 
     @property
     def max_symbol(self) -> int:
@@ -96,52 +88,40 @@ class SharedReading:
 
 
 class SharedAudit:
-    """Reads one namespace atomically and checks it against ``limits``.
-
-    One round trip per reading: the gate's server ``snapshot`` and the overlap marks in one
-    ``MULTI``/``EXEC``. Reservations past their expiry are left out (the gate no longer counts
-    them; the next operation sweeps them).
-    """
+    """Reads one namespace atomically (the gate's server ``snapshot``) and checks it against
+    ``limits``. Reservations past their expiry are left out (the gate no longer counts them;
+    the next operation sweeps them)."""
 
     def __init__(self, gate: RedisGate, limits: PortfolioLimits) -> None:
         self._gate = gate
-        self._client = gate.client
-        self._keys = gate.keys
-        self._overlap = overlap_key(gate.namespace)
         self._limits = rules.unit_limits(limits)
 
     def read(self) -> SharedReading:
-        try:
-            reply, marks = self._read()
-        except redis.ResponseError:
-            self._gate.server.load()  # the library was missing (a restart): load it, once
-            reply, marks = self._read()
-        return self._count(Snapshot.from_reply(self._gate.server.answer(reply)), marks)
+        return self.count(self._gate.snapshot())
 
-    def _read(self) -> tuple[Any, dict[Any, Any]]:
-        pipe = self._client.pipeline(transaction=True)
-        self._gate.server.queue(pipe, "snapshot")
-        pipe.hgetall(self._overlap)
-        reply, marks = pipe.execute()
-        return reply, marks
-
-    def _count(self, snap: Snapshot, marks: dict[Any, Any]) -> SharedReading:
-        twice = {_text(k): int(v) for k, v in marks.items()}
-        exposure = {s: max(0, abs(v) - twice.get(s, 0)) for s, v in snap.positions.items()}
+    def count(self, snap: Snapshot) -> SharedReading:
+        books: dict[str, list[int]] = {s: [v, 0, 0, 0] for s, v in snap.positions.items()}
         now = snap.now_us
         for rec in snap.orders.values():
             if rec.expires_at_us is None or rec.expires_at_us > now:
-                exposure[rec.symbol] = exposure.get(rec.symbol, 0) + rec.units
+                book = books.setdefault(rec.symbol, [0, 0, 0, 0])
+                book[_SLOTS[rec.side]] += rec.units
+        totals = [sum(book[i] for book in books.values()) for i in range(4)]
+        exposure = {s: rules.worst_case(*book) for s, book in books.items()}
         gross = sum(exposure.values())
-        return SharedReading(snap, len(exposure), gross, exposure, self._over(exposure, gross))
+        net = rules.worst_case(*totals)
+        over = self._over(len(books), exposure, gross, net)
+        return SharedReading(snap, len(books), gross, exposure, over, net)
 
-    def _over(self, exposure: dict[str, int], gross: int) -> tuple[tuple[str, str], ...]:
+    def _over(
+        self, count: int, exposure: dict[str, int], gross: int, net: int
+    ) -> tuple[tuple[str, str], ...]:
         """``(limit kind, description)`` of every limit the state exceeds (a breach is a state
         over a limit, so this compares states, where the rules judge an entry)."""
         limits = self._limits
         over: list[tuple[str, str]] = []
-        if rules.NO_LIMIT < limits.max_positions < len(exposure):
-            over.append(("positions", f"{len(exposure)} positions > {limits.max_positions}"))
+        if rules.NO_LIMIT < limits.max_positions < count:
+            over.append(("positions", f"{count} positions > {limits.max_positions}"))
         if rules.NO_LIMIT < limits.max_gross < gross:
             over.append(("gross", f"gross {_amount(gross)} > {_amount(limits.max_gross)}"))
         worst = max(exposure.items(), key=lambda item: item[1], default=None)
@@ -149,6 +129,8 @@ class SharedAudit:
             over.append(
                 ("symbol", f"{worst[0]} {_amount(worst[1])} > {_amount(limits.max_symbol)}")
             )
+        if rules.NO_LIMIT < limits.max_net < net:
+            over.append(("net", f"net {_amount(net)} > {_amount(limits.max_net)}"))
         return tuple(over)
 
     @staticmethod
@@ -157,8 +139,8 @@ class SharedAudit:
         return audit(reading.snapshot)
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+# Where a side code's units go in a [position, buys, sells, unknown] book.
+_SLOTS: Final = {rules.UNKNOWN_SIDE: 3, rules.BUY: 1, rules.SELL: 2}
 
 
 def _amount(units: int) -> str:
@@ -185,6 +167,7 @@ class AdmissionChecks:
     max_positions: int = 0
     max_gross: int = 0  # units
     max_symbol: int = 0  # units
+    max_net: int = 0  # units
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, reading: SharedReading, what: str) -> None:
@@ -193,6 +176,7 @@ class AdmissionChecks:
             self.max_positions = max(self.max_positions, reading.positions)
             self.max_gross = max(self.max_gross, reading.gross)
             self.max_symbol = max(self.max_symbol, reading.max_symbol)
+            self.max_net = max(self.max_net, reading.net)
             if reading.over:
                 self.breaches += 1
                 for kind, _ in reading.over:
@@ -211,6 +195,7 @@ class AdmissionChecks:
                 "max_positions": self.max_positions,
                 "max_gross": to_amount(self.max_gross),
                 "max_symbol": to_amount(self.max_symbol),
+                "max_net": to_amount(self.max_net),
             }
 
 
@@ -237,6 +222,10 @@ class TrackedReservation:
     @property
     def order_id(self) -> str:
         return self.inner.order_id
+
+    @property
+    def side(self) -> Side | None:
+        return self.inner.side
 
     @property
     def notional(self) -> Number:
@@ -267,10 +256,14 @@ class TrackedReservation:
     def reduce(self, amount: Number) -> bool:
         done = self.inner.reduce(amount)
         if done:
-            self._left = _units.after_fill(self._left, *_units.reduction_units("amount", amount))
-            if self._left <= 0:  # reduced to zero: the reservation ended
-                self.ended = True
+            self.reduced(amount)
         return done
+
+    def reduced(self, amount: Number) -> None:
+        """A call that was answered True took ``amount`` off: count it, as the gate does."""
+        self._left = _units.after_fill(self._left, *_units.reduction_units("amount", amount))
+        if self._left <= 0:  # reduced to zero: the reservation ended
+            self.ended = True
 
     def __repr__(self) -> str:
         return f"TrackedReservation({self.inner!r}, ended={self.ended})"
@@ -284,10 +277,18 @@ class SharedGate:
     is passed on unchanged.
     """
 
-    def __init__(self, gate: RedisGate, audit: SharedAudit, *, broken: bool) -> None:
+    def __init__(
+        self,
+        gate: RedisGate,
+        audit: SharedAudit,
+        *,
+        broken: bool,
+        between: Callable[[], object] | None = None,
+    ) -> None:
         self._gate = gate
         self._audit = audit
         self._broken = broken
+        self._between = _gap if between is None else between
         self.checks = AdmissionChecks()
         self.tracked: dict[str, TrackedReservation] = {}
 
@@ -302,15 +303,16 @@ class SharedGate:
         positions: None = None,
         *,
         order_id: str | None = None,
+        side: Side | str | None = None,
     ) -> Decision:
         if positions is not None:
             raise TypeError("the shared gate keeps the position book in Redis: no positions")
         if self._broken:
             decision = check_then_reserve(
-                self._gate, symbol, notional, order_id=order_id, between=_gap
+                self._gate, symbol, notional, order_id=order_id, side=side, between=self._between
             )
         else:
-            decision = self._gate.try_enter(symbol, notional, order_id=order_id)
+            decision = self._gate.try_enter(symbol, notional, order_id=order_id, side=side)
         inner = decision.reservation
         if not isinstance(inner, RedisReservation):
             return decision
@@ -330,7 +332,12 @@ class SharedGate:
         filled: Number | None = None,
     ) -> bool:
         done = self._gate.confirm_fill(order_id, position_exposure, symbol=symbol, filled=filled)
-        self._ended(order_id, done and (filled is None or not self._still_active(order_id)))
+        if filled is None:
+            self._ended(order_id, done)
+        elif done:  # counted here, as the gate counts it: no extra round trip for a part
+            tracked = self.tracked.get(order_id)
+            if tracked is not None:
+                tracked.reduced(filled)
         return done
 
     def reduce_order(self, order_id: str, amount: Number) -> bool:
@@ -376,12 +383,29 @@ class SharedGate:
     def halt(self) -> None:
         self._gate.halt()
 
+    def reduce_only(self) -> None:
+        self._gate.reduce_only()
+
     def resume(self) -> None:
         self._gate.resume()
+
+    def record_pnl(self, amount: Number) -> None:
+        self._gate.record_pnl(amount)
+
+    def set_equity(self, equity: Number) -> None:
+        self._gate.set_equity(equity)
 
     @property
     def halted(self) -> bool:
         return self._gate.halted
+
+    @property
+    def state(self) -> TradingState:
+        return self._gate.state
+
+    @property
+    def latch(self) -> Latch | None:
+        return self._gate.latch
 
     def stats(self) -> GateStats:
         return self._gate.stats()
@@ -435,24 +459,11 @@ class RedisBackend:
             self._redis_gate.client.close()
             raise
         self._on_expire = on_expire
-        self._overlap = overlap_key(namespace)
 
     @property
     def gate(self) -> SharedGate:
         assert self._gate is not None
         return self._gate
-
-    @contextmanager
-    def handover(self, symbol: str, qty: int) -> Iterator[None]:
-        """Mark ``qty`` of ``symbol`` as counted twice while the router sets the position and
-        then reduces the reservation (see the module docstring)."""
-        units = _units.notional_units("qty", qty)
-        client = self._redis_gate.client
-        client.hincrby(self._overlap, symbol, units)
-        try:
-            yield
-        finally:
-            client.hincrby(self._overlap, symbol, -units)
 
     def sweep(self) -> None:
         """Drop expired reservations now, and report each of this process's that the TTL ended
@@ -477,6 +488,40 @@ class RedisBackend:
 
     def close(self) -> None:
         self._redis_gate.client.close()
+
+
+def redis_latch_race(
+    url: str, *, broken: bool, threads: int = 8, losses: int = 5, decisions_after: int = 20
+) -> LatchRaceResult | None:
+    """The latch race (``pendingledger.sim.latch``) on a fresh namespace of the server at
+    ``url``: the ``RedisGate``, or for ``broken`` its script split in a check and an unchecked
+    reservation, the gap held open while the latch fires. The namespace is deleted afterwards.
+    None if this ``RedisGate`` has no loss latch to race."""
+    if not hasattr(RedisGate, "record_pnl"):
+        return None
+    limits = PortfolioLimits(max_daily_loss=losses)
+    gate = RedisGate.from_url(
+        url, limits, ttl=_LATCH_TTL, namespace=f"latch-{uuid.uuid4().hex}", timeout=SOCKET_TIMEOUT
+    )
+    try:
+        gate.restore({})
+        race = LatchRace(
+            name="broken" if broken else "pendingledger", threads=threads, losses=losses,
+            decisions_after=decisions_after, hold_gap=broken,
+        )  # fmt: skip
+        if broken:
+            enable_test_ops(gate)
+            shared = SharedGate(gate, SharedAudit(gate, limits), broken=True, between=race.between)
+            return race.run(shared, lambda: len(gate.snapshot().orders))
+        return race.run(gate, lambda: len(gate.snapshot().orders))
+    finally:
+        try:
+            gate.wipe()
+        finally:
+            gate.client.close()
+
+
+_LATCH_TTL: Final = 3600.0  # the latch race ends no reservation: none may expire during it
 
 
 if TYPE_CHECKING:  # mypy proves the shared gate offers the whole backend-neutral surface.
