@@ -51,7 +51,8 @@ a caller's positions reads it before reading them and commits only if it is unch
 router puts a fill in its cache *before* it releases the reservation, so a position missing from
 the snapshot means its release came after the epoch was read, and the decision reads again.
 What the epoch cannot see is a position that closed after the read: the snapshot then counts too
-much, the safe side for every sum, but the symbol is no longer open, and another entry may have
+much, the safe side for every sum of an order that adds (see Sides below), but the symbol is no
+longer open, and another entry may have
 taken its slot meanwhile. So a symbol open only in the snapshot (not reserved) is decided as one
 that needs a slot beside the others: adding to it is admitted while the open symbols are within
 the limit, and denied past it (where the owned book, read under the lock, would admit).
@@ -64,7 +65,11 @@ much less its worst case is than ``|position| + reserved``. So gross (the sum of
 (``_resum_locked``), and a side-blind book pays nothing for sides. A decision on a caller's
 positions takes the sided symbols' worst cases with the caller's positions, which it turns into
 units before the lock for the symbols sided when it began (``sided_symbols``); a symbol sided
-since is open in the read without its units, and the decision reads again.
+since is open in the read without its units, and the decision reads again. Counting too much is
+the safe side only for an order that adds: one judged to reduce a position (a sell against a
+long) raises nothing on a figure counted too high, and may raise the true one. So with sides a
+caller's cache must hand a fill over in one step under the lock its reads take (README), which
+leaves no fill counted twice, and change only by fills; the owned book has no such caveat.
 """
 
 from __future__ import annotations
