@@ -1201,6 +1201,7 @@ class GateCore:
         "_reset_offset",
         "_timeouts",
         "_timeouts_lock",
+        "_undated",
         "ledger",
     )
 
@@ -1212,6 +1213,7 @@ class GateCore:
         self._latch: LatchRecord | None = None
         self._day_end = _INF
         self._day_pnl = 0
+        self._undated = 0  # P&L recorded while the wall clock failed: its day is not known
         self._equity = 0
         self._peak = 0
         self._has_equity = False
@@ -1242,6 +1244,7 @@ class GateCore:
             self._operator = rules.ACTIVE
             self._latch = None
             self._day_pnl = 0
+            self._undated = 0
             self._peak = self._equity
 
     def trading(self, wall: float) -> tuple[int, LatchRecord | None]:
@@ -1254,9 +1257,13 @@ class GateCore:
             return self._state_locked(), self._latch
 
     def record_pnl(self, limits: UnitLimits, units: int, kind: int, wall: float) -> None:
+        """Add ``units`` to the day's P&L at wall time ``wall`` (-inf: the wall clock failed;
+        the amount counts in the day under way and, if a loss, in the next one too)."""
         with self.ledger._lock:
             self._start_day_locked(wall)
             self._day_pnl += units
+            if wall == -_INF:
+                self._undated += units
             self._kinds |= kind
             self._check_loss_locked(limits, wall)
 
@@ -1478,13 +1485,16 @@ class GateCore:
             self._roll_locked(wall)
 
     def _roll_locked(self, wall: float) -> None:
-        """At or past the day's end: a new day, with no P&L, the peak at the last equity and
-        no latch."""
+        """At or past the day's end: a new day, with the peak at the last equity and no P&L but
+        the losses of unknown day (they may be today's: counting them again only over-blocks),
+        and no latch but one fired with no wall time (``until`` inf: it waits for resume)."""
         if wall < self._day_end:
             return
-        self._day_pnl = 0
+        self._day_pnl = self._undated if self._undated < 0 else 0
+        self._undated = 0
         self._peak = self._equity
-        self._latch = None
+        if self._latch is not None and self._latch.until < _INF:
+            self._latch = None
         self._day_end = rules.next_reset(wall, self._reset_offset)
 
     def _check_loss_locked(self, limits: UnitLimits, wall: float) -> None:
@@ -1500,7 +1510,8 @@ class GateCore:
         else:
             limit, value = limits.max_drawdown, drawdown
         kinds = self._kinds | limits.loss_kinds
-        self._latch = LatchRecord(self._on_loss, code, limit, value, wall, self._day_end, kinds)
+        until = _INF if wall == -_INF else self._day_end  # no time: no day to end with
+        self._latch = LatchRecord(self._on_loss, code, limit, value, wall, until, kinds)
 
 
 _REASON_SLOTS: Final = range(rules.LOCK_TIMEOUT + 1)

@@ -153,8 +153,9 @@ class PortfolioGate:
         reached ``-limits.max_daily_loss``, in the same critical section: no decision after
         this returns is admitted on the old state. Call it with each fill's or close's P&L.
 
-        If the wall clock fails, the amount is still counted (in the day under way; a latch it
-        fires then holds until ``resume()`` if no day has started) and the error is raised."""
+        If the wall clock fails, the amount is still counted, in the day under way and, a loss,
+        in the next one too (its day is not known); a latch it fires holds until ``resume()``;
+        then the error is raised."""
         units = _units.units("amount", amount, False)  # a loss counts at least as big
         kind = _units.kind_of(amount)
         self._ledger.core.refuse_reentry("record_pnl()")

@@ -39,7 +39,7 @@ from pendingledger import (
 )
 from pendingledger.gate import MAX_READS
 from pendingledger.limits import DENIED, REASONS, denied
-from pendingledger.testing import ManualClock, run_concurrently
+from pendingledger.testing import ManualClock, ManualWallClock, run_concurrently
 
 Number = int | float | Decimal | Fraction
 Book = dict[str, Number]
@@ -1729,3 +1729,57 @@ def test_the_state_and_stats_read_inside_a_lock_block() -> None:
         assert gate.state is TradingState.REDUCING and not gate.halted
         assert gate.latch is not None
         assert gate.stats().state is TradingState.REDUCING
+
+
+class FailingWallClock(ManualWallClock):
+    """A wall clock that raises while ``broken``."""
+
+    broken = False
+
+    def __call__(self) -> float:
+        if self.broken:
+            raise OSError("no time")
+        return super().__call__()
+
+
+def test_a_loss_of_unknown_day_is_not_forgotten_at_the_next_reset() -> None:
+    """The day ended and nothing has read the clock since; the loss recorded while the clock
+    fails may be the new day's, so the reset that comes next keeps it (and its latch)."""
+    wall = FailingWallClock()
+    gate = PortfolioGate(
+        PendingEntryLedger(60, clock=ManualClock()),
+        PortfolioLimits(max_daily_loss=100),
+        wall_clock=wall,
+    )
+    gate.record_pnl(-1)
+    wall.advance(86_400 + 5)
+    wall.broken = True
+    with pytest.raises(OSError):
+        gate.record_pnl(-150)
+    wall.broken = False
+    latch = gate.latch  # read with a working clock: the old day rolls over here
+    assert latch is not None and latch.until == math.inf
+    assert gate.state is TradingState.REDUCING
+    gate.resume()
+    gate.record_pnl(-99)
+    assert gate.latch is None  # resume started afresh: the carried loss went with it
+
+
+def test_a_latch_fired_with_no_wall_time_holds_through_resets_until_resume() -> None:
+    wall = FailingWallClock()
+    gate = PortfolioGate(
+        PendingEntryLedger(60, clock=ManualClock()),
+        PortfolioLimits(max_daily_loss=100),
+        wall_clock=wall,
+    )
+    wall.broken = True
+    with pytest.raises(OSError):
+        gate.record_pnl(-100)
+    wall.broken = False
+    gate.record_pnl(1)
+    wall.advance(3 * 86_400)
+    gate.record_pnl(1)  # days have passed
+    latch = gate.latch
+    assert latch is not None and latch.at == -math.inf and latch.until == math.inf
+    gate.resume()
+    assert gate.latch is None and gate.state is TradingState.ACTIVE
