@@ -69,7 +69,9 @@ since is open in the read without its units, and the decision reads again. Count
 the safe side only for an order that adds: one judged to reduce a position (a sell against a
 long) raises nothing on a figure counted too high, and may raise the true one. So with sides a
 caller's cache must hand a fill over in one step under the lock its reads take (README), which
-leaves no fill counted twice, and change only by fills; the owned book has no such caveat.
+leaves no fill counted twice, and change only by fills; the owned book has no such caveat. On
+that footing the epoch makes the read exact, and a sided order on a symbol open in the read
+needs no slot of its own (it is vouched for as on the owned book).
 """
 
 from __future__ import annotations
@@ -1387,13 +1389,16 @@ class GateCore:
         """The rules' answer with a caller's positions, read before the lock.
 
         A symbol open in the read and not reserved may have closed since, and its slot been
-        taken by another entry: it is decided as if it had, needing a slot beside the others
-        (module notes)."""
+        taken by another entry: an order of unknown side on it is decided as if it had, needing
+        a slot beside the others. An order with a side is decided on the read as it is: sides
+        rest on a cache that changes only by fills handed over in one step (module notes), so a
+        reducing order needs no slot, in ``REDUCING`` too."""
         ledger = self.ledger
         reserved = ledger._symbols.get(res._symbol, 0)
         open_ = snapshot.open
         count = len(open_) + len(ledger._symbols) - ledger._overlap_locked(open_)
-        if not reserved and snapshot.holds:
+        vouched = reserved > 0 or (snapshot.holds and res._side != rules.UNKNOWN_SIDE)
+        if not vouched and snapshot.holds:
             count -= 1
         excess = ledger._excess_over_locked(snapshot) if ledger._sided else 0
         if excess < 0:  # a symbol sided since the read: read again, unless halted (denied)
@@ -1405,7 +1410,7 @@ class GateCore:
             limits,
             state,
             count,
-            reserved > 0,
+            vouched,
             snapshot.gross + ledger._reserved - excess,
             snapshot.held,
             reserved,

@@ -1310,7 +1310,9 @@ class Model:
         assert (unit_limits.max_positions, unit_limits.max_gross, unit_limits.max_symbol) == (
             model_limits(self.limits)
         )
-        vouched = (set(exposures) if owned else set()) | reserved
+        # With a side the read is taken as it is (sides rest on a cache that changes only by
+        # fills handed over in one step); without, only a reservation vouches for a symbol.
+        vouched = (set(exposures) if owned or side else set()) | reserved
         others = (set(exposures) | reserved) - ({symbol} - vouched)
         units = model_units(notional, True)
         add = (units if side == rules.BUY else 0, units if side == rules.SELL else 0)
@@ -1783,3 +1785,19 @@ def test_a_latch_fired_with_no_wall_time_holds_through_resets_until_resume() -> 
     assert latch is not None and latch.at == -math.inf and latch.until == math.inf
     gate.resume()
     assert gate.latch is None and gate.state is TradingState.ACTIVE
+
+
+def test_a_sided_reducing_order_on_a_callers_positions_needs_no_slot() -> None:
+    """Found by review: with a caller's positions a reducing sell was denied REDUCING_ONLY (and
+    MAX_CONCURRENT_POSITIONS when the slots were full) because only a reservation vouched for
+    the symbol being open. With a side the read is taken as it is."""
+    gate = PortfolioGate(PendingEntryLedger(60, clock=ManualClock()), limits(positions=1))
+    cache = {"AAA": 10_000, "BBB": -500}  # more open than the limit: it was lowered
+    gate.reduce_only()
+    assert gate.try_enter("AAA", 4_000, cache, side=Side.SELL)
+    assert gate.try_enter("CCC", 1, cache, side=Side.SELL).reason is DenyReason.REDUCING_ONLY
+    gate.resume()
+    assert gate.try_enter("AAA", 4_000, cache, side=Side.SELL)
+    # Without a side only a reservation vouches: AAA is reserved now, BBB is not.
+    assert gate.try_enter("AAA", 1, cache)
+    assert gate.try_enter("BBB", 1, cache).reason is DenyReason.MAX_CONCURRENT_POSITIONS
