@@ -36,8 +36,8 @@ class GateStats:
 
     admitted: int
     denied: Mapping[DenyReason, int]
-    state: TradingState
-    latch: Latch | None
+    state: TradingState = TradingState.ACTIVE
+    latch: Latch | None = None
 
     @property
     def decisions(self) -> int:

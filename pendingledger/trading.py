@@ -45,7 +45,9 @@ class Latch:
     ``"max_drawdown"`` (equity fell ``limit`` below its peak); ``value`` is the figure that
     reached it (the day's P&L, or the drawdown), ``at`` the wall-clock time in seconds since
     the epoch (-inf if the wall clock failed then), ``until`` the daily reset that clears it
-    (inf: none, only ``resume()`` does).
+    (inf: none, only ``resume()`` does). ``limit`` and ``value`` come back in the kinds of
+    amount behind them (``pendingledger._units.to_number``): the limit's and the P&L's or
+    equity's, so a float P&L against an int limit reads both as floats.
     """
 
     state: TradingState

@@ -607,7 +607,7 @@ class RedisGate:
     # ------------------------------------------------------------------ the position book
 
     def set_position(self, symbol: str, exposure: Number) -> None:
-        """Record ``symbol``'s position exposure (its absolute value counts; a symbol set is
+        """Record ``symbol``'s position exposure (signed: long > 0, short < 0; a symbol set is
         open, even at exposure 0, until ``close_position``). Raises ``StoreUnavailable`` if the
         store cannot confirm it, ``BookNotRestored`` (nothing written) if the book is not in
         place."""
