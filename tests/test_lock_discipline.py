@@ -305,8 +305,9 @@ def every_operation(s: Setup) -> None:
     do("set_equity(Real)", lambda: gate.set_equity(real(w, 5_000)))
     assert do("state", lambda: gate.state) == "reducing"
     assert do("latch", lambda: gate.latch) is not None
-    do("try_enter(latched, side)", lambda: gate.try_enter(
+    reducing = do("try_enter(latched, side)", lambda: gate.try_enter(
         Name("AAA"), real(w, 1), book, side=Name("sell")))  # fmt: skip
+    assert isinstance(reducing, Decision) and reducing.admitted  # a sell against AAA's long
     do("reduce_only", gate.reduce_only)
     do("halt", gate.halt)
     do("resume", gate.resume)
@@ -335,7 +336,7 @@ def test_caller_objects_never_run_under_the_ledger_lock() -> None:
         every_operation(setup)
     finally:
         Name.witness = None
-    assert len(setup.expired) == 3
+    assert len(setup.expired) == 4
     assert {"clock", "wall_clock", "on_expire", "positions", "Real"} <= witness.ran()
     assert witness.under_lock() == []
 
