@@ -1443,13 +1443,7 @@ class GateCore:
         else:
             buys, sells = (0, 0) if sides is None else (sides.buys, sides.sells)
             unknown = reserved - buys - sells
-            before = rules.worst_case(position, buys, sells, unknown)
-            if side == rules.BUY:
-                after = rules.worst_case(position, buys + units, sells, unknown)
-            elif side == rules.SELL:
-                after = rules.worst_case(position, buys, sells + units, unknown)
-            else:
-                after = rules.worst_case(position, buys, sells, unknown + units)
+            before, after = rules.worst_cases(position, buys, sells, unknown, side, units)
         net_before = net_after = 0
         if rules.uses_net(limits, state):
             net_before, net_after = self._net_locked(net_position, units, side)
@@ -1465,12 +1459,7 @@ class GateCore:
         if side == rules.UNKNOWN_SIDE and not buys and not sells:
             before = (position if position >= 0 else -position) + unknown  # as above
             return before, before + units
-        before = rules.worst_case(position, buys, sells, unknown)
-        if side == rules.BUY:
-            return before, rules.worst_case(position, buys + units, sells, unknown)
-        if side == rules.SELL:
-            return before, rules.worst_case(position, buys, sells + units, unknown)
-        return before, rules.worst_case(position, buys, sells, unknown + units)
+        return rules.worst_cases(position, buys, sells, unknown, side, units)
 
     # ---------------------------------------------------------------- the loss book (locked)
 

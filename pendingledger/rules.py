@@ -39,6 +39,7 @@ __all__ = [
     "unit_limits",
     "uses_net",
     "worst_case",
+    "worst_cases",
 ]
 
 ADMIT: Final = 0
@@ -113,6 +114,26 @@ def worst_case(position: int, buys: int, sells: int, unknown: int) -> int:
     if down < 0:
         down = -down
     return up if up > down else down
+
+
+def worst_cases(
+    position: int, buys: int, sells: int, unknown: int, side: int, units: int
+) -> tuple[int, int]:
+    """``worst_case`` before and after an order of ``units`` on ``side`` (``UNKNOWN_SIDE``:
+    counted in both directions), the ends summed once: a decision needs both."""
+    up = position + buys + unknown
+    down = position - sells - unknown
+    up_after = up if side == SELL else up + units
+    down_after = down if side == BUY else down - units
+    if up < 0:
+        up = -up
+    if down < 0:
+        down = -down
+    if up_after < 0:
+        up_after = -up_after
+    if down_after < 0:
+        down_after = -down_after
+    return (up if up > down else down), (up_after if up_after > down_after else down_after)
 
 
 def first_failing_rule(  # noqa: PLR0911 - one return per rule, in DenyReason order

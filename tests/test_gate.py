@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import enum
 import gc
+import itertools
 import math
 import pickle
 import random
@@ -1801,3 +1802,16 @@ def test_a_sided_reducing_order_on_a_callers_positions_needs_no_slot() -> None:
     # Without a side only a reservation vouches: AAA is reserved now, BBB is not.
     assert gate.try_enter("AAA", 1, cache)
     assert gate.try_enter("BBB", 1, cache).reason is DenyReason.MAX_CONCURRENT_POSITIONS
+
+
+def test_worst_cases_is_worst_case_before_and_after_the_order() -> None:
+    """The pair the decision uses, against the one definition, exhaustively on small figures."""
+    for position, buys, sells, unknown, side, units in itertools.product(
+        range(-4, 5), range(3), range(3), range(3), (0, rules.BUY, rules.SELL), (1, 2, 5)
+    ):
+        added = [units if side == code else 0 for code in (rules.BUY, rules.SELL, 0)]
+        after = rules.worst_case(position, buys + added[0], sells + added[1], unknown + added[2])
+        assert rules.worst_cases(position, buys, sells, unknown, side, units) == (
+            rules.worst_case(position, buys, sells, unknown),
+            after,
+        )
