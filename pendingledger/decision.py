@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Final, cast
 if TYPE_CHECKING:
     from .protocols import ReservationHandle
 
-__all__ = ["DENIED", "REASONS", "Decision", "DenyReason", "denied"]
+__all__ = ["DENIED", "REASONS", "Decision", "Denials", "DenyReason", "denied"]
 
 
 class DenyReason(enum.StrEnum):
@@ -32,6 +32,14 @@ class DenyReason(enum.StrEnum):
     """This order would raise the symbol's worst-case exposure past its limit."""
     MAX_NET_EXPOSURE = "max_net_exposure"
     """This order would raise the portfolio's worst-case net exposure past its limit."""
+    MAX_ORDER_NOTIONAL = "max_order_notional"
+    """This order's notional is above the limit on one order."""
+    MAX_OPEN_ORDERS = "max_open_orders"
+    """The outstanding reservations already reach the limit."""
+    MAX_OPEN_ORDERS_PER_SYMBOL = "max_open_orders_per_symbol"
+    """The symbol's outstanding reservations already reach the limit."""
+    MAX_ORDERS_PER_INTERVAL = "max_orders_per_interval"
+    """The limit's count of orders was admitted within its sliding window already."""
     BACKEND_UNAVAILABLE = "backend_unavailable"
     """The store behind the gate could not confirm the decision (fail closed)."""
     BOOK_NOT_RESTORED = "book_not_restored"
@@ -45,15 +53,20 @@ class Decision:
 
     An admitted decision carries the ``Reservation`` made for it (release it on reject, or let the
     fill or the TTL end it) and ``reason`` is ``None``; a denied one carries the first rule that
-    failed and no reservation. Decisions are read-only.
+    failed and no reservation, and ``scope`` says whose limit it was: the strategy's name (its
+    budget), or ``None`` (the account's limits, the trading state, or the backend). Decisions
+    are read-only.
     """
 
-    __slots__ = ("_reason", "_reservation")
+    __slots__ = ("_reason", "_reservation", "_scope")
 
     _reason: DenyReason | None
     _reservation: ReservationHandle | None
+    _scope: str | None
 
-    def __init__(self, reason: object = None, reservation: object = None) -> None:
+    def __init__(
+        self, reason: object = None, reservation: object = None, scope: object = None
+    ) -> None:
         if (reason is None) == (reservation is None) or not (
             reason is None or isinstance(reason, DenyReason)
         ):
@@ -61,8 +74,11 @@ class Decision:
                 "a Decision has either a reservation (admitted) or a reason (denied), got "
                 f"reason={reason!r}, reservation={reservation!r}"
             )
+        if scope is not None and (type(scope) is not str or not scope or reason is None):
+            raise ValueError(f"scope must be None or a strategy's name on a denial, got {scope!r}")
         self._reason = reason
         self._reservation = cast("ReservationHandle | None", reservation)
+        self._scope = scope
 
     @property
     def admitted(self) -> bool:
@@ -76,13 +92,20 @@ class Decision:
     def reservation(self) -> ReservationHandle | None:
         return self._reservation
 
+    @property
+    def scope(self) -> str | None:
+        """Where a denial came from: a strategy's name (its budget), or None (the account)."""
+        return self._scope
+
     def __bool__(self) -> bool:
         return self._reason is None
 
     def __repr__(self) -> str:
         if self._reason is None:
             return f"Decision(admitted, reservation={self._reservation!r})"
-        return f"Decision(denied, reason={self._reason.name})"
+        if self._scope is None:
+            return f"Decision(denied, reason={self._reason.name})"
+        return f"Decision(denied, reason={self._reason.name}, scope={self._scope!r})"
 
 
 REASONS: Final[tuple[DenyReason | None, ...]] = (None, *DenyReason)
@@ -92,8 +115,32 @@ DENIED: Final[tuple[Decision, ...]] = tuple(Decision(reason) for reason in DenyR
 """One shared denied decision per reason, ``DENIED[code - 1]``: denials allocate nothing."""
 
 
-def denied(reason: object) -> Decision:
-    """The shared denied decision of ``reason`` (a ``DenyReason``)."""
+def denied(reason: object, scope: object = None) -> Decision:
+    """The denied decision of ``reason`` (a ``DenyReason``) at ``scope``: the shared one for
+    the account (``None``); a new one for a strategy (gates keep theirs: ``Denials``)."""
     if not isinstance(reason, DenyReason):
         raise TypeError(f"reason must be a DenyReason, got {reason!r}")
-    return DENIED[REASONS.index(reason) - 1]
+    if scope is None:
+        return DENIED[REASONS.index(reason) - 1]
+    return Decision(reason, None, scope)
+
+
+class Denials:
+    """A gate's denied decisions by outcome code and strategy, made once each: a denial
+    allocates nothing after the first of its kind. Thread-safe without a lock: two threads may
+    both make the first one, and either is right."""
+
+    __slots__ = ("_by_scope",)
+
+    def __init__(self) -> None:
+        self._by_scope: dict[str, tuple[Decision, ...]] = {}
+
+    def of(self, code: int, scope: str | None) -> Decision:
+        """The denial of outcome ``code`` (``pendingledger.rules``) at ``scope``."""
+        if scope is None:
+            return DENIED[code - 1]
+        decisions = self._by_scope.get(scope)
+        if decisions is None:
+            decisions = tuple(Decision(reason, None, scope) for reason in DenyReason)
+            self._by_scope[scope] = decisions
+        return decisions[code - 1]

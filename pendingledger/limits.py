@@ -6,6 +6,8 @@ backend without touching the code that reads decisions.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -33,7 +35,15 @@ class PortfolioLimits:
     pending orders of one direction all filled, and ``max_net_exposure`` bounds the same figure
     over the whole book. A limit only denies an order that would raise its figure, so a reducing
     order passes however full the gate is. ``max_daily_loss`` and ``max_drawdown`` (amounts
-    > 0) arm the gate's loss latch (``PortfolioGate.record_pnl`` and ``set_equity``).
+    > 0) arm the gate's loss latch (``PortfolioGate.record_pnl`` and ``set_equity``); they are
+    the account's, so a strategy's budget may not set them.
+
+    The order caps apply to every order, reducing ones too: ``max_order_notional`` bounds one
+    order's notional (``>``, as the exposures), ``max_open_orders`` and
+    ``max_open_orders_per_symbol`` the outstanding reservations (an order that would make one
+    more than the limit is denied), and ``max_orders_per_interval=(count, seconds)`` the
+    admitted decisions in any sliding window of ``seconds`` on the gate's clock (denials do not
+    count). The same limits serve as a strategy's budget (``PortfolioGate(..., budgets=)``).
     """
 
     max_concurrent_positions: int | None = None
@@ -42,6 +52,10 @@ class PortfolioLimits:
     max_net_exposure: Number | None = None
     max_daily_loss: Number | None = None
     max_drawdown: Number | None = None
+    max_order_notional: Number | None = None
+    max_open_orders: int | None = None
+    max_open_orders_per_symbol: int | None = None
+    max_orders_per_interval: tuple[int, Number] | None = None
 
     def __post_init__(self) -> None:
         _check_count("max_concurrent_positions", self.max_concurrent_positions)
@@ -50,6 +64,15 @@ class PortfolioLimits:
         _check_amount_limit("max_net_exposure", self.max_net_exposure)
         _check_loss_limit("max_daily_loss", self.max_daily_loss)
         _check_loss_limit("max_drawdown", self.max_drawdown)
+        _check_amount_limit("max_order_notional", self.max_order_notional)
+        _check_count("max_open_orders", self.max_open_orders)
+        _check_count("max_open_orders_per_symbol", self.max_open_orders_per_symbol)
+        _check_rate("max_orders_per_interval", self.max_orders_per_interval)
+
+    @property
+    def has_loss_limits(self) -> bool:
+        """Whether ``max_daily_loss`` or ``max_drawdown`` is set (the account's alone)."""
+        return self.max_daily_loss is not None or self.max_drawdown is not None
 
 
 def _check_count(name: str, count: object) -> None:
@@ -59,6 +82,21 @@ def _check_count(name: str, count: object) -> None:
         raise TypeError(f"{name} must be an int or None, got {count!r}")
     if count < 0:
         raise ValueError(f"{name} must be >= 0, got {count!r}")
+
+
+def _check_rate(name: str, rate: object) -> None:
+    """``(count, seconds)``: an int count >= 1 and a finite number of seconds > 0."""
+    if rate is None:
+        return
+    if not isinstance(rate, tuple) or len(rate) != 2:
+        raise TypeError(f"{name} must be a (count, seconds) tuple or None, got {rate!r}")
+    count, seconds = rate
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"{name}: count must be an int >= 1, got {rate!r}")
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+        raise TypeError(f"{name}: seconds must be a number, got {rate!r}")
+    if not 0 < float(seconds) < math.inf:
+        raise ValueError(f"{name}: seconds must be finite and > 0, got {rate!r}")
 
 
 def _check_amount_limit(name: str, value: object) -> None:

@@ -15,6 +15,8 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from .gate import GateStats
     from .limits import Decision, PortfolioLimits
     from .trading import Latch, Side, TradingState
@@ -36,6 +38,9 @@ class ReservationHandle(Protocol):
 
     @property
     def side(self) -> Side | None: ...
+
+    @property
+    def strategy(self) -> str | None: ...
 
     @property
     def notional(self) -> Number: ...
@@ -68,6 +73,12 @@ class Gate(Protocol):
     def limits(self, limits: PortfolioLimits) -> None: ...
 
     @property
+    def budgets(self) -> Mapping[str, PortfolioLimits]: ...
+
+    @budgets.setter
+    def budgets(self, budgets: Mapping[str, PortfolioLimits] | None) -> None: ...
+
+    @property
     def halted(self) -> bool: ...
 
     @property
@@ -84,15 +95,18 @@ class Gate(Protocol):
         *,
         order_id: str | None = None,
         side: Side | str | None = None,
+        strategy: str | None = None,
     ) -> Decision: ...
 
     def release(self, symbol: str) -> bool: ...
 
     def release_order(self, order_id: str) -> bool: ...
 
-    def set_position(self, symbol: str, exposure: Number) -> None: ...
+    def set_position(
+        self, symbol: str, exposure: Number, *, strategy: str | None = None
+    ) -> None: ...
 
-    def close_position(self, symbol: str) -> bool: ...
+    def close_position(self, symbol: str, *, strategy: str | None = None) -> bool: ...
 
     def confirm_fill(
         self,
@@ -101,11 +115,12 @@ class Gate(Protocol):
         *,
         symbol: str | None = None,
         filled: Number | None = None,
+        strategy: str | None = None,
     ) -> bool: ...
 
     def reduce_order(self, order_id: str, amount: Number) -> bool: ...
 
-    def positions(self) -> dict[str, Number]: ...
+    def positions(self, *, strategy: str | None = None) -> dict[str, Number]: ...
 
     def halt(self) -> None: ...
 

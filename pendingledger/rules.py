@@ -21,6 +21,15 @@ orders of unknown side u:
 The one rule: a limit denies an order only if admitting it would *raise* the figure that limit
 bounds *and* the raised figure would exceed the limit. An order that raises no figure (a sell
 that reduces a long) is admitted however full the gate is; in ``REDUCING`` only such orders are.
+
+The order caps bound the flow of orders rather than a figure of the book: one order's notional,
+the outstanding reservations in all and per symbol, and the admissions in a sliding window.
+
+Scopes: with strategy budgets (``PortfolioGate(..., budgets=)``) a decision is made at two
+scopes in one critical section: ``first_failing_rule`` with the strategy's limits over the
+figures of that strategy's own positions and reservations, then with the account's limits over
+everything (the account's position on a symbol is the sum of its strategies' and its own). The
+first failure wins, and ``Decision.scope`` says where: the strategy's name, or None.
 """
 
 from __future__ import annotations
@@ -49,10 +58,15 @@ MAX_CONCURRENT_POSITIONS: Final = 3
 MAX_GROSS_EXPOSURE: Final = 4
 MAX_SYMBOL_EXPOSURE: Final = 5
 MAX_NET_EXPOSURE: Final = 6
-BACKEND_UNAVAILABLE: Final = 7
-BOOK_NOT_RESTORED: Final = 8
-LOCK_TIMEOUT: Final = 9
+MAX_ORDER_NOTIONAL: Final = 7
+MAX_OPEN_ORDERS: Final = 8
+MAX_OPEN_ORDERS_PER_SYMBOL: Final = 9
+MAX_ORDERS_PER_INTERVAL: Final = 10
+BACKEND_UNAVAILABLE: Final = 11
+BOOK_NOT_RESTORED: Final = 12
+LOCK_TIMEOUT: Final = 13
 NO_LIMIT: Final = -1
+NO_WINDOW: Final = float("-inf")  # the stamp first_failing_rule gets when no window is full
 
 # Side codes (trading.SIDES) and trading state codes (trading.STATES).
 UNKNOWN_SIDE: Final = 0
@@ -78,8 +92,13 @@ class UnitLimits:
         "max_drawdown",
         "max_gross",
         "max_net",
+        "max_open_orders",
+        "max_order",
         "max_positions",
         "max_symbol",
+        "max_symbol_orders",
+        "rate_count",
+        "rate_seconds",
         "source",
     )
 
@@ -95,6 +114,13 @@ class UnitLimits:
         self.max_drawdown: int = _limit("max_drawdown", source.max_drawdown)
         # The kinds of amount the loss limits were given in: a latch reports them so.
         self.loss_kinds: int = _kind(source.max_daily_loss) | _kind(source.max_drawdown)
+        self.max_order: int = _limit("max_order_notional", source.max_order_notional)
+        self.max_open_orders: int = _count(source.max_open_orders)
+        self.max_symbol_orders: int = _count(source.max_open_orders_per_symbol)
+        rate = source.max_orders_per_interval
+        # rate_count NO_LIMIT: no window; else at most rate_count admissions in rate_seconds.
+        self.rate_count: int = NO_LIMIT if rate is None else operator.index(rate[0])
+        self.rate_seconds: float = 0.0 if rate is None else float(rate[1])
 
 
 def unit_limits(limits: object) -> UnitLimits:
@@ -146,8 +172,14 @@ def first_failing_rule(  # noqa: PLR0911 - one return per rule, in DenyReason or
     after: int,
     net_before: int,
     net_after: int,
+    units: int,
+    orders: int,
+    symbol_orders: int,
+    window_start: float,
+    now: float,
 ) -> int:
-    """The first rule an order fails, or ``ADMIT``; in ``DenyReason`` order:
+    """The first rule an order of ``units`` fails at one scope (a strategy's budget, or the
+    account), or ``ADMIT``; in ``DenyReason`` order:
 
     1. ``HALTED`` in the ``HALTED`` state.
     2. ``REDUCING_ONLY`` in the ``REDUCING`` state, for an order that raises any figure: it
@@ -160,8 +192,16 @@ def first_failing_rule(  # noqa: PLR0911 - one return per rule, in DenyReason or
        of the worst cases before the order) with the symbol's raised would exceed the limit.
     5. ``MAX_SYMBOL_EXPOSURE``: the order raises the symbol's worst case past the limit.
     6. ``MAX_NET_EXPOSURE``: the order raises the net figure past the limit.
+    7. ``MAX_ORDER_NOTIONAL``: ``units`` exceed the limit (any order, reducing ones too).
+    8. ``MAX_OPEN_ORDERS``: the scope's outstanding reservations (``orders``) reach the limit.
+    9. ``MAX_OPEN_ORDERS_PER_SYMBOL``: the symbol's (``symbol_orders``) reach it.
+    10. ``MAX_ORDERS_PER_INTERVAL``: ``(count, seconds)``: the scope's ``count``-th most recent
+        admission was stamped at ``window_start`` (``NO_WINDOW`` if there were fewer), and
+        ``now - seconds < window_start``: ``count`` admissions already lie in the sliding
+        window ``(now - seconds, now]`` of the gate's monotonic clock. Denials do not count.
 
-    A figure that lands exactly on its limit is admitted.
+    A figure that lands exactly on its limit is admitted; the order caps (7 to 10) apply to
+    every order, as an exchange's do, so a closing order is still one order.
     """
     if state == HALTED_STATE:
         return HALTED
@@ -177,6 +217,14 @@ def first_failing_rule(  # noqa: PLR0911 - one return per rule, in DenyReason or
             return MAX_SYMBOL_EXPOSURE
     if limits.max_net > NO_LIMIT and net_before < net_after and net_after > limits.max_net:
         return MAX_NET_EXPOSURE
+    if NO_LIMIT < limits.max_order < units:
+        return MAX_ORDER_NOTIONAL
+    if NO_LIMIT < limits.max_open_orders <= orders:
+        return MAX_OPEN_ORDERS
+    if NO_LIMIT < limits.max_symbol_orders <= symbol_orders:
+        return MAX_OPEN_ORDERS_PER_SYMBOL
+    if limits.rate_count > NO_LIMIT and window_start > now - limits.rate_seconds:
+        return MAX_ORDERS_PER_INTERVAL
     return ADMIT
 
 
@@ -207,6 +255,10 @@ def next_reset(now: float, offset: float) -> float:
 
 def _kind(value: object) -> int:
     return 0 if value is None else _units.kind_of(value)
+
+
+def _count(value: int | None) -> int:
+    return NO_LIMIT if value is None else operator.index(value)
 
 
 def _limit(name: str, value: object) -> int:
