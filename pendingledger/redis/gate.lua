@@ -952,10 +952,10 @@ local function set_part(a, part, value, code)
     set_pos(a, value, code)
     return
   end
-  local sw, sf = sadd(spos(a))
+  local sw, sf = spos(a)
   sw, sf = sadd(sw, sf, negate(ow, of))
   sw, sf = sadd(sw, sf, spos(part))
-  set_sum(a, sw, sf, string.sub(kind_union(F[a.k] or code, code), 1), n)
+  set_sum(a, sw, sf, kind_union(F[a.k] or code, code), n)
 end
 
 -- Remove part `part` of the position of `a`; true if it was open.
@@ -972,7 +972,7 @@ local function close_part(a, part)
   if n <= 0 then
     close_pos(a)
   else
-    local sw, sf = sadd(spos(a))
+    local sw, sf = spos(a)
     sw, sf = sadd(sw, sf, negate(ow, of))
     set_sum(a, sw, sf, string.sub(F[a.k], 2, 2), n)
   end
