@@ -297,6 +297,32 @@ def test_restore_takes_the_strategies_parts_and_orders(client: Any) -> None:
 # ---------------------------------------------------------------------------- stats, round trips
 
 
+def test_the_state_comes_first_and_is_the_accounts(client: Any) -> None:
+    gate = new_gate(client, Limits(), {"s": Limits(max_open_orders=0)})
+    gate.halt()
+    assert denial(gate.try_enter("AAA", 1, strategy="s")) == (R.HALTED, None)
+    gate.resume()
+    assert denial(gate.try_enter("AAA", 1, strategy="s")) == (R.MAX_OPEN_ORDERS, "s")
+    stats = gate.stats()
+    assert stats.scopes["s"].denied[R.HALTED] == 1 and stats.scopes[None].decisions == 0
+
+
+def test_a_store_failure_under_a_strategy_counts_in_its_scope(server: RedisServer) -> None:
+    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    gate = new_gate(client, Limits(), {"s": Limits()})
+    dead = RedisGate(redis.Redis(port=1, socket_timeout=0.2), Limits(), ttl=1.0,
+                     namespace=gate.namespace, budgets={"s": Limits()})  # fmt: skip
+    assert denial(dead.try_enter("AAA", 1, strategy="s")) == (R.BACKEND_UNAVAILABLE, None)
+    assert denial(dead.try_enter("AAA", 1)) == (R.BACKEND_UNAVAILABLE, None)
+    dead._client = client  # type: ignore[misc]  # the store is back: the counts are read
+    dead._code = gate.server  # type: ignore[misc]
+    stats = dead.stats()
+    assert stats.scopes["s"].denied[R.BACKEND_UNAVAILABLE] == 1
+    assert stats.scopes[None].denied[R.BACKEND_UNAVAILABLE] == 1
+    assert stats.denied[R.BACKEND_UNAVAILABLE] == 2
+    client.close()
+
+
 def test_the_scopes_counts_add_up_to_the_top_level(client: Any) -> None:
     gate = new_gate(client, Limits(max_open_orders=3), {"a": Limits(max_open_orders=1),
                                                         "idle": Limits()})  # fmt: skip
@@ -405,6 +431,8 @@ def test_bad_book_strategies_are_refused_and_change_nothing(client: Any, strateg
     )  # fmt: skip
     with pytest.raises(TypeError, match="strategies"):
         gate.restore({}, strategies=[("s", {})])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="strategies"):
+        gate.restore({}, strategies={None: {"AAA": 1}})  # type: ignore[dict-item]
 
 
 # ---------------------------------------------------------------------------- a budget change
