@@ -314,8 +314,8 @@ def test_a_store_failure_under_a_strategy_counts_in_its_scope(server: RedisServe
                      namespace=gate.namespace, budgets={"s": Limits()})  # fmt: skip
     assert denial(dead.try_enter("AAA", 1, strategy="s")) == (R.BACKEND_UNAVAILABLE, None)
     assert denial(dead.try_enter("AAA", 1)) == (R.BACKEND_UNAVAILABLE, None)
-    dead._client = client  # type: ignore[misc]  # the store is back: the counts are read
-    dead._code = gate.server  # type: ignore[misc]
+    dead._client = client  # the store is back: the counts are read
+    dead._code = gate.server
     stats = dead.stats()
     assert stats.scopes["s"].denied[R.BACKEND_UNAVAILABLE] == 1
     assert stats.scopes[None].denied[R.BACKEND_UNAVAILABLE] == 1
