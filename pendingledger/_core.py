@@ -1637,6 +1637,7 @@ class GateCore:
         if budget is not None:
             entry = self._budgeted_locked(res._strategy)
             code = self._rule_locked(res, budget, state, entry.scope, entry.window, stamp, None)
+        by_budget = code > rules.HALTED  # the trading state is the account's
         if code == rules.ADMIT:
             code = self._rule_locked(
                 res, limits, state, ledger._account, self._window, stamp, snapshot
@@ -1651,7 +1652,7 @@ class GateCore:
         else:
             entry.counts[code] += 1
             if code != rules.ADMIT:
-                return code if code == rules.HALTED else code + BY_BUDGET
+                return code + BY_BUDGET if by_budget else code
             res._scope = entry.scope  # spares the link a lookup
             ledger.insert_locked(res, now)
             if budget.rate_count > rules.NO_LIMIT:
