@@ -130,15 +130,15 @@ def test_every_scope_total_survives_random_operations(seed: int) -> None:
                 live.append(decision.reservation)
         elif action == 3 and live:
             res = live.pop(rng.randrange(len(live)))
-            exposure = rng.randint(-90, 90)
-            if gate.confirm_fill(res.order_id, exposure, filled=rng.choice([None, 5])):
-                parts[(res.strategy or "", res.symbol)] = Fraction(exposure)
+            filled_at = rng.randint(-90, 90)
+            if gate.confirm_fill(res.order_id, filled_at, filled=rng.choice([None, 5])):
+                parts[(res.strategy or "", res.symbol)] = Fraction(filled_at)
         elif action == 4 and live:
             live.pop(rng.randrange(len(live))).release()
         elif action == 5:
-            exposure = rng.choice([0, 3, -12, Fraction(1, 4)])
-            gate.set_position(symbol, exposure, strategy=strategy)
-            parts[(strategy or "", symbol)] = Fraction(exposure)
+            amount = rng.choice([Fraction(0), Fraction(3), Fraction(-12), Fraction(1, 4)])
+            gate.set_position(symbol, amount, strategy=strategy)
+            parts[(strategy or "", symbol)] = amount
         elif action == 6:
             closed = gate.close_position(symbol, strategy=strategy)
             assert closed == ((strategy or "", symbol) in parts)
@@ -150,8 +150,8 @@ def test_every_scope_total_survives_random_operations(seed: int) -> None:
                 raise KeyError("rolled back")
         assert ledger.audit() == [], f"step {step}"
         account: dict[str, Fraction] = {}
-        for (_, sym), exposure in parts.items():
-            account[sym] = account.get(sym, Fraction(0)) + exposure
+        for (_, sym), part in parts.items():
+            account[sym] = account.get(sym, Fraction(0)) + part
         got = {sym: Fraction(value) for sym, value in gate.positions().items()}
         assert got == account, f"step {step}"
         mine = {sym: Fraction(v) for sym, v in gate.positions(strategy="a").items()}
