@@ -5,11 +5,18 @@ This is the only module that reads or writes that state. ``LedgerCore._lock`` (a
 consistent, and whenever it is changed:
 
 * a ``LedgerCore``'s reservations (``_index``, keyed by the caller's order id, or by the sequence
-  number when the ledger names the order), ``_symbols`` (each reserved symbol's total), totals,
-  counters, owned position book
-  (``_book``), the thread in a ``lock()`` block (``_owner``, ``_block``) and ``_epoch``;
-* a ``GateCore``'s halt flag and decision counters;
-* a ``Reservation``'s remaining ``_units``, ``_state`` and ``_reserved_at``.
+  number when the ledger names the order), its scopes (``_account`` and ``_strategies``: each
+  a ``_Scope`` of per-symbol totals, sides, owned position book and counts), counters, the
+  thread in a ``lock()`` block (``_owner``, ``_block``) and ``_epoch``;
+* a ``GateCore``'s trading state, loss book, latch, decision counters, rate windows and its
+  per-strategy entries (``_budgeted``);
+* a ``Reservation``'s remaining ``_units``, ``_state``, ``_reserved_at`` and ``_scope``.
+
+Scopes: a reservation counts in the account's scope and, if it was made for a strategy, in that
+strategy's; a position is one strategy's part or the account's own, and the account's book
+holds each symbol's sum of its parts (``_Position``). The running totals of every scope move
+together in the critical section that changes them, so a decision sees every scope in one
+state.
 
 ``LedgerCore._turn`` guards no state: it orders the threads waiting for ``_lock`` to be free
 (``wait_free``). It is taken only there, always before ``_lock`` and never while holding it.
@@ -44,7 +51,8 @@ them (the rest count until a later acquisition sweeps them: over-blocking, the s
 ``lock()`` blocks and writes to the owned book sweep; ending a reservation does not need to.
 
 Every outstanding reservation holds at least one unit (a reduction to nothing ends it), so a
-symbol is in ``_symbols`` exactly while it has reservations, and its total is never 0 there.
+symbol is in a scope's ``symbols`` exactly while it has reservations there, and never with 0
+units.
 
 ``_epoch`` counts every change that gives room back (a reservation ends or shrinks). A decision on
 a caller's positions reads it before reading them and commits only if it is unchanged: the fill
@@ -58,10 +66,10 @@ that needs a slot beside the others: adding to it is admitted while the open sym
 the limit, and denied past it (where the owned book, read under the lock, would admit).
 
 Sides: a symbol's worst case needs its position and its pending buys, sells and orders of unknown
-side (``rules.worst_case``). ``_symbols`` keeps each symbol's reserved total as before, and
-``_sided`` the buys and sells of only the symbols that have any, each with its ``excess``: how
+side (``rules.worst_case``). A scope's ``symbols`` keeps each symbol's reserved total, and
+``sided`` the buys and sells of only the symbols that have any, each with its ``excess``: how
 much less its worst case is than ``|position| + reserved``. So gross (the sum of worst cases) is
-``_book_gross + _reserved - _excess``, kept up to date by every change to a sided symbol
+``book_gross + reserved - excess``, kept up to date by every change to a sided symbol
 (``_Scope.resum_locked``), and a side-blind book pays nothing for sides. A decision on a caller's
 positions takes the sided symbols' worst cases with the caller's positions, which it turns into
 units before the lock for the symbols sided when it began (``sided_symbols``); a symbol sided
