@@ -523,6 +523,25 @@ def test_each_decision_uses_one_pair_while_the_budgets_change(server: RedisServe
         c.close()
 
 
+def test_the_broken_gate_breaches_a_budget_that_the_gate_holds(client: Any) -> None:
+    """check_then_reserve under a strategy: an entry in the gap takes the budget's last slot,
+    and the forced reserve breaches it (audit names the scope); the gate itself denies."""
+    from pendingledger.redis.testing import check_then_reserve, enable_test_ops
+
+    budget = Limits(max_gross_exposure=10, max_open_orders=5)
+    gate = new_gate(client, Limits(), {"s": budget})
+    enable_test_ops(gate)
+    assert gate.try_enter("AAA", 6, strategy="s")
+    decision = check_then_reserve(
+        gate, "BBB", 4, strategy="s", between=lambda: gate.try_enter("CCC", 4, strategy="s")
+    )
+    assert decision and res(decision).strategy == "s"
+    assert gate.audit(gate.limits, gate.budgets) == [
+        "strategy 's': gross 14000000000 units > max_gross_exposure 10000000000 units"
+    ]
+    assert denial(gate.try_enter("DDD", 1, strategy="s")) == (R.MAX_GROSS_EXPOSURE, "s")
+
+
 # ---------------------------------------------------------------------------- the model
 
 
