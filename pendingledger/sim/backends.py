@@ -7,7 +7,7 @@ A shared store plugs in the same way (``pendingledger.sim.redis_backend``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Protocol, runtime_checkable
 
 from pendingledger.gate import PortfolioGate, Positions
@@ -77,7 +77,9 @@ class SimBackend(Protocol):
 
 
 class BackendFactory(Protocol):
-    """Builds the backend for one run; ``broken`` asks for the check-then-act variant."""
+    """Builds the backend for one run; ``broken`` asks for the check-then-act variant.
+    ``budgets`` (the strategies' limits) is passed only to a run with strategies, so a
+    factory that has none to offer need not take it."""
 
     def __call__(
         self,
@@ -87,11 +89,13 @@ class BackendFactory(Protocol):
         clock: Callable[[], float],
         on_expire: Callable[[ReservationHandle], None],
         broken: bool,
+        budgets: Mapping[str, PortfolioLimits] | None = None,
     ) -> SimBackend: ...
 
 
 class MemoryBackend:
-    """In-process backend: a ``PendingEntryLedger`` with a ``PortfolioGate`` or ``BrokenGate``."""
+    """In-process backend: a ``PendingEntryLedger`` with a ``PortfolioGate`` or ``BrokenGate``
+    (with the strategies' ``budgets``, if any)."""
 
     name = "memory"
 
@@ -103,11 +107,12 @@ class MemoryBackend:
         clock: Callable[[], float],
         on_expire: Callable[[ReservationHandle], None],
         broken: bool,
+        budgets: Mapping[str, PortfolioLimits] | None = None,
     ) -> None:
         self.ledger = PendingEntryLedger(ttl, clock=clock, on_expire=on_expire)
-        real = PortfolioGate(self.ledger, limits)
+        real = PortfolioGate(self.ledger, limits, budgets=budgets)
         self._gate: PortfolioGate | BrokenGate = (
-            BrokenGate(self.ledger, limits, book=real) if broken else real
+            BrokenGate(self.ledger, limits, budgets=budgets, book=real) if broken else real
         )
 
     @property
@@ -133,6 +138,9 @@ def memory_backend(
     clock: Callable[[], float],
     on_expire: Callable[[ReservationHandle], None],
     broken: bool,
+    budgets: Mapping[str, PortfolioLimits] | None = None,
 ) -> SimBackend:
     """The default ``BackendFactory``: see ``MemoryBackend``."""
-    return MemoryBackend(limits=limits, ttl=ttl, clock=clock, on_expire=on_expire, broken=broken)
+    return MemoryBackend(
+        limits=limits, ttl=ttl, clock=clock, on_expire=on_expire, broken=broken, budgets=budgets
+    )
