@@ -20,6 +20,7 @@ CORE = [
     "pendingledger/decision.py",
     "pendingledger/trading.py",
     "pendingledger/rules.py",
+    "pendingledger/budgets.py",
     "pendingledger/_core.py",
     "pendingledger/_positions.py",
     "pendingledger/ledger.py",

@@ -62,7 +62,7 @@ side (``rules.worst_case``). ``_symbols`` keeps each symbol's reserved total as 
 ``_sided`` the buys and sells of only the symbols that have any, each with its ``excess``: how
 much less its worst case is than ``|position| + reserved``. So gross (the sum of worst cases) is
 ``_book_gross + _reserved - _excess``, kept up to date by every change to a sided symbol
-(``_resum_locked``), and a side-blind book pays nothing for sides. A decision on a caller's
+(``_Scope.resum_locked``), and a side-blind book pays nothing for sides. A decision on a caller's
 positions takes the sided symbols' worst cases with the caller's positions, which it turns into
 units before the lock for the symbols sided when it began (``sided_symbols``); a symbol sided
 since is open in the read without its units, and the decision reads again. Counting too much is
@@ -82,6 +82,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final
 
@@ -151,9 +152,11 @@ class Reservation:
         "_kind",
         "_order_id",
         "_reserved_at",
+        "_scope",
         "_seq",
         "_side",
         "_state",
+        "_strategy",
         "_symbol",
         "_units",
     )
@@ -166,9 +169,12 @@ class Reservation:
         initial: object,
         units: int,
         side: int = rules.UNKNOWN_SIDE,
+        strategy: str = "",
     ) -> None:
         self._core = core
         self._side = side
+        self._strategy = strategy  # "" for the account's own
+        self._scope: _Scope | None = None  # its strategy's figures, set when it is linked
         self._symbol = symbol
         self._order_id = order_id  # "" when the ledger names the order (see order_id)
         self._initial = initial
@@ -194,6 +200,11 @@ class Reservation:
     def side(self) -> Side | None:
         """The order's side, or None when it was not given (counted in both directions)."""
         return SIDES[self._side]
+
+    @property
+    def strategy(self) -> str | None:
+        """The strategy the order was made for, or None (the account's own)."""
+        return self._strategy or None
 
     @property
     def notional(self) -> _units.Number:
@@ -278,7 +289,7 @@ class _Sides:
     """The pending buys and sells of one symbol that has any (units), its position in the owned
     book (signed units, 0 when not open: kept here too, so that keeping the worst case needs no
     book lookup) and its ``excess``: how much less its worst case is than the side-blind
-    ``|position| + reserved`` (see ``LedgerCore._resum_locked``)."""
+    ``|position| + reserved`` (see ``_Scope.resum_locked``)."""
 
     __slots__ = ("buys", "excess", "position", "sells")
 
@@ -290,14 +301,162 @@ class _Sides:
 
 
 class _Position:
-    """One symbol of the owned position book: its exposure in units and as it was given."""
+    """One symbol of an owned position book: its exposure in units and as it was given.
 
-    __slots__ = ("magnitude", "units", "value")
+    In a strategy's book that is all. In the account's, ``units`` is the sum of the parts (its
+    own, ``own`` units while ``own_open``, and ``parts`` strategies'), ``value`` is its own
+    part as given and ``kinds`` every kind of amount the parts were given in."""
 
-    def __init__(self, units: int, value: object) -> None:
+    __slots__ = ("kinds", "magnitude", "own", "own_open", "parts", "units", "value")
+
+    def __init__(self, units: int, value: object, kinds: int) -> None:
         self.units = units
         self.magnitude = -units if units < 0 else units
         self.value = value
+        self.kinds = kinds
+        self.own = units
+        self.own_open = True
+        self.parts = 0
+
+
+class _Scope:
+    """The figures of one book the limits bound: the account's (every reservation, and the
+    positions summed over their parts) or one strategy's (its own reservations and positions).
+
+    ``symbols`` has each reserved symbol's total units and ``orders_on`` its count of
+    reservations (the same keys), ``sided`` the buys and sells of the symbols that have any
+    (see Sides in the module notes), ``book`` the positions, ``open`` the symbols open or
+    reserved or both. Everything here is guarded by the ledger lock.
+    """
+
+    __slots__ = (
+        "book",
+        "book_gross",
+        "book_net",
+        "buys",
+        "excess",
+        "open",
+        "orders",
+        "orders_on",
+        "reserved",
+        "sells",
+        "sided",
+        "symbols",
+    )
+
+    def __init__(self) -> None:
+        self.symbols: dict[str, int] = {}  # units reserved per symbol, only symbols reserved
+        self.orders_on: dict[str, int] = {}  # reservations per symbol, the same keys
+        self.orders = 0  # reservations outstanding
+        self.reserved = 0  # units reserved in all
+        self.sided: dict[str, _Sides] = {}  # only symbols with pending buys or sells
+        self.buys = 0  # units of pending buys in all (the rest of reserved: sells, unknown)
+        self.sells = 0
+        self.excess = 0  # sum of the _Sides' excess: the book's gross is short of it
+        self.book: dict[str, _Position] = {}
+        self.book_gross = 0  # sum of the book's |exposure| units
+        self.book_net = 0  # sum of the book's signed exposure units
+        self.open = 0  # symbols open in the book or reserved (or both)
+
+    def gross(self) -> int:
+        return self.book_gross + self.reserved - self.excess
+
+    def add_locked(self, symbol: str, units: int, side: int) -> None:
+        """Count one more reservation of ``units`` on ``symbol``."""
+        held = self.symbols.get(symbol, 0)
+        if not held and symbol not in self.book:
+            self.open += 1
+        self.symbols[symbol] = held + units
+        self.orders_on[symbol] = self.orders_on.get(symbol, 0) + 1
+        self.orders += 1
+        self.reserved += units
+        if side:
+            self.side_locked(symbol, side, units, held + units)
+
+    def remove_locked(self, symbol: str, units: int, side: int) -> None:
+        """Count one reservation of ``units`` on ``symbol`` fewer."""
+        left = self.symbols[symbol] - units
+        if left:
+            self.symbols[symbol] = left
+            self.orders_on[symbol] -= 1
+        else:
+            del self.symbols[symbol]
+            del self.orders_on[symbol]
+            if symbol not in self.book:
+                self.open -= 1
+        self.orders -= 1
+        self.reserved -= units
+        if side:
+            self.side_locked(symbol, side, -units, left)
+
+    def shrink_locked(self, symbol: str, units: int, side: int) -> None:
+        """A reservation on ``symbol`` holds ``units`` fewer (negative: more), and not 0."""
+        left = self.symbols[symbol] - units
+        self.symbols[symbol] = left
+        self.reserved -= units
+        if side:
+            self.side_locked(symbol, side, -units, left)
+
+    def side_locked(self, symbol: str, side: int, units: int, reserved: int) -> None:
+        """Count ``units`` more (negative: fewer) under ``side`` on ``symbol``, once its
+        reserved total has changed (to ``reserved``), and its worst case again."""
+        sides = self.sided.get(symbol)
+        if sides is None:
+            position = self.book.get(symbol)
+            sides = self.sided[symbol] = _Sides(0 if position is None else position.units)
+        if side == rules.BUY:
+            sides.buys += units
+            self.buys += units
+        else:
+            sides.sells += units
+            self.sells += units
+        self.resum_locked(symbol, sides, reserved)
+
+    def resum_locked(self, symbol: str, sides: _Sides, reserved: int) -> None:
+        """Recompute ``symbol``'s excess (``reserved``: its reserved total): gross is kept
+        side-blind (``book_gross + reserved``, as with no side given) less the sum of what
+        pending buys and sells against each other or against the position do not add to a worst
+        case."""
+        units = sides.position
+        unknown = reserved - sides.buys - sides.sells
+        excess = (units if units >= 0 else -units) + reserved
+        excess -= rules.worst_case(units, sides.buys, sides.sells, unknown)
+        self.excess += excess - sides.excess
+        sides.excess = excess
+        if not sides.buys and not sides.sells:
+            del self.sided[symbol]
+
+    def put_locked(self, symbol: str, position: _Position) -> None:
+        """Open ``symbol`` at ``position``, or replace the one it has."""
+        old = self.book.get(symbol)
+        if old is None:
+            if symbol not in self.symbols:
+                self.open += 1
+        else:
+            self.book_gross -= old.magnitude
+            self.book_net -= old.units
+        self.book[symbol] = position
+        self.book_gross += position.magnitude
+        self.book_net += position.units
+        sides = self.sided.get(symbol)
+        if sides is not None:
+            sides.position = position.units
+            self.resum_locked(symbol, sides, self.symbols[symbol])
+
+    def drop_locked(self, symbol: str) -> _Position | None:
+        """Close ``symbol``; the position it had, or None if it had none."""
+        position = self.book.pop(symbol, None)
+        if position is None:
+            return None
+        self.book_gross -= position.magnitude
+        self.book_net -= position.units
+        if symbol not in self.symbols:
+            self.open -= 1
+        sides = self.sided.get(symbol)
+        if sides is not None:
+            sides.position = 0
+            self.resum_locked(symbol, sides, self.symbols[symbol])
+        return position
 
 
 class Snapshot:
@@ -346,14 +505,10 @@ class LedgerCore:
     """The reservations, the owned position book and the lock that guards them."""
 
     __slots__ = (
+        "_account",
         "_acquire",
         "_block",
-        "_book",
-        "_book_gross",
-        "_book_net",
-        "_buys",
         "_epoch",
-        "_excess",
         "_expired",
         "_id_prefix",
         "_index",
@@ -362,15 +517,11 @@ class LedgerCore:
         "_lock",
         "_next_expiry",
         "_on_expire",
-        "_open",
         "_owner",
         "_release",
         "_released",
-        "_reserved",
-        "_sells",
         "_seq",
-        "_sided",
-        "_symbols",
+        "_strategies",
         "_turn",
         "clock",
         "ttl",
@@ -395,16 +546,8 @@ class LedgerCore:
         self._id_prefix = f"pl-{secrets.token_hex(8)}-"
         # In stamp order: a caller's id (str) or the ledger's sequence number (int) as the key.
         self._index: dict[str | int, Reservation] = {}
-        self._symbols: dict[str, int] = {}  # units reserved per symbol, only symbols reserved
-        self._reserved = 0  # units reserved in all
-        self._sided: dict[str, _Sides] = {}  # only symbols with pending buys or sells
-        self._buys = 0  # units of pending buys in all (the rest of _reserved: sells, unknown)
-        self._sells = 0
-        self._excess = 0  # sum of the _Sides' excess: the book's gross is short of it
-        self._book: dict[str, _Position] = {}
-        self._book_gross = 0  # sum of the book's |exposure| units
-        self._book_net = 0  # sum of the book's signed exposure units
-        self._open = 0  # symbols open in the book or reserved (or both)
+        self._account = _Scope()  # every reservation, the positions summed over their parts
+        self._strategies: dict[str, _Scope] = {}  # each strategy's own, kept once it has any
         self._kinds = 0  # every kind of amount reserved (sticky): the type sums come back in
         self._seq = 0
         self._last_stamp = -_INF
@@ -577,52 +720,76 @@ class LedgerCore:
 
     # ---------------------------------------------------------------- the owned book
 
-    def set_position(self, symbol: str, units: int, value: object) -> None:
+    def set_position(
+        self, symbol: str, units: int, value: object, kind: int, strategy: str
+    ) -> None:
+        """Set ``strategy``'s part of ``symbol``'s position ("": the account's own)."""
         now = self.now()
         with self._lock:
             expired = self._sweep_locked(now)
-            self._set_position_locked(symbol, units, value)
+            self._set_position_locked(symbol, units, value, kind, strategy)
         self.fire_expired(expired)
 
-    def close_position(self, symbol: str) -> bool:
+    def close_position(self, symbol: str, strategy: str) -> bool:
         now = self.now()
         with self._lock:
             expired = self._sweep_locked(now)
-            done = self._close_position_locked(symbol)
+            done = self._close_position_locked(symbol, strategy)
         self.fire_expired(expired)
         return done
 
     def confirm_fill(
-        self, order_id: str, units: int, value: object, symbol: str, fill: tuple[int, int, int]
+        self,
+        order_id: str,
+        position: tuple[int, object, int],
+        symbol: str,
+        fill: tuple[int, int, int],
+        strategy: str | None,
     ) -> bool:
-        """Set the order's symbol's position and end its reservation as filled, in one step;
-        with a ``fill`` (``(down, up, kind)`` as for ``reduce``; ``up`` 0: none) reduce it by
-        that instead, in the same step.
+        """Set the order's strategy's part of its symbol's position (``position``: units,
+        value, kind) and end its reservation as filled, in one step; with a ``fill``
+        (``(down, up, kind)`` as for ``reduce``; ``up`` 0: none) reduce it by that instead,
+        in the same step.
 
-        With no outstanding reservation, the position is still set when ``symbol`` is given.
+        With no outstanding reservation, ``strategy``'s part ("" or None: the account's own)
+        is still set when ``symbol`` is given. A ``symbol`` or ``strategy`` (None: any) that is
+        not the reservation's changes nothing and raises ``ValueError``.
         """
         seq = self.generated_seq(order_id)
         now = self.now()
+        units, value, kind = position
         with self._lock:
             # Before the sweep: a fill that lands as its TTL runs out is a fill, not an expiry.
             res = self._find_locked(order_id, seq)
-            elsewhere = res is not None and bool(symbol) and symbol != res._symbol
+            elsewhere = res is not None and (
+                (bool(symbol) and symbol != res._symbol)
+                or (strategy is not None and strategy != res._strategy)
+            )
             if res is not None and not elsewhere:
-                self._set_position_locked(res._symbol, units, value)
+                self._set_position_locked(res._symbol, units, value, kind, res._strategy)
                 self._fill_locked(res, fill)
             elif res is None and symbol:
-                self._set_position_locked(symbol, units, value)
+                self._set_position_locked(symbol, units, value, kind, strategy or "")
             expired = self._sweep_locked(now)
         self.fire_expired(expired)
         if res is not None and elsewhere:
             raise ValueError(
-                f"order_id {order_id!r} is reserved on {res.symbol!r}, not symbol={symbol!r}"
+                f"order_id {order_id!r} is reserved on {res.symbol!r} for strategy="
+                f"{res.strategy!r}, not symbol={symbol or None!r}, strategy={strategy!r}"
             )
         return res is not None
 
-    def positions(self) -> dict[str, object]:
+    def positions(self, strategy: str) -> dict[str, object]:
+        """The account's positions ("": each symbol's parts summed), or ``strategy``'s."""
         with self._lock:
-            return {symbol: pos.value for symbol, pos in self._book.items()}
+            if strategy:
+                scope = self._strategies.get(strategy)
+                book = {} if scope is None else scope.book
+                return {symbol: pos.value for symbol, pos in book.items()}
+            return {
+                symbol: self._value_locked(symbol, pos)
+                for symbol, pos in self._account.book.items()
+            }
 
     # ---------------------------------------------------------------- locked primitives
 
@@ -685,33 +852,32 @@ class LedgerCore:
 
     def _link_locked(self, res: Reservation) -> None:
         """Add an active ``res`` (seq and stamp set) to every index and total."""
-        symbol = res._symbol
         self._index[res._order_id or res._seq] = res
-        held = self._symbols.get(symbol, 0)
-        if not held and symbol not in self._book:
-            self._open += 1
-        self._symbols[symbol] = held + res._units
-        self._reserved += res._units
+        self._account.add_locked(res._symbol, res._units, res._side)
+        if res._strategy:
+            scope = res._scope = self._scope_locked(res._strategy)
+            scope.add_locked(res._symbol, res._units, res._side)
         res._state = ACTIVE
-        if res._side:
-            self._side_locked(res, res._units, held + res._units)
+
+    def scope_locked(self, strategy: str) -> _Scope:
+        """``strategy``'s figures, made (empty) on first use."""
+        return self._scope_locked(strategy)
+
+    def _scope_locked(self, strategy: str) -> _Scope:
+        scope = self._strategies.get(strategy)
+        if scope is None:
+            scope = self._strategies[strategy] = _Scope()
+        return scope
 
     def _end_locked(self, res: Reservation, state: int) -> None:
         """Remove an active ``res`` from every index and total; it ends as ``state``."""
-        symbol = res._symbol
         del self._index[res._order_id or res._seq]
-        left = self._symbols[symbol] - res._units
-        if left:
-            self._symbols[symbol] = left
-        else:
-            del self._symbols[symbol]
-            if symbol not in self._book:
-                self._open -= 1
-        self._reserved -= res._units
+        self._account.remove_locked(res._symbol, res._units, res._side)
+        scope = res._scope
+        if scope is not None:
+            scope.remove_locked(res._symbol, res._units, res._side)
         res._state = state
         self._epoch += 1
-        if res._side:
-            self._side_locked(res, -res._units, left)
 
     def _end_counted_locked(self, res: Reservation, state: int) -> bool:
         if res._state != ACTIVE:
@@ -732,45 +898,17 @@ class LedgerCore:
             self._end_counted_locked(res, FILLED)
             return res._units
         units = res._units - remaining
-        res._units = remaining
-        left = self._symbols[res._symbol] - units
-        self._symbols[res._symbol] = left
-        self._reserved -= units
+        self._shrink_locked(res, units)
         self._epoch += 1
-        if res._side:
-            self._side_locked(res, -units, left)
         return units
 
-    def _side_locked(self, res: Reservation, units: int, reserved: int) -> None:
-        """Count ``units`` more (negative: fewer) of a sided ``res`` under its side, once its
-        symbol's reserved total has changed (to ``reserved``), and that symbol's worst case
-        again."""
-        symbol = res._symbol
-        sides = self._sided.get(symbol)
-        if sides is None:
-            position = self._book.get(symbol)
-            sides = self._sided[symbol] = _Sides(0 if position is None else position.units)
-        if res._side == rules.BUY:
-            sides.buys += units
-            self._buys += units
-        else:
-            sides.sells += units
-            self._sells += units
-        self._resum_locked(symbol, sides, reserved)
-
-    def _resum_locked(self, symbol: str, sides: _Sides, reserved: int) -> None:
-        """Recompute ``symbol``'s excess (``reserved``: its reserved total): gross is kept
-        side-blind (``_book_gross + _reserved``, as with no side given) less the sum of what
-        pending buys and sells against each other or against the position do not add to a worst
-        case."""
-        units = sides.position
-        unknown = reserved - sides.buys - sides.sells
-        excess = (units if units >= 0 else -units) + reserved
-        excess -= rules.worst_case(units, sides.buys, sides.sells, unknown)
-        self._excess += excess - sides.excess
-        sides.excess = excess
-        if not sides.buys and not sides.sells:
-            del self._sided[symbol]
+    def _shrink_locked(self, res: Reservation, units: int) -> None:
+        """``res`` holds ``units`` fewer (negative: more) and stays active."""
+        res._units -= units
+        self._account.shrink_locked(res._symbol, units, res._side)
+        scope = res._scope
+        if scope is not None:
+            scope.shrink_locked(res._symbol, units, res._side)
 
     def _fill_locked(self, res: Reservation, fill: tuple[int, int, int]) -> None:
         """End an active ``res`` as filled, or reduce it by ``fill`` if one is given."""
@@ -784,7 +922,7 @@ class LedgerCore:
         """The reservations outstanding on ``symbol``: a walk of all of them, as dropping every
         order of a symbol is rare (a per-symbol index would cost every reservation two dict
         operations)."""
-        if symbol not in self._symbols:
+        if symbol not in self._account.symbols:
             return []
         return [res for res in self._index.values() if res._symbol == symbol]
 
@@ -794,62 +932,102 @@ class LedgerCore:
             self._end_counted_locked(res, RELEASED)
         return bool(members)
 
-    def _set_position_locked(self, symbol: str, units: int, value: object) -> None:
-        position = self._book.get(symbol)
-        if position is None:
-            if symbol not in self._symbols:
-                self._open += 1
+    def _set_position_locked(
+        self, symbol: str, units: int, value: object, kind: int, strategy: str
+    ) -> None:
+        """Set ``strategy``'s part ("": the account's own) and the account's sum."""
+        old = self._account.book.get(symbol)
+        if not strategy:
+            total = units if old is None else old.units - old.own + units  # own: 0 if closed
+            new = _Position(total, value, kind)
+            new.own = units
         else:
-            self._book_gross -= position.magnitude
-            self._book_net -= position.units
-        position = self._book[symbol] = _Position(units, value)
-        self._book_gross += position.magnitude
-        self._book_net += units
-        sides = self._sided.get(symbol)
-        if sides is not None:
-            sides.position = units
-            self._resum_locked(symbol, sides, self._symbols[symbol])
+            scope = self._scope_locked(strategy)
+            part = scope.book.get(symbol)
+            scope.put_locked(symbol, _Position(units, value, kind))
+            base = 0 if old is None else old.units - (0 if part is None else part.units)
+            new = _Position(base + units, None if old is None else old.value, kind)
+            new.own_open = old is not None and old.own_open
+            new.own = 0 if old is None else old.own
+            new.parts = 1 if old is None else old.parts + (part is None)
+        if old is not None:
+            new.kinds |= old.kinds
+            if not strategy:
+                new.parts = old.parts
+        self._account.put_locked(symbol, new)
 
-    def _close_position_locked(self, symbol: str) -> bool:
-        position = self._book.pop(symbol, None)
-        if position is None:
+    def _close_position_locked(self, symbol: str, strategy: str) -> bool:
+        """Close ``strategy``'s part ("": the account's own); the account's symbol closes with
+        its last part."""
+        account = self._account
+        old = account.book.get(symbol)
+        if old is None:
             return False
-        self._book_gross -= position.magnitude
-        self._book_net -= position.units
-        if symbol not in self._symbols:
-            self._open -= 1
-        sides = self._sided.get(symbol)
-        if sides is not None:
-            sides.position = 0
-            self._resum_locked(symbol, sides, self._symbols[symbol])
+        if not strategy:
+            if not old.own_open:
+                return False
+            removed = old.own
+        else:
+            scope = self._strategies.get(strategy)
+            part = None if scope is None else scope.drop_locked(symbol)
+            if part is None:
+                return False
+            removed = part.units
+        parts = old.parts - (1 if strategy else 0)
+        own_open = old.own_open and bool(strategy)
+        if not parts and not own_open:
+            account.drop_locked(symbol)
+            return True
+        new = _Position(old.units - removed, old.value, old.kinds)
+        new.own, new.own_open, new.parts = (old.own if own_open else 0), own_open, parts
+        account.put_locked(symbol, new)
         return True
 
+    def _value_locked(self, symbol: str, position: _Position) -> object:
+        """The account's position on ``symbol`` as a caller reads it: its one part as given,
+        or the sum in the kind of the amounts its parts were given in."""
+        if not position.parts:
+            return position.value
+        if position.parts == 1 and not position.own_open:
+            for scope in self._strategies.values():
+                part = scope.book.get(symbol)
+                if part is not None:
+                    return part.value
+        return _units.to_number(position.units, position.kinds)
+
     def _counts_locked(self) -> tuple[int, int, int, int, int]:
-        return (len(self._index), self._reserved, self._kinds, self._released, self._expired)
+        reserved = self._account.reserved
+        return (len(self._index), reserved, self._kinds, self._released, self._expired)
+
+    def scope_orders_locked(self) -> dict[str, int]:
+        """Each strategy's outstanding reservations (strategies with a scope)."""
+        return {name: scope.orders for name, scope in self._strategies.items()}
 
     def reserved_on_locked(self, symbol: str) -> int:
-        return self._symbols.get(symbol, 0)
+        return self._account.symbols.get(symbol, 0)
 
     def sided_symbols(self) -> tuple[str, ...] | list[str]:
         """The symbols with pending buys or sells, read without the lock on purpose: a decision
         on a caller's positions turns theirs into units before the lock, and one that finds a
         symbol sided since reads again (``_excess_over_locked``)."""
-        return list(self._sided) if self._sided else ()
+        sided = self._account.sided
+        return list(sided) if sided else ()
 
     def _excess_over_locked(self, snapshot: Snapshot) -> int:
-        """``_excess`` with a caller's positions (read before the lock) in place of the book's: a
-        walk of the symbols with pending buys or sells; -1 if one of them is open in the read
-        but was not sided when its units were taken (the decision reads again)."""
+        """The account's excess with a caller's positions (read before the lock) in place of
+        the book's: a walk of the symbols with pending buys or sells; -1 if one of them is open
+        in the read but was not sided when its units were taken (the decision reads again)."""
         excess = 0
         open_, units_of = snapshot.open, snapshot.sided
-        for symbol, sides in self._sided.items():
+        account = self._account
+        for symbol, sides in account.sided.items():
             if units_of is not None and symbol in units_of:
                 units = units_of[symbol]
             elif symbol in open_:
                 return -1
             else:
                 units = 0
-            reserved = self._symbols[symbol]
+            reserved = account.symbols[symbol]
             unknown = reserved - sides.buys - sides.sells
             worst = rules.worst_case(units, sides.buys, sides.sells, unknown)
             excess += (units if units >= 0 else -units) + reserved - worst
@@ -857,7 +1035,7 @@ class LedgerCore:
 
     def _overlap_locked(self, open_: dict[str, object]) -> int:
         """How many reserved symbols are in ``open_`` (walks the smaller of the two)."""
-        symbols = self._symbols
+        symbols = self._account.symbols
         found = 0
         if len(symbols) < len(open_):
             for symbol in symbols:
@@ -871,10 +1049,9 @@ class LedgerCore:
 
     def _audit_locked(self) -> list[str]:
         problems: list[str] = []
-        units: dict[str, int] = {}
         last = -1
+        by_strategy: dict[str, list[Reservation]] = {name: [] for name in self._strategies}
         for key, res in self._index.items():
-            units[res._symbol] = units.get(res._symbol, 0) + res._units
             if res._state != ACTIVE or res._units <= 0:
                 problems.append(f"indexed reservation {res!r} is not active with units left")
             if key != (res._order_id or res._seq):
@@ -882,17 +1059,16 @@ class LedgerCore:
             if res._seq <= last:
                 problems.append(f"reservation {res!r} is out of stamp order")
             last = res._seq
-        # Every key of both (a total is kept only while positive), not just the kept ones.
-        for symbol in sorted(self._symbols.keys() | units.keys()):
-            kept, recomputed = self._symbols.get(symbol, 0), units.get(symbol, 0)
-            if kept != recomputed or kept <= 0:
-                problems.append(f"{symbol!r} reserved: kept {kept}, recomputed {recomputed}")
-        _expect(problems, "reserved", self._reserved, sum(units.values()))
-        magnitudes = sum(position.magnitude for position in self._book.values())
-        _expect(problems, "book gross", self._book_gross, magnitudes)
-        _expect(problems, "book net", self._book_net, sum(p.units for p in self._book.values()))
-        _audit_sides(self, problems)
-        _expect(problems, "symbols open", self._open, len(set(self._book) | set(units)))
+            if res._strategy:
+                if res._scope is not self._strategies.get(res._strategy):
+                    problems.append(f"reservation {res!r} is not counted in its strategy")
+                by_strategy.setdefault(res._strategy, []).append(res)
+            elif res._scope is not None:
+                problems.append(f"reservation {res!r} of the account counts in a strategy")
+        _audit_scope("", self._account, list(self._index.values()), problems)
+        for name, members in by_strategy.items():
+            _audit_scope(name, self._strategies.get(name, _Scope()), members, problems)
+        _audit_parts(self, problems)
         return problems
 
 
@@ -901,31 +1077,76 @@ def _expect(problems: list[str], what: str, kept: int, recomputed: int) -> None:
         problems.append(f"{what}: kept {kept}, recomputed {recomputed}")
 
 
-def _audit_sides(core: LedgerCore, problems: list[str]) -> None:
-    """The pending buys and sells, and the excess, recomputed from the reservations."""
+def _audit_scope(name: str, scope: _Scope, members: list[Reservation], problems: list[str]) -> None:
+    """One scope's running totals recomputed from its reservations and its book."""
+    at = f"strategy {name!r}: " if name else ""
+    units: dict[str, int] = {}
+    orders: dict[str, int] = {}
     sides: dict[str, list[int]] = {}
-    for res in core._index.values():
+    for res in members:
+        units[res._symbol] = units.get(res._symbol, 0) + res._units
+        orders[res._symbol] = orders.get(res._symbol, 0) + 1
         if res._side:
             entry = sides.setdefault(res._symbol, [0, 0])
             entry[res._side - 1] += res._units
+    # Every key of both (a total is kept only while positive), not just the kept ones.
+    for symbol in sorted(scope.symbols.keys() | units.keys()):
+        kept, recomputed = scope.symbols.get(symbol, 0), units.get(symbol, 0)
+        if kept != recomputed or kept <= 0:
+            problems.append(f"{at}{symbol!r} reserved: kept {kept}, recomputed {recomputed}")
+        _expect(
+            problems,
+            f"{at}{symbol!r} orders",
+            scope.orders_on.get(symbol, 0),
+            orders.get(symbol, 0),
+        )
+    _expect(problems, f"{at}orders", scope.orders, len(members))
+    if scope.orders_on.keys() != scope.symbols.keys():
+        problems.append(f"{at}symbols with orders differ from symbols reserved")
+    _expect(problems, f"{at}reserved", scope.reserved, sum(units.values()))
+    book = scope.book
+    _expect(problems, f"{at}book gross", scope.book_gross, sum(p.magnitude for p in book.values()))
+    _expect(problems, f"{at}book net", scope.book_net, sum(p.units for p in book.values()))
+    _expect(problems, f"{at}symbols open", scope.open, len(set(book) | set(units)))
     excess = 0
-    for symbol in sorted(core._sided.keys() | sides.keys()):
-        kept = core._sided.get(symbol)
+    for symbol in sorted(scope.sided.keys() | sides.keys()):
+        kept_sides = scope.sided.get(symbol)
         buys, sells = sides.get(symbol, [0, 0])
-        if kept is None or (kept.buys, kept.sells) != (buys, sells):
-            got = None if kept is None else (kept.buys, kept.sells)
-            problems.append(f"{symbol!r} buys, sells: kept {got}, recomputed {(buys, sells)}")
+        if kept_sides is None or (kept_sides.buys, kept_sides.sells) != (buys, sells):
+            got = None if kept_sides is None else (kept_sides.buys, kept_sides.sells)
+            problems.append(f"{at}{symbol!r} buys, sells: kept {got}, recomputed {(buys, sells)}")
             continue
-        reserved = core._symbols.get(symbol, 0)
-        position = core._book.get(symbol)
-        units = 0 if position is None else position.units
-        _expect(problems, f"{symbol!r} position", kept.position, units)
-        worst = rules.worst_case(units, buys, sells, reserved - buys - sells)
-        _expect(problems, f"{symbol!r} excess", kept.excess, abs(units) + reserved - worst)
-        excess += kept.excess
-    _expect(problems, "excess", core._excess, excess)
-    _expect(problems, "buys", core._buys, sum(b for b, _ in sides.values()))
-    _expect(problems, "sells", core._sells, sum(s for _, s in sides.values()))
+        reserved = scope.symbols.get(symbol, 0)
+        position = book.get(symbol)
+        held = 0 if position is None else position.units
+        _expect(problems, f"{at}{symbol!r} position", kept_sides.position, held)
+        worst = rules.worst_case(held, buys, sells, reserved - buys - sells)
+        _expect(problems, f"{at}{symbol!r} excess", kept_sides.excess, abs(held) + reserved - worst)
+        excess += kept_sides.excess
+    _expect(problems, f"{at}excess", scope.excess, excess)
+    _expect(problems, f"{at}buys", scope.buys, sum(b for b, _ in sides.values()))
+    _expect(problems, f"{at}sells", scope.sells, sum(s for _, s in sides.values()))
+
+
+def _audit_parts(core: LedgerCore, problems: list[str]) -> None:
+    """Each of the account's positions against its parts: its own and the strategies'."""
+    parts: dict[str, list[int]] = {}
+    for scope in core._strategies.values():
+        for symbol, position in scope.book.items():
+            entry = parts.setdefault(symbol, [0, 0])
+            entry[0] += position.units
+            entry[1] += 1
+    for symbol, position in core._account.book.items():
+        summed, count = parts.pop(symbol, [0, 0])
+        own = position.own if position.own_open else 0
+        if not position.own_open and position.own:
+            problems.append(f"{symbol!r}: a closed own part holds {position.own}")
+        _expect(problems, f"{symbol!r} position", position.units, summed + own)
+        _expect(problems, f"{symbol!r} parts", position.parts, count)
+        if not count and not position.own_open:
+            problems.append(f"{symbol!r} is open with no part open")
+    for symbol in sorted(parts):
+        problems.append(f"{symbol!r} is open in a strategy but not in the account")
 
 
 def _seq_of(res: Reservation) -> int:
@@ -982,11 +1203,11 @@ class PendingMap:
 
     def contains(self, symbol: object) -> bool:
         """Whether any reservation is outstanding for ``symbol``."""
-        return _units.check_symbol(symbol) in self._live()._symbols
+        return _units.check_symbol(symbol) in self._live()._account.symbols
 
     def __contains__(self, symbol: object) -> bool:
         core = self._live()
-        return isinstance(symbol, str) and str.__str__(symbol) in core._symbols
+        return isinstance(symbol, str) and str.__str__(symbol) in core._account.symbols
 
     def __len__(self) -> int:
         """Number of outstanding reservations (not symbols)."""
@@ -994,12 +1215,12 @@ class PendingMap:
 
     def __iter__(self) -> Iterator[str]:
         """The symbols with outstanding reservations (a snapshot)."""
-        return iter(list(self._live()._symbols))
+        return iter(list(self._live()._account.symbols))
 
     def gross_notional(self) -> _units.Number:
         """Sum of outstanding reserved notional, in the kind of the amounts reserved."""
         core = self._live()
-        return _units.to_number(core._reserved, core._kinds)
+        return _units.to_number(core._account.reserved, core._kinds)
 
     def symbol_notional(self, symbol: object) -> _units.Number:
         """Reserved notional outstanding on ``symbol`` (0 if none)."""
@@ -1008,26 +1229,34 @@ class PendingMap:
 
     def new_slots(self, is_open: Callable[[str], object]) -> int:
         """How many reserved symbols are not open, i.e. take a concurrency slot of their own."""
-        return sum(1 for symbol in list(self._live()._symbols) if not is_open(symbol))
+        return sum(1 for symbol in list(self._live()._account.symbols) if not is_open(symbol))
 
     def reserve(
-        self, symbol: object, notional: object, *, order_id: object = None, side: object = None
+        self,
+        symbol: object,
+        notional: object,
+        *,
+        order_id: object = None,
+        side: object = None,
+        strategy: object = None,
     ) -> Reservation:
         """Record a reservation of ``notional`` on ``symbol`` for one order.
 
         ``order_id`` is the client order id (a non-empty str); the ledger makes one if it is not
         given. An ``order_id`` already outstanding raises ``ValueError``. Reservations on one
         symbol add up, but each keeps its own TTL and can be released alone. ``side`` is the
-        order's (``Side``, ``"buy"``/``"sell"``, or ``None``: unknown), as in ``try_enter``.
+        order's (``Side``, ``"buy"``/``"sell"``, or ``None``: unknown), as in ``try_enter``, and
+        ``strategy`` the strategy it counts for (a non-empty str; ``None``: the account's own).
         """
         core = self._live()
         name = _units.check_symbol(symbol)
         units = _units.notional_units("notional", notional)
         code = side_code(side)
         oid = core.check_new_order_id(order_id)
+        owner = _units.check_strategy(strategy)
         if oid and oid in core._index:
             raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
-        res = Reservation(core, name, oid, notional, units, code)
+        res = Reservation(core, name, oid, notional, units, code, owner)
         core.insert_locked(res, self._now)  # the block's time: the clock is not read under it
         self._journal.append(_Undo(_RESERVED, res, 0))
         return res
@@ -1093,12 +1322,7 @@ class PendingMap:
                 core._released -= 1
                 restored = True
             else:
-                res._units += undo.units
-                reserved = core._symbols[res._symbol] + undo.units
-                core._symbols[res._symbol] = reserved
-                core._reserved += undo.units
-                if res._side:
-                    core._side_locked(res, undo.units, reserved)
+                core._shrink_locked(res, -undo.units)
         self._journal.clear()
         core._kinds = self._kinds_before
         if restored:  # restored ones went to the end: put the index back in stamp order
@@ -1187,9 +1411,15 @@ class GateCore:
     ``resume``) and the latch's. The loss book (the day's realized P&L, the last equity and its
     peak) belongs to the day that ends at ``_day_end`` (unset, +inf, until the first loss call);
     the first call at or past it starts a new day, which clears the latch (``_roll_locked``).
+
+    A decision under a strategy's budget is decided at two scopes: the strategy's limits over
+    its own figures (``LedgerCore.scope_locked``), then the account's over everything; a
+    denial by the budget comes back as its code plus ``BY_BUDGET``. Each scope with a rate
+    limit keeps its recent admissions' stamps (``_Window``).
     """
 
     __slots__ = (
+        "_by_strategy",
         "_counts",
         "_day_end",
         "_day_pnl",
@@ -1202,8 +1432,11 @@ class GateCore:
         "_peak",
         "_reset_offset",
         "_timeouts",
+        "_timeouts_by",
         "_timeouts_lock",
         "_undated",
+        "_window",
+        "_windows",
         "ledger",
     )
 
@@ -1221,9 +1454,13 @@ class GateCore:
         self._has_equity = False
         self._kinds = 0  # the kinds of the loss amounts recorded (sticky)
         self._counts = [0] * len(_REASON_SLOTS)  # by outcome code; [0] counts admissions
+        self._by_strategy: dict[str, list[int]] = {}  # the same, per strategy
+        self._window = _Window()  # the account's recent admissions
+        self._windows: dict[str, _Window] = {}  # each strategy's
         # Timeouts are counted under a lock of their own: they happen when the ledger's is busy.
         self._timeouts_lock = threading.Lock()
         self._timeouts = 0
+        self._timeouts_by: dict[str, int] = {}
 
     @property
     def latched(self) -> bool:
@@ -1279,35 +1516,58 @@ class GateCore:
             self._kinds |= kind
             self._check_loss_locked(limits, wall)
 
-    def counts(self) -> tuple[list[int], int, LatchRecord | None]:
-        """Decisions by outcome code (``[0]``: admitted), with the state and the latch at that
-        moment: a consistent snapshot (the state as of the last roll)."""
+    def counts(self) -> GateCounts:
+        """Decisions by outcome code, in all and per strategy, with the state, the latch and
+        the outstanding reservations per strategy: a consistent snapshot (the state as of the
+        last roll)."""
         if self.ledger.own_block() is not None:
-            counts, state, latch = list(self._counts), self._state_locked(), self._latch
+            counts = self._counts_locked()
         else:
             with self.ledger._lock:
-                counts, state, latch = list(self._counts), self._state_locked(), self._latch
+                counts = self._counts_locked()
         with self._timeouts_lock:
-            counts[rules.LOCK_TIMEOUT] = self._timeouts
-        return counts, state, latch
+            counts.codes[rules.LOCK_TIMEOUT] = self._timeouts
+            for name, timeouts in self._timeouts_by.items():
+                counts.by_strategy.setdefault(name, [0] * len(_REASON_SLOTS))
+                counts.by_strategy[name][rules.LOCK_TIMEOUT] = timeouts
+        return counts
 
-    def count_timeout(self) -> None:
-        """Count a decision denied with ``LOCK_TIMEOUT`` (without the ledger lock: it is busy)."""
+    def _counts_locked(self) -> GateCounts:
+        ledger = self.ledger
+        by_strategy = {name: list(codes) for name, codes in self._by_strategy.items()}
+        return GateCounts(
+            list(self._counts),
+            by_strategy,
+            self._state_locked(),
+            self._latch,
+            len(ledger._index),
+            ledger.scope_orders_locked(),
+        )
+
+    def count_timeout(self, res: Reservation) -> None:
+        """Count a decision on ``res`` denied with ``LOCK_TIMEOUT`` (without the ledger lock:
+        it is busy)."""
+        strategy = res._strategy
         with self._timeouts_lock:
             self._timeouts += 1
+            if strategy:
+                self._timeouts_by[strategy] = self._timeouts_by.get(strategy, 0) + 1
 
     def try_decide(
         self,
         res: Reservation,
         limits: UnitLimits,
+        budget: UnitLimits | None,
         now: float,
         wall: float,
         snapshot: Snapshot | None,
     ) -> int:
         """Check the rules and reserve ``res`` if they pass, in one critical section.
 
+        ``budget`` is the limits of ``res``'s strategy (None: the account's own order).
         ``wall`` is the wall clock's reading (-inf when not read: nothing is latched). Returns
-        the outcome code; ``RETRY`` if ``snapshot`` went stale; ``DUPLICATE`` if the order id is
+        the outcome code (plus ``BY_BUDGET`` for a denial by the budget); ``RETRY`` if
+        ``snapshot`` went stale; ``DUPLICATE`` if the order id is
         outstanding already; ``BUSY``, having waited for nothing, if another thread holds the
         lock: the caller waits for it (``LedgerCore.wait_free``), reads the clock again and
         tries again, so no reservation is ever stamped with a reading from before a wait.
@@ -1317,7 +1577,9 @@ class GateCore:
             if not ledger._acquire(False):
                 return BUSY
             try:
-                code, expired = self._sweep_and_decide_locked(res, limits, now, wall, snapshot)
+                code, expired = self._sweep_and_decide_locked(
+                    res, limits, budget, now, wall, snapshot
+                )
             finally:
                 ledger._release()
         else:
@@ -1326,7 +1588,9 @@ class GateCore:
                 _acquire_into(held, ledger._lock, 0.0)
                 if not held[0]:
                     return BUSY
-                code, expired = self._sweep_and_decide_locked(res, limits, now, wall, snapshot)
+                code, expired = self._sweep_and_decide_locked(
+                    res, limits, budget, now, wall, snapshot
+                )
             finally:
                 if held and held[0]:
                     ledger._release()
@@ -1337,6 +1601,7 @@ class GateCore:
         self,
         res: Reservation,
         limits: UnitLimits,
+        budget: UnitLimits | None,
         now: float,
         wall: float,
         snapshot: Snapshot | None,
@@ -1344,10 +1609,15 @@ class GateCore:
         expired = self.ledger._sweep_locked(now)
         if wall >= self._day_end:
             self._roll_locked(wall)
-        return self._decide_locked(res, limits, now, snapshot), expired
+        return self._decide_locked(res, limits, budget, now, snapshot), expired
 
     def _decide_locked(
-        self, res: Reservation, limits: UnitLimits, now: float, snapshot: Snapshot | None
+        self,
+        res: Reservation,
+        limits: UnitLimits,
+        budget: UnitLimits | None,
+        now: float,
+        snapshot: Snapshot | None,
     ) -> int:
         ledger = self.ledger
         state = self._state_locked()
@@ -1355,38 +1625,99 @@ class GateCore:
             return RETRY
         if res._order_id and res._order_id in ledger._index:
             return DUPLICATE
-        if snapshot is None:
-            code = self._rule_on_book_locked(res, limits, state)
-        else:
-            code = self._rule_on_snapshot_locked(res, limits, state, snapshot)
+        stamp = now if now > ledger._last_stamp else ledger._last_stamp  # as insert_locked
+        code = rules.ADMIT
+        window = None
+        if budget is not None:
+            window = self._strategy_window_locked(res._strategy)
+            scope = ledger.scope_locked(res._strategy)
+            code = self._rule_locked(res, budget, state, scope, window, stamp, None)
+        if code == rules.ADMIT:
+            code = self._rule_locked(
+                res, limits, state, ledger._account, self._window, stamp, snapshot
+            )
             if code == RETRY:
                 return RETRY
         self._counts[code] += 1
-        if code == rules.ADMIT:
-            ledger.insert_locked(res, now)
-        return code
+        if res._strategy:
+            self._count_strategy_locked(res._strategy, code)
+        if code != rules.ADMIT:
+            return code if window is None or code == rules.HALTED else code + BY_BUDGET
+        ledger.insert_locked(res, now)
+        if limits.rate_count > rules.NO_LIMIT:
+            self._window.add(res._reserved_at)
+        if window is not None and budget is not None and budget.rate_count > rules.NO_LIMIT:
+            window.add(res._reserved_at)
+        return rules.ADMIT
 
-    def _rule_on_book_locked(self, res: Reservation, limits: UnitLimits, state: int) -> int:
-        """The rules' answer with the owned book's running totals (no walk of anything)."""
-        ledger = self.ledger
-        position = ledger._book.get(res._symbol)
-        reserved = ledger._symbols.get(res._symbol, 0)
-        return self._rule_locked(
-            res,
+    def _count_strategy_locked(self, strategy: str, code: int) -> None:
+        codes = self._by_strategy.get(strategy)
+        if codes is None:
+            codes = self._by_strategy[strategy] = [0] * len(_REASON_SLOTS)
+        codes[code] += 1
+
+    def _strategy_window_locked(self, strategy: str) -> _Window:
+        window = self._windows.get(strategy)
+        if window is None:
+            window = self._windows[strategy] = _Window()
+        return window
+
+    def _rule_locked(
+        self,
+        res: Reservation,
+        limits: UnitLimits,
+        state: int,
+        scope: _Scope,
+        window: _Window,
+        stamp: float,
+        snapshot: Snapshot | None,
+    ) -> int:
+        """``rules.first_failing_rule`` at one scope: on its book's running totals (no walk of
+        anything), or on a caller's positions (the account only); ``RETRY`` if those went
+        stale. ``stamp`` is the decision's clock reading, as the reservation would get it."""
+        symbol = res._symbol
+        reserved = scope.symbols.get(symbol, 0)
+        if snapshot is None:
+            position = scope.book.get(symbol)
+            open_count = scope.open
+            symbol_open = position is not None or reserved > 0
+            gross = scope.gross()
+            held = 0 if position is None else position.units
+            net = scope.book_net
+        else:
+            open_count, symbol_open, gross = self._read_figures_locked(res, state, snapshot)
+            if open_count < 0:
+                return RETRY
+            held, net = snapshot.held, snapshot.net
+        before, after = _worst_cases(scope, symbol, held, reserved, res._units, res._side)
+        net_before = net_after = 0
+        if rules.uses_net(limits, state):
+            net_before, net_after = _net(scope, net, res._units, res._side)
+        start = rules.NO_WINDOW
+        if limits.rate_count > rules.NO_LIMIT:
+            start = window.start(limits.rate_count)
+        return rules.first_failing_rule(
             limits,
             state,
-            ledger._open,
-            position is not None or reserved > 0,
-            ledger._book_gross + ledger._reserved - ledger._excess,
-            0 if position is None else position.units,
-            reserved,
-            ledger._book_net,
+            open_count,
+            symbol_open,
+            gross,
+            before,
+            after,
+            net_before,
+            net_after,
+            res._units,
+            scope.orders,
+            scope.orders_on.get(symbol, 0),
+            start,
+            stamp,
         )
 
-    def _rule_on_snapshot_locked(
-        self, res: Reservation, limits: UnitLimits, state: int, snapshot: Snapshot
-    ) -> int:
-        """The rules' answer with a caller's positions, read before the lock.
+    def _read_figures_locked(
+        self, res: Reservation, state: int, snapshot: Snapshot
+    ) -> tuple[int, bool, int]:
+        """The account's open count, whether ``res``'s symbol is open and its gross, with a
+        caller's positions read before the lock; -1 as the count if the read went stale.
 
         A symbol open in the read and not reserved may have closed since, and its slot been
         taken by another entry: an order of unknown side on it is decided as if it had, needing
@@ -1394,72 +1725,19 @@ class GateCore:
         rest on a cache that changes only by fills handed over in one step (module notes), so a
         reducing order needs no slot, in ``REDUCING`` too."""
         ledger = self.ledger
-        reserved = ledger._symbols.get(res._symbol, 0)
+        account = ledger._account
+        reserved = account.symbols.get(res._symbol, 0)
         open_ = snapshot.open
-        count = len(open_) + len(ledger._symbols) - ledger._overlap_locked(open_)
+        count = len(open_) + len(account.symbols) - ledger._overlap_locked(open_)
         vouched = reserved > 0 or (snapshot.holds and res._side != rules.UNKNOWN_SIDE)
         if not vouched and snapshot.holds:
             count -= 1
-        excess = ledger._excess_over_locked(snapshot) if ledger._sided else 0
+        excess = ledger._excess_over_locked(snapshot) if account.sided else 0
         if excess < 0:  # a symbol sided since the read: read again, unless halted (denied)
             if state != rules.HALTED_STATE:
-                return RETRY
+                return -1, False, 0
             excess = 0
-        return self._rule_locked(
-            res,
-            limits,
-            state,
-            count,
-            vouched,
-            snapshot.gross + ledger._reserved - excess,
-            snapshot.held,
-            reserved,
-            snapshot.net,
-        )
-
-    def _rule_locked(
-        self,
-        res: Reservation,
-        limits: UnitLimits,
-        state: int,
-        open_count: int,
-        symbol_open: bool,
-        gross: int,
-        position: int,
-        reserved: int,
-        net_position: int,
-    ) -> int:
-        """``rules.first_failing_rule`` on the symbol's and the book's worst cases before and
-        after ``res``, given the symbol's signed ``position`` and ``reserved`` units, and the
-        book's position (``net_position``)."""
-        ledger = self.ledger
-        sides = ledger._sided.get(res._symbol) if ledger._sided else None
-        units, side = res._units, res._side
-        if side == rules.UNKNOWN_SIDE and sides is None:
-            # Nothing sided on the symbol: its worst case is |position| + reserved, which this
-            # order of unknown side raises by all of it (rules.worst_case, summed by hand).
-            before = (position if position >= 0 else -position) + reserved
-            after = before + units
-        else:
-            buys, sells = (0, 0) if sides is None else (sides.buys, sides.sells)
-            unknown = reserved - buys - sells
-            before, after = rules.worst_cases(position, buys, sells, unknown, side, units)
-        net_before = net_after = 0
-        if rules.uses_net(limits, state):
-            net_before, net_after = self._net_locked(net_position, units, side)
-        return rules.first_failing_rule(
-            limits, state, open_count, symbol_open, gross, before, after, net_before, net_after
-        )
-
-    def _net_locked(self, position: int, units: int, side: int) -> tuple[int, int]:
-        """The book's net worst case before and after an order of ``units`` on ``side``."""
-        ledger = self.ledger
-        buys, sells = ledger._buys, ledger._sells
-        unknown = ledger._reserved - buys - sells
-        if side == rules.UNKNOWN_SIDE and not buys and not sells:
-            before = (position if position >= 0 else -position) + unknown  # as above
-            return before, before + units
-        return rules.worst_cases(position, buys, sells, unknown, side, units)
+        return count, vouched, snapshot.gross + account.reserved - excess
 
     # ---------------------------------------------------------------- the loss book (locked)
 
@@ -1509,3 +1787,76 @@ class GateCore:
 
 
 _REASON_SLOTS: Final = range(rules.LOCK_TIMEOUT + 1)
+BY_BUDGET: Final = 100
+"""Added to the outcome code of a decision the strategy's budget denied (see GateCore)."""
+
+
+def _worst_cases(
+    scope: _Scope, symbol: str, position: int, reserved: int, units: int, side: int
+) -> tuple[int, int]:
+    """The symbol's worst case in ``scope`` before and after an order of ``units`` on
+    ``side``, given its signed ``position`` and ``reserved`` units."""
+    sides = scope.sided.get(symbol) if scope.sided else None
+    if side == rules.UNKNOWN_SIDE and sides is None:
+        # Nothing sided on the symbol: its worst case is |position| + reserved, which this
+        # order of unknown side raises by all of it (rules.worst_case, summed by hand).
+        before = (position if position >= 0 else -position) + reserved
+        return before, before + units
+    buys, sells = (0, 0) if sides is None else (sides.buys, sides.sells)
+    return rules.worst_cases(position, buys, sells, reserved - buys - sells, side, units)
+
+
+def _net(scope: _Scope, position: int, units: int, side: int) -> tuple[int, int]:
+    """``scope``'s net worst case before and after an order of ``units`` on ``side``, given
+    the book's net ``position``."""
+    buys, sells = scope.buys, scope.sells
+    unknown = scope.reserved - buys - sells
+    if side == rules.UNKNOWN_SIDE and not buys and not sells:
+        before = (position if position >= 0 else -position) + unknown  # as above
+        return before, before + units
+    return rules.worst_cases(position, buys, sells, unknown, side, units)
+
+
+class _Window:
+    """A scope's most recent admissions' stamps, at most the rate limit's count of them, so
+    the oldest kept is the one a full window starts at: O(1) a decision. A count that changes
+    keeps the stamps there are (a raised count counts only those kept so far)."""
+
+    __slots__ = ("stamps",)
+
+    def __init__(self) -> None:
+        self.stamps: deque[float] = deque(maxlen=1)
+
+    def start(self, count: int) -> float:
+        """The stamp of the ``count``-th most recent admission, or ``rules.NO_WINDOW``."""
+        stamps = self.stamps
+        if stamps.maxlen != count:
+            stamps = self.stamps = deque(stamps, maxlen=count)
+        return stamps[0] if len(stamps) == count else rules.NO_WINDOW
+
+    def add(self, stamp: float) -> None:
+        self.stamps.append(stamp)
+
+
+class GateCounts:
+    """A snapshot of a gate's counts (``GateCore.counts``): ``codes`` by outcome code
+    (``[0]``: admitted), ``by_strategy`` the same per strategy, the state and latch, and the
+    outstanding reservations in all and per strategy."""
+
+    __slots__ = ("by_strategy", "codes", "latch", "orders", "orders_by", "state")
+
+    def __init__(
+        self,
+        codes: list[int],
+        by_strategy: dict[str, list[int]],
+        state: int,
+        latch: LatchRecord | None,
+        orders: int,
+        orders_by: dict[str, int],
+    ) -> None:
+        self.codes = codes
+        self.by_strategy = by_strategy
+        self.state = state
+        self.latch = latch
+        self.orders = orders
+        self.orders_by = orders_by

@@ -73,6 +73,15 @@ def check_order_id(order_id: object) -> str:
     return _exact_str("order_id", "'cl-42'", order_id)
 
 
+def check_strategy(strategy: object) -> str:
+    """``strategy`` as an exact, non-empty ``str``, or ``""`` for None (the account's own)."""
+    if strategy is None:
+        return ""
+    if type(strategy) is str and strategy:
+        return strategy
+    return _exact_str("strategy", "'momentum'", strategy)
+
+
 def _exact_str(name: str, example: str, value: object) -> str:
     """A str subclass copied to a plain str (so no caller ``__hash__`` runs), or the error."""
     if not isinstance(value, str):

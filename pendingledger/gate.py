@@ -19,6 +19,7 @@ Where positions come from:
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -27,20 +28,23 @@ from typing import TYPE_CHECKING, Any, Final
 from . import _units, rules
 from ._core import (
     BUSY,
+    BY_BUDGET,
     DUPLICATE,
     RETRY,
     GateCore,
+    GateCounts,
     LatchRecord,
     LedgerCore,
     Reservation,
     read_clock,
 )
 from ._positions import read_positions
-from .decision import DENIED, REASONS, Decision
+from .budgets import Limits, check_budgets
+from .decision import REASONS, Decision, Denials, DenyReason
 from .ledger import PendingEntryLedger, check_timeout
 from .limits import PortfolioLimits
 from .rules import UnitLimits
-from .stats import GateStats
+from .stats import GateStats, ScopeStats
 from .trading import STATES, Latch, TradingState, loss_state_code, reset_offset, side_code
 
 if TYPE_CHECKING:
@@ -73,17 +77,24 @@ class PortfolioGate:
     ``daily_reset`` (a time of day in UTC on ``wall_clock``, seconds since the epoch) or
     ``resume()``.
 
+    ``budgets`` maps a strategy's name to its own ``PortfolioLimits``: an order made with
+    ``try_enter(..., strategy=name)`` is checked, in the same critical section, against that
+    budget over the strategy's own positions and reservations, then against ``limits`` over the
+    whole account (``Decision.scope`` says which denied it). The account's position on a symbol
+    is the sum of its strategies' (``set_position(..., strategy=)``) and its own.
+
     Thread-safe. Several gates on one ledger share its reservations and its owned position book,
-    each with its own limits, trading state, loss latch and counters.
+    each with its own limits, budgets, trading state, loss latch and counters.
     """
 
-    __slots__ = ("_core", "_ledger", "_limits", "_wall_clock")
+    __slots__ = ("_config_lock", "_core", "_denials", "_ledger", "_limits", "_wall_clock")
 
     def __init__(
         self,
         ledger: object,
         limits: object,
         *,
+        budgets: object = None,
         on_loss: object = TradingState.REDUCING,
         daily_reset: object = datetime.time(0, 0),
         wall_clock: object = time.time,
@@ -93,7 +104,9 @@ class PortfolioGate:
         if not callable(wall_clock):
             raise TypeError(f"wall_clock must be a zero-argument callable, got {wall_clock!r}")
         self._ledger = ledger
-        self._limits = rules.unit_limits(limits)
+        self._limits = Limits(rules.unit_limits(limits), check_budgets(budgets))
+        self._config_lock = threading.Lock()  # orders replacements of limits and budgets
+        self._denials = Denials()
         self._wall_clock: Callable[[], object] = wall_clock
         self._core = GateCore(ledger.core, loss_state_code(on_loss), reset_offset(daily_reset))
 
@@ -103,13 +116,28 @@ class PortfolioGate:
 
     @property
     def limits(self) -> PortfolioLimits:
-        """The limits in force. Assign a new ``PortfolioLimits`` at any time: each decision reads
-        the attribute once, so it uses either the old set or the new one, never a mixture."""
-        return self._limits.source
+        """The account's limits in force. Assign a new ``PortfolioLimits`` at any time: each
+        decision reads the limits and the budgets together once, so it uses one pair as it
+        was at some moment, never a mixture."""
+        return self._limits.account.source
 
     @limits.setter
     def limits(self, limits: object) -> None:
-        self._limits = rules.unit_limits(limits)
+        account = rules.unit_limits(limits)
+        with self._config_lock:
+            self._limits = Limits(account, self._limits.budgets)
+
+    @property
+    def budgets(self) -> Mapping[str, PortfolioLimits]:
+        """Each strategy's limits (read-only). Assign a new mapping (or None: no budgets) at
+        any time, as ``limits``; a strategy with no entry can no longer trade."""
+        return self._limits.sources()
+
+    @budgets.setter
+    def budgets(self, budgets: object) -> None:
+        checked = check_budgets(budgets)
+        with self._config_lock:
+            self._limits = Limits(self._limits.account, checked)
 
     @property
     def halted(self) -> bool:
@@ -159,7 +187,7 @@ class PortfolioGate:
         units = _units.units("amount", amount, False)  # a loss counts at least as big
         kind = _units.kind_of(amount)
         self._ledger.core.refuse_reentry("record_pnl()")
-        limits = self._limits
+        limits = self._limits.account
         try:
             wall = read_clock(self._wall_clock)
         except Exception:
@@ -173,7 +201,7 @@ class PortfolioGate:
         units = _units.units("equity", equity, False)
         kind = _units.kind_of(equity)
         self._ledger.core.refuse_reentry("set_equity()")
-        limits = self._limits
+        limits = self._limits.account
         try:
             wall = read_clock(self._wall_clock)
         except Exception:
@@ -182,17 +210,18 @@ class PortfolioGate:
         self._core.set_equity(limits, units, kind, wall)
 
     def stats(self) -> GateStats:
-        """Counts of admitted and denied decisions (every ``DenyReason`` is a key), with the
-        trading state and the latch as of the same moment."""
+        """Counts of admitted and denied decisions (every ``DenyReason`` is a key), in all and
+        per scope (``GateStats.scopes``), with the trading state and the latch as of the same
+        moment."""
         if self._core.tracking:
             self._trading()  # the day may have ended: roll first
-        counts, state, latch = self._core.counts()
-        denied = {reason: counts[code] for code, reason in enumerate(REASONS) if reason}
+        counts = self._core.counts()
         return GateStats(
-            admitted=counts[rules.ADMIT],
-            denied=MappingProxyType(denied),
-            state=STATES[state],
-            latch=_latch(latch),
+            admitted=counts.codes[rules.ADMIT],
+            denied=_by_reason(counts.codes),
+            state=STATES[counts.state],
+            latch=_latch(counts.latch),
+            scopes=MappingProxyType(_scopes(counts, self._limits.budgets)),
         )
 
     def _trading(self) -> tuple[int, LatchRecord | None]:
@@ -204,26 +233,31 @@ class PortfolioGate:
 
     # ------------------------------------------------------------------ the owned position book
 
-    def set_position(self, symbol: object, exposure: object) -> None:
-        """Open ``symbol`` in the gate's own position book, or update its exposure.
+    def set_position(self, symbol: object, exposure: object, *, strategy: object = None) -> None:
+        """Open ``symbol`` in the gate's own position book, or update its exposure: the
+        ``strategy``'s part of it (None: the account's own part).
 
         Used by ``try_enter(..., positions=None)``. Signed: long > 0, short < 0 (the sign tells
         a reducing order from one that adds); 0 is an open position with no exposure (it still
-        holds a concurrency slot). Updated under the ledger
-        lock, so a decision sees the book and the reservations in one state.
+        holds a concurrency slot). The account's position is the sum of its parts. Updated under
+        the ledger lock, so a decision sees the book and the reservations in one state.
         """
         name = _units.check_symbol(symbol)
         units = _units.units("exposure", exposure, True)
+        owner = _units.check_strategy(strategy)
+        kind = _units.kind_of(exposure)
         core = self._ledger.core
         core.refuse_reentry("set_position()")
-        core.set_position(name, units, exposure)
+        core.set_position(name, units, exposure, kind, owner)
 
-    def close_position(self, symbol: object) -> bool:
-        """Remove ``symbol`` from the owned book; True if it was open."""
+    def close_position(self, symbol: object, *, strategy: object = None) -> bool:
+        """Remove ``strategy``'s part of ``symbol`` (None: the account's own) from the owned
+        book; True if it was open. The account's symbol stays open while a part is."""
         name = _units.check_symbol(symbol)
+        owner = _units.check_strategy(strategy)
         core = self._ledger.core
         core.refuse_reentry("close_position()")
-        return core.close_position(name)
+        return core.close_position(name, owner)
 
     def confirm_fill(
         self,
@@ -232,9 +266,11 @@ class PortfolioGate:
         *,
         symbol: object = None,
         filled: object = None,
+        strategy: object = None,
     ) -> bool:
         """Record a fill: set its symbol's position to ``position_exposure`` and end the order's
-        reservation, in one step under the lock (the safe hand-off, with no gap at all).
+        reservation, in one step under the lock (the safe hand-off, with no gap at all). The
+        position set is the part of the reservation's strategy (``set_position``).
 
         With ``filled`` (a finite amount > 0, for a partial fill) the reservation is reduced by
         it instead, as ``reduce_order`` does (it ends as FILLED once nothing remains), in that
@@ -242,16 +278,19 @@ class PortfolioGate:
 
         Returns True if the reservation was outstanding. If it already ended (expired,
         released), the position is still recorded when ``symbol`` is given, so a late fill is
-        never lost; without ``symbol`` nothing changes and False is returned. A ``symbol`` that
-        is not the reservation's raises ``ValueError`` and records nothing.
+        never lost (as ``strategy``'s part: None, the account's own); without ``symbol`` nothing
+        changes and False is returned. A ``symbol``, or a ``strategy``, that is not the
+        reservation's raises ``ValueError`` and records nothing.
         """
         oid = _units.check_order_id(order_id)
         name = "" if symbol is None else _units.check_symbol(symbol)
         units = _units.units("position_exposure", position_exposure, True)
+        owner = None if strategy is None else _units.check_strategy(strategy)
         fill = _NO_FILL if filled is None else _fill_of("filled", filled)
+        position = (units, position_exposure, _units.kind_of(position_exposure))
         core = self._ledger.core
         core.refuse_reentry("confirm_fill()")
-        return core.confirm_fill(oid, units, position_exposure, name, fill)
+        return core.confirm_fill(oid, position, name, fill, owner)
 
     def reduce_order(self, order_id: object, amount: object) -> bool:
         """Reduce the reservation of ``order_id`` by ``amount`` (a partial fill), as
@@ -265,11 +304,14 @@ class PortfolioGate:
         down, up, kind = _fill_of("amount", amount)
         return self._ledger.core.reduce_order(oid, down, up, kind)
 
-    def positions(self) -> dict[str, _units.Number]:
-        """A snapshot of the owned book: symbol -> exposure as it was set."""
+    def positions(self, *, strategy: object = None) -> dict[str, _units.Number]:
+        """A snapshot of the owned book: symbol -> exposure. The account's (None) sums each
+        symbol's parts (a position with one part comes back as it was set, a sum in the kind
+        of amounts given); a ``strategy``'s is its own, as set."""
+        owner = _units.check_strategy(strategy)
         core = self._ledger.core
         core.refuse_reentry("positions()")
-        return core.positions()  # type: ignore[return-value]
+        return core.positions(owner)  # type: ignore[return-value]
 
     def release(self, symbol: object) -> bool:
         """``ledger.release(symbol)``: drop every reservation on ``symbol``."""
@@ -289,6 +331,7 @@ class PortfolioGate:
         *,
         order_id: object = None,
         side: object = None,
+        strategy: object = None,
         timeout: object = None,
     ) -> Decision:
         """Check the limits and, if they pass, reserve ``notional`` on ``symbol``, atomically.
@@ -298,8 +341,10 @@ class PortfolioGate:
         lock; see the module docstring). ``order_id`` is the client order id (a non-empty str);
         without one the ledger names the order. ``side`` is ``Side.BUY``, ``Side.SELL`` (or
         ``"buy"``/``"sell"``), or ``None``: an order of unknown side counts in both directions
-        (the worst case). If the lock is not had within ``timeout``
-        seconds (``None``: wait for ever), the decision is denied with ``LOCK_TIMEOUT``.
+        (the worst case). ``strategy`` names the budget the order counts against (a key of
+        ``budgets``; ``None``: the account's own order), decided on the owned book. If the lock
+        is not had within ``timeout`` seconds (``None``: wait for ever), the decision is denied
+        with ``LOCK_TIMEOUT``.
 
         The returned ``Decision`` is truthy when admitted and then carries the ``Reservation``:
         release it on an exchange reject; ``confirm_fill`` it (or release it once the fill is in
@@ -307,8 +352,9 @@ class PortfolioGate:
 
         Bad arguments raise ``ValueError``/``TypeError`` and change nothing; so does an
         ``order_id`` that already has an outstanding reservation, and so does a NaN exposure in
-        ``positions`` (fail closed). An exception from a ``positions`` callable propagates with
-        nothing reserved.
+        ``positions`` (fail closed), and so does a ``strategy`` with no budget (a typo must not
+        trade without limits) or with ``positions`` given (a caller's positions carry no
+        strategy). An exception from a ``positions`` callable propagates with nothing reserved.
         """
         name = _units.check_symbol(symbol)
         units = _units.notional_units("notional", notional)
@@ -316,15 +362,21 @@ class PortfolioGate:
         oid = ledger.check_new_order_id(order_id)
         code_of_side = side_code(side)
         wait = -1.0 if timeout is None else check_timeout(timeout)
-        limits = self._limits
+        limits = self._limits  # the account's and the budgets, read once: one consistent pair
+        owner = ""
+        budget = None
+        if strategy is not None:
+            owner, budget = limits.budget_of(strategy, positions)
         ledger.refuse_reentry("try_enter()")
-        res = Reservation(ledger, name, oid, notional, units, code_of_side)
-        code = self._decide(positions, ledger, res, limits, wait)
+        res = Reservation(ledger, name, oid, notional, units, code_of_side, owner)
+        code = self._decide(positions, ledger, res, limits.account, budget, wait)
         if code == rules.ADMIT:
             return Decision(None, res)
         if code == DUPLICATE:
             raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
-        return DENIED[code - 1]
+        if code > BY_BUDGET:
+            return self._denials.of(code - BY_BUDGET, owner)
+        return self._denials.of(code, None)
 
     def _decide(
         self,
@@ -332,6 +384,7 @@ class PortfolioGate:
         ledger: LedgerCore,
         res: Reservation,
         limits: UnitLimits,
+        budget: UnitLimits | None,
         wait: float,
     ) -> int:
         """Decide, waiting for a busy lock and reading a caller's positions again while a read
@@ -346,7 +399,7 @@ class PortfolioGate:
                 snapshot = read_positions(positions, res.symbol, epoch, ledger.sided_symbols())
             # The wall clock only matters to a latch, which it may clear (a new day).
             wall = read_clock(self._wall_clock) if core.latched else -_INF
-            code = core.try_decide(res, limits, ledger.now(), wall, snapshot)
+            code = core.try_decide(res, limits, budget, ledger.now(), wall, snapshot)
             if code == BUSY:
                 left = wait if wait <= 0 else max(0.0, deadline - time.monotonic())
                 if ledger.wait_free(left):
@@ -357,13 +410,35 @@ class PortfolioGate:
                 reads += 1
                 if reads < MAX_READS:
                     continue
-            self._core.count_timeout()
+            self._core.count_timeout(res)
             return rules.LOCK_TIMEOUT
 
 
 _INF: Final = float("inf")
 _NO_TIME: Final = -_INF  # the wall clock was not read (or failed): no new day begins
 _NO_FILL: Final = (0, 0, 0)  # confirm_fill without filled=: the reservation ends whole
+
+
+def _by_reason(codes: list[int]) -> MappingProxyType[DenyReason, int]:
+    return MappingProxyType({reason: codes[code] for code, reason in enumerate(REASONS) if reason})
+
+
+def _scopes(counts: GateCounts, budgets: Mapping[str, UnitLimits]) -> dict[str | None, ScopeStats]:
+    """``GateStats.scopes``: each strategy's counts, and the account's own (the rest)."""
+    scopes: dict[str | None, ScopeStats] = {}
+    own = list(counts.codes)
+    own_orders = counts.orders
+    for name in sorted(budgets.keys() | counts.by_strategy.keys() | counts.orders_by.keys()):
+        codes = counts.by_strategy.get(name, _NO_COUNTS)
+        orders = counts.orders_by.get(name, 0)
+        own = [mine - theirs for mine, theirs in zip(own, codes, strict=True)]
+        own_orders -= orders
+        scopes[name] = ScopeStats(codes[rules.ADMIT], _by_reason(codes), orders)
+    scopes[None] = ScopeStats(own[rules.ADMIT], _by_reason(own), own_orders)
+    return scopes
+
+
+_NO_COUNTS: Final = [0] * len(REASONS)
 
 
 def _latch(record: LatchRecord | None) -> Latch | None:
