@@ -264,6 +264,7 @@ class Auditor:
         self, limits: PortfolioLimits, budgets: Mapping[str, PortfolioLimits] | None = None
     ) -> None:
         self.lock = threading.Lock()
+        self.admitted = threading.Condition(self.lock)  # notified at every admission
         self.breached: set[str] = set()
         self.account = ScopeAudit(ACCOUNT, limits, self.breached)
         self.strategies = {
@@ -332,7 +333,13 @@ class Auditor:
                 )
             if reducing and order.outcome != "lost":
                 self.reducing += 1
+            self.admitted.notify_all()
             return reducing
+
+    def wait_for_admissions(self, count: int, timeout: float) -> bool:
+        """Block until ``count`` admissions were recorded (False if ``timeout`` passed first)."""
+        with self.admitted:
+            return self.admitted.wait_for(lambda: len(self.account.stamps) >= count, timeout)
 
     def _scope_of(self, order: Order) -> ScopeAudit | None:
         if order.strategy is None:

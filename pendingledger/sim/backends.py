@@ -95,7 +95,8 @@ class BackendFactory(Protocol):
 
 class MemoryBackend:
     """In-process backend: a ``PendingEntryLedger`` with a ``PortfolioGate`` or ``BrokenGate``
-    (with the strategies' ``budgets``, if any)."""
+    (with the strategies' ``budgets``, if any). ``between`` is the broken gate's gap (see
+    ``BrokenGate``; None: its default short sleep)."""
 
     name = "memory"
 
@@ -108,12 +109,15 @@ class MemoryBackend:
         on_expire: Callable[[ReservationHandle], None],
         broken: bool,
         budgets: Mapping[str, PortfolioLimits] | None = None,
+        between: Callable[[], object] | None = None,
     ) -> None:
         self.ledger = PendingEntryLedger(ttl, clock=clock, on_expire=on_expire)
         real = PortfolioGate(self.ledger, limits, budgets=budgets)
-        self._gate: PortfolioGate | BrokenGate = (
-            BrokenGate(self.ledger, limits, budgets=budgets, book=real) if broken else real
-        )
+        self._gate: PortfolioGate | BrokenGate = real
+        if broken:
+            self._gate = BrokenGate(
+                self.ledger, limits, budgets=budgets, book=real, between=between
+            )
 
     @property
     def gate(self) -> PortfolioGate | BrokenGate:

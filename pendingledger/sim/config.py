@@ -255,8 +255,8 @@ def _part(limit: int | None, share: float) -> int | None:
 
 def strategies_config(strategies: int, **changes: Any) -> SimConfig:
     """A config for ``strategies`` strategies sharing one account in which both scopes bind:
-    the gate's own book, the account's order caps set (one order 7,000, 40 open orders, 8 on a
-    symbol, 60 admissions in 0.05 s), and whatever ``changes`` set on top."""
+    the gate's own book, the account's order caps set (``STRATEGY_CAPS``: one order 7,000, 24
+    open orders, 6 on a symbol, 40 admissions in 0.05 s), and whatever ``changes`` set on top."""
     values: dict[str, Any] = {
         "book": "gate",
         "strategies": strategies,
@@ -268,9 +268,9 @@ def strategies_config(strategies: int, **changes: Any) -> SimConfig:
 
 STRATEGY_CAPS: Final[dict[str, Any]] = {
     "max_order_notional": 7_000,
-    "max_open_orders": 40,
-    "max_open_orders_per_symbol": 8,
-    "max_orders_per_interval": (60, 0.05),
+    "max_open_orders": 24,
+    "max_open_orders_per_symbol": 6,
+    "max_orders_per_interval": (40, 0.05),
 }
 """The account's order caps of ``strategies_config`` (and of ``race --strategies``)."""
 
