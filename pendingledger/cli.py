@@ -37,6 +37,7 @@ import math
 import os
 import random
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TextIO
@@ -376,7 +377,9 @@ def _header(config: SimConfig, backend: str, processes: int) -> str:
         f"symbol {_num(config.max_symbol)}, net {_num(config.max_net)}"
     )
     if _has_caps(config):
-        header += "\norder caps: " + _caps_text(config)
+        header += "\n" + textwrap.fill(
+            "order caps: " + _caps_text(config), width=80, subsequent_indent="  "
+        )
     names = config.strategy_names()
     if names:
         header += (
@@ -587,14 +590,14 @@ def _scope_tables(broken: SimResult, good: SimResult) -> str:
         ("orders per window", lambda lim: _window(lim["max_orders_per_interval"])),
     ]
     peak_rows: list[tuple[str, str, str | None]] = [
-        ("highest concurrent positions", "max_positions_seen", "max_concurrent_positions"),
+        ("highest positions", "max_positions_seen", "max_concurrent_positions"),
         ("highest gross exposure", "max_gross_seen", "max_gross_exposure"),
         ("highest symbol exposure", "max_symbol_seen", "max_symbol_exposure"),
         ("highest net exposure", "max_net_seen", "max_net_exposure"),
         ("largest order", "max_order_seen", "max_order_notional"),
         ("most open orders", "max_open_orders_seen", "max_open_orders"),
-        ("most open orders on a symbol", "max_symbol_orders_seen", "max_open_orders_per_symbol"),
-        ("most orders in one window", "max_window_seen", "max_orders_per_interval"),
+        ("most open on a symbol", "max_symbol_orders_seen", "max_open_orders_per_symbol"),
+        ("most in one rate window", "max_window_seen", "max_orders_per_interval"),
     ]
     cells: list[list[str]] = [["limits, by scope", *names]]
     for label, get in limit_rows:
@@ -615,7 +618,7 @@ def _scope_tables(broken: SimResult, good: SimResult) -> str:
             )
         cells.append(["  BREACHES", *(_num(result.scopes[n]["breaches"]) for n in names)])
     width = max(len(row[0]) for row in cells if row)
-    col = max(9, *(len(c) for row in cells for c in row[1:]))
+    col = max(8, *(len(c) for row in cells for c in row[1:]))
     lines = []
     for row in cells:
         if not row:

@@ -30,8 +30,8 @@ from pendingledger import (
     PortfolioGate,
     PortfolioLimits,
     Side,
+    rules,
 )
-from pendingledger import rules
 from pendingledger.sim import BrokenGate, MemoryBackend, SimConfig, SimResult, Simulation
 from pendingledger.sim.auditor import Auditor
 from pendingledger.sim.config import ACCOUNT, CAP_KINDS, LIMIT_KINDS, strategies_config
@@ -116,9 +116,10 @@ def test_strategies_sharing_an_account_never_breach_any_scope() -> None:
         assert result.scopes[name]["admitted"] > 0, name
     account = result.scopes[ACCOUNT]
     assert account["max_positions_seen"] == STRATEGIES.max_positions
-    assert sum(
-        result.scopes[name]["limits"]["max_concurrent_positions"] for name in NAMES
-    ) > STRATEGIES.max_positions
+    assert (
+        sum(result.scopes[name]["limits"]["max_concurrent_positions"] for name in NAMES)
+        > STRATEGIES.max_positions
+    )
     assert result.admitted_buys > 0 and result.admitted_sells > 0
     assert result.longs_opened > 0 and result.shorts_opened > 0
     assert result.late_answers == 0
@@ -436,7 +437,7 @@ def test_sequentially_both_gates_name_the_same_scope_for_every_denial() -> None:
         assert got.scope == want.scope, (step, want, got)
 
 
-# ---------------------------------------------------------------- the auditor, on synthetic histories
+# ------------------------------------------------------- the auditor, on synthetic histories
 
 
 class _Stub:
@@ -482,7 +483,7 @@ class _History:
         self.n += 1
         oid = f"o{self.n}"
         order = Order(
-            oid, symbol, notional, outcome, _Stub(oid, symbol, stamp, strategy), 0,  # type: ignore[arg-type]
+            oid, symbol, notional, outcome, _Stub(oid, symbol, stamp, strategy), 0,
             side=side, strategy=strategy,
         )  # fmt: skip
         self.auditor.admit(order)
