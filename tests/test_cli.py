@@ -210,17 +210,7 @@ _HUGE_CAPS = strategies_config(
         (SimConfig(threads=1024, seconds=0.25, seed=999_999), "redis", 64),
         (SimConfig(max_gross=1_000_000_000, max_symbol=123_456_789.25), "memory", 1),
         (strategies_config(16, threads=1024, seconds=0.25, seed=999_999), "memory", 1),
-        (
-            strategies_config(
-                4,
-                max_order_notional=123_456_789.25,
-                max_open_orders=1_000_000,
-                max_open_orders_per_symbol=1_000_000,
-                max_orders_per_interval=(1_000_000, 0.125),
-            ),
-            "memory",
-            1,
-        ),  # fmt: skip
+        (_HUGE_CAPS, "memory", 1),
     ],
 )
 def test_the_header_fits_a_terminal(config: SimConfig, backend: str, processes: int) -> None:
