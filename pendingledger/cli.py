@@ -22,10 +22,17 @@ What callers (and scripts) may rely on:
 * After the two runs, a loss latch race on each gate (``pendingledger.sim.latch``): threads
   entering while another records losses until the daily loss limit latches the gate; any order
   admitted after the latching call returned fails pendingledger's run like a breach.
+* ``--strategies N`` (N >= 2; memory backend only) races N strategies sharing the account,
+  each with a budget, the account with order caps of its own
+  (``pendingledger.sim.strategies_config``): the header names the caps and the strategies, the
+  table gains the order caps' denials and breaches and both by scope, and a table after it
+  shows each scope's limits, then per gate each scope's peaks and breaches (a column each:
+  the account, then the strategies). ``--backend redis`` with it is an argparse error.
 * ``--json PATH`` writes ``{"broken": {...}, "pendingledger": {...}, "latch": {...}, ...}``:
   each run's figures (``SimResult.to_dict()``: at least ``decisions``, ``admitted``,
   ``breaches``) under its own key, and the latch races' (``LatchRaceResult.to_dict()``) under
-  ``latch`` (null when the backend cannot race a latch).
+  ``latch`` (null when the backend cannot race a latch); ``strategies`` and ``budgets`` (each
+  strategy's limits), and in each run ``scopes`` (``SimResult.scopes``).
 """
 
 from __future__ import annotations
