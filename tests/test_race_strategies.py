@@ -115,6 +115,7 @@ def test_strategies_sharing_an_account_never_breach_any_scope() -> None:
         assert sum(result.scopes[name]["denied_here"].values()) > 0, name
         assert result.scopes[name]["admitted"] > 0, name
     account = result.scopes[ACCOUNT]
+    assert sum(account["denied_here"].values()) > 0
     assert account["max_positions_seen"] == STRATEGIES.max_positions
     assert (
         sum(result.scopes[name]["limits"]["max_concurrent_positions"] for name in NAMES)
@@ -329,13 +330,13 @@ def test_a_strategy_without_a_budget_is_refused_and_reserves_nothing() -> None:
 
 def _walk(
     broken: BrokenGate, real: PortfolioGate, clock: ManualClock, steps: int, seed: int
-) -> list[tuple[Decision, Decision]]:
+) -> list[tuple[Decision, Decision, str | None]]:
     """A seeded random walk of entries under strategies (and the account's own), with sides,
     fills that follow the reservation's strategy, positions of each strategy, releases, clock
-    steps and state changes, on both gates; every pair of decisions made."""
+    steps and state changes, on both gates; every pair of decisions made, with its strategy."""
     rng = random.Random(seed)
     held: list[str] = []
-    pairs: list[tuple[Decision, Decision]] = []
+    pairs: list[tuple[Decision, Decision, str | None]] = []
     strategies: list[str | None] = ["s1", "s2", "s3", None]
     sides: list[Side | str | None] = [Side.BUY, Side.SELL, "buy", "sell", None]
     for step in range(steps):
@@ -348,7 +349,7 @@ def _walk(
             oid = f"o{step}"
             want = real.try_enter(symbol, notional, order_id=oid, side=side, strategy=strategy)
             got = broken.try_enter(symbol, notional, order_id=oid, side=side, strategy=strategy)
-            pairs.append((want, got))
+            pairs.append((want, got, strategy))
             if want:
                 held.append(oid)
         elif op < 0.7 and held:
@@ -413,28 +414,28 @@ def test_sequentially_the_broken_gate_decides_every_step_as_the_real_one_with_bu
     reached."""
     broken, real, clock = _walk_pair()
     pairs = _walk(broken, real, clock, 3_000, seed=13)
-    for step, (want, got) in enumerate(pairs):
+    for step, (want, got, _) in enumerate(pairs):
         assert (got.admitted, got.reason) == (want.admitted, want.reason), step
-    seen = {want.reason for want, _ in pairs}
+    seen = {want.reason for want, _, _ in pairs}
     assert seen >= set(DenyReason) - {
         DenyReason.BACKEND_UNAVAILABLE, DenyReason.BOOK_NOT_RESTORED, DenyReason.LOCK_TIMEOUT,
     }  # fmt: skip
-    scopes = {want.scope for want, _ in pairs if not want}
+    scopes = {want.scope for want, _, _ in pairs if not want}
     assert {"s1", "s2"} <= scopes
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="the in-process core labels a denial by the account's limits with the strategy's "
-    "scope when the order has a budget (_core.GateCore._decide_locked: code + BY_BUDGET "
-    "whenever a window exists); the spec says scope None",
-)
 def test_sequentially_both_gates_name_the_same_scope_for_every_denial() -> None:
+    """A denial says whose limit it was: the strategy's budget, or the account's (None), also
+    for an order made under a strategy; both scopes occur."""
     broken, real, clock = _walk_pair()
     pairs = _walk(broken, real, clock, 3_000, seed=13)
-    for step, (want, got) in enumerate(pairs):
+    for step, (want, got, _) in enumerate(pairs):
         assert got.scope == want.scope, (step, want, got)
+    under_a_strategy = [want for want, _, strategy in pairs if not want and strategy is not None]
+    assert {d.scope for d in under_a_strategy} >= {"s1", "s2", None}
+    # the state is the account's: a halt denies at the account's scope
+    assert all(d.scope is None for d in under_a_strategy if d.reason is DenyReason.HALTED)
 
 
 # ------------------------------------------------------- the auditor, on synthetic histories
