@@ -680,7 +680,8 @@ def _verdict(broken: SimResult, good: SimResult, latches: Latches | None = None)
                 f"twice, {good.ledger_outstanding} left in the ledger)"
             )
         return f"FAIL: pendingledger {'; '.join(problems)}. Replay with --seed {good.seed}."
-    held = f"pendingledger held every limit in {good.decisions:,} decisions (0 breaches)"
+    scopes = " at every scope" if good.strategies else ""
+    held = f"pendingledger held every limit{scopes} in {good.decisions:,} decisions (0 breaches)"
     if latch_good is not None:
         held += " and admitted nothing after its loss latch"
     caught = ""

@@ -158,18 +158,33 @@ def test_the_harness_catches_the_broken_gate_at_the_accounts_rate_for_certain() 
     _assert_books_balance(result, backend)
 
 
-@pytest.mark.timeout(60)
 def test_a_strategies_race_needs_the_gates_own_book_and_a_thread_each() -> None:
+    """A budget is decided on the gate's own book; each strategy trades in a thread at least."""
     with pytest.raises(ValueError, match="book='gate'"):
         SimConfig(strategies=2)
     with pytest.raises(ValueError, match="threads"):
         SimConfig(strategies=4, threads=3, book="gate")
     with pytest.raises(ValueError, match="strategies"):
         SimConfig(strategies=-1)
+    with pytest.raises(ValueError, match="release_first"):
+        SimConfig(strategies=2, book="gate", release_first=True)
     assert SimConfig(strategies=1).budgets() == {}  # 0 or 1: trading for the account
 
 
+def test_the_race_across_processes_refuses_strategies() -> None:
+    """The race across processes trades for the account only: it says so before starting."""
+    pytest.importorskip("redis")
+    from pendingledger.sim.processes import ProcessRace
+
+    with pytest.raises(ValueError, match="strategies=4"):
+        ProcessRace(STRATEGIES, redis_url="redis://127.0.0.1:1/0", processes=2)
+    with pytest.raises(ValueError, match="strategies"):
+        Simulation(STRATEGIES, share=True)
+
+
 def test_the_budgets_add_up_to_more_than_the_account_and_differ() -> None:
+    """Shares of 2 / N of the account's figures, two thirds on a symbol, the order notional cap
+    on every other strategy; no loss limits (they are the account's)."""
     budgets = STRATEGIES.budgets()
     assert tuple(budgets) == NAMES
     assert [STRATEGIES.strategy_of(i) for i in range(6)] == ["s1", "s2", "s3", "s4", "s1", "s2"]
@@ -310,6 +325,7 @@ def test_two_strategies_each_within_budget_breach_the_account_through_the_gap(
 
 
 def test_a_strategy_without_a_budget_is_refused_and_reserves_nothing() -> None:
+    """As ``PortfolioGate``: a typo must not trade without limits; bad budgets change nothing."""
     ledger = PendingEntryLedger(60.0, clock=ManualClock())
     gate = BrokenGate(ledger, PortfolioLimits(), budgets={"s1": PortfolioLimits()})
     for strategy in ("s9", "", 7):
@@ -501,6 +517,7 @@ class _History:
 
 
 def test_the_auditor_catches_an_order_over_the_notional_cap_at_each_scope() -> None:
+    """On the cap is no breach; over it at a strategy's budget or at the account's is."""
     h = _History(
         PortfolioLimits(max_order_notional=5_000),
         {"s1": PortfolioLimits(max_order_notional=3_000), "s2": PortfolioLimits()},
@@ -518,6 +535,8 @@ def test_the_auditor_catches_an_order_over_the_notional_cap_at_each_scope() -> N
 
 
 def test_the_auditor_catches_too_many_open_orders_in_all_and_on_a_symbol() -> None:
+    """Open: admitted and not yet filled or rejected; a lost order is left out (its end is the
+    gate's TTL, which the auditor cannot see)."""
     h = _History(
         PortfolioLimits(max_open_orders=3, max_open_orders_per_symbol=2),
         {"s1": PortfolioLimits(max_open_orders=2), "s2": PortfolioLimits()},
@@ -559,6 +578,7 @@ def test_the_auditor_catches_too_many_admissions_in_a_window_told_in_any_order()
 
 
 def test_the_auditor_checks_each_strategys_rate_apart_from_the_accounts() -> None:
+    """A strategy's window counts its own admissions; the account's counts every one."""
     h = _History(
         PortfolioLimits(max_orders_per_interval=(3, 1.0)),
         {"s1": PortfolioLimits(max_orders_per_interval=(1, 1.0)), "s2": PortfolioLimits()},
@@ -604,6 +624,8 @@ def test_the_auditors_rate_is_the_one_rule_on_random_histories() -> None:
 
 
 def test_the_auditor_judges_each_strategys_exposure_and_the_accounts_sum() -> None:
+    """A strategy's figures are its own orders' and positions'; the account's position on a
+    symbol is the sum of its strategies' (a long and a short of two strategies offset)."""
     h = _History(
         PortfolioLimits(max_symbol_exposure=1_000, max_gross_exposure=3_000),
         {"s1": PortfolioLimits(max_gross_exposure=1_000), "s2": PortfolioLimits()},
