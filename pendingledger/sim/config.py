@@ -296,9 +296,12 @@ class SimResult:
     Exposure figures (``max_*_seen``) are the auditor's *true* state: signed open positions
     plus orders that can still fill, as worst cases (``pendingledger.rules.worst_case``),
     including the entry just admitted. ``breaches`` counts admitted decisions that raised a
-    figure over its limit; ``breaches_by_limit`` counts per limit (one admission can breach
-    several). ``admitted`` and ``decisions`` include the router's closing orders. Reservation
-    figures: every admitted order's reservation must end exactly once, so
+    figure over its limit, or took an order cap past its limit, at any scope (the account, or
+    a strategy's budget); ``breaches_by_limit`` counts per exposure limit and
+    ``breaches_by_cap`` per order cap (one admission can breach several), ``scopes`` per
+    scope. The exposure figures above are the account's. ``admitted`` and ``decisions``
+    include the router's closing orders. Reservation figures: every admitted order's
+    reservation must end exactly once, so
     ``ended_released + ended_reduced + ended_expired == admitted`` with
     ``leaked == double_ended == 0`` in a healthy run.
 
