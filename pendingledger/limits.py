@@ -19,6 +19,9 @@ __all__ = ["DENIED", "REASONS", "Decision", "DenyReason", "PortfolioLimits", "de
 
 Number = int | float | Decimal | Fraction
 
+MAX_RATE_COUNT = 1_000_000_000
+"""The largest count of ``max_orders_per_interval``: a gate keeps that many admission stamps."""
+
 
 @dataclass(frozen=True, slots=True)
 class PortfolioLimits:
@@ -85,17 +88,24 @@ def _check_count(name: str, count: object) -> None:
 
 
 def _check_rate(name: str, rate: object) -> None:
-    """``(count, seconds)``: an int count >= 1 and a finite number of seconds > 0."""
+    """``(count, seconds)``: an int count from 1 to ``MAX_RATE_COUNT`` and a finite number of
+    seconds > 0."""
     if rate is None:
         return
     if not isinstance(rate, tuple) or len(rate) != 2:
         raise TypeError(f"{name} must be a (count, seconds) tuple or None, got {rate!r}")
     count, seconds = rate
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"{name}: count must be an int >= 1, got {rate!r}")
-    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TypeError(f"{name}: count must be an int, got {rate!r}")
+    if not 1 <= count <= MAX_RATE_COUNT:
+        raise ValueError(f"{name}: count must be from 1 to {MAX_RATE_COUNT:,}, got {rate!r}")
+    if isinstance(seconds, bool) or not isinstance(seconds, (numbers.Real, Decimal)):
         raise TypeError(f"{name}: seconds must be a number, got {rate!r}")
-    if not 0 < float(seconds) < math.inf:
+    try:
+        length = float(seconds)
+    except (OverflowError, ValueError):  # past a float, or a signalling NaN
+        length = math.nan
+    if not 0 < length < math.inf:
         raise ValueError(f"{name}: seconds must be finite and > 0, got {rate!r}")
 
 
