@@ -532,7 +532,7 @@ def test_an_old_handle_never_touches_a_reused_order_id(client: Any) -> None:
 
 def test_a_retried_request_is_answered_not_repeated(client: Any) -> None:
     gate = new_gate(client)
-    args = ("AAA", 5_000, "retry-1", "tok", "10000000|||", 0, "")
+    args = ("AAA", 5_000, "retry-1", "tok", gate._config, 0, "")
     first = gate.server.call("enter", *args)
     again = gate.server.call("enter", *args)  # what a client retry after a lost reply sends
     assert first == again
@@ -596,7 +596,7 @@ def test_answers_kept_for_retries_are_forgotten_after_a_minute(client: Any) -> N
 def test_the_broken_gates_enter_modes_need_the_test_operations_on(client: Any) -> None:
     gate = new_gate(client, Limits(max_concurrent_positions=1))
     assert gate.try_enter("AAA", 1)
-    args = ("BBB", 1, "b", "tok", "10000000|1||", 0)
+    args = ("BBB", 1, "b", "tok", gate._config, 0)
     for mode in ("check", "force", "other"):
         with pytest.raises(redis.ResponseError, match="test operations are off"):
             gate.server.call("enter", *args, mode)  # any client can send it: refused
@@ -605,7 +605,7 @@ def test_the_broken_gates_enter_modes_need_the_test_operations_on(client: Any) -
     enable_test_ops(gate)
     assert gate.server.call("enter", *args, "force")[0] == b"A"
     with pytest.raises(redis.ResponseError, match="test operations are off"):
-        gate.server.call("enter", "CCC", 1, "c", "tok", "10000000|1||", 0, "other")
+        gate.server.call("enter", "CCC", 1, "c", "tok", gate._config, 0, "other")
 
 
 def test_check_then_reserve_lets_an_entry_in_between_take_the_room(client: Any) -> None:

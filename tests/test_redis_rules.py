@@ -229,6 +229,11 @@ class Model:
             self.worst(symbol, extra),
             rules.worst_case(p, b, s, u),
             rules.worst_case(p, b + extra[0], s + extra[1], u + extra[2]),
+            units,
+            len(self.orders),
+            sum(1 for sym, _, _ in self.orders.values() if sym == symbol),
+            rules.NO_WINDOW,
+            0.0,
         )
         return REASONS[code]
 

@@ -72,12 +72,13 @@ from redis.retry import Retry
 from redis.typing import EncodableT
 
 from pendingledger import _units, rules
+from pendingledger.decision import REASONS, Denials
 from pendingledger.errors import LedgerError
 from pendingledger.limits import Decision, DenyReason, PortfolioLimits, denied
 from pendingledger.redis._audit import Snapshot, _pairs, _s
 from pendingledger.redis._audit import audit as audit_snapshot
 from pendingledger.redis._library import LIBRARY, ServerCode
-from pendingledger.stats import GateStats
+from pendingledger.stats import GateStats, ScopeStats
 from pendingledger.trading import (
     SIDES,
     STATES,
@@ -117,6 +118,7 @@ _UNAVAILABLE: Final = denied(DenyReason.BACKEND_UNAVAILABLE)
 # The server names a reason by its value; a name it sends that is not a DenyReason is a KeyError,
 # which try_enter turns into BACKEND_UNAVAILABLE (fail closed).
 DENIALS: Final = {reason.value: denied(reason) for reason in DenyReason}
+CODES: Final = {reason.value: REASONS.index(reason) for reason in DenyReason}
 _LOG_EVERY: Final = 5.0  # seconds between repeated warnings about the same outage
 MAX_TTL: Final = 365 * 86_400.0
 """The longest ``ttl`` (seconds): the server code's clock counts microseconds in doubles, exact
@@ -138,12 +140,14 @@ class BookNotRestored(StoreUnavailable):
 
 class OpenOrder(NamedTuple):
     """An order already at the exchange, handed to ``RedisGate.restore`` to be reserved again
-    (``side``: ``Side.BUY``, ``Side.SELL``, ``"buy"``, ``"sell"`` or None, as in ``try_enter``)."""
+    (``side``: ``Side.BUY``, ``Side.SELL``, ``"buy"``, ``"sell"`` or None, as in ``try_enter``;
+    ``strategy``: the strategy it belongs to, or None: the account's own)."""
 
     symbol: str
     notional: Number
     order_id: str | None = None
     side: Side | str | None = None
+    strategy: str | None = None
 
 
 OpenOrderLike = (
@@ -151,6 +155,7 @@ OpenOrderLike = (
     | tuple[str, Number]
     | tuple[str, Number, str | None]
     | tuple[str, Number, str | None, Side | str | None]
+    | tuple[str, Number, str | None, Side | str | None, str | None]
 )
 """What ``restore`` takes for an open order: an ``OpenOrder`` or a tuple of its fields."""
 
@@ -219,6 +224,70 @@ def _position_value(name: str, exposure: object) -> tuple[int, str]:
     return abs(units), f"{'-' if units < 0 else '+'}{chr(97 + _units.kind_of(exposure))}"
 
 
+def check_strategy(name: str, strategy: object) -> str:
+    """A strategy argument as the server code takes it: '' for None (the account's own), else
+    the name, an exact non-empty ``str``."""
+    if strategy is None:
+        return ""
+    if type(strategy) is not str:
+        raise TypeError(f"{name} must be None or a strategy's name (a str), got {strategy!r}")
+    if not strategy:
+        raise ValueError(f"{name} must be None or a non-empty str, got {strategy!r}")
+    return strategy
+
+
+def scope_config(unit: rules.UnitLimits, ttl_us: int) -> str:
+    """A scope's limits as the server code takes them (gate.lua, ``config``): "ttl_us|max_pos|
+    max_gross|max_sym|max_net|max_order|max_open_orders|max_open_orders_per_symbol|rate_count|
+    rate_us", a limit '' when none; the rate window in whole microseconds, rounded up."""
+    parts = [unit.max_positions, unit.max_gross, unit.max_symbol, unit.max_net, unit.max_order,
+             unit.max_open_orders, unit.max_symbol_orders, unit.rate_count]  # fmt: skip
+    encoded = ["" if value == rules.NO_LIMIT else str(value) for value in parts]
+    rate_us = "" if unit.rate_count == rules.NO_LIMIT else str(micros(unit.rate_seconds))
+    return "|".join([str(ttl_us), *encoded, rate_us])
+
+
+def check_budgets(budgets: object) -> dict[str, PortfolioLimits]:
+    """``budgets`` (None, or a mapping of strategy name to its ``PortfolioLimits``), checked: a
+    copy, or ``TypeError``/``ValueError`` naming ``budgets`` and the key."""
+    if budgets is None:
+        return {}
+    if not isinstance(budgets, Mapping):
+        raise TypeError(f"budgets must be a mapping of strategy name to limits, got {budgets!r}")
+    checked: dict[str, PortfolioLimits] = {}
+    for key, value in budgets.items():
+        if type(key) is not str:
+            raise TypeError(f"budgets: a strategy's name must be a str, got {key!r}")
+        if not key:
+            raise ValueError(f"budgets: a strategy's name must be non-empty, got {key!r}")
+        if not isinstance(value, PortfolioLimits):
+            raise TypeError(f"budgets[{key!r}] must be a PortfolioLimits, got {value!r}")
+        if value.has_loss_limits:
+            raise ValueError(
+                f"budgets[{key!r}]: loss limits are the account's (max_daily_loss, "
+                f"max_drawdown), got {value!r}"
+            )
+        checked[key] = value
+    return checked
+
+
+class _Scopes:
+    """What a decision reads, once: the account's limits and the budgets, encoded. Replaced
+    whole (under the gate's own lock) when either changes, so a decision uses one pair."""
+
+    __slots__ = ("budgets", "config", "configs", "limits", "loss_config")
+
+    def __init__(self, limits: PortfolioLimits, config: str, loss_config: str,
+                 budgets: Mapping[str, PortfolioLimits], ttl_us: int) -> None:  # fmt: skip
+        self.limits = limits
+        self.config = config
+        self.loss_config = loss_config
+        self.budgets: Mapping[str, PortfolioLimits] = MappingProxyType(dict(budgets))
+        self.configs = {
+            name: scope_config(rules.unit_limits(value), ttl_us) for name, value in budgets.items()
+        }
+
+
 def _reset_offset_us(daily_reset: object) -> int:
     """``daily_reset`` (``trading.reset_offset``'s checks) in whole microseconds after midnight
     UTC, as the server code's clock counts."""
@@ -243,7 +312,7 @@ def _latch_of(reply: Sequence[Any]) -> Latch | None:
 def position_of(units: str, code: str) -> Number:
     """A stored position (``p:`` units and ``k:`` code) in the kind of amount it was set with."""
     n = int(units)
-    return _units.to_number(-n if code.startswith("-") else n, ord(code[-1]) - 97)
+    return _units.to_number(-n if code.startswith("-") else n, ord(code[1]) - 97)
 
 
 def _socket_timeout(client: Any) -> object:
@@ -321,15 +390,15 @@ class RedisGate:
     __slots__ = (
         "_client",
         "_code",
-        "_config",
+        "_denials",
         "_keys",
-        "_limits",
         "_log",
-        "_loss_config",
         "_min_replicas",
         "_namespace",
         "_on_loss",
         "_reset_us",
+        "_scopes",
+        "_scopes_lock",
         "_ttl",
         "_ttl_us",
         "_unavailable",
@@ -348,6 +417,7 @@ class RedisGate:
         replica_timeout: float = 0.1,
         on_loss: TradingState = TradingState.REDUCING,
         daily_reset: datetime.time = datetime.time(0, 0),
+        budgets: Mapping[str, PortfolioLimits] | None = None,
     ) -> None:
         self._on_loss = loss_state_code(on_loss)
         self._reset_us = _reset_offset_us(daily_reset)
@@ -370,7 +440,9 @@ class RedisGate:
         self._client = client
         self._namespace = namespace
         self._keys = keys
-        self._limits, self._config, self._loss_config = self._encode(limits)
+        self._scopes_lock = threading.Lock()
+        self._scopes = self._encode(limits, check_budgets(budgets))
+        self._denials = Denials()
         self._code = ServerCode(client, keys)
         self._log = _LogThrottle()
         self._unavailable = 0
@@ -399,6 +471,7 @@ class RedisGate:
         replica_timeout: float = 0.1,
         on_loss: TradingState = TradingState.REDUCING,
         daily_reset: datetime.time = datetime.time(0, 0),
+        budgets: Mapping[str, PortfolioLimits] | None = None,
         **client_kwargs: Any,
     ) -> RedisGate:
         """A gate on a new client for ``url`` with settings that fail closed quickly.
@@ -435,22 +508,30 @@ class RedisGate:
             replica_timeout=replica_timeout,
             on_loss=on_loss,
             daily_reset=daily_reset,
+            budgets=budgets,
         )
 
-    def _encode(self, limits: object) -> tuple[PortfolioLimits, str, str]:
-        """``limits``, the decision's config argument "ttl_us|max_pos|max_gross|max_sym|max_net"
-        and the loss calls' "max_daily_loss|max_drawdown|kinds|on_loss|reset_us", limits in
-        units (``rules.unit_limits``), '' for a limit not set; kinds those the loss limits were
-        given in."""
+    def _encode(self, limits: object, budgets: Mapping[str, PortfolioLimits]) -> _Scopes:
+        """``limits`` and ``budgets`` as a decision reads them: the scopes' config arguments
+        (``scope_config``) and the loss calls' "max_daily_loss|max_drawdown|kinds|on_loss|
+        reset_us", limits in units (``rules.unit_limits``), '' for a limit not set; kinds
+        those the loss limits were given in."""
         unit = rules.unit_limits(limits)
-        parts = [unit.max_positions, unit.max_gross, unit.max_symbol, unit.max_net]
-        encoded = ["" if value == rules.NO_LIMIT else str(value) for value in parts]
         loss = [
             "" if value == rules.NO_LIMIT else str(value)
             for value in (unit.max_daily_loss, unit.max_drawdown)
         ]
         loss_config = "|".join([*loss, *map(str, (unit.loss_kinds, self._on_loss, self._reset_us))])
-        return unit.source, "|".join([str(self._ttl_us), *encoded]), loss_config
+        return _Scopes(unit.source, scope_config(unit, self._ttl_us), loss_config, budgets,
+                       self._ttl_us)  # fmt: skip
+
+    @property
+    def _config(self) -> str:
+        return self._scopes.config
+
+    @property
+    def _loss_config(self) -> str:
+        return self._scopes.loss_config
 
     # ------------------------------------------------------------------ properties
 
@@ -483,13 +564,28 @@ class RedisGate:
 
     @property
     def limits(self) -> PortfolioLimits:
-        """The limits this gate object applies (per process: they travel with each decision).
-        Assign a new ``PortfolioLimits`` at any time; each decision uses one consistent set."""
-        return self._limits
+        """The account's limits this gate object applies (per process: they travel with each
+        decision). Assign a new ``PortfolioLimits`` at any time; each decision uses one
+        consistent pair of limits and budgets."""
+        return self._scopes.limits
 
     @limits.setter
     def limits(self, limits: PortfolioLimits) -> None:
-        self._limits, self._config, self._loss_config = self._encode(limits)
+        with self._scopes_lock:  # a budgets assignment at the same time is not lost
+            self._scopes = self._encode(limits, self._scopes.budgets)
+
+    @property
+    def budgets(self) -> Mapping[str, PortfolioLimits]:
+        """The strategies' budgets (strategy name -> its ``PortfolioLimits``), read-only.
+        Assign a new mapping (or None: none) at any time, as ``limits``; a budget may not set
+        loss limits (they are the account's). Bad budgets raise and change nothing."""
+        return self._scopes.budgets
+
+    @budgets.setter
+    def budgets(self, budgets: Mapping[str, PortfolioLimits] | None) -> None:
+        checked = check_budgets(budgets)
+        with self._scopes_lock:
+            self._scopes = self._encode(self._scopes.limits, checked)
 
     # ------------------------------------------------------------------ decisions
 
@@ -501,10 +597,16 @@ class RedisGate:
         *,
         order_id: str | None = None,
         side: Side | str | None = None,
+        strategy: str | None = None,
     ) -> Decision:
         """Check the limits against the book and reservations in Redis and, if they pass,
         reserve ``notional`` on ``symbol`` under ``side`` (``Side.BUY``, ``Side.SELL``, "buy",
         "sell", or None: not known): one atomic server call, one round trip.
+
+        With ``strategy`` (a key of ``budgets``; any other raises ``ValueError`` and sends
+        nothing) the same call checks that strategy's budget over its own positions and
+        reservations, then the account's limits over everything; a denial's ``scope`` says
+        whose limit it was (the strategy's name, or None). The reservation is the strategy's.
 
         ``positions`` must be left out: the position book lives in Redis (``set_position``,
         ``confirm_fill``). Bad arguments raise ``ValueError``/``TypeError`` before anything is
@@ -518,17 +620,27 @@ class RedisGate:
                 "RedisGate keeps the position book in Redis: call try_enter without positions "
                 f"and keep the book with set_position()/confirm_fill(), got positions={positions!r}"
             )
-        decision = enter(self, symbol, notional, order_id, "", side)
+        decision = enter(self, symbol, notional, order_id, "", side, strategy)
         assert decision is not None  # None only answers the test mode 'check'
         return decision
 
     def _admitted(self, name: str, oid: str, notional: Number, units: int, token: str,
-                  side: int, reply: Sequence[Any]) -> Decision:  # fmt: skip
+                  side: int, strategy: str, reply: Sequence[Any]) -> Decision:  # fmt: skip
         res = RedisReservation._new(
             self, name, oid, notional, units, token=token, side=side,
             reserved_us=int(_s(reply[1])), expires_us=int(float(_s(reply[2]))),
+            strategy=strategy,
         )  # fmt: skip
         return Decision(None, res)
+
+    def _denied(self, reply: Sequence[Any]) -> Decision:
+        """The denial the server code answered: its reason and scope (a strategy's name, or
+        '' for the account's)."""
+        reason = _s(reply[1])
+        scope = _s(reply[2]) if len(reply) > 2 else ""
+        if not scope:
+            return DENIALS[reason]
+        return self._denials.of(CODES[reason], scope)
 
     def _unavailable_decision(self, what: str, exc: Exception) -> Decision:
         """The shared ``BACKEND_UNAVAILABLE`` decision for a call the store did not confirm
@@ -556,8 +668,10 @@ class RedisGate:
             break
         answer = self._code.answer(reply)
         if _s(answer[0]) == "A" and (isinstance(acks, Exception) or acks < self._min_replicas):
-            # args: symbol, units, order_id, token, ...
-            self._release_call("release_order", "release_order", args[2], args[3], args[0], "1")
+            # args: symbol, units, order_id, token, config, kind, mode, side, strategy, ...
+            self._release_call(
+                "release_order", "release_order", args[2], args[3], args[0], "1", args[8]
+            )
             raise redis.ConnectionError(
                 f"{acks!r} replica(s) confirmed the admission within {self._wait_ms} ms, "
                 f"{self._min_replicas} required: released"
@@ -576,7 +690,7 @@ class RedisGate:
     def release_order(self, order_id: str) -> bool:
         """Drop the reservation of ``order_id``. True if it was outstanding (see ``release``)."""
         oid = _units.check_order_id(order_id)
-        reply = self._release_call("release_order", "release_order", oid, "", "")
+        reply = self._release_call("release_order", "release_order", oid, "", "", "", "")
         return reply is not None and int(reply[0]) == 1
 
     def reduce_order(self, order_id: str, amount: Number) -> bool:
@@ -585,7 +699,7 @@ class RedisGate:
         False if not, or (logged) if the store cannot be reached."""
         oid = _units.check_order_id(order_id)
         down, up = _units.reduction_units("amount", amount)
-        reply = self._release_call("reduce_order", "reduce", oid, "", down, up, "")
+        reply = self._release_call("reduce_order", "reduce", oid, "", down, up, "", "")
         return reply is not None and _s(reply[0]) != "G"
 
     def _release_call(self, what: str, op: str, *args: EncodableT) -> list[Any] | None:
@@ -606,19 +720,24 @@ class RedisGate:
 
     # ------------------------------------------------------------------ the position book
 
-    def set_position(self, symbol: str, exposure: Number) -> None:
-        """Record ``symbol``'s position exposure (signed: long > 0, short < 0; a symbol set is
-        open, even at exposure 0, until ``close_position``). Raises ``StoreUnavailable`` if the
+    def set_position(self, symbol: str, exposure: Number, *, strategy: str | None = None) -> None:
+        """Record ``strategy``'s part of ``symbol``'s position (signed: long > 0, short < 0;
+        None: the account's own part; a part set is open, even at exposure 0, until
+        ``close_position``). The account's position is the sum of the parts (what the exchange
+        account holds). ``strategy`` need not have a budget. Raises ``StoreUnavailable`` if the
         store cannot confirm it, ``BookNotRestored`` (nothing written) if the book is not in
         place."""
         name = _units.check_symbol(symbol)
         units, code = _position_value("exposure", exposure)
-        self._write("set_position", ("set_position", _token(), name, units, code))
+        strat = check_strategy("strategy", strategy)
+        self._write("set_position", ("set_position", _token(), name, units, code, strat))
 
-    def close_position(self, symbol: str) -> bool:
-        """Remove ``symbol`` from the book. True if it was open."""
+    def close_position(self, symbol: str, *, strategy: str | None = None) -> bool:
+        """Remove ``strategy``'s part (None: the account's own) of ``symbol``'s position. True if
+        it was open. The account's symbol stays open while any part is."""
         name = _units.check_symbol(symbol)
-        reply = self._write("close_position", ("close_position", _token(), name))
+        strat = check_strategy("strategy", strategy)
+        reply = self._write("close_position", ("close_position", _token(), name, strat))
         return _s(reply[0]) == "1"
 
     def confirm_fill(
@@ -628,9 +747,11 @@ class RedisGate:
         *,
         symbol: str | None = None,
         filled: Number | None = None,
+        strategy: str | None = None,
     ) -> bool:
         """The fill of ``order_id`` landed: set its symbol's position to ``position_exposure``
-        (the whole position after the fill) and end the reservation, in one atomic step; with
+        (the whole position after the fill: the part of the reservation's strategy, see
+        ``set_position``) and end the reservation, in one atomic step; with
         ``filled`` (a partial fill: finite, > 0) reduce it by that amount instead, as
         ``reduce_order`` does (it ends as filled when nothing stays).
 
@@ -639,13 +760,17 @@ class RedisGate:
         returned; without ``symbol`` nothing is written (the gate cannot tell which symbol to
         book), False is returned and a warning logged: pass ``symbol`` so a late fill is never
         lost. A ``symbol`` different from the reservation's raises ``ValueError`` and writes
-        nothing.
+        nothing, and so does a ``strategy`` given (not None) that is not the reservation's;
+        with no reservation outstanding, ``strategy``'s part is set (None: the account's own).
         """
         oid = _units.check_order_id(order_id)
         sym = "" if symbol is None else _units.check_symbol(symbol)
         units, code = _position_value("position_exposure", position_exposure)
         down, up = ("", "") if filled is None else _units.reduction_units("filled", filled)
-        reply = self._write("confirm_fill", ("fill", _token(), oid, units, code, sym, down, up))
+        strat = check_strategy("strategy", strategy)
+        reply = self._write(
+            "confirm_fill", ("fill", _token(), oid, units, code, sym, down, up, strat)
+        )
         status = _s(reply[0])
         if status in ("F", "R"):
             return True
@@ -654,6 +779,11 @@ class RedisGate:
         if status == "M":
             raise ValueError(
                 f"order {oid!r} is reserved on {_s(reply[1])!r}, not on symbol={sym!r}"
+            )
+        if status == "T":
+            actual = _s(reply[1]) or None
+            raise ValueError(
+                f"order {oid!r} is reserved under strategy {actual!r}, not strategy={strategy!r}"
             )
         logger.warning(
             "confirm_fill(%r): no outstanding reservation (released or expired) and no symbol "
@@ -691,6 +821,7 @@ class RedisGate:
         open_orders: Iterable[OpenOrderLike] = (),
         *,
         only_if_missing: bool = False,
+        strategies: Mapping[str, Mapping[str, Number]] | None = None,
     ) -> list[RedisReservation] | None:
         """Replace the namespace's book and reservations and write its generation marker.
 
@@ -703,18 +834,38 @@ class RedisGate:
         ``only_if_missing`` nothing is written if the book is in place (several processes may
         start together: the first restores, the others return None). Returns the reservations
         made for ``open_orders``. Raises ``StoreUnavailable`` if the store cannot confirm it.
+
+        ``positions`` are the account's own parts; ``strategies`` maps a strategy's name to its
+        parts (symbol -> exposure), and an open order's ``strategy`` is the strategy it belongs
+        to. The scopes' counts and order-rate windows are kept, as the stats are.
         """
         if not isinstance(positions, Mapping):
             raise TypeError(f"positions must be a mapping of symbol to exposure, got {positions!r}")
+        if strategies is None:
+            strategies = {}
+        if not isinstance(strategies, Mapping):
+            raise TypeError(
+                f"strategies must be a mapping of strategy name to positions, got {strategies!r}"
+            )
         generation = uuid.uuid4().int >> 75 or 1  # 53 bits: exact in the server code's doubles
         args: list[EncodableT] = ["restore", "1" if only_if_missing else "0", generation,
                                   self._ttl_us, len(positions)]  # fmt: skip
         for symbol, exposure in positions.items():
             name = _units.check_symbol(symbol)
             args += [name, *_position_value(f"positions[{symbol!r}]", exposure)]
+        parts: list[EncodableT] = []
+        for strategy, book in strategies.items():
+            strat = check_strategy(f"strategies key {strategy!r}", strategy)
+            if not isinstance(book, Mapping):
+                raise TypeError(f"strategies[{strategy!r}] must be a mapping, got {book!r}")
+            for symbol, exposure in book.items():
+                name = _units.check_symbol(symbol)
+                where = f"strategies[{strategy!r}][{symbol!r}]"
+                parts += [strat, name, *_position_value(where, exposure)]
+        args += [len(parts) // 4, *parts]
         pending = _open_orders(open_orders)
-        for order_id, symbol, notional, units, token, side in pending:
-            args += [order_id, symbol, units, token, _units.kind_of(notional), str(side)]
+        for order_id, symbol, notional, units, token, side, strat in pending:
+            args += [order_id, symbol, units, token, _units.kind_of(notional), str(side), strat]
         reply = self._write("restore", args)
         if _s(reply[0]) == "S":
             return None
@@ -731,22 +882,28 @@ class RedisGate:
                 side=side,
                 reserved_us=now,
                 expires_us=expires,
+                strategy=strat,
             )
-            for oid, symbol, notional, units, token, side in pending
+            for oid, symbol, notional, units, token, side, strat in pending
         ]
 
-    def positions(self) -> dict[str, Number]:
-        """The position book in Redis: symbol -> exposure, in the kind of amount it was set
-        with (exact to ``10**-9``, its magnitude rounded up when it was set)."""
+    def positions(self, *, strategy: str | None = None) -> dict[str, Number]:
+        """The position book in Redis: symbol -> exposure. None: the account's positions (the
+        sums of the parts: what the exchange holds; a symbol with one part open gives that
+        part's value as set, else the sum in the union of the parts' kinds of amount); a
+        strategy's name: its parts. Exact to ``10**-9``, magnitudes rounded up when set."""
+        strat = check_strategy("strategy", strategy)
         try:
-            reply = self._code.call("positions")
+            reply = self._code.call("positions", strat)
         except redis.RedisError as exc:
             raise StoreUnavailable(f"position book not readable: {exc}") from exc
         book = _pairs(reply[1])
+        key = f"{len(strat.encode())}:{strat}" if strat else ":"
+        p, k = ("P" + key, "K" + key) if strat else ("p:", "k:")
         return {
-            k[2:]: position_of(v, book.get(f"k:{k[2:]}", "+a"))
-            for k, v in book.items()
-            if k.startswith("p:")
+            name[len(p) :]: position_of(v, book.get(k + name[len(p) :], "+a"))
+            for name, v in book.items()
+            if name.startswith(p)
         }
 
     def wipe(self) -> int:
@@ -835,10 +992,15 @@ class RedisGate:
         except redis.RedisError as exc:
             raise StoreUnavailable(f"snapshot not readable: {exc}") from exc
 
-    def audit(self, limits: PortfolioLimits | None = None) -> list[str]:
-        """Recompute every total from the raw records and list the differences (and, with
-        ``limits``, every limit the current state exceeds). Empty means consistent."""
-        return audit_snapshot(self.snapshot(), limits)
+    def audit(
+        self,
+        limits: PortfolioLimits | None = None,
+        budgets: Mapping[str, PortfolioLimits] | None = None,
+    ) -> list[str]:
+        """Recompute every total, the account's and each strategy's, from the raw records and
+        list the differences (and, with ``limits``, every limit of the account the current
+        state exceeds; with ``budgets``, every strategy's). Empty means consistent."""
+        return audit_snapshot(self.snapshot(), limits, budgets)
 
     def sweep(self) -> int:
         """Drop expired reservations now (every operation does this anyway); return how many."""
@@ -847,15 +1009,18 @@ class RedisGate:
     def stats(self) -> RedisGateStats:
         """Namespace-wide counts, read atomically after dropping expired reservations (one
         server call that returns the counters only, not the book)."""
+        budgets = self._scopes.budgets
         reply = self._write("stats", ("stats",))
         st = {k: int(v) for k, v in _pairs(reply[0]).items()}
         denied = dict.fromkeys(DenyReason, 0)
         for reason in DenyReason:
             denied[reason] = st.get(f"denied:{reason.value}", 0)
         denied[DenyReason.BACKEND_UNAVAILABLE] += self._unavailable
+        admitted = st.get("admitted", 0)
         return RedisGateStats(
-            admitted=st.get("admitted", 0),
+            admitted=admitted,
             denied=MappingProxyType(denied),
+            scopes=_scope_stats(reply[7], budgets, admitted, denied, int(reply[1])),
             state=STATES[int(reply[4])],
             latch=_latch_of(reply[6]),
             outstanding=int(reply[1]),
@@ -873,6 +1038,48 @@ class RedisGate:
         )
 
 
+# The reasons the server code counts per scope, in its order (gate.lua, REASON_NAMES).
+_SCOPE_REASONS: Final = (
+    DenyReason.BOOK_NOT_RESTORED, DenyReason.HALTED, DenyReason.REDUCING_ONLY,
+    DenyReason.MAX_CONCURRENT_POSITIONS, DenyReason.MAX_GROSS_EXPOSURE,
+    DenyReason.MAX_SYMBOL_EXPOSURE, DenyReason.MAX_NET_EXPOSURE, DenyReason.MAX_ORDER_NOTIONAL,
+    DenyReason.MAX_OPEN_ORDERS, DenyReason.MAX_OPEN_ORDERS_PER_SYMBOL,
+    DenyReason.MAX_ORDERS_PER_INTERVAL,
+)  # fmt: skip
+
+
+def _scope_stats(
+    flat: Sequence[Any],
+    budgets: Mapping[str, PortfolioLimits],
+    admitted: int,
+    denied: Mapping[DenyReason, int],
+    outstanding: int,
+) -> Mapping[str | None, ScopeStats]:
+    """``GateStats.scopes`` from the server's per-strategy counts: every strategy with counts
+    or a budget, and under None the rest (the decisions made with no strategy: the top-level
+    counts less the strategies'; this gate object's ``BACKEND_UNAVAILABLE`` count too, which
+    the server never saw)."""
+    size = 3 + len(_SCOPE_REASONS)
+    scopes: dict[str | None, ScopeStats] = {}
+    rest_admitted, rest_outstanding = admitted, outstanding
+    rest = dict(denied)
+    for i in range(0, len(flat), size):
+        name = _s(flat[i])
+        counts = [int(v) for v in flat[i + 1 : i + size]]
+        by_reason = dict.fromkeys(DenyReason, 0)
+        for reason, n in zip(_SCOPE_REASONS, counts[1:-1], strict=True):
+            by_reason[reason] = n
+            rest[reason] -= n
+        rest_admitted -= counts[0]
+        rest_outstanding -= counts[-1]
+        scopes[name] = ScopeStats(counts[0], MappingProxyType(by_reason), counts[-1])
+    for name in budgets:
+        if name not in scopes:
+            scopes[name] = ScopeStats(0, MappingProxyType(dict.fromkeys(DenyReason, 0)), 0)
+    scopes[None] = ScopeStats(rest_admitted, MappingProxyType(rest), rest_outstanding)
+    return MappingProxyType(scopes)
+
+
 if TYPE_CHECKING:  # mypy proves RedisGate offers the whole backend-neutral surface.
 
     def _conforms(gate: RedisGate) -> Gate:
@@ -886,6 +1093,7 @@ def enter(
     order_id: str | None,
     mode: str,
     side: object = None,
+    strategy: object = None,
 ) -> Decision | None:
     """``gate.try_enter`` (``mode`` ''), or one half of the test suite's broken gate
     (``pendingledger.redis.testing.check_then_reserve``): 'check' decides and reserves nothing
@@ -894,15 +1102,24 @@ def enter(
     units = _units.notional_units("notional", notional)
     code = side_code(side)
     oid = uuid.uuid4().hex if order_id is None else _units.check_order_id(order_id)
+    scopes = gate._scopes  # one read: the decision's limits and budgets are one pair
+    strat = check_strategy("strategy", strategy)
+    budget = scopes.configs.get(strat, "") if strat else ""
+    if strat and not budget:
+        raise ValueError(
+            f"strategy {strategy!r} has no budget (gate.budgets has {sorted(scopes.budgets)!r}): "
+            "a strategy is decided under its budget, never without"
+        )
     token = _token()
-    args = (name, units, oid, token, gate._config, _units.kind_of(notional), mode, str(code))
+    args = (name, units, oid, token, scopes.config, _units.kind_of(notional), mode, str(code),
+            strat, budget)  # fmt: skip
     try:
         reply = gate._replicated(args) if gate._min_replicas else gate._code.call("enter", *args)
         status = _s(reply[0])
         if status == "A":
-            decision = gate._admitted(name, oid, notional, units, token, code, reply)
+            decision = gate._admitted(name, oid, notional, units, token, code, strat, reply)
         elif status == "D":
-            decision = DENIALS[_s(reply[1])]
+            decision = gate._denied(reply)
         elif status == "C":
             return None
         elif status != "X":
@@ -921,10 +1138,10 @@ def enter(
 
 def _open_orders(
     open_orders: Iterable[OpenOrderLike],
-) -> list[tuple[str, str, Number, int, str, int]]:
+) -> list[tuple[str, str, Number, int, str, int, str]]:
     """``restore``'s open orders, checked: ``(order_id, symbol, notional, units, token, side
-    code)`` each."""
-    pending: list[tuple[str, str, Number, int, str, int]] = []
+    code, strategy or '')`` each."""
+    pending: list[tuple[str, str, Number, int, str, int, str]] = []
     seen: set[str] = set()
     for index, item in enumerate(open_orders):
         order = OpenOrder(*item)
@@ -934,12 +1151,13 @@ def _open_orders(
             oid = order.order_id
             order_id = uuid.uuid4().hex if oid is None else _units.check_order_id(oid)
             side = side_code(order.side)
+            strat = check_strategy("strategy", order.strategy)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"open_orders[{index}]: {exc}") from None
         if order_id in seen:
             raise ValueError(f"order_id {order_id!r} appears twice in open_orders")
         seen.add(order_id)
-        pending.append((order_id, symbol, order.notional, units, _token(), side))
+        pending.append((order_id, symbol, order.notional, units, _token(), side, strat))
     return pending
 
 
@@ -964,6 +1182,7 @@ class RedisReservation:
         "_order_id",
         "_reserved_us",
         "_side",
+        "_strategy",
         "_symbol",
         "_token",
         "_units",
@@ -979,6 +1198,7 @@ class RedisReservation:
     _reserved_us: int
     _side: int
     _expires_us: int
+    _strategy: str
     _ended: bool
     _lock: threading.Lock
 
@@ -998,9 +1218,11 @@ class RedisReservation:
         side: int,
         reserved_us: int,
         expires_us: int,
+        strategy: str = "",
     ) -> RedisReservation:
         self = object.__new__(cls)
         self._side = side
+        self._strategy = strategy
         self._gate = gate
         self._symbol = symbol
         self._order_id = order_id
@@ -1026,6 +1248,11 @@ class RedisReservation:
     def side(self) -> Side | None:
         """The order's side as ``try_enter`` (or ``restore``) was given it; None: not given."""
         return SIDES[self._side]
+
+    @property
+    def strategy(self) -> str | None:
+        """The strategy the reservation belongs to, or None: the account's own."""
+        return self._strategy or None
 
     @property
     def token(self) -> str:
@@ -1075,8 +1302,9 @@ class RedisReservation:
         if self._ended:
             return False
         reply = self._gate._release_call(
-            "Reservation.release", "release_order", self._order_id, self._token, self._symbol
-        )
+            "Reservation.release", "release_order", self._order_id, self._token, self._symbol,
+            "", self._strategy,
+        )  # fmt: skip
         done = reply is not None and int(reply[0]) == 1
         if done:
             self._ended = True
@@ -1098,7 +1326,7 @@ class RedisReservation:
                 return False
             reply = self._gate._release_call(
                 f"Reservation({self._order_id!r}).reduce", "reduce", self._order_id,
-                self._token, down, up, self._symbol,
+                self._token, down, up, self._symbol, self._strategy,
             )  # fmt: skip
             if reply is None:
                 return False

@@ -210,15 +210,53 @@ local function worst(pw, pf, bw, bf, sw, sf, uw, uf)
   return upw, upf
 end
 
--- "units|token|reserved_at_us|ttl_us|side|symbol" -> units, token, reserved_at, ttl, side,
--- symbol. side: rules' code ('0' unknown, '1' buy, '2' sell); the symbol last: it may hold '|'.
+-- "units|token|reserved_at_us|ttl_us|side|n|<strategy><symbol>" -> units, token, reserved_at,
+-- ttl, side, symbol, strategy ('' for the account's own). side: rules' code ('0' unknown, '1'
+-- buy, '2' sell); n: the strategy's length in bytes (0: none), so both names may hold '|'.
 local function parse_rec(rec)
-  return string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  local units, t, at, ttl, side, n, rest =
+    string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(%d+)|(.*)$')
+  if n == '0' then return units, t, at, ttl, side, rest, '' end
+  n = n + 0
+  return units, t, at, ttl, side, string.sub(rest, n + 1), string.sub(rest, 1, n)
 end
 
 -- The book fields of symbol `sym`: position, its sign and kind, reserved, pending buys, sells.
 local function sym_fields(sym)
   return 'p:' .. sym, 'r:' .. sym, 'k:' .. sym, 'b:' .. sym, 's:' .. sym
+end
+
+-- Scopes. The account's fields of a symbol are its own (sym_fields, and n:<symbol>, its
+-- outstanding orders); a strategy's are the same letters in upper case after its scope key
+-- sk = '<byte length>:<name>' (P, K, R, B, S, N), and its totals are packed in L<sk> (a table
+-- like S while a call runs: scope_totals). The account's own part of a position is P0:/K0:.
+-- A context names one scope's fields of one symbol and the totals they roll into (T).
+local function names_of(sym)
+  return {p = 'p:' .. sym, r = 'r:' .. sym, k = 'k:' .. sym, b = 'b:' .. sym, s = 's:' .. sym,
+    n = 'n:' .. sym}
+end
+
+local function scope_key(strategy)
+  return #strategy .. ':' .. strategy
+end
+
+local function scoped_names(sk, sym)
+  return {p = 'P' .. sk .. sym, r = 'R' .. sk .. sym, k = 'K' .. sk .. sym, b = 'B' .. sk .. sym,
+    s = 'S' .. sk .. sym, n = 'N' .. sk .. sym, sk = sk}
+end
+
+-- The account's own part of a position (no totals of its own: the account's are the sums).
+local function own_names(sym)
+  return {p = 'P0:' .. sym, k = 'K0:' .. sym}
+end
+
+local function field_list(x, out)
+  out = out or {}
+  local n = #out
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] = x.p, x.r, x.k, x.b,
+    x.s, x.n
+  if x.sk then out[n + 7] = 'L' .. x.sk end
+  return out
 end
 
 local TILDE = 126 -- string.byte('~'): a tombstone's first byte
@@ -252,13 +290,26 @@ end
 local STATE_NAMES = {'layout', 'gen', 'epoch', 'restored_at', 'op', 'testing', 'off', 'frozen',
   'expired', 'restored', 'corrupt', 'd_book_not_restored', 'd_halted', 'd_reducing_only',
   'd_max_concurrent_positions', 'd_max_gross_exposure', 'd_max_symbol_exposure',
-  'd_max_net_exposure', 'reset_off', 'day_end', 'pnl_w', 'pnl_f', 'eq_set', 'eq_w', 'eq_f',
+  'd_max_net_exposure', 'd_max_order_notional', 'd_max_open_orders',
+  'd_max_open_orders_per_symbol', 'd_max_orders_per_interval', 'reset_off', 'day_end', 'pnl_w', 'pnl_f', 'eq_set', 'eq_w', 'eq_f',
   'peak_w', 'peak_f', 'loss_kinds', 'l_state', 'l_reason', 'l_limit_w', 'l_limit_f', 'l_value_w',
   'l_value_f', 'l_kinds', 'l_at', 'l_until'}
 -- (written out: the string library is not there while the library loads)
-local STATE_FORMAT = '<' .. 'dddddddddd' .. 'dddddddddd' .. 'dddddddddd' .. 'ddddddd'
-local LIVE_FORMAT = '<' .. 'dddddddddd' .. 'dddddddddd' .. 'ddd' .. 'c16'
-local LAYOUT, STATE_SIZE, LIVE_SIZE, TAG_SIZE = 3, 8 * #STATE_NAMES, 8 * 23 + 16, 16
+local STATE_FORMAT = '<' .. 'dddddddddd' .. 'dddddddddd' .. 'dddddddddd' .. 'ddddddddddd'
+local LIVE_FORMAT = '<' .. 'dddddddddd' .. 'dddddddddd' .. 'ddddd' .. 'c16'
+local LAYOUT, STATE_SIZE, LIVE_SIZE, TAG_SIZE = 4, 8 * #STATE_NAMES, 8 * 25 + 16, 16
+-- A strategy's L<sk>: its totals (as live's, over its own positions and reservations), its
+-- admissions and its rate window (seq: the admissions recorded, lo: the oldest kept: W<sk><n>),
+-- then its decisions' denials by reason (whichever scope denied). The account's window is
+-- live's seq and lo, its stamps w:<n>.
+local L_NAMES = {'npos', 'pw', 'pf', 'rw', 'rf', 'res_syms', 'res_open', 'nres', 'gw', 'gf',
+  'qw', 'qf', 'bw', 'bf', 'sw', 'sf', 'admitted', 'seq', 'lo', 'd_book_not_restored', 'd_halted',
+  'd_reducing_only', 'd_max_concurrent_positions', 'd_max_gross_exposure',
+  'd_max_symbol_exposure', 'd_max_net_exposure', 'd_max_order_notional', 'd_max_open_orders',
+  'd_max_open_orders_per_symbol', 'd_max_orders_per_interval'}
+local L_FORMAT = '<' .. 'dddddddddd' .. 'dddddddddd' .. 'dddddddddd'
+local L_SIZE = 8 * #L_NAMES
+local L_TOTALS = 16 -- the first 16 of L_NAMES are totals (restore forms them again)
 local NO_TAG = '0000000000000000'
 
 -- The fencing tag of a write: the caller's random token itself (16 hex digits from the client:
@@ -308,11 +359,12 @@ local function unpack_state(cold, hot)
   if hot and #hot == LIVE_SIZE then
     t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres, t.kinds, t.next_due,
       t.forget_due, t.admitted, t.released, t.filled, t.gw, t.gf, t.qw, t.qf, t.bw, t.bf, t.sw,
-      t.sf, t.tag = struct.unpack(LIVE_FORMAT, hot)
+      t.sf, t.seq, t.lo, t.tag = struct.unpack(LIVE_FORMAT, hot)
   else
     t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open, t.nres, t.kinds, t.next_due,
       t.forget_due, t.admitted, t.released, t.filled, t.gw, t.gf, t.qw, t.qf, t.bw, t.bf, t.sw,
-      t.sf, t.tag = 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NEVER, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NO_TAG
+      t.sf, t.seq, t.lo, t.tag = 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NEVER, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+      0, 0, 0, 1, NO_TAG
     t.gen = 0 -- the totals are gone: not restored
   end
 end
@@ -328,7 +380,7 @@ local function pack_live()
   local t = S
   return struct.pack(LIVE_FORMAT, t.hw, t.npos, t.pw, t.pf, t.rw, t.rf, t.res_syms, t.res_open,
     t.nres, t.kinds, t.next_due, t.forget_due, t.admitted, t.released, t.filled, t.gw, t.gf, t.qw,
-    t.qf, t.bw, t.bf, t.sw, t.sf, t.tag)
+    t.qf, t.bw, t.bf, t.sw, t.sf, t.seq, t.lo, t.tag)
 end
 
 -- The state and live fields each book had after the last call here that read or wrote them, and
@@ -352,23 +404,23 @@ local function load_state(cold, hot)
   COLD[K_BOOK], HOT[K_BOOK] = nil, nil
 end
 
+local LT, LDIRTY = {}, {} -- this call's strategies' totals by scope key, and those it changed
+
 -- Start a call: bind the keys, read state, the fencing tag kept for the caller's hw and the
--- book fields named in `...` (up to 8 names, no nil) with one HMGET.
-local function begin(keys, args, ...)
+-- book fields named in the list `names` (no nil) with one HMGET.
+local function begin(keys, args, names)
   K_BOOK, K_EXPIRY, K_FORGET = keys[1], keys[2], keys[3]
   HSET.n, HDEL.n, XADD.n, XREM.n, FADD.n, FREM.n = 0, 0, 0, 0, 0, 0
+  LT, LDIRTY = {}, {}
   local ring = RING_NAMES[args[2] % RING]
-  local got = redis.call('HMGET', K_BOOK, 'state', 'live', ring, ...)
-  local a, b, c, d, e, f, g, h = ...
   F = {}
-  if a then F[a] = got[4] or false end
-  if b then F[b] = got[5] or false end
-  if c then F[c] = got[6] or false end
-  if d then F[d] = got[7] or false end
-  if e then F[e] = got[8] or false end
-  if f then F[f] = got[9] or false end
-  if g then F[g] = got[10] or false end
-  if h then F[h] = got[11] or false end
+  local got
+  if names then
+    got = redis.call('HMGET', K_BOOK, 'state', 'live', ring, unpack(names))
+    for i = 1, #names do F[names[i]] = got[i + 3] or false end
+  else
+    got = redis.call('HMGET', K_BOOK, 'state', 'live', ring)
+  end
   load_state(got[1], got[2])
   S.ring_tag = got[3]
   S.dirty, S.cold, S.call_tag = false, false, nil
@@ -393,6 +445,55 @@ end
 local function delete(name)
   F[name] = false
   push(HDEL, name)
+end
+
+-- The totals of the strategy of scope key `sk` (read on first use in a call; a new one: zeros).
+local function scope_totals(sk)
+  local t = LT[sk]
+  if t then return t end
+  local name = 'L' .. sk
+  if F[name] == nil then ensure({name}) end
+  local raw = F[name]
+  local values = {}
+  if raw and #raw == L_SIZE then values = {struct.unpack(L_FORMAT, raw)} end
+  t = {sk = sk, new = not raw}
+  for i = 1, #L_NAMES do t[L_NAMES[i]] = values[i] or 0 end
+  if t.lo == 0 then t.lo = 1 end
+  LT[sk] = t
+  return t
+end
+
+-- Note a change to the totals `T` (S, or a strategy's): finish writes them, and the mark moves.
+local function touch(T)
+  S.dirty = true
+  if T ~= S then LDIRTY[T.sk] = T end
+end
+
+-- The scope keys in the registry Z (every strategy that has an L<sk>), in order.
+local function registry(z)
+  local out, i = {}, 1
+  while z and i <= #z do
+    local colon = string.find(z, ':', i, true)
+    local n = tonumber(string.sub(z, i, colon - 1))
+    out[#out + 1] = string.sub(z, i, colon + n)
+    i = colon + n + 1
+  end
+  return out
+end
+
+-- Write the strategies' totals this call changed (a new one joins the registry).
+local function write_scopes()
+  for sk, t in pairs(LDIRTY) do
+    local values = {}
+    for i = 1, #L_NAMES do values[i] = t[L_NAMES[i]] end
+    set('L' .. sk, struct.pack(L_FORMAT, unpack(values)))
+    if t.new then
+      ensure({'Z'})
+      set('Z', (F['Z'] or '') .. sk)
+      t.new = false
+    end
+  end
+  LDIRTY = {}
 end
 
 local TIME_NOW, TIME_US -- the last TIME reply, and it in microseconds
@@ -422,6 +523,7 @@ end
 -- call ends added.
 local function finish(...)
   local cold, hot = READ_COLD, READ_HOT
+  write_scopes()
   if S.dirty then
     S.hw = S.hw + 1
     S.tag = S.call_tag or tag_of(string.format('%016x', now_us())) -- no token: its time
@@ -474,15 +576,18 @@ local function forget_later(name, now)
   push(FADD, now + CALL_MEMO_US, name)
 end
 
--- The book's fields but state and live (binary: no client reads them, so a client that decodes
--- replies never meets them), as a flat list; with `prefix`, only the fields that start with it.
+-- The book's fields but state, live and the strategies' L<sk> (binary: no client reads them, so
+-- a client that decodes replies never meets them), as a flat list; with `prefix`, only the
+-- fields that start with it.
+local L_BYTE = 76 -- string.byte('L')
 local function book_fields(prefix)
   local all = redis.call('HGETALL', K_BOOK)
   local out = {}
+  local n = prefix and #prefix
   for j = 1, #all, 2 do
     local name = all[j]
-    if name ~= 'state' and name ~= 'live' and (not prefix or string.sub(name, 1, 2) == prefix)
-    then
+    if name ~= 'state' and name ~= 'live' and string.byte(name) ~= L_BYTE and
+      (not prefix or string.sub(name, 1, n) == prefix) then
       out[#out + 1] = name
       out[#out + 1] = all[j + 1]
     end
@@ -491,6 +596,11 @@ local function book_fields(prefix)
 end
 
 -- ------------------------------------------------------------------ book keeping
+--
+-- Every function below works on a context x (names_of, scoped_names: one scope's fields of one
+-- symbol, F holding them) and its totals x.T (S for the account, a strategy's L table). A
+-- reservation of strategy s rolls into both the account's context and s's; the account's
+-- position is the sum of its parts (set_part).
 
 local IN_STATE = {expired = true, restored = true, corrupt = true} -- counts in state, not live
 local function count(name)
@@ -499,20 +609,20 @@ local function count(name)
   if IN_STATE[name] then S.cold = true end
 end
 
--- The signed position of `sym` (F holds its p: and k:), as floor limbs.
-local function spos(sym)
-  local m = F['p:' .. sym]
+-- The signed position of context `x`, as floor limbs.
+local function spos(x)
+  local m = F[x.p]
   if not m then return 0, 0 end
   local w, f = split(m)
-  if string.byte(F['k:' .. sym] or '+') == MINUS then return negate(w, f) end
+  if string.byte(F[x.k] or '+') == MINUS then return negate(w, f) end
   return w, f
 end
 
--- The pending buys, sells and orders of unknown side of `sym` (F holds its r:, b:, s:).
-local function pending(sym)
-  local rw, rf = split(F['r:' .. sym])
-  local bw, bf = split(F['b:' .. sym])
-  local sw, sf = split(F['s:' .. sym])
+-- The pending buys, sells and orders of unknown side of context `x`.
+local function pending(x)
+  local rw, rf = split(F[x.r])
+  local bw, bf = split(F[x.b])
+  local sw, sf = split(F[x.s])
   local uw, uf, bad = sub(rw, rf, bw, bf)
   local bad2
   uw, uf, bad2 = sub(uw, uf, sw, sf)
@@ -520,30 +630,29 @@ local function pending(sym)
   return bw, bf, sw, sf, uw, uf
 end
 
-local function sym_worst(sym)
-  local pw, pf = spos(sym)
-  return worst(pw, pf, pending(sym))
+local function sym_worst(x)
+  local pw, pf = spos(x)
+  return worst(pw, pf, pending(x))
 end
 
--- After a change to `sym`, whose worst case was `ow, of` before it: wc_gross follows.
-local function regross(sym, ow, of)
-  local nw, nf = sym_worst(sym)
-  local gw, gf, bad = sub(S.gw, S.gf, ow, of)
-  S.gw, S.gf = add(gw, gf, nw, nf)
+-- After a change to context `x`, whose worst case was `ow, of` before it: its gross follows.
+local function regross(x, ow, of)
+  local T = x.T
+  local nw, nf = sym_worst(x)
+  local gw, gf, bad = sub(T.gw, T.gf, ow, of)
+  T.gw, T.gf = add(gw, gf, nw, nf)
   if bad then count('corrupt') end
 end
 
-local SIDE_FIELD = {['1'] = 'b:', ['2'] = 's:'} -- where a side's pending is kept ('0': in r: only)
-
--- Add `dw, df` units to the pending of side `side` on `sym` (b: or s:, and the buys or sells
--- total), or with `take` take them off. Nothing for side '0'.
-local function side_pending(sym, side, dw, df, take)
-  local prefix = SIDE_FIELD[side]
-  if not prefix then return end
-  local name = prefix .. sym
+-- Add `dw, df` units to the pending of side `side` in context `x` (its b: or s:, and the buys
+-- or sells total), or with `take` take them off. Nothing for side '0'.
+local function side_pending(x, side, dw, df, take)
+  local name
+  if side == '1' then name = x.b elseif side == '2' then name = x.s else return end
+  local T = x.T
   local w, f = split(F[name])
-  local tw, tf = S.sw, S.sf
-  if side == '1' then tw, tf = S.bw, S.bf end
+  local tw, tf = T.sw, T.sf
+  if side == '1' then tw, tf = T.bw, T.bf end
   local bad, bad2
   if take then
     w, f, bad = sub(w, f, dw, df)
@@ -552,7 +661,7 @@ local function side_pending(sym, side, dw, df, take)
     w, f = add(w, f, dw, df)
     tw, tf = add(tw, tf, dw, df)
   end
-  if side == '1' then S.bw, S.bf = tw, tf else S.sw, S.sf = tw, tf end
+  if side == '1' then T.bw, T.bf = tw, tf else T.sw, T.sf = tw, tf end
   -- '0' rather than deleted, as r: is: a field set and then deleted in one call would come back
   -- (finish sends HDEL before HSET)
   set(name, fmt(w, f))
@@ -561,44 +670,72 @@ end
 
 local function none_of(v) return not v or v == '0' end
 
--- True if `sym` has no pending buys or sells: its worst case is then |p| + u, side-blind, and
--- moves by exactly what an order of unknown side adds or takes off (no worst() to work out).
-local function side_blind(sym)
-  return none_of(F['b:' .. sym]) and none_of(F['s:' .. sym])
+-- True if context `x` has no pending buys or sells: its worst case is then |p| + u, side-blind,
+-- and moves by exactly what an order of unknown side adds or takes off (no worst() to work out).
+local function side_blind(x)
+  return none_of(F[x.b]) and none_of(F[x.s])
 end
 
--- Take `dw, df` units of side `side` off the reservations of `sym` (F holds its fields).
-local function unreserve(sym, dw, df, side)
-  local blind = side == '0' and side_blind(sym)
+-- Take `dw, df` units of side `side` off the reservations of context `x`.
+local function unreserve(x, dw, df, side)
+  local T = x.T
+  local blind = side == '0' and side_blind(x)
   local ow, of
   if blind then
-    local gw, gf, bad = sub(S.gw, S.gf, dw, df)
-    S.gw, S.gf = gw, gf
+    local gw, gf, bad = sub(T.gw, T.gf, dw, df)
+    T.gw, T.gf = gw, gf
     if bad then count('corrupt') end
   else
-    ow, of = sym_worst(sym)
+    ow, of = sym_worst(x)
   end
-  local rw, rf = split(F['r:' .. sym])
+  local rw, rf = split(F[x.r])
   local sw, sf, bad = sub(rw, rf, dw, df)
   local bad2
-  S.rw, S.rf, bad2 = sub(S.rw, S.rf, dw, df)
+  T.rw, T.rf, bad2 = sub(T.rw, T.rf, dw, df)
   if zero(sw, sf) then
-    S.res_syms = S.res_syms - 1
-    if F['p:' .. sym] then S.res_open = S.res_open - 1 end
+    T.res_syms = T.res_syms - 1
+    if F[x.p] then T.res_open = T.res_open - 1 end
   end
-  set('r:' .. sym, fmt(sw, sf))
+  set(x.r, fmt(sw, sf))
   if not blind then
-    side_pending(sym, side, dw, df, true)
-    regross(sym, ow, of)
+    side_pending(x, side, dw, df, true)
+    regross(x, ow, of)
   end
   if bad or bad2 then count('corrupt') end
-  S.dirty = true
+  touch(T)
 end
 
--- End the reservation `id` (its record's `units`, `side` and `sym`; F holds the symbol's
--- fields) as `counter` says. Released and filled ones leave a tombstone for CALL_MEMO_US: `tomb`
--- (the answer of the call that ended it: see kept) or '~'; expired ones go at once.
-local function drop(id, units, side, sym, counter, now, tomb)
+-- One order more (`by` 1) or less (-1) outstanding in context `x`.
+local function count_order(x, by)
+  local n = (tonumber(F[x.n]) or 0) + by
+  if n < 0 then
+    n = 0
+    count('corrupt')
+  end
+  set(x.n, '' .. n)
+  x.T.nres = x.T.nres + by
+end
+
+-- The contexts of symbol `sym` for a record of strategy `strategy` ('' none), their fields
+-- read: the account's, and the strategy's or nil.
+local function contexts(sym, strategy)
+  local a = names_of(sym)
+  local names = field_list(a)
+  local x
+  if strategy ~= '' then
+    x = scoped_names(scope_key(strategy), sym)
+    field_list(x, names)
+  end
+  ensure(names)
+  a.T = S
+  if x then x.T = scope_totals(x.sk) end
+  return a, x
+end
+
+-- End the reservation `id` (its record's `units`, `side`, `sym`, strategy's contexts a and x)
+-- as `counter` says. Released and filled ones leave a tombstone for CALL_MEMO_US: `tomb` (the
+-- answer of the call that ended it: see kept) or '~'; expired ones go at once.
+local function drop(id, units, side, a, x, counter, now, tomb)
   local name = 'o:' .. id
   if counter == 'expired' then
     delete(name)
@@ -608,35 +745,40 @@ local function drop(id, units, side, sym, counter, now, tomb)
     push(XREM, name)
   end
   local uw, uf = split(units)
-  unreserve(sym, uw, uf, side)
-  S.nres = S.nres - 1
+  unreserve(a, uw, uf, side)
+  count_order(a, -1)
+  if x then
+    unreserve(x, uw, uf, side)
+    count_order(x, -1)
+  end
   count(counter)
 end
 
--- Reserve `units` of side `side` on `sym` (F holds its fields), whose worst case that raises by
+-- Reserve `uw, uf` units of side `side` in context `x`, whose worst case that raises by
 -- `dgw, dgf` (the decision worked it out).
-local function insert(id, sym, units, token, now, ttl, kind, side, dgw, dgf)
-  local uw, uf = split(units)
-  local rs = F['r:' .. sym]
-  local sw, sf = split(rs)
+local function reserve_in(x, uw, uf, units, side, dgw, dgf)
+  local T = x.T
+  local sw, sf = split(F[x.r])
   local was_zero = zero(sw, sf)
-  sw, sf = add(sw, sf, uw, uf)
-  S.rw, S.rf = add(S.rw, S.rf, uw, uf)
-  S.gw, S.gf = add(S.gw, S.gf, dgw, dgf)
-  local name = 'o:' .. id
-  local expiry = now + ttl
-  set(name, units .. '|' .. token .. '|' .. stamp(now) .. '|' .. ttl .. '|' .. side .. '|' .. sym)
-  if was_zero then set('r:' .. sym, units) else set('r:' .. sym, fmt(sw, sf)) end
-  side_pending(sym, side, uw, uf, false)
-  push(XADD, expiry, name)
+  T.rw, T.rf = add(T.rw, T.rf, uw, uf)
+  T.gw, T.gf = add(T.gw, T.gf, dgw, dgf)
+  if was_zero then set(x.r, units) else set(x.r, fmt(add(sw, sf, uw, uf))) end
+  side_pending(x, side, uw, uf, false)
   if was_zero then
-    S.res_syms = S.res_syms + 1
-    if F['p:' .. sym] then S.res_open = S.res_open + 1 end
+    T.res_syms = T.res_syms + 1
+    if F[x.p] then T.res_open = T.res_open + 1 end
   end
-  S.nres = S.nres + 1
-  S.kinds = bit.bor(S.kinds, kind)
+  count_order(x, 1)
+  touch(T)
+end
+
+-- The record of a reservation, and its entry in `expiry`.
+local function write_record(id, sym, strategy, units, token, at_s, ttl, side, expiry)
+  local name = 'o:' .. id
+  set(name, units .. '|' .. token .. '|' .. at_s .. '|' .. ttl .. '|' .. side .. '|' ..
+    #strategy .. '|' .. strategy .. sym)
+  push(XADD, expiry, name)
   if expiry < S.next_due then S.next_due = expiry end
-  count('admitted')
 end
 
 -- A tombstone '~<call_token>|<answer>' about to be overwritten by a new reservation of the same
@@ -666,26 +808,26 @@ local function sweep(now)
     return 0
   end
   ensure(names)
-  local syms, parsed = {}, {}
+  local fields, parsed = {}, {}
   for i = 1, #names do
     local rec = F[names[i]]
     if live(rec) then
-      local units, _, _, _, side, sym = parse_rec(rec)
-      parsed[i] = {units, side, sym}
-      local p, r, k, b, sl = sym_fields(sym)
-      local n = #syms
-      syms[n + 1], syms[n + 2], syms[n + 3], syms[n + 4], syms[n + 5] = p, r, k, b, sl
+      local units, _, _, _, side, sym, strategy = parse_rec(rec)
+      parsed[i] = {units, side, sym, strategy}
+      field_list(names_of(sym), fields)
+      if strategy ~= '' then field_list(scoped_names(scope_key(strategy), sym), fields) end
     elseif not rec then
       count('corrupt')
     end
   end
-  ensure(syms)
+  ensure(fields)
   local n = 0
   for i = 1, #names do
     push(XREM, names[i])
     local p = parsed[i]
     if p then
-      drop(string.sub(names[i], 3), p[1], p[2], p[3], 'expired', now)
+      local a, x = contexts(p[3], p[4])
+      drop(string.sub(names[i], 3), p[1], p[2], a, x, 'expired', now)
       n = n + 1
     end
   end
@@ -725,50 +867,128 @@ local function sweeps(now)
   sweep_forget(now, false)
 end
 
--- Set a position (its magnitude in units, and its sign and kind letter; F holds the symbol's
--- fields). Raises (overflow) before anything is written.
-local function set_pos(sym, value, code)
-  local name = 'p:' .. sym
-  local gw, gf = sym_worst(sym)
-  local qw, qf = sadd(S.qw, S.qf, negate(spos(sym)))
-  set('k:' .. sym, code)
-  local old = F[name]
+-- Set the position of context `x` (its magnitude in units, and its sign and kind letter).
+-- Raises (overflow) before anything is written.
+local function set_pos(x, value, code)
+  local T = x.T
+  local gw, gf = sym_worst(x)
+  local qw, qf = sadd(T.qw, T.qf, negate(spos(x)))
+  set(x.k, code)
+  local old = F[x.p]
   local ow, of = split(old)
   local nw, nf = split(value)
   local bad
-  local pw, pf = add(S.pw, S.pf, nw, nf)
-  S.pw, S.pf, bad = sub(pw, pf, ow, of)
-  set(name, value)
-  S.qw, S.qf = sadd(qw, qf, spos(sym))
-  regross(sym, gw, gf)
+  local pw, pf = add(T.pw, T.pf, nw, nf)
+  T.pw, T.pf, bad = sub(pw, pf, ow, of)
+  set(x.p, value)
+  T.qw, T.qf = sadd(qw, qf, spos(x))
+  regross(x, gw, gf)
   if not old then
-    S.npos = S.npos + 1
-    local rw, rf = split(F['r:' .. sym])
-    if not zero(rw, rf) then S.res_open = S.res_open + 1 end
+    T.npos = T.npos + 1
+    local rw, rf = split(F[x.r])
+    if not zero(rw, rf) then T.res_open = T.res_open + 1 end
   end
   if bad then count('corrupt') end
-  S.dirty = true
+  touch(T)
   return old ~= false
 end
 
-local function close_pos(sym)
-  local name = 'p:' .. sym
-  local old = F[name]
+local function close_pos(x)
+  local T = x.T
+  local old = F[x.p]
   if not old then return false end
-  local gw, gf = sym_worst(sym)
-  S.qw, S.qf = sadd(S.qw, S.qf, negate(spos(sym)))
+  local gw, gf = sym_worst(x)
+  T.qw, T.qf = sadd(T.qw, T.qf, negate(spos(x)))
   local ow, of = split(old)
   local bad
-  S.pw, S.pf, bad = sub(S.pw, S.pf, ow, of)
-  delete(name)
-  delete('k:' .. sym)
-  regross(sym, gw, gf)
-  S.npos = S.npos - 1
-  local rw, rf = split(F['r:' .. sym])
-  if not zero(rw, rf) then S.res_open = S.res_open - 1 end
+  T.pw, T.pf, bad = sub(T.pw, T.pf, ow, of)
+  delete(x.p)
+  delete(x.k)
+  regross(x, gw, gf)
+  T.npos = T.npos - 1
+  local rw, rf = split(F[x.r])
+  if not zero(rw, rf) then T.res_open = T.res_open - 1 end
   if bad then count('corrupt') end
-  S.dirty = true
+  touch(T)
   return true
+end
+
+-- The parts of the account's position: its k: code is the sign, the kind letter and, when more
+-- than one part is open, their number ('+a', '-c3'); the kind letter is the union of the parts'
+-- kinds while more than one is open (a single part's is its own: its value as set).
+local function parts_of(code)
+  if not code then return 0 end
+  if #code > 2 then return tonumber(string.sub(code, 3)) end
+  return 1
+end
+
+local function kind_union(a, b)
+  return string.char(97 + bit.bor(string.byte(a, 2) - 97, string.byte(b, 2) - 97))
+end
+
+-- The account's position of `a` made the signed sum `w, f` of `n` parts of kind `letter`.
+local function set_sum(a, w, f, letter, n)
+  local sign = '+'
+  if w < 0 then sign = '-' end
+  local code = sign .. letter
+  if n > 1 then code = code .. n end
+  set_pos(a, fmt(sabs(w, f)), code)
+end
+
+-- Set part `part` (a strategy's context, or own_names: the account's own) of the position of
+-- the account's context `a` to `value` (magnitude) and `code`; the account's is their sum.
+local function set_part(a, part, value, code)
+  local ow, of = spos(part)
+  local was = F[part.p] and true or false
+  if part.T then
+    set_pos(part, value, code)
+  else
+    set(part.p, value)
+    set(part.k, code)
+  end
+  local n = parts_of(F[a.k])
+  if not was then n = n + 1 end
+  if n == 1 then
+    set_pos(a, value, code)
+    return
+  end
+  local sw, sf = sadd(spos(a))
+  sw, sf = sadd(sw, sf, negate(ow, of))
+  sw, sf = sadd(sw, sf, spos(part))
+  set_sum(a, sw, sf, string.sub(kind_union(F[a.k] or code, code), 1), n)
+end
+
+-- Remove part `part` of the position of `a`; true if it was open.
+local function close_part(a, part)
+  if not F[part.p] then return false end
+  local ow, of = spos(part)
+  if part.T then
+    close_pos(part)
+  else
+    delete(part.p)
+    delete(part.k)
+  end
+  local n = parts_of(F[a.k]) - 1
+  if n <= 0 then
+    close_pos(a)
+  else
+    local sw, sf = sadd(spos(a))
+    sw, sf = sadd(sw, sf, negate(ow, of))
+    set_sum(a, sw, sf, string.sub(F[a.k], 2, 2), n)
+  end
+  return true
+end
+
+-- The context of the part of strategy `strategy` ('' the account's own) of symbol `sym`, its
+-- fields read.
+local function part_of(sym, strategy)
+  if strategy == '' then
+    local x = own_names(sym)
+    ensure({x.p, x.k})
+    return x
+  end
+  local _, x = contexts(sym, strategy)
+  return x
 end
 
 -- What stays of `units` reserved after a fill of `down` to `up` units (_units.after_fill):
@@ -784,17 +1004,20 @@ end
 -- Reduce the reservation `id` (record `rec`) by a fill of `down` to `up` units; returns 'E'
 -- (ended, as filled, leaving `tomb`) or 'R' and the units that stay.
 local function reduce_rec(id, rec, down, up, now, tomb)
-  local units, t, at, ttl, side, sym = parse_rec(rec)
+  local units, t, at, ttl, side, sym, strategy = parse_rec(rec)
+  local a, x = contexts(sym, strategy)
   local nw, nf = after_fill(units, down, up)
   if zero(nw, nf) then
-    drop(id, units, side, sym, 'filled', now, tomb)
+    drop(id, units, side, a, x, 'filled', now, tomb)
     return 'E'
   end
   local want = fmt(nw, nf)
   local uw, uf = split(units)
   local dw, df = sub(uw, uf, nw, nf)
-  set('o:' .. id, want .. '|' .. t .. '|' .. at .. '|' .. ttl .. '|' .. side .. '|' .. sym)
-  unreserve(sym, dw, df, side)
+  set('o:' .. id, want .. '|' .. t .. '|' .. at .. '|' .. ttl .. '|' .. side .. '|' ..
+    #strategy .. '|' .. strategy .. sym)
+  unreserve(a, dw, df, side)
+  if x then unreserve(x, dw, df, side) end
   return 'R', want
 end
 
@@ -805,36 +1028,48 @@ local function refused()
     '(only pendingledger.redis.testing turns them on, for tests)')
 end
 
--- A decision's config parsed once per distinct string (a gate sends the same one with every
--- decision until its limits change): {ttl, max_pos or false, the gross and symbol limits as
--- limbs (false: none), ttl as the string it came as, the net limit as limbs}. A pure function
--- of the string, so keeping it between calls is safe.
+-- A scope's limits parsed once per distinct string (a gate sends the same one with every
+-- decision until its limits change): "ttl_us|max_pos|max_gross|max_sym|max_net|max_order|
+-- max_open_orders|max_open_orders_per_symbol|rate_count|rate_us" (a limit '' when none; a
+-- strategy's ttl is unused). Amount limits as limbs; false: none. A pure function of the
+-- string, so keeping it between calls is safe.
 local CONFIGS, NCONFIGS = {}, 0
+local function limbs(s)
+  if s == '' then return false, 0 end
+  return split(s)
+end
+
 local function config(s)
   local c = CONFIGS[s]
   if c then return c end
-  local ttl, max_pos, max_gross, max_sym, max_net =
-    string.match(s, '^(%d+)|(%d*)|(%d*)|(%d*)|(%d*)$')
-  if not ttl then -- no net limit field: a config as sent before there was one
-    ttl, max_pos, max_gross, max_sym = string.match(s, '^(%d+)|(%d*)|(%d*)|(%d*)$')
-    max_net = ''
-  end
-  c = {ttl + 0, max_pos ~= '' and max_pos + 0, false, 0, false, 0, ttl, false, 0}
-  if max_gross ~= '' then c[3], c[4] = split(max_gross) end
-  if max_sym ~= '' then c[5], c[6] = split(max_sym) end
-  if max_net ~= '' then c[8], c[9] = split(max_net) end
+  local ttl, max_pos, max_gross, max_sym, max_net, max_order, orders, sym_orders, rate_n, rate_us =
+    string.match(s, '^(%d+)|(%d*)|(%d*)|(%d*)|(%d*)|(%d*)|(%d*)|(%d*)|(%d*)|(%d*)$')
+  if not ttl then return error('pendingledger: bad limits config') end
+  c = {ttl = ttl + 0, ttl_s = ttl, max_pos = max_pos ~= '' and max_pos + 0,
+    orders = orders ~= '' and orders + 0, sym_orders = sym_orders ~= '' and sym_orders + 0,
+    rate_n = rate_n ~= '' and rate_n + 0, rate_us = rate_us ~= '' and rate_us + 0}
+  c.gw, c.gf = limbs(max_gross)
+  c.yw, c.yf = limbs(max_sym)
+  c.nw, c.nf = limbs(max_net)
+  c.ow, c.of = limbs(max_order)
   if NCONFIGS >= 64 then CONFIGS, NCONFIGS = {}, 0 end
   CONFIGS[s], NCONFIGS = c, NCONFIGS + 1
   return c
 end
 
-local function deny(mode, reason)
+-- A denial: counted (in state, and in the strategy's totals `T` of the decision, if any) but in
+-- mode 'check'; `scope` names the strategy whose limit denied ('' the account's).
+local function deny(mode, reason, T, scope)
   if mode ~= 'check' then
     local name = 'd_' .. reason
     S[name] = S[name] + 1
     S.cold = true
+    if T then
+      T[name] = T[name] + 1
+      LDIRTY[T.sk] = T
+    end
   end
-  return finish('D', reason)
+  return finish('D', reason, scope or '')
 end
 
 -- rules' trading state codes
@@ -861,64 +1096,127 @@ local function with_order(side, dw, df, bw, bf, sw, sf, uw, uf)
   return bw, bf, sw, sf, uw, uf
 end
 
--- The net figure before and after an order of `dw, df` units of side `side`: rules.worst_case
--- over the sums (the signed positions', the buys', the sells', the unknown side's).
-local function net_figures(side, dw, df)
-  local uw, uf = sub(S.rw, S.rf, S.bw, S.bf)
-  uw, uf = sub(uw, uf, S.sw, S.sf)
-  local bw, bf, sw, sf = S.bw, S.bf, S.sw, S.sf
-  local nw, nf = worst(S.qw, S.qf, bw, bf, sw, sf, uw, uf)
-  local aw, af = worst(S.qw, S.qf, with_order(side, dw, df, bw, bf, sw, sf, uw, uf))
+-- The net figure of totals `T` before and after an order of `dw, df` units of side `side`:
+-- rules.worst_case over the sums (the signed positions', the buys', the sells', the unknown's).
+local function net_figures(T, side, dw, df)
+  local uw, uf = sub(T.rw, T.rf, T.bw, T.bf)
+  uw, uf = sub(uw, uf, T.sw, T.sf)
+  local bw, bf, sw, sf = T.bw, T.bf, T.sw, T.sf
+  local nw, nf = worst(T.qw, T.qf, bw, bf, sw, sf, uw, uf)
+  local aw, af = worst(T.qw, T.qf, with_order(side, dw, df, bw, bf, sw, sf, uw, uf))
   return nw, nf, aw, af
 end
 
--- The first limit an order fails (rules.first_failing_rule after the trading states, which
--- the conformance suite holds this to), or nil: `open` says the symbol is open or reserved,
--- `ow, of` and `aw, af` are its worst case before and after the order.
-local function failing_rule(c, open, ow, of, aw, af, side, dw, df)
-  if c[2] and not open and S.npos + S.res_syms - S.res_open >= c[2] then
+-- The worst case of context `x` before and after an order of `dw, df` units of side `side`.
+local function order_figures(x, side, dw, df)
+  if side == '0' and side_blind(x) then
+    local pw, pf = sabs(spos(x))
+    local ow, of = add(pw, pf, split(F[x.r]))
+    local aw, af = add(ow, of, dw, df)
+    return ow, of, aw, af
+  end
+  local pw, pf = spos(x)
+  local bw, bf, sw, sf, uw, uf = pending(x)
+  local ow, of = worst(pw, pf, bw, bf, sw, sf, uw, uf)
+  local aw, af = worst(pw, pf, with_order(side, dw, df, bw, bf, sw, sf, uw, uf))
+  return ow, of, aw, af
+end
+
+-- The stamp of the c.rate_n-th most recent admission kept in totals `T`'s window (its fields
+-- `prefix`<n>, read), or nil (fewer kept, or no rate limit): rules.NO_WINDOW.
+local function window_name(c, T, prefix)
+  if not c.rate_n then return nil end
+  local i = T.seq - c.rate_n + 1
+  if i < T.lo or i < 1 then return nil end
+  return prefix .. i
+end
+
+-- One admission more in `T`'s window (when the scope has a rate limit): the oldest stamps that
+-- no longer count under c.rate_n are dropped, each once (O(1) amortized).
+local function record_admission(c, T, prefix, now_s)
+  if not c.rate_n then return end
+  T.seq = T.seq + 1
+  set(prefix .. T.seq, now_s)
+  while T.lo <= T.seq - c.rate_n do
+    delete(prefix .. T.lo)
+    T.lo = T.lo + 1
+  end
+end
+
+-- rules.first_failing_rule after the halted state (which the decision checks first) at one
+-- scope: limits `c`, context `x` of the order's symbol and its totals, the order's worst case
+-- `ow, of` to `aw, af`, its `dw, df` units of side `side`, the scope's window start `ws` (nil:
+-- none) at `now`. The conformance and model tests hold this to the rule function.
+local function scope_rule(c, st, x, ow, of, aw, af, side, dw, df, ws, now)
+  local T = x.T
+  local open = F[x.p] or not zero(split(F[x.r]))
+  local raises = gt(aw, af, ow, of)
+  if st == REDUCING then
+    if not open or raises then return 'reducing_only' end
+    local nw, nf, naw, naf = net_figures(T, side, dw, df)
+    if gt(naw, naf, nw, nf) then return 'reducing_only' end
+  end
+  if c.max_pos and not open and T.npos + T.res_syms - T.res_open >= c.max_pos then
     return 'max_concurrent_positions'
   end
-  if gt(aw, af, ow, of) then
-    if c[3] then
-      local gw, gf = sub(S.gw, S.gf, ow, of)
+  if raises then
+    if c.gw then
+      local gw, gf = sub(T.gw, T.gf, ow, of)
       gw, gf = add(gw, gf, aw, af)
-      if gt(gw, gf, c[3], c[4]) then return 'max_gross_exposure' end
+      if gt(gw, gf, c.gw, c.gf) then return 'max_gross_exposure' end
     end
-    if c[5] and gt(aw, af, c[5], c[6]) then return 'max_symbol_exposure' end
+    if c.yw and gt(aw, af, c.yw, c.yf) then return 'max_symbol_exposure' end
   end
-  if c[8] then
-    local nw, nf, naw, naf = net_figures(side, dw, df)
-    if gt(naw, naf, nw, nf) and gt(naw, naf, c[8], c[9]) then return 'max_net_exposure' end
+  if c.nw then
+    local nw, nf, naw, naf = net_figures(T, side, dw, df)
+    if gt(naw, naf, nw, nf) and gt(naw, naf, c.nw, c.nf) then return 'max_net_exposure' end
   end
+  if c.ow and gt(dw, df, c.ow, c.of) then return 'max_order_notional' end
+  if c.orders and T.nres >= c.orders then return 'max_open_orders' end
+  if c.sym_orders and (tonumber(F[x.n]) or 0) >= c.sym_orders then
+    return 'max_open_orders_per_symbol'
+  end
+  if ws and ws > now - c.rate_us then return 'max_orders_per_interval' end
   return nil
 end
 
 local SIDES = {['0'] = true, ['1'] = true, ['2'] = true}
 
--- enter mark symbol units order_id token config kind [mode [side]]
---   config: "ttl_us|max_pos|max_gross|max_sym[|max_net]" (a limit '' when none); kind: the
---   amount's kind bit. mode: '' (check and reserve), 'check' (check only: the first half of the
---   deliberately broken gates of the stress suite and the race demo) or 'force' (reserve
---   unchecked but for the halt: the second half); both test operations, refused unless
---   state's `testing` flag is on. side: rules' side code ('0', the default: not known; '1' buy,
---   '2' sell).
--- -> {'A', reserved_at_us, expiry_us} | {'D', reason} | {'X'} (order_id held by another call)
---    | {'C'} (mode 'check' passed)
+-- enter mark symbol units order_id token config kind mode side strategy strategy_config
+--   config: the account's limits (see config), strategy_config the strategy's (strategy ''
+--   none: only the account's are checked); kind: the amount's kind bit. mode: '' (check and
+--   reserve), 'check' (check only: the first half of the deliberately broken gates of the
+--   stress suite and the race demo) or 'force' (reserve unchecked but for the halt: the second
+--   half); both test operations, refused unless state's `testing` flag is on. side: rules'
+--   side code ('0': not known; '1' buy, '2' sell).
+-- -> {'A', reserved_at_us, expiry_us} | {'D', reason, scope} (scope: the strategy whose limit
+--    denied, '' the account's) | {'X'} (order_id held by another call) | {'C'} (mode 'check'
+--    passed)
 local function enter(keys, args)
   local sym, units, id, token = args[4], args[5], args[6], args[7]
   local c = config(args[8])
-  local mode, side = args[10] or '', args[11] or '0'
+  local mode, side, strategy = args[10] or '', args[11] or '0', args[12] or ''
   if not SIDES[side] then return redis.error_reply('pendingledger: bad side code') end
-  local p, r, k, b, sl = sym_fields(sym)
-  begin(keys, args, p, r, 'o:' .. id, k, b, sl)
+  local a = names_of(sym)
+  local names = field_list(a)
+  names[7] = 'o:' .. id
+  local x, sc
+  if strategy ~= '' then
+    sc = config(args[13])
+    x = scoped_names(scope_key(strategy), sym)
+    field_list(x, names)
+  end
+  begin(keys, args, names)
+  a.T = S
+  if x then x.T = scope_totals(x.sk) end
   if mode ~= '' and not (S.testing == 1 and (mode == 'check' or mode == 'force')) then
     return refused()
   end
-  if not usable(args) then return deny(mode, 'book_not_restored') end
+  local T = x and x.T
+  if not usable(args) then return deny(mode, 'book_not_restored', T) end
   local now = now_us()
   sweeps(now)
-  if S.gen == 0 then return deny(mode, 'book_not_restored') end -- a sweep found a key evicted
+  if S.gen == 0 then return deny(mode, 'book_not_restored', T) end -- a sweep found a key evicted
   local rec = F['o:' .. id]
   if live(rec) then
     local _, t, at, ttl = parse_rec(rec)
@@ -928,37 +1226,38 @@ local function enter(keys, args)
     return finish('X')
   end
   local state = trading_state(now)
-  if state == HALTED_STATE then return deny(mode, 'halted') end
+  if state == HALTED_STATE then return deny(mode, 'halted', T) end
   local dw, df = split(units)
-  local ow, of, aw, af
-  if side == '0' and side_blind(sym) then
-    local pw, pf = sabs(spos(sym))
-    ow, of = add(pw, pf, split(F[r]))
-    aw, af = add(ow, of, dw, df)
-  else
-    local pw, pf = spos(sym)
-    local bw, bf, sw, sf, uw, uf = pending(sym)
-    ow, of = worst(pw, pf, bw, bf, sw, sf, uw, uf)
-    aw, af = worst(pw, pf, with_order(side, dw, df, bw, bf, sw, sf, uw, uf))
-  end
+  local ow, of, aw, af = order_figures(a, side, dw, df)
+  local sow, sof, saw, saf
+  if x then sow, sof, saw, saf = order_figures(x, side, dw, df) end
   if mode ~= 'force' then
-    local open = F[p] or not zero(split(F[r]))
-    if state == REDUCING then
-      local raises = not open or gt(aw, af, ow, of)
-      if not raises then
-        local nw, nf, naw, naf = net_figures(side, dw, df)
-        raises = gt(naw, naf, nw, nf)
-      end
-      if raises then return deny(mode, 'reducing_only') end
+    local wa, wx = window_name(c, S, 'w:'), x and window_name(sc, T, 'W' .. x.sk)
+    if wa or wx then ensure({wa or wx, wx or wa}) end
+    if x then
+      local reason = scope_rule(sc, state, x, sow, sof, saw, saf, side, dw, df,
+        wx and tonumber(F[wx]), now)
+      if reason then return deny(mode, reason, T, strategy) end
     end
-    local reason = failing_rule(c, open, ow, of, aw, af, side, dw, df)
-    if reason then return deny(mode, reason) end
+    local reason = scope_rule(c, state, a, ow, of, aw, af, side, dw, df, wa and tonumber(F[wa]),
+      now)
+    if reason then return deny(mode, reason, T) end
   end
   if mode == 'check' then return finish('C') end
   S.call_tag = tag_of(token)
   if rec and #rec > 1 then keep_answer(rec, now) end -- the id is used again: see kept()
-  insert(id, sym, units, token, now, c[7], args[9] + 0, side, sub(aw, af, ow, of))
-  return finish('A', now, now + c[1])
+  local now_s = stamp(now)
+  write_record(id, sym, strategy, units, token, now_s, c.ttl_s, side, now + c.ttl)
+  reserve_in(a, dw, df, units, side, sub(aw, af, ow, of))
+  S.kinds = bit.bor(S.kinds, args[9] + 0)
+  count('admitted')
+  record_admission(c, S, 'w:', now_s)
+  if x then
+    reserve_in(x, dw, df, units, side, sub(saw, saf, sow, sof))
+    T.admitted = T.admitted + 1
+    record_admission(sc, T, 'W' .. x.sk, now_s)
+  end
+  return finish('A', now, now + c.ttl)
 end
 
 -- The tombstone a call (call token args[4]) leaves in the record it ends, with its answer.
@@ -974,8 +1273,8 @@ local function answer_in(rec, token)
   return string.sub(rec, #head + 1)
 end
 
--- A writing operation with call token args[4]: `read` returns the names of the book fields `op`
--- needs, at most seven (read in the call's one HMGET with the kept answer c:<token>);
+-- A writing operation with call token args[4]: `read` returns a list of the book fields `op`
+-- needs (read in the call's one HMGET with the kept answer c:<token>);
 -- `op(args, now)` returns the answer (one or two items), which is kept for a retry of the same
 -- call, and true as a third result when it ended the reservation of order args[5] and left its
 -- answer in the record's tombstone, '~<call_token>|<answer>' (tombstone()), which costs no field
@@ -985,7 +1284,9 @@ end
 local function kept(read, op, by_order, anywhere)
   return function(keys, args)
     local memo = 'c:' .. args[4]
-    begin(keys, args, memo, read(args))
+    local names = read(args)
+    names[#names + 1] = memo
+    begin(keys, args, names)
     local record = by_order and 'o:' .. args[5]
     local again = F[memo] or (record and answer_in(F[record], args[4]))
     if again then
@@ -1011,34 +1312,44 @@ local function kept(read, op, by_order, anywhere)
   end
 end
 
--- The fields of order args[5], and of symbol args[at] when the caller names it ('' if not).
-local function order_fields(args, at)
+-- The fields of order args[5], and of symbol args[at] (and strategy args[strategy_at]) when the
+-- caller names them ('' if not): a hint, read in the first HMGET; find reads what it lacks.
+local function order_fields(args, at, strategy_at)
+  local names = {'o:' .. args[5]}
   local sym = args[at]
-  if sym and sym ~= '' then return 'o:' .. args[5], sym_fields(sym) end
-  return 'o:' .. args[5]
+  if sym and sym ~= '' then
+    field_list(names_of(sym), names)
+    local strategy = args[strategy_at]
+    if strategy and strategy ~= '' then
+      field_list(scoped_names(scope_key(strategy), sym), names)
+    end
+  end
+  return names
 end
 
--- The record of order `id` if it is live and (unless `token` is '') holds `token`, and its
--- units, symbol and side, with the fields of its symbol read.
+-- The record of order `id` if it is live and (unless `token` is '') holds `token`, its units,
+-- symbol, side and strategy, and its contexts (fields read).
 local function find(id, token)
   local rec = F['o:' .. id]
   if not live(rec) then return nil end
-  local units, t, _, _, side, sym = parse_rec(rec)
+  local units, t, _, _, side, sym, strategy = parse_rec(rec)
   if token ~= '' and t ~= token then return nil end
-  ensure({sym_fields(sym)})
-  return rec, units, sym, side
+  local a, x = contexts(sym, strategy)
+  return rec, units, sym, side, strategy, a, x
 end
 
--- release_order mark call_token order_id token symbol [unconfirmed] -> {1} | {0}
---   token: the reservation's ('' = whichever reservation has that id); symbol: its symbol if the
---   caller knows it (read in the first HMGET), else ''. unconfirmed '1': the admission being
---   released was never confirmed by enough replicas (min_replicas), so it is uncounted.
+-- release_order mark call_token order_id token symbol unconfirmed strategy -> {1} | {0}
+--   token: the reservation's ('' = whichever reservation has that id); symbol and strategy:
+--   the reservation's if the caller knows them (read in the first HMGET), else ''.
+--   unconfirmed '1': the admission being released was never confirmed by enough replicas
+--   (min_replicas), so it is uncounted.
 local function release_order(args, now)
-  local rec, units, sym, side = find(args[5], args[6])
+  local rec, units, _, side, _, a, x = find(args[5], args[6])
   if not rec then return '0' end
-  drop(args[5], units, side, sym, 'released', now, tombstone(args, '1'))
+  drop(args[5], units, side, a, x, 'released', now, tombstone(args, '1'))
   if args[8] == '1' then -- an admission no replica confirmed (min_replicas): it counts nowhere
     S.admitted, S.released = S.admitted - 1, S.released - 1
+    if x then x.T.admitted = x.T.admitted - 1 end
   end
   return '1', nil, true
 end
@@ -1048,7 +1359,7 @@ end
 --   symbol would cost every reservation two more writes.
 local function release_symbol(args, now)
   local sym = args[5]
-  ensure({sym_fields(sym)})
+  ensure(field_list(names_of(sym)))
   local all = book_fields('o:')
   local n = 0
   for i = 1, #all, 2 do
@@ -1058,9 +1369,10 @@ local function release_symbol(args, now)
     local rec = F[name]
     if rec == nil then rec = all[i + 1] end
     if live(rec) then
-      local units, _, _, _, side, rsym = parse_rec(rec)
+      local units, _, _, _, side, rsym, strategy = parse_rec(rec)
       if rsym == sym then
-        drop(string.sub(name, 3), units, side, sym, 'released', now)
+        local a, x = contexts(sym, strategy)
+        drop(string.sub(name, 3), units, side, a, x, 'released', now)
         n = n + 1
       end
     end
@@ -1068,7 +1380,7 @@ local function release_symbol(args, now)
   return n
 end
 
--- reduce mark call_token order_id token down up symbol
+-- reduce mark call_token order_id token down up symbol strategy
 --   A partial fill of `down` to `up` units (_units.reduction_units); token '' = whichever
 --   reservation has that id. -> {'R', remaining} | {'E'} (ended now, as filled) | {'G'} (gone)
 local function reduce(args, now)
@@ -1078,56 +1390,85 @@ local function reduce(args, now)
   return a, b, a == 'E'
 end
 
--- set_position mark call_token symbol units code -> {1} if it was open before, else {0}
---   units: the exposure's magnitude; code: its sign ('+' or '-') and its kind letter
+-- set_position mark call_token symbol units code strategy -> {1} if the part was open, else {0}
+--   units: the exposure's magnitude; code: its sign ('+' or '-') and its kind letter; strategy:
+--   whose part ('' the account's own).
 local function set_position(args)
-  if set_pos(args[5], args[6], args[7]) then return '1' end
+  local a = contexts(args[5], '')
+  local part = part_of(args[5], args[8] or '')
+  local was = F[part.p] and true or false
+  set_part(a, part, args[6], args[7])
+  if was then return '1' end
   return '0'
 end
 
--- close_position mark call_token symbol -> {1} if it was open, else {0}
+-- close_position mark call_token symbol strategy -> {1} if the part was open, else {0}
 local function close_position(args)
-  if close_pos(args[5]) then return '1' end
+  local a = contexts(args[5], '')
+  if close_part(a, part_of(args[5], args[6] or '')) then return '1' end
   return '0'
 end
 
-local function symbol_fields(args)
-  return sym_fields(args[5])
+-- The fields a position call on symbol args[5] of strategy args[at] reads.
+local function part_fields(at)
+  return function(args)
+    local sym, strategy = args[5], args[at] or ''
+    local names = field_list(names_of(sym))
+    if strategy == '' then
+      local x = own_names(sym)
+      names[#names + 1], names[#names + 2] = x.p, x.k
+    else
+      field_list(scoped_names(scope_key(strategy), sym), names)
+    end
+    return names
+  end
 end
 
--- fill mark call_token order_id units code symbol down up
---   Sets the position to `value` and, for the reservation with that id, ends it (down and up
---   '') or reduces it by a fill of `down` to `up` units, in one step.
+-- fill mark call_token order_id units code symbol down up strategy
+--   Sets the position of the reservation's strategy (its part: see set_part) to `value` and,
+--   for the reservation with that id, ends it (down and up '') or reduces it by a fill of
+--   `down` to `up` units, in one step. strategy: '' (not given) or the strategy the caller
+--   says the order is of (and whose part is set when no reservation is outstanding; '' then:
+--   the account's own).
 -- -> {'F', symbol} (reservation ended) | {'R', symbol} (reduced) | {'P', symbol} (no
 --    reservation; position set from the given symbol) | {'N'} (no reservation and no symbol:
---    nothing written) | {'M', actual_symbol} (a different symbol: nothing written)
+--    nothing written) | {'M', actual_symbol} (a different symbol: nothing written) |
+--    {'T', actual_strategy} (a different strategy: nothing written)
 local function fill(args, now)
   local id, value, code, sym, down, up = args[5], args[6], args[7], args[8], args[9], args[10]
-  local rec, units, rsym, side = find(id, '')
+  local given = args[11] or ''
+  local rec, units, rsym, side, strategy, a, x = find(id, '')
   if not rec then
     if sym == '' then return 'N' end
-    ensure({sym_fields(sym)})
-    set_pos(sym, value, code)
+    local acc = contexts(sym, '')
+    set_part(acc, part_of(sym, given), value, code)
     return 'P', sym
   end
   if sym ~= '' and sym ~= rsym then return 'M', rsym end
-  set_pos(rsym, value, code)
+  if given ~= '' and given ~= strategy then return 'T', strategy end
+  set_part(a, x or part_of(rsym, ''), value, code)
   local tomb = tombstone(args, 'F|' .. rsym)
   if up == '' then
-    drop(id, units, side, rsym, 'filled', now, tomb)
+    drop(id, units, side, a, x, 'filled', now, tomb)
     return 'F', rsym, true
   end
   if reduce_rec(id, rec, down, up, now, tomb) == 'E' then return 'F', rsym, true end
   return 'R', rsym
 end
 
+-- Every field reads as absent: the book a restore builds, from nothing.
+local ABSENT = {__index = function() return false end}
+local W_BYTE = 87 -- string.byte('W')
+
 -- restore mark only_if_missing gen ttl_us n_pos [symbol units code]*n_pos
---   [order_id symbol units token kind side]*
+--   n_parts [strategy symbol units code]*n_parts [order_id symbol units token kind side
+--   strategy]*
 --   Replaces the book and the reservations (keeps the flags, the trading state and the loss
---   latch, the test clock, the counts and the denials), writes the sentinels and the marker,
---   and starts a new epoch of the mark. Every total is formed (and an overflow raised) before
---   the first write. A retry of a restore that already ran finds its generation in the marker
---   and gets the first answer.
+--   latch, the test clock, the counts and the denials, and every scope's counts and rate
+--   window), writes the sentinels and the marker, and starts a new epoch of the mark. The
+--   positions are the account's own parts, the n_parts the strategies'. Every total is formed
+--   (and an overflow raised) before the first write. A retry of a restore that already ran
+--   finds its generation in the marker and gets the first answer.
 -- -> {'R', now_us} | {'S'} (only_if_missing and the book is in place: nothing written)
 local function restore(keys, args)
   begin(keys, args)
@@ -1136,83 +1477,68 @@ local function restore(keys, args)
   if args[4] == '1' and usable(args) then return finish('S') end
   local now = now_us()
   local at, expiry, at_s = now, now + tonumber(args[6]), stamp(now)
-  local npos = tonumber(args[7])
-  local pw, pf, qw, qf = 0, 0, 0, 0
-  local signed = {} -- symbol -> its signed position as floor limbs
+  -- what the new book keeps of the old one: the windows, the registry, the scopes' counts
+  local old = redis.call('HGETALL', K_BOOK)
+  F = setmetatable({}, ABSENT)
+  local scopes = {}
+  for j = 1, #old, 2 do
+    local name, byte = old[j], string.byte(old[j])
+    if byte == W_BYTE or name == 'Z' or string.sub(name, 1, 2) == 'w:' then
+      set(name, old[j + 1])
+    elseif byte == L_BYTE then
+      scopes[#scopes + 1] = string.sub(name, 2)
+      rawset(F, name, old[j + 1])
+    end
+  end
+  for _, sk in ipairs(scopes) do
+    local t = scope_totals(sk)
+    for i = 1, L_TOTALS do t[L_NAMES[i]] = 0 end
+    touch(t)
+  end
+  for _, name in ipairs({'npos', 'pw', 'pf', 'rw', 'rf', 'res_syms', 'res_open', 'nres', 'kinds',
+      'gw', 'gf', 'qw', 'qf', 'bw', 'bf', 'sw', 'sf'}) do
+    S[name] = 0
+  end
+  S.next_due = NEVER
   local i = 8
-  for _ = 1, npos do
-    local w, f = split(args[i + 1])
-    pw, pf = add(pw, pf, w, f)
-    if string.byte(args[i + 2]) == MINUS then w, f = negate(w, f) end
-    qw, qf = sadd(qw, qf, w, f)
-    signed[args[i]] = {w, f}
+  for _ = 1, tonumber(args[7]) do
+    local sym = args[i]
+    local a = names_of(sym)
+    a.T = S
+    set_part(a, own_names(sym), args[i + 1], args[i + 2])
     i = i + 3
   end
-  local first_order = i
-  -- symbol -> {reserved, buys, sells} as limbs
-  local per, syms, ids = {}, {}, {}
-  local rw, rf, bw, bf, sw, sf, kinds, norders = 0, 0, 0, 0, 0, 0, 0, 0
+  local nparts = tonumber(args[i])
+  i = i + 1
+  for _ = 1, nparts do
+    local a, x = contexts(args[i + 1], args[i])
+    set_part(a, x, args[i + 2], args[i + 3])
+    i = i + 4
+  end
+  local norders, ids = 0, {}
   while i <= #args do
-    local id, sym, side = args[i], args[i + 1], args[i + 5]
+    local id, sym, units, side, strategy = args[i], args[i + 1], args[i + 2], args[i + 5],
+      args[i + 6]
     if ids[id] then return redis.error_reply('pendingledger: order_id twice in restore') end
     if not SIDES[side] then return redis.error_reply('pendingledger: bad side code') end
     ids[id] = true
-    local w, f = split(args[i + 2])
-    local t = per[sym]
-    if not t then
-      t = {0, 0, 0, 0, 0, 0}
-      per[sym] = t
-      syms[#syms + 1] = sym
+    local uw, uf = split(units)
+    write_record(id, sym, strategy, units, args[i + 3], at_s, args[6], side, expiry)
+    local a, x = contexts(sym, strategy)
+    for _, ctx in ipairs({a, x}) do
+      local ow, of = sym_worst(ctx)
+      reserve_in(ctx, uw, uf, units, side, 0, 0)
+      regross(ctx, ow, of)
     end
-    t[1], t[2] = add(t[1], t[2], w, f)
-    rw, rf = add(rw, rf, w, f)
-    if side == '1' then
-      t[3], t[4] = add(t[3], t[4], w, f)
-      bw, bf = add(bw, bf, w, f)
-    elseif side == '2' then
-      t[5], t[6] = add(t[5], t[6], w, f)
-      sw, sf = add(sw, sf, w, f)
-    end
-    kinds = bit.bor(kinds, tonumber(args[i + 4]))
+    S.kinds = bit.bor(S.kinds, tonumber(args[i + 4]))
     norders = norders + 1
-    i = i + 6
+    i = i + 7
   end
-  -- the sum of the worst cases: the reserved symbols', then the other open ones' |position|
-  local gw, gf, res_open = 0, 0, 0
-  for _, sym in ipairs(syms) do
-    local t, pos = per[sym], signed[sym] or {0, 0}
-    if signed[sym] then res_open = res_open + 1 end
-    local uw, uf = sub(t[1], t[2], t[3], t[4])
-    uw, uf = sub(uw, uf, t[5], t[6])
-    gw, gf = add(gw, gf, worst(pos[1], pos[2], t[3], t[4], t[5], t[6], uw, uf))
-  end
-  for sym, pos in pairs(signed) do
-    if not per[sym] then gw, gf = add(gw, gf, sabs(pos[1], pos[2])) end
-  end
+  write_scopes()
   -- Everything is replaced but state (counts, flags, trading state, latch, test clock), in S.
   redis.call('DEL', K_BOOK, K_EXPIRY, K_FORGET)
   push(XADD, '-inf', '')
   push(FADD, '-inf', '')
-  i = 8
-  for _ = 1, npos do
-    set('p:' .. args[i], args[i + 1])
-    set('k:' .. args[i], args[i + 2])
-    i = i + 3
-  end
-  i = first_order
-  while i <= #args do
-    local name = 'o:' .. args[i]
-    set(name, args[i + 2] .. '|' .. args[i + 3] .. '|' .. at_s .. '|' .. args[6] .. '|' ..
-      args[i + 5] .. '|' .. args[i + 1])
-    push(XADD, expiry, name)
-    i = i + 6
-  end
-  for _, sym in ipairs(syms) do
-    local t = per[sym]
-    set('r:' .. sym, fmt(t[1], t[2]))
-    if not zero(t[3], t[4]) then set('b:' .. sym, fmt(t[3], t[4])) end
-    if not zero(t[5], t[6]) then set('s:' .. sym, fmt(t[5], t[6])) end
-  end
   local epoch = now_us() - S.off -- the server's own clock, not the test clock's offset
   for _, floor in ipairs({S.epoch + 1, (tonumber(args[1]) or 0) + 1}) do
     if floor > epoch then epoch = floor end
@@ -1220,11 +1546,6 @@ local function restore(keys, args)
   S.epoch = epoch
   S.hw = -1 -- finish() counts this write: the new epoch starts at 0
   S.gen, S.restored_at, S.call_tag = gen, at, tag_of(string.format('%016x', gen))
-  S.npos, S.pw, S.pf, S.rw, S.rf = npos, pw, pf, rw, rf
-  S.gw, S.gf, S.qw, S.qf, S.bw, S.bf, S.sw, S.sf = gw, gf, qw, qf, bw, bf, sw, sf
-  S.res_syms, S.res_open, S.nres, S.kinds = #syms, res_open, norders, kinds
-  S.next_due = NEVER
-  if norders > 0 then S.next_due = tonumber(expiry) end
   S.forget_due = now + FORGET_EVERY_US
   S.restored = S.restored + norders
   S.dirty, S.cold = true, true
@@ -1366,12 +1687,18 @@ local function trading(keys, args)
   return finish(trading_reply(now_us()))
 end
 
+local REASON_NAMES = {'book_not_restored', 'halted', 'reducing_only', 'max_concurrent_positions',
+  'max_gross_exposure', 'max_symbol_exposure', 'max_net_exposure', 'max_order_notional',
+  'max_open_orders', 'max_open_orders_per_symbol', 'max_orders_per_interval'}
+
 -- stats mark -> {counts as a flat list, outstanding reservations, reserved gross units,
---   kinds, state, operator's state, latch (as trading)}. Sweeps first when the book is usable
+--   kinds, state, operator's state, latch (as trading), scopes}. scopes: a flat list of, for
+--   each strategy in the registry, its name, its admissions, its denials by reason (as
+--   REASON_NAMES) and its outstanding reservations. Sweeps first when the book is usable
 --   and a reservation is due, so a reservation past its expiry counts as expired, never as
 --   outstanding (as in the in-process ledger).
 local function stats(keys, args)
-  begin(keys, args)
+  begin(keys, args, {'Z'})
   local now = now_us()
   if usable(args) and now >= S.next_due then sweep(now) end
   local counts = {}
@@ -1379,13 +1706,20 @@ local function stats(keys, args)
     counts[#counts + 1] = name
     counts[#counts + 1] = S[name]
   end
-  for _, reason in ipairs({'book_not_restored', 'halted', 'reducing_only',
-      'max_concurrent_positions', 'max_gross_exposure', 'max_symbol_exposure',
-      'max_net_exposure'}) do
+  for _, reason in ipairs(REASON_NAMES) do
     counts[#counts + 1] = 'denied:' .. reason
     counts[#counts + 1] = S['d_' .. reason]
   end
-  return finish(counts, S.nres, fmt(S.rw, S.rf), S.kinds, trading_reply(now))
+  local scopes = {}
+  for _, sk in ipairs(registry(F['Z'])) do
+    local t = scope_totals(sk)
+    scopes[#scopes + 1] = string.sub(sk, string.find(sk, ':', 1, true) + 1)
+    scopes[#scopes + 1] = t.admitted
+    for _, reason in ipairs(REASON_NAMES) do scopes[#scopes + 1] = t['d_' .. reason] end
+    scopes[#scopes + 1] = t.nres
+  end
+  local state, op, l = trading_reply(now)
+  return finish(counts, S.nres, fmt(S.rw, S.rf), S.kinds, state, op, l, scopes)
 end
 
 -- control mark flag value call_token -> {'1'}: sets the operator's trading state (flag
@@ -1396,7 +1730,7 @@ end
 --   token kept, as kept() does) is answered without starting the period again.
 local function control(keys, args)
   local memo = 'c:' .. args[6]
-  begin(keys, args, memo)
+  begin(keys, args, {memo})
   if F[memo] then return finish('1') end
   local flag, value = args[4], tonumber(args[5])
   if flag == 'state' then
@@ -1457,7 +1791,7 @@ end
 
 -- status mark order_id token -> {'A', units} | {'G'}  (an overdue one is gone)
 local function status(keys, args)
-  begin(keys, args, 'o:' .. args[4])
+  begin(keys, args, {'o:' .. args[4]})
   local rec = F['o:' .. args[4]]
   if S.gen == 0 or not live(rec) then return finish('G') end -- (a book of another layout too)
   local units, t, at, ttl = parse_rec(rec)
@@ -1471,27 +1805,46 @@ local SNAP_NAMES = {'gen', 'epoch', 'hw', 'npos', 'pw', 'pf', 'rw', 'rf', 'res_s
   'nres', 'kinds', 'next_due', 'forget_due', 'admitted', 'released', 'filled', 'expired',
   'restored', 'corrupt', 'restored_at', 'op', 'testing', 'off', 'frozen', 'd_book_not_restored',
   'd_halted', 'd_reducing_only', 'd_max_concurrent_positions', 'd_max_gross_exposure',
-  'd_max_symbol_exposure', 'd_max_net_exposure', 'gw', 'gf', 'qw', 'qf', 'bw', 'bf', 'sw', 'sf'}
-for i = 19, #STATE_NAMES do SNAP_NAMES[#SNAP_NAMES + 1] = STATE_NAMES[i] end
+  'd_max_symbol_exposure', 'd_max_net_exposure', 'd_max_order_notional', 'd_max_open_orders',
+  'd_max_open_orders_per_symbol', 'd_max_orders_per_interval', 'gw', 'gf', 'qw', 'qf', 'bw',
+  'bf', 'sw', 'sf', 'seq', 'lo'}
+for i = 23, #STATE_NAMES do SNAP_NAMES[#SNAP_NAMES + 1] = STATE_NAMES[i] end
 
 -- snapshot mark -> {now_us, state (SNAP_NAMES' numbers, then the tag: _audit.STATE's order),
---   book fields, expiry, forget} (flat lists, sentinels included), in one consistent view (for
---   audits).
+--   book fields, expiry, forget, scopes} (flat lists, sentinels included; scopes: for every
+--   L<sk>, {sk, L_NAMES' numbers}), in one consistent view (for audits).
 local function snapshot(keys, args)
   begin(keys, args)
   local state = {}
   for i, name in ipairs(SNAP_NAMES) do state[i] = S[name] end
   state[#state + 1] = S.tag
+  local all = redis.call('HGETALL', K_BOOK)
+  local scopes = {}
+  for j = 1, #all, 2 do
+    if string.byte(all[j]) == L_BYTE and #all[j + 1] == L_SIZE then
+      local entry = {string.sub(all[j], 2), struct.unpack(L_FORMAT, all[j + 1])}
+      entry[#entry] = nil -- struct.unpack's last result: the next position
+      scopes[#scopes + 1] = entry
+    end
+  end
   return finish(now_us(), state, book_fields(nil),
     redis.call('ZRANGE', K_EXPIRY, 0, -1, 'WITHSCORES'),
-    redis.call('ZRANGE', K_FORGET, 0, -1, 'WITHSCORES'))
+    redis.call('ZRANGE', K_FORGET, 0, -1, 'WITHSCORES'), scopes)
 end
 
--- positions mark -> {the operator's trading state, p: and k: fields as a flat list}
+-- positions mark strategy -> {the operator's trading state, position and code fields as a flat
+--   list}: the account's (p: and k:, the sums of the parts) for strategy '', else the
+--   strategy's part (P<sk> and K<sk>, names as stored).
 local function positions(keys, args)
   begin(keys, args)
-  local out = book_fields('p:')
-  local codes = book_fields('k:')
+  local strategy = args[4] or ''
+  local p, k = 'p:', 'k:'
+  if strategy ~= '' then
+    local sk = scope_key(strategy)
+    p, k = 'P' .. sk, 'K' .. sk
+  end
+  local out = book_fields(p)
+  local codes = book_fields(k)
   for j = 1, #codes do out[#out + 1] = codes[j] end
   return finish(S.op, out)
 end
@@ -1504,16 +1857,16 @@ local function register(name, fn, read_only)
   redis.register_function{function_name = 'pl@VERSION@_' .. name, callback = fn, flags = flags}
 end
 
-local function none() end
+local function none() return {} end
 
 register('enter', enter)
-register('release_order', kept(function(args) return order_fields(args, 7) end, release_order,
-  true))
+register('release_order', kept(function(args) return order_fields(args, 7, 9) end,
+  release_order, true))
 register('release_symbol', kept(none, release_symbol))
-register('reduce', kept(function(args) return order_fields(args, 9) end, reduce, true))
-register('set_position', kept(symbol_fields, set_position))
-register('close_position', kept(symbol_fields, close_position))
-register('fill', kept(function(args) return order_fields(args, 8) end, fill, true))
+register('reduce', kept(function(args) return order_fields(args, 9, 10) end, reduce, true))
+register('set_position', kept(part_fields(8), set_position))
+register('close_position', kept(part_fields(6), close_position))
+register('fill', kept(function(args) return order_fields(args, 8, 11) end, fill, true))
 register('record_pnl', kept(none, record_pnl, false, true))
 register('set_equity', kept(none, set_equity, false, true))
 register('restore', restore)
