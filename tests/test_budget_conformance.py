@@ -128,17 +128,24 @@ def test_open_orders_cap_at_its_edge(h: Harness, scope: str) -> None:
 
 @pytest.mark.parametrize("scope", SCOPES)
 def test_open_orders_per_symbol_cap_at_its_edge(h: Harness, scope: str) -> None:
-    """``max_open_orders_per_symbol``: per symbol, at the scope's own orders on it."""
+    """``max_open_orders_per_symbol``: per symbol, over the scope's own orders on it (B's
+    order on AAA is the account's but not A's); reducing orders count too."""
     g = capped(h, scope, max_open_orders_per_symbol=2)
     g.set_position("AAA", 300, strategy="A")
     assert g.try_enter("AAA", 1, strategy="A")
-    assert g.try_enter("AAA", 1, side="sell", strategy="A")
+    assert g.try_enter("AAA", 1, strategy="B")  # the account's second order on AAA
     full = (R.MAX_OPEN_ORDERS_PER_SYMBOL, denier(scope))
-    assert why(g.try_enter("AAA", 1, side="sell", strategy="A")) == full  # reducing too
+    second = why(g.try_enter("AAA", 1, side="sell", strategy="A"))
+    if scope == "strategy":
+        assert second == (None, None)  # A's second on AAA: B's is not A's
+        assert why(g.try_enter("AAA", 1, side="sell", strategy="A")) == full  # reducing too
+        assert g.try_enter("AAA", 1, strategy="B")
+    else:
+        assert second == full  # a reducing order is one order too
+        assert why(g.try_enter("AAA", 1, strategy="B")) == full
     assert g.try_enter("BBB", 1, strategy="A")
     assert g.try_enter("BBB", 1, strategy="A")
-    other = why(g.try_enter("AAA", 1, strategy="B"))
-    assert other == ((None, None) if scope == "strategy" else full)
+    assert why(g.try_enter("BBB", 1, strategy="A")) == full
     assert g.release("BBB") is True
     assert why(g.try_enter("AAA", 1, strategy="A")) == full
     assert g.try_enter("BBB", 1, strategy="A")
