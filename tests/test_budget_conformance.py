@@ -601,18 +601,17 @@ class SlowBudgets(Mapping[str, PortfolioLimits]):
         return len(self._data)
 
 
-def test_no_update_is_lost_when_limits_and_budgets_are_assigned_together(h: Harness) -> None:
-    """Another thread assigns the limits while this one's budgets are being checked: both
-    assignments stand afterwards (a setter that read the pair before checking would write the
-    old limits back). The other thread may also wait for the budgets to be in first."""
-    new_limits = L(max_order_notional=5)
-    g = h.gate(L(), budgets={"A": L()})
+def limits_assigned_while_budgets_are_checked(g: Any) -> tuple[PortfolioLimits, Budgets]:
+    """Assign ``g.budgets`` (to ``{"A": max_order_notional=3}``) while another thread assigns
+    ``g.limits`` (to ``max_order_notional=5``) in the middle of the budgets' check; return the
+    pair in force afterwards. The other thread may finish at once, or wait for the budgets'
+    assignment to finish first (then it lands after): either way both must stand."""
     done = threading.Event()
     errors: list[BaseException] = []
 
     def assign_limits() -> None:
         try:
-            g.limits = new_limits
+            g.limits = L(max_order_notional=5)
         except BaseException as exc:  # re-raised below, in the test's thread
             errors.append(exc)
         finally:
@@ -622,15 +621,49 @@ def test_no_update_is_lost_when_limits_and_budgets_are_assigned_together(h: Harn
 
     def meanwhile() -> None:
         helper.start()
-        done.wait(5.0)  # not finished in time: it waits for this assignment (no loss either)
+        done.wait(5.0)  # not done by then: it waits for this assignment (no loss either)
 
     g.budgets = SlowBudgets({"A": L(max_order_notional=3)}, meanwhile)
     helper.join(30.0)
     assert not helper.is_alive() and not errors, errors
-    assert g.limits == new_limits
-    assert dict(g.budgets) == {"A": L(max_order_notional=3)}
+    return g.limits, dict(g.budgets)
+
+
+def test_no_update_is_lost_when_limits_and_budgets_are_assigned_together(h: Harness) -> None:
+    """Both assignments stand (a setter that read the pair before checking its argument
+    would write the old limits back), and decisions use both."""
+    g = h.gate(L(), budgets={"A": L()})
+    pair = limits_assigned_while_budgets_are_checked(g)
+    assert pair == (L(max_order_notional=5), {"A": L(max_order_notional=3)})
     assert why(g.try_enter("AAA", 4, strategy="A")) == (R.MAX_ORDER_NOTIONAL, "A")
     assert why(g.try_enter("AAA", 6)) == (R.MAX_ORDER_NOTIONAL, None)
+
+
+class LossyPair:
+    """The broken variant: a budgets setter that takes the account's limits, then checks its
+    argument (caller code runs), then stores the pair, with no lock ordering the setters."""
+
+    def __init__(self) -> None:
+        self.limits = L()
+        self._budgets: Budgets = {}
+
+    @property
+    def budgets(self) -> Budgets:
+        return self._budgets
+
+    @budgets.setter
+    def budgets(self, budgets: Mapping[str, PortfolioLimits]) -> None:
+        account = self.limits
+        checked = dict(budgets.items())
+        self.limits, self._budgets = account, checked
+
+
+def test_the_lost_update_check_catches_a_setter_that_reads_first() -> None:
+    """The check above can fail: on the broken setter the limits assigned meanwhile are lost,
+    every time (the other thread's assignment is driven into the gap by the mapping)."""
+    limits, budgets = limits_assigned_while_budgets_are_checked(LossyPair())
+    assert budgets == {"A": L(max_order_notional=3)}
+    assert limits == L()  # the other thread's L(max_order_notional=5) was written over
 
 
 # Two pairs of (limits, budgets) and the orders that tell a torn read from a whole one. The
@@ -654,17 +687,18 @@ WHOLE = {
 PAIRS = {"P1": (L1, B1), "P2": (L2, B2)}
 
 
-def torn_read_gate(g: GateLike) -> GateLike:
+def torn_read_gate(g: Any) -> Any:
     g.set_position("XXX", 1_000)
     return g
 
 
-def order(g: GateLike, which: str) -> Decision:
+def order(g: Any, which: str) -> Decision:
     symbol, notional, strategy = ORDERS[which]
-    return g.try_enter(symbol, notional, strategy=strategy)
+    decision: Decision = g.try_enter(symbol, notional, strategy=strategy)
+    return decision
 
 
-def put(g: GateLike, pair: str) -> None:
+def put(g: Any, pair: str) -> None:
     g.limits, g.budgets = PAIRS[pair]
 
 
@@ -702,23 +736,18 @@ class HookClock(ManualClock):
         return super().__call__()
 
 
-@pytest.mark.parametrize(("start", "end"), [("P1", "P2"), ("P2", "P1")])
-@pytest.mark.parametrize("which", ["X", "Y"])
-def test_a_pair_replaced_in_the_middle_of_a_decision_is_used_whole(
-    start: str, end: str, which: str
-) -> None:
-    """In process, deterministically: the replacement of both limits and budgets lands at
-    each clock reading a decision makes (the gate's one call out during a decision), and the
-    decision is still the start pair's or the end pair's, never a mixture (which would admit:
-    see above). Both directions, so a read of the budgets before the limits is caught too."""
-    clock = HookClock()
-    gate = PortfolioGate(PendingEntryLedger(60.0, clock=clock), L(), wall_clock=ManualWallClock())
-    g = torn_read_gate(gate)
+def replaced_mid_decision(
+    g: Any, clock: HookClock, start: str, end: str, which: str
+) -> list[tuple[DenyReason | None, str | None]]:
+    """Order ``which`` decided from pair ``start``, with the replacement by pair ``end`` (both
+    the limits and the budgets) landing at the k-th clock reading of the decision, for each k
+    the decision reads the clock; the outcomes, one per k."""
     put(g, start)
     before = clock.reads
     assert why(order(g, which)) == WHOLE[start, which]
     readings = clock.reads - before
-    assert readings >= 1  # the decision reads the clock: the hook lands inside it
+    assert readings >= 1  # the decision reads the clock: the replacement lands inside it
+    outcomes = []
     for k in range(1, readings + 1):
         put(g, start)
         swapped: list[int] = []
@@ -728,9 +757,64 @@ def test_a_pair_replaced_in_the_middle_of_a_decision_is_used_whole(
             swapped.append(1)
 
         clock.at, clock.hook = clock.reads + k, swap
-        got = why(order(g, which))
+        decision = order(g, which)
         assert swapped == [1], k
-        assert got in (WHOLE[start, which], WHOLE[end, which]), (k, got)
+        outcomes.append(why(decision))
+        if decision:
+            assert res_of(decision).release()
+    return outcomes
+
+
+DIRECTIONS = [("P1", "P2"), ("P2", "P1")]
+
+
+@pytest.mark.parametrize(("start", "end"), DIRECTIONS)
+@pytest.mark.parametrize("which", ["X", "Y"])
+def test_a_pair_replaced_in_the_middle_of_a_decision_is_used_whole(
+    start: str, end: str, which: str
+) -> None:
+    """In process, deterministically: the replacement lands at each clock reading a decision
+    makes (the gate's one call out during a decision), and the decision is still the start
+    pair's or the end pair's, never a mixture (which would admit: see above). Both directions,
+    so a read of the budgets before the limits is caught too."""
+    clock = HookClock()
+    g = torn_read_gate(
+        PortfolioGate(PendingEntryLedger(60.0, clock=clock), L(), wall_clock=ManualWallClock())
+    )
+    for got in replaced_mid_decision(g, clock, start, end, which):
+        assert got in (WHOLE[start, which], WHOLE[end, which]), got
+
+
+class TornGate:
+    """The broken variant: a gate that reads its limits, then the clock, then its budgets (two
+    reads where the real gates read one object), and decides on what it read."""
+
+    def __init__(self, clock: HookClock) -> None:
+        self.clock = clock
+        self.limits = L()
+        self.budgets: Budgets = {}
+        self.inner = PortfolioGate(PendingEntryLedger(60.0, clock=ManualClock()), L())
+
+    def set_position(self, symbol: str, exposure: int) -> None:
+        self.inner.set_position(symbol, exposure)
+
+    def try_enter(self, symbol: str, notional: int, *, strategy: str) -> Decision:
+        account = self.limits
+        self.clock()
+        self.inner.limits, self.inner.budgets = account, self.budgets
+        return self.inner.try_enter(symbol, notional, strategy=strategy)
+
+
+def test_the_mid_decision_check_catches_a_gate_that_reads_twice() -> None:
+    """The check above can fail, deterministically: on the torn gate the replacement P1 -> P2
+    admits Y (L1 read before it, B2 after) and P2 -> P1 admits X."""
+    caught = set()
+    for (start, end), which in itertools.product(DIRECTIONS, ORDERS):
+        clock = HookClock()
+        outcomes = replaced_mid_decision(torn_read_gate(TornGate(clock)), clock, start, end, which)
+        if (None, None) in outcomes:
+            caught.add((start, which))
+    assert caught == {("P1", "Y"), ("P2", "X")}
 
 
 def test_budgets_replaced_while_threads_decide(h: Harness, fast_switching: float) -> None:
