@@ -822,14 +822,15 @@ def test_budgets_replaced_while_threads_decide(h: Harness, fast_switching: float
     assignment at a time: no pair in force ever admits X or Y, so an admission is a decision
     that read its limits and its budgets at different moments. The counts add up per scope."""
     g = torn_read_gate(h.gate(L1, budgets=B1))
-    rounds = 300 if h.backend == "memory" else 15
+    target = 20_000 if h.backend == "memory" else 4_000  # decisions made while the walk goes on
     stop = threading.Event()
+    decided: list[int] = []
     admitted: list[Decision] = []
     errors: list[BaseException] = []
 
     def walk() -> None:
         try:
-            for _ in range(rounds):
+            while len(decided) < target and not errors:
                 g.limits = L0
                 g.budgets = B2
                 g.limits = L2
@@ -846,6 +847,7 @@ def test_budgets_replaced_while_threads_decide(h: Harness, fast_switching: float
             while not stop.is_set():
                 for which in ORDERS:
                     decision = order(g, which)
+                    decided.append(1)
                     if decision:
                         admitted.append(decision)
         except BaseException as exc:
