@@ -175,17 +175,20 @@ def _read(positions: Mapping[str, object]) -> dict[str, int]:
 
 def _figures(
     book: Mapping[str, int], orders: Mapping[str, _Entry], symbol: str, units: int
-) -> tuple[int, bool, int, int, int, int, int]:
+) -> tuple[int, bool, int, int, int, int, int, int, int, int, float, float]:
     """The rules' figures for an order of ``units`` (side not given), summed: ``(open_count,
-    symbol_open, gross, before, after, net_before, net_after)``."""
+    symbol_open, gross, before, after, net_before, net_after, units, orders, symbol_orders,
+    window_start, now)`` (no rate limit: no window)."""
     open_symbols = set(book)
     reserved = 0
     reserved_here = 0
+    orders_here = 0
     for entry in orders.values():
         open_symbols.add(entry.symbol)
         reserved += entry.units
         if entry.symbol == symbol:
             reserved_here += entry.units
+            orders_here += 1
     gross = sum(abs(position) for position in book.values()) + reserved
     before = abs(book.get(symbol, 0)) + reserved_here
     net = sum(book.values())
@@ -197,6 +200,11 @@ def _figures(
         before + units,
         rules.worst_case(net, 0, 0, reserved),
         rules.worst_case(net, 0, 0, reserved + units),
+        units,
+        len(orders),
+        orders_here,
+        rules.NO_WINDOW,
+        0.0,
     )
 
 
@@ -220,6 +228,17 @@ def sided_loop(
     """``gate_loop`` on the gate's own book with ``side=`` given."""
     for symbol, order_id in orders:
         try_enter(symbol, notional, order_id=order_id, side=side).reservation.release()
+
+
+def strategy_loop(
+    try_enter: Callable[..., Any],
+    orders: Sequence[tuple[str, str]],
+    notional: object,
+    strategy: str,
+) -> None:
+    """``gate_loop`` on the gate's own book with ``strategy=`` given (a decision at two scopes)."""
+    for symbol, order_id in orders:
+        try_enter(symbol, notional, order_id=order_id, strategy=strategy).reservation.release()
 
 
 def gate_loop(

@@ -50,6 +50,7 @@ from baseline import (  # the path above makes this sibling module importable
     gate_loop,
     gate_worker,
     sided_loop,
+    strategy_loop,
 )
 
 _ns = time.perf_counter_ns
@@ -71,6 +72,7 @@ def _timer_cost() -> int:
 
 TTL = 3600.0  # long enough that nothing expires while a figure is measured (time.monotonic)
 NOTIONAL = 100.0
+BUDGET = "strategy-1"  # the one strategy of the budget subject
 TIMEOUT = 0.05
 # A caller's position cache: 8 open positions on symbols other than the ones entered.
 POSITIONS: dict[str, float] = {
@@ -97,6 +99,15 @@ def _subject(ttl: float = TTL, clock: Callable[[], float] = time.monotonic) -> t
 
     ledger = PendingEntryLedger(ttl, clock=clock)
     return ledger, PortfolioGate(ledger, _limits())
+
+
+def _budget_subject() -> Any:
+    """A gate with the same limits as a strategy's budget: a decision under it is checked at
+    the strategy's scope, then at the account's."""
+    from pendingledger import PendingEntryLedger, PortfolioGate
+
+    ledger = PendingEntryLedger(TTL, clock=time.monotonic)
+    return PortfolioGate(ledger, _limits(), budgets={BUDGET: _limits()})
 
 
 def _book_subject(side: object) -> Any:
@@ -489,7 +500,12 @@ def bench_decision(mode: Mode, results: Results) -> None:
 
     unsided = _sided_timed("book_none", _book_subject(None), None)
     sided = _sided_timed("book_sides", _book_subject(Side.SELL), Side.BUY)
-    items = [floor, own, own_timeout, caller, port_own, port_dict, unsided, sided]
+    budget_gate = _budget_subject()
+    budget = _Timed(
+        "budget",
+        lambda orders: strategy_loop(budget_gate.try_enter, orders, NOTIONAL, BUDGET),
+    )
+    items = [floor, own, own_timeout, caller, port_own, port_dict, unsided, sided, budget]
     per_round = _measure(items, mode)
     labels = {
         "floor": "floor: with lock: d[k] = 1.0, then with lock: del d[k]",
@@ -500,13 +516,19 @@ def bench_decision(mode: Mode, results: Results) -> None:
         "port_dict8": "straightforward port, a caller's dict of 8 positions",
         "book_none": "own book, longs each with an order outstanding, side=None",
         "book_sides": "the same with sides: a buy beside an outstanding sell",
+        "budget": "own book, under a strategy's budget (the same limits at both scopes)",
     }
     rows = [_cost_row(item, labels[item.label], floor, per_round) for item in items]
     headers = ["per decision + release", "min", "spread", "vs floor", "per round (middle half)"]
     _show(results, "Decision cost", headers, rows)
     timeout = Ratio.of(per_round, "own_timeout", "own")
     sides = Ratio.of(per_round, "book_sides", "book_none")
+    budgeted = Ratio.of(per_round, "budget", "own")
     _say(f"with sides vs without (own book): {sides.text(3)} (per round {sides.range(3)})")
+    _say(
+        f"under a strategy's budget vs without (own book): {budgeted.text(3)} "
+        f"(per round {budgeted.range(3)})"
+    )
     _say(
         f"timeout={TIMEOUT:g} vs timeout=None (own book): {timeout.text(3)} "
         f"(per round {timeout.range(3)}), "
@@ -524,11 +546,22 @@ def bench_decision(mode: Mode, results: Results) -> None:
         "vs_floor": {label: ratio.as_dict() for label, ratio in ratios.items()},
         "timeout_vs_none": timeout.as_dict(),
         "sides_vs_none": sides.as_dict(),
+        "budget_vs_none": budgeted.as_dict(),
         "per_round": per_round,
     }
     results.targets.append(
         Target(
             "sides", "a decision with sides vs one without", sides.value, 1.15, "max", sides.range()
+        )
+    )
+    results.targets.append(
+        Target(
+            "budget",
+            "a decision under a strategy's budget vs one without",
+            budgeted.value,
+            1.3,
+            "max",
+            budgeted.range(),
         )
     )
     for key, label, limit in (

@@ -15,7 +15,7 @@ from .gate import PortfolioGate, Positions
 from .ledger import PendingEntryLedger, PendingMap, Reservation, ReservationState
 from .limits import PortfolioLimits
 from .protocols import Gate, ReservationHandle
-from .stats import GateStats, LedgerStats
+from .stats import GateStats, LedgerStats, ScopeStats
 from .trading import Latch, Side, TradingState
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "Reservation",
     "ReservationHandle",
     "ReservationState",
+    "ScopeStats",
     "Side",
     "StaleViewError",
     "TradingState",

@@ -5,11 +5,18 @@ This is the only module that reads or writes that state. ``LedgerCore._lock`` (a
 consistent, and whenever it is changed:
 
 * a ``LedgerCore``'s reservations (``_index``, keyed by the caller's order id, or by the sequence
-  number when the ledger names the order), ``_symbols`` (each reserved symbol's total), totals,
-  counters, owned position book
-  (``_book``), the thread in a ``lock()`` block (``_owner``, ``_block``) and ``_epoch``;
-* a ``GateCore``'s halt flag and decision counters;
-* a ``Reservation``'s remaining ``_units``, ``_state`` and ``_reserved_at``.
+  number when the ledger names the order), its scopes (``_account`` and ``_strategies``: each
+  a ``_Scope`` of per-symbol totals, sides, owned position book and counts), counters, the
+  thread in a ``lock()`` block (``_owner``, ``_block``) and ``_epoch``;
+* a ``GateCore``'s trading state, loss book, latch, decision counters, rate windows and its
+  per-strategy entries (``_budgeted``);
+* a ``Reservation``'s remaining ``_units``, ``_state``, ``_reserved_at`` and ``_scope``.
+
+Scopes: a reservation counts in the account's scope and, if it was made for a strategy, in that
+strategy's; a position is one strategy's part or the account's own, and the account's book
+holds each symbol's sum of its parts (``_Position``). The running totals of every scope move
+together in the critical section that changes them, so a decision sees every scope in one
+state.
 
 ``LedgerCore._turn`` guards no state: it orders the threads waiting for ``_lock`` to be free
 (``wait_free``). It is taken only there, always before ``_lock`` and never while holding it.
@@ -44,7 +51,8 @@ them (the rest count until a later acquisition sweeps them: over-blocking, the s
 ``lock()`` blocks and writes to the owned book sweep; ending a reservation does not need to.
 
 Every outstanding reservation holds at least one unit (a reduction to nothing ends it), so a
-symbol is in ``_symbols`` exactly while it has reservations, and its total is never 0 there.
+symbol is in a scope's ``symbols`` exactly while it has reservations there, and never with 0
+units.
 
 ``_epoch`` counts every change that gives room back (a reservation ends or shrinks). A decision on
 a caller's positions reads it before reading them and commits only if it is unchanged: the fill
@@ -58,10 +66,10 @@ that needs a slot beside the others: adding to it is admitted while the open sym
 the limit, and denied past it (where the owned book, read under the lock, would admit).
 
 Sides: a symbol's worst case needs its position and its pending buys, sells and orders of unknown
-side (``rules.worst_case``). ``_symbols`` keeps each symbol's reserved total as before, and
-``_sided`` the buys and sells of only the symbols that have any, each with its ``excess``: how
+side (``rules.worst_case``). A scope's ``symbols`` keeps each symbol's reserved total, and
+``sided`` the buys and sells of only the symbols that have any, each with its ``excess``: how
 much less its worst case is than ``|position| + reserved``. So gross (the sum of worst cases) is
-``_book_gross + _reserved - _excess``, kept up to date by every change to a sided symbol
+``book_gross + reserved - excess``, kept up to date by every change to a sided symbol
 (``_Scope.resum_locked``), and a side-blind book pays nothing for sides. A decision on a caller's
 positions takes the sided symbols' worst cases with the caller's positions, which it turns into
 units before the lock for the symbols sided when it began (``sided_symbols``); a symbol sided
@@ -319,14 +327,25 @@ class _Position:
         self.parts = 0
 
 
+class _Held:
+    """What one symbol has reserved in a scope: its units and its count of reservations (at
+    least one: a symbol is kept only while reserved, so never with 0 units)."""
+
+    __slots__ = ("orders", "units")
+
+    def __init__(self) -> None:
+        self.units = 0
+        self.orders = 0
+
+
 class _Scope:
     """The figures of one book the limits bound: the account's (every reservation, and the
     positions summed over their parts) or one strategy's (its own reservations and positions).
 
-    ``symbols`` has each reserved symbol's total units and ``orders_on`` its count of
-    reservations (the same keys), ``sided`` the buys and sells of the symbols that have any
-    (see Sides in the module notes), ``book`` the positions, ``open`` the symbols open or
-    reserved or both. Everything here is guarded by the ledger lock.
+    ``symbols`` has what each reserved symbol holds (``_Held``), ``sided`` the buys and sells
+    of the symbols that have any (see Sides in the module notes), ``book`` the positions,
+    ``open`` the symbols open or reserved or both. Everything here is guarded by the ledger
+    lock.
     """
 
     __slots__ = (
@@ -337,7 +356,6 @@ class _Scope:
         "excess",
         "open",
         "orders",
-        "orders_on",
         "reserved",
         "sells",
         "sided",
@@ -345,8 +363,7 @@ class _Scope:
     )
 
     def __init__(self) -> None:
-        self.symbols: dict[str, int] = {}  # units reserved per symbol, only symbols reserved
-        self.orders_on: dict[str, int] = {}  # reservations per symbol, the same keys
+        self.symbols: dict[str, _Held] = {}  # only symbols reserved
         self.orders = 0  # reservations outstanding
         self.reserved = 0  # units reserved in all
         self.sided: dict[str, _Sides] = {}  # only symbols with pending buys or sells
@@ -363,39 +380,39 @@ class _Scope:
 
     def add_locked(self, symbol: str, units: int, side: int) -> None:
         """Count one more reservation of ``units`` on ``symbol``."""
-        held = self.symbols.get(symbol, 0)
-        if not held and symbol not in self.book:
-            self.open += 1
-        self.symbols[symbol] = held + units
-        self.orders_on[symbol] = self.orders_on.get(symbol, 0) + 1
+        held = self.symbols.get(symbol)
+        if held is None:
+            held = self.symbols[symbol] = _Held()
+            if symbol not in self.book:
+                self.open += 1
+        held.units += units
+        held.orders += 1
         self.orders += 1
         self.reserved += units
         if side:
-            self.side_locked(symbol, side, units, held + units)
+            self.side_locked(symbol, side, units, held.units)
 
     def remove_locked(self, symbol: str, units: int, side: int) -> None:
         """Count one reservation of ``units`` on ``symbol`` fewer."""
-        left = self.symbols[symbol] - units
-        if left:
-            self.symbols[symbol] = left
-            self.orders_on[symbol] -= 1
-        else:
+        held = self.symbols[symbol]
+        held.units -= units
+        held.orders -= 1
+        if not held.orders:
             del self.symbols[symbol]
-            del self.orders_on[symbol]
             if symbol not in self.book:
                 self.open -= 1
         self.orders -= 1
         self.reserved -= units
         if side:
-            self.side_locked(symbol, side, -units, left)
+            self.side_locked(symbol, side, -units, held.units)
 
     def shrink_locked(self, symbol: str, units: int, side: int) -> None:
         """A reservation on ``symbol`` holds ``units`` fewer (negative: more), and not 0."""
-        left = self.symbols[symbol] - units
-        self.symbols[symbol] = left
+        held = self.symbols[symbol]
+        held.units -= units
         self.reserved -= units
         if side:
-            self.side_locked(symbol, side, -units, left)
+            self.side_locked(symbol, side, -units, held.units)
 
     def side_locked(self, symbol: str, side: int, units: int, reserved: int) -> None:
         """Count ``units`` more (negative: fewer) under ``side`` on ``symbol``, once its
@@ -441,7 +458,7 @@ class _Scope:
         sides = self.sided.get(symbol)
         if sides is not None:
             sides.position = position.units
-            self.resum_locked(symbol, sides, self.symbols[symbol])
+            self.resum_locked(symbol, sides, self.symbols[symbol].units)
 
     def drop_locked(self, symbol: str) -> _Position | None:
         """Close ``symbol``; the position it had, or None if it had none."""
@@ -455,7 +472,7 @@ class _Scope:
         sides = self.sided.get(symbol)
         if sides is not None:
             sides.position = 0
-            self.resum_locked(symbol, sides, self.symbols[symbol])
+            self.resum_locked(symbol, sides, self.symbols[symbol].units)
         return position
 
 
@@ -855,7 +872,9 @@ class LedgerCore:
         self._index[res._order_id or res._seq] = res
         self._account.add_locked(res._symbol, res._units, res._side)
         if res._strategy:
-            scope = res._scope = self._scope_locked(res._strategy)
+            scope = res._scope
+            if scope is None:
+                scope = res._scope = self._scope_locked(res._strategy)
             scope.add_locked(res._symbol, res._units, res._side)
         res._state = ACTIVE
 
@@ -1004,7 +1023,8 @@ class LedgerCore:
         return {name: scope.orders for name, scope in self._strategies.items()}
 
     def reserved_on_locked(self, symbol: str) -> int:
-        return self._account.symbols.get(symbol, 0)
+        held = self._account.symbols.get(symbol)
+        return 0 if held is None else held.units
 
     def sided_symbols(self) -> tuple[str, ...] | list[str]:
         """The symbols with pending buys or sells, read without the lock on purpose: a decision
@@ -1027,7 +1047,7 @@ class LedgerCore:
                 return -1
             else:
                 units = 0
-            reserved = account.symbols[symbol]
+            reserved = account.symbols[symbol].units
             unknown = reserved - sides.buys - sides.sells
             worst = rules.worst_case(units, sides.buys, sides.sells, unknown)
             excess += (units if units >= 0 else -units) + reserved - worst
@@ -1083,6 +1103,8 @@ def _audit_scope(name: str, scope: _Scope, members: list[Reservation], problems:
     units: dict[str, int] = {}
     orders: dict[str, int] = {}
     sides: dict[str, list[int]] = {}
+    kept_units = {symbol: held.units for symbol, held in scope.symbols.items()}
+    kept_orders = {symbol: held.orders for symbol, held in scope.symbols.items()}
     for res in members:
         units[res._symbol] = units.get(res._symbol, 0) + res._units
         orders[res._symbol] = orders.get(res._symbol, 0) + 1
@@ -1090,19 +1112,13 @@ def _audit_scope(name: str, scope: _Scope, members: list[Reservation], problems:
             entry = sides.setdefault(res._symbol, [0, 0])
             entry[res._side - 1] += res._units
     # Every key of both (a total is kept only while positive), not just the kept ones.
-    for symbol in sorted(scope.symbols.keys() | units.keys()):
-        kept, recomputed = scope.symbols.get(symbol, 0), units.get(symbol, 0)
+    for symbol in sorted(kept_units.keys() | units.keys()):
+        kept, recomputed = kept_units.get(symbol, 0), units.get(symbol, 0)
         if kept != recomputed or kept <= 0:
             problems.append(f"{at}{symbol!r} reserved: kept {kept}, recomputed {recomputed}")
-        _expect(
-            problems,
-            f"{at}{symbol!r} orders",
-            scope.orders_on.get(symbol, 0),
-            orders.get(symbol, 0),
-        )
+        kept, recomputed = kept_orders.get(symbol, 0), orders.get(symbol, 0)
+        _expect(problems, f"{at}{symbol!r} orders", kept, recomputed)
     _expect(problems, f"{at}orders", scope.orders, len(members))
-    if scope.orders_on.keys() != scope.symbols.keys():
-        problems.append(f"{at}symbols with orders differ from symbols reserved")
     _expect(problems, f"{at}reserved", scope.reserved, sum(units.values()))
     book = scope.book
     _expect(problems, f"{at}book gross", scope.book_gross, sum(p.magnitude for p in book.values()))
@@ -1116,7 +1132,7 @@ def _audit_scope(name: str, scope: _Scope, members: list[Reservation], problems:
             got = None if kept_sides is None else (kept_sides.buys, kept_sides.sells)
             problems.append(f"{at}{symbol!r} buys, sells: kept {got}, recomputed {(buys, sells)}")
             continue
-        reserved = scope.symbols.get(symbol, 0)
+        reserved = kept_units.get(symbol, 0)
         position = book.get(symbol)
         held = 0 if position is None else position.units
         _expect(problems, f"{at}{symbol!r} position", kept_sides.position, held)
@@ -1419,7 +1435,7 @@ class GateCore:
     """
 
     __slots__ = (
-        "_by_strategy",
+        "_budgeted",
         "_counts",
         "_day_end",
         "_day_pnl",
@@ -1436,7 +1452,6 @@ class GateCore:
         "_timeouts_lock",
         "_undated",
         "_window",
-        "_windows",
         "ledger",
     )
 
@@ -1454,9 +1469,8 @@ class GateCore:
         self._has_equity = False
         self._kinds = 0  # the kinds of the loss amounts recorded (sticky)
         self._counts = [0] * len(_REASON_SLOTS)  # by outcome code; [0] counts admissions
-        self._by_strategy: dict[str, list[int]] = {}  # the same, per strategy
+        self._budgeted: dict[str, _Budgeted] = {}  # each strategy's figures, window, counts
         self._window = _Window()  # the account's recent admissions
-        self._windows: dict[str, _Window] = {}  # each strategy's
         # Timeouts are counted under a lock of their own: they happen when the ledger's is busy.
         self._timeouts_lock = threading.Lock()
         self._timeouts = 0
@@ -1534,7 +1548,7 @@ class GateCore:
 
     def _counts_locked(self) -> GateCounts:
         ledger = self.ledger
-        by_strategy = {name: list(codes) for name, codes in self._by_strategy.items()}
+        by_strategy = {name: list(entry.counts) for name, entry in self._budgeted.items()}
         return GateCounts(
             list(self._counts),
             by_strategy,
@@ -1627,11 +1641,11 @@ class GateCore:
             return DUPLICATE
         stamp = now if now > ledger._last_stamp else ledger._last_stamp  # as insert_locked
         code = rules.ADMIT
-        window = None
+        entry = None
         if budget is not None:
-            window = self._strategy_window_locked(res._strategy)
-            scope = ledger.scope_locked(res._strategy)
-            code = self._rule_locked(res, budget, state, scope, window, stamp, None)
+            entry = self._budgeted_locked(res._strategy)
+            code = self._rule_locked(res, budget, state, entry.scope, entry.window, stamp, None)
+        by_budget = code > rules.HALTED  # the trading state is the account's
         if code == rules.ADMIT:
             code = self._rule_locked(
                 res, limits, state, ledger._account, self._window, stamp, snapshot
@@ -1639,28 +1653,28 @@ class GateCore:
             if code == RETRY:
                 return RETRY
         self._counts[code] += 1
-        if res._strategy:
-            self._count_strategy_locked(res._strategy, code)
-        if code != rules.ADMIT:
-            return code if window is None or code == rules.HALTED else code + BY_BUDGET
-        ledger.insert_locked(res, now)
+        if entry is None or budget is None:
+            if code != rules.ADMIT:
+                return code
+            ledger.insert_locked(res, now)
+        else:
+            entry.counts[code] += 1
+            if code != rules.ADMIT:
+                return code + BY_BUDGET if by_budget else code
+            res._scope = entry.scope  # spares the link a lookup
+            ledger.insert_locked(res, now)
+            if budget.rate_count > rules.NO_LIMIT:
+                entry.window.add(res._reserved_at)
         if limits.rate_count > rules.NO_LIMIT:
             self._window.add(res._reserved_at)
-        if window is not None and budget is not None and budget.rate_count > rules.NO_LIMIT:
-            window.add(res._reserved_at)
         return rules.ADMIT
 
-    def _count_strategy_locked(self, strategy: str, code: int) -> None:
-        codes = self._by_strategy.get(strategy)
-        if codes is None:
-            codes = self._by_strategy[strategy] = [0] * len(_REASON_SLOTS)
-        codes[code] += 1
-
-    def _strategy_window_locked(self, strategy: str) -> _Window:
-        window = self._windows.get(strategy)
-        if window is None:
-            window = self._windows[strategy] = _Window()
-        return window
+    def _budgeted_locked(self, strategy: str) -> _Budgeted:
+        entry = self._budgeted.get(strategy)
+        if entry is None:
+            scope = self.ledger.scope_locked(strategy)
+            entry = self._budgeted[strategy] = _Budgeted(scope)
+        return entry
 
     def _rule_locked(
         self,
@@ -1676,7 +1690,10 @@ class GateCore:
         anything), or on a caller's positions (the account only); ``RETRY`` if those went
         stale. ``stamp`` is the decision's clock reading, as the reservation would get it."""
         symbol = res._symbol
-        reserved = scope.symbols.get(symbol, 0)
+        held_here = scope.symbols.get(symbol)
+        reserved = orders_here = 0
+        if held_here is not None:
+            reserved, orders_here = held_here.units, held_here.orders
         if snapshot is None:
             position = scope.book.get(symbol)
             open_count = scope.open
@@ -1708,7 +1725,7 @@ class GateCore:
             net_after,
             res._units,
             scope.orders,
-            scope.orders_on.get(symbol, 0),
+            orders_here,
             start,
             stamp,
         )
@@ -1726,10 +1743,10 @@ class GateCore:
         reducing order needs no slot, in ``REDUCING`` too."""
         ledger = self.ledger
         account = ledger._account
-        reserved = account.symbols.get(res._symbol, 0)
+        vouched = res._symbol in account.symbols  # reserved
         open_ = snapshot.open
         count = len(open_) + len(account.symbols) - ledger._overlap_locked(open_)
-        vouched = reserved > 0 or (snapshot.holds and res._side != rules.UNKNOWN_SIDE)
+        vouched = vouched or (snapshot.holds and res._side != rules.UNKNOWN_SIDE)
         if not vouched and snapshot.holds:
             count -= 1
         excess = ledger._excess_over_locked(snapshot) if account.sided else 0
@@ -1836,6 +1853,18 @@ class _Window:
 
     def add(self, stamp: float) -> None:
         self.stamps.append(stamp)
+
+
+class _Budgeted:
+    """What a gate keeps for one strategy it decides for: the strategy's figures (the
+    ledger's, shared by every gate), its recent admissions and its counts by outcome code."""
+
+    __slots__ = ("counts", "scope", "window")
+
+    def __init__(self, scope: _Scope) -> None:
+        self.scope = scope
+        self.window = _Window()
+        self.counts = [0] * len(_REASON_SLOTS)
 
 
 class GateCounts:

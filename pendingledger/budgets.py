@@ -33,7 +33,7 @@ class Limits:
     def budget_of(self, strategy: object, positions: object) -> tuple[str, UnitLimits]:
         """``strategy``'s name and budget; ``ValueError`` if it has none, or if the decision
         is on a caller's ``positions`` (they carry no strategy)."""
-        name = _units.check_strategy(strategy)
+        name = strategy if type(strategy) is str else _units.check_strategy(strategy)
         budget = self.budgets.get(name)
         if budget is None:
             known = ", ".join(map(repr, sorted(self.budgets))) or "none"
@@ -54,10 +54,10 @@ def check_budgets(budgets: object) -> dict[str, UnitLimits]:
         raise TypeError(f"budgets must be a mapping of strategy name to limits, got {budgets!r}")
     checked: dict[str, UnitLimits] = {}
     for key, limits in list(budgets.items()):
-        if type(key) is not str or not key:
-            raise (TypeError if not isinstance(key, str) else ValueError)(
-                f"budgets: a strategy's name must be a non-empty str, got {key!r}"
-            )
+        if not isinstance(key, str):
+            raise TypeError(f"budgets: a strategy's name must be a non-empty str, got {key!r}")
+        if not key:
+            raise ValueError(f"budgets: a strategy's name must not be empty, got {key!r}")
         if not isinstance(limits, PortfolioLimits):
             raise TypeError(f"budgets[{key!r}] must be a PortfolioLimits, got {limits!r}")
         if limits.has_loss_limits:
@@ -65,7 +65,7 @@ def check_budgets(budgets: object) -> dict[str, UnitLimits]:
                 f"budgets[{key!r}] sets a loss limit: max_daily_loss and max_drawdown are the "
                 f"account's (set them on the gate's limits), got {limits!r}"
             )
-        checked[key] = rules.unit_limits(limits)
+        checked[str.__str__(key)] = rules.unit_limits(limits)  # exact: hashed in C
     return checked
 
 

@@ -87,6 +87,7 @@ class UnitLimits:
     """A ``PortfolioLimits`` in units, as the rules read it; ``NO_LIMIT`` where none is set."""
 
     __slots__ = (
+        "caps",
         "loss_kinds",
         "max_daily_loss",
         "max_drawdown",
@@ -121,6 +122,13 @@ class UnitLimits:
         # rate_count NO_LIMIT: no window; else at most rate_count admissions in rate_seconds.
         self.rate_count: int = NO_LIMIT if rate is None else operator.index(rate[0])
         self.rate_seconds: float = 0.0 if rate is None else float(rate[1])
+        # Whether any order cap is set: most limits set none, and their rule skips four tests.
+        self.caps: bool = (
+            self.max_order > NO_LIMIT
+            or self.max_open_orders > NO_LIMIT
+            or self.max_symbol_orders > NO_LIMIT
+            or self.rate_count > NO_LIMIT
+        )
 
 
 def unit_limits(limits: object) -> UnitLimits:
@@ -217,6 +225,8 @@ def first_failing_rule(  # noqa: PLR0911 - one return per rule, in DenyReason or
             return MAX_SYMBOL_EXPOSURE
     if limits.max_net > NO_LIMIT and net_before < net_after and net_after > limits.max_net:
         return MAX_NET_EXPOSURE
+    if not limits.caps:
+        return ADMIT
     if NO_LIMIT < limits.max_order < units:
         return MAX_ORDER_NOTIONAL
     if NO_LIMIT < limits.max_open_orders <= orders:

@@ -50,7 +50,19 @@ from pendingledger._units import Number
 from pendingledger.testing import ManualClock
 
 LIMITS = PortfolioLimits(
-    max_concurrent_positions=50, max_gross_exposure=10_000, max_daily_loss=1_000
+    max_concurrent_positions=50,
+    max_gross_exposure=10_000,
+    max_daily_loss=1_000,
+    max_open_orders=100,
+    max_orders_per_interval=(1_000, 60.0),
+)
+# A strategy's budget with every order cap, so each of their paths runs in every_operation.
+BUDGET = PortfolioLimits(
+    max_gross_exposure=5_000,
+    max_order_notional=500,
+    max_open_orders=10,
+    max_open_orders_per_symbol=5,
+    max_orders_per_interval=(100, 60.0),
 )
 
 
@@ -265,7 +277,8 @@ def make_setup(witness: Witness) -> Setup:
 
     ledger = PendingEntryLedger(10.0, clock=clock, on_expire=on_expire)
     witness.ledgers.append(ledger)
-    gate = PortfolioGate(ledger, LIMITS, wall_clock=WallClock(witness))
+    budgets = {Name("alpha"): BUDGET}  # a str subclass as the name: copied before use
+    gate = PortfolioGate(ledger, LIMITS, budgets=budgets, wall_clock=WallClock(witness))
     return Setup(witness, clock, ledger, gate, expired)
 
 
@@ -295,6 +308,26 @@ def every_operation(s: Setup) -> None:
     assert do("Reservation.active", lambda: res.active)
     assert do("Reservation.release", res.release)
     do("set_position", lambda: gate.set_position(Name("FFF"), real(w, -7)))
+    alpha = Name("alpha")
+    budgeted = do(
+        "try_enter(strategy)",
+        lambda: gate.try_enter(
+            Name("AAA"), real(w, 20), order_id=Name("o-s"), side=Name("buy"), strategy=alpha
+        ),
+    )
+    assert isinstance(budgeted, Decision) and budgeted.admitted
+    denied = do(
+        "try_enter(strategy, capped)", lambda: gate.try_enter("AAA", real(w, 501), strategy=alpha)
+    )
+    assert isinstance(denied, Decision) and denied.scope == "alpha"
+    do("set_position(strategy)", lambda: gate.set_position(Name("FFF"), real(w, 3), strategy=alpha))
+    assert do(
+        "confirm_fill(strategy)",
+        lambda: gate.confirm_fill(Name("o-s"), real(w, 20), strategy=alpha),
+    )
+    do("positions(strategy)", lambda: gate.positions(strategy=alpha))
+    assert do("close_position(strategy)", lambda: gate.close_position(
+        Name("AAA"), strategy=alpha))  # fmt: skip
     assert do("confirm_fill", lambda: gate.confirm_fill(Name("o-3"), real(w, 4)))
     assert not do("confirm_fill(late)", lambda: gate.confirm_fill(
         "o-missing", real(w, 1), symbol=Name("GGG")))  # fmt: skip
