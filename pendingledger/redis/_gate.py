@@ -402,6 +402,7 @@ class RedisGate:
         "_ttl",
         "_ttl_us",
         "_unavailable",
+        "_unavailable_by",
         "_unavailable_lock",
         "_wait_ms",
     )
@@ -446,6 +447,7 @@ class RedisGate:
         self._code = ServerCode(client, keys)
         self._log = _LogThrottle()
         self._unavailable = 0
+        self._unavailable_by: dict[str, int] = {}  # of those, by strategy
         self._unavailable_lock = threading.Lock()
         if _socket_timeout(client) is None:
             warnings.warn(
@@ -642,13 +644,15 @@ class RedisGate:
             return DENIALS[reason]
         return self._denials.of(CODES[reason], scope)
 
-    def _unavailable_decision(self, what: str, exc: Exception) -> Decision:
+    def _unavailable_decision(self, what: str, exc: Exception, strategy: str = "") -> Decision:
         """The shared ``BACKEND_UNAVAILABLE`` decision for a call the store did not confirm
         (counted and logged); a symbol or order id the client cannot encode raises instead."""
         if isinstance(exc, UnicodeError):
             raise _unencodable(exc) from exc
         with self._unavailable_lock:
             self._unavailable += 1
+            if strategy:
+                self._unavailable_by[strategy] = self._unavailable_by.get(strategy, 0) + 1
         self._log.failed(what, exc)
         return _UNAVAILABLE
 
@@ -855,6 +859,8 @@ class RedisGate:
             args += [name, *_position_value(f"positions[{symbol!r}]", exposure)]
         parts: list[EncodableT] = []
         for strategy, book in strategies.items():
+            if strategy is None:
+                raise TypeError("strategies: a key must be a strategy's name, got None")
             strat = check_strategy(f"strategies key {strategy!r}", strategy)
             if not isinstance(book, Mapping):
                 raise TypeError(f"strategies[{strategy!r}] must be a mapping, got {book!r}")
@@ -1016,11 +1022,13 @@ class RedisGate:
         for reason in DenyReason:
             denied[reason] = st.get(f"denied:{reason.value}", 0)
         denied[DenyReason.BACKEND_UNAVAILABLE] += self._unavailable
+        with self._unavailable_lock:
+            unavailable = dict(self._unavailable_by)
         admitted = st.get("admitted", 0)
         return RedisGateStats(
             admitted=admitted,
             denied=MappingProxyType(denied),
-            scopes=_scope_stats(reply[7], budgets, admitted, denied, int(reply[1])),
+            scopes=_scope_stats(reply[7], budgets, admitted, denied, int(reply[1]), unavailable),
             state=STATES[int(reply[4])],
             latch=_latch_of(reply[6]),
             outstanding=int(reply[1]),
@@ -1054,28 +1062,32 @@ def _scope_stats(
     admitted: int,
     denied: Mapping[DenyReason, int],
     outstanding: int,
+    unavailable: Mapping[str, int],
 ) -> Mapping[str | None, ScopeStats]:
     """``GateStats.scopes`` from the server's per-strategy counts: every strategy with counts
     or a budget, and under None the rest (the decisions made with no strategy: the top-level
     counts less the strategies'; this gate object's ``BACKEND_UNAVAILABLE`` count too, which
-    the server never saw)."""
+    the server never saw, but a strategy's are its: ``unavailable``)."""
     size = 3 + len(_SCOPE_REASONS)
     scopes: dict[str | None, ScopeStats] = {}
     rest_admitted, rest_outstanding = admitted, outstanding
     rest = dict(denied)
+    found: dict[str, tuple[int, dict[DenyReason, int], int]] = {}
     for i in range(0, len(flat), size):
-        name = _s(flat[i])
         counts = [int(v) for v in flat[i + 1 : i + size]]
         by_reason = dict.fromkeys(DenyReason, 0)
-        for reason, n in zip(_SCOPE_REASONS, counts[1:-1], strict=True):
-            by_reason[reason] = n
+        by_reason.update(zip(_SCOPE_REASONS, counts[1:-1], strict=True))
+        found[_s(flat[i])] = (counts[0], by_reason, counts[-1])
+    for name in [*budgets, *unavailable]:
+        if name not in found:
+            found[name] = (0, dict.fromkeys(DenyReason, 0), 0)
+    for name, (n_admitted, by_reason, n_outstanding) in found.items():
+        by_reason[DenyReason.BACKEND_UNAVAILABLE] += unavailable.get(name, 0)
+        for reason, n in by_reason.items():
             rest[reason] -= n
-        rest_admitted -= counts[0]
-        rest_outstanding -= counts[-1]
-        scopes[name] = ScopeStats(counts[0], MappingProxyType(by_reason), counts[-1])
-    for name in budgets:
-        if name not in scopes:
-            scopes[name] = ScopeStats(0, MappingProxyType(dict.fromkeys(DenyReason, 0)), 0)
+        rest_admitted -= n_admitted
+        rest_outstanding -= n_outstanding
+        scopes[name] = ScopeStats(n_admitted, MappingProxyType(by_reason), n_outstanding)
     scopes[None] = ScopeStats(rest_admitted, MappingProxyType(rest), rest_outstanding)
     return MappingProxyType(scopes)
 
@@ -1127,9 +1139,9 @@ def enter(
     except redis.ResponseError as exc:
         if mode and "test operations are off" in str(exc):
             raise
-        return gate._unavailable_decision(f"try_enter({name!r}, order_id={oid!r})", exc)
+        return gate._unavailable_decision(f"try_enter({name!r}, order_id={oid!r})", exc, strat)
     except Exception as exc:
-        return gate._unavailable_decision(f"try_enter({name!r}, order_id={oid!r})", exc)
+        return gate._unavailable_decision(f"try_enter({name!r}, order_id={oid!r})", exc, strat)
     if status == "X":
         raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
     gate._log.ok()

@@ -404,14 +404,16 @@ local function load_state(cold, hot)
   COLD[K_BOOK], HOT[K_BOOK] = nil, nil
 end
 
-local LT, LDIRTY = {}, {} -- this call's strategies' totals by scope key, and those it changed
+-- This call's strategies' totals by scope key, and those it changed (SCOPED: any was read, so
+-- a call with no strategy allocates none of this).
+local LT, LDIRTY, SCOPED = {}, {}, false
 
 -- Start a call: bind the keys, read state, the fencing tag kept for the caller's hw and the
 -- book fields named in the list `names` (no nil) with one HMGET.
 local function begin(keys, args, names)
   K_BOOK, K_EXPIRY, K_FORGET = keys[1], keys[2], keys[3]
   HSET.n, HDEL.n, XADD.n, XREM.n, FADD.n, FREM.n = 0, 0, 0, 0, 0, 0
-  LT, LDIRTY = {}, {}
+  if SCOPED then LT, LDIRTY, SCOPED = {}, {}, false end
   local ring = RING_NAMES[args[2] % RING]
   F = {}
   local got
@@ -460,6 +462,7 @@ local function scope_totals(sk)
   for i = 1, #L_NAMES do t[L_NAMES[i]] = values[i] or 0 end
   if t.lo == 0 then t.lo = 1 end
   LT[sk] = t
+  SCOPED = true
   return t
 end
 
@@ -483,6 +486,7 @@ end
 
 -- Write the strategies' totals this call changed (a new one joins the registry).
 local function write_scopes()
+  if not SCOPED then return end
   for sk, t in pairs(LDIRTY) do
     local values = {}
     for i = 1, #L_NAMES do values[i] = t[L_NAMES[i]] end
@@ -952,10 +956,10 @@ local function set_part(a, part, value, code)
     set_pos(a, value, code)
     return
   end
-  local sw, sf = sadd(spos(a))
+  local sw, sf = spos(a)
   sw, sf = sadd(sw, sf, negate(ow, of))
   sw, sf = sadd(sw, sf, spos(part))
-  set_sum(a, sw, sf, string.sub(kind_union(F[a.k] or code, code), 1), n)
+  set_sum(a, sw, sf, kind_union(F[a.k] or code, code), n)
 end
 
 -- Remove part `part` of the position of `a`; true if it was open.
@@ -972,7 +976,7 @@ local function close_part(a, part)
   if n <= 0 then
     close_pos(a)
   else
-    local sw, sf = sadd(spos(a))
+    local sw, sf = spos(a)
     sw, sf = sadd(sw, sf, negate(ow, of))
     set_sum(a, sw, sf, string.sub(F[a.k], 2, 2), n)
   end
