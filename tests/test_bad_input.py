@@ -850,7 +850,6 @@ BAD_BUDGETS: list[tuple[object, type[Exception] | tuple[type[Exception], ...], s
     ({None: PortfolioLimits()}, TypeError, "None"),
     ({b"A": PortfolioLimits()}, TypeError, "b'A'"),
     ({"": PortfolioLimits()}, (TypeError, ValueError), "''"),
-    ({_Name("A"): PortfolioLimits()}, (TypeError, ValueError), "'A'"),
     ({"A": None}, TypeError, "A"),
     ({"A": {"max_gross_exposure": 1}}, TypeError, "A"),
     ({"A": PortfolioLimits(max_daily_loss=1)}, ValueError, "loss limit"),

@@ -556,6 +556,31 @@ def test_bad_budgets_change_nothing(
         h.gate(L(), budgets=budgets)
 
 
+class Name(str):
+    """A str subclass: its hash and comparisons are Python code."""
+
+    __slots__ = ()
+
+
+def test_a_str_subclass_name_is_refused_or_kept_as_an_exact_str(h: Harness) -> None:
+    """A budget's name, or a strategy, of a str subclass is refused (naming the argument), or
+    taken as the plain str it spells, never kept as the subclass (whose code would run in the
+    decision)."""
+    g = h.gate(L())
+    try:
+        g.budgets = {Name("A"): L(max_order_notional=1)}
+    except (TypeError, ValueError) as exc:
+        assert "budgets" in str(exc) and dict(g.budgets) == {}
+        g.budgets = {"A": L(max_order_notional=1)}
+    assert [type(name) for name in g.budgets] == [str]
+    try:
+        decision = g.try_enter("AAA", 2, strategy=Name("A"))
+    except (TypeError, ValueError) as exc:
+        assert "strategy" in str(exc) and g.stats().decisions == 0
+        return
+    assert why(decision) == (R.MAX_ORDER_NOTIONAL, "A") and type(decision.scope) is str
+
+
 # ---------------------------------------------------------------------------- replacements
 
 
