@@ -938,6 +938,33 @@ def test_stats_per_scope(h: Harness) -> None:
     check_scope_sums(g.stats())
 
 
+def test_a_timed_out_decision_under_a_strategy_counts_in_its_scope() -> None:
+    """In process: with the ledger lock held elsewhere a decision under A times out (fail
+    closed, scope None: no budget denied it) and counts as A's decision."""
+    ledger = PendingEntryLedger(60.0, clock=ManualClock())
+    g = PortfolioGate(ledger, L(), budgets={"A": L()})
+    taken, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with ledger.lock():
+            taken.set()
+            done.wait(30.0)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert taken.wait(30.0)
+    try:
+        decision = g.try_enter("AAA", 1, strategy="A", timeout=0)
+    finally:
+        done.set()
+        holder.join(30.0)
+    assert why(decision) == (R.LOCK_TIMEOUT, None)
+    stats = g.stats()
+    assert stats.scopes["A"].denied[R.LOCK_TIMEOUT] == 1
+    assert stats.scopes[None].denied[R.LOCK_TIMEOUT] == 0
+    check_scope_sums(stats)
+
+
 # ---------------------------------------------------------------------------- the table
 #
 # Both scopes through the edges of every rule, on both backends, against a model: the state
