@@ -73,6 +73,8 @@ def _timer_cost() -> int:
 TTL = 3600.0  # long enough that nothing expires while a figure is measured (time.monotonic)
 NOTIONAL = 100.0
 BUDGET = "strategy-1"  # the one strategy of the budget subject
+WINDOW_S = 1e-9  # the rate window's length in the caps section: it never fills up
+BIG_WINDOW = 100_000  # the larger rate window timed there
 TIMEOUT = 0.05
 # A caller's position cache: 8 open positions on symbols other than the ones entered.
 POSITIONS: dict[str, float] = {
@@ -572,6 +574,67 @@ def bench_decision(mode: Mode, results: Results) -> None:
         results.targets.append(
             Target(f"floor_{key}", label, ratio.value, limit, "max", ratio.range())
         )
+
+
+def _capped_subject(count: int) -> Any:
+    """A gate with every order cap set, generous (every decision admitted), and its rate
+    window already full: ``count`` admissions within ``WINDOW_S``, which no ``count`` of
+    decisions a microsecond apart can reach, so the window slides on every decision."""
+    from dataclasses import replace
+
+    from pendingledger import PendingEntryLedger, PortfolioGate
+
+    limits = replace(
+        _limits(),
+        max_order_notional=1e6,
+        max_open_orders=10**6,
+        max_open_orders_per_symbol=10**6,
+        max_orders_per_interval=(count, WINDOW_S),
+    )
+    gate = PortfolioGate(PendingEntryLedger(TTL, clock=time.monotonic), limits)
+    for i in range(count):
+        gate.try_enter(HOT[i % len(HOT)], NOTIONAL).reservation.release()
+    return gate
+
+
+def bench_caps(mode: Mode, results: Results) -> None:
+    _title(results, "Order caps: decision + release with every cap set, by rate-window size")
+    plain = _gate_timed("none", _subject()[1], None)
+    small = _gate_timed("window10", _capped_subject(10), None)
+    large = _gate_timed(f"window{BIG_WINDOW}", _capped_subject(BIG_WINDOW), None)
+    items = [plain, small, large]
+    per_round = _measure(items, mode)
+    labels = {
+        "none": "no order cap set",
+        "window10": "every cap set, rate window of 10 admissions",
+        f"window{BIG_WINDOW}": f"every cap set, rate window of {BIG_WINDOW:,} admissions",
+    }
+    rows = [_cost_row(item, labels[item.label], plain, per_round) for item in items]
+    headers = ["per decision + release", "min", "spread", "vs none", "per round (middle half)"]
+    _show(results, "Order caps", headers, rows)
+    caps = Ratio.of(per_round, "window10", "none")
+    flat = Ratio.of(per_round, f"window{BIG_WINDOW}", "window10")
+    _say(f"every cap set vs none: {caps.text(3)} (per round {caps.range(3)})")
+    _say(
+        f"rate window of {BIG_WINDOW:,} vs 10: {flat.text(3)} (per round {flat.range(3)}): "
+        "the window costs the same whatever its size\n"
+    )
+    results.sections["caps"] = {
+        "ns_min": {item.label: item.best for item in items},
+        "caps_vs_none": caps.as_dict(),
+        "big_window_vs_small": flat.as_dict(),
+        "per_round": per_round,
+    }
+    results.targets.append(
+        Target(
+            "window",
+            f"a rate window of {BIG_WINDOW:,} vs one of 10 (O(1) a decision)",
+            flat.value,
+            1.1,
+            "max",
+            flat.range(),
+        )
+    )
 
 
 def bench_book(mode: Mode, results: Results) -> None:
@@ -1458,6 +1521,7 @@ def summarize(paths: Sequence[str]) -> str:
 
 SECTIONS: dict[str, Callable[[Mode, Results], None]] = {
     "decision": bench_decision,
+    "caps": bench_caps,
     "book": bench_book,
     "contention": bench_contention,
     "memory": bench_memory,

@@ -155,12 +155,14 @@ class Reservation:
 
     __slots__ = (
         "_core",
+        "_held",
         "_initial",
         "_initial_units",
         "_kind",
         "_order_id",
         "_reserved_at",
         "_scope",
+        "_scope_held",
         "_seq",
         "_side",
         "_state",
@@ -183,6 +185,9 @@ class Reservation:
         self._side = side
         self._strategy = strategy  # "" for the account's own
         self._scope: _Scope | None = None  # its strategy's figures, set when it is linked
+        # What its symbol holds in the account's scope and its strategy's, while it is linked.
+        self._held = _NOT_HELD
+        self._scope_held = _NOT_HELD
         self._symbol = symbol
         self._order_id = order_id  # "" when the ledger names the order (see order_id)
         self._initial = initial
@@ -338,6 +343,9 @@ class _Held:
         self.orders = 0
 
 
+_NOT_HELD: Final = _Held()  # a reservation's _held before it is linked
+
+
 class _Scope:
     """The figures of one book the limits bound: the account's (every reservation, and the
     positions summed over their parts) or one strategy's (its own reservations and positions).
@@ -359,11 +367,15 @@ class _Scope:
         "reserved",
         "sells",
         "sided",
+        "spare",
         "symbols",
     )
 
     def __init__(self) -> None:
         self.symbols: dict[str, _Held] = {}  # only symbols reserved
+        # The last _Held dropped (0 units, no orders), for the next symbol reserved: a symbol
+        # entered and released in turn costs no allocation (benchmarks/README.md).
+        self.spare: _Held | None = None
         self.orders = 0  # reservations outstanding
         self.reserved = 0  # units reserved in all
         self.sided: dict[str, _Sides] = {}  # only symbols with pending buys or sells
@@ -378,11 +390,17 @@ class _Scope:
     def gross(self) -> int:
         return self.book_gross + self.reserved - self.excess
 
-    def add_locked(self, symbol: str, units: int, side: int) -> None:
-        """Count one more reservation of ``units`` on ``symbol``."""
+    def add_locked(self, symbol: str, units: int, side: int) -> _Held:
+        """Count one more reservation of ``units`` on ``symbol``; what the symbol holds (valid
+        while that reservation is outstanding: its end passes it back)."""
         held = self.symbols.get(symbol)
         if held is None:
-            held = self.symbols[symbol] = _Held()
+            held = self.spare
+            if held is None:
+                held = _Held()
+            else:
+                self.spare = None
+            self.symbols[symbol] = held
             if symbol not in self.book:
                 self.open += 1
         held.units += units
@@ -391,14 +409,15 @@ class _Scope:
         self.reserved += units
         if side:
             self.side_locked(symbol, side, units, held.units)
+        return held
 
-    def remove_locked(self, symbol: str, units: int, side: int) -> None:
-        """Count one reservation of ``units`` on ``symbol`` fewer."""
-        held = self.symbols[symbol]
+    def remove_locked(self, symbol: str, held: _Held, units: int, side: int) -> None:
+        """Count one reservation of ``units`` on ``symbol`` (holding ``held``) fewer."""
         held.units -= units
         held.orders -= 1
         if not held.orders:
             del self.symbols[symbol]
+            self.spare = held
             if symbol not in self.book:
                 self.open -= 1
         self.orders -= 1
@@ -406,9 +425,9 @@ class _Scope:
         if side:
             self.side_locked(symbol, side, -units, held.units)
 
-    def shrink_locked(self, symbol: str, units: int, side: int) -> None:
-        """A reservation on ``symbol`` holds ``units`` fewer (negative: more), and not 0."""
-        held = self.symbols[symbol]
+    def shrink_locked(self, symbol: str, held: _Held, units: int, side: int) -> None:
+        """A reservation on ``symbol`` (holding ``held``) holds ``units`` fewer (negative:
+        more), and not 0."""
         held.units -= units
         self.reserved -= units
         if side:
@@ -870,12 +889,12 @@ class LedgerCore:
     def _link_locked(self, res: Reservation) -> None:
         """Add an active ``res`` (seq and stamp set) to every index and total."""
         self._index[res._order_id or res._seq] = res
-        self._account.add_locked(res._symbol, res._units, res._side)
+        res._held = self._account.add_locked(res._symbol, res._units, res._side)
         if res._strategy:
             scope = res._scope
             if scope is None:
                 scope = res._scope = self._scope_locked(res._strategy)
-            scope.add_locked(res._symbol, res._units, res._side)
+            res._scope_held = scope.add_locked(res._symbol, res._units, res._side)
         res._state = ACTIVE
 
     def scope_locked(self, strategy: str) -> _Scope:
@@ -891,10 +910,10 @@ class LedgerCore:
     def _end_locked(self, res: Reservation, state: int) -> None:
         """Remove an active ``res`` from every index and total; it ends as ``state``."""
         del self._index[res._order_id or res._seq]
-        self._account.remove_locked(res._symbol, res._units, res._side)
+        self._account.remove_locked(res._symbol, res._held, res._units, res._side)
         scope = res._scope
         if scope is not None:
-            scope.remove_locked(res._symbol, res._units, res._side)
+            scope.remove_locked(res._symbol, res._scope_held, res._units, res._side)
         res._state = state
         self._epoch += 1
 
@@ -924,10 +943,10 @@ class LedgerCore:
     def _shrink_locked(self, res: Reservation, units: int) -> None:
         """``res`` holds ``units`` fewer (negative: more) and stays active."""
         res._units -= units
-        self._account.shrink_locked(res._symbol, units, res._side)
+        self._account.shrink_locked(res._symbol, res._held, units, res._side)
         scope = res._scope
         if scope is not None:
-            scope.shrink_locked(res._symbol, units, res._side)
+            scope.shrink_locked(res._symbol, res._scope_held, units, res._side)
 
     def _fill_locked(self, res: Reservation, fill: tuple[int, int, int]) -> None:
         """End an active ``res`` as filled, or reduce it by ``fill`` if one is given."""

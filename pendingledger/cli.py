@@ -22,10 +22,17 @@ What callers (and scripts) may rely on:
 * After the two runs, a loss latch race on each gate (``pendingledger.sim.latch``): threads
   entering while another records losses until the daily loss limit latches the gate; any order
   admitted after the latching call returned fails pendingledger's run like a breach.
+* ``--strategies N`` (N >= 2; memory backend only) races N strategies sharing the account,
+  each with a budget, the account with order caps of its own
+  (``pendingledger.sim.strategies_config``): the header names the caps and the strategies, the
+  table gains the order caps' denials and breaches and both by scope, and a table after it
+  shows each scope's limits, then per gate each scope's peaks and breaches (a column each:
+  the account, then the strategies). ``--backend redis`` with it is an argparse error.
 * ``--json PATH`` writes ``{"broken": {...}, "pendingledger": {...}, "latch": {...}, ...}``:
   each run's figures (``SimResult.to_dict()``: at least ``decisions``, ``admitted``,
   ``breaches``) under its own key, and the latch races' (``LatchRaceResult.to_dict()``) under
-  ``latch`` (null when the backend cannot race a latch).
+  ``latch`` (null when the backend cannot race a latch); ``strategies`` and ``budgets`` (each
+  strategy's limits), and in each run ``scopes`` (``SimResult.scopes``).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import math
 import os
 import random
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TextIO
@@ -52,6 +60,7 @@ from .sim import (
     SimulationError,
 )
 from .sim import memory_backend as _memory_backend
+from .sim.config import ACCOUNT, CAP_KINDS, strategies_config
 from .sim.latch import LatchRaceResult, memory_latch_race
 
 __all__ = ["BACKENDS", "main"]
@@ -62,6 +71,7 @@ BACKENDS: Final[dict[str, BackendFactory]] = {"memory": _memory_backend}
 
 _MAX_THREADS: Final = 1024
 _MAX_PROCESSES: Final = 64
+_MAX_STRATEGIES: Final = 16
 _DEFAULTS: Final = SimConfig()
 _REDIS_PROCESSES: Final = 4  # --processes default with --backend redis
 _REDIS_THREADS_PER_PROCESS: Final = 8  # --threads default with --backend redis, per process
@@ -98,6 +108,16 @@ def _process_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if not 1 <= value <= _MAX_PROCESSES:
         raise argparse.ArgumentTypeError(f"must be between 1 and {_MAX_PROCESSES}, got {text!r}")
+    return value
+
+
+def _strategy_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= _MAX_STRATEGIES:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {_MAX_STRATEGIES}, got {text!r}")
     return value
 
 
@@ -242,6 +262,20 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         ),
     )
     race.add_argument(
+        "--strategies",
+        type=_strategy_count,
+        default=0,
+        metavar="N",
+        help=(
+            "Trade as N strategies sharing the account (N >= 2; 0 or 1: for the account, the "
+            "default), each with a budget of its own: a share of the account's positions, "
+            "gross and net (together twice the account's), two thirds of its symbol exposure, "
+            "and order caps (one order's notional, open orders in all and on a symbol, orders "
+            "per interval), with the account's order caps set too, so that both scopes bind. "
+            "The auditor checks every scope. Memory backend only."
+        ),
+    )
+    race.add_argument(
         "--json",
         type=_json_path,
         metavar="PATH",
@@ -284,6 +318,11 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
 def _check_backend_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Options that only make sense together; fills in the backend's defaults."""
+    if args.strategies > 1 and args.backend != "memory":
+        parser.error(
+            f"--strategies {args.strategies} needs --backend memory: the race across "
+            "processes trades for the account only"
+        )
     if args.backend == "redis":
         if not args.redis_url:
             parser.error("--backend redis needs --redis-url URL (e.g. redis://localhost:6379/0)")
@@ -312,6 +351,11 @@ def _check_backend_options(parser: argparse.ArgumentParser, args: argparse.Names
     args.processes = 1
     if args.threads is None:
         args.threads = _DEFAULTS.threads
+    if args.strategies > args.threads:
+        parser.error(
+            f"--strategies {args.strategies} needs at least as many --threads "
+            f"(got {args.threads}): each strategy trades in one at least"
+        )
 
 
 # --------------------------------------------------------------------------- output
@@ -333,11 +377,46 @@ def _header(config: SimConfig, backend: str, processes: int) -> str:
     """What was raced, on which backend and core build (short lines: a terminal's 80 columns)."""
     threads = f"{config.threads} threads" + (f" in {processes} processes" if processes > 1 else "")
     core = "compiled (mypyc)" if COMPILED else "pure Python"
-    return (
+    header = (
         f"pendingledger race: {threads} x {config.seconds:g} s per gate, seed {config.seed}\n"
         f"{backend} backend; core: {core}\n"
         f"limits: positions {_num(config.max_positions)}, gross {_num(config.max_gross)}, "
         f"symbol {_num(config.max_symbol)}, net {_num(config.max_net)}"
+    )
+    if _has_caps(config):
+        header += "\n" + textwrap.fill(
+            "order caps: " + _caps_text(config), width=80, subsequent_indent="  "
+        )
+    names = config.strategy_names()
+    if names:
+        header += (
+            f"\n{len(names)} strategies ({names[0]} to {names[-1]}) share the account, each "
+            "with a budget (below)"
+        )
+    return header
+
+
+def _has_caps(config: SimConfig) -> bool:
+    return any(
+        value is not None
+        for value in (
+            config.max_order_notional,
+            config.max_open_orders,
+            config.max_open_orders_per_symbol,
+            config.max_orders_per_interval,
+        )
+    )
+
+
+def _rate_text(rate: tuple[int, float] | None) -> str:
+    return "none" if rate is None else f"{rate[0]:,} per {rate[1]:g} s"
+
+
+def _caps_text(config: SimConfig) -> str:
+    return (
+        f"order {_num(config.max_order_notional)}, open {_num(config.max_open_orders)}, "
+        f"{_num(config.max_open_orders_per_symbol)} on a symbol, "
+        f"{_rate_text(config.max_orders_per_interval)}"
     )
 
 
@@ -355,6 +434,16 @@ def _table(broken: SimResult, good: SimResult, latches: Latches | None = None) -
         ("denied: max symbol exposure", lambda r: _num(r.denied["max_symbol_exposure"])),
         ("denied: max net exposure", lambda r: _num(r.denied.get("max_net_exposure", 0))),
     ]
+    caps = any(_has_caps_result(r) for r in (broken, good))
+    if caps:
+        rows += [
+            (f"denied: {reason.replace('_', ' ')}", _denied_of(reason)) for reason in _CAP_REASONS
+        ]
+    if good.strategies or broken.strategies:
+        rows += [
+            ("  of all denials, by a strategy's budget", lambda r: _num(_denied_by(r, False))),
+            ("  of all denials, by the account's limits", lambda r: _num(_denied_by(r, True))),
+        ]
     if broken.denied.get("lock_timeout") or good.denied.get("lock_timeout"):
         # The gate read the app's positions again and again while reservations kept ending.
         rows.append(("denied: lock timeout", lambda r: _num(r.denied.get("lock_timeout", 0))))
@@ -385,6 +474,14 @@ def _table(broken: SimResult, good: SimResult, latches: Latches | None = None) -
     ]
     for kind in LIMIT_KINDS:
         rows.append((f"  of the {kind} limit", _breaches_of(kind)))
+    if caps:
+        for kind in CAP_KINDS:
+            rows.append((f"  of the {_CAP_NAMES[kind]} cap", _cap_breaches_of(kind)))
+    if good.strategies or broken.strategies:
+        rows += [
+            ("  at a strategy's budget", lambda r: _num(_breaches_at(r, False))),
+            ("  at the account's limits", lambda r: _num(_breaches_at(r, True))),
+        ]
     if good.processes > 1 or broken.processes > 1:
         rows.append(
             (
@@ -435,6 +532,127 @@ def _breaches_of(kind: str) -> Callable[[SimResult], str]:
     return lambda r: _num(r.breaches_by_limit[kind])
 
 
+def _cap_breaches_of(kind: str) -> Callable[[SimResult], str]:
+    return lambda r: _num(r.breaches_by_cap.get(kind, 0))
+
+
+def _denied_of(reason: str) -> Callable[[SimResult], str]:
+    return lambda r: _num(r.denied.get(reason, 0))
+
+
+def _has_caps_result(result: SimResult) -> bool:
+    account = result.scopes.get(ACCOUNT)
+    if account is None:
+        return False
+    limits = account["limits"]
+    return any(limits.get(name) is not None for name in _CAP_FIELDS)
+
+
+def _denied_by(result: SimResult, account: bool) -> int:
+    return sum(
+        sum(figures["denied_here"].values())
+        for scope, figures in result.scopes.items()
+        if (scope == ACCOUNT) == account
+    )
+
+
+def _breaches_at(result: SimResult, account: bool) -> int:
+    return sum(
+        int(figures["breaches"])
+        for scope, figures in result.scopes.items()
+        if (scope == ACCOUNT) == account
+    )
+
+
+_CAP_REASONS: Final = (
+    "max_order_notional",
+    "max_open_orders",
+    "max_open_orders_per_symbol",
+    "max_orders_per_interval",
+)
+_CAP_FIELDS: Final = _CAP_REASONS
+_CAP_NAMES: Final = {
+    "order_notional": "order notional",
+    "open_orders": "open orders",
+    "symbol_orders": "open orders per symbol",
+    "rate": "order rate",
+}
+
+
+# --------------------------------------------------------------------------- by scope
+
+
+def _scope_tables(broken: SimResult, good: SimResult) -> str:
+    """With strategies: each scope's limits, then per gate each scope's peaks and breaches
+    (one column per scope: the account, then each strategy)."""
+    names = [ACCOUNT, *(name for name in good.scopes if name != ACCOUNT)]
+    limit_rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("positions", lambda lim: _num(lim["max_concurrent_positions"])),
+        ("gross exposure", lambda lim: _num(lim["max_gross_exposure"])),
+        ("symbol exposure", lambda lim: _num(lim["max_symbol_exposure"])),
+        ("net exposure", lambda lim: _num(lim["max_net_exposure"])),
+        ("order notional", lambda lim: _num(lim["max_order_notional"])),
+        ("open orders", lambda lim: _num(lim["max_open_orders"])),
+        ("open orders on a symbol", lambda lim: _num(lim["max_open_orders_per_symbol"])),
+        ("orders per window", lambda lim: _window(lim["max_orders_per_interval"])),
+    ]
+    peak_rows: list[tuple[str, str, str | None]] = [
+        ("highest positions", "max_positions_seen", "max_concurrent_positions"),
+        ("highest gross exposure", "max_gross_seen", "max_gross_exposure"),
+        ("highest symbol exposure", "max_symbol_seen", "max_symbol_exposure"),
+        ("highest net exposure", "max_net_seen", "max_net_exposure"),
+        ("largest order", "max_order_seen", "max_order_notional"),
+        ("most open orders", "max_open_orders_seen", "max_open_orders"),
+        ("most open on a symbol", "max_symbol_orders_seen", "max_open_orders_per_symbol"),
+        ("most in one rate window", "max_window_seen", "max_orders_per_interval"),
+    ]
+    cells: list[list[str]] = [["limits, by scope", *names]]
+    for label, get in limit_rows:
+        cells.append([f"  {label}", *(get(good.scopes[n]["limits"]) for n in names)])
+    for title, result in (("broken gate", broken), ("pendingledger", good)):
+        cells.append([])
+        cells.append([f"{title}, by scope", *names])
+        cells.append(["  decisions", *(_num(_scope_decisions(result, n)) for n in names)])
+        cells.append(
+            [
+                "  denied by its limits",
+                *(_num(sum(result.scopes[n]["denied_here"].values())) for n in names),
+            ]
+        )
+        for label, peak, limit in peak_rows:
+            cells.append(
+                [f"  {label}", *(_peak_cell(result.scopes[n], peak, limit) for n in names)]
+            )
+        cells.append(["  BREACHES", *(_num(result.scopes[n]["breaches"]) for n in names)])
+    width = max(len(row[0]) for row in cells if row)
+    col = max(8, *(len(c) for row in cells for c in row[1:]))
+    lines = []
+    for row in cells:
+        if not row:
+            lines.append("")
+            continue
+        lines.append((f"{row[0]:<{width}}" + "".join(f"  {c:>{col}}" for c in row[1:])).rstrip())
+    return "\n".join(lines)
+
+
+def _scope_decisions(result: SimResult, scope: str) -> int:
+    if scope == ACCOUNT:
+        return result.decisions  # every decision is checked against the account's limits
+    return int(result.scopes[scope]["decisions"])
+
+
+def _window(rate: Any) -> str:
+    return "none" if rate is None else f"{rate[0]:,}/{rate[1]:g}s"
+
+
+def _peak_cell(figures: dict[str, Any], peak: str, limit: str | None) -> str:
+    seen = int(figures[peak])
+    bound = None if limit is None else figures["limits"][limit]
+    if isinstance(bound, (list, tuple)):
+        bound = bound[0]  # a rate's count
+    return _seen(seen, bound)
+
+
 def _verdict(broken: SimResult, good: SimResult, latches: Latches | None = None) -> str:
     latch_broken, latch_good = (None, None) if latches is None else latches
     latch_ok = latch_good is None or latch_good.ok
@@ -462,7 +680,8 @@ def _verdict(broken: SimResult, good: SimResult, latches: Latches | None = None)
                 f"twice, {good.ledger_outstanding} left in the ledger)"
             )
         return f"FAIL: pendingledger {'; '.join(problems)}. Replay with --seed {good.seed}."
-    held = f"pendingledger held every limit in {good.decisions:,} decisions (0 breaches)"
+    scopes = " at every scope" if good.strategies else ""
+    held = f"pendingledger held every limit{scopes} in {good.decisions:,} decisions (0 breaches)"
     if latch_good is not None:
         held += " and admitted nothing after its loss latch"
     caught = ""
@@ -532,14 +751,19 @@ class _ProgressDisplay:
 
 def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
-    base = SimConfig(
-        seconds=args.seconds,
-        threads=args.threads,
-        seed=seed,
-        max_positions=args.max_positions,
-        max_gross=args.max_gross,
-        max_symbol=args.max_symbol,
-        max_net=args.max_net,
+    chosen: dict[str, Any] = {
+        "seconds": args.seconds,
+        "threads": args.threads,
+        "seed": seed,
+        "max_positions": args.max_positions,
+        "max_gross": args.max_gross,
+        "max_symbol": args.max_symbol,
+        "max_net": args.max_net,
+    }
+    base = (
+        strategies_config(args.strategies, **chosen)
+        if args.strategies > 1
+        else (SimConfig(**chosen))
     )
     run = _runner(args, err)
     if run is None:
@@ -567,6 +791,8 @@ def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     broken, good = results["broken"], results["pendingledger"]
     out.write(_header(base, args.backend, args.processes) + "\n\n")
     out.write(_table(broken, good, latches) + "\n\n")
+    if base.strategies > 1:
+        out.write(_scope_tables(broken, good) + "\n\n")
     verdict = _verdict(broken, good, latches)
     ok = good.ok and (latches is None or latches[1].ok)
     out.write(verdict + "\n")
@@ -583,6 +809,14 @@ def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 "max_gross": base.max_gross,
                 "max_symbol": base.max_symbol,
                 "max_net": base.max_net,
+                "max_order_notional": base.max_order_notional,
+                "max_open_orders": base.max_open_orders,
+                "max_open_orders_per_symbol": base.max_open_orders_per_symbol,
+                "max_orders_per_interval": base.max_orders_per_interval,
+            },
+            "strategies": base.strategies,
+            "budgets": {
+                name: dataclasses.asdict(budget) for name, budget in base.budgets().items()
             },
             "broken": broken.to_dict(),
             "pendingledger": good.to_dict(),

@@ -88,6 +88,10 @@ class UnitLimits:
 
     __slots__ = (
         "caps",
+        "has_gross",
+        "has_net",
+        "has_order",
+        "has_symbol",
         "loss_kinds",
         "max_daily_loss",
         "max_drawdown",
@@ -122,9 +126,16 @@ class UnitLimits:
         # rate_count NO_LIMIT: no window; else at most rate_count admissions in rate_seconds.
         self.rate_count: int = NO_LIMIT if rate is None else operator.index(rate[0])
         self.rate_seconds: float = 0.0 if rate is None else float(rate[1])
+        # An amount limit may be past a machine word (up to MAX_AMOUNT units of 1e-9 each), and
+        # compiled code compares such an int through the C API: whether one is set is a bool,
+        # so the rule compares a big limit once (measured in benchmarks/README.md).
+        self.has_gross: bool = self.max_gross > NO_LIMIT
+        self.has_symbol: bool = self.max_symbol > NO_LIMIT
+        self.has_net: bool = self.max_net > NO_LIMIT
+        self.has_order: bool = self.max_order > NO_LIMIT
         # Whether any order cap is set: most limits set none, and their rule skips four tests.
         self.caps: bool = (
-            self.max_order > NO_LIMIT
+            self.has_order
             or self.max_open_orders > NO_LIMIT
             or self.max_symbol_orders > NO_LIMIT
             or self.rate_count > NO_LIMIT
@@ -219,15 +230,15 @@ def first_failing_rule(  # noqa: PLR0911 - one return per rule, in DenyReason or
     if not symbol_open and NO_LIMIT < limits.max_positions <= open_count:
         return MAX_CONCURRENT_POSITIONS
     if raises:
-        if limits.max_gross > NO_LIMIT and gross - before + after > limits.max_gross:
+        if limits.has_gross and gross - before + after > limits.max_gross:
             return MAX_GROSS_EXPOSURE
-        if limits.max_symbol > NO_LIMIT and after > limits.max_symbol:
+        if limits.has_symbol and after > limits.max_symbol:
             return MAX_SYMBOL_EXPOSURE
-    if limits.max_net > NO_LIMIT and net_before < net_after and net_after > limits.max_net:
+    if limits.has_net and net_before < net_after and net_after > limits.max_net:
         return MAX_NET_EXPOSURE
     if not limits.caps:
         return ADMIT
-    if NO_LIMIT < limits.max_order < units:
+    if limits.has_order and units > limits.max_order:
         return MAX_ORDER_NOTIONAL
     if NO_LIMIT < limits.max_open_orders <= orders:
         return MAX_OPEN_ORDERS
@@ -241,7 +252,7 @@ def first_failing_rule(  # noqa: PLR0911 - one return per rule, in DenyReason or
 def uses_net(limits: UnitLimits, state: int) -> bool:
     """Whether ``first_failing_rule`` reads ``net_before`` and ``net_after``: only when the net
     limit is set or the state is ``REDUCING`` (a gate may pass 0 for both otherwise)."""
-    return limits.max_net > NO_LIMIT or state == REDUCING
+    return limits.has_net or state == REDUCING
 
 
 def loss_to_latch(limits: UnitLimits, day_pnl: int, drawdown: int) -> int:

@@ -14,6 +14,7 @@ import pytest
 import pendingledger
 from pendingledger import cli
 from pendingledger.sim import MemoryBackend, SimConfig
+from pendingledger.sim.config import strategies_config
 from pendingledger.sim.latch import LatchRaceResult, memory_latch_race
 
 # Short runs: the figures of the race are asserted in test_stress.py, not here.
@@ -126,6 +127,9 @@ def test_race_exits_1_when_the_gate_under_test_breaches(
         ["--seed", "abc"],
         ["--backend", "carrier-pigeon"],
         ["--no-such-option"],
+        ["--strategies", "17"],
+        ["--strategies", "-1"],
+        ["--strategies", "two"],
     ],
 )
 def test_bad_options_are_argparse_errors_with_status_2(
@@ -150,6 +154,8 @@ def test_bad_options_are_argparse_errors_with_status_2(
         ["--backend", "redis", "--redis-url", "redis://localhost:6379/0", "--processes", "x"],
         ["--backend", "redis", "--redis-url", "redis://h/0", "--processes", "4", "--threads", "3"],
         ["--backend", "redis", "--redis-url", "redis://h/0", "--processes", "17"],
+        ["--backend", "redis", "--redis-url", "redis://h/0", "--strategies", "4"],
+        ["--strategies", "8", "--threads", "4"],  # a thread for each strategy at least
     ],
 )
 def test_backend_options_that_do_not_go_together_are_argparse_errors(
@@ -180,11 +186,21 @@ def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         "--backend",
         "--redis-url",
         "--processes",
+        "--strategies",
     ):
         assert option in out
     assert "Exit status" in out
     assert cli.main(["--help"]) == 0
     assert "race" in capsys.readouterr().out
+
+
+_HUGE_CAPS = strategies_config(
+    4,
+    max_order_notional=123_456_789.25,
+    max_open_orders=1_000_000,
+    max_open_orders_per_symbol=1_000_000,
+    max_orders_per_interval=(1_000_000, 0.125),
+)
 
 
 @pytest.mark.parametrize(
@@ -193,6 +209,8 @@ def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         (SimConfig(), "memory", 1),
         (SimConfig(threads=1024, seconds=0.25, seed=999_999), "redis", 64),
         (SimConfig(max_gross=1_000_000_000, max_symbol=123_456_789.25), "memory", 1),
+        (strategies_config(16, threads=1024, seconds=0.25, seed=999_999), "memory", 1),
+        (_HUGE_CAPS, "memory", 1),
     ],
 )
 def test_the_header_fits_a_terminal(config: SimConfig, backend: str, processes: int) -> None:
@@ -273,3 +291,61 @@ def test_race_exits_1_when_pendingledger_admits_after_its_loss_latch(
     assert cli.main([*QUICK, "--seconds", "0.1"]) == 1
     out = capsys.readouterr().out
     assert "FAIL: pendingledger admitted" in out and "after the loss latch fired" in out
+
+
+@pytest.mark.timeout(60)
+def test_race_with_strategies_shows_every_scope_and_writes_them_to_json(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``--strategies 4``: the header names the order caps and the strategies, the table gains
+    the caps' denials and breaches and the denials and breaches by scope, and a table per gate
+    shows each scope's limits, peaks and breaches (a column per scope)."""
+    path = tmp_path / "race.json"
+    assert cli.main([*QUICK, "--strategies", "4", "--json", str(path)]) == 0
+
+    out = capsys.readouterr().out
+    blocks = out.split("\n\n")
+    header = blocks[0].splitlines()
+    assert header[3] == "order caps: order 7,000, open 24, 6 on a symbol, 40 per 0.05 s"
+    assert header[4] == "4 strategies (s1 to s4) share the account, each with a budget (below)"
+    for row in (
+        "denied: max order notional",
+        "denied: max open orders",
+        "denied: max open orders per symbol",
+        "denied: max orders per interval",
+        "of all denials, by a strategy's budget",
+        "of all denials, by the account's limits",
+        "of the order rate cap",
+        "at a strategy's budget",
+        "at the account's limits",
+    ):
+        assert row in blocks[1], row
+    scopes = "\n\n".join(blocks[3:6])
+    assert scopes.splitlines()[0].split() == ["limits,", "by", "scope", "account", "s1", "s2",
+                                              "s3", "s4"]  # fmt: skip
+    gross = next(line for line in scopes.splitlines() if line.startswith("  gross exposure"))
+    assert gross.split()[2:] == ["50,000"] + ["25,000"] * 4
+    good = blocks[5].splitlines()
+    assert good[0].split()[:3] == ["pendingledger,", "by", "scope"]
+    breaches = next(line for line in good if line.startswith("  BREACHES"))
+    assert breaches.split()[1:] == ["0"] * 5  # no breach at any scope
+    for line in good:
+        if line.startswith(("  highest", "  most")):
+            assert "!" not in line, line
+    assert all(len(line) <= 80 for block in blocks[:2] + blocks[3:6] for line in block.splitlines())
+    assert out.rstrip().splitlines()[-1].startswith("PASS: ")
+
+    data = json.loads(path.read_text())
+    assert data["strategies"] == 4 and set(data["budgets"]) == {"s1", "s2", "s3", "s4"}
+    assert data["budgets"]["s1"]["max_concurrent_positions"] == 3
+    assert data["limits"]["max_orders_per_interval"] == [40, 0.05]
+    good_scopes = data["pendingledger"]["scopes"]
+    assert set(good_scopes) == {"account", "s1", "s2", "s3", "s4"}
+    assert all(scope["breaches"] == 0 for scope in good_scopes.values())
+    assert (
+        sum(good_scopes[s]["decisions"] for s in ("s1", "s2", "s3", "s4"))
+        == (data["pendingledger"]["decisions"])
+    )
+    assert data["pendingledger"]["breaches_by_cap"] == dict.fromkeys(
+        ("order_notional", "open_orders", "symbol_orders", "rate"), 0
+    )

@@ -224,3 +224,27 @@ def test_a_decision_reads_the_limits_and_the_budgets_once() -> None:
     figures = (0, False, 0, 0, 50 * SCALE, 0, 0, 50 * SCALE, 0, 0, rules.NO_WINDOW, 0.0)
     for mixed in (old[0], new[1]):
         assert rules.first_failing_rule(rules.unit_limits(mixed), rules.ACTIVE, *figures) == 0
+
+
+def test_a_rate_limit_changed_counts_the_admissions_kept() -> None:
+    """Lowered, the count applies at once to the admissions kept; raised, the admissions kept
+    (the old count's worth, all a full window can hold) count toward the new one."""
+    gate, ledger, clock = make()
+    gate.limits = PortfolioLimits(max_orders_per_interval=(5, 10.0))
+    for _ in range(4):
+        assert gate.try_enter("X", 1)
+    gate.limits = PortfolioLimits(max_orders_per_interval=(3, 10.0))
+    assert gate.try_enter("X", 1).reason is DenyReason.MAX_ORDERS_PER_INTERVAL
+    clock.advance(10.0)
+    for _ in range(3):
+        assert gate.try_enter("X", 1)
+    gate.limits = PortfolioLimits(max_orders_per_interval=(5, 10.0))
+    for _ in range(2):
+        assert gate.try_enter("X", 1)
+    assert gate.try_enter("X", 1).reason is DenyReason.MAX_ORDERS_PER_INTERVAL
+    with ledger.lock() as pending:  # not a decision of the gate: not in its window
+        pending.reserve("Y", 1)
+    clock.advance(10.0)
+    for _ in range(5):
+        assert gate.try_enter("X", 1)
+    assert gate.try_enter("X", 1).reason is DenyReason.MAX_ORDERS_PER_INTERVAL

@@ -24,10 +24,26 @@ against it. This module is that harness, shaped like the app that imports the li
   can still fill, per side. At every admitted decision it takes the worst-case figures of that
   state (``rules.worst_case``: per symbol, their sum, the net) with the admitted entry added
   and counts a breach of each limit the admission raised past it (positions, gross, per
-  symbol, net).
+  symbol, net), and of each order cap it took past its limit, at every scope (see
+  Strategies below).
 * **Reservation accounting**: every reservation must end exactly once (released by the router,
   reduced to zero by the last partial fill, or expired, seen through ``on_expire``). Leaks and
   double ends are counted.
+
+**Strategies** (``SimConfig(strategies=N)``, N >= 2, ``strategies_config`` for a set-up in which
+every limit binds at both scopes): N strategies (``s1`` to ``sN``) trade one account, each
+under a budget of its own (``SimConfig.budgets()``: a ``PortfolioLimits`` with positions, gross,
+symbol and net limits and the order caps, derived from the account's limits), the account with
+limits and order caps of its own. Brain ``i`` trades as strategy ``i % N`` (every order under
+its strategy, reducing orders against that strategy's own position); the router hands fills
+over with ``confirm_fill`` (which follows the reservation's strategy) and closes each
+strategy's positions with that strategy's orders. The gate keeps the book (``book="gate"``:
+budgets are decided on the gate's own book); in one process only. The auditor keeps the truth
+of every scope (each strategy's own orders and positions, and the account's: everything) and
+checks each against its limits, and the order caps: one order's notional, the open orders in
+all and on a symbol, and the admissions in any sliding window of the rate's seconds on the
+ledger clock (judged on the reservations' stamps). ``SimResult.scopes`` has each scope's
+limits, peaks, breaches and decisions.
 
 ``SimConfig(broken=True)`` runs the same app on ``BrokenGate``, the classic check-then-act bug
 (check under the lock, reserve in a second acquisition). The auditor must find breaches with it:
@@ -97,9 +113,20 @@ from pendingledger.sim.backends import (
     memory_backend,
 )
 from pendingledger.sim.broken import BrokenGate
-from pendingledger.sim.config import DEFAULT_SYMBOLS, LIMIT_KINDS, Progress, SimConfig, SimResult
+from pendingledger.sim.config import (
+    ACCOUNT,
+    CAP_KINDS,
+    DEFAULT_SYMBOLS,
+    LIMIT_KINDS,
+    Progress,
+    SimConfig,
+    SimResult,
+    strategies_config,
+)
 
 __all__ = [
+    "ACCOUNT",
+    "CAP_KINDS",
     "DEFAULT_SYMBOLS",
     "LIMIT_KINDS",
     "BackendFactory",
@@ -115,6 +142,7 @@ __all__ = [
     "SimulationError",
     "memory_backend",
     "run_simulation",
+    "strategies_config",
 ]
 
 # The simulation's own protocols before it used the core ones; the names still import.

@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from decimal import Decimal
 from fractions import Fraction
-from typing import Final
+from typing import Any, Final
 
-from pendingledger.limits import DenyReason
+from pendingledger.limits import Decision, DenyReason
 from pendingledger.protocols import Gate, ReservationHandle
 from pendingledger.sim.auditor import Accounts, Auditor
 from pendingledger.sim.backends import (
@@ -31,7 +31,7 @@ from pendingledger.sim.backends import (
 )
 from pendingledger.sim.broken import GAP
 from pendingledger.sim.clocks import Flights, OffsetClock
-from pendingledger.sim.config import Progress, SimConfig, SimResult
+from pendingledger.sim.config import ACCOUNT, Progress, SimConfig, SimResult
 from pendingledger.sim.exchange import OUTCOMES, Exchange, Message, Order
 from pendingledger.testing import ManualClock
 from pendingledger.trading import Side
@@ -51,7 +51,7 @@ class SimulationError(RuntimeError):
 
 
 class _BrainStats:
-    __slots__ = ("admitted", "buys", "decisions", "denied", "lost", "sells")
+    __slots__ = ("admitted", "buys", "decisions", "denied", "denied_at", "lost", "scoped", "sells")
 
     def __init__(self) -> None:
         self.decisions = 0
@@ -60,14 +60,41 @@ class _BrainStats:
         self.buys = 0
         self.sells = 0
         self.denied: dict[DenyReason, int] = {}
+        # (the scope that denied: Decision.scope, reason) -> count
+        self.denied_at: dict[tuple[str | None, DenyReason], int] = {}
+        # strategy traded (None: the account's own) -> [decisions, admitted]
+        self.scoped: dict[str | None, list[int]] = {}
+
+    def count(self, strategy: str | None, decision: Decision, admitted: bool) -> None:
+        """Count one decision under ``strategy`` (this thread's stats only)."""
+        self.decisions += 1
+        scoped = self.scoped.get(strategy)
+        if scoped is None:
+            scoped = self.scoped[strategy] = [0, 0]
+        scoped[0] += 1
+        if admitted:
+            scoped[1] += 1
+            return
+        reason = decision.reason
+        if reason is not None:
+            self.denied[reason] = self.denied.get(reason, 0) + 1
+            key = (decision.scope, reason)
+            self.denied_at[key] = self.denied_at.get(key, 0) + 1
 
 
 class _PositionCache:
-    """The app's position cache: symbol -> open exposure, under its own lock."""
+    """The app's position cache: symbol -> open exposure, under its own lock; with strategies,
+    one per strategy (``book(strategy)``; ``positions`` is the account's own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, strategies: Sequence[str] = ()) -> None:
         self.lock = threading.Lock()
         self.positions: dict[str, int] = {}
+        self.parts: dict[str | None, dict[str, int]] = {None: self.positions}
+        for name in strategies:
+            self.parts[name] = {}
+
+    def book(self, strategy: str | None) -> dict[str, int]:
+        return self.parts[strategy]
 
     def snapshot(self) -> dict[str, int]:
         with self.lock:
@@ -79,7 +106,7 @@ class _Wish:
 
     __slots__ = (
         "delays", "duplicate", "notional", "order_id", "outcome", "parts", "pause", "reduce",
-        "side", "symbol",
+        "side", "strategy", "symbol",
     )  # fmt: skip
 
     def __init__(
@@ -94,7 +121,9 @@ class _Wish:
         order_id: str,
         side: Side,
         reduce: bool,
+        strategy: str | None = None,
     ) -> None:
+        self.strategy = strategy
         self.symbol = symbol
         self.notional = notional
         self.outcome = outcome
@@ -109,7 +138,7 @@ class _Wish:
     def order(self, reservation: ReservationHandle, index: int) -> Order:
         return Order(
             self.order_id, self.symbol, self.notional, self.outcome, reservation, index,
-            self.delays, self.parts, self.duplicate, side=self.side,
+            self.delays, self.parts, self.duplicate, side=self.side, strategy=self.strategy,
         )  # fmt: skip
 
     def against(self, position: int, lot: int) -> None:
@@ -141,6 +170,7 @@ class _Wishes:
         self._duplicate_rate = config.duplicate_rate
         self._sell_share = config.sell_share
         self._reduce_share = config.reduce_share
+        self._strategy = config.strategy_of(brain)
 
     def next(self, n: int) -> _Wish:
         """The brain's ``n``-th wish (draws in a fixed order: the seed fixes every one)."""
@@ -162,8 +192,9 @@ class _Wishes:
         side = Side.SELL if rng.random() < self._sell_share else Side.BUY
         reduce = rng.random() < self._reduce_share
         return _Wish(
-            symbol, notional, outcome, parts, delays, duplicate, pause, order_id, side, reduce
-        )
+            symbol, notional, outcome, parts, delays, duplicate, pause, order_id, side, reduce,
+            self._strategy,
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the simulation
@@ -208,6 +239,9 @@ class Simulation:
             self._clock = clock
         self._manual = clock if isinstance(clock, ManualClock) else None
         self._limits = config.limits()
+        self._budgets = config.budgets()
+        if share and self._budgets:
+            raise ValueError("strategies are raced in one process only")
         self._stop = threading.Event()  # brains: stop deciding
         self._driver_stop = threading.Event()
         self._interrupted = False
@@ -218,12 +252,13 @@ class Simulation:
         # One per brain, and the last one the router's (its closing orders).
         self._brain_stats = [_BrainStats() for _ in range(config.threads + 1)]
         self._decision_count = itertools.count(1)
-        self._cache = _PositionCache()
+        self._cache = _PositionCache(tuple(self._budgets))
         # One share of a larger app sees its own symbols only: every figure but the net is then
         # a lower bound of the whole app's, while its own net can exceed the app's (its longs
         # without the other shares' shorts), so a share does not judge the net limit.
         self._auditor = Auditor(
-            replace(self._limits, max_net_exposure=None) if share else self._limits
+            replace(self._limits, max_net_exposure=None) if share else self._limits,
+            self._budgets,
         )
         self._accounts = Accounts()
         self._flights = Flights(self._clock) if self._manual is not None else None
@@ -267,6 +302,12 @@ class Simulation:
             breaches=self._auditor.breaches,
         )
 
+    def wait_for_admissions(self, count: int, timeout: float) -> bool:
+        """Block until the auditor has recorded ``count`` admissions (every scope's, lost
+        orders and closes included); False if ``timeout`` seconds passed first. For a test's
+        hold on the broken gate's gap (``MemoryBackend(between=)``)."""
+        return self._auditor.wait_for_admissions(count, timeout)
+
     def run(
         self,
         on_progress: Callable[[Progress], object] | None = None,
@@ -283,13 +324,17 @@ class Simulation:
             raise RuntimeError("a Simulation runs once; make a new one")
         self._used = True
         config = self.config
-        backend = self._backend_factory(
-            limits=self._limits,
-            ttl=config.ttl,
-            clock=self._clock,
-            on_expire=self._accounts.on_expire,
-            broken=config.broken,
-        )
+        factory = self._backend_factory
+        if self._budgets:
+            backend = factory(
+                limits=self._limits, ttl=config.ttl, clock=self._clock,
+                on_expire=self._accounts.on_expire, broken=config.broken, budgets=self._budgets,
+            )  # fmt: skip
+        else:  # budgets= only with strategies: a factory written before them need not take it
+            backend = factory(
+                limits=self._limits, ttl=config.ttl, clock=self._clock,
+                on_expire=self._accounts.on_expire, broken=config.broken,
+            )  # fmt: skip
         barrier = self._barrier = threading.Barrier(config.threads + 1)
         try:
             gate, cache_gate = self._gates(backend)
@@ -422,7 +467,7 @@ class Simulation:
             wish = wishes.next(n)
             if wish.reduce:
                 with self._cache.lock:
-                    held = self._cache.positions.get(wish.symbol, 0)
+                    held = self._cache.book(wish.strategy).get(wish.symbol, 0)
                 if held:
                     wish.against(held, config.lot)
             order = self._enter(index, gate, cache_gate, wish, stats)
@@ -448,7 +493,12 @@ class Simulation:
         order: Order | None = None
         try:
             symbol, notional, oid, side = wish.symbol, wish.notional, wish.order_id, wish.side
-            if cache_gate is None:
+            if wish.strategy is not None:
+                assert self._book is not None  # strategies need the gate's own book
+                decision = self._book.try_enter(
+                    symbol, notional, order_id=oid, side=side, strategy=wish.strategy
+                )
+            elif cache_gate is None:
                 decision = gate.try_enter(symbol, notional, order_id=oid, side=side)
             else:
                 snapshot = self._cache.snapshot
@@ -459,10 +509,7 @@ class Simulation:
         finally:
             if flights is not None:
                 flights.leave(index, order)
-        stats.decisions += 1
-        reason = decision.reason
-        if order is None and reason is not None:
-            stats.denied[reason] = stats.denied.get(reason, 0) + 1
+        stats.count(wish.strategy, decision, order is not None)
         return order
 
     def _admitted(self, order: Order, stats: _BrainStats) -> None:
@@ -474,13 +521,13 @@ class Simulation:
         else:
             stats.sells += 1
         self._orders.append(order)
+        # A lost order is never answered: it can never fill, so it is no exposure (the auditor
+        # counts it against the order caps only); only the ledger's TTL can end its reservation.
+        self._auditor.admit(order)
         if order.outcome == "lost":
-            # Never answered: it can never fill, so it is no exposure; only the
-            # ledger's TTL can end its reservation.
             stats.lost += 1
             order.admitted_at = self._clock()  # it expires by admitted_at + ttl
         else:
-            self._auditor.admit(order)
             self._exchange.submit(order)
 
     def _route(self) -> None:
@@ -489,14 +536,14 @@ class Simulation:
         config = self.config
         rng = random.Random(config.seed + self._first_brain + config.threads)
         hold_low, hold_high = config.hold
-        closes: list[tuple[float, int, str]] = []
-        closing: set[str] = set()  # symbols with a close due
+        closes: list[tuple[float, int, _Part]] = []
+        closing: set[_Part] = set()  # positions (a strategy's part of a symbol) with a close due
         seq = itertools.count()
         get = self._router_queue.get
 
-        def due(symbol: str, low: float, high: float) -> None:
-            closing.add(symbol)
-            heapq.heappush(closes, (time.monotonic() + rng.uniform(low, high), next(seq), symbol))
+        def due(part: _Part, low: float, high: float) -> None:
+            closing.add(part)
+            heapq.heappush(closes, (time.monotonic() + rng.uniform(low, high), next(seq), part))
 
         while True:
             timeout = 0.05
@@ -510,17 +557,18 @@ class Simulation:
                 if message is None:
                     break
                 self._handle(message)
-                symbol = message.order.symbol
-                if symbol not in closing and self._cache.positions.get(symbol, 0):
-                    due(symbol, hold_low, hold_high)
+                order = message.order
+                part = (order.strategy, order.symbol)
+                if part not in closing and self._cache.book(order.strategy).get(order.symbol, 0):
+                    due(part, hold_low, hold_high)
             now = time.monotonic()
             # Answers first: a close is a decision and a fill, and while it runs the answers
             # wait; an answer that waits past its order's TTL lands after the reservation ended.
             while closes and closes[0][0] <= now and self._router_queue.empty():
-                symbol = heapq.heappop(closes)[2]
-                closing.discard(symbol)
-                if not self._close(symbol) and not self._stop.is_set():
-                    due(symbol, hold_low / 4, hold_high / 4)  # the gate said no: try again soon
+                part = heapq.heappop(closes)[2]
+                closing.discard(part)
+                if not self._close(*part) and not self._stop.is_set():
+                    due(part, hold_low / 4, hold_high / 4)  # the gate said no: try again soon
         # Drained: flatten whatever is still open, so the run ends flat. Not a share of a larger
         # app: the other shares may still be racing, and a position dropped behind the gate's
         # back can raise the shared net (a long gone beside their shorts); whoever made the
@@ -528,19 +576,20 @@ class Simulation:
         if self._share:
             return
         with self._cache.lock:
-            remaining = list(self._cache.positions)
-        for symbol in remaining:
-            self._flatten(symbol)
+            remaining = [(s, sym) for s, book in self._cache.parts.items() for sym in book]
+        for strategy, symbol in remaining:
+            self._flatten(symbol, strategy)
 
-    def _close(self, symbol: str) -> bool:
-        """Close ``symbol``'s position with an order through the gate (the opposite side, the
-        position's size), filled at once. False if the gate denied it (pending orders on the
-        other side would raise the worst case past a limit, or the state forbids it).
+    def _close(self, strategy: str | None, symbol: str) -> bool:
+        """Close ``symbol``'s position (``strategy``'s part) with an order through the gate
+        (the opposite side, the position's size, under that strategy), filled at once. False if
+        the gate denied it (pending orders on the other side would raise the worst case past a
+        limit, the order caps are full, or the state forbids it).
 
         Never behind the gate's back: with sells pending past a long, setting the position to
         zero would raise the symbol's worst case with no decision to check it.
         """
-        held = self._cache.positions.get(symbol, 0)  # only this thread writes positions
+        held = self._cache.book(strategy).get(symbol, 0)  # only this thread writes positions
         if not held:
             return True
         index = self.config.threads  # the router's stats and flights slot
@@ -552,7 +601,12 @@ class Simulation:
             flights.enter(index)
         order: Order | None = None
         try:
-            if self._cache_gate is not None:
+            if strategy is not None:
+                assert self._book is not None
+                decision = self._book.try_enter(
+                    symbol, abs(held), order_id=order_id, side=side, strategy=strategy
+                )
+            elif self._cache_gate is not None:
                 decision = self._cache_gate.try_enter(
                     symbol, abs(held), self._cache.snapshot, order_id=order_id, side=side
                 )
@@ -561,15 +615,15 @@ class Simulation:
                 decision = self._gate.try_enter(symbol, abs(held), order_id=order_id, side=side)
             reservation = decision.reservation
             if decision.admitted and reservation is not None:
-                order = Order(order_id, symbol, abs(held), "fill", reservation, index, side=side)
+                order = Order(
+                    order_id, symbol, abs(held), "fill", reservation, index, side=side,
+                    strategy=strategy,
+                )  # fmt: skip
         finally:
             if flights is not None:
                 flights.leave(index, order)
-        stats.decisions += 1
+        stats.count(strategy, decision, order is not None)
         if order is None:
-            reason = decision.reason
-            if reason is not None:
-                stats.denied[reason] = stats.denied.get(reason, 0) + 1
             return False
         stats.admitted += 1
         if side is Side.BUY:
@@ -582,16 +636,20 @@ class Simulation:
         self._closes += 1
         return True
 
-    def _flatten(self, symbol: str) -> None:
-        """After the race: drop ``symbol``'s position outright (no decision can follow)."""
+    def _flatten(self, symbol: str, strategy: str | None = None) -> None:
+        """After the race: drop ``symbol``'s position (``strategy``'s part) outright (no
+        decision can follow)."""
         cache = self._cache
         with cache.lock:
-            qty = cache.positions.pop(symbol, 0)
+            qty = cache.book(strategy).pop(symbol, 0)
             if self._book is None:
                 self._auditor.close(symbol)  # atomically with the cache change
         if self._book is not None and qty:
-            self._auditor.close(symbol)
-            self._book.close_position(symbol)
+            self._auditor.close(symbol, strategy)
+            if strategy is None:
+                self._book.close_position(symbol)
+            else:
+                self._book.close_position(symbol, strategy=strategy)
         if qty:
             self._closes += 1
 
@@ -628,12 +686,21 @@ class Simulation:
         if book is not None:
             # The gate's own book: position and reservation in one step (filled= for a part).
             self._apply_fill(message, tell_book=False)
-            symbol = order.symbol
-            position = self._cache.positions.get(symbol, 0)  # only this thread writes it
+            symbol, strategy = order.symbol, order.strategy
+            position = self._cache.book(strategy).get(symbol, 0)  # only this thread writes it
             part = None if order.outcome == "fill" else message.qty
-            ended = book.confirm_fill(order.order_id, position, symbol=symbol, filled=part)
-            if not position:
-                book.close_position(symbol)  # flat: the symbol's slot is free again
+            if strategy is None:
+                ended = book.confirm_fill(order.order_id, position, symbol=symbol, filled=part)
+                if not position:
+                    book.close_position(symbol)  # flat: the symbol's slot is free again
+            else:
+                # strategy=: a fill that lands after its reservation ended still goes to the
+                # strategy's part (with the reservation outstanding it follows the reservation)
+                ended = book.confirm_fill(
+                    order.order_id, position, symbol=symbol, filled=part, strategy=strategy
+                )
+                if not position:
+                    book.close_position(symbol, strategy=strategy)
             self._booked(message, ended)
             return
         # The app's cache: the fill goes in and the reservation shrinks under the cache's lock,
@@ -664,7 +731,7 @@ class Simulation:
             self._longs += 1
         elif after < 0 <= before:
             self._shorts += 1
-        if tell_book and self._book is not None:
+        if tell_book and self._book is not None:  # release_first: never with strategies
             if after:
                 self._book.set_position(symbol, after)
             else:
@@ -675,7 +742,7 @@ class Simulation:
         """The cache and the auditor take the fill (cache lock held); the position before and
         after."""
         order = message.order
-        positions = self._cache.positions
+        positions = self._cache.book(order.strategy)
         before = positions.get(order.symbol, 0)
         after = before + order.sign * message.qty
         if after:
@@ -851,8 +918,38 @@ class Simulation:
             reducing_admitted=auditor.reducing,
             longs_opened=self._longs,
             shorts_opened=self._shorts,
+            breaches_by_cap=auditor.by_cap,
+            strategies=len(self._budgets),
+            scopes=self._scope_figures(),
         )
 
+    def _scope_figures(self) -> dict[str, dict[str, Any]]:
+        """``SimResult.scopes``: the auditor's figures of each scope, with the decisions made
+        under it and the denials its limits gave (``Decision.scope``)."""
+        scopes: dict[str, dict[str, Any]] = {}
+        for scope in self._auditor.scopes():
+            key = None if scope.name == ACCOUNT else scope.name
+            decisions = admitted = 0
+            denied_here: dict[str, int] = {}
+            for stats in self._brain_stats:
+                counted = stats.scoped.get(key)
+                if counted is not None:
+                    decisions += counted[0]
+                    admitted += counted[1]
+                for (where, reason), count in stats.denied_at.items():
+                    if where == key:
+                        denied_here[reason.value] = denied_here.get(reason.value, 0) + count
+            scopes[scope.name] = {
+                **scope.figures(),
+                "decisions": decisions,
+                "admitted": admitted,
+                "denied_here": denied_here,
+            }
+        return scopes
+
+
+_Part = tuple[str | None, str]
+"""A position as the router keeps it: (the strategy it belongs to, or None; its symbol)."""
 
 _OTHER_BACKEND_REASONS: Final = frozenset(
     {DenyReason.BACKEND_UNAVAILABLE, DenyReason.BOOK_NOT_RESTORED}

@@ -7,7 +7,7 @@ A shared store plugs in the same way (``pendingledger.sim.redis_backend``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Protocol, runtime_checkable
 
 from pendingledger.gate import PortfolioGate, Positions
@@ -77,7 +77,9 @@ class SimBackend(Protocol):
 
 
 class BackendFactory(Protocol):
-    """Builds the backend for one run; ``broken`` asks for the check-then-act variant."""
+    """Builds the backend for one run; ``broken`` asks for the check-then-act variant.
+    ``budgets`` (the strategies' limits) is passed only to a run with strategies, so a
+    factory that has none to offer need not take it."""
 
     def __call__(
         self,
@@ -87,11 +89,14 @@ class BackendFactory(Protocol):
         clock: Callable[[], float],
         on_expire: Callable[[ReservationHandle], None],
         broken: bool,
+        budgets: Mapping[str, PortfolioLimits] | None = None,
     ) -> SimBackend: ...
 
 
 class MemoryBackend:
-    """In-process backend: a ``PendingEntryLedger`` with a ``PortfolioGate`` or ``BrokenGate``."""
+    """In-process backend: a ``PendingEntryLedger`` with a ``PortfolioGate`` or ``BrokenGate``
+    (with the strategies' ``budgets``, if any). ``between`` is the broken gate's gap (see
+    ``BrokenGate``; None: its default short sleep)."""
 
     name = "memory"
 
@@ -103,12 +108,16 @@ class MemoryBackend:
         clock: Callable[[], float],
         on_expire: Callable[[ReservationHandle], None],
         broken: bool,
+        budgets: Mapping[str, PortfolioLimits] | None = None,
+        between: Callable[[], object] | None = None,
     ) -> None:
         self.ledger = PendingEntryLedger(ttl, clock=clock, on_expire=on_expire)
-        real = PortfolioGate(self.ledger, limits)
-        self._gate: PortfolioGate | BrokenGate = (
-            BrokenGate(self.ledger, limits, book=real) if broken else real
-        )
+        real = PortfolioGate(self.ledger, limits, budgets=budgets)
+        self._gate: PortfolioGate | BrokenGate = real
+        if broken:
+            self._gate = BrokenGate(
+                self.ledger, limits, budgets=budgets, book=real, between=between
+            )
 
     @property
     def gate(self) -> PortfolioGate | BrokenGate:
@@ -133,6 +142,9 @@ def memory_backend(
     clock: Callable[[], float],
     on_expire: Callable[[ReservationHandle], None],
     broken: bool,
+    budgets: Mapping[str, PortfolioLimits] | None = None,
 ) -> SimBackend:
     """The default ``BackendFactory``: see ``MemoryBackend``."""
-    return MemoryBackend(limits=limits, ttl=ttl, clock=clock, on_expire=on_expire, broken=broken)
+    return MemoryBackend(
+        limits=limits, ttl=ttl, clock=clock, on_expire=on_expire, broken=broken, budgets=budgets
+    )

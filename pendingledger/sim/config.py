@@ -11,7 +11,17 @@ from typing import Any, Final, Literal
 
 from pendingledger.limits import PortfolioLimits
 
-__all__ = ["DEFAULT_SYMBOLS", "LIMIT_KINDS", "Progress", "SimConfig", "SimResult"]
+__all__ = [
+    "ACCOUNT",
+    "CAP_KINDS",
+    "DEFAULT_SYMBOLS",
+    "LIMIT_KINDS",
+    "STRATEGY_CAPS",
+    "Progress",
+    "SimConfig",
+    "SimResult",
+    "strategies_config",
+]
 
 DEFAULT_SYMBOLS: Final[tuple[str, ...]] = (
     "BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT", "BNBUSDT", "ADAUSDT", "DOGEUSDT", "AVAXUSDT",
@@ -21,6 +31,13 @@ DEFAULT_SYMBOLS: Final[tuple[str, ...]] = (
 
 LIMIT_KINDS: Final[tuple[str, ...]] = ("positions", "gross", "symbol", "net")
 """The keys of ``SimResult.breaches_by_limit``."""
+
+CAP_KINDS: Final[tuple[str, ...]] = ("order_notional", "open_orders", "symbol_orders", "rate")
+"""The keys of ``SimResult.breaches_by_cap``: the order caps (one order's notional, the open
+orders in all and on one symbol, the admissions in a sliding window)."""
+
+ACCOUNT: Final = "account"
+"""The key of the account's scope in ``SimResult.scopes`` (the strategies' are their names)."""
 
 
 def _check_range(name: str, pair: tuple[float, float], *, low: float = 0.0) -> None:
@@ -97,6 +114,19 @@ class SimConfig:
     """Make the router hand off the wrong way round: release the reservation, then update the
     position cache. With it even a correct gate breaches, which shows the auditor checks the
     true exposure, not the gate's view, and why the README insists on cache first."""
+    max_order_notional: int | float | None = None
+    """The account's cap on one order's notional (``max_order_notional``)."""
+    max_open_orders: int | None = None
+    """The account's cap on outstanding orders (``max_open_orders``)."""
+    max_open_orders_per_symbol: int | None = None
+    max_orders_per_interval: tuple[int, float] | None = None
+    """The account's ``(count, seconds)``: at most ``count`` admissions in any sliding window
+    of ``seconds`` on the ledger's clock."""
+    strategies: int = 0
+    """0 or 1: the brains trade for the account (no budgets). N >= 2: N strategies
+    (``strategy_names()``) share the account, each with a budget (``budgets()``) derived from
+    the account's limits; brain ``i`` trades as strategy ``i % N``. Needs ``book="gate"`` (a
+    strategy's budget is decided on the gate's own book)."""
 
     def __post_init__(self) -> None:
         self._check_run()
@@ -106,7 +136,22 @@ class SimConfig:
         _check_range("think", self.think)
         if self.book not in ("cache", "gate"):
             raise ValueError(f"book must be 'cache' or 'gate', got {self.book!r}")
+        _check_int("strategies", self.strategies, low=0)
+        if self.strategies > 1:
+            if self.book != "gate":
+                raise ValueError(
+                    f"strategies={self.strategies} needs book='gate': a strategy's budget is "
+                    f"decided on the gate's own book, got book={self.book!r}"
+                )
+            if self.strategies > self.threads:
+                raise ValueError(
+                    f"strategies={self.strategies} needs at least as many threads, got "
+                    f"threads={self.threads}"
+                )
+            if self.release_first:
+                raise ValueError("release_first needs the app's cache: not with strategies")
         self.limits()  # PortfolioLimits validates the limits
+        self.budgets()
 
     def _check_run(self) -> None:
         """How long and how wide the run is, and when it stops."""
@@ -142,13 +187,92 @@ class SimConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {share!r}")
 
     def limits(self) -> PortfolioLimits:
-        """The limits the gate enforces and the auditor checks."""
+        """The account's limits: what the gate enforces and the auditor checks."""
         return PortfolioLimits(
             max_concurrent_positions=self.max_positions,
             max_gross_exposure=self.max_gross,
             max_symbol_exposure=self.max_symbol,
             max_net_exposure=self.max_net,
+            max_order_notional=self.max_order_notional,
+            max_open_orders=self.max_open_orders,
+            max_open_orders_per_symbol=self.max_open_orders_per_symbol,
+            max_orders_per_interval=self.max_orders_per_interval,
         )
+
+    def strategy_names(self) -> tuple[str, ...]:
+        """``s1`` to ``sN`` with ``strategies`` N >= 2; none otherwise."""
+        n = self.strategies
+        return tuple(f"s{i + 1}" for i in range(n)) if n > 1 else ()
+
+    def strategy_of(self, brain: int) -> str | None:
+        """The strategy brain number ``brain`` trades as (None: the account's own)."""
+        names = self.strategy_names()
+        return names[brain % len(names)] if names else None
+
+    def budgets(self) -> dict[str, PortfolioLimits]:
+        """Each strategy's budget, derived from the account's limits so that both scopes bind:
+        the strategies together may ask for twice what the account allows (each gets a share
+        of ``2 / N`` of the positions, gross, net and open orders, and of the rate count), and
+        each may hold two thirds of the account's exposure and open orders on one symbol, so
+        two strategies on a symbol meet the account's limit there. Every other strategy (the
+        1st, 3rd, ...) caps one order's notional at 6/7 of the account's cap; the others have
+        only the account's. A limit the account does not set, no strategy sets."""
+        names = self.strategy_names()
+        if not names:
+            return {}
+        share = 2 / len(names)
+        rate = self.max_orders_per_interval
+        budgets: dict[str, PortfolioLimits] = {}
+        for i, name in enumerate(names):
+            order = None
+            if self.max_order_notional is not None and i % 2 == 0:
+                order = self._lots(self.max_order_notional * 6 / 7)
+            budgets[name] = PortfolioLimits(
+                max_concurrent_positions=_part(self.max_positions, share),
+                max_gross_exposure=self._lots_of(self.max_gross, share),
+                max_symbol_exposure=self._lots_of(self.max_symbol, 2 / 3),
+                max_net_exposure=self._lots_of(self.max_net, share),
+                max_order_notional=order,
+                max_open_orders=_part(self.max_open_orders, share),
+                max_open_orders_per_symbol=_part(self.max_open_orders_per_symbol, 2 / 3),
+                max_orders_per_interval=None
+                if rate is None
+                else (max(1, math.ceil(rate[0] * share)), rate[1]),
+            )
+        return budgets
+
+    def _lots_of(self, limit: int | float | None, share: float) -> int | None:
+        return None if limit is None else self._lots(limit * share)
+
+    def _lots(self, amount: float) -> int:
+        """``amount`` rounded down to whole lots (at least one)."""
+        return max(1, int(amount // self.lot)) * self.lot
+
+
+def _part(limit: int | None, share: float) -> int | None:
+    return None if limit is None else max(1, math.ceil(limit * share))
+
+
+def strategies_config(strategies: int, **changes: Any) -> SimConfig:
+    """A config for ``strategies`` strategies sharing one account in which both scopes bind:
+    the gate's own book, the account's order caps set (``STRATEGY_CAPS``: one order 7,000, 24
+    open orders, 6 on a symbol, 40 admissions in 0.05 s), and whatever ``changes`` set on top."""
+    values: dict[str, Any] = {
+        "book": "gate",
+        "strategies": strategies,
+        **STRATEGY_CAPS,
+    }
+    values.update(changes)
+    return SimConfig(**values)
+
+
+STRATEGY_CAPS: Final[dict[str, Any]] = {
+    "max_order_notional": 7_000,
+    "max_open_orders": 24,
+    "max_open_orders_per_symbol": 6,
+    "max_orders_per_interval": (40, 0.05),
+}
+"""The account's order caps of ``strategies_config`` (and of ``race --strategies``)."""
 
 
 # --------------------------------------------------------------------------- results
@@ -172,9 +296,12 @@ class SimResult:
     Exposure figures (``max_*_seen``) are the auditor's *true* state: signed open positions
     plus orders that can still fill, as worst cases (``pendingledger.rules.worst_case``),
     including the entry just admitted. ``breaches`` counts admitted decisions that raised a
-    figure over its limit; ``breaches_by_limit`` counts per limit (one admission can breach
-    several). ``admitted`` and ``decisions`` include the router's closing orders. Reservation
-    figures: every admitted order's reservation must end exactly once, so
+    figure over its limit, or took an order cap past its limit, at any scope (the account, or
+    a strategy's budget); ``breaches_by_limit`` counts per exposure limit and
+    ``breaches_by_cap`` per order cap (one admission can breach several), ``scopes`` per
+    scope. The exposure figures above are the account's. ``admitted`` and ``decisions``
+    include the router's closing orders. Reservation figures: every admitted order's
+    reservation must end exactly once, so
     ``ended_released + ended_reduced + ended_expired == admitted`` with
     ``leaked == double_ended == 0`` in a healthy run.
 
@@ -237,6 +364,23 @@ class SimResult:
     """Fills that took a symbol's position from flat or short to long."""
     shorts_opened: int = 0
     """Fills that took a symbol's position from flat or long to short."""
+    breaches_by_cap: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CAP_KINDS, 0))
+    """Admissions that took an order cap over its limit, per cap (``CAP_KINDS``), at any scope."""
+    strategies: int = 0
+    scopes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per scope (``ACCOUNT``, then each strategy's name), the auditor's figures: ``limits``
+    (that scope's, as ``PortfolioLimits`` fields), the peaks (``max_positions_seen``,
+    ``max_gross_seen``, ``max_symbol_seen``, ``max_net_seen``, ``max_open_orders_seen``,
+    ``max_symbol_orders_seen``, ``max_order_seen``, ``max_window_seen``: most admissions in one
+    rate window), ``breaches`` (admissions over a limit of that scope), ``breaches_by_limit``
+    (``LIMIT_KINDS`` and ``CAP_KINDS``), and the decisions made under that scope: ``decisions``,
+    ``admitted`` and ``denied_here`` (denials whose ``Decision.scope`` is that scope, by
+    reason). With no strategies only the account's."""
+
+    @property
+    def breaches_by_scope(self) -> dict[str, int]:
+        """Admissions over a limit, per scope (``ACCOUNT`` and each strategy)."""
+        return {scope: int(figures["breaches"]) for scope, figures in self.scopes.items()}
 
     @property
     def ok(self) -> bool:

@@ -44,6 +44,7 @@ class Order:
     late: bool = False  # an answer arrived after the reservation had expired
     admitted_at: float = 0.0  # lost orders: ledger clock read after try_enter returned
     side: Side = Side.BUY
+    strategy: str | None = None  # the strategy it was made for (None: the account's own)
 
     @property
     def sign(self) -> int:

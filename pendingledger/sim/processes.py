@@ -106,6 +106,11 @@ class ProcessRace:
             raise ValueError(
                 f"{processes} processes need at least as many threads, got {config.threads}"
             )
+        if config.strategies > 1:
+            raise ValueError(
+                f"strategies={config.strategies}: the race across processes trades for the "
+                "account only; race strategy budgets in one process (the memory backend)"
+            )
         self.config = dataclasses.replace(config, book="gate")
         self.redis_url = redis_url
         self.processes = processes
@@ -544,6 +549,7 @@ def _race_one_share(
         clock: Callable[[], float],
         on_expire: Callable[[ReservationHandle], None],
         broken: bool,
+        budgets: Any = None,
     ) -> RedisBackend:
         made.append(
             RedisBackend(url, namespace=namespace, limits=limits, ttl=ttl,

@@ -32,8 +32,9 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from pendingledger import _units, rules
@@ -228,6 +229,10 @@ class TrackedReservation:
         return self.inner.side
 
     @property
+    def strategy(self) -> str | None:
+        return self.inner.strategy
+
+    @property
     def notional(self) -> Number:
         return self.inner.notional
 
@@ -304,9 +309,13 @@ class SharedGate:
         *,
         order_id: str | None = None,
         side: Side | str | None = None,
+        strategy: str | None = None,
     ) -> Decision:
         if positions is not None:
             raise TypeError("the shared gate keeps the position book in Redis: no positions")
+        if strategy is not None:
+            # The race across processes trades for the account only (see ProcessRace).
+            raise ValueError(f"strategy={strategy!r}: the shared race has no strategies")
         if self._broken:
             decision = check_then_reserve(
                 self._gate, symbol, notional, order_id=order_id, side=side, between=self._between
@@ -330,7 +339,9 @@ class SharedGate:
         *,
         symbol: str | None = None,
         filled: Number | None = None,
+        strategy: str | None = None,
     ) -> bool:
+        _no_strategy(strategy)
         done = self._gate.confirm_fill(order_id, position_exposure, symbol=symbol, filled=filled)
         if filled is None:
             self._ended(order_id, done)
@@ -371,13 +382,16 @@ class SharedGate:
             if tracked is not None:
                 tracked.ended = True
 
-    def set_position(self, symbol: str, exposure: Number) -> None:
+    def set_position(self, symbol: str, exposure: Number, *, strategy: str | None = None) -> None:
+        _no_strategy(strategy)
         self._gate.set_position(symbol, exposure)
 
-    def close_position(self, symbol: str) -> bool:
+    def close_position(self, symbol: str, *, strategy: str | None = None) -> bool:
+        _no_strategy(strategy)
         return self._gate.close_position(symbol)
 
-    def positions(self) -> dict[str, Number]:
+    def positions(self, *, strategy: str | None = None) -> dict[str, Number]:
+        _no_strategy(strategy)
         return self._gate.positions()
 
     def halt(self) -> None:
@@ -417,6 +431,23 @@ class SharedGate:
     @limits.setter
     def limits(self, limits: PortfolioLimits) -> None:
         self._gate.limits = limits
+
+    @property
+    def budgets(self) -> Mapping[str, PortfolioLimits]:
+        return _NO_BUDGETS
+
+    @budgets.setter
+    def budgets(self, budgets: Mapping[str, PortfolioLimits] | None) -> None:
+        if budgets:
+            raise ValueError("the shared race has no strategies: no budgets")
+
+
+_NO_BUDGETS: Final[Mapping[str, PortfolioLimits]] = MappingProxyType({})
+
+
+def _no_strategy(strategy: str | None) -> None:
+    if strategy is not None:
+        raise ValueError(f"strategy={strategy!r}: the shared race has no strategies")
 
 
 def _gap() -> None:
