@@ -72,6 +72,7 @@ from redis.retry import Retry
 from redis.typing import EncodableT
 
 from pendingledger import _units, rules
+from pendingledger.budgets import check_budgets
 from pendingledger.decision import REASONS, Denials
 from pendingledger.errors import LedgerError
 from pendingledger.limits import Decision, DenyReason, PortfolioLimits, denied
@@ -226,14 +227,13 @@ def _position_value(name: str, exposure: object) -> tuple[int, str]:
 
 def check_strategy(name: str, strategy: object) -> str:
     """A strategy argument as the server code takes it: '' for None (the account's own), else
-    the name, an exact non-empty ``str``."""
-    if strategy is None:
-        return ""
-    if type(strategy) is not str:
-        raise TypeError(f"{name} must be None or a strategy's name (a str), got {strategy!r}")
-    if not strategy:
-        raise ValueError(f"{name} must be None or a non-empty str, got {strategy!r}")
-    return strategy
+    the name as an exact, non-empty ``str`` (``_units.check_strategy``, as in process)."""
+    try:
+        return _units.check_strategy(strategy)
+    except (TypeError, ValueError) as exc:
+        if name == "strategy":
+            raise
+        raise type(exc)(f"{name}: {exc}") from None
 
 
 def scope_config(unit: rules.UnitLimits, ttl_us: int) -> str:
@@ -247,45 +247,22 @@ def scope_config(unit: rules.UnitLimits, ttl_us: int) -> str:
     return "|".join([str(ttl_us), *encoded, rate_us])
 
 
-def check_budgets(budgets: object) -> dict[str, PortfolioLimits]:
-    """``budgets`` (None, or a mapping of strategy name to its ``PortfolioLimits``), checked: a
-    copy, or ``TypeError``/``ValueError`` naming ``budgets`` and the key."""
-    if budgets is None:
-        return {}
-    if not isinstance(budgets, Mapping):
-        raise TypeError(f"budgets must be a mapping of strategy name to limits, got {budgets!r}")
-    checked: dict[str, PortfolioLimits] = {}
-    for key, value in budgets.items():
-        if type(key) is not str:
-            raise TypeError(f"budgets: a strategy's name must be a str, got {key!r}")
-        if not key:
-            raise ValueError(f"budgets: a strategy's name must be non-empty, got {key!r}")
-        if not isinstance(value, PortfolioLimits):
-            raise TypeError(f"budgets[{key!r}] must be a PortfolioLimits, got {value!r}")
-        if value.has_loss_limits:
-            raise ValueError(
-                f"budgets[{key!r}]: loss limits are the account's (max_daily_loss, "
-                f"max_drawdown), got {value!r}"
-            )
-        checked[key] = value
-    return checked
-
-
 class _Scopes:
     """What a decision reads, once: the account's limits and the budgets, encoded. Replaced
     whole (under the gate's own lock) when either changes, so a decision uses one pair."""
 
-    __slots__ = ("budgets", "config", "configs", "limits", "loss_config")
+    __slots__ = ("budgets", "config", "configs", "limits", "loss_config", "units")
 
     def __init__(self, limits: PortfolioLimits, config: str, loss_config: str,
-                 budgets: Mapping[str, PortfolioLimits], ttl_us: int) -> None:  # fmt: skip
+                 budgets: Mapping[str, rules.UnitLimits], ttl_us: int) -> None:  # fmt: skip
         self.limits = limits
         self.config = config
         self.loss_config = loss_config
-        self.budgets: Mapping[str, PortfolioLimits] = MappingProxyType(dict(budgets))
-        self.configs = {
-            name: scope_config(rules.unit_limits(value), ttl_us) for name, value in budgets.items()
-        }
+        self.units = budgets
+        self.budgets: Mapping[str, PortfolioLimits] = MappingProxyType(
+            {name: unit.source for name, unit in budgets.items()}
+        )
+        self.configs = {name: scope_config(unit, ttl_us) for name, unit in budgets.items()}
 
 
 def _reset_offset_us(daily_reset: object) -> int:
@@ -513,7 +490,7 @@ class RedisGate:
             budgets=budgets,
         )
 
-    def _encode(self, limits: object, budgets: Mapping[str, PortfolioLimits]) -> _Scopes:
+    def _encode(self, limits: object, budgets: Mapping[str, rules.UnitLimits]) -> _Scopes:
         """``limits`` and ``budgets`` as a decision reads them: the scopes' config arguments
         (``scope_config``) and the loss calls' "max_daily_loss|max_drawdown|kinds|on_loss|
         reset_us", limits in units (``rules.unit_limits``), '' for a limit not set; kinds
@@ -574,7 +551,7 @@ class RedisGate:
     @limits.setter
     def limits(self, limits: PortfolioLimits) -> None:
         with self._scopes_lock:  # a budgets assignment at the same time is not lost
-            self._scopes = self._encode(limits, self._scopes.budgets)
+            self._scopes = self._encode(limits, self._scopes.units)
 
     @property
     def budgets(self) -> Mapping[str, PortfolioLimits]:

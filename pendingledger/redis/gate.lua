@@ -11,8 +11,9 @@
 -- The cost of a call is mostly the number of commands it sends (each redis.call costs a few
 -- microseconds whatever it does), so a call reads every field it needs with one HMGET, keeps
 -- what it changes in the tables below, and writes it back with one command per key (finish).
--- A decision is TIME, HMGET, HSET and ZADD (an order with a side sets one field more); a
--- release TIME, HMGET, HSET, ZREM and ZADD. After the commands, what costs most is turning
+-- A decision is TIME, HMGET, HSET and ZADD (an order with a side sets one field more; a scope
+-- with a rate limit adds one HMGET of the window's stamps and an HDEL); a release TIME, HMGET,
+-- HSET, ZREM and ZADD. After the commands, what costs most is turning
 -- numbers into strings (a sprintf each) and packing state: the hot paths do neither more than
 -- they must (see stamp, RING_NAMES, the two fields), and an order of unknown side on a symbol
 -- with no pending buys or sells skips the worst-case arithmetic (see side_blind).
@@ -23,21 +24,42 @@
 -- stricter. The latch, the day's P&L and the equity's peak are in state (see record_pnl), so
 -- every process sees one latch and one daily reset, on this code's clock.
 --
+-- Scopes (strategy budgets): a reservation and a part of a position belong to one strategy or
+-- to the account's own. Each strategy keeps the account's figures over its own parts and
+-- reservations (its fields below and its L<sk>), so a decision under strategy s checks the
+-- trading state (halted: the account's), then s's limits over s's figures, then the account's
+-- over everything, each rules.first_failing_rule (scope_rule), in the one call; the denial says
+-- which scope denied. The account's position on a symbol is the sum of its parts (set_part).
+-- The order caps bound the outstanding orders (nres, n:, N) and the admissions in a sliding
+-- window on this code's clock: per scope, a deque of the last rate_count stamps kept as fields
+-- (w:<n> the account's, W<sk><n> a strategy's; seq and lo in live or L<sk>), recorded while
+-- the scope has a rate limit; trimming drops each stamp once, so O(1) amortized. When a rate
+-- count is raised, the stamps kept so far are what counts.
+--
 -- Keys (all under one hash tag {ns}, so Redis Cluster keeps them in one slot):
 --   KEYS[1] book    hash  state: the marker, the epoch, the operator's trading state, the test
 --                           flag, the test clock, the counts a decision rarely changes and the
 --                           loss latch's bookkeeping; live: the rest of the fencing mark, the
 --                           totals and the common counts (both packed, see STATE_NAMES and
 --                           LIVE_FORMAT below; gen 0 = not restored)
---                         p:<symbol>  the position's exposure in units (its magnitude)
---                         k:<symbol>  its sign ('+' or '-') and the letter of its kind
+--                         p:<symbol>  the account's position's exposure in units (its
+--                           magnitude): the sum of the parts
+--                         k:<symbol>  its sign ('+' or '-'), the letter of its kind and, when
+--                           more than one part is open, their number (parts_of)
 --                         r:<symbol>  units reserved on the symbol, every side ('0' or absent:
 --                           none)
 --                         b:<symbol>, s:<symbol>  of them, the pending buys', sells' ('0' or
 --                           absent: none)
---                         o:<order_id>  "units|token|reserved_at_us|ttl_us|side|symbol", or once
---                           ended a tombstone, '~' or '~<call_token>|<answer>' (kept for
---                           CALL_MEMO_US, see Retries)
+--                         n:<symbol>  the symbol's outstanding reservations ('0' or absent: none)
+--                         P0:<symbol>, K0:<symbol>  the account's own part of the position
+--                         P, K, R, B, S, N<sk><symbol>  a strategy's part and its fields of the
+--                           symbol, as p: k: r: b: s: n: (sk = '<byte length>:<name>')
+--                         L<sk>  the strategy's totals, counts and window (L_NAMES, packed)
+--                         Z  every sk that has an L<sk>, concatenated (the registry: stats)
+--                         w:<n>, W<sk><n>  the rate windows' stamps (see Scopes)
+--                         o:<order_id>  "units|token|reserved_at_us|ttl_us|side|n|<strategy>
+--                           <symbol>" (parse_rec), or once ended a tombstone, '~' or
+--                           '~<call_token>|<answer>' (kept for CALL_MEMO_US, see Retries)
 --                         c:<call_token>  the answer that call got (see Retries)
 --                         h:<n>  the fencing tag of the change that made hw n, n mod RING
 --                           (see Fencing)

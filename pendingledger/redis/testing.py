@@ -153,6 +153,7 @@ def check_then_reserve(
     order_id: str | None = None,
     side: Side | str | None = None,
     between: Callable[[], object] | None = None,
+    strategy: str | None = None,
 ) -> Decision:
     """The check-then-act bug on Redis, for the tests and the race demo that must catch it.
 
@@ -162,14 +163,15 @@ def check_then_reserve(
     operations: with them off the server's refusal is raised (``redis.ResponseError``).
     Arguments are checked as ``RedisGate.try_enter`` checks them (``side`` too: the check
     holds the order's figures to the rules, the trading state included, and the forced reserve
-    records it under its side); a store failure denies with
+    records it under its side and ``strategy``, whose budget the check holds it to as
+    ``try_enter`` does); a store failure denies with
     ``BACKEND_UNAVAILABLE``. Never use it on a namespace that trades.
     """
-    checked = enter(gate, symbol, notional, order_id, "check", side)
+    checked = enter(gate, symbol, notional, order_id, "check", side, strategy)
     if checked is not None:
         return checked
     if between is not None:
         between()
-    decision = enter(gate, symbol, notional, order_id, "force", side)
+    decision = enter(gate, symbol, notional, order_id, "force", side, strategy)
     assert decision is not None
     return decision
