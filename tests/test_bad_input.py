@@ -528,12 +528,14 @@ BAD_AMOUNT_LIMITS: list[tuple[object, type[Exception]]] = [
 ]
 
 
-@pytest.mark.parametrize("name", ["max_gross_exposure", "max_symbol_exposure"])
+@pytest.mark.parametrize(
+    "name", ["max_gross_exposure", "max_symbol_exposure", "max_net_exposure", "max_order_notional"]
+)
 @pytest.mark.parametrize(
     ("value", "exc"), BAD_AMOUNT_LIMITS, ids=[repr(v) for v, _ in BAD_AMOUNT_LIMITS]
 )
 def test_bad_exposure_limit(name: str, value: Any, exc: type[Exception]) -> None:
-    """Exposure limits are finite amounts >= 0 and below 1e15."""
+    """Exposure limits and the one-order cap are finite amounts >= 0 and below 1e15."""
     with raises(exc, name, value):
         PortfolioLimits(**{name: value})
 
@@ -556,6 +558,59 @@ def test_bad_max_concurrent_positions(value: Any, exc: type[Exception]) -> None:
     """The positions limit is an int >= 0 (not a bool, not a float)."""
     with raises(exc, "max_concurrent_positions", value):
         PortfolioLimits(max_concurrent_positions=value)
+
+
+@pytest.mark.parametrize("name", ["max_open_orders", "max_open_orders_per_symbol"])
+@pytest.mark.parametrize(
+    ("value", "exc"), BAD_POSITION_LIMITS, ids=[repr(v) for v, _ in BAD_POSITION_LIMITS]
+)
+def test_bad_open_order_caps(name: str, value: Any, exc: type[Exception]) -> None:
+    """The open-order caps are counts as the positions limit is: an int >= 0."""
+    with raises(exc, name, value):
+        PortfolioLimits(**{name: value})
+
+
+BAD_RATES: list[tuple[object, type[Exception]]] = [
+    ((0, 1), ValueError),
+    ((-1, 1), ValueError),
+    ((True, 1), ValueError),
+    ((1.0, 1), ValueError),
+    (("2", 1), ValueError),
+    ((1, 0), ValueError),
+    ((1, -0.5), ValueError),
+    ((1, NAN), ValueError),
+    ((1, INF), ValueError),
+    ((1, Fraction(-1, 2)), ValueError),
+    ((1, "1"), TypeError),
+    ((1, True), TypeError),
+    ((1, None), TypeError),
+    ([1, 1], TypeError),  # a tuple, as the annotation says
+    ((1,), TypeError),
+    ((1, 1, 1), TypeError),
+    (5, TypeError),
+    ("5/s", TypeError),
+]
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_RATES, ids=[repr(v) for v, _ in BAD_RATES])
+def test_bad_orders_per_interval(value: Any, exc: type[Exception]) -> None:
+    """``max_orders_per_interval`` is ``(count, seconds)``: an int count >= 1 and finite
+    seconds > 0."""
+    with raises(exc, "max_orders_per_interval", value):
+        PortfolioLimits(max_orders_per_interval=value)
+
+
+def test_zero_order_caps_are_valid(gate: PortfolioGate) -> None:
+    """Zero open orders (or a zero one-order cap) is a limit that admits nothing, not an
+    error; the rate count starts at one."""
+    gate.limits = PortfolioLimits(max_open_orders=0)
+    assert gate.try_enter("AAA", 1, {}).reason is DenyReason.MAX_OPEN_ORDERS
+    gate.limits = PortfolioLimits(max_open_orders_per_symbol=0)
+    assert gate.try_enter("AAA", 1, {}).reason is DenyReason.MAX_OPEN_ORDERS_PER_SYMBOL
+    gate.limits = PortfolioLimits(max_order_notional=0)
+    assert gate.try_enter("AAA", 1e-300, {}).reason is DenyReason.MAX_ORDER_NOTIONAL
+    gate.limits = PortfolioLimits(max_orders_per_interval=(1, 1e-9))
+    assert gate.try_enter("AAA", 1, {})
 
 
 def test_zero_limits_are_valid() -> None:
@@ -756,3 +811,201 @@ def test_release_paths_refuse_a_none_order_id(
         ledger.release_order(order_id)
     with unchanged(ledger, gate), raises(TypeError, "order_id", order_id):
         gate.confirm_fill(order_id, 5)
+
+
+# ---------------------------------------------------------------------------- strategy budgets
+
+
+class _Name(str):
+    """A str subclass: its comparisons and hash could run code under the lock."""
+
+    __slots__ = ()
+
+
+@pytest.fixture
+def budgeted(gate: PortfolioGate, book: Reservation) -> PortfolioGate:
+    """The ``book`` fixture's gate with two budgets, a reservation and a position of one."""
+    gate.budgets = {"A": PortfolioLimits(max_gross_exposure=500), "B": PortfolioLimits()}
+    assert gate.try_enter("AAA", 50, order_id="sa", strategy="A")
+    gate.set_position("BBB", 5, strategy="A")
+    return gate
+
+
+def everything(gate: PortfolioGate) -> tuple[object, ...]:
+    """What a budget change or a refused strategy must leave as it was, beyond ``unchanged``."""
+    return (
+        dict(gate.budgets),
+        gate.limits,
+        gate.positions(strategy="A"),
+        gate.positions(strategy="B"),
+        gate.stats().scopes,
+    )
+
+
+BAD_BUDGETS: list[tuple[object, type[Exception] | tuple[type[Exception], ...], str]] = [
+    ([("A", PortfolioLimits())], TypeError, "budgets"),
+    ("A", TypeError, "budgets"),
+    (PortfolioLimits(), TypeError, "budgets"),
+    ({1: PortfolioLimits()}, TypeError, "1"),
+    ({None: PortfolioLimits()}, TypeError, "None"),
+    ({b"A": PortfolioLimits()}, TypeError, "b'A'"),
+    ({"": PortfolioLimits()}, (TypeError, ValueError), "''"),
+    ({"A": None}, TypeError, "A"),
+    ({"A": {"max_gross_exposure": 1}}, TypeError, "A"),
+    ({"A": PortfolioLimits(max_daily_loss=1)}, ValueError, "loss limit"),
+    ({"A": PortfolioLimits(max_drawdown=Decimal("0.5"))}, ValueError, "account's"),
+    ({"C": PortfolioLimits(), "A": PortfolioLimits(max_drawdown=1)}, ValueError, "A"),
+]
+BUDGET_IDS = [repr(v) for v, _, _ in BAD_BUDGETS]
+
+
+@pytest.mark.parametrize(("value", "exc", "names"), BAD_BUDGETS, ids=BUDGET_IDS)
+def test_bad_budgets_change_nothing(
+    ledger: PendingEntryLedger,
+    budgeted: PortfolioGate,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception] | tuple[type[Exception], ...],
+    names: str,
+) -> None:
+    """A bad budgets mapping (not a mapping, a key not an exact non-empty str, a value not
+    ``PortfolioLimits``, a budget with loss limits) is refused whole: the budgets in force stay,
+    and so does every decision they make; at construction no gate is made."""
+    before = everything(budgeted)
+    with unchanged(ledger, budgeted), pytest.raises(exc, match="budgets") as info:
+        budgeted.budgets = value
+    assert names in str(info.value), info.value
+    assert everything(budgeted) == before
+    denial = budgeted.try_enter("AAA", 446, strategy="A")  # A's gross 55 + 446 > 500
+    assert (denial.reason, denial.scope) == (DenyReason.MAX_GROSS_EXPOSURE, "A")
+    with pytest.raises(ValueError, match="strategy"):
+        budgeted.try_enter("AAA", 1, strategy="C")  # the refused budgets named C: not in force
+    with pytest.raises(exc, match="budgets") as info:
+        PortfolioGate(ledger, PortfolioLimits(), budgets=value)
+    assert names in str(info.value), info.value
+
+
+def test_budgets_read_back_read_only_and_as_of_the_assignment(
+    ledger: PendingEntryLedger, gate: PortfolioGate
+) -> None:
+    """``gate.budgets`` is the budgets in force, read-only; the caller's dict is not kept (a
+    later change to it would bypass the checks above), and None means no budgets."""
+    mine = {"A": PortfolioLimits(max_order_notional=10)}
+    gate.budgets = mine
+    mine["A"] = PortfolioLimits()
+    mine["B"] = PortfolioLimits()
+    assert dict(gate.budgets) == {"A": PortfolioLimits(max_order_notional=10)}
+    proxy: Any = gate.budgets
+    with pytest.raises(TypeError):
+        proxy["B"] = PortfolioLimits()
+    assert gate.try_enter("AAA", 11, strategy="A").reason is DenyReason.MAX_ORDER_NOTIONAL
+    with pytest.raises(ValueError, match="strategy"):
+        gate.try_enter("AAA", 1, strategy="B")
+    gate.budgets = None
+    assert dict(gate.budgets) == {}
+    assert dict(PortfolioGate(ledger, PortfolioLimits()).budgets) == {}
+
+
+BAD_STRATEGIES: list[tuple[object, type[Exception] | tuple[type[Exception], ...]]] = [
+    ("C", ValueError),  # a typo must not trade without limits
+    ("a", ValueError),
+    ("A ", ValueError),
+    ("", ValueError),
+    (b"A", (TypeError, ValueError)),
+    (1, (TypeError, ValueError)),
+    (("A",), (TypeError, ValueError)),
+]
+STRATEGY_IDS = [repr(v) for v, _ in BAD_STRATEGIES]
+
+
+@pytest.mark.parametrize(("value", "exc"), BAD_STRATEGIES, ids=STRATEGY_IDS)
+def test_try_enter_bad_strategy_reserves_nothing(
+    ledger: PendingEntryLedger,
+    budgeted: PortfolioGate,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    """A strategy that is not exactly a budget's name is refused, naming the argument and the
+    value: nothing reserved, nothing counted, on every source of positions it accepts."""
+    before = everything(budgeted)
+    with unchanged(ledger, budgeted), pytest.raises(exc, match="strategy") as info:
+        budgeted.try_enter("DDD", 1, strategy=value)
+    assert repr(value) in str(info.value), info.value
+    with unchanged(ledger, budgeted), pytest.raises(exc, match="strategy"):
+        budgeted.try_enter("DDD", 1, order_id="fresh", side="buy", strategy=value)
+    assert everything(budgeted) == before
+    assert budgeted.try_enter("DDD", 1, order_id="fresh", strategy="B")  # the id is still free
+
+
+@pytest.mark.parametrize("positions", [{}, AAA_OPEN, lambda: AAA_OPEN], ids=repr)
+def test_a_strategy_with_a_callers_positions_is_refused(
+    ledger: PendingEntryLedger,
+    budgeted: PortfolioGate,
+    unchanged: Unchanged,
+    positions: Positions,
+) -> None:
+    """A caller's positions carry no strategy: a budget is decided on the gate's own book only
+    (``ValueError``, before the positions are read); without a strategy they decide as before."""
+    calls: list[int] = []
+
+    def counted() -> Book:
+        calls.append(1)
+        return dict(positions() if callable(positions) else positions)
+
+    with unchanged(ledger, budgeted), pytest.raises(ValueError, match="strateg"):
+        budgeted.try_enter("DDD", 1, positions, strategy="A")
+    with unchanged(ledger, budgeted), pytest.raises(ValueError, match="strateg"):
+        budgeted.try_enter("DDD", 1, counted, strategy="A")
+    assert calls == []
+    assert budgeted.try_enter("DDD", 1, positions)
+
+
+BAD_BOOK_STRATEGIES: list[tuple[object, type[Exception] | tuple[type[Exception], ...]]] = [
+    ("", ValueError),
+    (b"A", TypeError),
+    (1, TypeError),
+    (["A"], TypeError),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "exc"), BAD_BOOK_STRATEGIES, ids=[repr(v) for v, _ in BAD_BOOK_STRATEGIES]
+)
+def test_owned_book_bad_strategy(
+    ledger: PendingEntryLedger,
+    budgeted: PortfolioGate,
+    unchanged: Unchanged,
+    value: Any,
+    exc: type[Exception],
+) -> None:
+    """The book methods take None or a non-empty exact str as the strategy (it need not have a
+    budget: a position may outlive one); anything else is refused and changes nothing."""
+    before = everything(budgeted)
+    with unchanged(ledger, budgeted):
+        with pytest.raises(exc, match="strategy"):
+            budgeted.set_position("AAA", 1, strategy=value)
+        with pytest.raises(exc, match="strategy"):
+            budgeted.close_position("BBB", strategy=value)
+        with pytest.raises(exc, match="strategy"):
+            budgeted.confirm_fill("sa", 1, strategy=value)
+        with pytest.raises(exc, match="strategy"):
+            budgeted.confirm_fill("gone", 1, symbol="AAA", strategy=value)
+        with pytest.raises(exc, match="strategy"):
+            budgeted.positions(strategy=value)
+    assert everything(budgeted) == before
+
+
+def test_confirm_fill_under_another_strategy_changes_nothing(
+    ledger: PendingEntryLedger, budgeted: PortfolioGate, unchanged: Unchanged
+) -> None:
+    """A fill naming a strategy other than its reservation's is refused whole, as a wrong
+    symbol is; a strategy without a budget may still hold a position."""
+    before = everything(budgeted)
+    with unchanged(ledger, budgeted), pytest.raises(ValueError, match="strategy"):
+        budgeted.confirm_fill("sa", 50, strategy="B")
+    with unchanged(ledger, budgeted), pytest.raises(ValueError, match="strategy"):
+        budgeted.confirm_fill("a", 50, strategy="A")  # "a" is the account's own order
+    assert everything(budgeted) == before
+    budgeted.set_position("ZZZ", 3, strategy="retired")
+    assert budgeted.positions(strategy="retired") == {"ZZZ": 3}

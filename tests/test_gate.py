@@ -173,11 +173,17 @@ def test_denied_decisions_are_shared_one_per_reason(gate: PortfolioGate) -> None
         rules.MAX_GROSS_EXPOSURE: DenyReason.MAX_GROSS_EXPOSURE,
         rules.MAX_SYMBOL_EXPOSURE: DenyReason.MAX_SYMBOL_EXPOSURE,
         rules.MAX_NET_EXPOSURE: DenyReason.MAX_NET_EXPOSURE,
+        rules.MAX_ORDER_NOTIONAL: DenyReason.MAX_ORDER_NOTIONAL,
+        rules.MAX_OPEN_ORDERS: DenyReason.MAX_OPEN_ORDERS,
+        rules.MAX_OPEN_ORDERS_PER_SYMBOL: DenyReason.MAX_OPEN_ORDERS_PER_SYMBOL,
+        rules.MAX_ORDERS_PER_INTERVAL: DenyReason.MAX_ORDERS_PER_INTERVAL,
         rules.BACKEND_UNAVAILABLE: DenyReason.BACKEND_UNAVAILABLE,
         rules.BOOK_NOT_RESTORED: DenyReason.BOOK_NOT_RESTORED,
         rules.LOCK_TIMEOUT: DenyReason.LOCK_TIMEOUT,
     }
     assert all(REASONS[code] is reason for code, reason in codes.items())
+    assert sorted(codes) == list(range(1, len(REASONS)))  # every code, the backends' moved up
+    assert (rules.BACKEND_UNAVAILABLE, rules.BOOK_NOT_RESTORED, rules.LOCK_TIMEOUT) == (11, 12, 13)
     gate.limits = limits(positions=0)
     assert gate.try_enter("AAA", 1) is denied(DenyReason.MAX_CONCURRENT_POSITIONS)
     assert gate.try_enter("AAA", 1, NO_POSITIONS) is denied(DenyReason.MAX_CONCURRENT_POSITIONS)
@@ -876,8 +882,9 @@ def test_a_position_closed_after_the_read_lends_no_slot(
     # What this test rules out: the read taken at its word (XXX open, five symbols counted).
     unit = rules.unit_limits(gate.limits)
     five = 5 * SCALE
-    figures = (5, True, five, SCALE, 2 * SCALE, five, five + SCALE)
-    assert rules.first_failing_rule(unit, rules.ACTIVE, *figures) == rules.ADMIT
+    figures = (5, True, five, SCALE, 2 * SCALE, five, five + SCALE, SCALE, 1, 0)
+    window = (rules.NO_WINDOW, 0.0)
+    assert rules.first_failing_rule(unit, rules.ACTIVE, *figures, *window) == rules.ADMIT
 
 
 def test_adding_to_an_open_position_at_the_limit_is_admitted(gate: PortfolioGate) -> None:
@@ -1070,6 +1077,10 @@ def test_gate_stats_counts_admitted_and_denied_per_reason(gate: PortfolioGate) -
         DenyReason.MAX_GROSS_EXPOSURE: 1,
         DenyReason.MAX_SYMBOL_EXPOSURE: 1,
         DenyReason.MAX_NET_EXPOSURE: 0,
+        DenyReason.MAX_ORDER_NOTIONAL: 0,
+        DenyReason.MAX_OPEN_ORDERS: 0,
+        DenyReason.MAX_OPEN_ORDERS_PER_SYMBOL: 0,
+        DenyReason.MAX_ORDERS_PER_INTERVAL: 0,
         DenyReason.BACKEND_UNAVAILABLE: 0,
         DenyReason.BOOK_NOT_RESTORED: 0,
         DenyReason.LOCK_TIMEOUT: 0,
@@ -1232,7 +1243,7 @@ def model_units(value: Number, up: bool) -> int:
     return math.ceil(scaled) if scaled >= 0 else math.floor(scaled)
 
 
-def model_limits(lim: PortfolioLimits) -> tuple[int, int, int]:
+def model_limits(lim: PortfolioLimits) -> tuple[int, int, int, int]:
     """The limits in units, ``rules.NO_LIMIT`` where none is set."""
 
     def amount(value: Number | None) -> int:
@@ -1243,6 +1254,7 @@ def model_limits(lim: PortfolioLimits) -> tuple[int, int, int]:
         rules.NO_LIMIT if count is None else count,
         amount(lim.max_gross_exposure),
         amount(lim.max_symbol_exposure),
+        amount(lim.max_order_notional),
     )
 
 
@@ -1260,6 +1272,15 @@ class Model:
         self.state = rules.ACTIVE
         self.reserved = self.released = self.expired = 0
         self.counts = [0] * (rules.LOCK_TIMEOUT + 1)
+        self.admitted_at: list[float] = []  # the gate's admissions' stamps, oldest first
+
+    def window_start(self) -> float:
+        """The stamp of the ``rate_count``-th most recent admission (``NO_WINDOW``: fewer, or
+        no rate limit): what the gate keeps of its history, the last ``rate_count`` stamps."""
+        rate = self.limits.max_orders_per_interval
+        if rate is None or len(self.admitted_at) < rate[0]:
+            return rules.NO_WINDOW
+        return self.admitted_at[-rate[0]]
 
     def expire(self, now: float) -> None:
         for oid, (_, _, at) in list(self.orders.items()):
@@ -1301,6 +1322,7 @@ class Model:
         *,
         owned: bool,
         side: int = 0,
+        now: float,
     ) -> int:
         """``owned``: ``positions`` is the gate's own book, read under the lock. A caller's read
         cannot vouch that a symbol in it is still open, so there only a reservation does."""
@@ -1308,9 +1330,8 @@ class Model:
         exposures = {s: abs(v) for s, v in signed.items()}
         reserved = self.reserved_symbols()
         unit_limits = rules.unit_limits(self.limits)
-        assert (unit_limits.max_positions, unit_limits.max_gross, unit_limits.max_symbol) == (
-            model_limits(self.limits)
-        )
+        got = (unit_limits.max_positions, unit_limits.max_gross, unit_limits.max_symbol)
+        assert (*got, unit_limits.max_order) == model_limits(self.limits)
         # With a side the read is taken as it is (sides rest on a cache that changes only by
         # fills handed over in one step); without, only a reservation vouches for a symbol.
         vouched = (set(exposures) if owned or side else set()) | reserved
@@ -1330,8 +1351,15 @@ class Model:
             self.worst(signed.get(symbol, 0), symbol, add3),
             self.worst(net, None, none),
             self.worst(net, None, add3),
+            units,
+            len(self.orders),
+            sum(1 for s, _, _ in self.orders.values() if s == symbol),
+            self.window_start(),
+            now,
         )
         self.counts[code] += 1
+        if code == rules.ADMIT:
+            self.admitted_at.append(now)
         return code
 
 
@@ -1361,14 +1389,19 @@ def same_value(got: Number, units: int) -> bool:
 def test_gate_and_ledger_match_the_reference_model(seed: int) -> None:
     """Random operations on a gate and its ledger (decisions on the own book, a mapping, a
     callable, one that ends a reservation as it is read; lock() blocks that commit or roll
-    back; releases, partial fills, fills, positions, limits, halts, time) against ``Model``:
-    every decision, count, total and state must agree after every step."""
+    back; releases, partial fills, fills, positions, limits with the order caps, halts, time)
+    against ``Model``: every decision, count, total and state must agree after every step."""
     rng = random.Random(seed)
     clock = ManualClock()
     expired_seen: list[Reservation] = []
     ledger = PendingEntryLedger(20, clock=clock, on_expire=expired_seen.append)
-    gate = PortfolioGate(ledger, PortfolioLimits())
+    # One rate limit per seed, in force from the start: the gate keeps only the last count's
+    # stamps, so a count raised later would count a history the model does not keep.
+    rates: list[tuple[int, Number] | None] = [None, (3, 2), (5, Fraction(21, 2)), (1, 0.5)]
+    rate = rates[seed % 4]
+    gate = PortfolioGate(ledger, PortfolioLimits(max_orders_per_interval=rate))
     model = Model(20)
+    model.limits = gate.limits
     symbols = ["AAA", "BBB", "CCC", "DDD", "EEE", "FFF"]
     made: dict[str, Reservation] = {}
     initial: dict[str, Number] = {}  # as given, for the reservations never reduced
@@ -1383,6 +1416,10 @@ def test_gate_and_ledger_match_the_reference_model(seed: int) -> None:
                 max_gross_exposure=rng.choice([None, 300, 1000.5, Decimal("2500.25")]),
                 max_symbol_exposure=rng.choice([None, Fraction(1201, 3), 800]),
                 max_net_exposure=rng.choice([None, 200, Decimal("900.5")]),
+                max_order_notional=rng.choice([None, None, 250, Decimal("400.5")]),
+                max_open_orders=rng.choice([None, None, 3, 8]),
+                max_open_orders_per_symbol=rng.choice([None, None, 1, 2]),
+                max_orders_per_interval=rate,
             )
         elif op < 0.08:
             model.state = rng.choice(
@@ -1399,7 +1436,9 @@ def test_gate_and_ledger_match_the_reference_model(seed: int) -> None:
             code = {None: 0, "buy": rules.BUY, "sell": rules.SELL}[side]
             how = rng.randrange(4)
             if how == 0:  # the gate's own position book
-                expected = model.decide(symbol, notional, owned_book, owned=True, side=code)
+                expected = model.decide(
+                    symbol, notional, owned_book, owned=True, side=code, now=clock()
+                )
                 decision = gate.try_enter(symbol, notional, order_id=order_id, side=side)
             else:  # positions passed in: a mapping, a callable, one that ends a reservation
                 positions: Book = {
@@ -1411,7 +1450,9 @@ def test_gate_and_ledger_match_the_reference_model(seed: int) -> None:
                 if victim is not None and ends:
                     del model.orders[victim]  # it ends before the read that decides
                     model.released += 1
-                expected = model.decide(symbol, notional, positions, owned=False, side=code)
+                expected = model.decide(
+                    symbol, notional, positions, owned=False, side=code, now=clock()
+                )
                 calls: list[int] = []
 
                 def source(

@@ -593,6 +593,9 @@ class Figures:
     after: int
     net_before: int
     net_after: int
+    units: int
+    orders: int
+    symbol_orders: int
 
     @classmethod
     def of(cls, symbol: str, notional: Any, side: Side | None) -> Figures:
@@ -625,6 +628,9 @@ class Figures:
             after=worst(symbol, units),
             net_before=worst(None, 0),
             net_after=worst(None, units),
+            units=units,
+            orders=len(TABLE_RESERVED),
+            symbol_orders=sum(1 for s, _, _ in TABLE_RESERVED if s == symbol),
         )
 
     def expected(self, limits: PortfolioLimits, state: int) -> DenyReason | None:
@@ -638,6 +644,11 @@ class Figures:
             self.after,
             self.net_before,
             self.net_after,
+            self.units,
+            self.orders,
+            self.symbol_orders,
+            rules.NO_WINDOW,  # the table sets no rate limit
+            0.0,
         )
         return REASONS[code]
 
@@ -753,8 +764,8 @@ def test_lua_names_only_reasons_the_client_maps() -> None:
     from pendingledger.redis import SCRIPT
     from pendingledger.redis._gate import DENIALS
 
-    named = set(re.findall(r"deny\(mode, '(\w+)'\)", SCRIPT))
-    named |= set(re.findall(r"return '(max_\w+)'", SCRIPT))
+    named = set(re.findall(r"deny\(mode, '(\w+)'", SCRIPT))
+    named |= set(re.findall(r"return '(reducing_only|max_\w+)'", SCRIPT))
     assert named == {
         "halted",
         "reducing_only",
@@ -762,6 +773,10 @@ def test_lua_names_only_reasons_the_client_maps() -> None:
         "max_gross_exposure",
         "max_symbol_exposure",
         "max_net_exposure",
+        "max_order_notional",
+        "max_open_orders",
+        "max_open_orders_per_symbol",
+        "max_orders_per_interval",
         "book_not_restored",
     }
     for name in named:

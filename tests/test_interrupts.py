@@ -69,6 +69,7 @@ from pendingledger.rules import (
     ADMIT,
     HALTED_STATE,
     LOCK_TIMEOUT,
+    NO_WINDOW,
     first_failing_rule,
     unit_limits,
     worst_case,
@@ -86,7 +87,12 @@ NOTIONALS: tuple[Number, ...] = (1, 2, 3, 5, 8, 12, Decimal("2.5"), Decimal("0.2
 EXPOSURES: tuple[Number, ...] = (0, 4, -6, 10, Decimal("-1.5"), 15)
 REDUCTIONS: tuple[Number, ...] = (1, 2, Decimal("0.5"), 20)
 SOLO_LIMITS = PortfolioLimits(
-    max_concurrent_positions=4, max_gross_exposure=60, max_symbol_exposure=25
+    max_concurrent_positions=4,
+    max_gross_exposure=60,
+    max_symbol_exposure=25,
+    max_order_notional=10,
+    max_open_orders=9,
+    max_open_orders_per_symbol=3,
 )
 # With other threads reserving too, only the per-symbol limit depends on this thread alone.
 SHARED_LIMITS = PortfolioLimits(max_symbol_exposure=25)
@@ -296,6 +302,11 @@ class Model:
             before + notional,
             worst_case(net, 0, 0, pending),
             worst_case(net, 0, 0, pending + notional),
+            notional,
+            len(self.entries),
+            len(self.on(symbol)),
+            NO_WINDOW,  # the limits here set no rate
+            0.0,
         )
 
 
