@@ -573,9 +573,15 @@ def test_bad_open_order_caps(name: str, value: Any, exc: type[Exception]) -> Non
 BAD_RATES: list[tuple[object, type[Exception]]] = [
     ((0, 1), ValueError),
     ((-1, 1), ValueError),
-    ((True, 1), ValueError),
-    ((1.0, 1), ValueError),
-    (("2", 1), ValueError),
+    ((True, 1), TypeError),  # a wrong type is a TypeError, as for the other counts
+    ((1.0, 1), TypeError),
+    (("2", 1), TypeError),
+    ((10**9 + 1, 1), ValueError),  # a gate keeps that many stamps: bounded
+    ((2**63, 1), ValueError),
+    ((1, 10**400), ValueError),  # past a float
+    ((1, Decimal("NaN")), ValueError),
+    ((1, Decimal("sNaN")), ValueError),
+    ((1, Decimal("Infinity")), ValueError),
     ((1, 0), ValueError),
     ((1, -0.5), ValueError),
     ((1, NAN), ValueError),
@@ -598,6 +604,12 @@ def test_bad_orders_per_interval(value: Any, exc: type[Exception]) -> None:
     seconds > 0."""
     with raises(exc, "max_orders_per_interval", value):
         PortfolioLimits(max_orders_per_interval=value)
+
+
+def test_seconds_of_every_kind_of_amount_are_taken() -> None:
+    for seconds in (1, 0.5, Decimal("0.25"), Fraction(1, 3)):
+        limits = PortfolioLimits(max_orders_per_interval=(10**9, seconds))
+        assert limits.max_orders_per_interval == (10**9, seconds)
 
 
 def test_zero_order_caps_are_valid(gate: PortfolioGate) -> None:
