@@ -645,3 +645,18 @@ def test_the_auditor_judges_each_strategys_exposure_and_the_accounts_sum() -> No
     assert h.scope()["breaches_by_limit"]["symbol"] == 1
     assert h.scope("s2")["breaches"] == 0
     assert h.auditor.breaches == 4  # s1's gross thrice (BBB, CCC, DDD), the account's DDD
+
+
+def test_closing_one_part_of_parts_that_net_to_nothing_is_counted_at_the_account() -> None:
+    """Two strategies' parts that offset leave the account's book empty on the symbol; the
+    final flattening then closes one part, which the account counts (a CI run found the
+    auditor raising KeyError here, on a race where a long and a short had met)."""
+    h = _History(PortfolioLimits(), {"s1": PortfolioLimits(), "s2": PortfolioLimits()})
+    h.fill(h.admit("ETH", 4_600, strategy="s1"))
+    h.fill(h.admit("ETH", 4_600, strategy="s2", side=Side.SELL))
+    assert h.auditor.account.books.get("ETH") is None
+    h.auditor.close("ETH", "s1")
+    assert h.auditor.account.books["ETH"][0] == -4_600  # s2's short, the account's now
+    h.auditor.close("ETH", "s2")
+    assert h.auditor.account.books.get("ETH") is None
+    assert h.auditor.breaches == 0

@@ -199,7 +199,11 @@ class ScopeAudit:
     def _apply(self, symbol: str, slot: int, pending: int, position: int) -> None:
         if pending == 0 and position == 0:
             return
-        book = self.books[symbol]
+        # A symbol may have left the account's books while its strategies' parts netted to
+        # nothing: closing one part brings it back.
+        book = self.books.get(symbol)
+        if book is None:
+            book = self.books[symbol] = [0, 0, 0, 0]
         before = rules.worst_case(*book)
         book[slot] += pending
         book[_POS] += position
