@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+"""The one place the version is written: the build reads it from here (pyproject.toml)."""
 
 COMPILED: bool = (_core.__file__ or "").endswith(tuple(_EXTENSION_SUFFIXES))
 """Whether the core imported is the mypyc-compiled build (False: the pure-Python one)."""

@@ -871,7 +871,7 @@ def _runner(args: argparse.Namespace, err: TextIO) -> _Run | None:
     except ImportError as exc:
         err.write(
             f"race: --backend redis needs the redis client ({exc}): "
-            "pip install 'pendingledger[redis]'\n"
+            "pip install '.[redis]' from a checkout\n"
         )
         return None
     url, processes = args.redis_url, args.processes
