@@ -26,9 +26,11 @@ from pendingledger.trading import Side
 
 redis = pytest.importorskip("redis")
 
+from redis_gates import new_gate, res  # noqa: E402
+
 from pendingledger.redis import OpenOrder, RedisGate, RedisReservation  # noqa: E402
 from pendingledger.redis._gate import micros  # noqa: E402
-from pendingledger.redis.testing import advance_server_clock, freeze_server_clock  # noqa: E402
+from pendingledger.redis.testing import advance_server_clock  # noqa: E402
 
 pytestmark = pytest.mark.redis
 R = DenyReason
@@ -36,22 +38,12 @@ Limits = PortfolioLimits
 U = _units.SCALE
 
 
-def new_gate(
+def budget_gate(
     client: Any, limits: Limits | None = None, budgets: Mapping[str, Limits] | None = None
 ) -> RedisGate:
-    gate = RedisGate(
-        client, limits or Limits(), ttl=60.0, namespace=uuid.uuid4().hex[:12], budgets=budgets
-    )
-    freeze_server_clock(gate)
-    gate.restore({})
-    return gate
-
-
-def res(decision: Decision) -> RedisReservation:
-    assert decision, decision
-    r: object = decision.reservation
-    assert isinstance(r, RedisReservation)
-    return r
+    """``redis_gates.new_gate`` with the budgets as a third argument, as the tests here pass
+    them."""
+    return new_gate(client, limits, budgets=budgets)
 
 
 def denial(decision: Decision) -> tuple[DenyReason | None, str | None]:
@@ -111,7 +103,7 @@ def play(gate: RedisGate, case: Case, strategy: str | None) -> Decision:
 @pytest.mark.parametrize("cap", sorted(CASES))
 def test_a_strategys_own_cap_denies_it_while_the_account_has_room(client: Any, cap: str) -> None:
     case = CASES[cap]
-    gate = new_gate(client, Limits(), {"alpha": case[0], "beta": Limits()})
+    gate = budget_gate(client, Limits(), {"alpha": case[0], "beta": Limits()})
     decision = play(gate, case, "alpha")
     assert denial(decision) == (R(cap), "alpha")
     last = case[3]
@@ -128,7 +120,7 @@ def test_the_accounts_cap_denies_with_no_scope_while_the_strategy_has_room(
     client: Any, cap: str
 ) -> None:
     case = CASES[cap]
-    gate = new_gate(client, case[0], {"alpha": Limits()})
+    gate = budget_gate(client, case[0], {"alpha": Limits()})
     decision = play(gate, case, "alpha")
     assert denial(decision) == (R(cap), None)
     last = case[3]
@@ -140,7 +132,7 @@ def test_the_accounts_cap_denies_with_no_scope_while_the_strategy_has_room(
 def test_the_account_counts_every_strategys_orders(client: Any, cap: str) -> None:
     """The edge reached with the orders spread over two strategies and the account's own."""
     limits, positions, orders, last = CASES[cap]
-    gate = new_gate(client, limits, {"alpha": Limits(), "beta": Limits()})
+    gate = budget_gate(client, limits, {"alpha": Limits(), "beta": Limits()})
     for symbol, value in positions.items():
         gate.set_position(symbol, value, strategy="alpha")
     owners = ["alpha", "beta", None]
@@ -153,7 +145,7 @@ def test_the_account_counts_every_strategys_orders(client: Any, cap: str) -> Non
 
 def test_the_order_caps_edges(client: Any) -> None:
     """At the limit admitted, one past it denied; a release frees an open order's slot."""
-    gate = new_gate(client, Limits(), {"s": Limits(max_order_notional=5, max_open_orders=2,
+    gate = budget_gate(client, Limits(), {"s": Limits(max_order_notional=5, max_open_orders=2,
                                                     max_open_orders_per_symbol=1)})  # fmt: skip
     assert gate.try_enter("AAA", 5, strategy="s")  # on the notional limit: admitted
     assert denial(gate.try_enter("BBB", 5.000000001, strategy="s")) == (R.MAX_ORDER_NOTIONAL, "s")
@@ -166,7 +158,7 @@ def test_the_order_caps_edges(client: Any) -> None:
 
 
 def test_a_reducing_order_still_counts_against_the_order_caps(client: Any) -> None:
-    gate = new_gate(client, Limits(max_open_orders=1), {"s": Limits(max_order_notional=3)})
+    gate = budget_gate(client, Limits(max_open_orders=1), {"s": Limits(max_order_notional=3)})
     gate.set_position("AAA", 10, strategy="s")
     assert denial(gate.try_enter("AAA", 4, side="sell", strategy="s")) == (
         R.MAX_ORDER_NOTIONAL, "s",
@@ -179,7 +171,7 @@ def test_a_reducing_order_still_counts_against_the_order_caps(client: Any) -> No
 
 
 def test_the_rate_window_slides_on_the_server_clock_and_denials_do_not_count(client: Any) -> None:
-    gate = new_gate(client, Limits(), {"s": Limits(max_orders_per_interval=(2, 10.0))})
+    gate = budget_gate(client, Limits(), {"s": Limits(max_orders_per_interval=(2, 10.0))})
     assert gate.try_enter("AAA", 1, strategy="s")  # t0
     advance_server_clock(gate, 4.0)
     assert gate.try_enter("AAA", 1, strategy="s")  # t0 + 4
@@ -198,7 +190,7 @@ def test_the_rate_window_slides_on_the_server_clock_and_denials_do_not_count(cli
 def test_the_accounts_rate_window_counts_every_admission_and_survives_restore(
     client: Any,
 ) -> None:
-    gate = new_gate(client, Limits(max_orders_per_interval=(3, 1.0)), {"a": Limits()})
+    gate = budget_gate(client, Limits(max_orders_per_interval=(3, 1.0)), {"a": Limits()})
     assert gate.try_enter("AAA", 1, strategy="a")
     assert gate.try_enter("AAA", 1)
     assert gate.try_enter("BBB", 1, strategy="a")
@@ -212,7 +204,7 @@ def test_the_accounts_rate_window_counts_every_admission_and_survives_restore(
 
 
 def test_the_window_keeps_at_most_rate_count_stamps(client: Any) -> None:
-    gate = new_gate(client, Limits(max_orders_per_interval=(2, 0.001)), {"s": Limits(
+    gate = budget_gate(client, Limits(max_orders_per_interval=(2, 0.001)), {"s": Limits(
         max_orders_per_interval=(3, 0.001))})  # fmt: skip
     for _ in range(20):
         assert gate.try_enter("AAA", 1, strategy="s")
@@ -227,7 +219,7 @@ def test_the_window_keeps_at_most_rate_count_stamps(client: Any) -> None:
 
 
 def test_the_accounts_position_is_the_sum_of_the_parts(client: Any) -> None:
-    gate = new_gate(client, Limits(max_symbol_exposure=4), {"a": Limits(), "b": Limits()})
+    gate = budget_gate(client, Limits(max_symbol_exposure=4), {"a": Limits(), "b": Limits()})
     gate.set_position("AAA", 5, strategy="a")
     gate.set_position("AAA", -2, strategy="b")
     gate.set_position("AAA", 1)
@@ -248,7 +240,7 @@ def test_the_accounts_position_is_the_sum_of_the_parts(client: Any) -> None:
 
 
 def test_one_part_reads_back_as_set(client: Any) -> None:
-    gate = new_gate(client)
+    gate = budget_gate(client)
     gate.set_position("AAA", 1.5, strategy="x")  # no budget needed for the book
     assert gate.positions() == {"AAA": 1.5} and type(gate.positions()["AAA"]) is float
     gate.set_position("AAA", 2)
@@ -259,7 +251,7 @@ def test_one_part_reads_back_as_set(client: Any) -> None:
 
 
 def test_confirm_fill_follows_the_reservations_strategy(client: Any) -> None:
-    gate = new_gate(client, Limits(), {"a": Limits(), "b": Limits()})
+    gate = budget_gate(client, Limits(), {"a": Limits(), "b": Limits()})
     made = res(gate.try_enter("AAA", 10, side="buy", strategy="a", order_id="o1"))
     assert made.strategy == "a"
     before = gate.snapshot()
@@ -277,7 +269,7 @@ def test_confirm_fill_follows_the_reservations_strategy(client: Any) -> None:
 
 
 def test_restore_takes_the_strategies_parts_and_orders(client: Any) -> None:
-    gate = new_gate(client, Limits(), {"a": Limits(max_open_orders=1), "b": Limits()})
+    gate = budget_gate(client, Limits(), {"a": Limits(max_open_orders=1), "b": Limits()})
     made = gate.restore(
         {"AAA": 1},
         [OpenOrder("AAA", 5, "o1", "buy", "a"), OpenOrder("BBB", 2, "o2", None, None)],
@@ -298,7 +290,7 @@ def test_restore_takes_the_strategies_parts_and_orders(client: Any) -> None:
 
 
 def test_the_state_comes_first_and_is_the_accounts(client: Any) -> None:
-    gate = new_gate(client, Limits(), {"s": Limits(max_open_orders=0)})
+    gate = budget_gate(client, Limits(), {"s": Limits(max_open_orders=0)})
     gate.halt()
     assert denial(gate.try_enter("AAA", 1, strategy="s")) == (R.HALTED, None)
     gate.resume()
@@ -309,7 +301,7 @@ def test_the_state_comes_first_and_is_the_accounts(client: Any) -> None:
 
 def test_a_store_failure_under_a_strategy_counts_in_its_scope(server: RedisServer) -> None:
     client = redis.Redis.from_url(server.url, socket_timeout=5)
-    gate = new_gate(client, Limits(), {"s": Limits()})
+    gate = budget_gate(client, Limits(), {"s": Limits()})
     dead = RedisGate(redis.Redis(port=1, socket_timeout=0.2), Limits(), ttl=1.0,
                      namespace=gate.namespace, budgets={"s": Limits()})  # fmt: skip
     assert denial(dead.try_enter("AAA", 1, strategy="s")) == (R.BACKEND_UNAVAILABLE, None)
@@ -324,7 +316,7 @@ def test_a_store_failure_under_a_strategy_counts_in_its_scope(server: RedisServe
 
 
 def test_the_scopes_counts_add_up_to_the_top_level(client: Any) -> None:
-    gate = new_gate(client, Limits(max_open_orders=3), {"a": Limits(max_open_orders=1),
+    gate = budget_gate(client, Limits(max_open_orders=3), {"a": Limits(max_open_orders=1),
                                                         "idle": Limits()})  # fmt: skip
     assert gate.try_enter("AAA", 1, strategy="a")
     assert not gate.try_enter("AAA", 1, strategy="a")  # a's cap
@@ -347,7 +339,7 @@ def test_a_strategy_decision_with_both_windows_is_one_fcall(
     client: Any, server: RedisServer
 ) -> None:
     rate = Limits(max_orders_per_interval=(2, 10.0), max_open_orders=10)
-    gate = new_gate(client, rate, {"s": rate})
+    gate = budget_gate(client, rate, {"s": rate})
     assert gate.try_enter("WARM", 1, strategy="s")
     with CommandLog(server.url) as log:
         assert gate.try_enter("AAA", 1, side="buy", strategy="s")
@@ -365,7 +357,7 @@ def test_a_strategy_decision_with_both_windows_is_one_fcall(
 def test_an_unknown_or_bad_strategy_is_refused_and_nothing_is_sent(
     client: Any, server: RedisServer, strategy: Any, error: type
 ) -> None:
-    gate = new_gate(client, Limits(), {"s": Limits()})
+    gate = budget_gate(client, Limits(), {"s": Limits()})
     with CommandLog(server.url) as log, pytest.raises(error, match="strategy"):
         gate.try_enter("AAA", 1, strategy=strategy)
     assert log.commands == []
@@ -389,7 +381,7 @@ class Str(str):
 def test_bad_budgets_are_refused_and_change_nothing(
     client: Any, budgets: Any, error: type, match: str
 ) -> None:
-    gate = new_gate(client, Limits(), {"kept": Limits(max_open_orders=1)})
+    gate = budget_gate(client, Limits(), {"kept": Limits(max_open_orders=1)})
     before = gate.budgets
     with pytest.raises(error, match=match):
         gate.budgets = budgets
@@ -399,7 +391,7 @@ def test_bad_budgets_are_refused_and_change_nothing(
 
 
 def test_a_str_subclass_names_the_strategy_as_its_plain_str(client: Any) -> None:
-    gate = new_gate(client, Limits(), {Str("s"): Limits(max_open_orders=1)})
+    gate = budget_gate(client, Limits(), {Str("s"): Limits(max_open_orders=1)})
     assert type(next(iter(gate.budgets))) is str
     made = res(gate.try_enter("AAA", 1, strategy=Str("s")))
     assert type(made.strategy) is str and made.strategy == "s"
@@ -409,7 +401,7 @@ def test_a_str_subclass_names_the_strategy_as_its_plain_str(client: Any) -> None
 
 
 def test_budgets_read_only_and_none_is_empty(client: Any) -> None:
-    gate = new_gate(client, Limits(), {"s": Limits()})
+    gate = budget_gate(client, Limits(), {"s": Limits()})
     with pytest.raises(TypeError):
         gate.budgets["t"] = Limits()  # type: ignore[index]
     gate.budgets = None
@@ -420,7 +412,7 @@ def test_budgets_read_only_and_none_is_empty(client: Any) -> None:
 
 @pytest.mark.parametrize("strategy", [1, b"s", ""])
 def test_bad_book_strategies_are_refused_and_change_nothing(client: Any, strategy: Any) -> None:
-    gate = new_gate(client)
+    gate = budget_gate(client)
     gate.set_position("AAA", 1, strategy="s")
     before = gate.snapshot()
     error = ValueError if strategy == "" else TypeError
@@ -474,7 +466,7 @@ def walk(gate: RedisGate) -> None:
 
 def test_a_torn_read_of_limits_and_budgets_would_admit(client: Any) -> None:
     """The harness catches the broken variant, every time: the change lands between its reads."""
-    gate = new_gate(client, PAIRS[0][0], PAIRS[0][1])
+    gate = budget_gate(client, PAIRS[0][0], PAIRS[0][1])
     assert torn_enter(gate, lambda: walk(gate))
 
 
@@ -482,7 +474,7 @@ def test_each_decision_uses_one_pair_while_the_budgets_change(server: RedisServe
     """Threads decide under "s" while another walks the pairs back and forth: no pair admits,
     so any admission would be a decision made on a mix."""
     clients = [redis.Redis.from_url(server.url, socket_timeout=5) for _ in range(4)]
-    gate = new_gate(clients[0], PAIRS[0][0], PAIRS[0][1])
+    gate = budget_gate(clients[0], PAIRS[0][0], PAIRS[0][1])
     stop = threading.Event()
     seen: list[Decision] = []
     errors: list[BaseException] = []
@@ -529,7 +521,7 @@ def test_the_broken_gate_breaches_a_budget_that_the_gate_holds(client: Any) -> N
     from pendingledger.redis.testing import check_then_reserve, enable_test_ops
 
     budget = Limits(max_gross_exposure=10, max_open_orders=5)
-    gate = new_gate(client, Limits(), {"s": budget})
+    gate = budget_gate(client, Limits(), {"s": budget})
     enable_test_ops(gate)
     assert gate.try_enter("AAA", 6, strategy="s")
     decision = check_then_reserve(
@@ -634,7 +626,7 @@ def test_every_decision_at_both_scopes_matches_the_rule_function(client: Any, se
         "b|:2": Limits(max_symbol_exposure=15, max_open_orders=4,
                        max_orders_per_interval=(2, 0.5)),
     }  # fmt: skip
-    gate = new_gate(client, limits, budgets)
+    gate = budget_gate(client, limits, budgets)
     model = Model(limits, budgets)
     now = gate.snapshot().now_us
     handles: dict[str, RedisReservation] = {}

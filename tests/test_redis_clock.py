@@ -16,39 +16,23 @@ import pytest
 from redis_server import CommandLog, RedisServer
 
 from pendingledger import PendingEntryLedger, PortfolioGate, PortfolioLimits
-from pendingledger.limits import Decision, DenyReason
+from pendingledger.limits import DenyReason
 from pendingledger.testing import ManualClock
 
 redis = pytest.importorskip("redis")
 
-from pendingledger.redis import OpenOrder, RedisGate, RedisReservation  # noqa: E402
+from redis_gates import new_gate, res  # noqa: E402
+
+from pendingledger.redis import OpenOrder, RedisGate  # noqa: E402
 from pendingledger.redis.testing import (  # noqa: E402
     advance_server_clock,
     enable_test_ops,
-    freeze_server_clock,
     server_clock,
 )
 
 pytestmark = pytest.mark.redis
 R = DenyReason
 Limits = PortfolioLimits
-
-
-def new_gate(
-    client: Any, limits: Limits | None = None, *, ttl: float = 60.0, frozen: bool = False
-) -> RedisGate:
-    gate = RedisGate(client, limits or Limits(), ttl=ttl, namespace=uuid.uuid4().hex[:12])
-    if frozen:
-        freeze_server_clock(gate)
-    gate.restore({})
-    return gate
-
-
-def res(decision: Decision) -> RedisReservation:
-    assert decision, decision
-    r: object = decision.reservation
-    assert isinstance(r, RedisReservation)
-    return r
 
 
 def is_active(reservation: Any) -> bool:
@@ -110,7 +94,7 @@ def test_advancing_by_the_ttl_expires_in_both_backends(client: Any, ttl: float) 
 
 
 def test_advancing_without_freezing_adds_to_the_servers_time(client: Any) -> None:
-    gate = new_gate(client, Limits(max_concurrent_positions=1), ttl=60)
+    gate = new_gate(client, Limits(max_concurrent_positions=1), ttl=60, frozen=False)
     r = res(gate.try_enter("AAA", 1))
     before = server_clock(gate)
     assert abs(before - float(client.time()[0])) < 5  # unmoved: the server's TIME
@@ -212,8 +196,8 @@ def test_the_clock_moves_only_where_the_test_operations_are_on(client: Any) -> N
 
 
 def test_the_clock_is_per_namespace(client: Any) -> None:
-    moved = new_gate(client, ttl=10)
-    still = new_gate(client, ttl=10)
+    moved = new_gate(client, ttl=10, frozen=False)
+    still = new_gate(client, ttl=10, frozen=False)
     a = res(moved.try_enter("AAA", 1))
     b = res(still.try_enter("AAA", 1))
     advance_server_clock(moved, 10)
@@ -251,7 +235,7 @@ def test_restore_keeps_the_clock_and_wipe_deletes_it(client: Any) -> None:
 
 
 def test_the_target_names_one_namespace(client: Any) -> None:
-    gate = new_gate(client)
+    gate = new_gate(client, frozen=False)
     with pytest.raises(TypeError, match="namespace"):
         advance_server_clock(client, 1)
     with pytest.raises(ValueError, match="namespace"):
@@ -265,7 +249,7 @@ def test_the_target_names_one_namespace(client: Any) -> None:
 
 
 def test_a_decision_after_advancing_is_still_one_evalsha(client: Any, server: RedisServer) -> None:
-    gate = new_gate(client, Limits(max_concurrent_positions=1), ttl=5)
+    gate = new_gate(client, Limits(max_concurrent_positions=1), ttl=5, frozen=False)
     assert gate.try_enter("WARM", 1)  # loads the library, opens the connection
     advance_server_clock(gate, 5)  # WARM is due
     with CommandLog(server.url) as log:
@@ -276,8 +260,8 @@ def test_a_decision_after_advancing_is_still_one_evalsha(client: Any, server: Re
 
 
 def test_the_clock_adds_no_command_inside_a_decision(client: Any, server: RedisServer) -> None:
-    plain = new_gate(client)  # no test clock: now is TIME
-    moved = new_gate(client)
+    plain = new_gate(client, frozen=False)  # no test clock: now is TIME
+    moved = new_gate(client, frozen=False)
     advance_server_clock(moved, 1)  # now is TIME + 1 s
     logs = []
     for gate in (plain, moved):

@@ -25,11 +25,12 @@ from pendingledger.trading import Latch, Side, TradingState
 
 redis = pytest.importorskip("redis")
 
+from redis_gates import new_gate, res  # noqa: E402
+
 from pendingledger.redis import OpenOrder, RedisGate, RedisReservation  # noqa: E402
 from pendingledger.redis._audit import LAYOUT, pack_state, unpack_state  # noqa: E402
 from pendingledger.redis.testing import (  # noqa: E402
     advance_server_clock,
-    freeze_server_clock,
     server_clock,
 )
 
@@ -38,22 +39,6 @@ R = DenyReason
 Limits = PortfolioLimits
 U = _units.SCALE
 DAY = 86_400.0
-
-
-def new_gate(client: Any, limits: Limits | None = None, **kwargs: Any) -> RedisGate:
-    gate = RedisGate(
-        client, limits or Limits(), ttl=60.0, namespace=uuid.uuid4().hex[:12], **kwargs
-    )
-    freeze_server_clock(gate)
-    gate.restore({})
-    return gate
-
-
-def res(decision: Decision) -> RedisReservation:
-    assert decision, decision
-    r: object = decision.reservation
-    assert isinstance(r, RedisReservation)
-    return r
 
 
 def state_of(gate: RedisGate) -> TradingState:
