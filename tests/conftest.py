@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gaps import Gap, hold_first_call
 from redis_server import RedisServer, running_server
 
 import pendingledger
@@ -123,6 +124,13 @@ def fast_switching() -> Iterator[float]:
         yield sys.getswitchinterval()
     finally:
         sys.setswitchinterval(previous)
+
+
+@pytest.fixture
+def held_gap() -> Iterator[Gap]:
+    """A ``between`` for ``BrokenGate`` whose first call waits (bounded) for the test."""
+    with hold_first_call() as gap:
+        yield gap
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,11 @@ makes them likely, so the race test for the broken gate stops at its first breac
 from __future__ import annotations
 
 import random
-import threading
-from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
+from gaps import Gap, interleave
 
 from pendingledger import (
     Decision,
@@ -102,56 +101,16 @@ def test_the_harness_catches_the_broken_gate_with_both_sides_traded() -> None:
 # ---------------------------------------------------------------- the bug, driven with events
 
 
-@pytest.fixture
-def held_gap() -> Iterator[tuple[threading.Event, threading.Event, Callable[[], None]]]:
-    """A ``between`` for ``BrokenGate`` whose first call waits (bounded) for the test."""
-    in_gap, go_on = threading.Event(), threading.Event()
-    calls: list[int] = []
-
-    def between() -> None:
-        calls.append(1)
-        if len(calls) == 1:
-            in_gap.set()
-            assert go_on.wait(10)
-
-    try:
-        yield in_gap, go_on, between
-    finally:
-        go_on.set()
-
-
-def _interleave(
-    gate: BrokenGate,
-    held_gap: tuple[threading.Event, threading.Event, Callable[[], None]],
-    first: Callable[[], Decision],
-    second: Callable[[], Decision],
-) -> tuple[Decision, Decision]:
-    """A checks, B checks and reserves, A reserves."""
-    in_gap, go_on, _ = held_gap
-    got: list[Decision] = []
-    a = threading.Thread(target=lambda: got.append(first()))
-    a.start()
-    try:
-        assert in_gap.wait(10)  # A has checked and not reserved yet
-        b = second()
-    finally:
-        go_on.set()
-        a.join(10)
-    assert not a.is_alive() and got
-    return got[0], b
-
-
 @pytest.mark.timeout(20)
 def test_two_reducing_sells_that_together_flip_past_the_limit_both_get_through_the_gap(
-    held_gap: tuple[threading.Event, threading.Event, Callable[[], None]],
+    held_gap: Gap,
 ) -> None:
     """Long 10,000, symbol limit 12,000: a sell of 13,000 alone only flips to -3,000 (the worst
     case stays 10,000); with a sell of 10,000 beside it the worst case is 13,000."""
     limits = PortfolioLimits(max_symbol_exposure=12_000)
     gate = BrokenGate(PendingEntryLedger(60.0, clock=ManualClock()), limits, between=held_gap[2])
     gate.set_position("AAA", 10_000)
-    a, b = _interleave(
-        gate,
+    a, b = interleave(
         held_gap,
         lambda: gate.try_enter("AAA", 13_000, order_id="a", side=Side.SELL),
         lambda: gate.try_enter("AAA", 10_000, order_id="b", side="sell"),
@@ -166,12 +125,11 @@ def test_two_reducing_sells_that_together_flip_past_the_limit_both_get_through_t
 
 @pytest.mark.timeout(20)
 def test_two_buys_past_the_net_limit_both_get_through_the_gap(
-    held_gap: tuple[threading.Event, threading.Event, Callable[[], None]],
+    held_gap: Gap,
 ) -> None:
     limits = PortfolioLimits(max_net_exposure=1_000)
     gate = BrokenGate(PendingEntryLedger(60.0, clock=ManualClock()), limits, between=held_gap[2])
-    a, b = _interleave(
-        gate,
+    a, b = interleave(
         held_gap,
         lambda: gate.try_enter("AAA", 600, side=Side.BUY),
         lambda: gate.try_enter("BBB", 600, side=Side.BUY),
@@ -186,7 +144,7 @@ def test_two_buys_past_the_net_limit_both_get_through_the_gap(
 
 @pytest.mark.timeout(20)
 def test_a_halt_in_the_gap_does_not_stop_the_broken_gate(
-    held_gap: tuple[threading.Event, threading.Event, Callable[[], None]],
+    held_gap: Gap,
 ) -> None:
     """The broken gate reads the trading state before its lock: a halt that lands between its
     check and its reservation is not seen."""
@@ -198,8 +156,8 @@ def test_a_halt_in_the_gap_does_not_stop_the_broken_gate(
         gate.halt()
         return gate.try_enter("BBB", 100)
 
-    a, after_halt = _interleave(
-        gate, held_gap, lambda: gate.try_enter("AAA", 100, side=Side.BUY), halt_then_enter
+    a, after_halt = interleave(
+        held_gap, lambda: gate.try_enter("AAA", 100, side=Side.BUY), halt_then_enter
     )
     assert after_halt.reason is DenyReason.HALTED
     assert a  # admitted, though the halt() returned before it reserved

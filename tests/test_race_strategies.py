@@ -16,12 +16,12 @@ interleaving each. The auditor's own catches are shown on synthetic histories.
 from __future__ import annotations
 
 import random
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
+from gaps import Gap, interleave
 
 from pendingledger import (
     Decision,
@@ -200,44 +200,6 @@ def test_the_budgets_add_up_to_more_than_the_account_and_differ() -> None:
 # ---------------------------------------------------------------- the broken gate, with events
 
 
-@pytest.fixture
-def held_gap() -> Iterator[tuple[threading.Event, threading.Event, Callable[[], None]]]:
-    """A ``between`` for ``BrokenGate`` whose first call waits (bounded) for the test."""
-    in_gap, go_on = threading.Event(), threading.Event()
-    calls: list[int] = []
-
-    def between() -> None:
-        calls.append(1)
-        if len(calls) == 1:
-            in_gap.set()
-            assert go_on.wait(10)
-
-    try:
-        yield in_gap, go_on, between
-    finally:
-        go_on.set()
-
-
-def _interleave(
-    held_gap: tuple[threading.Event, threading.Event, Callable[[], None]],
-    first: Callable[[], Decision],
-    second: Callable[[], Decision],
-) -> tuple[Decision, Decision]:
-    """A checks, B checks and reserves, A reserves."""
-    in_gap, go_on, _ = held_gap
-    got: list[Decision] = []
-    a = threading.Thread(target=lambda: got.append(first()))
-    a.start()
-    try:
-        assert in_gap.wait(10)  # A has checked and not reserved yet
-        b = second()
-    finally:
-        go_on.set()
-        a.join(10)
-    assert not a.is_alive() and got
-    return got[0], b
-
-
 def _pair(
     limits: PortfolioLimits,
     budgets: dict[str, PortfolioLimits],
@@ -281,13 +243,13 @@ _STRATEGY_CASES = {
 @pytest.mark.parametrize("case", list(_STRATEGY_CASES.values()), ids=list(_STRATEGY_CASES))
 def test_two_orders_of_one_strategy_both_get_through_the_gap_past_its_budget(
     case: _Case,
-    held_gap: tuple[threading.Event, threading.Event, Callable[[], None]],
+    held_gap: Gap,
 ) -> None:
     """Within its budget alone each order fits; together they breach it. The account has room."""
     budgets = {"s1": case.budget, "s2": PortfolioLimits()}
     broken, real = _pair(PortfolioLimits(), budgets, held_gap[2])
     (sym_a, n_a), (sym_b, n_b) = case.first, case.second
-    a, b = _interleave(
+    a, b = interleave(
         held_gap,
         lambda: broken.try_enter(sym_a, n_a, order_id="a", side=Side.BUY, strategy="s1"),
         lambda: broken.try_enter(sym_b, n_b, order_id="b", side=Side.BUY, strategy="s1"),
@@ -305,14 +267,14 @@ def test_two_orders_of_one_strategy_both_get_through_the_gap_past_its_budget(
 
 @pytest.mark.timeout(20)
 def test_two_strategies_each_within_budget_breach_the_account_through_the_gap(
-    held_gap: tuple[threading.Event, threading.Event, Callable[[], None]],
+    held_gap: Gap,
 ) -> None:
     """The account's gross is the sum of its strategies': each fits its budget, together they
     pass the account's limit."""
     budgets = {"s1": PortfolioLimits(max_gross_exposure=800), "s2": PortfolioLimits()}
     limits = PortfolioLimits(max_gross_exposure=1_000)
     broken, real = _pair(limits, budgets, held_gap[2])
-    a, b = _interleave(
+    a, b = interleave(
         held_gap,
         lambda: broken.try_enter("AAA", 600, side=Side.BUY, strategy="s1"),
         lambda: broken.try_enter("BBB", 600, side=Side.BUY, strategy="s2"),
