@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from gaps import Gap, interleave
+from sim_checks import assert_books_balance
 
 from pendingledger import (
     Decision,
@@ -55,14 +56,6 @@ def _run(config: SimConfig) -> tuple[SimResult, MemoryBackend]:
     return result, made[0]
 
 
-def _assert_books_balance(result: SimResult, backend: MemoryBackend) -> None:
-    assert result.leaked == result.double_ended == 0, result
-    assert result.ended_released + result.ended_reduced + result.ended_expired == result.admitted
-    stats = backend.ledger.stats()
-    assert stats.outstanding == 0 and stats.gross_notional == 0
-    assert stats.reserved == result.admitted
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.usefixtures("fast_switching")
 @pytest.mark.parametrize("book", ["cache", "gate"])
@@ -83,7 +76,7 @@ def test_both_sides_and_reducing_orders_never_breach_any_limit(book: str) -> Non
     for reason in ("max_concurrent_positions", "max_gross_exposure", "max_net_exposure"):
         assert result.denied[reason] > 0, reason
     assert result.late_answers == 0
-    _assert_books_balance(result, backend)
+    assert_books_balance(result, backend)
     assert result.ok
 
 
@@ -95,7 +88,7 @@ def test_the_harness_catches_the_broken_gate_with_both_sides_traded() -> None:
     assert result.breaches > 0 and not result.ok
     assert result.first_breach is not None
     assert result.admitted_buys > 0 and result.admitted_sells > 0
-    _assert_books_balance(result, backend)
+    assert_books_balance(result, backend)
 
 
 # ---------------------------------------------------------------- the bug, driven with events

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from gaps import Gap, interleave
+from sim_checks import assert_books_balance
 
 from pendingledger import (
     Decision,
@@ -76,14 +77,6 @@ def _run(
     return result, made[0]
 
 
-def _assert_books_balance(result: SimResult, backend: MemoryBackend) -> None:
-    assert result.leaked == result.double_ended == 0, result
-    assert result.ended_released + result.ended_reduced + result.ended_expired == result.admitted
-    stats = backend.ledger.stats()
-    assert stats.outstanding == 0 and stats.gross_notional == 0
-    assert stats.reserved == result.admitted
-
-
 # ---------------------------------------------------------------- the race
 
 
@@ -130,7 +123,7 @@ def test_strategies_sharing_an_account_never_breach_any_scope() -> None:
     for name in NAMES:
         assert gate_stats.scopes[name].admitted == result.scopes[name]["admitted"], name
         assert gate_stats.scopes[name].decisions == result.scopes[name]["decisions"], name
-    _assert_books_balance(result, backend)
+    assert_books_balance(result, backend)
     assert result.ok
 
 
@@ -155,7 +148,7 @@ def test_the_harness_catches_the_broken_gate_at_the_accounts_rate_for_certain() 
     assert result.scopes[ACCOUNT]["max_window_seen"] > count
     assert result.breaches_by_cap["rate"] >= 1
     assert result.first_breach is not None
-    _assert_books_balance(result, backend)
+    assert_books_balance(result, backend)
 
 
 def test_a_strategies_race_needs_the_gates_own_book_and_a_thread_each() -> None:

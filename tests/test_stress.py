@@ -26,6 +26,7 @@ from dataclasses import replace
 from typing import Any, Literal
 
 import pytest
+from sim_checks import assert_books_balance
 
 from pendingledger import (
     LockTimeout,
@@ -63,25 +64,6 @@ def _run(config: SimConfig, clock: ManualClock | None) -> tuple[SimResult, list[
     return result, backends
 
 
-def _assert_books_balance(result: SimResult, backend: MemoryBackend) -> None:
-    """Every reservation ended exactly once, and the ledger agrees with the router's books."""
-    assert result.leaked == 0, result
-    assert result.double_ended == 0, result
-    assert result.ended_released + result.ended_reduced + result.ended_expired == result.admitted
-    assert result.ledger_outstanding == 0
-    assert result.ledger_gross == 0
-    stats = backend.ledger.stats()
-    assert stats.outstanding == 0
-    assert stats.gross_notional == 0
-    assert stats.reserved == result.admitted
-    assert stats.expired == result.ended_expired
-    assert stats.released == result.ended_released + result.ended_reduced
-    assert stats.reserved == stats.released + stats.expired + stats.outstanding
-    # Every lost order was ended by its TTL, and nothing else expired except answered orders
-    # whose answer came too late (always 0 with the ManualClock the simulation drives).
-    assert result.expired == result.lost + result.late_answers
-
-
 def _assert_every_path_taken(result: SimResult) -> None:
     """The run raced all three limits with every kind of exchange answer mixed in."""
     assert result.denied["max_concurrent_positions"] > 0
@@ -106,7 +88,7 @@ def test_sixty_four_threads_never_breach_any_limit() -> None:
     assert result.max_gross_seen <= STRESS.max_gross  # type: ignore[operator]
     assert result.max_symbol_seen <= STRESS.max_symbol  # type: ignore[operator]
     assert result.late_answers == 0  # no answer landed after its reservation's TTL
-    _assert_books_balance(result, backend)
+    assert_books_balance(result, backend)
     _assert_every_path_taken(result)
     assert result.ok
 
@@ -128,7 +110,7 @@ def test_the_same_harness_catches_the_broken_gate() -> None:
         or result.max_symbol_seen > STRESS.max_symbol  # type: ignore[operator]
     )
     # A broken gate breaches; it still never loses a reservation.
-    _assert_books_balance(result, backend)
+    assert_books_balance(result, backend)
 
 
 @pytest.mark.timeout(30)
@@ -140,7 +122,7 @@ def test_with_the_gate_owning_the_position_book_no_limit_is_breached_either() ->
 
     assert result.breaches == 0, result.first_breach
     assert result.late_answers == 0
-    _assert_books_balance(result, backend)
+    assert_books_balance(result, backend)
     _assert_every_path_taken(result)
     assert backend.gate.positions() == {}  # flat at the end
 
@@ -148,7 +130,7 @@ def test_with_the_gate_owning_the_position_book_no_limit_is_breached_either() ->
         replace(config, broken=True, stop_after_breaches=25), ManualClock()
     )
     assert caught.breaches > 0
-    _assert_books_balance(caught, broken_backend)
+    assert_books_balance(caught, broken_backend)
 
 
 @pytest.mark.timeout(30)
@@ -159,7 +141,7 @@ def test_the_auditor_catches_a_router_that_releases_before_the_cache_shows_the_f
     result, (backend,) = _run(config, ManualClock())
 
     assert result.breaches > 0
-    _assert_books_balance(result, backend)
+    assert_books_balance(result, backend)
 
 
 @pytest.mark.timeout(30)
@@ -179,7 +161,7 @@ def test_the_demo_clock_expires_lost_orders_mid_race() -> None:
         assert result.breaches == 0, result.first_breach
     else:
         assert any("TTL is too short" in note for note in result.notes)
-    _assert_books_balance(result, backend)
+    assert_books_balance(result, backend)
     assert result.expired > 0
 
 
@@ -364,12 +346,12 @@ def test_soak(request: pytest.FixtureRequest, fast_switching: None) -> None:
         result, (backend,) = _run(config, ManualClock() if manual else None)
         assert result.late_answers == 0, (seed, result.notes)
         assert result.breaches == 0, (seed, result.first_breach)
-        _assert_books_balance(result, backend)
+        assert_books_balance(result, backend)
         _assert_every_path_taken(result)
         # And the harness still fails where it should, on the same seed.
         broken = replace(config, broken=True, seconds=5.0, stop_after_breaches=10)
         caught, (broken_backend,) = _run(broken, ManualClock())
         assert caught.breaches > 0, seed
-        _assert_books_balance(caught, broken_backend)
+        assert_books_balance(caught, broken_backend)
         if time.monotonic() >= end:
             break
