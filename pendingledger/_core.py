@@ -897,11 +897,8 @@ class LedgerCore:
             res._scope_held = scope.add_locked(res._symbol, res._units, res._side)
         res._state = ACTIVE
 
-    def scope_locked(self, strategy: str) -> _Scope:
-        """``strategy``'s figures, made (empty) on first use."""
-        return self._scope_locked(strategy)
-
     def _scope_locked(self, strategy: str) -> _Scope:
+        """``strategy``'s figures, made (empty) on first use."""
         scope = self._strategies.get(strategy)
         if scope is None:
             scope = self._strategies[strategy] = _Scope()
@@ -1672,26 +1669,23 @@ class GateCore:
             if code == RETRY:
                 return RETRY
         self._counts[code] += 1
-        if entry is None or budget is None:
-            if code != rules.ADMIT:
-                return code
-            ledger.insert_locked(res, now)
-        else:
+        if entry is not None:
             entry.counts[code] += 1
-            if code != rules.ADMIT:
-                return code + BY_BUDGET if by_budget else code
+        if code != rules.ADMIT:
+            return code + BY_BUDGET if by_budget else code
+        if entry is not None:
             res._scope = entry.scope  # spares the link a lookup
-            ledger.insert_locked(res, now)
-            if budget.rate_count > rules.NO_LIMIT:
-                entry.window.add(res._reserved_at)
+        ledger.insert_locked(res, now)
         if limits.rate_count > rules.NO_LIMIT:
             self._window.add(res._reserved_at)
+        if entry is not None and budget is not None and budget.rate_count > rules.NO_LIMIT:
+            entry.window.add(res._reserved_at)
         return rules.ADMIT
 
     def _budgeted_locked(self, strategy: str) -> _Budgeted:
         entry = self._budgeted.get(strategy)
         if entry is None:
-            scope = self.ledger.scope_locked(strategy)
+            scope = self.ledger._scope_locked(strategy)
             entry = self._budgeted[strategy] = _Budgeted(scope)
         return entry
 
