@@ -9,7 +9,7 @@ and reserves the entry it admits in the same critical section.
 from importlib.machinery import EXTENSION_SUFFIXES as _EXTENSION_SUFFIXES
 
 from . import _core
-from .decision import Decision, DenyReason
+from .decision import Admitted, Decision, Denied, DenyReason
 from .errors import LedgerError, LockTimeout, ReentrantLockError, StaleViewError
 from .gate import PortfolioGate, Positions
 from .ledger import PendingEntryLedger, PendingMap, Reservation, ReservationState
@@ -20,7 +20,9 @@ from .trading import Latch, Side, TradingState
 
 __all__ = [
     "COMPILED",
+    "Admitted",
     "Decision",
+    "Denied",
     "DenyReason",
     "Gate",
     "GateStats",

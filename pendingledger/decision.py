@@ -1,4 +1,5 @@
-"""What a gate answers: ``DenyReason`` and ``Decision``, shared by every backend.
+"""What a gate answers: ``DenyReason`` and ``Decision`` (``Admitted`` or ``Denied``), shared by
+every backend.
 
 Compiled with the core: a decision is made on every ``try_enter``. Parameters a caller passes are
 typed ``object`` and checked here, so a bad one gets an error that names it (a compiled function
@@ -8,12 +9,12 @@ would otherwise refuse it with a generic message before its body runs).
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final, Literal, TypeAlias, cast, final
 
 if TYPE_CHECKING:
     from .protocols import ReservationHandle
 
-__all__ = ["DENIED", "REASONS", "Decision", "Denials", "DenyReason", "denied"]
+__all__ = ["DENIED", "REASONS", "Admitted", "Decision", "Denials", "Denied", "DenyReason", "denied"]
 
 
 class DenyReason(enum.StrEnum):
@@ -48,81 +49,117 @@ class DenyReason(enum.StrEnum):
     """The ledger lock was not had within ``try_enter``'s ``timeout`` (fail closed)."""
 
 
-class Decision:
-    """The answer of ``try_enter``: truthy exactly when the entry was admitted.
+@final
+class Admitted:
+    """An admitted decision of ``try_enter``: it carries the reservation made for it.
 
-    An admitted decision carries the ``Reservation`` made for it (release it on reject, or let the
-    fill or the TTL end it) and ``reason`` is ``None``; a denied one carries the first rule that
-    failed and no reservation, and ``scope`` says whose limit it was: the strategy's name (its
-    budget), or ``None`` (the account's limits, the trading state, or the backend). Decisions
-    are read-only.
+    Release the reservation on an exchange reject, or let the fill (``confirm_fill``) or the
+    TTL end it. ``admitted`` is ``Literal[True]`` and the decision is truthy, so after
+    ``if decision.admitted:`` (or ``if decision:``) a type checker knows ``reservation`` is
+    there. Read-only.
     """
 
-    __slots__ = ("_reason", "_reservation", "_scope")
+    __slots__ = ("_reservation",)
 
-    _reason: DenyReason | None
-    _reservation: ReservationHandle | None
-    _scope: str | None
+    _reservation: ReservationHandle
 
-    def __init__(
-        self, reason: object = None, reservation: object = None, scope: object = None
-    ) -> None:
-        if (reason is None) == (reservation is None) or not (
-            reason is None or isinstance(reason, DenyReason)
-        ):
-            raise ValueError(
-                "a Decision has either a reservation (admitted) or a reason (denied), got "
-                f"reason={reason!r}, reservation={reservation!r}"
-            )
-        if scope is not None and (type(scope) is not str or not scope or reason is None):
-            raise ValueError(f"scope must be None or a strategy's name on a denial, got {scope!r}")
-        self._reason = reason
-        self._reservation = cast("ReservationHandle | None", reservation)
-        self._scope = scope
+    def __init__(self, reservation: object) -> None:
+        if reservation is None:
+            raise ValueError("an Admitted decision needs its reservation, got None")
+        self._reservation = cast("ReservationHandle", reservation)
 
     @property
-    def admitted(self) -> bool:
-        return self._reason is None
+    def admitted(self) -> Literal[True]:
+        return True
 
     @property
-    def reason(self) -> DenyReason | None:
-        return self._reason
-
-    @property
-    def reservation(self) -> ReservationHandle | None:
+    def reservation(self) -> ReservationHandle:
+        """The reservation the decision made (a ``Reservation`` in process)."""
         return self._reservation
 
     @property
-    def scope(self) -> str | None:
-        """Where a denial came from: a strategy's name (its budget), or None (the account)."""
-        return self._scope
+    def reason(self) -> None:
+        return None
 
-    def __bool__(self) -> bool:
-        return self._reason is None
+    @property
+    def scope(self) -> None:
+        return None
+
+    def __bool__(self) -> Literal[True]:
+        return True
 
     def __repr__(self) -> str:
-        if self._reason is None:
-            return f"Decision(admitted, reservation={self._reservation!r})"
+        return f"Admitted(reservation={self._reservation!r})"
+
+
+@final
+class Denied:
+    """A denied decision of ``try_enter``: the first rule that failed, and whose limit it was.
+
+    ``scope`` is the strategy's name (its budget denied), or ``None`` (the account's limits,
+    the trading state, or the backend). ``admitted`` is ``Literal[False]``, the decision is
+    falsy, and ``reservation`` is ``None``. Read-only; gates share one per reason and scope.
+    """
+
+    __slots__ = ("_reason", "_scope")
+
+    _reason: DenyReason
+    _scope: str | None
+
+    def __init__(self, reason: object, scope: object = None) -> None:
+        if not isinstance(reason, DenyReason):
+            raise TypeError(f"reason must be a DenyReason, got {reason!r}")
+        if scope is not None and (type(scope) is not str or not scope):
+            raise ValueError(f"scope must be None or a strategy's name, got {scope!r}")
+        self._reason = reason
+        self._scope = scope
+
+    @property
+    def admitted(self) -> Literal[False]:
+        return False
+
+    @property
+    def reservation(self) -> None:
+        return None
+
+    @property
+    def reason(self) -> DenyReason:
+        return self._reason
+
+    @property
+    def scope(self) -> str | None:
+        """Where the denial came from: a strategy's name (its budget), or None (the account)."""
+        return self._scope
+
+    def __bool__(self) -> Literal[False]:
+        return False
+
+    def __repr__(self) -> str:
         if self._scope is None:
-            return f"Decision(denied, reason={self._reason.name})"
-        return f"Decision(denied, reason={self._reason.name}, scope={self._scope!r})"
+            return f"Denied(reason={self._reason.name})"
+        return f"Denied(reason={self._reason.name}, scope={self._scope!r})"
+
+
+Decision: TypeAlias = Admitted | Denied
+"""The answer of ``try_enter``: ``Admitted`` (with its reservation) or ``Denied`` (with its
+reason and scope). Narrow it with ``if decision.admitted:``, ``if decision:`` or ``isinstance``."""
 
 
 REASONS: Final[tuple[DenyReason | None, ...]] = (None, *DenyReason)
 """``REASONS[code]`` is the reason of a ``pendingledger.rules`` outcome code (0 admits)."""
 
-DENIED: Final[tuple[Decision, ...]] = tuple(Decision(reason) for reason in DenyReason)
+DENIED: Final[tuple[Denied, ...]] = tuple(Denied(reason) for reason in DenyReason)
 """One shared denied decision per reason, ``DENIED[code - 1]``: denials allocate nothing."""
 
 
-def denied(reason: object, scope: object = None) -> Decision:
+def denied(reason: object, scope: object = None) -> Denied:
     """The denied decision of ``reason`` (a ``DenyReason``) at ``scope``: the shared one for
     the account (``None``); a new one for a strategy (gates keep theirs: ``Denials``)."""
     if not isinstance(reason, DenyReason):
         raise TypeError(f"reason must be a DenyReason, got {reason!r}")
     if scope is None:
         return DENIED[REASONS.index(reason) - 1]
-    return Decision(reason, None, scope)
+    return Denied(reason, scope)
 
 
 class Denials:
@@ -133,14 +170,14 @@ class Denials:
     __slots__ = ("_by_scope",)
 
     def __init__(self) -> None:
-        self._by_scope: dict[str, tuple[Decision, ...]] = {}
+        self._by_scope: dict[str, tuple[Denied, ...]] = {}
 
-    def of(self, code: int, scope: str | None) -> Decision:
+    def of(self, code: int, scope: str | None) -> Denied:
         """The denial of outcome ``code`` (``pendingledger.rules``) at ``scope``."""
         if scope is None:
             return DENIED[code - 1]
         decisions = self._by_scope.get(scope)
         if decisions is None:
-            decisions = tuple(Decision(reason, None, scope) for reason in DenyReason)
+            decisions = tuple(Denied(reason, scope) for reason in DenyReason)
             self._by_scope[scope] = decisions
         return decisions[code - 1]

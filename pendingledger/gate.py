@@ -40,7 +40,7 @@ from ._core import (
 )
 from ._positions import read_positions
 from .budgets import Limits, check_budgets
-from .decision import REASONS, Decision, Denials, DenyReason
+from .decision import REASONS, Admitted, Decision, Denials, DenyReason
 from .ledger import PendingEntryLedger, check_timeout
 from .limits import PortfolioLimits
 from .rules import UnitLimits
@@ -371,7 +371,7 @@ class PortfolioGate:
         res = Reservation(ledger, name, oid, notional, units, code_of_side, owner)
         code = self._decide(positions, ledger, res, limits.account, budget, wait)
         if code == rules.ADMIT:
-            return Decision(None, res)
+            return Admitted(res)
         if code == DUPLICATE:
             raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
         if code > BY_BUDGET:

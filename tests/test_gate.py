@@ -17,13 +17,15 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, suppress
 from decimal import Decimal
 from fractions import Fraction
-from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+import typecheck
 
 from pendingledger import (
+    Admitted,
     Decision,
+    Denied,
     DenyReason,
     GateStats,
     PendingEntryLedger,
@@ -127,7 +129,7 @@ def test_admitted_decision(gate: PortfolioGate, ledger: PendingEntryLedger) -> N
     assert decision.reason is None
     res = reservation_of(decision)
     assert (res.symbol, res.order_id, res.notional, res.active) == ("AAA", "c-1", 1000, True)
-    assert "admitted" in repr(decision)
+    assert repr(decision).startswith("Admitted(reservation=")
     with ledger.lock() as pending:
         assert pending.symbol_notional("AAA") == 1000
 
@@ -144,11 +146,25 @@ def test_denied_decision(gate: PortfolioGate, ledger: PendingEntryLedger) -> Non
     assert ledger.stats().outstanding == 0
 
 
-def test_decision_needs_exactly_one_of_reason_and_reservation() -> None:
-    """A Decision is either admitted (a reservation) or denied (a reason), never both/neither."""
-    with pytest.raises(ValueError):
-        Decision()
-    assert Decision(DenyReason.HALTED).reason is DenyReason.HALTED
+def test_decisions_are_admitted_with_a_reservation_or_denied_with_a_reason() -> None:
+    """``Admitted`` needs its reservation; ``Denied`` a ``DenyReason`` and at most a strategy's
+    name; each answers every attribute of the other with the value that says which it is."""
+    with pytest.raises(ValueError, match="None"):
+        Admitted(None)
+    with pytest.raises(TypeError, match="'halted'"):
+        Denied("halted")
+    with pytest.raises(ValueError, match="scope"):
+        Denied(DenyReason.HALTED, "")
+    denied = Denied(DenyReason.HALTED, "s1")
+    assert (denied.admitted, bool(denied), denied.reservation) == (False, False, None)
+    assert (denied.reason, denied.scope) is not None
+    assert repr(denied) == "Denied(reason=HALTED, scope='s1')"
+    marker = object()
+    admitted = Admitted(marker)
+    assert (admitted.admitted, bool(admitted), admitted.reason, admitted.scope) == (
+        True, True, None, None)  # fmt: skip
+    assert admitted.reservation is marker
+    assert isinstance(admitted, Decision) and isinstance(denied, Decision)
 
 
 def test_deny_reason_str() -> None:
@@ -1636,7 +1652,8 @@ TYPING_PRELUDE = """
 import enum
 from decimal import Decimal
 from pendingledger import (
-    Decision, PendingEntryLedger, PortfolioGate, PortfolioLimits, Reservation
+    Admitted, Decision, DenyReason, PendingEntryLedger, PortfolioGate, PortfolioLimits,
+    Reservation, ReservationHandle,
 )
 ledger = PendingEntryLedger(30)
 gate = PortfolioGate(ledger, PortfolioLimits(max_concurrent_positions=3))
@@ -1671,6 +1688,21 @@ TYPING_CASES = {
         "    gate.confirm_fill(oid, 1.0, symbol=held.symbol)\n"
         "    ledger.release_order(oid)\n"
     ),
+    "narrows-on-admitted": (
+        'decided = gate.try_enter("ETHUSDT", 1)\n'
+        "if decided.admitted:\n"
+        "    admitted_id: str = decided.reservation.order_id\n"
+        "else:\n"
+        "    why: DenyReason = decided.reason\n"
+        "    whose: str | None = decided.scope\n"
+    ),
+    "narrows-on-truth": (
+        'entered = gate.try_enter("ETHUSDT", 1)\nif entered:\n    entered.reservation.release()\n'
+    ),
+    "narrows-on-isinstance": (
+        'made = gate.try_enter("ETHUSDT", 1)\n'
+        "if isinstance(made, Admitted):\n    handle: ReservationHandle = made.reservation\n"
+    ),
     "str-enum-symbols": (
         "class Venue(enum.StrEnum):\n    BTC = 'BTCUSDT'\n"
         "gate.try_enter(Venue.BTC, 1, {Venue.BTC: 2.0}, order_id=Venue.BTC)\n"
@@ -1678,14 +1710,21 @@ TYPING_CASES = {
     ),
 }
 
+TYPING_ERRORS = {
+    "reservation-before-narrowing": (
+        'gate.try_enter("ETHUSDT", 1).reservation.release()\n',
+        'Item "None" of "ReservationHandle | None" has no attribute "release"',
+    ),
+    "reason-before-narrowing": (
+        'reason: DenyReason = gate.try_enter("ETHUSDT", 1).reason\n',
+        "Incompatible types in assignment",
+    ),
+}
+
 
 @pytest.fixture(scope="module")
 def mypy_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """A shared cache, and an empty config so the project's own mypy settings don't apply."""
-    where = tmp_path_factory.mktemp("mypy")
-    config = where / "mypy.ini"
-    config.write_text("[mypy]\n")
-    return ["--config-file", str(config), "--cache-dir", str(where / "cache")]
+    return typecheck.mypy_args(tmp_path_factory.mktemp("mypy"))
 
 
 @pytest.mark.timeout(60)
@@ -1694,22 +1733,20 @@ def test_public_api_typing_with_str_symbols(
     case: str, mypy_args: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """User-style code with str symbols and ids passes ``mypy --strict`` with no casts."""
-    api = pytest.importorskip("mypy.api")
-    import pendingledger
+    status, output = typecheck.run_mypy(TYPING_PRELUDE + TYPING_CASES[case], mypy_args, monkeypatch)
+    assert status == 0, output
 
-    root = Path(pendingledger.__file__).resolve().parent.parent
-    where: list[str] = []
-    if root.name in ("site-packages", "dist-packages"):  # installed: found as a PEP 561 package
-        where = ["--python-executable", sys.executable]
-    else:  # a source tree (an editable install's import hook is invisible to mypy)
-        monkeypatch.setenv("MYPYPATH", str(root))
-    program = TYPING_PRELUDE + TYPING_CASES[case]
-    stdout, stderr, status = api.run(
-        [*mypy_args, *where, "--strict", "--no-error-summary", "-c", program]
-    )
-    if status not in (0, 1):  # not a type error: mypy itself did not run (xfail won't hide it)
-        raise RuntimeError(f"mypy exited {status}: {stdout}{stderr}")
-    assert status == 0, stdout + stderr
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", list(TYPING_ERRORS))
+def test_public_api_typing_refuses_an_unnarrowed_decision(
+    case: str, mypy_args: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the narrowing is for: a decision not yet known to be admitted has no reservation
+    to a type checker, and a denied one's reason is not optional only once it is known."""
+    program, expected = TYPING_ERRORS[case]
+    status, output = typecheck.run_mypy(TYPING_PRELUDE + program, mypy_args, monkeypatch)
+    assert status == 1 and expected in output, output
 
 
 def test_a_symbol_sided_after_the_read_began_is_read_again() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from pendingledger import (
+    Admitted,
     Decision,
     PendingEntryLedger,
     PortfolioGate,
@@ -77,7 +78,7 @@ class _LatchNeverRead:
         side: Side | str | None = None,
     ) -> Decision:
         with self.ledger.lock() as pending:
-            return Decision(reservation=pending.reserve(symbol, notional, order_id=order_id))
+            return Admitted(pending.reserve(symbol, notional, order_id=order_id))
 
 
 @pytest.mark.timeout(60)

@@ -39,6 +39,7 @@ import pytest
 
 import pendingledger
 from pendingledger import (
+    Admitted,
     Decision,
     PendingEntryLedger,
     PortfolioGate,
@@ -346,10 +347,11 @@ def every_operation(s: Setup) -> None:
     do("resume", gate.resume)
     late = do("try_enter(late)", lambda: gate.try_enter(
         Name("HHH"), real(w, 1.5), book, order_id="o-late"))  # fmt: skip
-    assert isinstance(late, Decision)
-    assert late.reservation is not None
+    assert isinstance(late, Admitted)
+    reservation = late.reservation
+    assert isinstance(reservation, Reservation)
     s.clock.manual.advance(11.0)
-    expired = do("Reservation.state", lambda: late.reservation.state)  # type: ignore[union-attr]
+    expired = do("Reservation.state", lambda: reservation.state)
     assert expired is ReservationState.EXPIRED  # expired on read: on_expire ran
     do("try_enter", lambda: gate.try_enter("III", 1))
     s.clock.manual.advance(11.0)

@@ -20,8 +20,7 @@ import pytest
 from redis_server import CommandLog, RedisServer
 
 from pendingledger import PortfolioLimits, _units, rules
-from pendingledger.decision import REASONS, DenyReason
-from pendingledger.limits import Decision
+from pendingledger.decision import REASONS, Admitted, Decision, Denied, DenyReason
 from pendingledger.trading import Side
 
 redis = pytest.importorskip("redis")
@@ -455,7 +454,7 @@ def torn_enter(gate: RedisGate, between: Callable[[], object]) -> Decision:
     config = gate._scopes.config
     reply = gate.server.call("enter", "AAA", U, uuid.uuid4().hex, "tok", config, 0, "", "0", "s",
                              budget)  # fmt: skip
-    return Decision(None, object()) if reply[0] == b"A" else Decision(R.MAX_OPEN_ORDERS)
+    return Admitted(object()) if reply[0] == b"A" else Denied(R.MAX_OPEN_ORDERS)
 
 
 def walk(gate: RedisGate) -> None:

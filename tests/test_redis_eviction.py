@@ -179,7 +179,7 @@ class Tally:
     sweeps_refused: int = 0
 
     def count(self, decision: Decision) -> None:
-        key = "admitted" if decision else str(decision.reason.value)  # type: ignore[union-attr]
+        key = "admitted" if decision else str(decision.reason.value)
         self.decisions[key] = self.decisions.get(key, 0) + 1
 
     def of(self, reason: DenyReason) -> int:

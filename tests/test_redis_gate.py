@@ -620,13 +620,13 @@ def test_check_then_reserve_lets_an_entry_in_between_take_the_room(client: Any) 
         gate, "AAA", 1, order_id="a", between=lambda: between.append(gate.try_enter("BBB", 1))
     )
     assert first and between and between[0]
-    assert set(gate.snapshot().orders) == {"a", between[0].reservation.order_id}  # type: ignore[union-attr]
+    assert set(gate.snapshot().orders) == {"a", between[0].reservation.order_id}
     assert len(audit_breaches(gate)) == 1  # two symbols reserved, limit 1
     assert gate.try_enter("CCC", 1).reason is R.MAX_CONCURRENT_POSITIONS  # the real gate holds
     assert check_then_reserve(gate, "CCC", 1).reason is R.MAX_CONCURRENT_POSITIONS
     assert res(first).release()
     with pytest.raises(ValueError, match="outstanding"):
-        check_then_reserve(gate, "BBB", 1, order_id=between[0].reservation.order_id)  # type: ignore[union-attr]
+        check_then_reserve(gate, "BBB", 1, order_id=between[0].reservation.order_id)
 
 
 def audit_breaches(gate: RedisGate) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pendingledger import Decision, DenyReason, Side
+from pendingledger import Decision, Denied, DenyReason, Side
 from pendingledger import sim as simmod
 from pendingledger.sim import (
     MemoryBackend,
@@ -81,7 +81,7 @@ class _DenyAll:
         positions()
         with self._lock:
             self.asked.append((symbol, notional, order_id, side))
-        return Decision(DenyReason.MAX_GROSS_EXPOSURE)
+        return Denied(DenyReason.MAX_GROSS_EXPOSURE)
 
 
 @pytest.mark.parametrize(
@@ -254,7 +254,7 @@ def test_a_gate_that_hangs_is_reported_instead_of_hanging(
     class Hanging:
         def try_enter(self, *args: Any, **kwargs: Any) -> Decision:
             release.wait(15)
-            return Decision(DenyReason.HALTED)
+            return Denied(DenyReason.HALTED)
 
     try:
         with pytest.raises(SimulationError, match="deadlock"):

@@ -73,9 +73,9 @@ from redis.typing import EncodableT
 
 from pendingledger import _units, rules
 from pendingledger.budgets import check_budgets
-from pendingledger.decision import REASONS, Denials
+from pendingledger.decision import REASONS, Admitted, Decision, Denials, DenyReason, denied
 from pendingledger.errors import LedgerError
-from pendingledger.limits import Decision, DenyReason, PortfolioLimits, denied
+from pendingledger.limits import PortfolioLimits
 from pendingledger.redis._audit import Snapshot, _pairs, _s
 from pendingledger.redis._audit import audit as audit_snapshot
 from pendingledger.redis._library import LIBRARY, ServerCode
@@ -610,7 +610,7 @@ class RedisGate:
             reserved_us=int(_s(reply[1])), expires_us=int(float(_s(reply[2]))),
             strategy=strategy,
         )  # fmt: skip
-        return Decision(None, res)
+        return Admitted(res)
 
     def _denied(self, reply: Sequence[Any]) -> Decision:
         """The denial the server code answered: its reason and scope (a strategy's name, or

@@ -11,10 +11,10 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
 from pendingledger import _units, rules
-from pendingledger.decision import Denials
+from pendingledger.decision import Admitted, Decision, Denials
 from pendingledger.gate import PortfolioGate, Positions
 from pendingledger.ledger import PendingEntryLedger, PendingMap
-from pendingledger.limits import Decision, Number, PortfolioLimits
+from pendingledger.limits import Number, PortfolioLimits
 from pendingledger.protocols import ReservationHandle
 from pendingledger.stats import GateStats
 from pendingledger.trading import STATES, Latch, Side, TradingState, side_code
@@ -316,7 +316,7 @@ class BrokenGate:
         self._account_rates.admitted(limits, stamp)
         if budget is not None:
             self._strategy_rates.setdefault(scope, _Rates()).admitted(budget, stamp)
-        return Decision(reservation=reservation)
+        return Admitted(reservation)
 
     def _reserve(
         self,

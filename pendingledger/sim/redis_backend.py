@@ -38,7 +38,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from pendingledger import _units, rules
-from pendingledger.limits import Decision, Number, PortfolioLimits
+from pendingledger.decision import Admitted, Decision
+from pendingledger.limits import Number, PortfolioLimits
 from pendingledger.protocols import ReservationHandle
 from pendingledger.redis import SCALE, RedisGate, RedisReservation, Snapshot, audit
 from pendingledger.redis.testing import check_then_reserve, enable_test_ops
@@ -330,7 +331,7 @@ class SharedGate:
         self.checks.record(
             self._audit.read(), f"admitting {inner.order_id} ({inner.symbol} {notional})"
         )
-        return Decision(reservation=tracked)
+        return Admitted(tracked)
 
     def confirm_fill(
         self,
