@@ -1424,7 +1424,7 @@ def _plot(results: Results, path: str) -> None:
     except ImportError:
         _say(
             f"--plot {path}: matplotlib is not installed; get it with "
-            "pip install 'pendingledger[bench]'  (or: pip install matplotlib)"
+            "pip install '.[bench]' from a checkout  (or: pip install matplotlib)"
         )
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -42,7 +42,7 @@ def redis_server_binary() -> str:
     try:
         import redis  # noqa: F401
     except ImportError:
-        message = "the redis client package is missing: pip install 'pendingledger[redis]'"
+        message = "the redis client package is missing: pip install '.[redis]' from a checkout"
         if os.environ.get("CI"):
             pytest.fail(message + " -- CI is set, so the Redis tests must run", pytrace=False)
         pytest.skip(message)

@@ -1,6 +1,6 @@
 """One process's share of a race against a shared Redis, and the audit of the shared state.
 
-Needs the ``redis`` extra (``pip install 'pendingledger[redis]'``); ``import pendingledger.sim``
+Needs the ``redis`` extra (``pip install '.[redis]'`` from a checkout); ``import pendingledger.sim``
 does not import this module. ``pendingledger.sim.processes`` runs several processes, each with a
 ``RedisBackend`` on the same namespace; the parent process audits the namespace while they race.
 
