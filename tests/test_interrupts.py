@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import gc
+import logging
 import os
 import random
 import signal
@@ -167,15 +168,23 @@ class Interrupter:
 
 @contextmanager
 def interrupter(seed: int, low: float = 2e-6, high: float = 300e-6) -> Iterator[Interrupter]:
-    """Install an ``Interrupter`` on ``SIGALRM``; restore the previous handler and timer after."""
+    """Install an ``Interrupter`` on ``SIGALRM``; restore the previous handler and timer after.
+
+    The library's logger is off meanwhile: CPython's logging is not interrupt-safe (an interrupt
+    between a handler's ``acquire`` and its ``try`` leaves the handler's lock held), and
+    pytest's session-wide handler would then block every later test that logs."""
     it = Interrupter(seed, low, high)
+    log = logging.getLogger("pendingledger")
+    was_disabled = log.disabled
     previous_timer = signal.getitimer(signal.ITIMER_REAL)
     previous = signal.signal(signal.SIGALRM, it.handler)
+    log.disabled = True
     try:
         yield it
     finally:
         it.disarm()
         signal.signal(signal.SIGALRM, previous)
+        log.disabled = was_disabled
         if previous_timer[0] > 0:
             signal.setitimer(signal.ITIMER_REAL, *previous_timer)
 
