@@ -19,6 +19,7 @@ CORE = [
     "pendingledger/_units.py",
     "pendingledger/decision.py",
     "pendingledger/trading.py",
+    "pendingledger/events.py",
     "pendingledger/rules.py",
     "pendingledger/budgets.py",
     "pendingledger/_core.py",

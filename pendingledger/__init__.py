@@ -11,6 +11,7 @@ from importlib.machinery import EXTENSION_SUFFIXES as _EXTENSION_SUFFIXES
 from . import _core
 from .decision import Admitted, Decision, Denied, DenyReason
 from .errors import LedgerError, LockTimeout, ReentrantLockError, StaleViewError
+from .events import Decided, Ended, EndReason, Event, Listener, StateChanged
 from .gate import PortfolioGate, Positions
 from .ledger import PendingEntryLedger, PendingMap, Reservation, ReservationState
 from .limits import PortfolioLimits
@@ -21,14 +22,19 @@ from .trading import Latch, Side, TradingState
 __all__ = [
     "COMPILED",
     "Admitted",
+    "Decided",
     "Decision",
     "Denied",
     "DenyReason",
+    "EndReason",
+    "Ended",
+    "Event",
     "Gate",
     "GateStats",
     "Latch",
     "LedgerError",
     "LedgerStats",
+    "Listener",
     "LockTimeout",
     "PendingEntryLedger",
     "PendingMap",
@@ -42,6 +48,7 @@ __all__ = [
     "ScopeStats",
     "Side",
     "StaleViewError",
+    "StateChanged",
     "TradingState",
 ]
 

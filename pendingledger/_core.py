@@ -96,6 +96,7 @@ from typing import TYPE_CHECKING, Final
 
 from . import _units, rules
 from .errors import LedgerError, LockTimeout, ReentrantLockError, StaleViewError
+from .events import Ended, EndReason, Listeners
 from .rules import UnitLimits
 from .trading import SIDES, Side, side_code
 
@@ -560,6 +561,7 @@ class LedgerCore:
         "_strategies",
         "_turn",
         "clock",
+        "listeners",
         "ttl",
     )
 
@@ -591,6 +593,7 @@ class LedgerCore:
         self._epoch = 0
         self._released = 0
         self._expired = 0
+        self.listeners = Listeners()  # told of every end, after the lock is released
 
     # ---------------------------------------------------------------- reads without the lock
 
@@ -624,15 +627,36 @@ class LedgerCore:
         return read_clock(self.clock)
 
     def fire_expired(self, expired: list[Reservation] | None) -> None:
-        """Call ``on_expire`` for each of ``expired``, after the lock is released."""
-        callback = self._on_expire
-        if expired is None or callback is None:
+        """Call ``on_expire`` for each of ``expired`` and tell the listeners, after the lock is
+        released; one warning line for them all (an expiry is usually a release missed)."""
+        if expired is None:
             return
-        for res in expired:
-            try:
-                callback(res)
-            except Exception:
-                logger.exception("on_expire raised for %r; ignored", res)
+        logger.warning(
+            "%d reservation(s) expired after the %g s TTL with no release; the oldest: %r",
+            len(expired),
+            self.ttl,
+            expired[0],
+        )
+        callback = self._on_expire
+        if callback is not None:
+            for res in expired:
+                try:
+                    callback(res)
+                except Exception:
+                    logger.exception("on_expire raised for %r; ignored", res)
+        self.announce(expired, EndReason.EXPIRED)
+
+    def announce(self, ended: list[Reservation], how: EndReason) -> None:
+        """Tell the listeners that ``ended`` ended (lock released)."""
+        listeners = self.listeners
+        if listeners.active:
+            for res in ended:
+                listeners.emit(Ended(res.order_id, how, res))
+
+    def _announce_one(self, res: Reservation, how: EndReason) -> None:
+        listeners = self.listeners
+        if listeners.active:
+            listeners.emit(Ended(res.order_id, how, res))
 
     def end(self, res: Reservation, state: int) -> bool:
         block = self.own_block()
@@ -641,18 +665,26 @@ class LedgerCore:
         if _COMPILED:
             self._acquire()
             try:
-                return self._end_counted_locked(res, state)
+                done = self._end_counted_locked(res, state)
             finally:
                 self._release()
-        with self._lock:
-            return self._end_counted_locked(res, state)
+        else:
+            with self._lock:
+                done = self._end_counted_locked(res, state)
+        if done:
+            self._announce_one(res, EndReason.RELEASED)
+        return done
 
     def reduce(self, res: Reservation, down: int, up: int, kind: int) -> bool:
         block = self.own_block()
         if block is not None:
             return block.reduce_locked(res, down, up, kind)
         with self._lock:
-            return self._reduce_locked(res, down, up, kind) >= 0
+            done = self._reduce_locked(res, down, up, kind) >= 0
+            ended = done and res._state != ACTIVE
+        if ended:
+            self._announce_one(res, EndReason.REDUCED)
+        return done
 
     def reduce_order(self, order_id: str, down: int, up: int, kind: int) -> bool:
         """``reduce`` for the outstanding reservation of ``order_id``; False if there is none."""
@@ -662,7 +694,11 @@ class LedgerCore:
         seq = self.generated_seq(order_id)
         with self._lock:
             res = self._find_locked(order_id, seq)
-            return res is not None and self._reduce_locked(res, down, up, kind) >= 0
+            done = res is not None and self._reduce_locked(res, down, up, kind) >= 0
+            ended = done and res is not None and res._state != ACTIVE
+        if ended and res is not None:
+            self._announce_one(res, EndReason.REDUCED)
+        return done
 
     def expire_if_due(self, res: Reservation) -> None:
         """Expire ``res`` now if its deadline has passed (unless this thread is in a block)."""
@@ -684,14 +720,19 @@ class LedgerCore:
         seq = self.generated_seq(order_id)
         with self._lock:
             res = self._find_locked(order_id, seq)
-            return res is not None and self._end_counted_locked(res, RELEASED)
+            done = res is not None and self._end_counted_locked(res, RELEASED)
+        if done and res is not None:
+            self._announce_one(res, EndReason.RELEASED)
+        return done
 
     def release_symbol(self, symbol: str) -> bool:
         block = self.own_block()
         if block is not None:
             return block.release(symbol)
         with self._lock:
-            return self._release_symbol_locked(symbol)
+            ended = self._release_symbol_locked(symbol)
+        self.announce(ended, EndReason.RELEASED)
+        return bool(ended)
 
     def lock(self, timeout: float) -> LockBlock:
         return LockBlock(self, timeout)
@@ -801,12 +842,16 @@ class LedgerCore:
                 (bool(symbol) and symbol != res._symbol)
                 or (strategy is not None and strategy != res._strategy)
             )
+            filled = False
             if res is not None and not elsewhere:
                 self._set_position_locked(res._symbol, units, value, kind, res._strategy)
                 self._fill_locked(res, fill)
+                filled = res._state != ACTIVE
             elif res is None and symbol:
                 self._set_position_locked(symbol, units, value, kind, strategy or "")
             expired = self._sweep_locked(now)
+        if filled and res is not None:
+            self._announce_one(res, EndReason.FILLED)
         self.fire_expired(expired)
         if res is not None and elsewhere:
             raise ValueError(
@@ -961,11 +1006,11 @@ class LedgerCore:
             return []
         return [res for res in self._index.values() if res._symbol == symbol]
 
-    def _release_symbol_locked(self, symbol: str) -> bool:
+    def _release_symbol_locked(self, symbol: str) -> list[Reservation]:
         members = self.on_symbol_locked(symbol)
         for res in members:
             self._end_counted_locked(res, RELEASED)
-        return bool(members)
+        return members
 
     def _set_position_locked(
         self, symbol: str, units: int, value: object, kind: int, strategy: str
@@ -1341,6 +1386,11 @@ class PendingMap:
             self._rollback_locked()
         return self._expired
 
+    def ended(self) -> list[Reservation]:
+        """What a committed block ended, in order (after the lock is released: the journal is
+        this thread's alone once the block is closed)."""
+        return [undo.res for undo in self._journal if undo.kind == _ENDED]
+
     def _rollback_locked(self) -> None:
         """Undo the journal, newest first."""
         core = self._core
@@ -1416,6 +1466,10 @@ class LockBlock:
             core._owner = 0
             core._lock.release()
         core.fire_expired(expired)
+        if core.listeners.active:
+            for res in view.ended():
+                how = EndReason.RELEASED if res._state == RELEASED else EndReason.REDUCED
+                core.announce([res], how)
 
 
 class LatchRecord:
@@ -1452,6 +1506,7 @@ class GateCore:
 
     __slots__ = (
         "_budgeted",
+        "_changes",
         "_counts",
         "_day_end",
         "_day_pnl",
@@ -1463,6 +1518,7 @@ class GateCore:
         "_operator",
         "_peak",
         "_reset_offset",
+        "_seen",
         "_timeouts",
         "_timeouts_by",
         "_timeouts_lock",
@@ -1487,6 +1543,8 @@ class GateCore:
         self._counts = [0] * len(_REASON_SLOTS)  # by outcome code; [0] counts admissions
         self._budgeted: dict[str, _Budgeted] = {}  # each strategy's figures, window, counts
         self._window = _Window()  # the account's recent admissions
+        self._seen: tuple[int, LatchRecord | None] = (rules.ACTIVE, None)  # last state told
+        self._changes: list[tuple[int, int, LatchRecord | None]] = []  # (was, now, latch) untold
         # Timeouts are counted under a lock of their own: they happen when the ledger's is busy.
         self._timeouts_lock = threading.Lock()
         self._timeouts = 0
@@ -1506,6 +1564,7 @@ class GateCore:
     def set_operator(self, state: int) -> None:
         with self.ledger._lock:
             self._operator = state
+            self._note_locked()
 
     def resume(self) -> None:
         """The operator's resume: ACTIVE, the latch cleared, a new measuring period."""
@@ -1515,6 +1574,19 @@ class GateCore:
             self._day_pnl = 0
             self._undated = 0
             self._peak = self._equity
+            self._note_locked()
+
+    def take_changes(self) -> list[tuple[int, int, LatchRecord | None]]:
+        """The changes of state or latch not yet taken, oldest first: ``(was, now, latch)``.
+        Read first without the lock: almost always there are none. None inside this thread's
+        ``lock()`` block: the lock is held there, and a listener must not run under it (a
+        later call outside takes them)."""
+        if not self._changes or self.ledger.own_block() is not None:
+            return []
+        with self.ledger._lock:
+            changes = self._changes
+            self._changes = []
+        return changes
 
     def trading(self, wall: float) -> tuple[int, LatchRecord | None]:
         """The effective state and the latch at wall time ``wall`` (-inf: not read); inside
@@ -1523,6 +1595,7 @@ class GateCore:
             return self._state_locked(), self._latch
         with self.ledger._lock:
             self._roll_locked(wall)
+            self._note_locked()
             return self._state_locked(), self._latch
 
     def record_pnl(self, limits: UnitLimits, units: int, kind: int, wall: float) -> None:
@@ -1535,6 +1608,7 @@ class GateCore:
                 self._undated += units
             self._kinds |= kind
             self._check_loss_locked(limits, wall)
+            self._note_locked()
 
     def set_equity(self, limits: UnitLimits, units: int, kind: int, wall: float) -> None:
         with self.ledger._lock:
@@ -1545,6 +1619,7 @@ class GateCore:
             self._has_equity = True
             self._kinds |= kind
             self._check_loss_locked(limits, wall)
+            self._note_locked()
 
     def counts(self) -> GateCounts:
         """Decisions by outcome code, in all and per strategy, with the state, the latch and
@@ -1639,6 +1714,7 @@ class GateCore:
         expired = self.ledger._sweep_locked(now)
         if wall >= self._day_end:
             self._roll_locked(wall)
+            self._note_locked()
         return self._decide_locked(res, limits, budget, now, snapshot), expired
 
     def _decide_locked(
@@ -1770,6 +1846,14 @@ class GateCore:
         return count, vouched, snapshot.gross + account.reserved - excess
 
     # ---------------------------------------------------------------- the loss book (locked)
+
+    def _note_locked(self) -> None:
+        """Queue a change of the effective state or the latch since the last one noted."""
+        state, latch = self._state_locked(), self._latch
+        was, was_latch = self._seen
+        if state != was or latch is not was_latch:
+            self._changes.append((was, state, latch))
+            self._seen = (state, latch)
 
     def _state_locked(self) -> int:
         latch = self._latch

@@ -19,6 +19,7 @@ Where positions come from:
 from __future__ import annotations
 
 import datetime
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +42,7 @@ from ._core import (
 from ._positions import read_positions
 from .budgets import Limits, check_budgets
 from .decision import REASONS, Admitted, Decision, Denials, DenyReason
+from .events import Decided, Listener, Listeners, StateChanged
 from .ledger import PendingEntryLedger, check_timeout
 from .limits import PortfolioLimits
 from .rules import UnitLimits
@@ -51,6 +53,9 @@ if TYPE_CHECKING:
     from .protocols import Gate
 
 __all__ = ["GateStats", "PortfolioGate", "Positions"]
+
+logger = logging.getLogger("pendingledger")
+_perf: Final = time.perf_counter
 
 # Keys are Any, not str: Mapping is invariant in its key type, and a cache typed with a narrower
 # or wider key must still type-check.
@@ -87,7 +92,15 @@ class PortfolioGate:
     each with its own limits, budgets, trading state, loss latch and counters.
     """
 
-    __slots__ = ("_config_lock", "_core", "_denials", "_ledger", "_limits", "_wall_clock")
+    __slots__ = (
+        "_config_lock",
+        "_core",
+        "_denials",
+        "_ledger",
+        "_limits",
+        "_listeners",
+        "_wall_clock",
+    )
 
     def __init__(
         self,
@@ -109,6 +122,47 @@ class PortfolioGate:
         self._denials = Denials()
         self._wall_clock: Callable[[], object] = wall_clock
         self._core = GateCore(ledger.core, loss_state_code(on_loss), reset_offset(daily_reset))
+        self._listeners = Listeners()
+
+    # ------------------------------------------------------------------ events
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener`` with every ``pendingledger.events.Event``: each decision of this
+        gate (``Decided``), each end of a reservation on its ledger (``Ended``: released,
+        filled, reduced to nothing, expired) and each change of its trading state or latch
+        (``StateChanged``).
+
+        The listener runs in the thread that caused the event, after the ledger lock is
+        released; what it raises is logged (``pendingledger`` logger, one warning line) and
+        never reaches that thread. Subscribing again is counted: the listener still hears each
+        event once, until it is unsubscribed as many times. ``TypeError`` if it is not
+        callable.
+        """
+        self._listeners.add(listener)
+        self._ledger.core.listeners.add(listener)
+
+    def unsubscribe(self, listener: Listener) -> bool:
+        """Undo one ``subscribe(listener)``; whether there was one to undo."""
+        if not self._listeners.remove(listener):
+            return False
+        self._ledger.core.listeners.remove(listener)
+        return True
+
+    def _announce(self) -> None:
+        """Log and tell the listeners the state changes the core queued (lock released)."""
+        for was, now, record in self._core.take_changes():
+            latch = _latch(record)
+            event = StateChanged(STATES[now], STATES[was], latch)
+            logger.warning(
+                "trading state %s -> %s%s",
+                event.previous,
+                event.state,
+                ""
+                if latch is None
+                else f" (latched: {latch.reason}, {latch.value} against "
+                f"a limit of {latch.limit}, until {latch.until})",
+            )
+            self._listeners.emit(event)
 
     @property
     def ledger(self) -> PendingEntryLedger:
@@ -162,12 +216,14 @@ class PortfolioGate:
         """
         self._ledger.core.refuse_reentry("halt()")
         self._core.set_operator(rules.HALTED_STATE)
+        self._announce()
 
     def reduce_only(self) -> None:
         """Admit only orders that raise no figure a limit bounds (``DenyReason.REDUCING_ONLY``
         for the others) until ``resume()``; set under the ledger lock, as ``halt()``."""
         self._ledger.core.refuse_reentry("reduce_only()")
         self._core.set_operator(rules.REDUCING)
+        self._announce()
 
     def resume(self) -> None:
         """Back to ``ACTIVE``: ends a ``halt()`` or ``reduce_only()``, and clears the loss latch
@@ -175,6 +231,7 @@ class PortfolioGate:
         equity), so the latch fires again only on new losses."""
         self._ledger.core.refuse_reentry("resume()")
         self._core.resume()
+        self._announce()
 
     def record_pnl(self, amount: object) -> None:
         """Add ``amount`` (signed: a loss < 0) to the day's realized P&L, and latch if it has
@@ -192,8 +249,10 @@ class PortfolioGate:
             wall = read_clock(self._wall_clock)
         except Exception:
             self._core.record_pnl(limits, units, kind, _NO_TIME)  # never lose a loss
+            self._announce()
             raise
         self._core.record_pnl(limits, units, kind, wall)
+        self._announce()
 
     def set_equity(self, equity: object) -> None:
         """Record the account's ``equity``, and latch if it is ``limits.max_drawdown`` or more
@@ -206,8 +265,10 @@ class PortfolioGate:
             wall = read_clock(self._wall_clock)
         except Exception:
             self._core.set_equity(limits, units, kind, _NO_TIME)
+            self._announce()
             raise
         self._core.set_equity(limits, units, kind, wall)
+        self._announce()
 
     def stats(self) -> GateStats:
         """Counts of admitted and denied decisions (every ``DenyReason`` is a key), in all and
@@ -229,7 +290,9 @@ class PortfolioGate:
         wall = _NO_TIME
         if core.tracking and self._ledger.core.own_block() is None:
             wall = read_clock(self._wall_clock)
-        return core.trading(wall)
+        trading = core.trading(wall)
+        self._announce()
+        return trading
 
     # ------------------------------------------------------------------ the owned position book
 
@@ -369,14 +432,30 @@ class PortfolioGate:
             owner, budget = limits.budget_of(strategy, positions)
         ledger.refuse_reentry("try_enter()")
         res = Reservation(ledger, name, oid, notional, units, code_of_side, owner)
+        listening = bool(self._listeners.active)
+        start = _perf() if listening else 0.0
         code = self._decide(positions, ledger, res, limits.account, budget, wait)
         if code == rules.ADMIT:
-            return Admitted(res)
-        if code == DUPLICATE:
+            decision: Decision = Admitted(res)
+        elif code == DUPLICATE:
             raise ValueError(f"order_id {oid!r} already has an outstanding reservation")
+        else:
+            decision = self._denied(code, owner, name, notional)
+        self._announce()
+        if listening:
+            seconds = _perf() - start
+            event = Decided(decision, name, res.initial_notional, res.side, owner or None, seconds)
+            self._listeners.emit(event)
+        return decision
+
+    def _denied(self, code: int, owner: str, symbol: str, notional: object) -> Decision:
         if code > BY_BUDGET:
-            return self._denials.of(code - BY_BUDGET, owner)
-        return self._denials.of(code, None)
+            decision = self._denials.of(code - BY_BUDGET, owner)
+        else:
+            decision = self._denials.of(code, None)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("denied %s %r on %r", decision.reason, notional, symbol)
+        return decision
 
     def _decide(
         self,

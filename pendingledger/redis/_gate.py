@@ -75,6 +75,7 @@ from pendingledger import _units, rules
 from pendingledger.budgets import check_budgets
 from pendingledger.decision import REASONS, Admitted, Decision, Denials, DenyReason, denied
 from pendingledger.errors import LedgerError
+from pendingledger.events import Decided, Ended, EndReason, Listener, Listeners, StateChanged
 from pendingledger.limits import PortfolioLimits
 from pendingledger.redis._audit import Snapshot, _pairs, _s
 from pendingledger.redis._audit import audit as audit_snapshot
@@ -121,6 +122,7 @@ _UNAVAILABLE: Final = denied(DenyReason.BACKEND_UNAVAILABLE)
 DENIALS: Final = {reason.value: denied(reason) for reason in DenyReason}
 CODES: Final = {reason.value: REASONS.index(reason) for reason in DenyReason}
 _LOG_EVERY: Final = 5.0  # seconds between repeated warnings about the same outage
+_perf: Final = time.perf_counter
 MAX_TTL: Final = 365 * 86_400.0
 """The longest ``ttl`` (seconds): the server code's clock counts microseconds in doubles, exact
 below 2^52 (year 2112), and a reservation's expiry must stay there."""
@@ -365,10 +367,12 @@ class RedisGate:
     """
 
     __slots__ = (
+        "_book_log",
         "_client",
         "_code",
         "_denials",
         "_keys",
+        "_listeners",
         "_log",
         "_min_replicas",
         "_namespace",
@@ -376,6 +380,8 @@ class RedisGate:
         "_reset_us",
         "_scopes",
         "_scopes_lock",
+        "_seen",
+        "_seen_lock",
         "_ttl",
         "_ttl_us",
         "_unavailable",
@@ -426,6 +432,10 @@ class RedisGate:
         self._unavailable = 0
         self._unavailable_by: dict[str, int] = {}  # of those, by strategy
         self._unavailable_lock = threading.Lock()
+        self._listeners = Listeners()
+        self._book_log = _Every()
+        self._seen = rules.ACTIVE  # the trading state this gate last saw (ACTIVE until one)
+        self._seen_lock = threading.Lock()
         if _socket_timeout(client) is None:
             warnings.warn(
                 f"RedisGate(namespace={namespace!r}): the client has no socket_timeout, so a "
@@ -599,9 +609,77 @@ class RedisGate:
                 "RedisGate keeps the position book in Redis: call try_enter without positions "
                 f"and keep the book with set_position()/confirm_fill(), got positions={positions!r}"
             )
+        listening = bool(self._listeners.active)
+        start = _perf() if listening else 0.0
         decision = enter(self, symbol, notional, order_id, "", side, strategy)
         assert decision is not None  # None only answers the test mode 'check'
+        if not decision.admitted:
+            self._log_denial(decision, symbol, notional)
+        if listening:
+            side_of = None if side is None else SIDES[side_code(side)]
+            event = Decided(decision, symbol, notional, side_of, strategy, _perf() - start)
+            self._listeners.emit(event)
         return decision
+
+    # ------------------------------------------------------------------ events
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener`` with the events this gate sees, as ``PortfolioGate.subscribe``
+        does, in the calling thread after the server's answer: every decision it makes; the
+        ends it makes by order id or handle (``release_order``, ``reduce_order``,
+        ``confirm_fill``, a handle's ``release``/``reduce``); and each change of the trading
+        state its own calls see, with the latch then in force (``previous``: the state it saw
+        last, ``ACTIVE`` before its first reading).
+
+        What it cannot see is not told: reservations that expire (the server drops them
+        during any process's call), ``release(symbol)`` (the server answers a count, not the
+        orders), and another process's decisions, ends and state changes until one of this
+        gate's calls reads the state they left."""
+        self._listeners.add(listener)
+
+    def unsubscribe(self, listener: Listener) -> bool:
+        """Undo one ``subscribe(listener)``; whether there was one to undo."""
+        return self._listeners.remove(listener)
+
+    def _log_denial(self, decision: Decision, symbol: str, notional: Number) -> None:
+        if decision.reason is DenyReason.BOOK_NOT_RESTORED:
+            if self._book_log.due():
+                logger.warning(
+                    "try_enter(%r) denied with book_not_restored: namespace %r admits nothing "
+                    "until its book is restored (RedisGate.restore)",
+                    symbol,
+                    self._namespace,
+                )
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug("denied %s %r on %r", decision.reason, notional, symbol)
+
+    def _ended(self, order_id: str, how: EndReason, res: RedisReservation | None) -> None:
+        if self._listeners.active:
+            self._listeners.emit(Ended(order_id, how, res))
+
+    def _saw_state(self, code: int, latch_reply: Sequence[Any] | None = None) -> None:
+        """Note the trading state a reply carried; tell a change (reading the latch for it)."""
+        with self._seen_lock:
+            was, self._seen = self._seen, code
+        if was == code:
+            return
+        if latch_reply is None:
+            try:
+                latch_reply = self._trading()[2]
+            except StoreUnavailable:
+                latch_reply = []
+        latch = _latch_of(latch_reply)
+        event = StateChanged(STATES[code], STATES[was], latch)
+        logger.warning(
+            "trading state %s -> %s in namespace %r%s",
+            event.previous,
+            event.state,
+            self._namespace,
+            ""
+            if latch is None
+            else f" (latched: {latch.reason}, {latch.value} against a limit of {latch.limit})",
+        )
+        self._listeners.emit(event)
 
     def _admitted(self, name: str, oid: str, notional: Number, units: int, token: str,
                   side: int, strategy: str, reply: Sequence[Any]) -> Decision:  # fmt: skip
@@ -672,7 +750,10 @@ class RedisGate:
         """Drop the reservation of ``order_id``. True if it was outstanding (see ``release``)."""
         oid = _units.check_order_id(order_id)
         reply = self._release_call("release_order", "release_order", oid, "", "", "", "")
-        return reply is not None and int(reply[0]) == 1
+        done = reply is not None and int(reply[0]) == 1
+        if done:
+            self._ended(oid, EndReason.RELEASED, None)
+        return done
 
     def reduce_order(self, order_id: str, amount: Number) -> bool:
         """Shrink the reservation of ``order_id`` by ``amount`` (a partial fill: finite, > 0),
@@ -681,6 +762,8 @@ class RedisGate:
         oid = _units.check_order_id(order_id)
         down, up = _units.reduction_units("amount", amount)
         reply = self._release_call("reduce_order", "reduce", oid, "", down, up, "", "")
+        if reply is not None and _s(reply[0]) == "E":
+            self._ended(oid, EndReason.REDUCED, None)
         return reply is not None and _s(reply[0]) != "G"
 
     def _release_call(self, what: str, op: str, *args: EncodableT) -> list[Any] | None:
@@ -753,6 +836,8 @@ class RedisGate:
             "confirm_fill", ("fill", _token(), oid, units, code, sym, down, up, strat)
         )
         status = _s(reply[0])
+        if status == "F":
+            self._ended(oid, EndReason.FILLED, None)
         if status in ("F", "R"):
             return True
         if status == "P":
@@ -927,6 +1012,11 @@ class RedisGate:
 
     def _control(self, what: str, state: int) -> None:
         self._write(what, ("control", "state", state, _token()))
+        try:
+            reply = self._trading()
+        except StoreUnavailable:
+            return  # done; the change is told when a later call sees it
+        self._saw_state(int(reply[0]), reply[2])
 
     def record_pnl(self, amount: Number) -> None:
         """Add ``amount`` (finite, signed: a loss is negative) to the day's realized P&L in the
@@ -944,7 +1034,8 @@ class RedisGate:
         self._loss_call("set_equity", units, equity)
 
     def _loss_call(self, op: str, units: int, amount: Number) -> None:
-        self._write(op, (op, _token(), units, _units.kind_of(amount), self._loss_config))
+        reply = self._write(op, (op, _token(), units, _units.kind_of(amount), self._loss_config))
+        self._saw_state(int(reply[0]))
 
     def _trading(self) -> list[Any]:
         try:
@@ -955,7 +1046,9 @@ class RedisGate:
     @property
     def state(self) -> TradingState:
         """The namespace's trading state: the operator's or the loss latch's, the stricter."""
-        return STATES[int(self._trading()[0])]
+        reply = self._trading()
+        self._saw_state(int(reply[0]), reply[2])
+        return STATES[int(reply[0])]
 
     @property
     def halted(self) -> bool:
@@ -1073,6 +1166,25 @@ if TYPE_CHECKING:  # mypy proves RedisGate offers the whole backend-neutral surf
 
     def _conforms(gate: RedisGate) -> Gate:
         return gate
+
+
+class _Every:
+    """A warning at most every ``_LOG_EVERY`` seconds: one per denied order would flood the
+    log while a book waits for ``restore()``."""
+
+    __slots__ = ("_last", "_lock")
+
+    def __init__(self) -> None:
+        self._last = -math.inf
+        self._lock = threading.Lock()
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < _LOG_EVERY:
+                return False
+            self._last = now
+            return True
 
 
 def enter(
@@ -1297,6 +1409,7 @@ class RedisReservation:
         done = reply is not None and int(reply[0]) == 1
         if done:
             self._ended = True
+            self._gate._ended(self._order_id, EndReason.RELEASED, self)
         return done
 
     def reduce(self, amount: Number) -> bool:
@@ -1322,6 +1435,8 @@ class RedisReservation:
             status = _s(reply[0])
             if status in ("G", "E"):
                 self._ended = True  # it keeps the amount it held when it ended
+                if status == "E":
+                    self._gate._ended(self._order_id, EndReason.REDUCED, self)
                 return status == "E"
             self._units = int(_s(reply[1]))
             return True
