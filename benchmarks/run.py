@@ -4,7 +4,7 @@ expiry storms.
 Run with the build to measure installed (``pip install .`` compiles the core with mypyc), from a
 directory whose source tree cannot shadow it, or with ``-P``::
 
-    python -P benchmarks/run.py --quick          # about 20 s on 2 cores (CI prints it)
+    python -P benchmarks/run.py --quick          # about 20 s on 2 vCPUs (CI prints it)
     python -P benchmarks/run.py                  # full run, a few minutes
     python -P benchmarks/run.py --json results.json --plot results.png
     python benchmarks/run.py --summarize a.json b.json   # one Markdown row per results file
@@ -1612,7 +1612,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="pendingledger benchmarks: " + ", ".join(SECTIONS) + ".",
     )
-    parser.add_argument("--quick", action="store_true", help="short run (about 20 s on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="short run (about 20 s on 2 vCPUs)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     parser.add_argument("--plot", metavar="PATH", help="draw the results as a PNG (matplotlib)")
     parser.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
