@@ -1679,8 +1679,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _title(results, "Targets")
     _say(_table(*_target_rows(results)))
     _say(
-        "(measured: the ratio of the best rounds' figures, except the 64-thread targets: the "
-        "median of their per-round ratios; per round: the middle half of the per-round ratios)"
+        "(measured: the ratio of the best rounds' figures, except the two '64 threads / 1 "
+        "thread' targets: the median of their per-round ratios; per round: the middle half of "
+        "the per-round ratios)"
     )
     failed = [t for t in results.targets if t.passed is False]
     judged = [t for t in results.targets if t.passed is not None]
