@@ -12,8 +12,10 @@ What callers (and scripts) may rely on:
 * ``main(argv)`` returns the exit status instead of exiting: 0 when the pendingledger run had no
   breach, every reservation ended exactly once and nothing was admitted after its loss latch,
   1 otherwise, 2 for bad options (argparse's
-  message on stderr), a ``--json`` file that cannot be written, or a race that could not run
-  (Redis unreachable, a worker process failed), 130 on Ctrl-C.
+  message on stderr; a ``--json`` path that cannot be written is one, checked before any run),
+  a race that could not run (Redis unreachable, a worker process failed), or a ``--json`` file
+  that still could not be written after a PASS (after a FAIL the status stays 1), 130 on
+  Ctrl-C.
 * Every line written to stdout fits 80 columns (long text wraps, wide tables split); the live
   progress line fits the terminal's width.
 * ``--backend redis --redis-url URL`` races the same app across ``--processes`` processes on a
@@ -165,9 +167,19 @@ def _amount_limit(text: str) -> int | float | None:
 
 
 def _json_path(text: str) -> str:
-    parent = os.path.dirname(os.path.abspath(text))
+    """A file race can write once both runs are done: checked now, so that a typo does not
+    cost the runs (the file itself is neither created nor truncated here)."""
+    path = os.path.abspath(text)
+    parent = os.path.dirname(path)
     if not os.path.isdir(parent):
-        raise argparse.ArgumentTypeError(f"directory {parent!r} does not exist")
+        raise argparse.ArgumentTypeError(f"{text!r}: directory {parent!r} does not exist")
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text!r}: the file is not writable")
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: directory {parent!r} is not writable")
     return text
 
 
@@ -200,8 +212,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         epilog=(
             "Exit status: 0 when the pendingledger run had no breach, every reservation "
             "ended exactly once and nothing was admitted after its loss latch, 1 otherwise, 2 "
-            "for bad options or a race that could not run (Redis unreachable, a worker process "
-            "failed), 130 on Ctrl-C."
+            "for bad options (an unwritable --json path included) or a race that could not "
+            "run (Redis unreachable, a worker process failed), 130 on Ctrl-C."
         ),
     )
     race.add_argument(
@@ -915,7 +927,7 @@ def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 handle.write("\n")
         except OSError as exc:
             err.write(f"race: cannot write --json {args.json}: {exc.strerror or exc}\n")
-            return 2
+            return 2 if ok else 1  # a FAIL's status is not hidden by a file it could not write
     return 0 if ok else 1
 
 

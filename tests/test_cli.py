@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import fcntl
 import json
@@ -240,24 +241,96 @@ def test_limits_can_be_switched_off(capsys: pytest.CaptureFixture[str]) -> None:
     assert "highest concurrent positions (limit none)" in out
 
 
-def test_a_json_path_in_a_missing_directory_is_refused_before_racing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    target = tmp_path / "missing-dir" / "race.json"
-    assert cli.main([*QUICK, "--json", str(target)]) == 2
-    err = capsys.readouterr().err
-    assert "--json" in err and "error:" in err
-    assert "race: broken gate" not in err  # refused before any run
+def _unwritable_json_path(tmp_path: Path, case: str) -> Path:
+    if case == "in a missing directory":
+        return tmp_path / "missing-dir" / "race.json"
+    if case == "a directory":
+        (tmp_path / "race.json").mkdir()
+        return tmp_path / "race.json"
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere: a read-only mode does not stop it")
+    if case == "a read-only file":
+        (tmp_path / "race.json").write_text("{}")
+        (tmp_path / "race.json").chmod(0o444)
+        return tmp_path / "race.json"
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    return locked / "race.json"
 
 
 @pytest.mark.timeout(30)
-def test_a_json_file_that_cannot_be_written_is_reported_with_status_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    "case",
+    ["in a missing directory", "a directory", "a read-only file", "in a read-only directory"],
+)
+def test_a_json_path_that_cannot_be_written_is_refused_before_racing(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """One argparse error naming the option and the path, before any run: the old check only
+    caught the missing directory, and the others failed after both runs (seen: "race: broken
+    gate" in stderr)."""
+    target = _unwritable_json_path(tmp_path, case)
+    try:
+        assert cli.main([*QUICK, "--json", str(target)]) == 2
+    finally:
+        if target.parent.exists():
+            target.parent.chmod(0o700)  # so that pytest can remove tmp_path
+    err = capsys.readouterr().err
+    assert "race: broken gate" not in err  # refused before any run
+    last = err.rstrip().splitlines()[-1]
+    assert last.startswith("python -m pendingledger race: error: argument --json: ")
+    assert repr(str(target)) in last
+
+
+@pytest.mark.parametrize(
+    ("existing", "reason"),
+    [(True, "the file is not writable"), (False, "is not writable")],
+)
+def test_a_json_path_without_write_permission_is_refused_even_as_root(
+    existing: bool, reason: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-only cases above skip as root; here ``os.access`` answers as for a user without
+    the permission, so the check's branches run everywhere."""
     target = tmp_path / "race.json"
-    target.mkdir()  # a directory where the file should go: open() fails after the runs
-    assert cli.main([*QUICK, "--seconds", "0.1", "--json", str(target)]) == 2
-    assert "cannot write --json" in capsys.readouterr().err
+    if existing:
+        target.write_text("{}")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(argparse.ArgumentTypeError, match=reason) as refused:
+        cli._json_path(str(target))
+    assert repr(str(target)) in str(refused.value)
+
+
+def test_a_json_path_check_leaves_an_existing_file_alone(tmp_path: Path) -> None:
+    target = tmp_path / "race.json"
+    target.write_text("kept")
+    assert cli._json_path(str(target)) == str(target)
+    assert target.read_text() == "kept"  # neither truncated nor created by the check
+    assert cli._json_path(str(tmp_path / "new.json")) and not (tmp_path / "new.json").exists()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("latch_fails", "status"), [(False, 2), (True, 1)])
+def test_a_json_file_that_cannot_be_written_after_the_runs_does_not_hide_a_fail(
+    latch_fails: bool,
+    status: int,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The path passed the check, then a directory took its place while the races ran: the
+    write fails and is reported; after a PASS the status is 2, after a FAIL it stays 1 (the old
+    code returned 2 for both: seen failing with ``assert 2 == 1``)."""
+    target = tmp_path / "race.json"
+
+    def latch_then_block_the_path(*, broken: bool) -> LatchRaceResult:
+        target.mkdir(exist_ok=True)
+        return memory_latch_race(broken=broken or latch_fails)
+
+    monkeypatch.setattr(cli, "memory_latch_race", latch_then_block_the_path)
+    assert cli.main([*QUICK, "--seconds", "0.1", "--json", str(target)]) == status
+    out, err = capsys.readouterr()
+    assert f"race: cannot write --json {target}: " in err
+    assert verdict_of(out).startswith("FAIL: " if latch_fails else "PASS: ")
 
 
 @pytest.mark.timeout(30)
