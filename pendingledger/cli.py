@@ -15,7 +15,7 @@ What callers (and scripts) may rely on:
   message on stderr; a ``--json`` path that cannot be written is one, checked before any run),
   a race that could not run (Redis unreachable, a worker process failed), or a ``--json`` file
   that still could not be written after a PASS (after a FAIL the status stays 1), 130 on
-  Ctrl-C.
+  Ctrl-C at any point (one line on stderr, every thread stopped).
 * Every line written to stdout fits 80 columns (long text wraps, wide tables split); the live
   progress line fits the terminal's width.
 * ``--backend redis --redis-url URL`` races the same app across ``--processes`` processes on a
@@ -874,9 +874,8 @@ def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         label = "loss latch"
         latches = _latch_races(args)
     except KeyboardInterrupt:
-        display.abort()
-        err.write("race: interrupted\n")
-        return 130
+        display.abort()  # the live line goes; main writes the one line
+        raise
     except _RaceFailed as exc:
         display.abort()
         err.write(f"race: {label}: {exc}\n")
@@ -981,6 +980,20 @@ def _runner(args: argparse.Namespace, err: TextIO) -> _Run | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit status (see the module docstring)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # wherever it lands: the runs stopped their threads already
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    """Ctrl-C's one line on stderr (``__main__`` writes the same), and its exit status."""
+    sys.stderr.write("race: interrupted\n")
+    sys.stderr.flush()
+    return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser, race = _parsers()
     try:
         args = parser.parse_args(argv)

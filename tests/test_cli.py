@@ -9,6 +9,7 @@ import json
 import os
 import pty
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -563,3 +564,127 @@ def test_the_table_fits_80_columns_with_a_redis_race_s_rows_and_huge_figures(
     words = " ".join(table.split())
     assert "highest gross exposure (limit 123,456,789.25)" in words  # wrapped, not cut
     assert "shared-state readings over a limit" in words
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+# Run in a fresh interpreter as ``python -m pendingledger`` runs (runpy, as __main__), with
+# SIGINT's default handler: a shell's background job may start with SIGINT ignored.
+START = """
+import runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+{setup}
+sys.argv = ["pendingledger", *{argv!r}]
+runpy.run_module("pendingledger", run_name="__main__", alter_sys=True)
+"""
+
+INTERRUPT_IMPORT = """
+class InterruptImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, InterruptImport())
+"""
+
+
+def python(setup: str, argv: list[str]) -> list[str]:
+    return [sys.executable, "-c", START.format(setup=setup, argv=argv)]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "module",
+    ["pendingledger.cli", "pendingledger.sim", "pendingledger.sim.config",
+     "pendingledger.sim.latch", "argparse", "json", "shutil"],
+)  # fmt: skip
+def test_ctrl_c_while_the_cli_loads_exits_130_with_one_line(module: str) -> None:
+    """Ctrl-C lands while ``module`` is first imported (a finder raises it). The old
+    ``__main__`` imported the CLI outside any handler: seen failing with status -2 and a
+    traceback for every module here. (An interrupt that never lands runs the CLI with no
+    command: status 2, so this fails too.)"""
+    done = subprocess.run(
+        python(INTERRUPT_IMPORT.format(module=module), ["race", "--seconds", "0.1"]),
+        capture_output=True, text=True, timeout=25, check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (130, "race: interrupted\n"), done.stderr
+
+
+BLOCK_AFTER = """
+import threading
+from pendingledger import cli
+
+owner, _, name = {target!r}.rpartition(".")
+owner = getattr(cli, owner) if owner else cli
+original = getattr(owner, name)
+
+def block_after(*args, **kwargs):
+    original(*args, **kwargs)
+    sys.stderr.write("test: blocked after {target}\\n")
+    sys.stderr.flush()
+    threading.Event().wait()  # until Ctrl-C
+
+setattr(owner, name, block_after)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("target", "seconds", "landmark"),
+    [
+        (None, "600", "race: broken gate: 16 threads for 600 s (seed 5)..."),
+        ("_ProgressDisplay.done", "0.1", "test: blocked after _ProgressDisplay.done"),
+        ("_latch_races", "0.1", "test: blocked after _latch_races"),
+        ("_check_backend_options", "0.1", "test: blocked after _check_backend_options"),
+        ("_header", "0.1", "test: blocked after _header"),
+        ("_table", "0.1", "test: blocked after _table"),
+    ],
+    ids=["while the threads race", "between the runs", "after the latch races",
+         "while parsing the options", "writing the header", "writing the table"],
+)  # fmt: skip
+def test_ctrl_c_at_any_point_of_a_race_exits_130_with_one_line(
+    target: str | None, seconds: str, landmark: str
+) -> None:
+    """SIGINT once the race reached ``landmark`` on stderr (a 600 s run, or a step that blocks
+    until Ctrl-C): status 130, one line, no traceback, no thread left behind (the process ends).
+    Seen failing on the old code with status -2 and a traceback while parsing the options and
+    writing the output; while racing, between the runs and after the latch races it passed
+    (those steps were handled already)."""
+    setup = "" if target is None else BLOCK_AFTER.format(target=target)
+    argv = ["race", "--seconds", seconds, "--threads", "16", "--seed", "5"]
+    with subprocess.Popen(
+        python(setup, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # EOF ends the loop if the landmark never comes
+            seen.append(line)
+            if line.rstrip("\n") == landmark:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, rest = proc.communicate(timeout=40)
+    assert seen and seen[-1].rstrip("\n") == landmark, seen
+    assert (proc.returncode, rest) == (130, "race: interrupted\n"), "".join(seen) + rest
+    assert "Traceback" not in out
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("step", ["_check_backend_options", "_latch_races", "_header", "_table"])
+def test_main_returns_130_for_ctrl_c_at_any_step(
+    step: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``main`` returns the status rather than letting KeyboardInterrupt out (the old one let
+    it out while parsing and writing: seen failing at "escaped main")."""
+
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, step, interrupt)
+    try:
+        status = cli.main([*QUICK, "--seconds", "0.1"])
+    except KeyboardInterrupt:
+        pytest.fail(f"KeyboardInterrupt escaped main at {step}")
+    assert status == 130
+    err = capsys.readouterr().err
+    assert err.endswith("race: interrupted\n") and err.count("interrupted") == 1, err
