@@ -15,9 +15,10 @@ What callers (and scripts) may rely on:
   message on stderr; a ``--json`` path that cannot be written is one, checked before any run),
   a race that could not run (Redis unreachable, a worker process failed), or a ``--json`` file
   that still could not be written after a PASS (after a FAIL the status stays 1), 130 on
-  Ctrl-C at any point (one line on stderr, every thread stopped).
-* Every line written to stdout fits 80 columns (long text wraps, wide tables split); the live
-  progress line fits the terminal's width.
+  Ctrl-C at any point (one line on stderr; a run stops its threads before the interrupt
+  leaves it).
+* Every line written to stdout fits 80 columns, or a narrower terminal's width (long text
+  wraps, wide tables split); the live progress line fits the terminal's width.
 * ``--backend redis --redis-url URL`` races the same app across ``--processes`` processes on a
   running Redis server (``pendingledger.sim.processes``): a namespace of its own per run,
   deleted afterwards. It needs the ``redis`` extra; nothing imports it for the memory backend.
