@@ -12,8 +12,13 @@ What callers (and scripts) may rely on:
 * ``main(argv)`` returns the exit status instead of exiting: 0 when the pendingledger run had no
   breach, every reservation ended exactly once and nothing was admitted after its loss latch,
   1 otherwise, 2 for bad options (argparse's
-  message on stderr), a ``--json`` file that cannot be written, or a race that could not run
-  (Redis unreachable, a worker process failed), 130 on Ctrl-C.
+  message on stderr; a ``--json`` path that cannot be written is one, checked before any run),
+  a race that could not run (Redis unreachable, a worker process failed), or a ``--json`` file
+  that still could not be written after a PASS (after a FAIL the status stays 1), 130 on
+  Ctrl-C at any point (one line on stderr; a run stops its threads before the interrupt
+  leaves it).
+* Every line written to stdout fits 80 columns, or a narrower terminal's width (long text
+  wraps, wide tables split); the live progress line fits the terminal's width.
 * ``--backend redis --redis-url URL`` races the same app across ``--processes`` processes on a
   running Redis server (``pendingledger.sim.processes``): a namespace of its own per run,
   deleted afterwards. It needs the ``redis`` extra; nothing imports it for the memory backend.
@@ -43,6 +48,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import textwrap
 import time
@@ -76,6 +82,11 @@ _DEFAULTS: Final = SimConfig()
 _REDIS_PROCESSES: Final = 4  # --processes default with --backend redis
 _REDIS_THREADS_PER_PROCESS: Final = 8  # --threads default with --backend redis, per process
 _RUNS: Final = (("broken", "broken gate"), ("pendingledger", "pendingledger"))
+# The lines race prints to stdout fit a terminal's default 80 columns, or a narrower one's (down
+# to 40), with the last column to spare: a line as wide as the terminal leaves the cursor past
+# its end, and some terminals wrap it there onto a blank line.
+_WIDTH: Final = 79
+_NARROWEST: Final = 39
 
 
 # --------------------------------------------------------------------------- option types
@@ -157,9 +168,19 @@ def _amount_limit(text: str) -> int | float | None:
 
 
 def _json_path(text: str) -> str:
-    parent = os.path.dirname(os.path.abspath(text))
+    """A file race can write once both runs are done: checked now, so that a typo does not
+    cost the runs (the file itself is neither created nor truncated here)."""
+    path = os.path.abspath(text)
+    parent = os.path.dirname(path)
     if not os.path.isdir(parent):
-        raise argparse.ArgumentTypeError(f"directory {parent!r} does not exist")
+        raise argparse.ArgumentTypeError(f"{text!r}: directory {parent!r} does not exist")
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text!r}: the file is not writable")
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: directory {parent!r} is not writable")
     return text
 
 
@@ -192,8 +213,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         epilog=(
             "Exit status: 0 when the pendingledger run had no breach, every reservation "
             "ended exactly once and nothing was admitted after its loss latch, 1 otherwise, 2 "
-            "for bad options or a race that could not run (Redis unreachable, a worker process "
-            "failed), 130 on Ctrl-C."
+            "for bad options (an unwritable --json path included) or a race that could not "
+            "run (Redis unreachable, a worker process failed), 130 on Ctrl-C."
         ),
     )
     race.add_argument(
@@ -373,27 +394,25 @@ def _seen(seen: int, limit: float | None) -> str:
     return _num(seen) + (" !" if limit is not None and seen > limit else "  ")
 
 
-def _header(config: SimConfig, backend: str, processes: int) -> str:
-    """What was raced, on which backend and core build (short lines: a terminal's 80 columns)."""
+def _header(config: SimConfig, backend: str, processes: int, width: int = _WIDTH) -> str:
+    """What was raced, on which backend and core build, each line wrapped to ``width``."""
     threads = f"{config.threads} threads" + (f" in {processes} processes" if processes > 1 else "")
     core = "compiled (mypyc)" if COMPILED else "pure Python"
-    header = (
-        f"pendingledger race: {threads} x {config.seconds:g} s per gate, seed {config.seed}\n"
-        f"{backend} backend; core: {core}\n"
+    lines = [
+        f"pendingledger race: {threads} x {config.seconds:g} s per gate, seed {config.seed}",
+        f"{backend} backend; core: {core}",
         f"limits: positions {_num(config.max_positions)}, gross {_num(config.max_gross)}, "
-        f"symbol {_num(config.max_symbol)}, net {_num(config.max_net)}"
-    )
+        f"symbol {_num(config.max_symbol)}, net {_num(config.max_net)}",
+    ]
     if _has_caps(config):
-        header += "\n" + textwrap.fill(
-            "order caps: " + _caps_text(config), width=80, subsequent_indent="  "
-        )
+        lines.append("order caps: " + _caps_text(config))
     names = config.strategy_names()
     if names:
-        header += (
-            f"\n{len(names)} strategies ({names[0]} to {names[-1]}) share the account, each "
+        lines.append(
+            f"{len(names)} strategies ({names[0]} to {names[-1]}) share the account, each "
             "with a budget (below)"
         )
-    return header
+    return "\n".join(_wrap(line, width, indent="  ") for line in lines)
 
 
 def _has_caps(config: SimConfig) -> bool:
@@ -424,7 +443,9 @@ Latches = tuple[LatchRaceResult, LatchRaceResult]
 """The latch race's results, broken gate first."""
 
 
-def _table(broken: SimResult, good: SimResult, latches: Latches | None = None) -> str:
+def _table(
+    broken: SimResult, good: SimResult, latches: Latches | None = None, width: int = _WIDTH
+) -> str:
     rows: list[tuple[str, Callable[[SimResult], str]]] = [
         ("decisions", lambda r: _num(r.decisions)),
         ("admitted: buys / sells", lambda r: f"{r.admitted_buys:,} / {r.admitted_sells:,}"),
@@ -492,25 +513,38 @@ def _table(broken: SimResult, good: SimResult, latches: Latches | None = None) -
     rows.append(
         ("reservations leaked / ended twice", lambda r: f"{r.leaked:,} / {r.double_ended:,}")
     )
-    cells = [(label, get(broken), get(good)) for label, get in rows]
+    cells = [("", "broken gate", "pendingledger")]
+    cells += [(label, get(broken), get(good)) for label, get in rows]
     latch_cells = [] if latches is None else _latch_cells(*latches)
-    width = max(len(label) for label, _, _ in cells + latch_cells)
-    col = max(14, *(len(c) for _, a, b in cells + latch_cells for c in (a, b)))
-
-    def line(label: str, a: str, b: str) -> str:
-        return f"{label:<{width}}  {a:>{col}}  {b:>{col}}".rstrip()
-
-    lines = [line("", "broken gate", "pendingledger")]
-    lines += [line(*cell) for cell in cells]
+    layout = _layout([*cells, *latch_cells], 14, width)
+    lines = [line for row in cells for line in _row_lines(row, *layout)]
     if latches is not None:
         good_latch = latches[1]
-        lines += [
-            "",
+        title = (
             f"loss latch race: {good_latch.threads} threads enter while another records "
-            f"losses up to the limit ({good_latch.loss_limit:,})",
-        ]
-        lines += [line(*cell) for cell in latch_cells]
+            f"losses to the limit ({good_latch.loss_limit:,})"
+        )
+        lines += ["", *textwrap.wrap(title, width, subsequent_indent="  ")]
+        lines += [line for row in latch_cells for line in _row_lines(row, *layout)]
     return "\n".join(lines)
+
+
+def _layout(rows: Sequence[Sequence[str]], min_col: int, width: int) -> tuple[int, list[int]]:
+    """The label column's width and each value column's, to fit ``width`` columns: the values
+    keep their widths, the labels get the room left."""
+    cols = [max(min_col, *(len(row[i]) for row in rows)) for i in range(1, len(rows[0]))]
+    room = max(16, width - sum(col + 2 for col in cols))
+    return min(room, max(len(row[0]) for row in rows)), cols
+
+
+def _row_lines(row: Sequence[str], width: int, cols: Sequence[int]) -> list[str]:
+    """One row; a label wider than ``width`` wraps onto lines of its own (indented under it),
+    and the values go on its last line."""
+    label, *values = row
+    indent = " " * (len(label) - len(label.lstrip()) + 2)
+    *first, last = textwrap.wrap(label, width, subsequent_indent=indent) or [""]
+    cells = "".join(f"  {value:>{col}}" for value, col in zip(values, cols, strict=True))
+    return [*first, f"{last:<{width}}{cells}".rstrip()]
 
 
 def _latch_cells(broken: LatchRaceResult, good: LatchRaceResult) -> list[tuple[str, str, str]]:
@@ -582,7 +616,7 @@ _CAP_NAMES: Final = {
 # --------------------------------------------------------------------------- by scope
 
 
-def _scope_tables(broken: SimResult, good: SimResult) -> str:
+def _scope_tables(broken: SimResult, good: SimResult, width: int = _WIDTH) -> str:
     """With strategies: each scope's limits, then per gate each scope's peaks and breaches
     (one column per scope: the account, then each strategy)."""
     names = [ACCOUNT, *(name for name in good.scopes if name != ACCOUNT)]
@@ -606,33 +640,46 @@ def _scope_tables(broken: SimResult, good: SimResult) -> str:
         ("most open on a symbol", "max_symbol_orders_seen", "max_open_orders_per_symbol"),
         ("most in one rate window", "max_window_seen", "max_orders_per_interval"),
     ]
-    cells: list[list[str]] = [["limits, by scope", *names]]
+    limits: list[list[str]] = [["limits, by scope", *names]]
     for label, get in limit_rows:
-        cells.append([f"  {label}", *(get(good.scopes[n]["limits"]) for n in names)])
+        limits.append([f"  {label}", *(get(good.scopes[n]["limits"]) for n in names)])
+    sections = [limits]
     for title, result in (("broken gate", broken), ("pendingledger", good)):
-        cells.append([])
-        cells.append([f"{title}, by scope", *names])
-        cells.append(["  decisions", *(_num(_scope_decisions(result, n)) for n in names)])
-        cells.append(
+        section = [[f"{title}, by scope", *names]]
+        section.append(["  decisions", *(_num(_scope_decisions(result, n)) for n in names)])
+        section.append(
             [
                 "  denied by its limits",
                 *(_num(sum(result.scopes[n]["denied_here"].values())) for n in names),
             ]
         )
         for label, peak, limit in peak_rows:
-            cells.append(
+            section.append(
                 [f"  {label}", *(_peak_cell(result.scopes[n], peak, limit) for n in names)]
             )
-        cells.append(["  BREACHES", *(_num(result.scopes[n]["breaches"]) for n in names)])
-    width = max(len(row[0]) for row in cells if row)
-    col = max(8, *(len(c) for row in cells for c in row[1:]))
-    lines = []
-    for row in cells:
-        if not row:
-            lines.append("")
-            continue
-        lines.append((f"{row[0]:<{width}}" + "".join(f"  {c:>{col}}" for c in row[1:])).rstrip())
-    return "\n".join(lines)
+        section.append(["  BREACHES", *(_num(result.scopes[n]["breaches"]) for n in names)])
+        sections.append(section)
+    return "\n\n".join(_scope_section(section, sections, width) for section in sections)
+
+
+def _scope_section(section: list[list[str]], sections: list[list[list[str]]], width: int) -> str:
+    """One section of the scope tables, its columns split into as many tables of ``width``
+    columns as it takes (each repeating the labels); every section laid out alike."""
+    rows = [row for each in sections for row in each]
+    labels = max(len(row[0]) for row in rows)
+    col = max(8, *(len(c) for row in rows for c in row[1:]))
+    per_table = max(1, (width - labels) // (col + 2))
+    tables = []
+    for start in range(1, len(section[0]), per_table):
+        lines = [
+            (
+                f"{row[0]:<{labels}}"
+                + "".join(f"  {c:>{col}}" for c in row[start : start + per_table])
+            ).rstrip()
+            for row in section
+        ]
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def _scope_decisions(result: SimResult, scope: str) -> int:
@@ -651,6 +698,13 @@ def _peak_cell(figures: dict[str, Any], peak: str, limit: str | None) -> str:
     if isinstance(bound, (list, tuple)):
         bound = bound[0]  # a rate's count
     return _seen(seen, bound)
+
+
+def _wrap(text: str, width: int = _WIDTH, indent: str = "") -> str:
+    """``text`` in lines of ``width`` columns, options such as ``--seed 5`` kept whole."""
+    return textwrap.fill(
+        text, width, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
+    )
 
 
 def _verdict(broken: SimResult, good: SimResult, latches: Latches | None = None) -> str:
@@ -699,6 +753,53 @@ def _verdict(broken: SimResult, good: SimResult, latches: Latches | None = None)
     )
 
 
+_BAR: Final = 24  # the progress bar's width, when the terminal has room for it
+
+
+def _progress_line(label: str, progress: Progress, width: int) -> str:
+    """The live line, at most ``width`` characters: the figures that fit (the breaches the
+    last to go), and the bar if all of it fits too (a bar that shrank as the figures grew would
+    jump about)."""
+    head = f"  {label:<13} "
+    figures = _progress_figures(progress, width - len(head))
+    if len(head) + _BAR + 2 + len(figures) > width:
+        return (head + figures.lstrip())[:width]
+    share = 0.0 if progress.seconds <= 0 else min(1.0, progress.elapsed / progress.seconds)
+    filled = int(share * _BAR)
+    return f"{head}[{'#' * filled}{'-' * (_BAR - filled)}]{figures}"
+
+
+def _progress_figures(progress: Progress, room: int) -> str:
+    """The most figures that fit ``room`` (the shortest choice if none does)."""
+    time_taken = f" {progress.elapsed:4.1f}/{progress.seconds:g} s"
+    decisions = f"  decisions {progress.decisions:,}"
+    admitted = f"  admitted {progress.admitted:,}"
+    breaches = f"  breaches {progress.breaches:,}"
+    choices = (
+        time_taken + decisions + admitted + breaches,
+        time_taken + decisions + breaches,
+        time_taken + breaches,
+    )
+    return next((text for text in choices if len(text) <= room), choices[-1])
+
+
+def _output_width(stream: TextIO) -> int:
+    """``_WIDTH``, or less on a narrower terminal (down to ``_NARROWEST``)."""
+    if not stream.isatty():
+        return _WIDTH
+    return max(_NARROWEST, min(_WIDTH, _columns(stream) - 1))
+
+
+def _columns(stream: TextIO) -> int:
+    """The width of the terminal ``stream`` writes to; ``shutil.get_terminal_size`` (COLUMNS,
+    then stdout, then 80) when the stream cannot say, e.g. a terminal that reports 0."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        columns = 0
+    return columns if columns > 0 else shutil.get_terminal_size(fallback=(80, 24)).columns
+
+
 class _ProgressDisplay:
     """A live line on a terminal; a start and an end line otherwise."""
 
@@ -719,14 +820,7 @@ class _ProgressDisplay:
     def update(self, progress: Progress) -> None:
         if not self._live:
             return
-        share = 0.0 if progress.seconds <= 0 else min(1.0, progress.elapsed / progress.seconds)
-        filled = int(share * 24)
-        bar = "#" * filled + "-" * (24 - filled)
-        self._write(
-            f"\r\x1b[2K  {self._label:<14} [{bar}] {progress.elapsed:4.1f}/{progress.seconds:g} s"
-            f"  decisions {progress.decisions:,}  admitted {progress.admitted:,}"
-            f"  breaches {progress.breaches:,}"
-        )
+        self._write("\r\x1b[2K" + _progress_line(self._label, progress, _columns(self._stream) - 1))
 
     def done(self, result: SimResult) -> None:
         if self._live:
@@ -781,21 +875,21 @@ def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         label = "loss latch"
         latches = _latch_races(args)
     except KeyboardInterrupt:
-        display.abort()
-        err.write("race: interrupted\n")
-        return 130
+        display.abort()  # the live line goes; main writes the one line
+        raise
     except _RaceFailed as exc:
         display.abort()
         err.write(f"race: {label}: {exc}\n")
         return 2
     broken, good = results["broken"], results["pendingledger"]
-    out.write(_header(base, args.backend, args.processes) + "\n\n")
-    out.write(_table(broken, good, latches) + "\n\n")
+    width = _output_width(out)
+    out.write(_header(base, args.backend, args.processes, width) + "\n\n")
+    out.write(_table(broken, good, latches, width) + "\n\n")
     if base.strategies > 1:
-        out.write(_scope_tables(broken, good) + "\n\n")
+        out.write(_scope_tables(broken, good, width) + "\n\n")
     verdict = _verdict(broken, good, latches)
     ok = good.ok and (latches is None or latches[1].ok)
-    out.write(verdict + "\n")
+    out.write(_wrap(verdict, width) + "\n")
     out.flush()
     if args.json is not None:
         document: dict[str, Any] = {
@@ -833,7 +927,7 @@ def _race(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 handle.write("\n")
         except OSError as exc:
             err.write(f"race: cannot write --json {args.json}: {exc.strerror or exc}\n")
-            return 2
+            return 2 if ok else 1  # a FAIL's status is not hidden by a file it could not write
     return 0 if ok else 1
 
 
@@ -887,6 +981,20 @@ def _runner(args: argparse.Namespace, err: TextIO) -> _Run | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit status (see the module docstring)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # wherever it lands: the runs stopped their threads already
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    """Ctrl-C's one line on stderr (``__main__`` writes the same), and its exit status."""
+    sys.stderr.write("race: interrupted\n")
+    sys.stderr.flush()
+    return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser, race = _parsers()
     try:
         args = parser.parse_args(argv)

@@ -6,6 +6,7 @@ The race assertions live in ``test_stress.py``; these tests pin what callers of
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from collections.abc import Callable, Mapping
@@ -229,6 +230,30 @@ def test_progress_is_reported_while_racing() -> None:
     assert seen
     assert all(0 <= p.elapsed <= p.seconds == 0.4 for p in seen)
     assert seen[-1].decisions >= seen[0].decisions
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("nth", [1, 3, 6])
+def test_ctrl_c_while_its_threads_start_propagates_and_leaves_no_thread(
+    nth: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C landing in ``Thread.start()`` (raised here as the ``nth`` simulation thread is
+    started) leaves that thread listed but never started. The shutdown joined it, and
+    ``RuntimeError: cannot join thread before it is started`` replaced the KeyboardInterrupt
+    (seen failing so for each ``nth``): ``race`` printed a traceback instead of exiting 130."""
+    real_start = threading.Thread.start
+    starts = itertools.count(1)
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name.startswith("sim-") and next(starts) == nth:
+            raise KeyboardInterrupt
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        Simulation(SMALL).run()
+    monkeypatch.undo()
+    assert _sim_threads() == []
 
 
 @pytest.mark.timeout(20)

@@ -443,7 +443,11 @@ class Simulation:
         self._router_queue.put(None)
         deadline = time.monotonic() + _JOIN_TIMEOUT
         for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            # A Ctrl-C inside Thread.start() can leave a thread listed but not started, and
+            # join() would raise RuntimeError over the KeyboardInterrupt; it sees the stop
+            # event when it does run (and is a daemon).
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def _brain(
         self,
