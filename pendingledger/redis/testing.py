@@ -5,7 +5,7 @@ client, so a test cannot hand it a ``ManualClock``. Instead each namespace can h
 kept in Redis beside its book (in the ``state`` field of its ``book`` hash, under the same
 ``{namespace}`` hash tag). The server code's now is ``TIME`` plus the clock's offset, read in the
 same call as everything else, and ``advance_server_clock`` grows the offset: a TTL is tested by
-moving the server's time for every process sharing the namespace, never by sleeping::
+moving the server's time for every process sharing the namespace, never by sleeping:
 
     from pendingledger.redis.testing import advance_server_clock
 
