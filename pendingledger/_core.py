@@ -126,6 +126,11 @@ _ENDED: Final = 1
 _REDUCED: Final = 2
 
 _INF: Final = float("inf")
+# How a reservation ended, as told to listeners (module constants: no class lookup per end).
+_BY_RELEASE: Final = EndReason.RELEASED
+_BY_FILL: Final = EndReason.FILLED
+_BY_REDUCTION: Final = EndReason.REDUCED
+_BY_EXPIRY: Final = EndReason.EXPIRED
 # Said only of a C extension module: a sourceless .pyc install is interpreted, and must take the
 # interrupt-safe forms (see _acquire_into).
 _COMPILED: Final = (__file__ or "").endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
@@ -644,19 +649,19 @@ class LedgerCore:
                     callback(res)
                 except Exception:
                     logger.exception("on_expire raised for %r; ignored", res)
-        self.announce(expired, EndReason.EXPIRED)
+        self.announce(expired, _BY_EXPIRY)
 
     def announce(self, ended: list[Reservation], how: EndReason) -> None:
         """Tell the listeners that ``ended`` ended (lock released)."""
         listeners = self.listeners
         if listeners.active:
             for res in ended:
-                listeners.emit(Ended(res.order_id, how, res))
+                listeners.emit(Ended(res._order_id, how, res))
 
     def _announce_one(self, res: Reservation, how: EndReason) -> None:
         listeners = self.listeners
         if listeners.active:
-            listeners.emit(Ended(res.order_id, how, res))
+            listeners.emit(Ended(res._order_id, how, res))
 
     def end(self, res: Reservation, state: int) -> bool:
         block = self.own_block()
@@ -672,7 +677,7 @@ class LedgerCore:
             with self._lock:
                 done = self._end_counted_locked(res, state)
         if done:
-            self._announce_one(res, EndReason.RELEASED)
+            self._announce_one(res, _BY_RELEASE)
         return done
 
     def reduce(self, res: Reservation, down: int, up: int, kind: int) -> bool:
@@ -683,7 +688,7 @@ class LedgerCore:
             done = self._reduce_locked(res, down, up, kind) >= 0
             ended = done and res._state != ACTIVE
         if ended:
-            self._announce_one(res, EndReason.REDUCED)
+            self._announce_one(res, _BY_REDUCTION)
         return done
 
     def reduce_order(self, order_id: str, down: int, up: int, kind: int) -> bool:
@@ -697,7 +702,7 @@ class LedgerCore:
             done = res is not None and self._reduce_locked(res, down, up, kind) >= 0
             ended = done and res is not None and res._state != ACTIVE
         if ended and res is not None:
-            self._announce_one(res, EndReason.REDUCED)
+            self._announce_one(res, _BY_REDUCTION)
         return done
 
     def expire_if_due(self, res: Reservation) -> None:
@@ -722,7 +727,7 @@ class LedgerCore:
             res = self._find_locked(order_id, seq)
             done = res is not None and self._end_counted_locked(res, RELEASED)
         if done and res is not None:
-            self._announce_one(res, EndReason.RELEASED)
+            self._announce_one(res, _BY_RELEASE)
         return done
 
     def release_symbol(self, symbol: str) -> bool:
@@ -731,7 +736,7 @@ class LedgerCore:
             return block.release(symbol)
         with self._lock:
             ended = self._release_symbol_locked(symbol)
-        self.announce(ended, EndReason.RELEASED)
+        self.announce(ended, _BY_RELEASE)
         return bool(ended)
 
     def lock(self, timeout: float) -> LockBlock:
@@ -851,7 +856,7 @@ class LedgerCore:
                 self._set_position_locked(symbol, units, value, kind, strategy or "")
             expired = self._sweep_locked(now)
         if filled and res is not None:
-            self._announce_one(res, EndReason.FILLED)
+            self._announce_one(res, _BY_FILL)
         self.fire_expired(expired)
         if res is not None and elsewhere:
             raise ValueError(
@@ -1468,7 +1473,7 @@ class LockBlock:
         core.fire_expired(expired)
         if core.listeners.active:
             for res in view.ended():
-                how = EndReason.RELEASED if res._state == RELEASED else EndReason.REDUCED
+                how = _BY_RELEASE if res._state == RELEASED else _BY_REDUCTION
                 core.announce([res], how)
 
 

@@ -126,7 +126,7 @@ class PortfolioGate:
 
     # ------------------------------------------------------------------ events
 
-    def subscribe(self, listener: Listener) -> None:
+    def subscribe(self, listener: Listener, *, timed: bool = False) -> None:
         """Call ``listener`` with every ``pendingledger.events.Event``: each decision of this
         gate (``Decided``), each end of a reservation on its ledger (``Ended``: released,
         filled, reduced to nothing, expired) and each change of its trading state or latch
@@ -135,10 +135,10 @@ class PortfolioGate:
         The listener runs in the thread that caused the event, after the ledger lock is
         released; what it raises is logged (``pendingledger`` logger, one warning line) and
         never reaches that thread. Subscribing again is counted: the listener still hears each
-        event once, until it is unsubscribed as many times. ``TypeError`` if it is not
-        callable.
+        event once, until it is unsubscribed as many times. With ``timed`` the decisions are
+        timed (``Decided.seconds``; otherwise None). ``TypeError`` if it is not callable.
         """
-        self._listeners.add(listener)
+        self._listeners.add(listener, timed)
         self._ledger.core.listeners.add(listener)
 
     def unsubscribe(self, listener: Listener) -> bool:
@@ -432,8 +432,9 @@ class PortfolioGate:
             owner, budget = limits.budget_of(strategy, positions)
         ledger.refuse_reentry("try_enter()")
         res = Reservation(ledger, name, oid, notional, units, code_of_side, owner)
-        listening = bool(self._listeners.active)
-        start = _perf() if listening else 0.0
+        listeners = self._listeners
+        listening = bool(listeners.active)
+        start = _perf() if listening and listeners.timing else -1.0
         code = self._decide(positions, ledger, res, limits.account, budget, wait)
         if code == rules.ADMIT:
             decision: Decision = Admitted(res)
@@ -443,7 +444,7 @@ class PortfolioGate:
             decision = self._denied(code, owner, name, notional)
         self._announce()
         if listening:
-            seconds = _perf() - start
+            seconds = None if start < 0 else _perf() - start
             event = Decided(decision, name, res.initial_notional, res.side, owner or None, seconds)
             self._listeners.emit(event)
         return decision

@@ -78,8 +78,24 @@ def test_each_decision_is_told_with_what_was_asked(gate: PortfolioGate, heard: H
         None,
     )
     assert second.decision.reason is DenyReason.MAX_CONCURRENT_POSITIONS
-    assert first.seconds >= 0 and second.seconds >= 0
+    assert first.seconds is None and second.seconds is None  # no listener asked for timing
     assert heard.under_lock == 0
+
+
+def test_decisions_are_timed_while_a_listener_asks_for_it(gate: PortfolioGate) -> None:
+    timed, untimed = Heard(gate.ledger), Heard(gate.ledger)
+    gate.subscribe(untimed)
+    gate.subscribe(timed, timed=True)
+    gate.try_enter("AAA", 1)
+    assert gate.unsubscribe(timed)
+    gate.try_enter("BBB", 1)
+    first, second = untimed.of(Decided)
+    assert first.seconds is not None and first.seconds >= 0
+    assert timed.of(Decided)[0].seconds == first.seconds  # one event, told to both
+    assert second.seconds is None
+    with pytest.raises(TypeError, match="timed must be a bool, got 'yes'"):
+        gate.subscribe(timed, timed="yes")  # type: ignore[arg-type]
+    assert not gate.unsubscribe(timed)
 
 
 def test_a_strategy_decision_names_its_strategy(ledger: PendingEntryLedger) -> None:

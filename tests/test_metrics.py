@@ -106,6 +106,23 @@ def test_two_gates_on_one_registry_and_close(
     assert at(samples, "pendingledger_up", gate="first") == 1
 
 
+def test_without_latency_nothing_listens_and_the_rest_is_scraped(
+    gate: PortfolioGate, registry: CollectorRegistry, scrape: Any
+) -> None:
+    heard: list[object] = []
+    handle = instrument(gate, "bare", registry=registry, latency=False)
+    gate.subscribe(heard.append, timed=False)
+    decision = gate.try_enter("AAA", 1)
+    assert decision.admitted
+    assert heard[0].seconds is None  # type: ignore[attr-defined]  # no timed listener
+    samples = scrape()
+    assert at(samples, "pendingledger_outstanding_reservations", gate="bare") == 1
+    assert not [key for key in samples if key[0].startswith("pendingledger_decision_seconds")]
+    handle.close()
+    with pytest.raises(TypeError, match="latency must be a bool"):
+        instrument(gate, "x", registry=registry, latency=1)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("name", "error"), [("", ValueError), (7, ValueError)])
 def test_a_bad_name_is_refused(gate: PortfolioGate, name: object, error: type[Exception]) -> None:
     with pytest.raises(error, match="name must be a non-empty str"):
@@ -127,8 +144,8 @@ def test_a_gate_that_cannot_be_read_scrapes_as_down_and_warns(
         def stats(self) -> GateStats:
             raise ConnectionError("store down")
 
-        def subscribe(self, listener: Listener) -> None:
-            gate.subscribe(listener)
+        def subscribe(self, listener: Listener, *, timed: bool = False) -> None:
+            gate.subscribe(listener, timed=timed)
 
         def unsubscribe(self, listener: Listener) -> bool:
             return gate.unsubscribe(listener)

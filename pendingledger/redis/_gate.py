@@ -610,20 +610,21 @@ class RedisGate:
                 f"and keep the book with set_position()/confirm_fill(), got positions={positions!r}"
             )
         listening = bool(self._listeners.active)
-        start = _perf() if listening else 0.0
+        start = _perf() if listening and self._listeners.timing else -1.0
         decision = enter(self, symbol, notional, order_id, "", side, strategy)
         assert decision is not None  # None only answers the test mode 'check'
         if not decision.admitted:
             self._log_denial(decision, symbol, notional)
         if listening:
             side_of = None if side is None else SIDES[side_code(side)]
-            event = Decided(decision, symbol, notional, side_of, strategy, _perf() - start)
+            seconds = None if start < 0 else _perf() - start
+            event = Decided(decision, symbol, notional, side_of, strategy, seconds)
             self._listeners.emit(event)
         return decision
 
     # ------------------------------------------------------------------ events
 
-    def subscribe(self, listener: Listener) -> None:
+    def subscribe(self, listener: Listener, *, timed: bool = False) -> None:
         """Call ``listener`` with the events this gate sees, as ``PortfolioGate.subscribe``
         does, in the calling thread after the server's answer: every decision it makes; the
         ends it makes by order id or handle (``release_order``, ``reduce_order``,
@@ -635,7 +636,7 @@ class RedisGate:
         during any process's call), ``release(symbol)`` (the server answers a count, not the
         orders), and another process's decisions, ends and state changes until one of this
         gate's calls reads the state they left."""
-        self._listeners.add(listener)
+        self._listeners.add(listener, timed)
 
     def unsubscribe(self, listener: Listener) -> bool:
         """Undo one ``subscribe(listener)``; whether there was one to undo."""
