@@ -20,10 +20,12 @@ Nothing here asserts: a missed target prints "NOT met" and the exit status stays
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime as _dt
 import functools
 import gc
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -787,8 +789,29 @@ def _floor_contender(shared: bool) -> Contender:
 
 # Every subject a contention window can race, by kind, and the label its rows print. A section
 # that races another subject adds it here and names it in the runs it gives ``_Windows.measure``.
+def _listened_gate() -> Any:
+    """The own-book gate with the cheapest listener there is: a C method that keeps the last
+    event (what a listener that hands events to a queue costs, less the queue's lock)."""
+    gate = _subject()[1]
+    gate.subscribe(collections.deque(maxlen=1).append)
+    return gate
+
+
+def _metered_gate() -> Any:
+    """The own-book gate instrumented for Prometheus (its latency histogram is a listener)."""
+    from prometheus_client import CollectorRegistry
+
+    from pendingledger.metrics import instrument
+
+    gate = _subject()[1]
+    instrument(gate, "bench", registry=CollectorRegistry())
+    return gate
+
+
 CONTENDERS: dict[str, Contender] = {
     "own": _gate_contender(lambda: _subject()[1], None),
+    "listened": _gate_contender(_listened_gate, None),
+    "metered": _gate_contender(_metered_gate, None),
     "dict8": _gate_contender(lambda: _subject()[1], POSITIONS),
     "floor": _floor_contender(shared=True),
     "unshared": _floor_contender(shared=False),  # the floor's loop on a lock of each thread's own
@@ -796,6 +819,8 @@ CONTENDERS: dict[str, Contender] = {
 }
 CONTENTION_LABELS = {
     "own": "pendingledger, own book",
+    "listened": "own book + a listener",
+    "metered": "own book + metrics",
     "dict8": "pendingledger, dict of 8",
     "floor": "floor",
     "unshared": "floor, a lock per thread",
@@ -1597,11 +1622,60 @@ def summarize(paths: Sequence[str]) -> str:
     return "\n".join(_markdown_table(headers, rows))
 
 
+def bench_listeners(mode: Mode, results: Results) -> None:
+    """What subscribing costs a trading thread: the own book's decisions and releases with and
+    without a listener (and with the Prometheus metrics, when prometheus_client is there), at 1
+    and the most threads, in interleaved windows."""
+    _title(results, "Listeners: try_enter + release with events told, own book")
+    kinds = ["own", "listened"] + (["metered"] if _has("prometheus_client") else [])
+    most = max(mode.threads)
+    runs = [(kind, n) for n in (1, most) for kind in kinds]
+    rates = _Windows.measure(runs, mode).rates
+    rows, table = [], {}
+    for kind, n in runs:
+        slowdown = _slowdown(rates[("own", n)], rates[(kind, n)])
+        table[f"{kind}@{n}"] = {
+            "ops_per_s_rounds": rates[(kind, n)],
+            "slowdown": slowdown.as_dict(),
+        }
+        cells = [f"{slowdown.value:.2f}x", slowdown.range()] if kind != "own" else ["-", "-"]
+        rows.append([CONTENTION_LABELS[kind], str(n), _fmt_rate(max(rates[(kind, n)])), *cells])
+    _show(
+        results, "Listeners", ["subject", "threads", "best decisions/s", "slowdown", "rounds"], rows
+    )
+    _say(
+        "(slowdown = the own book's rate over the subject's, the median of the per-round "
+        "ratios of windows run side by side, as for the 64-thread targets)\n"
+    )
+    results.sections["listeners"] = {"by_run": table}
+    judged = _slowdown(rates[("own", most)], rates[("listened", most)])
+    results.targets.append(
+        Target(
+            "listener",
+            f"{most} threads with a listener subscribed, slowdown of each trading thread",
+            judged.value,
+            1.2,
+            "max",
+            judged.range(),
+        )
+    )
+
+
+def _slowdown(bare: Sequence[float], listened: Sequence[float]) -> Ratio:
+    rounds = [a / b for a, b in zip(bare, listened, strict=True)]
+    return Ratio(statistics.median(rounds), rounds)
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 SECTIONS: dict[str, Callable[[Mode, Results], None]] = {
     "decision": bench_decision,
     "caps": bench_caps,
     "book": bench_book,
     "contention": bench_contention,
+    "listeners": bench_listeners,
     "memory": bench_memory,
     "units": bench_units,
     "storm": bench_storm,
