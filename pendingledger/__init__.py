@@ -6,6 +6,7 @@ check a check-and-reserve under one lock: it sees open positions plus outstandin
 and reserves the entry it admits in the same critical section.
 """
 
+import logging as _logging
 from importlib.machinery import EXTENSION_SUFFIXES as _EXTENSION_SUFFIXES
 
 from . import _core
@@ -54,6 +55,10 @@ __all__ = [
 
 __version__ = "0.1.0"
 """The one place the version is written: the build reads it from here (pyproject.toml)."""
+
+# The library's log lines go where the application sends them; unconfigured, nowhere (not to
+# stderr through logging's last resort, where they would garble a terminal's output).
+_logging.getLogger("pendingledger").addHandler(_logging.NullHandler())
 
 COMPILED: bool = (_core.__file__ or "").endswith(tuple(_EXTENSION_SUFFIXES))
 """Whether the core imported is the mypyc-compiled build (False: the pure-Python one)."""

@@ -134,7 +134,7 @@ class Listeners:
         self.active: tuple[Listener, ...] = ()
         self.timing = False
 
-    def add(self, listener: object, timed: bool = False) -> None:
+    def add(self, listener: object, timed: object = False) -> None:
         fn = check_listener(listener)
         if not isinstance(timed, bool):
             raise TypeError(f"timed must be a bool, got {timed!r}")

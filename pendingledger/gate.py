@@ -126,7 +126,7 @@ class PortfolioGate:
 
     # ------------------------------------------------------------------ events
 
-    def subscribe(self, listener: Listener, *, timed: bool = False) -> None:
+    def subscribe(self, listener: Listener, *, timed: object = False) -> None:
         """Call ``listener`` with every ``pendingledger.events.Event``: each decision of this
         gate (``Decided``), each end of a reservation on its ledger (``Ended``: released,
         filled, reduced to nothing, expired) and each change of its trading state or latch

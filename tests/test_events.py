@@ -94,7 +94,7 @@ def test_decisions_are_timed_while_a_listener_asks_for_it(gate: PortfolioGate) -
     assert timed.of(Decided)[0].seconds == first.seconds  # one event, told to both
     assert second.seconds is None
     with pytest.raises(TypeError, match="timed must be a bool, got 'yes'"):
-        gate.subscribe(timed, timed="yes")  # type: ignore[arg-type]
+        gate.subscribe(timed, timed="yes")
     assert not gate.unsubscribe(timed)
 
 
