@@ -184,3 +184,18 @@ def listener_failed(listener: object, exc: Exception) -> None:
         exc,
         exc_info=logger.isEnabledFor(logging.DEBUG),
     )
+
+
+def log_change(event: StateChanged, where: str = "") -> None:
+    """The one warning line for a change of trading state (``where``: e.g. a namespace)."""
+    latch = event.latch
+    logger.warning(
+        "trading state %s -> %s%s%s",
+        event.previous,
+        event.state,
+        where and f" in {where}",
+        ""
+        if latch is None
+        else f" (latched: {latch.reason}, {latch.value} against a limit of {latch.limit}, "
+        f"until {latch.until})",
+    )

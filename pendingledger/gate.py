@@ -42,7 +42,7 @@ from ._core import (
 from ._positions import read_positions
 from .budgets import Limits, check_budgets
 from .decision import REASONS, Admitted, Decision, Denials, DenyReason
-from .events import Decided, Listener, Listeners, StateChanged
+from .events import Decided, Listener, Listeners, StateChanged, log_change
 from .ledger import PendingEntryLedger, check_timeout
 from .limits import PortfolioLimits
 from .rules import UnitLimits
@@ -153,15 +153,7 @@ class PortfolioGate:
         for was, now, record in self._core.take_changes():
             latch = _latch(record)
             event = StateChanged(STATES[now], STATES[was], latch)
-            logger.warning(
-                "trading state %s -> %s%s",
-                event.previous,
-                event.state,
-                ""
-                if latch is None
-                else f" (latched: {latch.reason}, {latch.value} against "
-                f"a limit of {latch.limit}, until {latch.until})",
-            )
+            log_change(event)
             self._listeners.emit(event)
 
     @property

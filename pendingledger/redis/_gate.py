@@ -75,7 +75,15 @@ from pendingledger import _units, rules
 from pendingledger.budgets import check_budgets
 from pendingledger.decision import REASONS, Admitted, Decision, Denials, DenyReason, denied
 from pendingledger.errors import LedgerError
-from pendingledger.events import Decided, Ended, EndReason, Listener, Listeners, StateChanged
+from pendingledger.events import (
+    Decided,
+    Ended,
+    EndReason,
+    Listener,
+    Listeners,
+    StateChanged,
+    log_change,
+)
 from pendingledger.limits import PortfolioLimits
 from pendingledger.redis._audit import Snapshot, _pairs, _s
 from pendingledger.redis._audit import audit as audit_snapshot
@@ -671,15 +679,7 @@ class RedisGate:
                 latch_reply = []
         latch = _latch_of(latch_reply)
         event = StateChanged(STATES[code], STATES[was], latch)
-        logger.warning(
-            "trading state %s -> %s in namespace %r%s",
-            event.previous,
-            event.state,
-            self._namespace,
-            ""
-            if latch is None
-            else f" (latched: {latch.reason}, {latch.value} against a limit of {latch.limit})",
-        )
+        log_change(event, f"namespace {self._namespace!r}")
         self._listeners.emit(event)
 
     def _admitted(self, name: str, oid: str, notional: Number, units: int, token: str,
