@@ -91,7 +91,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
 from . import _units, rules
@@ -1581,13 +1581,13 @@ class GateCore:
             self._peak = self._equity
             self._note_locked()
 
-    def take_changes(self) -> list[tuple[int, int, LatchRecord | None]]:
+    def take_changes(self) -> Sequence[tuple[int, int, LatchRecord | None]]:
         """The changes of state or latch not yet taken, oldest first: ``(was, now, latch)``.
         Read first without the lock: almost always there are none. None inside this thread's
         ``lock()`` block: the lock is held there, and a listener must not run under it (a
         later call outside takes them)."""
         if not self._changes or self.ledger.own_block() is not None:
-            return []
+            return ()  # every decision asks: no list made for nothing
         with self.ledger._lock:
             changes = self._changes
             self._changes = []

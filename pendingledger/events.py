@@ -16,7 +16,7 @@ import enum
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeAlias, final
+from typing import TYPE_CHECKING, Protocol, TypeAlias, final
 
 if TYPE_CHECKING:
     from ._units import Number
@@ -42,30 +42,68 @@ class EndReason(enum.StrEnum):
     """Nothing ended it within the ledger's TTL: a release was probably missed."""
 
 
+class Asked(Protocol):
+    """What a decision was asked: a reservation handle has all of it."""
+
+    @property
+    def symbol(self) -> str: ...
+
+    @property
+    def initial_notional(self) -> Number: ...
+
+    @property
+    def side(self) -> Side | None: ...
+
+    @property
+    def strategy(self) -> str | None: ...
+
+
+@final
+class Order:
+    """An ``Asked`` of plain values, for a decision that made no reservation handle."""
+
+    __slots__ = ("initial_notional", "side", "strategy", "symbol")
+
+    def __init__(
+        self, symbol: str, notional: Number, side: Side | None, strategy: str | None
+    ) -> None:
+        self.symbol = symbol
+        self.initial_notional = notional
+        self.side = side
+        self.strategy = strategy
+
+
 @final
 class Decided:
     """A ``try_enter`` decided: ``decision`` is the ``Admitted`` or ``Denied`` it returned,
     ``seconds`` how long it took (the lock waits and the reads of positions included), timed
     only while a listener subscribed with ``timed=True`` wants it (None otherwise: two clock
-    reads are a fifth of what subscribing costs a decision)."""
+    reads are a fifth of what subscribing costs a decision). What was asked (``symbol``,
+    ``notional``, ``side``, ``strategy``) is read from ``asked`` when a listener wants it, so
+    an event costs the trading thread one small object."""
 
-    __slots__ = ("decision", "notional", "seconds", "side", "strategy", "symbol")
+    __slots__ = ("asked", "decision", "seconds")
 
-    def __init__(
-        self,
-        decision: Decision,
-        symbol: str,
-        notional: Number,
-        side: Side | None,
-        strategy: str | None,
-        seconds: float | None,
-    ) -> None:
+    def __init__(self, decision: Decision, asked: Asked, seconds: float | None) -> None:
         self.decision = decision
-        self.symbol = symbol
-        self.notional = notional
-        self.side = side
-        self.strategy = strategy
+        self.asked = asked
         self.seconds = seconds
+
+    @property
+    def symbol(self) -> str:
+        return self.asked.symbol
+
+    @property
+    def notional(self) -> Number:
+        return self.asked.initial_notional
+
+    @property
+    def side(self) -> Side | None:
+        return self.asked.side
+
+    @property
+    def strategy(self) -> str | None:
+        return self.asked.strategy
 
     def __repr__(self) -> str:
         return (

@@ -437,7 +437,7 @@ class PortfolioGate:
         self._announce()
         if listening:
             seconds = None if start < 0 else _perf() - start
-            event = Decided(decision, name, res.initial_notional, res.side, owner or None, seconds)
+            event = Decided(decision, res, seconds)
             self._listeners.emit(event)
         return decision
 

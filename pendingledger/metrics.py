@@ -76,7 +76,7 @@ def instrument(
     Everything but the latency histogram is read at scrape time and costs a decision nothing.
     The histogram is a listener, and ``prometheus_client``'s ``observe`` (a lock and a walk of
     the buckets, in Python) is not cheap: on the compiled core it made the own book's decisions
-    2.1 to 2.5 times slower (benchmarks, ``listeners`` section; a bare listener: 1.04 to 1.18).
+    2.1 to 2.5 times slower (benchmarks, ``listeners`` section; a bare listener: 1.05 to 1.14).
     ``latency=False`` leaves it out."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, got {name!r}")

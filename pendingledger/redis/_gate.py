@@ -81,6 +81,7 @@ from pendingledger.events import (
     EndReason,
     Listener,
     Listeners,
+    Order,
     StateChanged,
     log_change,
 )
@@ -626,7 +627,7 @@ class RedisGate:
         if listening:
             side_of = None if side is None else SIDES[side_code(side)]
             seconds = None if start < 0 else _perf() - start
-            event = Decided(decision, symbol, notional, side_of, strategy, seconds)
+            event = Decided(decision, Order(symbol, notional, side_of, strategy), seconds)
             self._listeners.emit(event)
         return decision
 
