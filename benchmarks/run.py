@@ -899,9 +899,10 @@ class _Windows:
     latencies: dict[tuple[str, int], list[int]]
 
     @classmethod
-    def measure(cls, runs: Sequence[tuple[str, int]], mode: Mode) -> _Windows:
+    def measure(cls, runs: Sequence[tuple[str, int]], mode: Mode, rounds: int = 0) -> _Windows:
+        """``rounds`` (0: the mode's) interleaved rounds of a window of each run."""
         subjects = {run: functools.partial(_run_window, *run, mode.window_s) for run in runs}
-        per_round = _interleaved(subjects, mode.contention_rounds)
+        per_round = _interleaved(subjects, rounds or mode.contention_rounds)
         return cls(
             {run: [r[run].rate for r in per_round] for run in runs},
             {run: [r[run].cpu_rate for r in per_round] for run in runs},
@@ -1630,7 +1631,9 @@ def bench_listeners(mode: Mode, results: Results) -> None:
     kinds = ["own", "listened"] + (["metered"] if _has("prometheus_client") else [])
     most = max(mode.threads)
     runs = [(kind, n) for n in (1, most) for kind in kinds]
-    rates = _Windows.measure(runs, mode).rates
+    # A fifth of a decision's cost is measured here, so three times the contention rounds:
+    # the windows are short, and one window's luck moves a ratio of two of them by 20%.
+    rates = _Windows.measure(runs, mode, 3 * mode.contention_rounds).rates
     rows, table = [], {}
     for kind, n in runs:
         slowdown = _slowdown(rates[("own", n)], rates[(kind, n)])
