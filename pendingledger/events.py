@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .protocols import ReservationHandle
     from .trading import Latch, Side, TradingState
 
-__all__ = ["Decided", "EndReason", "Ended", "Event", "Listener", "StateChanged"]
+__all__ = ["Asked", "Decided", "EndReason", "Ended", "Event", "Listener", "Order", "StateChanged"]
 
 logger = logging.getLogger("pendingledger")
 
