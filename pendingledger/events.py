@@ -16,15 +16,15 @@ import enum
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, TypeAlias, final
+from typing import TYPE_CHECKING, TypeAlias, final
 
 if TYPE_CHECKING:
     from ._units import Number
     from .decision import Decision
-    from .protocols import ReservationHandle
+    from .protocols import Asked, ReservationHandle
     from .trading import Latch, Side, TradingState
 
-__all__ = ["Asked", "Decided", "EndReason", "Ended", "Event", "Listener", "Order", "StateChanged"]
+__all__ = ["Decided", "EndReason", "Ended", "Event", "Listener", "Order", "StateChanged"]
 
 logger = logging.getLogger("pendingledger")
 
@@ -42,25 +42,9 @@ class EndReason(enum.StrEnum):
     """Nothing ended it within the ledger's TTL: a release was probably missed."""
 
 
-class Asked(Protocol):
-    """What a decision was asked: a reservation handle has all of it."""
-
-    @property
-    def symbol(self) -> str: ...
-
-    @property
-    def initial_notional(self) -> Number: ...
-
-    @property
-    def side(self) -> Side | None: ...
-
-    @property
-    def strategy(self) -> str | None: ...
-
-
 @final
 class Order:
-    """An ``Asked`` of plain values, for a decision that made no reservation handle."""
+    """A ``protocols.Asked`` of plain values, for a decision that made no reservation handle."""
 
     __slots__ = ("initial_notional", "side", "strategy", "symbol")
 

@@ -21,20 +21,20 @@ if TYPE_CHECKING:
     from .limits import Decision, PortfolioLimits
     from .trading import Latch, Side, TradingState
 
-__all__ = ["Gate", "ReservationHandle"]
+__all__ = ["Asked", "Gate", "ReservationHandle"]
 
 Number = int | float | Decimal | Fraction
 
 
-@runtime_checkable
-class ReservationHandle(Protocol):
-    """What a caller may do with ``Decision.reservation``, whichever backend made it."""
+class Asked(Protocol):
+    """What an order asked of a gate (``events.Decided.asked``): a reservation handle has it
+    all, and a ``events.Order`` carries it for a decision that made none."""
 
     @property
     def symbol(self) -> str: ...
 
     @property
-    def order_id(self) -> str: ...
+    def initial_notional(self) -> Number: ...
 
     @property
     def side(self) -> Side | None: ...
@@ -42,11 +42,16 @@ class ReservationHandle(Protocol):
     @property
     def strategy(self) -> str | None: ...
 
-    @property
-    def notional(self) -> Number: ...
+
+@runtime_checkable
+class ReservationHandle(Asked, Protocol):
+    """What a caller may do with ``Decision.reservation``, whichever backend made it."""
 
     @property
-    def initial_notional(self) -> Number: ...
+    def order_id(self) -> str: ...
+
+    @property
+    def notional(self) -> Number: ...
 
     @property
     def reserved_at(self) -> float: ...
